@@ -1,0 +1,220 @@
+//! Loading the balancer, attaching it to an interface, pinning it.
+//!
+//! Maps are opened from (or created at) `<pin_dir>/<MAP>` so a restarted
+//! daemon reuses the same maps and the flows they track.
+use std::{
+    borrow::Cow,
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+    },
+};
+use smtp_lb_common::{maps, programs};
+use thiserror::Error;
+
+use super::{EBPF_OBJECT, pins::ensure_bpffs};
+
+/// How the XDP program is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// In the driver (fastest; needs driver support, e.g. veth, mlx5, ice, i40e).
+    #[default]
+    Native,
+    /// Generic XDP in the network stack: works on every interface, slower.
+    Skb,
+}
+
+/// Why the data plane could not be set up. Each message names the cause and,
+/// where there is one, the fix.
+#[derive(Debug, Error)]
+pub enum LoadError {
+    /// The binary embeds the empty stub instead of the eBPF object.
+    #[error("this smtp-lb was built without its eBPF object; build it with `cargo xtask build`")]
+    NoObject,
+    /// Loading BPF programs needs privileges.
+    #[error("loading XDP needs root (CAP_BPF and CAP_NET_ADMIN); run as root or with sudo")]
+    NotRoot,
+    /// The interface does not exist.
+    #[error("interface `{iface}` does not exist; see `ip link` for the interface names")]
+    NoInterface { iface: String },
+    /// The driver has no native XDP.
+    #[error("interface `{iface}` does not support native XDP ({reason}); try --mode skb")]
+    NativeUnsupported { iface: String, reason: String },
+    /// The bpffs pin directory could not be prepared.
+    #[error("cannot use pin directory {}: {source}", path.display())]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The object could not be loaded into the kernel.
+    #[error("failed to load the eBPF object: {0}")]
+    Ebpf(#[from] aya::EbpfError),
+    /// A program failed to load or attach.
+    #[error("program `{name}`: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// A map is missing or unusable.
+    #[error("map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// Pinning failed.
+    #[error("pin {}: {source}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+}
+
+/// What to load and where to pin it.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// bpffs directory for the maps, the program and (optionally) the link.
+    pub pin_dir: PathBuf,
+}
+
+/// The loaded balancer. Dropping it detaches the program unless the link
+/// was pinned with [`Dataplane::keep_attached`].
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    attached: Option<(String, aya::programs::xdp::XdpLinkId)>,
+    adopted: bool,
+}
+
+impl Dataplane {
+    /// Loads the embedded object, re-using maps already pinned in `pin_dir`.
+    pub fn load(opts: &LoadOptions) -> Result<Self, LoadError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(LoadError::NoObject);
+        }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(LoadError::NotRoot);
+        }
+        ensure_bpffs(&opts.pin_dir).map_err(|source| LoadError::PinDir { path: opts.pin_dir.clone(), source })?;
+        // Maps already pinned there belong to a running (or restarting) balancer.
+        let adopted = maps::ALL.iter().any(|name| opts.pin_dir.join(name).exists());
+        let mut loader = EbpfLoader::new();
+        for name in maps::ALL {
+            loader.map_pin_path(name, Cow::Owned(opts.pin_dir.join(name)));
+        }
+        let ebpf = loader.load(EBPF_OBJECT)?;
+        let mut dp = Self { ebpf, pin_dir: opts.pin_dir.clone(), attached: None, adopted };
+        let loaded = balancer(&mut dp.ebpf)
+            .and_then(|prog| prog.load().map_err(|source| LoadError::Program { name: programs::BALANCER, source }));
+        if let Err(err) = loaded {
+            dp.discard();
+            return Err(err);
+        }
+        Ok(dp)
+    }
+
+    /// Attaches the balancer to `iface`.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), LoadError> {
+        if nix_if_nametoindex(iface).is_none() {
+            return Err(LoadError::NoInterface { iface: iface.to_owned() });
+        }
+        let flags = match mode {
+            AttachMode::Native => XdpMode::Driver,
+            AttachMode::Skb => XdpMode::Skb,
+        };
+        let prog = balancer(&mut self.ebpf)?;
+        let id = prog.attach(iface, flags).map_err(|source| match mode {
+            AttachMode::Native => LoadError::NativeUnsupported { iface: iface.to_owned(), reason: error_chain(&source) },
+            AttachMode::Skb => LoadError::Program { name: programs::BALANCER, source },
+        })?;
+        self.attached = Some((iface.to_owned(), id));
+        Ok(())
+    }
+
+    /// Pins the attachment itself, so the program stays on the interface
+    /// after this process exits. Returns the link's pin path.
+    pub fn keep_attached(&mut self) -> Result<PathBuf, LoadError> {
+        let Some((_, id)) = self.attached.take() else {
+            return Err(LoadError::Program { name: programs::BALANCER, source: aya::programs::ProgramError::NotAttached });
+        };
+        let prog = balancer(&mut self.ebpf)?;
+        let link = prog.take_link(id).map_err(|source| LoadError::Program { name: programs::BALANCER, source })?;
+        let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| LoadError::Program {
+            name: programs::BALANCER,
+            source: aya::programs::ProgramError::IOError(io::Error::other(e.to_string())),
+        })?;
+        let path = self.pin_dir.join("link");
+        let _: PinnedLink = fd_link.pin(&path).map_err(|source| LoadError::Pin { path: path.clone(), source })?;
+        Ok(path)
+    }
+
+    /// Whether the maps were adopted from an earlier balancer rather than created.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// After a failed start: removes the pins this instance created, and
+    /// leaves adopted ones (they serve the running traffic) alone.
+    pub fn discard(&self) {
+        if !self.adopted {
+            let _ = self.unpin_all();
+        }
+    }
+
+    /// Removes the pinned maps (the program is detached when `self` drops).
+    /// Use on a clean shutdown that should leave nothing behind.
+    pub fn unpin_all(&self) -> io::Result<()> {
+        for name in maps::ALL {
+            match std::fs::remove_file(self.pin_dir.join(name)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        match std::fs::remove_dir(&self.pin_dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn balancer(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
+    let missing = || LoadError::Program {
+        name: programs::BALANCER,
+        source: aya::programs::ProgramError::UnexpectedProgramType,
+    };
+    ebpf.program_mut(programs::BALANCER).ok_or_else(missing)?.try_into().map_err(|_| missing())
+}
+
+/// `a: b: c` for an error and its sources, for messages that must fit one line.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}
+
+fn nix_if_nametoindex(iface: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(iface).ok()?;
+    // SAFETY: valid C string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (idx != 0).then_some(idx)
+}

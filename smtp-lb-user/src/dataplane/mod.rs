@@ -1,0 +1,14 @@
+//! The kernel side as user space sees it: the embedded eBPF object, loading,
+//! attaching and pinning it, and reading its maps. The only module that
+//! imports `aya`.
+
+mod loader;
+mod pins;
+mod stats;
+
+pub use loader::{AttachMode, Dataplane, LoadError, LoadOptions};
+pub use pins::ensure_bpffs;
+pub use stats::read_global_stats;
+
+/// The eBPF object built by `cargo xtask build` (empty when built without it).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/smtp-lb.bpf.o"));

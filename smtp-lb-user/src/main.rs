@@ -1,0 +1,45 @@
+//! `smtp-lb`: parses arguments, sets up tracing, and hands over to the library.
+use std::process::ExitCode;
+
+use clap::Parser;
+use smtp_lb_user::cli::{Cli, Command, NotImplemented, ctl, lb};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("SMTP_LB_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line: the cause chain joined, so the cause and the fix are both visible.
+            eprintln!("smtp-lb: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Lb(opts) => runtime()?.block_on(lb::run(opts, shutdown_signal())),
+        Command::Ctl(opts) => ctl::run(opts),
+        Command::Relay(_) => Err(NotImplemented("relay").into()),
+        Command::CheckConfig(_) => Err(NotImplemented("check-config").into()),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
