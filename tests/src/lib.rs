@@ -1,0 +1,19 @@
+//! Test harnesses for smtp-lb, shared by the test suites and by `cargo xtask`.
+//!
+//! # Layout
+//! - [`lab`]: a topology of network namespaces, veth pairs and a bridge that
+//!   tears itself down (on drop, on panic, and after a killed run).
+//! - [`xdp`]: loads the real eBPF object and runs it on crafted packets
+//!   through `BPF_PROG_TEST_RUN`.
+//! - [`packet`]: a small packet builder (Ethernet, 802.1Q, IPv4, IPv6, TCP, UDP).
+//! - [`env`]: where the built artifacts are (set by `cargo xtask`).
+//!
+//! Suites live in `tests/`: `loopback_*` need real peers on 127.0.0.1 but no
+//! privileges; `privileged_*` need root (namespaces, XDP, bpffs).
+//! Helpers panic rather than return errors: a test failure should point at
+//! the line that failed.
+
+pub mod env;
+pub mod lab;
+pub mod packet;
+pub mod xdp;

@@ -1,0 +1,98 @@
+//! Runs the real XDP programs on crafted packets with `BPF_PROG_TEST_RUN`
+//! (kernel 4.12+, XDP support since 5.x), so fixtures exercise exactly the
+//! object that ships.
+use std::time::Duration;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+
+use crate::env;
+
+/// An XDP verdict (`enum xdp_action`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Aborted,
+    Drop,
+    Pass,
+    Tx,
+    Redirect,
+}
+
+impl Verdict {
+    fn from_raw(v: u32) -> Self {
+        match v {
+            0 => Self::Aborted,
+            1 => Self::Drop,
+            2 => Self::Pass,
+            3 => Self::Tx,
+            4 => Self::Redirect,
+            other => panic!("XDP program returned unknown action {other}"),
+        }
+    }
+}
+
+/// What one run produced.
+#[derive(Debug)]
+pub struct Outcome {
+    pub verdict: Verdict,
+    /// The packet as the program left it.
+    pub output: Vec<u8>,
+    /// Mean time per run, as the kernel measured it.
+    pub mean: Duration,
+}
+
+/// The eBPF object loaded with fresh (unpinned) maps.
+pub struct XdpHarness {
+    ebpf: Ebpf,
+}
+
+impl XdpHarness {
+    /// Loads every XDP program of the object. Panics if the object is
+    /// missing or empty (build it with `cargo xtask build`).
+    pub fn load() -> Self {
+        env::require_root();
+        let path = env::ebpf_object();
+        let bytes = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("read eBPF object {}: {e}; run `cargo xtask build`", path.display()));
+        assert!(!bytes.is_empty(), "eBPF object {} is empty; run `cargo xtask build`", path.display());
+        let mut ebpf = EbpfLoader::new().load(&bytes).expect("load eBPF object");
+        let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_owned()).collect();
+        for name in names {
+            let prog: &mut Xdp = ebpf.program_mut(&name).unwrap().try_into().expect("every program is XDP");
+            prog.load().unwrap_or_else(|e| panic!("load program {name}: {e:?}"));
+        }
+        Self { ebpf }
+    }
+
+    /// Runs program `prog` once on `packet`.
+    pub fn run(&mut self, prog: &str, packet: &[u8]) -> Outcome {
+        self.run_repeat(prog, packet, 1)
+    }
+
+    /// Runs program `prog` `repeat` times on `packet` (the kernel re-runs it
+    /// on the same input each time) and reports the mean duration.
+    pub fn run_repeat(&mut self, prog: &str, packet: &[u8], repeat: u32) -> Outcome {
+        let program: &Xdp = self
+            .ebpf
+            .program(prog)
+            .unwrap_or_else(|| panic!("no program `{prog}` in the object"))
+            .try_into()
+            .expect("XDP program");
+        // Room for encapsulation headers the program may push.
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut out);
+        opts.repeat = repeat;
+        let res = program.test_run(opts).unwrap_or_else(|e| panic!("test_run {prog}: {e:?}"));
+        out.truncate(res.data_size_out as usize);
+        Outcome { verdict: Verdict::from_raw(res.return_value), output: out, mean: res.duration }
+    }
+
+    /// The loaded object, to read and write maps in fixtures.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+}

@@ -1,0 +1,49 @@
+//! `cargo xtask bench <name>`: each benchmark is a module that measures its
+//! subject and a peer (or floor) in the same run and returns a [`Report`];
+//! this module prints it as a table and writes `target/bench/<name>.json`,
+//! one flat JSON object of named numbers.
+mod report;
+mod xdp;
+
+use anyhow::Context;
+pub use report::Report;
+
+use crate::{build, util::workspace_root};
+
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Which benchmark to run.
+    #[arg(value_enum)]
+    name: Name,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Name {
+    /// Per-packet cost of the XDP program via BPF_PROG_TEST_RUN, against an empty program.
+    Xdp,
+    /// Maglev table build time, balance and disruption.
+    Maglev,
+    /// End to end through the lab: direct, HAProxy, smtp-lb.
+    Lb,
+    /// smtp-source → relay → smtp-sink against Postfix as a relay.
+    Relay,
+    /// Configured vs delivered rates per provider, and isolation.
+    Shaping,
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    let artifacts = build::run(&build::Options {})?;
+    let (name, report) = match opts.name {
+        Name::Xdp => ("xdp", xdp::run(&artifacts)?),
+        Name::Maglev | Name::Lb | Name::Relay | Name::Shaping => {
+            anyhow::bail!("benchmark `{:?}` is not implemented yet", opts.name)
+        }
+    };
+    report.print(name);
+    let dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, report.to_json()).with_context(|| format!("write {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
