@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use smtp_lb_user::cli::{Cli, Command, NotImplemented, ctl, lb};
+use smtp_lb_user::cli::{Cli, Command, NotImplemented, ctl, lb, relay};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -25,7 +25,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Lb(opts) => runtime()?.block_on(lb::run(opts, shutdown_signal())),
         Command::Ctl(opts) => ctl::run(opts),
-        Command::Relay(_) => Err(NotImplemented("relay").into()),
+        Command::Relay(opts) => runtime()?.block_on(relay::run(opts, shutdown_signal())),
         Command::CheckConfig(_) => Err(NotImplemented("check-config").into()),
     }
 }

@@ -31,8 +31,8 @@ pub enum Command {
     Where(Unimplemented),
     /// Re-read and apply the configuration.
     Reload(Unimplemented),
-    /// Relay queues by destination.
-    Queues(Unimplemented),
+    /// The relay: queues by destination, show, retry, bounce, delete (via its admin listener).
+    Relay(super::relay::CtlOptions),
 }
 
 pub fn run(opts: Options) -> anyhow::Result<()> {
@@ -62,6 +62,6 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         Command::Drain(_) => Err(NotImplemented("ctl drain").into()),
         Command::Where(_) => Err(NotImplemented("ctl where").into()),
         Command::Reload(_) => Err(NotImplemented("ctl reload").into()),
-        Command::Queues(_) => Err(NotImplemented("ctl queues").into()),
+        Command::Relay(opts) => super::relay::ctl(&opts),
     }
 }

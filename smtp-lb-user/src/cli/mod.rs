@@ -2,6 +2,7 @@
 
 pub mod ctl;
 pub mod lb;
+pub mod relay;
 
 use clap::{Parser, Subcommand};
 
@@ -19,7 +20,7 @@ pub enum Command {
     /// The balancer daemon: load, attach and pin the XDP program, own its maps.
     Lb(lb::Options),
     /// The delivery engine: SMTP ingress, durable spool, per-ISP queues, shaped delivery.
-    Relay(Unimplemented),
+    Relay(relay::Options),
     /// Operator's view of the running balancer and relay.
     Ctl(ctl::Options),
     /// Validate a configuration file without touching anything (like `haproxy -c`).
