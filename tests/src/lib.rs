@@ -7,13 +7,21 @@
 //!   through `BPF_PROG_TEST_RUN`.
 //! - [`packet`]: a small packet builder (Ethernet, 802.1Q, IPv4, IPv6, TCP, UDP).
 //! - [`env`]: where the built artifacts are (set by `cargo xtask`).
+//! - [`relay`], [`sink`], [`smtp`], [`dns`], [`postfix`], [`tmp`]: the relay
+//!   under test and its real peers (smtp-sink, swaks, Postfix, dnsmasq).
 //!
 //! Suites live in `tests/`: `loopback_*` need real peers on 127.0.0.1 but no
 //! privileges; `privileged_*` need root (namespaces, XDP, bpffs).
 //! Helpers panic rather than return errors: a test failure should point at
 //! the line that failed.
 
+pub mod dns;
 pub mod env;
 pub mod lab;
 pub mod packet;
+pub mod postfix;
+pub mod relay;
+pub mod sink;
+pub mod smtp;
+pub mod tmp;
 pub mod xdp;

@@ -629,8 +629,10 @@ impl Session {
             (true, true, true) => "ESMTPSA",
         };
         let for_clause = if rcpts.len() == 1 { format!("\r\n\tfor <{}>", rcpts[0]) } else { String::new() };
+        let queue = &self.shared.queue;
+        let id = queue.spool().allocate_id();
         let received = format!(
-            "Received: from {} ({})\r\n\tby {} (smtp-lb) with {with}{for_clause};\r\n\t{}\r\n",
+            "Received: from {} ({})\r\n\tby {} (smtp-lb) with {with} id {id:016x}{for_clause};\r\n\t{}\r\n",
             self.helo.as_deref().unwrap_or("unknown"),
             self.peer.ip(),
             self.shared.hostname,
@@ -643,8 +645,7 @@ impl Session {
         body.extend_from_slice(received.as_bytes());
         body.extend_from_slice(&data.body);
         drop(data);
-        let queue = &self.shared.queue;
-        match queue.spool().store(&sender, &rcpts, &body).await {
+        match queue.spool().store(id, &sender, &rcpts, &body).await {
             Ok((id, received_ms, location)) => {
                 drop(body);
                 self.shared.metrics.accepted.fetch_add(1, Ordering::Relaxed);

@@ -399,7 +399,7 @@ impl Queue {
                 warn!(id = %format!("{:016x}", msg.id), "undeliverable message with null sender: no DSN (RFC 5321 §6.1)");
             } else {
                 let report = dsn::build(&self.hostname, msg, &bounce, &self.spool).await;
-                match self.spool.store("", std::slice::from_ref(&msg.sender), &report).await {
+                match self.spool.store(self.spool.allocate_id(), "", std::slice::from_ref(&msg.sender), &report).await {
                     Ok((id, received_ms, location)) => {
                         self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
                         self.submit(QueuedMessage::new(

@@ -293,14 +293,19 @@ impl Spool {
         Ok((Self { shared, tx, next_id: Arc::new(AtomicU64::new(first_id)) }, recovered, reports))
     }
 
+    /// A fresh message id (unique across restarts while the clock moves forward).
+    pub fn allocate_id(&self) -> MsgId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Writes a message durably; returns once it is on stable storage.
     pub async fn store(
         &self,
+        id: MsgId,
         sender: &str,
         rcpts: &[String],
         body: &[u8],
     ) -> Result<(MsgId, u64, Location), SpoolError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let received_ms = now_ms();
         let (bytes, body_at) = message_record(id, received_ms, sender, rcpts, body);
         let (reply, rx) = oneshot::channel();
@@ -580,13 +585,13 @@ mod tests {
         let (spool, rec, _) = Spool::open(&dir).unwrap();
         assert!(rec.is_empty());
         let rcpts = vec!["a@x.example".to_owned(), "b@y.example".to_owned()];
-        let (id1, _, loc1) = spool.store("s@z.example", &rcpts, b"body one\r\n").await.unwrap();
-        let (id2, _, loc2) = spool.store("", &rcpts, b"body two\r\n").await.unwrap();
+        let (id1, _, loc1) = spool.store(spool.allocate_id(), "s@z.example", &rcpts, b"body one\r\n").await.unwrap();
+        let (id2, _, loc2) = spool.store(spool.allocate_id(), "", &rcpts, b"body two\r\n").await.unwrap();
         assert_eq!(spool.read_body(loc2).await.unwrap(), b"body two\r\n");
         spool.mark_done(id1, &loc1, &[0, 1], true);
         spool.mark_done(id2, &loc2, &[0], false);
         // A store after the done records forces them through the writer.
-        spool.store("s@z.example", &rcpts, b"three\r\n").await.unwrap();
+        spool.store(spool.allocate_id(), "s@z.example", &rcpts, b"three\r\n").await.unwrap();
         drop(spool);
         let (_spool, rec, corrupt) = Spool::open(&dir).unwrap();
         assert!(corrupt.is_empty());
@@ -606,7 +611,7 @@ mod tests {
         let r = vec!["a@x.example".to_owned()];
         let mut locs = Vec::new();
         for i in 0..3 {
-            locs.push(spool.store("s@z.example", &r, format!("message {i}\r\n").as_bytes()).await.unwrap().2);
+            locs.push(spool.store(spool.allocate_id(), "s@z.example", &r, format!("message {i}\r\n").as_bytes()).await.unwrap().2);
         }
         drop(spool);
         let seg = segment_path(&dir, locs[1].segment);

@@ -1,0 +1,223 @@
+//! The relay against real peers on 127.0.0.1: `smtp-source` and `swaks`
+//! submit; Postfix `smtp-sink`, a real Postfix (found through dnsmasq MX
+//! records) and a scriptable sink receive.
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use smtp_lb_tests::{
+    dns::Dnsmasq,
+    postfix::Postfix,
+    relay::{Relay, RelayConfig},
+    sink::{ScriptSink, SmtpSink},
+    smtp::RawSmtp,
+    tmp::{TempDir, wait_for},
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn swaks(args: &[&str]) -> (bool, String) {
+    let out = Command::new("swaks").args(args).stdin(Stdio::null()).output().expect("run swaks");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+fn route_all_to(addr: std::net::SocketAddr) -> RelayConfig {
+    RelayConfig { routes: vec![("*".into(), addr.to_string())], ..RelayConfig::default() }
+}
+
+#[test]
+fn smtp_source_and_swaks_submit_and_smtp_sink_receives_all() {
+    let sink = SmtpSink::start();
+    let relay = Relay::start(&route_all_to(sink.addr));
+    let server = relay.smtp.to_string();
+    let out = Command::new("smtp-source")
+        .args(["-s", "5", "-m", "100", "-f", "sender@src.test", "-t", "rcpt@dst.test", &server])
+        .output()
+        .expect("run smtp-source");
+    assert!(out.status.success(), "smtp-source: {}", String::from_utf8_lossy(&out.stderr));
+    let (ok, t) = swaks(&["--server", &server, "--from", "a@src.test", "--to", "plain@dst.test", "--h-Subject", "plain"]);
+    assert!(ok, "swaks plain: {t}");
+    assert!(t.contains("250 2.0.0 Ok: queued as"), "{t}");
+    let (ok, t) = swaks(&[
+        "--server", &server, "--pipeline", "--from", "a@src.test", "--to", "p1@dst.test,p2@dst.test", "--h-Subject", "piped",
+    ]);
+    assert!(ok, "swaks --pipeline: {t}");
+    // swaks only pipelines when the server offered PIPELINING.
+    assert!(t.contains("PIPELINING"), "{t}");
+    let n = wait_for("102 messages at smtp-sink", WAIT, || (sink.count() >= 102).then(|| sink.count()));
+    assert_eq!(n, 102);
+    let msgs = sink.messages();
+    let piped = msgs.iter().find(|m| m.contains("Subject: piped")).expect("pipelined message delivered");
+    assert!(piped.contains("<p1@dst.test>") && piped.contains("<p2@dst.test>"), "two recipients, one transaction: {piped}");
+    assert!(msgs.iter().all(|m| m.contains("by relay.test (smtp-lb)")), "every message carries our Received header");
+    let delivered = relay.log().iter().filter(|v| v["status"] == "delivered").count();
+    assert_eq!(delivered, 103, "one delivery-log line per recipient");
+    assert_eq!(relay.metric("smtp_lb_relay_accepted_total"), 102.0);
+}
+
+#[test]
+fn real_postfix_as_mx_found_via_dnsmasq_receives_identical_body() {
+    let postfix = Postfix::destination("dest.test");
+    // mx0 (preferred) is dead: the relay must fall through to mx1.
+    let dns = Dnsmasq::start(&[
+        "--local=/test/".into(),
+        "--mx-host=dest.test,mx0.dest.test,5".into(),
+        "--mx-host=dest.test,mx1.dest.test,10".into(),
+        "--host-record=mx0.dest.test,127.0.0.2".into(),
+        "--host-record=mx1.dest.test,127.0.0.1".into(),
+    ]);
+    let relay = Relay::start(&RelayConfig {
+        nameservers: vec![dns.addr.to_string()],
+        mx_port: postfix.addr.port(),
+        ..RelayConfig::default()
+    });
+    let body = "Subject: byte for byte\r\nFrom: <a@src.test>\r\nTo: <user@dest.test>\r\nMessage-ID: <cmp-1@src.test>\r\n\r\nline one\r\n.leading dot survives stuffing\r\n..two dots\r\n  indented\t tab\r\n\r\n8-bit: caf\u{e9} \u{2603}\r\nlast line\r\n";
+    let tmp = TempDir::new("body");
+    let file = tmp.join("msg.eml");
+    // swaks sends the file, then CRLF . CRLF: leave the last CRLF to it.
+    std::fs::write(&file, body.strip_suffix("\r\n").unwrap()).unwrap();
+    let (ok, t) = swaks(&[
+        "--server", &relay.smtp.to_string(), "--from", "a@src.test", "--to", "user@dest.test", "--data", &file.display().to_string(),
+    ]);
+    assert!(ok, "swaks: {t}");
+    let delivered = wait_for("delivery into Postfix's maildir", WAIT, || postfix.delivered().into_iter().next());
+    // Postfix stores mail with LF line ends: compare the body and the
+    // original headers after the headers Postfix and we prepended.
+    let sent = body.replace("\r\n", "\n");
+    let (sent_head, sent_body) = sent.split_once("\n\n").unwrap();
+    let (got_head, got_body) = delivered.split_once("\n\n").expect("headers and body");
+    assert_eq!(got_body, sent_body, "body changed in transit");
+    // Postfix may append a missing Date: header; ours must be there, intact and in order.
+    assert!(got_head.contains(sent_head), "original headers must follow the trace headers:\n{got_head}");
+    assert!(got_head.contains("by relay.test (smtp-lb)"));
+    let entry = relay.wait_log("delivered log line", WAIT, |v| v["status"] == "delivered");
+    assert_eq!(entry["mx"], "mx1.dest.test");
+    assert_eq!(entry["ip"], "127.0.0.1");
+    assert_eq!(entry["queue"], "dest.test");
+    assert_eq!(entry["code"], 250);
+}
+
+#[test]
+fn tempfail_then_success_is_retried_and_delivered() {
+    let sink = ScriptSink::start();
+    let relay = Relay::start(&route_all_to(sink.addr));
+    let mut c = RawSmtp::connect(relay.smtp);
+    c.cmd("EHLO client.test");
+    let r = c.transaction("s@src.test", &["tempfail-once@dst.test"], b"Subject: retry me\r\n\r\nhi\r\n.\r\n");
+    assert_eq!(r.code, 250, "{r:?}");
+    let got = wait_for("retried delivery", WAIT, || sink.received().into_iter().find(|m| m.data.contains("retry me")));
+    assert_eq!(got.rcpts, vec!["tempfail-once@dst.test"]);
+    assert_eq!(sink.attempts("tempfail-once@dst.test"), 2);
+    let log = wait_for("two log lines", WAIT, || {
+        let l = relay.log();
+        (l.len() >= 2).then_some(l)
+    });
+    let statuses: Vec<_> = log.iter().map(|v| (v["status"].as_str().unwrap().to_owned(), v["code"].as_u64().unwrap())).collect();
+    assert_eq!(statuses, vec![("deferred".into(), 451), ("delivered".into(), 250)]);
+    assert_eq!(log[0]["enhanced"], "4.2.0");
+    assert_eq!(log[1]["attempt"], 2);
+}
+
+#[test]
+fn permanent_failure_bounces_with_rfc3464_dsn_to_sender_and_none_for_null_sender() {
+    let sink = ScriptSink::start();
+    let relay = Relay::start(&route_all_to(sink.addr));
+    let mut c = RawSmtp::connect(relay.smtp);
+    c.cmd("EHLO client.test");
+    let r = c.transaction("sender@src.test", &["reject@dst.test", "ok@dst.test"], b"Subject: half bad\r\n\r\nhi\r\n.\r\n");
+    assert_eq!(r.code, 250);
+    // A null-sender message that fails must not produce a DSN.
+    let r = c.transaction("", &["reject@dst.test"], b"Subject: bounce of a bounce\r\n\r\nhi\r\n.\r\n");
+    assert_eq!(r.code, 250);
+    let dsn = wait_for("DSN at the sender", WAIT, || sink.received().into_iter().find(|m| m.rcpts == ["sender@src.test"]));
+    assert_eq!(dsn.from, "", "DSNs use the null sender");
+    for needle in [
+        "Content-Type: multipart/report; report-type=delivery-status",
+        "Content-Type: message/delivery-status",
+        "Reporting-MTA: dns; relay.test",
+        "Final-Recipient: rfc822; reject@dst.test",
+        "Action: failed",
+        "Status: 5.1.1",
+        "Diagnostic-Code: smtp; 550 5.1.1",
+        "Subject: half bad",
+    ] {
+        assert!(dsn.data.contains(needle), "DSN lacks {needle:?}:\n{}", dsn.data);
+    }
+    assert!(!dsn.data.contains("Final-Recipient: rfc822; ok@dst.test"), "delivered recipient is not in the DSN");
+    wait_for("both failures logged", WAIT, || (relay.log().iter().filter(|v| v["status"] == "bounced").count() == 2).then_some(()));
+    std::thread::sleep(Duration::from_millis(500));
+    let dsns = sink.received().into_iter().filter(|m| m.from.is_empty()).count();
+    assert_eq!(dsns, 1, "exactly one DSN: none for the null-sender message");
+}
+
+#[test]
+fn null_mx_and_unknown_domain_bounce_with_the_right_status() {
+    let sink = ScriptSink::start();
+    let dns = Dnsmasq::start(&[
+        "--local=/test/".into(),
+        // RFC 7505 null MX: preference 0, exchange "." (hex RDATA 0000 00).
+        "--dns-rr=nullmx.test,15,000000".into(),
+    ]);
+    let relay = Relay::start(&RelayConfig {
+        nameservers: vec![dns.addr.to_string()],
+        routes: vec![("src.test".into(), sink.addr.to_string())],
+        ..RelayConfig::default()
+    });
+    let mut c = RawSmtp::connect(relay.smtp);
+    c.cmd("EHLO client.test");
+    assert_eq!(c.transaction("s@src.test", &["u@nullmx.test"], b"Subject: to null mx\r\n\r\nx\r\n.\r\n").code, 250);
+    assert_eq!(c.transaction("s@src.test", &["u@unknown.test"], b"Subject: to nowhere\r\n\r\nx\r\n.\r\n").code, 250);
+    let dsns = wait_for("two DSNs", WAIT, || {
+        let d: Vec<_> = sink.received().into_iter().filter(|m| m.from.is_empty()).collect();
+        (d.len() == 2).then_some(d)
+    });
+    let null = dsns.iter().find(|d| d.data.contains("u@nullmx.test")).expect("DSN for null MX");
+    assert!(null.data.contains("Status: 5.1.10"), "{}", null.data);
+    assert!(null.data.contains("556 5.1.10"), "{}", null.data);
+    let unknown = dsns.iter().find(|d| d.data.contains("u@unknown.test")).expect("DSN for unknown domain");
+    assert!(unknown.data.contains("Status: 5.1.2"), "{}", unknown.data);
+    let log = relay.log();
+    assert!(log.iter().any(|v| v["queue"] == "nullmx.test" && v["status"] == "bounced" && v["enhanced"] == "5.1.10"));
+    assert!(log.iter().any(|v| v["queue"] == "unknown.test" && v["status"] == "bounced" && v["enhanced"] == "5.1.2"));
+}
+
+#[test]
+fn starttls_and_auth_on_submission_with_swaks() {
+    let sink = SmtpSink::start();
+    let relay = Relay::start(&RelayConfig {
+        tls: true,
+        submission: true,
+        users: vec![("alice".into(), "s3cret".into())],
+        relay_networks: vec![],
+        ..route_all_to(sink.addr)
+    });
+    let sub = relay.submission.unwrap().to_string();
+    let smtp = relay.smtp.to_string();
+    // Port 25 style listener: STARTTLS, no AUTH; our network list is empty, so relaying is refused.
+    let (ok, t) = swaks(&["--server", &smtp, "-tls", "--from", "a@src.test", "--to", "x@dst.test"]);
+    assert!(!ok && t.contains("554 5.7.1 Relay access denied"), "not an open relay: {t}");
+    assert!(t.contains("TLS started"), "{t}");
+    // Submission without TLS: AUTH is not even offered.
+    let (ok, t) = swaks(&["--server", &sub, "--auth", "PLAIN", "--auth-user", "alice", "--auth-password", "s3cret", "--from", "a@src.test", "--to", "x@dst.test"]);
+    assert!(!ok, "AUTH without TLS must fail: {t}");
+    // Submission without AUTH: refused at MAIL.
+    let (ok, t) = swaks(&["--server", &sub, "-tls", "--from", "a@src.test", "--to", "x@dst.test"]);
+    assert!(!ok && t.contains("530 5.7.0"), "{t}");
+    // Wrong password.
+    let (ok, t) = swaks(&["--server", &sub, "-tls", "--auth", "PLAIN", "--auth-user", "alice", "--auth-password", "nope", "--from", "a@src.test", "--to", "x@dst.test"]);
+    assert!(!ok && t.contains("535 5.7.8"), "{t}");
+    for mech in ["PLAIN", "LOGIN"] {
+        let (ok, t) = swaks(&[
+            "--server", &sub, "-tls", "--auth", mech, "--auth-user", "alice", "--auth-password", "s3cret",
+            "--from", "a@src.test", "--to", &format!("{mech}@dst.test"), "--h-Subject", mech,
+        ]);
+        assert!(ok, "AUTH {mech} over STARTTLS: {t}");
+        assert!(t.contains("235 2.7.0") && t.contains("250 2.0.0 Ok: queued as"), "{t}");
+    }
+    let msgs = wait_for("two authenticated messages", WAIT, || {
+        let m = sink.messages();
+        (m.len() == 2).then_some(m)
+    });
+    assert!(msgs.iter().all(|m| m.contains("with ESMTPSA")), "Received says TLS + AUTH");
+}
