@@ -214,3 +214,56 @@ fn session(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
         w.write_all(b"\r\n")?;
     }
 }
+
+/// Postfix `smtp-sink -c` that only counts messages (no dump files): the
+/// far end of benchmarks.
+pub struct CountingSink {
+    pub addr: SocketAddr,
+    count: Arc<std::sync::atomic::AtomicU64>,
+    _child: ChildGuard,
+}
+
+impl CountingSink {
+    pub fn start() -> Self {
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let mut child = Command::new("smtp-sink")
+            .args(["-u", "nobody", "-c"])
+            .arg(addr.to_string())
+            .arg("1000")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn smtp-sink (package postfix)");
+        let mut out = child.stdout.take().expect("stdout");
+        let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let c = count.clone();
+        // Lines look like "sess=3 quit=3 mesg=4\r"; keep the latest mesg=.
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            let mut tail = String::new();
+            while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
+                if n == 0 {
+                    return;
+                }
+                tail.push_str(&String::from_utf8_lossy(&buf[..n]));
+                if let Some(i) = tail.rfind('\r') {
+                    if let Some(v) = tail[..i]
+                        .rsplit('\r')
+                        .next()
+                        .and_then(|l| l.split("mesg=").nth(1))
+                        .and_then(|v| v.trim().parse().ok())
+                    {
+                        c.store(v, Ordering::Relaxed);
+                    }
+                    tail.drain(..=i);
+                }
+            }
+        });
+        wait_listening(addr, Duration::from_secs(5));
+        Self { addr, count, _child: ChildGuard(Some(child)) }
+    }
+
+    /// Messages received so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
