@@ -49,7 +49,10 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                 ("truncated", s.truncated),
             ];
             if json {
-                let map: serde_json::Map<_, _> = rows.iter().map(|(k, v)| ((*k).to_owned(), (*v).into())).collect();
+                let map: serde_json::Map<_, _> = rows
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).into()))
+                    .collect();
                 println!("{}", serde_json::Value::Object(map));
             } else {
                 for (k, v) in rows {

@@ -32,21 +32,29 @@ pub struct Options {
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let n = s.strip_suffix('s').unwrap_or(s);
-    n.parse::<u64>().map(Duration::from_secs).map_err(|_| format!("`{s}` is not a number of seconds like `10s`"))
+    n.parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|_| format!("`{s}` is not a number of seconds like `10s`"))
 }
 
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     if let Some(config) = &opts.config {
-        bail!("--config {}: config files are not supported by this build yet", config.display());
+        bail!(
+            "--config {}: config files are not supported by this build yet",
+            config.display()
+        );
     }
-    let mut dp = Dataplane::load(&LoadOptions { pin_dir: opts.pin_dir.clone() })?;
+    let mut dp = Dataplane::load(&LoadOptions {
+        pin_dir: opts.pin_dir.clone(),
+    })?;
     if let Err(err) = dp.attach(&opts.iface, opts.mode) {
         dp.discard();
         return Err(err.into());
     }
     info!(iface = %opts.iface, mode = ?opts.mode, pin_dir = %opts.pin_dir.display(), "balancer attached");
 
-    let mut ticker = (!opts.stats_interval.is_zero()).then(|| tokio::time::interval(opts.stats_interval));
+    let mut ticker =
+        (!opts.stats_interval.is_zero()).then(|| tokio::time::interval(opts.stats_interval));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -61,7 +69,8 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
         let link = dp.keep_attached()?;
         info!(link = %link.display(), "left attached and pinned");
     } else {
-        dp.unpin_all().with_context(|| format!("remove pins under {}", opts.pin_dir.display()))?;
+        dp.unpin_all()
+            .with_context(|| format!("remove pins under {}", opts.pin_dir.display()))?;
         info!("detached and unpinned");
     }
     Ok(())

@@ -11,4 +11,5 @@ pub use pins::ensure_bpffs;
 pub use stats::read_global_stats;
 
 /// The eBPF object built by `cargo xtask build` (empty when built without it).
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/smtp-lb.bpf.o"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/smtp-lb.bpf.o"));
