@@ -5,7 +5,7 @@ use anyhow::{Context, bail};
 use smtp_lb_common::DEFAULT_PIN_DIR;
 use tracing::info;
 
-use crate::dataplane::{AttachMode, Dataplane, LoadOptions, read_global_stats};
+use crate::dataplane::{AttachMode, Dataplane, LoadOptions, check_interface, read_global_stats};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -44,6 +44,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
             config.display()
         );
     }
+    check_interface(&opts.iface)?;
     let mut dp = Dataplane::load(&LoadOptions {
         pin_dir: opts.pin_dir.clone(),
     })?;

@@ -6,7 +6,7 @@ mod loader;
 mod pins;
 mod stats;
 
-pub use loader::{AttachMode, Dataplane, LoadError, LoadOptions};
+pub use loader::{AttachMode, Dataplane, LoadError, LoadOptions, check_interface};
 pub use pins::ensure_bpffs;
 pub use stats::read_global_stats;
 
