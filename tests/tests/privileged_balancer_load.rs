@@ -3,7 +3,6 @@
 //! and it detaches and unpins on SIGTERM unless told to keep them. Bad
 //! input gets one line naming the cause and the fix.
 use std::{
-    path::Path,
     process::{Command, Output},
     thread,
     time::{Duration, Instant},

@@ -15,7 +15,10 @@ use crate::build::Artifacts;
 /// Repeats per measurement: enough that the kernel's mean is stable.
 const REPEAT: u32 = 1_000_000;
 
-#[expect(clippy::unnecessary_wraps, reason = "every bench has the same signature")]
+#[expect(
+    clippy::unnecessary_wraps,
+    reason = "every bench has the same signature"
+)]
 pub fn run(artifacts: &Artifacts) -> anyhow::Result<Report> {
     // SAFETY: setting a variable before any thread reads the environment.
     unsafe { std::env::set_var("SMTP_LB_EBPF_OBJ", &artifacts.ebpf_object) };
