@@ -3,10 +3,14 @@
 //! # Layout
 //! - [`dataplane`]: the only module that talks to the kernel (aya): load,
 //!   attach, pin, read and write maps of the XDP balancer.
+//! - [`health`]: SMTP-aware health checks of relays (probe + rise/fall).
+//! - [`config`]: configuration files and shared value types (durations).
 //! - [`cli`]: the `smtp-lb` command line (subcommands and their options).
 //!
 //! The binary in `main.rs` only parses arguments, sets up tracing and calls
 //! into this library.
 
 pub mod cli;
+pub mod config;
 pub mod dataplane;
+pub mod health;

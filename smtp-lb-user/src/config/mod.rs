@@ -1,0 +1,3 @@
+//! Configuration files and the value types they share.
+
+pub mod duration;
