@@ -39,15 +39,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     match opts.command {
         Command::Stats { pin_dir, json } => {
             let s = read_global_stats(&pin_dir)?;
-            let rows = [
-                ("packets", s.packets),
-                ("non_ip", s.non_ip),
-                ("ipv4", s.ipv4),
-                ("ipv6", s.ipv6),
-                ("smtp_tcp", s.smtp_tcp),
-                ("smtp_syn", s.smtp_syn),
-                ("truncated", s.truncated),
-            ];
+            let rows = s.fields();
             if json {
                 let map: serde_json::Map<_, _> = rows
                     .iter()
@@ -56,7 +48,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                 println!("{}", serde_json::Value::Object(map));
             } else {
                 for (k, v) in rows {
-                    println!("{k:<12} {v:>14}");
+                    println!("{k:<18} {v:>14}");
                 }
             }
             Ok(())

@@ -62,7 +62,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
             () = &mut shutdown => break,
             _ = async { ticker.as_mut().unwrap().tick().await }, if ticker.is_some() => {
                 let s = read_global_stats(&opts.pin_dir)?;
-                info!(packets = s.packets, smtp_tcp = s.smtp_tcp, smtp_syn = s.smtp_syn, "counters");
+                info!(tx = s.tx, redirect = s.redirect, pass_non_vip = s.pass_non_vip, drop_no_backend = s.drop_no_backend, lru_miss = s.lru_miss, "counters");
             }
         }
     }

@@ -41,9 +41,9 @@ mod tests {
     fn every_unit_parses() {
         assert_eq!(parse("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse("2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse("12h"), Ok(Duration::from_secs(43_200)));
-        assert_eq!(parse("7d"), Ok(Duration::from_secs(604_800)));
+        assert_eq!(parse("5m"), Ok(Duration::from_mins(5)));
+        assert_eq!(parse("12h"), Ok(Duration::from_hours(12)));
+        assert_eq!(parse("7d"), Ok(Duration::from_hours(168)));
     }
 
     #[test]

@@ -187,6 +187,11 @@ impl Dataplane {
         Ok(path)
     }
 
+    /// Writes a validated configuration into the maps (see [`super::apply_config`]).
+    pub fn apply(&mut self, cfg: &crate::config::lb::LbConfig) -> Result<super::Applied, super::ApplyError> {
+        super::apply_config(&mut self.ebpf, cfg)
+    }
+
     /// Whether the maps were adopted from an earlier balancer rather than created.
     pub fn adopted(&self) -> bool {
         self.adopted

@@ -4,10 +4,12 @@
 
 mod loader;
 mod pins;
+mod program;
 mod stats;
 
 pub use loader::{AttachMode, Dataplane, LoadError, LoadOptions, check_interface};
 pub use pins::ensure_bpffs;
+pub use program::{Applied, ApplyError, apply_config, read_existing};
 pub use stats::read_global_stats;
 
 /// The eBPF object built by `cargo xtask build` (empty when built without it).

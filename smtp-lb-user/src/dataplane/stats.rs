@@ -25,13 +25,7 @@ pub fn read_global_stats(pin_dir: &Path) -> Result<GlobalStats, LoadError> {
         source,
     })?;
     Ok(per_cpu.iter().fold(GlobalStats::default(), |mut sum, s| {
-        sum.packets += s.packets;
-        sum.non_ip += s.non_ip;
-        sum.ipv4 += s.ipv4;
-        sum.ipv6 += s.ipv6;
-        sum.smtp_tcp += s.smtp_tcp;
-        sum.smtp_syn += s.smtp_syn;
-        sum.truncated += s.truncated;
+        sum.add(s);
         sum
     }))
 }
