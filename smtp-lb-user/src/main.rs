@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use smtp_lb_user::cli::{Cli, Command, NotImplemented, ctl, lb};
+use smtp_lb_user::cli::{Cli, Command, NotImplemented, ctl, decap, lb};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -26,6 +26,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Lb(opts) => runtime()?.block_on(lb::run(opts, shutdown_signal())),
+        Command::Decap(opts) => runtime()?.block_on(decap::run(opts, shutdown_signal())),
         Command::Ctl(opts) => ctl::run(opts),
         Command::Relay(_) => Err(NotImplemented("relay").into()),
         Command::CheckConfig(_) => Err(NotImplemented("check-config").into()),

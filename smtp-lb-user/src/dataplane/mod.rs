@@ -2,6 +2,7 @@
 //! attaching and pinning it, and reading its maps. The only module that
 //! imports `aya`.
 
+mod decap;
 mod loader;
 mod pins;
 mod program;
@@ -10,7 +11,8 @@ mod stats;
 pub use loader::{AttachMode, Dataplane, LoadError, LoadOptions, check_interface};
 pub use pins::ensure_bpffs;
 pub use program::{Applied, ApplyError, apply_config, read_existing};
-pub use stats::read_global_stats;
+pub use decap::Decap;
+pub use stats::{BackendRow, ServiceRow, Snapshot, read_global_stats, read_stats};
 
 /// The eBPF object built by `cargo xtask build` (empty when built without it).
 pub static EBPF_OBJECT: &[u8] =
