@@ -37,7 +37,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         }
         println!("\n=== tier: {tier:?} ===");
         let mut cmd = cargo();
-        cmd.args(["test", "--release"]);
+        // Every test binary runs even when an earlier one failed.
+        cmd.args(["test", "--release", "--no-fail-fast"]);
         match tier {
             Tier::Unit => cmd.args([
                 "--workspace",
