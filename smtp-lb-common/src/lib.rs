@@ -4,6 +4,14 @@
 //! assertion, so the kernel and user space agree on the layout without a
 //! "must be kept in sync" comment. With the `user` feature each type also
 //! implements `aya::Pod`.
+//!
+//! # Layout
+//! - [`programs`], [`maps`]: object names user space looks up and pins.
+//! - sizes ([`MAX_SERVICES`], [`MAX_BACKENDS`], [`MAX_RING_SIZE`], …), each with its rationale.
+//! - map keys and values: [`ServiceKey`] → [`Service`], [`Backend`], [`FlowKey`] → [`Flow`],
+//!   [`LbConfig`], and the counters [`GlobalStats`], [`ServiceStats`], [`BackendStats`].
+//! - [`flow_hash`]: the hash the kernel selects with, so user space can answer
+//!   "where does this flow go" with the very same function.
 #![no_std]
 
 /// Default bpffs directory under which the daemon pins its maps and program.
@@ -17,6 +25,9 @@ pub mod programs {
     /// per-packet cost is measured against, and the pass-through program a
     /// veth peer needs so native `XDP_TX` frames are received.
     pub const PASS: &str = "smtp_lb_pass";
+    /// The relay-side XDP program that strips IPIP / IP6IP6 outer headers
+    /// (this kernel has no ipip/ip6tnl modules, and a relay should not need them).
+    pub const DECAP: &str = "smtp_lb_decap";
 }
 
 /// Names of the maps in the eBPF object (also their pin file names).
@@ -24,37 +35,335 @@ pub mod programs {
 pub mod maps {
     /// `u32 (always 0)` → per-CPU [`crate::GlobalStats`].
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
+    /// [`crate::ServiceKey`] → [`crate::Service`]: which (VIP, port, proto) are balanced.
+    pub const SERVICES: &str = "SERVICES";
+    /// `u16 port` index → `u32` (1 = some service listens on this port): a
+    /// cheap pre-filter so non-VIP traffic skips the hash lookup.
+    pub const VIP_PORTS: &str = "VIP_PORTS";
+    /// `u32` slot → `u32` backend id: every service's two Maglev tables.
+    pub const RINGS: &str = "RINGS";
+    /// `u32` backend id → [`crate::Backend`].
+    pub const BACKENDS: &str = "BACKENDS";
+    /// [`crate::FlowKey`] → [`crate::Flow`]: LRU connection table.
+    pub const CONNTRACK: &str = "CONNTRACK";
+    /// `u32` service id → per-CPU [`crate::ServiceStats`].
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    /// `u32` backend id → per-CPU [`crate::BackendStats`].
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    /// `u32 (always 0)` → [`crate::LbConfig`]: node-wide settings.
+    pub const LB_CONFIG: &str = "LB_CONFIG";
+    /// `u32 ifindex` → `ifindex`: devmap for `XDP_REDIRECT` to other interfaces.
+    pub const TX_PORTS: &str = "TX_PORTS";
+    /// `u32 (always 0)` → per-CPU [`crate::DecapStats`] (relay side).
+    pub const DECAP_STATS: &str = "DECAP_STATS";
 
-    /// Every map, so user space can pin (or re-open) each one by name.
-    pub const ALL: &[&str] = &[GLOBAL_STATS];
+    /// Every map of the balancer, so user space can pin (or re-open) each one by name.
+    pub const ALL: &[&str] = &[
+        GLOBAL_STATS,
+        SERVICES,
+        VIP_PORTS,
+        RINGS,
+        BACKENDS,
+        CONNTRACK,
+        SERVICE_STATS,
+        BACKEND_STATS,
+        LB_CONFIG,
+        TX_PORTS,
+    ];
 }
 
-/// Global per-CPU counters, one field per thing the program saw or did, so
-/// `bpftool map dump` prints every reason by name.
+/// Services (one per VIP × port) a node balances. Each owns two Maglev
+/// tables of [`MAX_RING_SIZE`] slots in [`maps::RINGS`]; 32 services is 10
+/// VIPs × the three SMTP ports with room to spare, and costs 16.8 MiB.
+pub const MAX_SERVICES: u32 = 32;
+/// Backends (relays) over all services. A relay in several services is one
+/// backend (its identity is its address), so 1024 is far more than a fleet.
+pub const MAX_BACKENDS: u32 = 1024;
+/// Largest Maglev table (M). 65537 is the paper's and Katran's default, a
+/// prime, and keeps M > 100·N for up to 655 backends per service.
+pub const MAX_RING_SIZE: u32 = 65537;
+/// Slots in [`maps::RINGS`]: two tables per service (the live one and the one
+/// being written), so a table update is one atomic switch of [`Service::active`].
+pub const RING_SLOTS: u32 = MAX_SERVICES * 2 * MAX_RING_SIZE;
+/// Tracked flows. At 10k new SMTP sessions/s and sessions of up to ~20 s this
+/// is 1.3× the live set; an evicted flow is re-hashed (and counted), not lost.
+pub const CONNTRACK_SIZE: u32 = 262_144;
+/// Interfaces in the redirect devmap.
+pub const MAX_TX_PORTS: u32 = 64;
+
+/// A ring slot value meaning "no backend": a service whose backends all have
+/// weight 0 (or none is healthy) is filled with it, and its packets are dropped
+/// (counted as `drop_no_backend`).
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Address families as stored in keys and values (`AF_INET`, `AF_INET6`).
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
+/// `IPPROTO_TCP`.
+pub const PROTO_TCP: u8 = 6;
+
+/// Key of [`maps::SERVICES`]. Addresses and port in network byte order,
+/// as they sit in the packet; an IPv4 address fills `addr[0]`, the rest is 0.
+/// `port == 0` is the "this address is a VIP" marker the slow path (IPv4
+/// options, fragments, IPv6 extension headers) uses to decide whether to drop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(C)]
+pub struct ServiceKey {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+const _: () = assert!(size_of::<ServiceKey>() == 20);
+
+/// Service flag: hash the client address only (a client always lands on the same relay).
+pub const SERVICE_STICKY: u32 = 1;
+/// Service flag: marker entry (`port == 0`), no table.
+pub const SERVICE_VIP_MARKER: u32 = 2;
+
+/// Value of [`maps::SERVICES`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
-pub struct GlobalStats {
-    /// Every packet the program ran on.
-    pub packets: u64,
-    /// Frames that are not IPv4 or IPv6 (ARP, LLDP, …): passed.
-    pub non_ip: u64,
-    /// IPv4 packets.
-    pub ipv4: u64,
-    /// IPv6 packets.
-    pub ipv6: u64,
-    /// TCP segments to an SMTP port (25, 587, 465).
-    pub smtp_tcp: u64,
-    /// SYNs (without ACK) to an SMTP port: new SMTP connections.
-    pub smtp_syn: u64,
-    /// Frames too short for the headers they claim: passed untouched.
-    pub truncated: u64,
+pub struct Service {
+    /// Index into the per-service maps (stats, rings); `< MAX_SERVICES`.
+    pub id: u32,
+    /// M: the table size, a prime `<= MAX_RING_SIZE`.
+    pub ring_size: u32,
+    /// Which of the service's two tables is live (0 or 1).
+    pub active: u32,
+    /// [`SERVICE_STICKY`], [`SERVICE_VIP_MARKER`].
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<Service>() == 16);
+
+impl Service {
+    /// First slot in [`maps::RINGS`] of table `half` (0 or 1) of service `id`.
+    pub const fn ring_base(id: u32, half: u32) -> u32 {
+        (id * 2 + (half & 1)) * MAX_RING_SIZE
+    }
 }
 
-const _: () = assert!(size_of::<GlobalStats>() == 56);
+/// Backend forwarding: rewrite MACs and send on the L2 segment.
+pub const MODE_L2: u8 = 0;
+/// Backend forwarding: IPIP (IPv4) / IP6IP6 (IPv6) encapsulation.
+pub const MODE_IPIP: u8 = 1;
+/// Backend flag: the entry may receive packets. Cleared when a backend is
+/// removed, which makes its tracked flows re-hash.
+pub const BACKEND_VALID: u32 = 1;
+
+/// Value of [`maps::BACKENDS`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Backend {
+    /// The relay's address, network byte order (IPv4 in `addr[0]`).
+    pub addr: [u32; 4],
+    /// L2: the relay's MAC (destination of the rewritten frame).
+    pub mac: [u8; 6],
+    /// Source MAC when redirecting out of another interface; zero = use the
+    /// MAC the frame was addressed to (the LB's own, one-arm case).
+    pub src_mac: [u8; 6],
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u8,
+    /// [`MODE_L2`] or [`MODE_IPIP`].
+    pub mode: u8,
+    pub _pad: [u8; 2],
+    /// [`BACKEND_VALID`].
+    pub flags: u32,
+    /// L2: egress interface when it is not the one the packet came in on
+    /// (`XDP_REDIRECT` through [`maps::TX_PORTS`]); 0 = `XDP_TX`.
+    pub ifindex: u32,
+}
+const _: () = assert!(size_of::<Backend>() == 40);
+
+/// Key of [`maps::CONNTRACK`]: the 5-tuple, addresses and ports in network byte order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+/// Value of [`maps::CONNTRACK`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Flow {
+    /// The backend the flow started on.
+    pub backend: u32,
+    /// The service it belongs to (for stats).
+    pub service: u32,
+}
+const _: () = assert!(size_of::<Flow>() == 8);
+
+/// Value of [`maps::LB_CONFIG`]: node-wide settings the data plane needs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct LbConfig {
+    /// Outer IPv4 source for IPIP, network byte order; its low 16 bits are
+    /// replaced by the flow hash so relays' NICs spread flows over queues (RSS).
+    pub encap_src_v4: u32,
+    /// Outer IPv6 source for IP6IP6, network byte order; the low 32 bits
+    /// carry the flow hash (and the flow label does too).
+    pub encap_src_v6: [u32; 4],
+}
+const _: () = assert!(size_of::<LbConfig>() == 20);
+
+macro_rules! counters {
+    ($(#[$meta:meta])* $name:ident { $($(#[$fmeta:meta])* $field:ident),* $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        #[repr(C)]
+        pub struct $name {
+            $($(#[$fmeta])* pub $field: u64,)*
+        }
+
+        impl $name {
+            /// Field names, in declaration order.
+            pub const NAMES: &'static [&'static str] = &[$(stringify!($field)),*];
+
+            /// Every counter with its name, in declaration order.
+            pub fn fields(&self) -> [(&'static str, u64); { [$(stringify!($field)),*].len() }] {
+                [$((stringify!($field), self.$field)),*]
+            }
+
+            /// Adds `other` field by field (to sum per-CPU values).
+            pub fn add(&mut self, other: &Self) {
+                $(self.$field += other.$field;)*
+            }
+        }
+
+        #[cfg(feature = "user")]
+        // SAFETY: `repr(C)`, only `u64` fields, no padding.
+        unsafe impl aya::Pod for $name {}
+    };
+}
+
+counters! {
+    /// Global per-CPU counters. Every packet ends in exactly one `pass_*`,
+    /// `drop_*`, `tx` or `redirect` counter, so their sum is the packet count;
+    /// the rest are events along the way. `bpftool map dump` prints them by name.
+    GlobalStats {
+        /// Forwarded with `XDP_TX` (L2 DSR one-arm, or IPIP out the same interface).
+        tx,
+        /// Forwarded with `XDP_REDIRECT` to another interface.
+        redirect,
+        /// Passed: not IPv4/IPv6 (ARP, LLDP, …).
+        pass_non_ip,
+        /// Passed: IP but not to a service (other address, port, protocol).
+        pass_non_vip,
+        /// Passed: too short for a header it claims, before the service is known.
+        pass_truncated,
+        /// Passed: IPIP packet whose next hop has no neighbour entry yet; the
+        /// stack resolves it (and forwards if the node routes).
+        pass_no_neigh,
+        /// Dropped: VIP traffic with IPv4 options.
+        drop_ipv4_options,
+        /// Dropped: VIP traffic that is an IPv4 fragment (MF set or offset ≠ 0).
+        drop_fragment,
+        /// Dropped: VIP traffic with an IPv6 extension header.
+        drop_ipv6_ext,
+        /// Dropped: VIP traffic with a bogus header (version, ihl, total/payload length, data offset).
+        drop_malformed,
+        /// Dropped: the service has no backend able to take a new flow.
+        drop_no_backend,
+        /// Dropped: no route to an IPIP backend, or encapsulation failed.
+        drop_encap,
+        /// Event: a non-SYN packet of a VIP flow with no conntrack entry
+        /// (evicted, or the LB restarted): hashed through the table.
+        lru_miss,
+        /// Event: a tracked flow whose backend was removed, re-hashed.
+        rehash,
+    }
+}
+const _: () = assert!(size_of::<GlobalStats>() == 14 * 8);
+
+counters! {
+    /// Per-service, per-CPU counters.
+    ServiceStats {
+        /// Packets forwarded for this service.
+        packets,
+        /// Their bytes (frames as received).
+        bytes,
+        /// New flows (SYNs) balanced.
+        new_flows,
+        /// Packets dropped because no backend could take them.
+        no_backend,
+    }
+}
+const _: () = assert!(size_of::<ServiceStats>() == 32);
+
+counters! {
+    /// Per-backend, per-CPU counters.
+    BackendStats {
+        /// Packets forwarded to this backend.
+        packets,
+        /// Their bytes (frames as received).
+        bytes,
+        /// New flows (SYNs) sent to it.
+        new_flows,
+    }
+}
+const _: () = assert!(size_of::<BackendStats>() == 24);
+
+counters! {
+    /// Relay-side decap counters.
+    DecapStats {
+        /// IPIP / IP6IP6 packets whose outer header was stripped.
+        decapsulated,
+        /// Everything else, passed untouched.
+        passed,
+        /// Encapsulated but malformed (truncated, options): dropped.
+        dropped,
+    }
+}
 
 #[cfg(feature = "user")]
-// SAFETY: `GlobalStats` is `repr(C)`, made only of `u64`s, with no padding.
-unsafe impl aya::Pod for GlobalStats {}
+mod pod {
+    // SAFETY (all): `repr(C)` with explicit padding fields, size asserted above.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::LbConfig {}
+}
 
 /// TCP ports that carry SMTP: relay (25), submission (587), submissions (465).
 pub const SMTP_PORTS: [u16; 3] = [25, 587, 465];
+
+/// murmur3's finalizer: every input bit flips each output bit with p ≈ ½.
+#[inline(always)]
+pub const fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[inline(always)]
+const fn mix(h: u32, w: u32) -> u32 {
+    (h ^ w).wrapping_mul(0x9e37_79b1).rotate_left(13)
+}
+
+/// The flow hash that picks a Maglev slot: the client address and port, the
+/// VIP address and port (all as stored in [`FlowKey`], network byte order).
+/// `sticky` hashes the client address only. Deterministic across nodes, so
+/// every LB node with the same config sends a flow to the same relay.
+#[inline(always)]
+pub const fn flow_hash(key: &FlowKey, sticky: bool) -> u32 {
+    let s = key.src;
+    let mut h = mix(mix(mix(mix(0x736d_7470, s[0]), s[1]), s[2]), s[3]);
+    if !sticky {
+        let d = key.dst;
+        h = mix(mix(mix(mix(h, d[0]), d[1]), d[2]), d[3]);
+        h = mix(h, ((key.sport as u32) << 16) | key.dport as u32);
+    }
+    fmix32(h)
+}

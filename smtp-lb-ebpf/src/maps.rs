@@ -1,7 +1,65 @@
-//! Every map of the balancer, in one place. Names are in `smtp_lb_common::maps`.
-use aya_ebpf::{btf_maps::PerCpuArray, macros::btf_map};
-use smtp_lb_common::GlobalStats;
+//! Every map of the balancer and of the decap program, in one place. Names
+//! are in `smtp_lb_common::maps`, sizes (with their rationale) in `smtp_lb_common`.
+use aya_ebpf::{
+    bindings::BPF_F_NO_COMMON_LRU,
+    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use smtp_lb_common::{
+    Backend, BackendStats, CONNTRACK_SIZE, DecapStats, Flow, FlowKey, GlobalStats, LbConfig,
+    MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, RING_SLOTS, Service, ServiceKey, ServiceStats,
+};
 
-/// `0` → per-CPU global counters.
+/// `0` → per-CPU global counters (one per pass/drop reason).
 #[btf_map]
 pub static GLOBAL_STATS: PerCpuArray<GlobalStats, 1> = PerCpuArray::new();
+
+/// (VIP, port, proto) → service; `port == 0` entries mark VIP addresses.
+#[btf_map]
+pub static SERVICES: HashMap<ServiceKey, Service, { 2 * MAX_SERVICES as usize }> =
+    HashMap::new();
+
+/// host-order port → 1 if any service uses it (pre-filter before `SERVICES`).
+#[btf_map]
+pub static VIP_PORTS: Array<u32, 65536> = Array::new();
+
+/// slot → backend id; service `s` table `h` is `[(2s+h)·MAX_RING_SIZE, +ring_size)`.
+#[btf_map]
+pub static RINGS: Array<u32, { RING_SLOTS as usize }> = Array::new();
+
+/// backend id → backend.
+#[btf_map]
+pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+
+/// 5-tuple → backend the flow started on. LRU with per-CPU LRU lists
+/// (`BPF_F_NO_COMMON_LRU`): a flow stays on one CPU (RSS), and per-CPU lists
+/// avoid a global lock on every insert.
+#[btf_map]
+pub static CONNTRACK: LruHashMap<
+    FlowKey,
+    Flow,
+    { CONNTRACK_SIZE as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
+
+/// service id → per-CPU counters.
+#[btf_map]
+pub static SERVICE_STATS: PerCpuArray<ServiceStats, { MAX_SERVICES as usize }> =
+    PerCpuArray::new();
+
+/// backend id → per-CPU counters.
+#[btf_map]
+pub static BACKEND_STATS: PerCpuArray<BackendStats, { MAX_BACKENDS as usize }> =
+    PerCpuArray::new();
+
+/// `0` → node-wide settings (encapsulation source addresses).
+#[btf_map]
+pub static LB_CONFIG: Array<LbConfig, 1> = Array::new();
+
+/// ifindex → ifindex, for `XDP_REDIRECT` to L2 backends behind another interface.
+#[btf_map]
+pub static TX_PORTS: DevMapHash<{ MAX_TX_PORTS as usize }> = DevMapHash::new();
+
+/// `0` → per-CPU decap counters (relay side).
+#[btf_map]
+pub static DECAP_STATS: PerCpuArray<DecapStats, 1> = PerCpuArray::new();

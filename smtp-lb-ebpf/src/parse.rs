@@ -1,6 +1,75 @@
-//! Bounds-checked header access. Every read goes through [`ptr_at`], which
-//! the verifier can follow: the access is proven to lie inside the packet.
+//! Header layouts and bounds-checked packet access. Every read and write goes
+//! through [`ptr_at`] / [`ptr_at_mut`], which the verifier can follow: the
+//! access is proven to lie inside the packet before it happens.
 use aya_ebpf::programs::XdpContext;
+
+pub const ETH_HLEN: usize = 14;
+pub const VLAN_HLEN: usize = 4;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88A8;
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_IPV6: u8 = 41;
+pub const IPV4_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
+pub const TCP_HLEN: usize = 20;
+
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Ethernet header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    /// Network byte order.
+    pub proto: u16,
+}
+
+/// IPv4 header without options. Multi-byte fields in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv4Hdr {
+    pub ver_ihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub src: u32,
+    pub dst: u32,
+}
+
+/// IPv6 fixed header. Multi-byte fields in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6Hdr {
+    pub ver_tc_flow: u32,
+    pub payload_len: u16,
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+}
+
+/// The first 16 bytes of a TCP header: all the balancer reads.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TcpHdr {
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+    pub ack: u32,
+    /// Data offset in the high nibble.
+    pub doff: u8,
+    pub flags: u8,
+    pub window: u16,
+}
 
 /// A pointer to a `T` at `offset` bytes into the packet, or `None` when the
 /// packet is too short to hold it.
@@ -14,8 +83,36 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
     Some((start + offset) as *const T)
 }
 
-pub const ETH_HLEN: usize = 14;
-pub const ETH_P_IP: u16 = 0x0800;
-pub const ETH_P_IPV6: u16 = 0x86DD;
-pub const ETH_P_8021Q: u16 = 0x8100;
-pub const IPPROTO_TCP: u8 = 6;
+/// Like [`ptr_at`], for writing.
+#[inline(always)]
+pub fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    ptr_at::<T>(ctx, offset).map(<*const T>::cast_mut)
+}
+
+/// Reads a `T` (copied out of the packet).
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    // SAFETY: ptr_at proved the bytes are inside the packet; packet data has
+    // no alignment guarantee, hence read_unaligned.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
+}
+
+/// The Ethernet layer: where the network header starts and its ethertype
+/// (host order), after at most one 802.1Q / 802.1ad tag.
+#[inline(always)]
+pub fn ethernet(ctx: &XdpContext) -> Option<(usize, u16)> {
+    let proto = u16::from_be(read::<u16>(ctx, 12)?);
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        let inner = u16::from_be(read::<u16>(ctx, ETH_HLEN + 2)?);
+        Some((ETH_HLEN + VLAN_HLEN, inner))
+    } else {
+        Some((ETH_HLEN, proto))
+    }
+}
+
+/// IPv6 next-header values that are extension headers (RFC 8200 §4, plus
+/// ESP/AH, mobility, HIP, shim6 and the experimental values).
+#[inline(always)]
+pub fn is_ipv6_ext(next: u8) -> bool {
+    matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+}

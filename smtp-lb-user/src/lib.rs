@@ -3,12 +3,20 @@
 //! # Layout
 //! - [`dataplane`]: the only module that talks to the kernel (aya): load,
 //!   attach, pin, read and write maps of the XDP balancer.
+//! - [`balance`]: pure balancing logic: the Maglev table builder and the
+//!   plan of what the data plane's maps hold for a config.
+//! - [`health`]: SMTP-aware health checks of relays (probe + rise/fall).
+//! - [`config`]: configuration files (`config::lb` for the balancer) and
+//!   shared value types (durations).
 //! - [`cli`]: the `smtp-lb` command line (subcommands and their options).
 //! - [`relay`]: the delivery engine (SMTP ingress, spool, queues, delivery).
 //!
 //! The binary in `main.rs` only parses arguments, sets up tracing and calls
 //! into this library.
 
+pub mod balance;
 pub mod cli;
+pub mod config;
 pub mod dataplane;
+pub mod health;
 pub mod relay;

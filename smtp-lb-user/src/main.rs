@@ -2,13 +2,15 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use smtp_lb_user::cli::{Cli, Command, NotImplemented, ctl, lb, relay};
+use smtp_lb_user::cli::{Cli, Command, NotImplemented, ctl, decap, lb, relay};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("SMTP_LB_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_env("SMTP_LB_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     match run(cli) {
@@ -24,6 +26,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Lb(opts) => runtime()?.block_on(lb::run(opts, shutdown_signal())),
+        Command::Decap(opts) => runtime()?.block_on(decap::run(opts, shutdown_signal())),
         Command::Ctl(opts) => ctl::run(opts),
         Command::Relay(opts) => runtime()?.block_on(relay::run(opts, shutdown_signal())),
         Command::CheckConfig(_) => Err(NotImplemented("check-config").into()),
@@ -31,7 +34,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -2,18 +2,26 @@
 use std::path::PathBuf;
 
 fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_owned()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace")
+        .to_owned()
 }
 
 /// The eBPF object: `SMTP_LB_EBPF_OBJ`, else where `cargo xtask build` puts it.
 pub fn ebpf_object() -> PathBuf {
-    std::env::var_os("SMTP_LB_EBPF_OBJ")
-        .map_or_else(|| workspace_root().join("target/ebpf/bpfel-unknown-none/release/smtp-lb"), PathBuf::from)
+    std::env::var_os("SMTP_LB_EBPF_OBJ").map_or_else(
+        || workspace_root().join("target/ebpf/bpfel-unknown-none/release/smtp-lb"),
+        PathBuf::from,
+    )
 }
 
 /// The `smtp-lb` binary: `SMTP_LB_BIN`, else `target/release/smtp-lb`.
 pub fn smtp_lb_bin() -> PathBuf {
-    std::env::var_os("SMTP_LB_BIN").map_or_else(|| workspace_root().join("target/release/smtp-lb"), PathBuf::from)
+    std::env::var_os("SMTP_LB_BIN").map_or_else(
+        || workspace_root().join("target/release/smtp-lb"),
+        PathBuf::from,
+    )
 }
 
 /// Panics with a clear message unless running as root.

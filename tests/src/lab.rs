@@ -69,13 +69,22 @@ impl Lab {
     pub fn new() -> Self {
         require_root();
         remove_stale();
-        let id = format!("{PREFIX}{}-{}", std::process::id(), NEXT_LAB.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "{PREFIX}{}-{}",
+            std::process::id(),
+            NEXT_LAB.fetch_add(1, Ordering::Relaxed)
+        );
         let switch = format!("{id}-sw");
-        let lab = Self { id, switch, hosts: BTreeMap::new(), children: Mutex::new(Vec::new()) };
+        let lab = Self {
+            id,
+            switch,
+            hosts: BTreeMap::new(),
+            children: Mutex::new(Vec::new()),
+        };
         ip(&["netns", "add", &lab.switch]);
-        lab.run_in(&lab.switch, &["ip", "link", "set", "lo", "up"]);
-        lab.run_in(&lab.switch, &["ip", "link", "add", "br0", "type", "bridge"]);
-        lab.run_in(&lab.switch, &["ip", "link", "set", "br0", "up"]);
+        run_in(&lab.switch, &["ip", "link", "set", "lo", "up"]);
+        run_in(&lab.switch, &["ip", "link", "add", "br0", "type", "bridge"]);
+        run_in(&lab.switch, &["ip", "link", "set", "br0", "up"]);
         lab
     }
 
@@ -86,7 +95,9 @@ impl Lab {
 
     /// Names of every namespace this lab created.
     pub fn namespaces(&self) -> Vec<String> {
-        std::iter::once(self.switch.clone()).chain(self.hosts.values().map(|h| h.netns.clone())).collect()
+        std::iter::once(self.switch.clone())
+            .chain(self.hosts.values().map(|h| h.netns.clone()))
+            .collect()
     }
 
     /// Adds a host with `eth0` on the bridge and the given addresses
@@ -94,33 +105,74 @@ impl Lab {
     /// with native XDP on veth, frames forwarded by `XDP_TX` would otherwise
     /// carry TCP checksums that were never filled in.
     pub fn host(&mut self, name: &str, addrs: &[&str]) -> &Host {
-        assert!(!self.hosts.contains_key(name), "host `{name}` already exists");
+        assert!(
+            !self.hosts.contains_key(name),
+            "host `{name}` already exists"
+        );
         let netns = format!("{}-{name}", self.id);
         let port = format!("p{}", self.hosts.len());
         ip(&["netns", "add", &netns]);
-        self.run_in(&netns, &["ip", "link", "set", "lo", "up"]);
-        ip(&["link", "add", "name", "eth0", "netns", &netns, "type", "veth", "peer", "name", &port, "netns", &self.switch]);
-        self.run_in(&self.switch, &["ip", "link", "set", &port, "master", "br0", "up"]);
+        run_in(&netns, &["ip", "link", "set", "lo", "up"]);
+        ip(&[
+            "link",
+            "add",
+            "name",
+            "eth0",
+            "netns",
+            &netns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            &self.switch,
+        ]);
+        run_in(
+            &self.switch,
+            &["ip", "link", "set", &port, "master", "br0", "up"],
+        );
         // No duplicate address detection: IPv6 addresses are usable at once.
-        self.run_in(&netns, &["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]);
+        run_in(
+            &netns,
+            &[
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ],
+        );
         for addr in addrs {
             let mut args = vec!["ip", "addr", "add", addr, "dev", "eth0"];
             if addr.contains(':') {
                 args.push("nodad");
             }
-            self.run_in(&netns, &args);
+            run_in(&netns, &args);
         }
-        self.run_in(&netns, &["ip", "link", "set", "eth0", "up"]);
-        self.run_in(&netns, &["ethtool", "-K", "eth0", "tx", "off"]);
-        let mac = read_mac(&self.run_in(&netns, &["cat", "/sys/class/net/eth0/address"]));
-        let addrs = addrs.iter().map(|a| a.split('/').next().unwrap().to_owned()).collect();
-        self.hosts.insert(name.to_owned(), Host { name: name.to_owned(), netns, addrs, mac });
+        run_in(&netns, &["ip", "link", "set", "eth0", "up"]);
+        run_in(&netns, &["ethtool", "-K", "eth0", "tx", "off"]);
+        let mac = read_mac(&run_in(&netns, &["cat", "/sys/class/net/eth0/address"]));
+        let addrs = addrs
+            .iter()
+            .map(|a| a.split('/').next().unwrap().to_owned())
+            .collect();
+        self.hosts.insert(
+            name.to_owned(),
+            Host {
+                name: name.to_owned(),
+                netns,
+                addrs,
+                mac,
+            },
+        );
         &self.hosts[name]
     }
 
     /// The host called `name`.
     pub fn get(&self, name: &str) -> &Host {
-        self.hosts.get(name).unwrap_or_else(|| panic!("no host `{name}` in the lab"))
+        self.hosts
+            .get(name)
+            .unwrap_or_else(|| panic!("no host `{name}` in the lab"))
     }
 
     /// A command that runs inside `host`'s network namespace. It keeps the
@@ -128,7 +180,9 @@ impl Lab {
     /// `/sys/fs/bpf` are the machine's own.
     pub fn command(&self, host: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/var/run/netns/{}", self.get(host).netns)).arg("--").arg(program);
+        cmd.arg(format!("--net=/var/run/netns/{}", self.get(host).netns))
+            .arg("--")
+            .arg(program);
         cmd
     }
 
@@ -136,7 +190,7 @@ impl Lab {
     /// command's stderr when it fails.
     pub fn run(&self, host: &str, args: &[&str]) -> Output {
         let netns = self.get(host).netns.clone();
-        self.run_in(&netns, args)
+        run_in(&netns, args)
     }
 
     /// Runs a shell script in `host`.
@@ -148,16 +202,22 @@ impl Lab {
     pub fn try_run(&self, host: &str, args: &[&str]) -> Output {
         let mut cmd = self.command(host, args[0]);
         cmd.args(&args[1..]);
-        cmd.output().unwrap_or_else(|e| panic!("start {args:?}: {e}"))
+        cmd.output()
+            .unwrap_or_else(|e| panic!("start {args:?}: {e}"))
     }
 
     /// Starts a long-running process in `host`; it is stopped (SIGTERM, then
     /// SIGKILL) when the lab drops. Returns its pid.
     pub fn spawn(&self, host: &str, mut cmd: Command) -> u32 {
         let _ = host;
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?} in {host}: {e}"));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?} in {host}: {e}"));
         let pid = child.id();
-        self.children.lock().unwrap().push((format!("{cmd:?}"), child));
+        self.children
+            .lock()
+            .unwrap()
+            .push((format!("{cmd:?}"), child));
         pid
     }
 
@@ -165,18 +225,30 @@ impl Lab {
     /// `grace`, then SIGKILL). Returns whether it exited on its own.
     pub fn stop(&self, pid: u32, grace: Duration) -> bool {
         let mut children = self.children.lock().unwrap();
-        let Some(at) = children.iter().position(|(_, c)| c.id() == pid) else { return false };
+        let Some(at) = children.iter().position(|(_, c)| c.id() == pid) else {
+            return false;
+        };
         let (_, mut child) = children.remove(at);
         drop(children);
         terminate(&mut child, grace)
+    }
+
+    /// A directory for this lab's files (sink dumps, configs, spools);
+    /// created on first use, removed on drop.
+    pub fn scratch_dir(&self) -> PathBuf {
+        let dir = std::env::temp_dir().join(&self.id);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        dir
     }
 
     /// The bpffs directory this lab's balancer pins into; removed on drop.
     pub fn pin_dir(&self) -> PathBuf {
         Path::new(BPFFS).join(&self.id)
     }
+}
 
-    fn run_in(&self, netns: &str, args: &[&str]) -> Output {
+fn run_in(netns: &str, args: &[&str]) -> Output {
+    {
         let out = Command::new("ip")
             .args(["netns", "exec", netns])
             .args(args)
@@ -194,7 +266,12 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let children = std::mem::take(&mut *self.children.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let children = std::mem::take(
+            &mut *self
+                .children
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         for (_, mut child) in children {
             terminate(&mut child, Duration::from_secs(3));
         }
@@ -202,6 +279,7 @@ impl Drop for Lab {
             delete_netns(&ns);
         }
         let _ = std::fs::remove_dir_all(self.pin_dir());
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&self.id));
     }
 }
 
@@ -226,7 +304,7 @@ fn terminate(child: &mut Child, grace: Duration) -> bool {
 fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) with a pid we own; failure (already gone) is harmless.
     unsafe {
-        libc::kill(pid as i32, sig);
+        libc::kill(pid.cast_signed(), sig);
     }
 }
 
@@ -234,11 +312,17 @@ fn signal(pid: u32, sig: i32) {
 /// its veth, and with it the peer on the bridge).
 fn delete_netns(netns: &str) {
     if let Ok(out) = Command::new("ip").args(["netns", "pids", netns]).output() {
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()) {
+        for pid in String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+        {
             signal(pid, libc::SIGKILL);
         }
     }
-    let _ = Command::new("ip").args(["netns", "del", netns]).stderr(Stdio::null()).status();
+    let _ = Command::new("ip")
+        .args(["netns", "del", netns])
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// The pid encoded in a lab name `slb-<pid>-…`.
@@ -250,14 +334,18 @@ fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Removes namespaces and pin directories of labs whose process is gone.
+/// Removes namespaces, pin directories and scratch directories of labs
+/// whose process is gone.
 pub fn remove_stale() {
     for ns in list_netns() {
         if owner_pid(&ns).is_some_and(|pid| !alive(pid)) {
             delete_netns(&ns);
         }
     }
-    if let Ok(entries) = std::fs::read_dir(BPFFS) {
+    for dir in [Path::new(BPFFS).to_owned(), std::env::temp_dir()] {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if owner_pid(&name).is_some_and(|pid| !alive(pid)) {
@@ -269,7 +357,10 @@ pub fn remove_stale() {
 
 /// Every lab namespace on the machine (`slb-…`).
 pub fn list_netns() -> Vec<String> {
-    let out = Command::new("ip").args(["netns", "list"]).output().expect("run `ip netns list`");
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("run `ip netns list`");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().next())
@@ -279,8 +370,15 @@ pub fn list_netns() -> Vec<String> {
 }
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap_or_else(|e| panic!("start ip {args:?}: {e}"));
-    assert!(out.status.success(), "ip {args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("start ip {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "ip {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
 }
 
 fn read_mac(out: &Output) -> [u8; 6] {

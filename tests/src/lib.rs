@@ -6,6 +6,7 @@
 //! - [`xdp`]: loads the real eBPF object and runs it on crafted packets
 //!   through `BPF_PROG_TEST_RUN`.
 //! - [`packet`]: a small packet builder (Ethernet, 802.1Q, IPv4, IPv6, TCP, UDP).
+//! - [`scenario`]: the lab story `cargo xtask lab` prints and tests assert on.
 //! - [`env`]: where the built artifacts are (set by `cargo xtask`).
 //! - [`relay`], [`sink`], [`smtp`], [`dns`], [`postfix`], [`tmp`]: the relay
 //!   under test and its real peers (smtp-sink, swaks, Postfix, dnsmasq).
@@ -21,6 +22,7 @@ pub mod lab;
 pub mod packet;
 pub mod postfix;
 pub mod relay;
+pub mod scenario;
 pub mod sink;
 pub mod smtp;
 pub mod tmp;

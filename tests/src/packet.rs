@@ -24,10 +24,21 @@ pub const IPPROTO_UDP: u8 = 17;
 /// A layer-4 header to put after the IP header.
 #[derive(Clone, Debug)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16, flags: u8, seq: u32 },
-    Udp { sport: u16, dport: u16 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        seq: u32,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
     /// Raw bytes under an arbitrary protocol number (ICMP, …).
-    Raw { proto: u8, bytes: Vec<u8> },
+    Raw {
+        proto: u8,
+        bytes: Vec<u8>,
+    },
 }
 
 /// One packet under construction.
@@ -56,8 +67,23 @@ pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
 impl PacketBuilder {
     /// A TCP segment from `src:sport` to `dst:dport` with `flags`.
-    pub fn tcp(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16, flags: u8) -> Self {
-        Self::new(src.into(), dst.into(), L4::Tcp { sport, dport, flags, seq: 1 })
+    pub fn tcp(
+        src: impl Into<IpAddr>,
+        sport: u16,
+        dst: impl Into<IpAddr>,
+        dport: u16,
+        flags: u8,
+    ) -> Self {
+        Self::new(
+            src.into(),
+            dst.into(),
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+                seq: 1,
+            },
+        )
     }
 
     /// A UDP datagram.
@@ -65,15 +91,30 @@ impl PacketBuilder {
         Self::new(src.into(), dst.into(), L4::Udp { sport, dport })
     }
 
-    /// An ICMP echo request (ICMPv4 or ICMPv6 by address family).
+    /// An ICMP echo request (`ICMPv4` or `ICMPv6` by address family).
     pub fn icmp_echo(src: impl Into<IpAddr>, dst: impl Into<IpAddr>) -> Self {
         let (src, dst) = (src.into(), dst.into());
-        let (proto, kind) = if src.is_ipv4() { (IPPROTO_ICMP, 8) } else { (58, 128) };
-        Self::new(src, dst, L4::Raw { proto, bytes: vec![kind, 0, 0, 0, 0, 1, 0, 1] })
+        let (proto, kind) = if src.is_ipv4() {
+            (IPPROTO_ICMP, 8)
+        } else {
+            (58, 128)
+        };
+        Self::new(
+            src,
+            dst,
+            L4::Raw {
+                proto,
+                bytes: vec![kind, 0, 0, 0, 0, 1, 0, 1],
+            },
+        )
     }
 
     fn new(src: IpAddr, dst: IpAddr, l4: L4) -> Self {
-        assert_eq!(src.is_ipv4(), dst.is_ipv4(), "source and destination must be the same family");
+        assert_eq!(
+            src.is_ipv4(),
+            dst.is_ipv4(),
+            "source and destination must be the same family"
+        );
         Self {
             src_mac: CLIENT_MAC,
             dst_mac: LB_MAC,
@@ -130,7 +171,12 @@ impl PacketBuilder {
     /// The layer-4 header and payload, with the checksum filled in.
     fn l4_bytes(&self) -> (u8, Vec<u8>) {
         let (proto, mut bytes, csum_at) = match &self.l4 {
-            L4::Tcp { sport, dport, flags, seq } => {
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+                seq,
+            } => {
                 let mut h = Vec::with_capacity(20);
                 h.extend(sport.to_be_bytes());
                 h.extend(dport.to_be_bytes());
@@ -287,18 +333,30 @@ mod tests {
 
     #[test]
     fn ipv4_header_checksum_verifies() {
-        let p = PacketBuilder::tcp(Ipv4Addr::new(198, 51, 100, 1), 40000, Ipv4Addr::new(203, 0, 113, 10), 25, tcp::SYN)
-            .ipv4_options(&[1, 1, 1])
-            .build();
+        let p = PacketBuilder::tcp(
+            Ipv4Addr::new(198, 51, 100, 1),
+            40000,
+            Ipv4Addr::new(203, 0, 113, 10),
+            25,
+            tcp::SYN,
+        )
+        .ipv4_options(&[1, 1, 1])
+        .build();
         assert!(ipv4_checksum_ok(&p, 14));
         assert_eq!(p[14] & 0x0f, 6, "3 option bytes pad to one 32-bit word");
     }
 
     #[test]
     fn vlan_tag_shifts_the_ip_header() {
-        let p = PacketBuilder::tcp(Ipv4Addr::new(198, 51, 100, 1), 1, Ipv4Addr::new(203, 0, 113, 10), 25, tcp::SYN)
-            .vlan(7)
-            .build();
+        let p = PacketBuilder::tcp(
+            Ipv4Addr::new(198, 51, 100, 1),
+            1,
+            Ipv4Addr::new(203, 0, 113, 10),
+            25,
+            tcp::SYN,
+        )
+        .vlan(7)
+        .build();
         assert_eq!(&p[12..16], &[0x81, 0x00, 0x00, 0x07]);
         assert_eq!(&p[16..18], &[0x08, 0x00]);
         assert!(ipv4_checksum_ok(&p, 18));
@@ -308,7 +366,9 @@ mod tests {
     fn tcp_checksum_verifies_with_pseudo_header() {
         let src = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
         let dst = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
-        let p = PacketBuilder::tcp(src, 40000, dst, 587, tcp::SYN).payload(b"x").build();
+        let p = PacketBuilder::tcp(src, 40000, dst, 587, tcp::SYN)
+            .payload(b"x")
+            .build();
         let l4 = &p[14 + 40..];
         let sum = pseudo_header_sum(src.into(), dst.into(), IPPROTO_TCP, l4.len()) + ones_sum(l4);
         assert_eq!(fold(sum), 0);

@@ -54,14 +54,27 @@ impl XdpHarness {
     pub fn load() -> Self {
         env::require_root();
         let path = env::ebpf_object();
-        let bytes = std::fs::read(&path)
-            .unwrap_or_else(|e| panic!("read eBPF object {}: {e}; run `cargo xtask build`", path.display()));
-        assert!(!bytes.is_empty(), "eBPF object {} is empty; run `cargo xtask build`", path.display());
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+            panic!(
+                "read eBPF object {}: {e}; run `cargo xtask build`",
+                path.display()
+            )
+        });
+        assert!(
+            !bytes.is_empty(),
+            "eBPF object {} is empty; run `cargo xtask build`",
+            path.display()
+        );
         let mut ebpf = EbpfLoader::new().load(&bytes).expect("load eBPF object");
         let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_owned()).collect();
         for name in names {
-            let prog: &mut Xdp = ebpf.program_mut(&name).unwrap().try_into().expect("every program is XDP");
-            prog.load().unwrap_or_else(|e| panic!("load program {name}: {e:?}"));
+            let prog: &mut Xdp = ebpf
+                .program_mut(&name)
+                .unwrap()
+                .try_into()
+                .expect("every program is XDP");
+            prog.load()
+                .unwrap_or_else(|e| panic!("load program {name}: {e:?}"));
         }
         Self { ebpf }
     }
@@ -86,9 +99,15 @@ impl XdpHarness {
         opts.data_in = Some(packet);
         opts.data_out = Some(&mut out);
         opts.repeat = repeat;
-        let res = program.test_run(opts).unwrap_or_else(|e| panic!("test_run {prog}: {e:?}"));
+        let res = program
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("test_run {prog}: {e:?}"));
         out.truncate(res.data_size_out as usize);
-        Outcome { verdict: Verdict::from_raw(res.return_value), output: out, mean: res.duration }
+        Outcome {
+            verdict: Verdict::from_raw(res.return_value),
+            output: out,
+            mean: res.duration,
+        }
     }
 
     /// The loaded object, to read and write maps in fixtures.

@@ -23,10 +23,20 @@ pub fn run(_opts: &Options) -> anyhow::Result<Artifacts> {
     setup::ensure(&setup::quiet())?;
     let ebpf_object = build_ebpf()?;
     let mut cmd = cargo();
-    cmd.args(["build", "--release", "--package", "smtp-lb-user", "--bin", "smtp-lb"])
-        .env("SMTP_LB_EBPF_OBJ", &ebpf_object);
+    cmd.args([
+        "build",
+        "--release",
+        "--package",
+        "smtp-lb-user",
+        "--bin",
+        "smtp-lb",
+    ])
+    .env("SMTP_LB_EBPF_OBJ", &ebpf_object);
     run_cmd(&mut cmd)?;
-    Ok(Artifacts { ebpf_object, binary: workspace_root().join("target/release/smtp-lb") })
+    Ok(Artifacts {
+        ebpf_object,
+        binary: workspace_root().join("target/release/smtp-lb"),
+    })
 }
 
 /// Builds `smtp-lb-ebpf` with nightly for `bpfel-unknown-none`; its own
@@ -34,17 +44,28 @@ pub fn run(_opts: &Options) -> anyhow::Result<Artifacts> {
 pub fn build_ebpf() -> anyhow::Result<PathBuf> {
     let target_dir = workspace_root().join("target/ebpf");
     let mut cmd = cargo();
-    cmd.args(["+nightly", "build", "--package", "smtp-lb-ebpf", "--release"])
-        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        // debuginfo=2 + --btf: bpf-linker emits BTF, so maps have named fields.
-        .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf");
-    run_cmd(&mut cmd).context("building the eBPF crate (nightly + bpf-linker; `cargo xtask setup` installs them)")?;
+    cmd.args([
+        "+nightly",
+        "build",
+        "--package",
+        "smtp-lb-ebpf",
+        "--release",
+    ])
+    .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+    .arg("--target-dir")
+    .arg(&target_dir)
+    // debuginfo=2 + --btf: bpf-linker emits BTF, so maps have named fields.
+    .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf");
+    run_cmd(&mut cmd).context(
+        "building the eBPF crate (nightly + bpf-linker; `cargo xtask setup` installs them)",
+    )?;
     Ok(target_dir.join("bpfel-unknown-none/release/smtp-lb"))
 }
 
 /// Environment every later cargo invocation needs so it embeds the same object.
 pub fn env(artifacts: &Artifacts) -> [(&'static str, PathBuf); 2] {
-    [("SMTP_LB_EBPF_OBJ", artifacts.ebpf_object.clone()), ("SMTP_LB_BIN", artifacts.binary.clone())]
+    [
+        ("SMTP_LB_EBPF_OBJ", artifacts.ebpf_object.clone()),
+        ("SMTP_LB_BIN", artifacts.binary.clone()),
+    ]
 }

@@ -31,6 +31,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("redis-server", "redis-server"),
     ("haproxy", "haproxy"),
     ("ps", "procps"),
+    ("ping", "iputils-ping"),
 ];
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
@@ -50,18 +51,29 @@ pub fn quiet() -> Options {
 }
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd.output().with_context(|| format!("failed to start `{}`", describe(cmd)))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("failed to start `{}`", describe(cmd)))?;
     if !out.status.success() {
-        bail!("`{}` failed: {}", describe(cmd), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`{}` failed: {}",
+            describe(cmd),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn install(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("setup: installing {what}: {}", describe(cmd));
-    let status = cmd.status().with_context(|| format!("failed to start `{}`", describe(cmd)))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to start `{}`", describe(cmd)))?;
     if !status.success() {
-        bail!("could not install {what}: `{}` failed ({status})", describe(cmd));
+        bail!(
+            "could not install {what}: `{}` failed ({status})",
+            describe(cmd)
+        );
     }
     Ok(())
 }
@@ -71,17 +83,32 @@ fn rust_src(opts: &Options) -> anyhow::Result<()> {
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         install(
             "the nightly toolchain (builds the eBPF crate)",
-            Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]),
+            Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+            ]),
         )?;
     }
-    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         if opts.verbose {
             eprintln!("setup: nightly rust-src present");
         }
         return Ok(());
     }
-    install("nightly rust-src", Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    install(
+        "nightly rust-src",
+        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+    )
 }
 
 fn bpf_linker(opts: &Options) -> anyhow::Result<()> {
@@ -95,7 +122,12 @@ fn bpf_linker(opts: &Options) -> anyhow::Result<()> {
     }
     install(
         &format!("bpf-linker {BPF_LINKER_VERSION}"),
-        Command::new("cargo").args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"]),
+        Command::new("cargo").args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--force",
+        ]),
     )
 }
 
@@ -108,7 +140,11 @@ fn on_path(cmd: &str) -> bool {
 }
 
 fn packages(opts: &Options) -> anyhow::Result<()> {
-    let mut missing: Vec<&str> = PACKAGES.iter().filter(|(cmd, _)| !on_path(cmd)).map(|(_, pkg)| *pkg).collect();
+    let mut missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(cmd, _)| !on_path(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
     missing.dedup();
     if missing.is_empty() {
         if opts.verbose {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use smtp_lb_common::DEFAULT_PIN_DIR;
 
 use super::{NotImplemented, Unimplemented};
-use crate::dataplane::read_global_stats;
+use crate::dataplane::read_stats;
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -14,7 +14,8 @@ pub struct Options {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    /// Global data-plane counters, read from the pinned maps (works without the daemon).
+    /// Data-plane counters (global by reason, per service, per backend), read
+    /// from the pinned maps (works without the daemon).
     Stats {
         /// bpffs directory the balancer pinned its maps in.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -38,22 +39,22 @@ pub enum Command {
 pub fn run(opts: Options) -> anyhow::Result<()> {
     match opts.command {
         Command::Stats { pin_dir, json } => {
-            let s = read_global_stats(&pin_dir)?;
-            let rows = [
-                ("packets", s.packets),
-                ("non_ip", s.non_ip),
-                ("ipv4", s.ipv4),
-                ("ipv6", s.ipv6),
-                ("smtp_tcp", s.smtp_tcp),
-                ("smtp_syn", s.smtp_syn),
-                ("truncated", s.truncated),
-            ];
+            let snap = read_stats(&pin_dir)?;
             if json {
-                let map: serde_json::Map<_, _> = rows.iter().map(|(k, v)| ((*k).to_owned(), (*v).into())).collect();
-                println!("{}", serde_json::Value::Object(map));
+                println!("{}", serde_json::to_string(&snap)?);
             } else {
-                for (k, v) in rows {
-                    println!("{k:<12} {v:>14}");
+                for (k, v) in &snap.global {
+                    println!("{k:<18} {v:>14}");
+                }
+                println!("\n{:<4} {:<28} {:>12} {:>14} {:>10} {:>10}", "id", "service", "packets", "bytes", "new_flows", "no_backend");
+                for r in &snap.services {
+                    let svc = std::net::SocketAddr::new(r.vip, r.port).to_string();
+                    println!("{:<4} {svc:<28} {:>12} {:>14} {:>10} {:>10}", r.id, r.packets, r.bytes, r.new_flows, r.no_backend);
+                }
+                println!("\n{:<4} {:<28} {:>12} {:>14} {:>10}", "id", "backend", "packets", "bytes", "new_flows");
+                for r in &snap.backends {
+                    let name = if r.valid { r.address.to_string() } else { format!("{} (removed)", r.address) };
+                    println!("{:<4} {name:<28} {:>12} {:>14} {:>10}", r.id, r.packets, r.bytes, r.new_flows);
                 }
             }
             Ok(())

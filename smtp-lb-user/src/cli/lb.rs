@@ -1,11 +1,14 @@
 //! `smtp-lb lb`: load, attach and pin the balancer, then serve until signalled.
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use smtp_lb_common::DEFAULT_PIN_DIR;
 use tracing::info;
 
-use crate::dataplane::{AttachMode, Dataplane, LoadOptions, read_global_stats};
+use crate::{
+    config::lb::LbConfig,
+    dataplane::{AttachMode, Dataplane, LoadOptions, check_interface, read_global_stats},
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -15,12 +18,14 @@ pub struct Options {
     /// XDP attach mode.
     #[arg(long, value_enum, default_value_t = AttachMode::Native)]
     pub mode: AttachMode,
-    /// Configuration file (VIPs, backends, health checks).
+    /// Configuration file (services, backends); see `config::lb`. It is
+    /// validated before anything is loaded.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// bpffs directory for the pinned maps (and the link with --keep-pinned).
-    #[arg(long, default_value = DEFAULT_PIN_DIR)]
-    pub pin_dir: PathBuf,
+    /// bpffs directory for the pinned maps (and the link with --keep-pinned);
+    /// default: the config's `pin_dir`, else /sys/fs/bpf/smtp-lb.
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
     /// On exit, leave the program attached and everything pinned (for a
     /// restart that must not interrupt traffic).
     #[arg(long)]
@@ -32,28 +37,59 @@ pub struct Options {
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let n = s.strip_suffix('s').unwrap_or(s);
-    n.parse::<u64>().map(Duration::from_secs).map_err(|_| format!("`{s}` is not a number of seconds like `10s`"))
+    n.parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|_| format!("`{s}` is not a number of seconds like `10s`"))
 }
 
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    if let Some(config) = &opts.config {
-        bail!("--config {}: config files are not supported by this build yet", config.display());
+    // The config is read and validated before anything touches the kernel.
+    let config = opts
+        .config
+        .as_deref()
+        .map(LbConfig::load)
+        .transpose()?;
+    let pin_dir = opts
+        .pin_dir
+        .clone()
+        .or_else(|| config.as_ref().and_then(|c| c.pin_dir.clone()))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
+    check_interface(&opts.iface)?;
+    let mut dp = Dataplane::load(&LoadOptions {
+        pin_dir: pin_dir.clone(),
+    })?;
+    // Maps first, then attach: the program never sees traffic with empty tables.
+    if let Some(cfg) = &config {
+        match dp.apply(cfg) {
+            Ok(applied) => info!(
+                services = applied.plan.services.len(),
+                backends = applied.plan.backends.len(),
+                removed_services = applied.removed_services,
+                removed_backends = applied.removed_backends,
+                adopted = dp.adopted(),
+                "config applied"
+            ),
+            Err(err) => {
+                dp.discard();
+                return Err(err.into());
+            }
+        }
     }
-    let mut dp = Dataplane::load(&LoadOptions { pin_dir: opts.pin_dir.clone() })?;
     if let Err(err) = dp.attach(&opts.iface, opts.mode) {
         dp.discard();
         return Err(err.into());
     }
-    info!(iface = %opts.iface, mode = ?opts.mode, pin_dir = %opts.pin_dir.display(), "balancer attached");
+    info!(iface = %opts.iface, mode = ?opts.mode, pin_dir = %pin_dir.display(), "balancer attached");
 
-    let mut ticker = (!opts.stats_interval.is_zero()).then(|| tokio::time::interval(opts.stats_interval));
+    let mut ticker =
+        (!opts.stats_interval.is_zero()).then(|| tokio::time::interval(opts.stats_interval));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             _ = async { ticker.as_mut().unwrap().tick().await }, if ticker.is_some() => {
-                let s = read_global_stats(&opts.pin_dir)?;
-                info!(packets = s.packets, smtp_tcp = s.smtp_tcp, smtp_syn = s.smtp_syn, "counters");
+                let s = read_global_stats(&pin_dir)?;
+                info!(tx = s.tx, redirect = s.redirect, pass_non_vip = s.pass_non_vip, drop_no_backend = s.drop_no_backend, lru_miss = s.lru_miss, "counters");
             }
         }
     }
@@ -61,7 +97,8 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
         let link = dp.keep_attached()?;
         info!(link = %link.display(), "left attached and pinned");
     } else {
-        dp.unpin_all().with_context(|| format!("remove pins under {}", opts.pin_dir.display()))?;
+        dp.unpin_all()
+            .with_context(|| format!("remove pins under {}", pin_dir.display()))?;
         info!("detached and unpinned");
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! The `smtp-lb` command line: one module per subcommand.
 
 pub mod ctl;
+pub mod decap;
 pub mod lb;
 pub mod relay;
 
@@ -21,6 +22,8 @@ pub enum Command {
     Lb(lb::Options),
     /// The delivery engine: SMTP ingress, durable spool, per-ISP queues, shaped delivery.
     Relay(relay::Options),
+    /// On a relay: strip the balancer's IPIP / IP6IP6 headers (XDP).
+    Decap(decap::Options),
     /// Operator's view of the running balancer and relay.
     Ctl(ctl::Options),
     /// Validate a configuration file without touching anything (like `haproxy -c`).

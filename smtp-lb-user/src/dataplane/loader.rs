@@ -105,18 +105,32 @@ impl Dataplane {
         if unsafe { libc::geteuid() } != 0 {
             return Err(LoadError::NotRoot);
         }
-        ensure_bpffs(&opts.pin_dir).map_err(|source| LoadError::PinDir { path: opts.pin_dir.clone(), source })?;
+        ensure_bpffs(&opts.pin_dir).map_err(|source| LoadError::PinDir {
+            path: opts.pin_dir.clone(),
+            source,
+        })?;
         // Maps already pinned there belong to a running (or restarting) balancer.
-        let adopted = maps::ALL.iter().any(|name| opts.pin_dir.join(name).exists());
+        let adopted = maps::ALL
+            .iter()
+            .any(|name| opts.pin_dir.join(name).exists());
         let mut loader = EbpfLoader::new();
         for name in maps::ALL {
             loader.map_pin_path(name, Cow::Owned(opts.pin_dir.join(name)));
         }
         let ebpf = loader.load(EBPF_OBJECT)?;
-        let mut dp = Self { ebpf, pin_dir: opts.pin_dir.clone(), attached: None, adopted };
-        let loaded = balancer(&mut dp.ebpf)
-            .and_then(|prog| prog.load().map_err(|source| LoadError::Program { name: programs::BALANCER, source }));
-        if let Err(err) = loaded {
+        let mut dp = Self {
+            ebpf,
+            pin_dir: opts.pin_dir.clone(),
+            attached: None,
+            adopted,
+        };
+        let prog_loaded = balancer(&mut dp.ebpf).and_then(|prog| {
+            prog.load().map_err(|source| LoadError::Program {
+                name: programs::BALANCER,
+                source,
+            })
+        });
+        if let Err(err) = prog_loaded {
             dp.discard();
             return Err(err);
         }
@@ -125,17 +139,21 @@ impl Dataplane {
 
     /// Attaches the balancer to `iface`.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), LoadError> {
-        if nix_if_nametoindex(iface).is_none() {
-            return Err(LoadError::NoInterface { iface: iface.to_owned() });
-        }
+        check_interface(iface)?;
         let flags = match mode {
             AttachMode::Native => XdpMode::Driver,
             AttachMode::Skb => XdpMode::Skb,
         };
         let prog = balancer(&mut self.ebpf)?;
         let id = prog.attach(iface, flags).map_err(|source| match mode {
-            AttachMode::Native => LoadError::NativeUnsupported { iface: iface.to_owned(), reason: error_chain(&source) },
-            AttachMode::Skb => LoadError::Program { name: programs::BALANCER, source },
+            AttachMode::Native => LoadError::NativeUnsupported {
+                iface: iface.to_owned(),
+                reason: error_chain(&source),
+            },
+            AttachMode::Skb => LoadError::Program {
+                name: programs::BALANCER,
+                source,
+            },
         })?;
         self.attached = Some((iface.to_owned(), id));
         Ok(())
@@ -145,17 +163,33 @@ impl Dataplane {
     /// after this process exits. Returns the link's pin path.
     pub fn keep_attached(&mut self) -> Result<PathBuf, LoadError> {
         let Some((_, id)) = self.attached.take() else {
-            return Err(LoadError::Program { name: programs::BALANCER, source: aya::programs::ProgramError::NotAttached });
+            return Err(LoadError::Program {
+                name: programs::BALANCER,
+                source: aya::programs::ProgramError::NotAttached,
+            });
         };
         let prog = balancer(&mut self.ebpf)?;
-        let link = prog.take_link(id).map_err(|source| LoadError::Program { name: programs::BALANCER, source })?;
-        let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| LoadError::Program {
+        let link = prog.take_link(id).map_err(|source| LoadError::Program {
             name: programs::BALANCER,
-            source: aya::programs::ProgramError::IOError(io::Error::other(e.to_string())),
+            source,
         })?;
+        let fd_link: FdLink = link
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| LoadError::Program {
+                name: programs::BALANCER,
+                source: aya::programs::ProgramError::IOError(io::Error::other(e.to_string())),
+            })?;
         let path = self.pin_dir.join("link");
-        let _: PinnedLink = fd_link.pin(&path).map_err(|source| LoadError::Pin { path: path.clone(), source })?;
+        let _: PinnedLink = fd_link.pin(&path).map_err(|source| LoadError::Pin {
+            path: path.clone(),
+            source,
+        })?;
         Ok(path)
+    }
+
+    /// Writes a validated configuration into the maps (see [`super::apply_config`]).
+    pub fn apply(&mut self, cfg: &crate::config::lb::LbConfig) -> Result<super::Applied, super::ApplyError> {
+        super::apply_config(&mut self.ebpf, cfg)
     }
 
     /// Whether the maps were adopted from an earlier balancer rather than created.
@@ -197,7 +231,10 @@ fn balancer(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
         name: programs::BALANCER,
         source: aya::programs::ProgramError::UnexpectedProgramType,
     };
-    ebpf.program_mut(programs::BALANCER).ok_or_else(missing)?.try_into().map_err(|_| missing())
+    ebpf.program_mut(programs::BALANCER)
+        .ok_or_else(missing)?
+        .try_into()
+        .map_err(|_| missing())
 }
 
 /// `a: b: c` for an error and its sources, for messages that must fit one line.
@@ -212,9 +249,14 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     out
 }
 
-fn nix_if_nametoindex(iface: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(iface).ok()?;
+/// The index of `iface`, or [`LoadError::NoInterface`]. Called before
+/// anything is loaded so a typo costs nothing.
+pub fn check_interface(iface: &str) -> Result<u32, LoadError> {
+    let missing = || LoadError::NoInterface {
+        iface: iface.to_owned(),
+    };
+    let c = std::ffi::CString::new(iface).map_err(|_| missing())?;
     // SAFETY: valid C string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (idx != 0).then_some(idx)
+    if idx == 0 { Err(missing()) } else { Ok(idx) }
 }

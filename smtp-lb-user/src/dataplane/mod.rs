@@ -2,13 +2,18 @@
 //! attaching and pinning it, and reading its maps. The only module that
 //! imports `aya`.
 
+mod decap;
 mod loader;
 mod pins;
+mod program;
 mod stats;
 
-pub use loader::{AttachMode, Dataplane, LoadError, LoadOptions};
+pub use loader::{AttachMode, Dataplane, LoadError, LoadOptions, check_interface};
 pub use pins::ensure_bpffs;
-pub use stats::read_global_stats;
+pub use program::{Applied, ApplyError, apply_config, read_existing};
+pub use decap::Decap;
+pub use stats::{BackendRow, ServiceRow, Snapshot, read_global_stats, read_stats};
 
 /// The eBPF object built by `cargo xtask build` (empty when built without it).
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/smtp-lb.bpf.o"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/smtp-lb.bpf.o"));

@@ -20,11 +20,11 @@ pub struct Options {
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum Name {
-    /// Per-packet cost of the XDP program via BPF_PROG_TEST_RUN, against an empty program.
+    /// Per-packet cost of the XDP program via `BPF_PROG_TEST_RUN`, against an empty program.
     Xdp,
     /// Maglev table build time, balance and disruption.
     Maglev,
-    /// End to end through the lab: direct, HAProxy, smtp-lb.
+    /// End to end through the lab: direct, `HAProxy`, smtp-lb.
     Lb,
     /// smtp-source → relay → smtp-sink against Postfix as a relay.
     Relay,

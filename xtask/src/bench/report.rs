@@ -13,11 +13,6 @@ impl Report {
         self
     }
 
-    /// The value recorded under `key`.
-    pub fn get(&self, key: &str) -> Option<f64> {
-        self.rows.iter().find(|(k, ..)| k == key).map(|(_, v, _)| *v)
-    }
-
     pub fn print(&self, name: &str) {
         println!("bench {name}");
         let width = self.rows.iter().map(|(k, ..)| k.len()).max().unwrap_or(0);
@@ -30,8 +25,14 @@ impl Report {
         let map: serde_json::Map<String, serde_json::Value> = self
             .rows
             .iter()
-            .map(|(k, v, _)| (k.clone(), serde_json::Number::from_f64(*v).map_or(serde_json::Value::Null, Into::into)))
+            .map(|(k, v, _)| {
+                (
+                    k.clone(),
+                    serde_json::Number::from_f64(*v).map_or(serde_json::Value::Null, Into::into),
+                )
+            })
             .collect();
-        serde_json::to_string_pretty(&serde_json::Value::Object(map)).expect("numbers serialize") + "\n"
+        serde_json::to_string_pretty(&serde_json::Value::Object(map)).expect("numbers serialize")
+            + "\n"
     }
 }

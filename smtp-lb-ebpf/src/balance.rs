@@ -1,0 +1,226 @@
+//! The balancer's packet path: parse, find the service, choose the backend,
+//! forward, count. Every packet ends in exactly one terminal counter of
+//! [`GlobalStats`] (a `pass_*`, a `drop_*`, `tx` or `redirect`).
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use smtp_lb_common::{
+    AF_INET, AF_INET6, FlowKey, GlobalStats, MODE_IPIP, PROTO_TCP, Service,
+};
+
+use crate::{
+    forward::{self, Inner},
+    maps::{BACKEND_STATS, GLOBAL_STATS, SERVICE_STATS},
+    parse::{
+        ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, TCP_ACK,
+        TCP_HLEN, TCP_SYN, TcpHdr, ethernet, is_ipv6_ext, read,
+    },
+    select,
+};
+
+/// Runs the balancer on one packet.
+#[inline(always)]
+pub fn run(ctx: &XdpContext) -> u32 {
+    let Some(stats) = GLOBAL_STATS.get_ptr_mut(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: this CPU's slot; nothing else runs on this CPU while we do.
+    let stats = unsafe { &mut *stats };
+    let Some((l3, ether_type)) = ethernet(ctx) else {
+        stats.pass_truncated += 1;
+        return xdp_action::XDP_PASS;
+    };
+    match ether_type {
+        ETH_P_IP => ipv4(ctx, l3, stats),
+        ETH_P_IPV6 => ipv6(ctx, l3, stats),
+        _ => {
+            stats.pass_non_ip += 1;
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+#[inline(always)]
+fn pass_truncated(stats: &mut GlobalStats) -> u32 {
+    stats.pass_truncated += 1;
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn pass_non_vip(stats: &mut GlobalStats) -> u32 {
+    stats.pass_non_vip += 1;
+    xdp_action::XDP_PASS
+}
+
+/// What the program refuses, by reason.
+#[derive(Clone, Copy)]
+enum Refuse {
+    Ipv4Options,
+    Fragment,
+    Ipv6Ext,
+    Malformed,
+}
+
+/// Drops a packet the balancer refuses, counted by reason.
+#[inline(always)]
+fn drop(stats: &mut GlobalStats, why: Refuse) -> u32 {
+    match why {
+        Refuse::Ipv4Options => stats.drop_ipv4_options += 1,
+        Refuse::Fragment => stats.drop_fragment += 1,
+        Refuse::Ipv6Ext => stats.drop_ipv6_ext += 1,
+        Refuse::Malformed => stats.drop_malformed += 1,
+    }
+    xdp_action::XDP_DROP
+}
+
+/// A packet the fast path cannot take (no ports to look the service up by):
+/// dropped when its destination is a VIP address, passed otherwise.
+#[inline(never)]
+fn slow_path(dst: &[u32; 4], family: u8, why: Refuse, stats: &mut GlobalStats) -> u32 {
+    if select::is_vip_addr(dst, family) {
+        drop(stats, why)
+    } else {
+        pass_non_vip(stats)
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
+    let Some(ip) = read::<Ipv4Hdr>(ctx, l3) else {
+        return pass_truncated(stats);
+    };
+    if ip.proto != IPPROTO_TCP {
+        return pass_non_vip(stats);
+    }
+    let dst = [ip.dst, 0, 0, 0];
+    if ip.ver_ihl != 0x45 {
+        let why = if ip.ver_ihl >> 4 != 4 || ip.ver_ihl & 0x0f < 5 {
+            Refuse::Malformed
+        } else {
+            Refuse::Ipv4Options
+        };
+        return slow_path(&dst, AF_INET, why, stats);
+    }
+    // MF flag or a fragment offset: a fragment (the first one has ports but
+    // the rest do not, so none of them can be balanced consistently).
+    if u16::from_be(ip.frag_off) & 0x3fff != 0 {
+        return slow_path(&dst, AF_INET, Refuse::Fragment, stats);
+    }
+    let l4 = l3 + IPV4_HLEN;
+    let Some(tcp) = read::<TcpHdr>(ctx, l4) else {
+        return pass_truncated(stats);
+    };
+    let key = FlowKey {
+        src: [ip.src, 0, 0, 0],
+        dst,
+        sport: tcp.sport,
+        dport: tcp.dport,
+        proto: PROTO_TCP,
+        family: AF_INET,
+        _pad: [0; 2],
+    };
+    let Some(svc) = select::service(&key) else {
+        return pass_non_vip(stats);
+    };
+    let ip_len = u16::from_be(ip.tot_len);
+    let frame_ip_len = ctx.data_end() - ctx.data() - l3;
+    if usize::from(ip_len) < IPV4_HLEN + TCP_HLEN || usize::from(ip_len) > frame_ip_len {
+        return drop(stats, Refuse::Malformed);
+    }
+    let inner = Inner {
+        l3,
+        ip_len,
+        tos: ip.tos,
+    };
+    balance(ctx, &key, &svc, &tcp, &inner, stats)
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
+    let Some(ip) = read::<Ipv6Hdr>(ctx, l3) else {
+        return pass_truncated(stats);
+    };
+    if ip.next_header != IPPROTO_TCP {
+        if is_ipv6_ext(ip.next_header) {
+            return slow_path(&ip.dst, AF_INET6, Refuse::Ipv6Ext, stats);
+        }
+        return pass_non_vip(stats);
+    }
+    let l4 = l3 + IPV6_HLEN;
+    let Some(tcp) = read::<TcpHdr>(ctx, l4) else {
+        return pass_truncated(stats);
+    };
+    let key = FlowKey {
+        src: ip.src,
+        dst: ip.dst,
+        sport: tcp.sport,
+        dport: tcp.dport,
+        proto: PROTO_TCP,
+        family: AF_INET6,
+        _pad: [0; 2],
+    };
+    let Some(svc) = select::service(&key) else {
+        return pass_non_vip(stats);
+    };
+    let payload = u16::from_be(ip.payload_len);
+    let frame_ip_len = ctx.data_end() - ctx.data() - l3;
+    if ip.ver_tc_flow.to_ne_bytes()[0] >> 4 != 6
+        || usize::from(payload) < TCP_HLEN
+        || usize::from(payload) + IPV6_HLEN > frame_ip_len
+    {
+        return drop(stats, Refuse::Malformed);
+    }
+    let tc = (u32::from_be(ip.ver_tc_flow) >> 20) as u8;
+    let inner = Inner {
+        l3,
+        ip_len: payload + IPV6_HLEN as u16,
+        tos: tc,
+    };
+    balance(ctx, &key, &svc, &tcp, &inner, stats)
+}
+
+/// The service is known: choose the backend, count, forward.
+#[inline(always)]
+fn balance(
+    ctx: &XdpContext,
+    key: &FlowKey,
+    svc: &Service,
+    tcp: &TcpHdr,
+    inner: &Inner,
+    stats: &mut GlobalStats,
+) -> u32 {
+    if tcp.doff >> 4 < 5 {
+        return drop(stats, Refuse::Malformed);
+    }
+    let syn = tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let svc_stats = SERVICE_STATS.get_ptr_mut(svc.id);
+    let Some(choice) = select::choose(key, svc, syn, stats) else {
+        stats.drop_no_backend += 1;
+        if let Some(s) = svc_stats {
+            // SAFETY: this CPU's slot.
+            unsafe { (*s).no_backend += 1 };
+        }
+        return xdp_action::XDP_DROP;
+    };
+    let new_flow = u64::from(syn);
+    if let Some(s) = svc_stats {
+        // SAFETY: this CPU's slot.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += bytes;
+            (*s).new_flows += new_flow;
+        }
+    }
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(choice.id) {
+        // SAFETY: this CPU's slot.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += bytes;
+            (*s).new_flows += new_flow;
+        }
+    }
+    if choice.backend.mode == MODE_IPIP {
+        forward::encap(ctx, &choice.backend, inner, choice.hash, stats)
+    } else {
+        forward::l2(ctx, &choice.backend, stats)
+    }
+}

@@ -1,0 +1,259 @@
+//! Sending a packet to its backend, both direct server return: L2 (rewrite
+//! MACs) or IPIP / IP6IP6 (push an outer header, next hop from the FIB).
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, xdp_action},
+    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
+    programs::XdpContext,
+};
+use smtp_lb_common::{AF_INET, AF_INET6, Backend, GlobalStats, LbConfig};
+
+use crate::{
+    csum,
+    maps::{LB_CONFIG, TX_PORTS},
+    parse::{
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN,
+        Ipv4Hdr, Ipv6Hdr, VLAN_HLEN, ptr_at_mut, read,
+    },
+};
+
+/// `BPF_FIB_LKUP_RET_SUCCESS` / `BPF_FIB_LKUP_RET_NO_NEIGH` (include/uapi/linux/bpf.h).
+const FIB_SUCCESS: i64 = 0;
+const FIB_NO_NEIGH: i64 = 7;
+
+/// L2 DSR: the frame keeps its IP packet; the destination MAC becomes the
+/// relay's and the source the LB's. Out the same interface with `XDP_TX`,
+/// or through the devmap when the backend sits behind another interface.
+#[inline(always)]
+pub fn l2(ctx: &XdpContext, b: &Backend, stats: &mut GlobalStats) -> u32 {
+    let Some(eth) = ptr_at_mut::<EthHdr>(ctx, 0) else {
+        stats.pass_truncated += 1;
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe {
+        let lb_mac = (*eth).dst;
+        (*eth).src = if b.src_mac == [0; 6] { lb_mac } else { b.src_mac };
+        (*eth).dst = b.mac;
+    }
+    if b.ifindex != 0 && b.ifindex != ctx.ingress_ifindex() as u32 {
+        return match TX_PORTS.redirect(b.ifindex, 0) {
+            Ok(action) => {
+                stats.redirect += 1;
+                action
+            }
+            Err(_) => {
+                stats.drop_encap += 1;
+                xdp_action::XDP_DROP
+            }
+        };
+    }
+    stats.tx += 1;
+    xdp_action::XDP_TX
+}
+
+/// What the encapsulation needs to know about the inner packet.
+pub struct Inner {
+    /// Where the IP header starts (14, or 18 behind a VLAN tag).
+    pub l3: usize,
+    /// Its length in bytes (IPv4 total length; IPv6 40 + payload length).
+    pub ip_len: u16,
+    /// IPv4 TOS / IPv6 traffic class, carried to the outer header.
+    pub tos: u8,
+}
+
+/// IPIP (IPv4 backend) or IP6IP6 (IPv6 backend) to the relay's address,
+/// whose own decap program strips the outer header. The outer source carries
+/// the flow hash so the relay's NIC spreads flows over its queues (RSS).
+#[inline(always)]
+pub fn encap(
+    ctx: &XdpContext,
+    b: &Backend,
+    inner: &Inner,
+    hash: u32,
+    stats: &mut GlobalStats,
+) -> u32 {
+    let cfg = LB_CONFIG.get(0).copied().unwrap_or_default();
+    let ok = if b.family == AF_INET {
+        push_ipv4(ctx, b, inner, hash, &cfg)
+    } else if b.family == AF_INET6 {
+        push_ipv6(ctx, b, inner, hash, &cfg)
+    } else {
+        None
+    };
+    let Some(ok) = ok else {
+        stats.drop_encap += 1;
+        return xdp_action::XDP_DROP;
+    };
+    next_hop(ctx, ok, stats)
+}
+
+/// Where the outer header went: its family, addresses and total length, for the FIB lookup.
+pub struct Outer {
+    family: u8,
+    src: [u32; 4],
+    dst: [u32; 4],
+    tot_len: u16,
+}
+
+/// Moves the L2 header (with its VLAN tag, if any) `grow` bytes towards the
+/// new packet start, after the head has grown by `grow`.
+#[inline(always)]
+fn grow_head(ctx: &XdpContext, l3: usize, grow: usize, ether_type: u16) -> Option<()> {
+    // SAFETY: a helper call on our own context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(grow as i32)) } != 0 {
+        return None;
+    }
+    let old: EthHdr = read(ctx, grow)?;
+    let eth = ptr_at_mut::<EthHdr>(ctx, 0)?;
+    if l3 == ETH_HLEN + VLAN_HLEN {
+        let tag: [u8; 4] = read(ctx, grow + ETH_HLEN)?;
+        let new_tag = ptr_at_mut::<[u8; 4]>(ctx, ETH_HLEN)?;
+        let inner_type = ptr_at_mut::<u16>(ctx, ETH_HLEN + 2)?;
+        // SAFETY: all three pointers were bounds checked.
+        unsafe {
+            *eth = old;
+            *new_tag = tag;
+            (*inner_type) = ether_type.to_be();
+        }
+    } else {
+        // SAFETY: bounds checked.
+        unsafe {
+            *eth = old;
+            (*eth).proto = ether_type.to_be();
+        }
+    }
+    Some(())
+}
+
+#[inline(always)]
+fn push_ipv4(
+    ctx: &XdpContext,
+    b: &Backend,
+    inner: &Inner,
+    hash: u32,
+    cfg: &LbConfig,
+) -> Option<Outer> {
+    let l3 = inner.l3;
+    grow_head(ctx, l3, IPV4_HLEN, ETH_P_IP)?;
+    let tot_len = inner.ip_len.checked_add(IPV4_HLEN as u16)?;
+    let src = (u32::from_be(cfg.encap_src_v4) & 0xffff_0000) | (hash & 0xffff);
+    let dst = u32::from_be(b.addr[0]);
+    let proto = IPPROTO_IPIP;
+    let words = [
+        0x4500 | u16::from(inner.tos),
+        tot_len,
+        0,
+        0,
+        (64 << 8) | u16::from(proto),
+        0,
+        (src >> 16) as u16,
+        src as u16,
+        (dst >> 16) as u16,
+        dst as u16,
+    ];
+    let hdr = Ipv4Hdr {
+        ver_ihl: 0x45,
+        tos: inner.tos,
+        tot_len: tot_len.to_be(),
+        id: 0,
+        frag_off: 0,
+        ttl: 64,
+        proto,
+        check: csum::ipv4_header(&words).to_be(),
+        src: src.to_be(),
+        dst: b.addr[0],
+    };
+    let p = ptr_at_mut::<Ipv4Hdr>(ctx, l3)?;
+    // SAFETY: bounds checked.
+    unsafe { p.write_unaligned(hdr) };
+    Some(Outer {
+        family: AF_INET,
+        src: [src.to_be(), 0, 0, 0],
+        dst: b.addr,
+        tot_len,
+    })
+}
+
+#[inline(always)]
+fn push_ipv6(
+    ctx: &XdpContext,
+    b: &Backend,
+    inner: &Inner,
+    hash: u32,
+    cfg: &LbConfig,
+) -> Option<Outer> {
+    let l3 = inner.l3;
+    grow_head(ctx, l3, IPV6_HLEN, ETH_P_IPV6)?;
+    let mut src = cfg.encap_src_v6;
+    src[3] = hash.to_be();
+    let hdr = Ipv6Hdr {
+        // Version 6, the inner traffic class, the flow hash as flow label.
+        ver_tc_flow: ((6 << 28) | (u32::from(inner.tos) << 20) | (hash & 0x000f_ffff)).to_be(),
+        payload_len: inner.ip_len.to_be(),
+        next_header: IPPROTO_IPV6,
+        hop_limit: 64,
+        src,
+        dst: b.addr,
+    };
+    let p = ptr_at_mut::<Ipv6Hdr>(ctx, l3)?;
+    // SAFETY: bounds checked.
+    unsafe { p.write_unaligned(hdr) };
+    Some(Outer {
+        family: AF_INET6,
+        src,
+        dst: b.addr,
+        tot_len: inner.ip_len.checked_add(IPV6_HLEN as u16)?,
+    })
+}
+
+/// Fills the MACs from the FIB and sends: `XDP_TX` when the next hop is out
+/// the interface the packet came in on, else a redirect. A next hop without a
+/// neighbour entry is passed to the stack, which resolves it.
+#[inline(always)]
+fn next_hop(ctx: &XdpContext, outer: Outer, stats: &mut GlobalStats) -> u32 {
+    // SAFETY: all-zero is a valid bpf_fib_lookup.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = outer.family;
+    p.ifindex = ctx.ingress_ifindex() as u32;
+    p.__bindgen_anon_1.tot_len = outer.tot_len;
+    if outer.family == AF_INET {
+        p.__bindgen_anon_3.ipv4_src = outer.src[0];
+        p.__bindgen_anon_4.ipv4_dst = outer.dst[0];
+    } else {
+        p.__bindgen_anon_3.ipv6_src = outer.src;
+        p.__bindgen_anon_4.ipv6_dst = outer.dst;
+    }
+    // SAFETY: helper call with a valid params struct of the right size.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast(),
+            &raw mut p,
+            size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc == FIB_NO_NEIGH {
+        stats.pass_no_neigh += 1;
+        return xdp_action::XDP_PASS;
+    }
+    if rc != FIB_SUCCESS {
+        stats.drop_encap += 1;
+        return xdp_action::XDP_DROP;
+    }
+    let Some(eth) = ptr_at_mut::<EthHdr>(ctx, 0) else {
+        stats.drop_encap += 1;
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: bounds checked.
+    unsafe {
+        (*eth).src = p.smac;
+        (*eth).dst = p.dmac;
+    }
+    if p.ifindex == ctx.ingress_ifindex() as u32 {
+        stats.tx += 1;
+        return xdp_action::XDP_TX;
+    }
+    stats.redirect += 1;
+    // SAFETY: helper call.
+    unsafe { bpf_redirect(p.ifindex, 0) as u32 }
+}

@@ -1,0 +1,96 @@
+//! Which backend a packet goes to: the service lookup, connection tracking,
+//! and the Maglev table (built by user space, `balance::maglev`).
+use smtp_lb_common::{
+    BACKEND_VALID, Backend, Flow, FlowKey, GlobalStats, NO_BACKEND, PROTO_TCP,
+    SERVICE_STICKY, Service, ServiceKey, flow_hash,
+};
+
+use crate::maps::{BACKENDS, CONNTRACK, RINGS, SERVICES, VIP_PORTS};
+
+/// The service for (dst address, dst port) of `key`, if there is one. The
+/// port array is checked first: it is an inlined array access, so traffic to
+/// ports no service uses never pays for the hash lookup.
+#[inline(always)]
+pub fn service(key: &FlowKey) -> Option<Service> {
+    let port = u32::from(u16::from_be(key.dport));
+    if VIP_PORTS.get(port).copied().unwrap_or(0) == 0 {
+        return None;
+    }
+    let skey = ServiceKey {
+        addr: key.dst,
+        port: key.dport,
+        proto: PROTO_TCP,
+        family: key.family,
+    };
+    // SAFETY: copied out at once; user space replaces whole values.
+    unsafe { SERVICES.get(&skey).copied() }
+}
+
+/// Whether `dst` is a VIP address at all (its `port == 0` marker exists).
+/// Only the slow path (options, fragments, extension headers) asks.
+#[inline(never)]
+pub fn is_vip_addr(dst: &[u32; 4], family: u8) -> bool {
+    let skey = ServiceKey {
+        addr: *dst,
+        port: 0,
+        proto: PROTO_TCP,
+        family,
+    };
+    SERVICES.get_ptr(&skey).is_some()
+}
+
+/// A usable backend: present and not removed.
+#[inline(always)]
+fn backend(id: u32) -> Option<Backend> {
+    let b = *BACKENDS.get(id)?;
+    (b.flags & BACKEND_VALID != 0).then_some(b)
+}
+
+/// The backend chosen, and whether this packet started a new flow.
+pub struct Choice {
+    pub id: u32,
+    pub backend: Backend,
+    pub hash: u32,
+}
+
+/// Picks the backend for a packet of service `svc`. A SYN is always hashed
+/// through the live table (a new flow); any other packet follows its
+/// conntrack entry while that backend exists, else is hashed (and counted:
+/// `lru_miss` for no entry, `rehash` for a removed backend). Either way the
+/// entry is (re)written, so later packets of the flow stick.
+#[inline(always)]
+pub fn choose(key: &FlowKey, svc: &Service, syn: bool, stats: &mut GlobalStats) -> Option<Choice> {
+    let sticky = svc.flags & SERVICE_STICKY != 0;
+    let hash = flow_hash(key, sticky);
+    if !syn {
+        // SAFETY: read once, copied.
+        match unsafe { CONNTRACK.get(key) } {
+            Some(flow) => {
+                let id = flow.backend;
+                if let Some(backend) = backend(id) {
+                    return Some(Choice { id, backend, hash });
+                }
+                stats.rehash += 1;
+            }
+            None => stats.lru_miss += 1,
+        }
+    }
+    if svc.ring_size == 0 {
+        return None;
+    }
+    let slot = Service::ring_base(svc.id, svc.active) + hash % svc.ring_size;
+    let id = RINGS.get(slot).copied().unwrap_or(NO_BACKEND);
+    if id == NO_BACKEND {
+        return None;
+    }
+    let backend = backend(id)?;
+    let flow = Flow {
+        backend: id,
+        service: svc.id,
+    };
+    // A full LRU evicts; an insert can only fail on memory pressure, and the
+    // packet is still forwarded correctly (the next one re-hashes the same way).
+    let _ = CONNTRACK.insert(key, flow, 0);
+    Some(Choice { id, backend, hash })
+}
+

@@ -1,0 +1,258 @@
+//! Maglev consistent hashing: builds the lookup table one service's packets
+//! are hashed into. Eisenbud et al., "Maglev: A Fast and Reliable Software
+//! Network Load Balancer", NSDI 2016, §3.4 (with the weighted fill Katran's
+//! `MaglevHashV2` uses, so weights are honoured in proportion).
+//!
+//! Each backend gets a permutation of the M slots from two hashes of its
+//! name (`offset`, `skip`); backends then take turns claiming their next
+//! preferred free slot until the table is full. With M prime, every skip in
+//! `1..M` visits every slot, the table is balanced to within one slot per
+//! turn, and removing one backend moves little more than its own slots.
+//!
+//! Backends are ordered by name, and the name hashes are a fixed function
+//! (FNV-1a + a splitmix64 finalizer, not `std`'s randomly keyed hasher), so
+//! two LB nodes with the same config build byte-identical tables.
+use smtp_lb_common::NO_BACKEND;
+
+/// One backend as the table builder sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry<'a> {
+    /// Stable name: the order and the permutation come from it.
+    pub name: &'a str,
+    /// Relative weight; 0 = takes no slots (no new flows).
+    pub weight: u32,
+    /// What the slots hold (the data plane's backend id).
+    pub id: u32,
+}
+
+/// FNV-1a over `bytes`, then splitmix64's finalizer so nearby names spread.
+fn name_hash(bytes: &[u8], seed: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// Whether `n` is prime (trial division; table sizes are ≤ 2^32).
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    if n % 2 == 0 {
+        return n == 2;
+    }
+    let mut d = 3u32;
+    while u64::from(d) * u64::from(d) <= u64::from(n) {
+        if n % d == 0 {
+            return false;
+        }
+        d += 2;
+    }
+    true
+}
+
+/// Builds the table of `size` slots (M, a prime). Every slot holds the `id`
+/// of a backend with weight > 0; if there is none, every slot holds
+/// [`NO_BACKEND`]. The result depends only on the set of (name, weight, id),
+/// not on the order of `backends`.
+pub fn build(backends: &[Entry<'_>], size: u32) -> Vec<u32> {
+    assert!(is_prime(size), "Maglev table size {size} must be prime");
+    let m = size as usize;
+    let mut live: Vec<&Entry<'_>> = backends.iter().filter(|b| b.weight > 0).collect();
+    if live.is_empty() {
+        return vec![NO_BACKEND; m];
+    }
+    live.sort_by(|a, b| a.name.cmp(b.name));
+    let max_weight = live.iter().map(|b| b.weight).max().unwrap_or(1);
+    // Per backend: next slot of its permutation, its skip, weight credit.
+    let mut next: Vec<usize> = Vec::with_capacity(live.len());
+    let mut skip: Vec<usize> = Vec::with_capacity(live.len());
+    for b in &live {
+        let name = b.name.as_bytes();
+        next.push((name_hash(name, 0) % size as u64) as usize);
+        skip.push((name_hash(name, 0x6d61_676c_6576) % (u64::from(size) - 1) + 1) as usize);
+    }
+    let mut credit = vec![0u64; live.len()];
+    let mut table = vec![NO_BACKEND; m];
+    let mut filled = 0usize;
+    'fill: loop {
+        for i in 0..live.len() {
+            // Weighted turns: a backend claims a slot each time its credit
+            // reaches the largest weight, so slots split in proportion.
+            credit[i] += u64::from(live[i].weight);
+            while credit[i] >= u64::from(max_weight) {
+                credit[i] -= u64::from(max_weight);
+                let mut c = next[i];
+                while table[c] != NO_BACKEND {
+                    c += skip[i];
+                    if c >= m {
+                        c -= m;
+                    }
+                }
+                table[c] = live[i].id;
+                c += skip[i];
+                if c >= m {
+                    c -= m;
+                }
+                next[i] = c;
+                filled += 1;
+                if filled == m {
+                    break 'fill;
+                }
+            }
+        }
+    }
+    table
+}
+
+/// Slots per id in `table` (ids are small: indexes into a `Vec`).
+pub fn slot_counts(table: &[u32], ids: usize) -> Vec<usize> {
+    let mut counts = vec![0; ids];
+    for &id in table {
+        if let Some(c) = counts.get_mut(id as usize) {
+            *c += 1;
+        }
+    }
+    counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("relay{i}")).collect()
+    }
+
+    fn entries(names: &[String]) -> Vec<Entry<'_>> {
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| Entry {
+                name,
+                weight: 1,
+                id: i as u32,
+            })
+            .collect()
+    }
+
+    fn max_over_avg(table: &[u32], n: usize) -> f64 {
+        let counts = slot_counts(table, n);
+        let max = *counts.iter().max().unwrap() as f64;
+        max / (table.len() as f64 / n as f64)
+    }
+
+    #[test]
+    fn primes_are_recognised() {
+        assert!(is_prime(65537));
+        assert!(is_prime(1009));
+        assert!(is_prime(2));
+        assert!(!is_prime(65536));
+        assert!(!is_prime(1));
+        assert!(!is_prime(1001));
+    }
+
+    #[test]
+    fn empty_backends_yield_no_slot() {
+        assert!(build(&[], 101).iter().all(|&s| s == NO_BACKEND));
+    }
+
+    #[test]
+    fn all_weights_zero_yield_no_slot() {
+        let n = names(3);
+        let mut e = entries(&n);
+        for b in &mut e {
+            b.weight = 0;
+        }
+        assert!(build(&e, 1009).iter().all(|&s| s == NO_BACKEND));
+    }
+
+    #[test]
+    fn single_backend_fills_table() {
+        let n = names(1);
+        assert!(build(&entries(&n), 1009).iter().all(|&s| s == 0));
+    }
+
+    #[test]
+    fn balance_is_within_one_percent_with_equal_weights() {
+        for n in [2usize, 3, 10, 100, 655] {
+            let names = names(n);
+            let t = build(&entries(&names), 65537);
+            assert!(t.iter().all(|&s| (s as usize) < n), "no hole");
+            let r = max_over_avg(&t, n);
+            assert!(r <= 1.01, "N={n}: max/avg {r}");
+        }
+    }
+
+    #[test]
+    fn removing_one_of_n_moves_at_most_its_share_plus_one_percent() {
+        for n in [3usize, 10, 100] {
+            let names = names(n);
+            let all = entries(&names);
+            let before = build(&all, 65537);
+            for removed in [0, n / 2, n - 1] {
+                let rest: Vec<_> = all.iter().copied().filter(|e| e.id != removed as u32).collect();
+                let after = build(&rest, 65537);
+                let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+                let frac = moved as f64 / before.len() as f64;
+                assert!(frac <= 1.0 / n as f64 + 0.01, "N={n}: moved {frac}");
+                // Slots of the backends that stayed: (almost) all stay put.
+                let kept = before.iter().zip(&after).filter(|(a, _)| **a != removed as u32);
+                let (total, same) = kept.fold((0, 0), |(t, s), (a, b)| (t + 1, s + usize::from(a == b)));
+                assert!(
+                    same as f64 / total as f64 >= 0.99,
+                    "N={n}: only {same}/{total} surviving slots kept"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn two_builds_from_the_same_config_are_identical_in_any_input_order() {
+        let names = names(10);
+        let e = entries(&names);
+        let mut reversed = e.clone();
+        reversed.reverse();
+        assert_eq!(build(&e, 65537), build(&e, 65537));
+        assert_eq!(build(&e, 65537), build(&reversed, 65537));
+    }
+
+    #[test]
+    fn weights_2_1_1_give_50_25_25() {
+        let names = names(3);
+        let mut e = entries(&names);
+        e[0].weight = 2;
+        let t = build(&e, 65537);
+        let c = slot_counts(&t, 3);
+        let share = |i: usize| c[i] as f64 / t.len() as f64;
+        assert!((share(0) - 0.5).abs() < 0.005, "{c:?}");
+        assert!((share(1) - 0.25).abs() < 0.005, "{c:?}");
+        assert!((share(2) - 0.25).abs() < 0.005, "{c:?}");
+    }
+
+    #[test]
+    fn weight_zero_backend_gets_no_slot() {
+        let names = names(3);
+        let mut e = entries(&names);
+        e[1].weight = 0;
+        let t = build(&e, 1009);
+        assert_eq!(slot_counts(&t, 3)[1], 0);
+        assert!(t.iter().all(|&s| s == 0 || s == 2));
+    }
+
+    #[test]
+    fn table_is_a_known_value() {
+        // Pins the hash and fill order: a change here changes every table,
+        // and mixed-version LB nodes would disagree on where flows go.
+        let names = names(3);
+        let t = build(&entries(&names), 13);
+        assert_eq!(t.len(), 13);
+        assert_eq!(t, [1, 0, 1, 2, 0, 2, 1, 1, 2, 0, 0, 0, 2]);
+    }
+}

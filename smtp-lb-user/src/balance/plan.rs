@@ -1,0 +1,251 @@
+//! Turns an [`LbConfig`] into what the data plane's maps must hold: backend
+//! ids and entries, one service (and Maglev table) per VIP × port, the VIP
+//! address markers and the port filter. Pure: the ids already in use (read
+//! from the pinned maps by `dataplane`) go in, so a restarted or reloaded
+//! balancer keeps every backend's id and its tracked flows stay put.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use smtp_lb_common::{
+    AF_INET, AF_INET6, BACKEND_VALID, Backend, MAX_BACKENDS, MAX_SERVICES, MODE_IPIP, MODE_L2,
+    PROTO_TCP, SERVICE_STICKY, ServiceKey,
+};
+
+use super::maglev;
+use crate::config::lb::{Forwarding, LbConfig};
+
+/// Ids already assigned in the maps.
+#[derive(Clone, Debug, Default)]
+pub struct Existing {
+    /// Backend address → id (valid or not: an id is reused for the same address).
+    pub backends: BTreeMap<IpAddr, u32>,
+    /// Service key → id.
+    pub services: BTreeMap<ServiceKey, u32>,
+}
+
+/// One backend entry to write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedBackend {
+    pub id: u32,
+    pub name: String,
+    pub address: IpAddr,
+    /// The entry; `ifindex`/`src_mac` are filled by the data plane from `interface`.
+    pub value: Backend,
+    pub interface: Option<String>,
+}
+
+/// One data-plane service (VIP × port) with its table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedService {
+    pub key: ServiceKey,
+    pub id: u32,
+    pub label: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub ring_size: u32,
+    pub flags: u32,
+    /// The Maglev table: backend id per slot.
+    pub ring: Vec<u32>,
+}
+
+/// Everything the maps must hold for a config.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub backends: Vec<PlannedBackend>,
+    pub services: Vec<PlannedService>,
+    /// `port == 0` marker keys, one per VIP address.
+    pub vip_markers: Vec<ServiceKey>,
+    /// Ports some service uses (host order).
+    pub ports: BTreeSet<u16>,
+}
+
+/// Key of the service for `vip:port` (network byte order fields).
+pub fn service_key(vip: IpAddr, port: u16) -> ServiceKey {
+    let (addr, family) = addr_words(vip);
+    ServiceKey {
+        addr,
+        port: port.to_be(),
+        proto: PROTO_TCP,
+        family,
+    }
+}
+
+/// An address as the data plane stores it: network-order words, IPv4 in word 0.
+pub fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
+    match ip {
+        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], AF_INET),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([w(0), w(4), w(8), w(12)], AF_INET6)
+        }
+    }
+}
+
+/// The address back from its stored words.
+pub fn words_addr(addr: [u32; 4], family: u8) -> IpAddr {
+    if family == AF_INET {
+        IpAddr::from(addr[0].to_ne_bytes())
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in addr.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::from(o)
+    }
+}
+
+/// Lowest id in `0..max` not in `used`.
+fn free_id(used: &BTreeSet<u32>, max: u32) -> Option<u32> {
+    (0..max).find(|i| !used.contains(i))
+}
+
+/// Builds the plan. `cfg` must be validated ([`LbConfig::validate`]).
+pub fn plan(cfg: &LbConfig, existing: &Existing) -> Plan {
+    let mut out = Plan::default();
+    // Backends: one per distinct address, keeping existing ids.
+    let mut used: BTreeSet<u32> = existing.backends.values().copied().collect();
+    let mut ids: BTreeMap<IpAddr, u32> = BTreeMap::new();
+    for svc in &cfg.services {
+        for b in &svc.backends {
+            if ids.contains_key(&b.address) {
+                continue;
+            }
+            let id = existing.backends.get(&b.address).copied().unwrap_or_else(|| {
+                let id = free_id(&used, MAX_BACKENDS).expect("validated: backends fit");
+                used.insert(id);
+                id
+            });
+            ids.insert(b.address, id);
+            let (addr, family) = addr_words(b.address);
+            out.backends.push(PlannedBackend {
+                id,
+                name: b.name.clone(),
+                address: b.address,
+                value: Backend {
+                    addr,
+                    mac: b.mac.map_or([0; 6], |m| m.0),
+                    src_mac: [0; 6],
+                    family,
+                    mode: match b.forwarding {
+                        Forwarding::L2 => MODE_L2,
+                        Forwarding::Ipip => MODE_IPIP,
+                    },
+                    _pad: [0; 2],
+                    flags: BACKEND_VALID,
+                    ifindex: 0,
+                },
+                interface: b.interface.clone(),
+            });
+        }
+    }
+    // Services: one per VIP × port, keeping existing ids.
+    let mut used_svc: BTreeSet<u32> = existing.services.values().copied().collect();
+    let mut markers = BTreeSet::new();
+    for svc in &cfg.services {
+        let entries: Vec<maglev::Entry<'_>> = svc
+            .backends
+            .iter()
+            .map(|b| maglev::Entry {
+                name: &b.name,
+                weight: b.weight,
+                id: ids[&b.address],
+            })
+            .collect();
+        let ring = maglev::build(&entries, svc.table_size);
+        let mut marker = service_key(svc.vip, 0);
+        marker.port = 0;
+        markers.insert(marker);
+        for &port in &svc.ports {
+            let key = service_key(svc.vip, port);
+            let id = existing.services.get(&key).copied().unwrap_or_else(|| {
+                let id = free_id(&used_svc, MAX_SERVICES).expect("validated: services fit");
+                used_svc.insert(id);
+                id
+            });
+            out.ports.insert(port);
+            out.services.push(PlannedService {
+                key,
+                id,
+                label: svc.label(),
+                vip: svc.vip,
+                port,
+                ring_size: svc.table_size,
+                flags: if svc.sticky { SERVICE_STICKY } else { 0 },
+                ring: ring.clone(),
+            });
+        }
+    }
+    out.vip_markers = markers.into_iter().collect();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CFG: &str = r#"
+        [[services]]
+        vip = "203.0.113.10"
+        ports = [25, 587]
+        table_size = 1009
+        [[services.backends]]
+        name = "a"
+        address = "198.51.100.3"
+        mac = "02:00:00:00:00:03"
+        [[services.backends]]
+        name = "b"
+        address = "198.51.100.4"
+        mac = "02:00:00:00:00:04"
+        [[services]]
+        vip = "203.0.113.11"
+        ports = [25]
+        table_size = 1009
+        [[services.backends]]
+        name = "b"
+        address = "198.51.100.4"
+        mac = "02:00:00:00:00:04"
+    "#;
+
+    #[test]
+    fn each_port_is_a_service_and_shared_relays_are_one_backend() {
+        let cfg = LbConfig::parse(CFG).unwrap();
+        let p = plan(&cfg, &Existing::default());
+        assert_eq!(p.services.len(), 3);
+        assert_eq!(p.backends.len(), 2);
+        assert_eq!(p.vip_markers.len(), 2);
+        assert_eq!(p.ports, BTreeSet::from([25, 587]));
+        let ids: BTreeSet<u32> = p.services.iter().map(|s| s.id).collect();
+        assert_eq!(ids.len(), 3);
+        assert!(p.services[2].ring.iter().all(|&id| id == p.backends[1].id));
+    }
+
+    #[test]
+    fn existing_ids_are_kept() {
+        let cfg = LbConfig::parse(CFG).unwrap();
+        let mut existing = Existing::default();
+        existing
+            .backends
+            .insert("198.51.100.4".parse().unwrap(), 7);
+        existing
+            .services
+            .insert(service_key("203.0.113.10".parse().unwrap(), 587), 5);
+        let p = plan(&cfg, &existing);
+        assert_eq!(p.backends[1].id, 7);
+        assert_eq!(p.backends[0].id, 0);
+        assert_eq!(p.services[1].id, 5);
+    }
+
+    #[test]
+    fn addresses_round_trip_through_words() {
+        for a in ["203.0.113.10", "2001:db8::10"] {
+            let ip: IpAddr = a.parse().unwrap();
+            let (w, f) = addr_words(ip);
+            assert_eq!(words_addr(w, f), ip);
+        }
+        let (w, _) = addr_words("1.2.3.4".parse().unwrap());
+        assert_eq!(w[0].to_ne_bytes(), [1, 2, 3, 4], "network byte order in memory");
+    }
+}

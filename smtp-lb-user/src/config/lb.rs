@@ -1,0 +1,455 @@
+//! The balancer's configuration (`smtp-lb lb --config lb.toml`): what the
+//! XDP data plane needs — services (VIP × ports), their backends (relays) with
+//! weights and forwarding mode, table size, stickiness — and node settings.
+//!
+//! ```toml
+//! # Optional: where maps are pinned (the --pin-dir flag wins).
+//! pin_dir = "/sys/fs/bpf/smtp-lb"
+//!
+//! [[services]]
+//! name = "mx"                  # label for logs and stats
+//! vip = "203.0.113.10"         # IPv4 or IPv6
+//! ports = [25, 587, 465]       # one table per port
+//! table_size = 65537           # Maglev M: prime, > 100 × backends (default 65537)
+//! sticky = false               # true: hash the client address only
+//!
+//! [[services.backends]]
+//! name = "relay1"              # stable name: orders the table
+//! address = "198.51.100.3"
+//! weight = 1                   # 0 = no new flows, existing ones stay
+//! forwarding = "l2"            # "l2" (MAC rewrite) or "ipip" (IPIP / IP6IP6)
+//! mac = "02:00:00:00:00:03"    # l2: the relay's MAC on the shared segment
+//! ```
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use smtp_lb_common::{MAX_RING_SIZE, MAX_SERVICES};
+use thiserror::Error;
+
+use crate::balance::maglev::is_prime;
+
+/// Default Maglev table size (the paper's and Katran's).
+pub const DEFAULT_TABLE_SIZE: u32 = 65537;
+
+/// Why a configuration was refused. Messages name the file or the field.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid TOML, or a field of the wrong type, or an unknown field.
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    /// A value that parses but is not acceptable.
+    #[error("{field}: {problem}")]
+    Invalid {
+        /// Path of the field, like `services[0].table_size`.
+        field: String,
+        problem: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The balancer's configuration file.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LbConfig {
+    /// bpffs directory for pinned maps; the `--pin-dir` flag overrides it.
+    #[serde(default)]
+    pub pin_dir: Option<PathBuf>,
+    /// Outer IPv4 source for IPIP; its low 16 bits carry the flow hash (RSS
+    /// entropy at the relays). Pick a /16 the relays' network accepts.
+    #[serde(default = "LbConfig::default_encap_source_v4")]
+    pub encap_source_v4: Ipv4Addr,
+    /// Outer IPv6 source for IP6IP6; its low 32 bits carry the flow hash.
+    #[serde(default = "LbConfig::default_encap_source_v6")]
+    pub encap_source_v6: Ipv6Addr,
+    /// The balanced services.
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+impl LbConfig {
+    fn default_encap_source_v4() -> Ipv4Addr {
+        Ipv4Addr::new(172, 16, 0, 0)
+    }
+
+    fn default_encap_source_v6() -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x736d, 0x7470, 0, 0, 0, 0, 0)
+    }
+}
+
+/// One VIP with its ports and relays. Each port becomes one data-plane
+/// service with its own Maglev table.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Label for logs and stats (defaults to the VIP).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The virtual address clients connect to (the relays hold it on `lo`).
+    pub vip: IpAddr,
+    /// TCP ports balanced on this VIP (25, 587, 465…).
+    pub ports: Vec<u16>,
+    /// Maglev table size M: a prime above 100 × the number of backends, at most 65537.
+    #[serde(default = "ServiceConfig::default_table_size")]
+    pub table_size: u32,
+    /// Hash the client address only, so a client always reaches the same relay.
+    #[serde(default)]
+    pub sticky: bool,
+    /// The relays behind the VIP.
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+}
+
+impl ServiceConfig {
+    fn default_table_size() -> u32 {
+        DEFAULT_TABLE_SIZE
+    }
+
+    /// The label: `name`, else the VIP.
+    pub fn label(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.vip.to_string())
+    }
+}
+
+/// How packets reach a backend (both are direct server return).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// Same L2 segment: rewrite the destination MAC to the relay's.
+    #[default]
+    L2,
+    /// Across L3: IPIP (IPv4) or IP6IP6 (IPv6) to the relay's address; the
+    /// relay runs `smtp-lb decap`.
+    Ipip,
+}
+
+/// One relay behind a service.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Stable name (unique within the service): it orders the Maglev table,
+    /// so every LB node with this config builds the same one.
+    pub name: String,
+    /// The relay's own address (not the VIP). Also its identity across services.
+    pub address: IpAddr,
+    /// Relative weight; 0 takes no new flows but keeps existing ones.
+    #[serde(default = "BackendConfig::default_weight")]
+    pub weight: u32,
+    /// `l2` or `ipip`.
+    #[serde(default)]
+    pub forwarding: Forwarding,
+    /// The relay's MAC (`l2`; required there, ignored for `ipip`, whose next
+    /// hop comes from the kernel's FIB).
+    #[serde(default)]
+    pub mac: Option<Mac>,
+    /// `l2`: the LB interface the relay sits behind, when it is not the one
+    /// the VIP traffic arrives on (`XDP_REDIRECT` through a devmap).
+    #[serde(default)]
+    pub interface: Option<String>,
+}
+
+impl BackendConfig {
+    fn default_weight() -> u32 {
+        1
+    }
+}
+
+/// A MAC address, written `02:00:00:00:00:03`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Mac(pub [u8; 6]);
+
+impl TryFrom<String> for Mac {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl std::str::FromStr for Mac {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut mac = [0u8; 6];
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(format!("`{s}` is not a MAC address like 02:00:00:00:00:03"));
+        }
+        for (m, p) in mac.iter_mut().zip(parts) {
+            *m = u8::from_str_radix(p, 16)
+                .map_err(|_| format!("`{s}` is not a MAC address like 02:00:00:00:00:03"))?;
+        }
+        Ok(Self(mac))
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl LbConfig {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks everything serde cannot: table sizes, duplicates, empty
+    /// services, missing MACs, families, limits. The first problem wins.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen_services = BTreeSet::new();
+        let mut backends_by_addr: BTreeMap<IpAddr, (String, &BackendConfig)> = BTreeMap::new();
+        let mut count = 0u32;
+        for (i, svc) in self.services.iter().enumerate() {
+            let at = format!("services[{i}] ({})", svc.label());
+            if svc.ports.is_empty() {
+                return Err(invalid(format!("{at}.ports"), "no ports; list at least one, like [25]"));
+            }
+            for port in &svc.ports {
+                if *port == 0 {
+                    return Err(invalid(format!("{at}.ports"), "port 0 is not a TCP port"));
+                }
+                if !seen_services.insert((svc.vip, *port)) {
+                    return Err(invalid(
+                        format!("{at}.ports"),
+                        format!("{}:{port} is configured twice", svc.vip),
+                    ));
+                }
+                count += 1;
+            }
+            if svc.backends.is_empty() {
+                return Err(invalid(
+                    format!("{at}.backends"),
+                    format!("VIP {} has no backends", svc.vip),
+                ));
+            }
+            let n = svc.backends.len() as u64;
+            let m = svc.table_size;
+            if !is_prime(m) {
+                return Err(invalid(format!("{at}.table_size"), format!("{m} is not prime")));
+            }
+            if u64::from(m) <= 100 * n {
+                return Err(invalid(
+                    format!("{at}.table_size"),
+                    format!("{m} is too small for {n} backends: Maglev needs a prime above 100 × {n} = {}", 100 * n),
+                ));
+            }
+            if m > MAX_RING_SIZE {
+                return Err(invalid(
+                    format!("{at}.table_size"),
+                    format!("{m} is larger than the data plane's maximum {MAX_RING_SIZE}"),
+                ));
+            }
+            let mut names = BTreeSet::new();
+            let mut addrs = BTreeSet::new();
+            for (j, b) in svc.backends.iter().enumerate() {
+                let bat = format!("{at}.backends[{j}] ({})", b.name);
+                if b.name.is_empty() {
+                    return Err(invalid(format!("{bat}.name"), "empty name"));
+                }
+                if !names.insert(b.name.as_str()) {
+                    return Err(invalid(format!("{bat}.name"), format!("duplicate backend `{}`", b.name)));
+                }
+                if !addrs.insert(b.address) {
+                    return Err(invalid(
+                        format!("{bat}.address"),
+                        format!("duplicate backend address {}", b.address),
+                    ));
+                }
+                match b.forwarding {
+                    Forwarding::L2 if b.mac.is_none() => {
+                        return Err(invalid(
+                            format!("{bat}.mac"),
+                            "forwarding \"l2\" needs the relay's MAC address",
+                        ));
+                    }
+                    Forwarding::Ipip if b.address.is_ipv4() != svc.vip.is_ipv4() => {
+                        return Err(invalid(
+                            format!("{bat}.address"),
+                            format!("ipip to {} cannot carry VIP {} (IPIP is IPv4 in IPv4, IP6IP6 IPv6 in IPv6)", b.address, svc.vip),
+                        ));
+                    }
+                    _ => {}
+                }
+                if b.weight > 1_000_000 {
+                    return Err(invalid(format!("{bat}.weight"), "at most 1000000"));
+                }
+                if let Some((other_at, other)) = backends_by_addr.get(&b.address) {
+                    if other.forwarding != b.forwarding
+                        || other.mac != b.mac
+                        || other.interface != b.interface
+                    {
+                        return Err(invalid(
+                            bat,
+                            format!("same address as {other_at} but a different forwarding, mac or interface"),
+                        ));
+                    }
+                } else {
+                    backends_by_addr.insert(b.address, (format!("{at}.backends[{j}]"), b));
+                }
+            }
+        }
+        if count > MAX_SERVICES {
+            return Err(invalid(
+                "services",
+                format!("{count} VIP × port services; the data plane holds at most {MAX_SERVICES}"),
+            ));
+        }
+        if backends_by_addr.len() > smtp_lb_common::MAX_BACKENDS as usize {
+            return Err(invalid("services", "more distinct backends than the data plane holds"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [[services]]
+        name = "mx"
+        vip = "203.0.113.10"
+        ports = [25, 587]
+        table_size = 1009
+
+        [[services.backends]]
+        name = "relay1"
+        address = "198.51.100.3"
+        mac = "02:00:00:00:00:03"
+
+        [[services.backends]]
+        name = "relay2"
+        address = "198.51.100.4"
+        mac = "02:00:00:00:00:04"
+        weight = 2
+
+        [[services]]
+        vip = "2001:db8::10"
+        ports = [25]
+        [[services.backends]]
+        name = "relay1-v6"
+        address = "2001:db8::3"
+        forwarding = "ipip"
+    "#;
+
+    fn err(text: &str) -> String {
+        LbConfig::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_good_config_parses_with_defaults() {
+        let cfg = LbConfig::parse(GOOD).unwrap();
+        assert_eq!(cfg.services.len(), 2);
+        assert_eq!(cfg.services[0].backends[0].weight, 1);
+        assert_eq!(cfg.services[0].backends[1].weight, 2);
+        assert_eq!(cfg.services[1].table_size, 65537);
+        assert_eq!(cfg.services[1].backends[0].forwarding, Forwarding::Ipip);
+        assert_eq!(
+            cfg.services[0].backends[0].mac.unwrap().to_string(),
+            "02:00:00:00:00:03"
+        );
+    }
+
+    #[test]
+    fn non_prime_table_size_is_refused_by_name() {
+        let e = err(&GOOD.replace("1009", "1000"));
+        assert!(e.contains("services[0] (mx).table_size") && e.contains("not prime"), "{e}");
+    }
+
+    #[test]
+    fn too_small_table_is_refused_by_name() {
+        let e = err(&GOOD.replace("1009", "199"));
+        assert!(e.contains("services[0] (mx).table_size") && e.contains("too small"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_backend_is_refused_by_name() {
+        let e = err(&GOOD.replace("name = \"relay2\"", "name = \"relay1\""));
+        assert!(e.contains("backends[1] (relay1).name") && e.contains("duplicate"), "{e}");
+        let e = err(&GOOD.replace("198.51.100.4", "198.51.100.3"));
+        assert!(e.contains("backends[1] (relay2).address") && e.contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn vip_without_backends_is_refused_by_name() {
+        let e = err(
+            r#"
+            [[services]]
+            vip = "203.0.113.10"
+            ports = [25]
+        "#,
+        );
+        assert!(e.contains("services[0] (203.0.113.10).backends") && e.contains("no backends"), "{e}");
+    }
+
+    #[test]
+    fn l2_backend_without_mac_is_refused() {
+        let e = err(&GOOD.replace("mac = \"02:00:00:00:00:04\"", ""));
+        assert!(e.contains("backends[1] (relay2).mac"), "{e}");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_macs_are_refused() {
+        let e = err(&GOOD.replace("sticky", "stiky").replace("table_size = 1009", "table_size = 1009\nstiky = true"));
+        assert!(e.contains("unknown field `stiky`"), "{e}");
+        let e = err(&GOOD.replace("02:00:00:00:00:03", "02:00:00:00:03"));
+        assert!(e.contains("not a MAC address"), "{e}");
+    }
+
+    #[test]
+    fn ipip_across_families_is_refused() {
+        let e = err(&GOOD.replace("2001:db8::3", "198.51.100.9"));
+        assert!(e.contains("backends[0] (relay1-v6).address"), "{e}");
+    }
+
+    #[test]
+    fn same_port_twice_is_refused() {
+        let e = err(&GOOD.replace("[25, 587]", "[25, 25]"));
+        assert!(e.contains("configured twice"), "{e}");
+    }
+}

@@ -1,0 +1,255 @@
+//! Writes a configuration into the balancer's maps, in an order that never
+//! lets a packet see a slot pointing at an invalid backend:
+//!
+//! 1. node settings, redirect ports, then every backend entry (valid);
+//! 2. per service, the table that is *not* live is written in full, then the
+//!    service entry is replaced with `active` pointing at it (one atomic map
+//!    update: a packet sees the whole old table or the whole new one);
+//! 3. services that are gone are removed, their ports unfiltered;
+//! 4. only then are removed backends marked invalid (no live table refers to
+//!    them any more; their tracked flows re-hash).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, DevMapHash, HashMap, MapData, MapError},
+};
+use smtp_lb_common::{
+    BACKEND_VALID, Backend, LbConfig as LbConfigMap, MAX_BACKENDS, SERVICE_VIP_MARKER, Service,
+    ServiceKey, maps,
+};
+use thiserror::Error;
+
+use crate::{
+    balance::plan::{self, Existing, Plan, addr_words, words_addr},
+    config::lb::LbConfig,
+};
+
+/// Why a configuration could not be written to the maps.
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    /// A map is missing from the object or a write failed.
+    #[error("map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    /// The devmap refused an interface.
+    #[error("map `{}`: add interface `{iface}`: {message}", maps::TX_PORTS)]
+    TxPort { iface: String, message: String },
+    /// A backend's `interface` does not exist.
+    #[error("backend `{backend}`: interface `{iface}` does not exist")]
+    NoInterface { backend: String, iface: String },
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> ApplyError {
+    move |source| ApplyError::Map { name, source }
+}
+
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, ApplyError> {
+    ebpf.map_mut(name).ok_or(ApplyError::Map {
+        name,
+        source: MapError::InvalidName {
+            name: name.to_owned(),
+        },
+    })
+}
+
+fn services_map(ebpf: &mut Ebpf) -> Result<HashMap<&mut MapData, ServiceKey, Service>, ApplyError> {
+    HashMap::try_from(map_mut(ebpf, maps::SERVICES)?).map_err(map_err(maps::SERVICES))
+}
+
+fn backends_map(ebpf: &mut Ebpf) -> Result<Array<&mut MapData, Backend>, ApplyError> {
+    Array::try_from(map_mut(ebpf, maps::BACKENDS)?).map_err(map_err(maps::BACKENDS))
+}
+
+/// What [`apply_config`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The plan that was written (ids, tables).
+    pub plan: Plan,
+    /// Services removed because they left the config.
+    pub removed_services: usize,
+    /// Backends marked invalid because they left the config.
+    pub removed_backends: usize,
+}
+
+/// Ids in use, read back from the maps (after a restart they are the pinned ones).
+pub fn read_existing(ebpf: &mut Ebpf) -> Result<Existing, ApplyError> {
+    let mut existing = Existing::default();
+    let services = services_map(ebpf)?;
+    for item in services.iter() {
+        let (key, svc) = item.map_err(map_err(maps::SERVICES))?;
+        if key.port != 0 {
+            existing.services.insert(key, svc.id);
+        }
+    }
+    let backends = backends_map(ebpf)?;
+    for id in 0..MAX_BACKENDS {
+        let b = backends.get(&id, 0).map_err(map_err(maps::BACKENDS))?;
+        if b.family != 0 {
+            existing.backends.insert(words_addr(b.addr, b.family), id);
+        }
+    }
+    Ok(existing)
+}
+
+/// Writes `cfg` (validated) into the maps of `ebpf`, see the module docs for the order.
+pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyError> {
+    let existing = read_existing(ebpf)?;
+    let mut plan = plan::plan(cfg, &existing);
+
+    // 1. Node settings, redirect ports, backends.
+    let (v4, _) = addr_words(IpAddr::V4(cfg.encap_source_v4));
+    let (v6, _) = addr_words(IpAddr::V6(cfg.encap_source_v6));
+    let mut lb_config: Array<&mut MapData, LbConfigMap> =
+        Array::try_from(map_mut(ebpf, maps::LB_CONFIG)?).map_err(map_err(maps::LB_CONFIG))?;
+    lb_config
+        .set(
+            0,
+            LbConfigMap {
+                encap_src_v4: v4[0],
+                encap_src_v6: v6,
+            },
+            0,
+        )
+        .map_err(map_err(maps::LB_CONFIG))?;
+    for b in &mut plan.backends {
+        if let Some(iface) = &b.interface {
+            let (ifindex, mac) = interface(iface).ok_or_else(|| ApplyError::NoInterface {
+                backend: b.name.clone(),
+                iface: iface.clone(),
+            })?;
+            b.value.ifindex = ifindex;
+            b.value.src_mac = mac;
+            let mut ports: DevMapHash<&mut MapData> =
+                DevMapHash::try_from(map_mut(ebpf, maps::TX_PORTS)?).map_err(map_err(maps::TX_PORTS))?;
+            ports
+                .insert(ifindex, ifindex, None, 0)
+                .map_err(|e| ApplyError::TxPort {
+                    iface: iface.clone(),
+                    message: e.to_string(),
+                })?;
+        }
+    }
+    let mut backends = backends_map(ebpf)?;
+    for b in &plan.backends {
+        backends.set(b.id, b.value, 0).map_err(map_err(maps::BACKENDS))?;
+    }
+
+    // 2. Tables: write the standby half, then switch the service to it.
+    let current: BTreeMap<ServiceKey, Service> = {
+        let services = services_map(ebpf)?;
+        services
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(maps::SERVICES))?
+    };
+    for svc in &plan.services {
+        let half = match current.get(&svc.key) {
+            Some(live) if live.id == svc.id => 1 - (live.active & 1),
+            _ => 0,
+        };
+        let base = Service::ring_base(svc.id, half);
+        let mut rings: Array<&mut MapData, u32> =
+            Array::try_from(map_mut(ebpf, maps::RINGS)?).map_err(map_err(maps::RINGS))?;
+        for (i, id) in svc.ring.iter().enumerate() {
+            rings.set(base + i as u32, id, 0).map_err(map_err(maps::RINGS))?;
+        }
+        services_map(ebpf)?
+            .insert(
+                svc.key,
+                Service {
+                    id: svc.id,
+                    ring_size: svc.ring_size,
+                    active: half,
+                    flags: svc.flags,
+                },
+                0,
+            )
+            .map_err(map_err(maps::SERVICES))?;
+    }
+    let mut services = services_map(ebpf)?;
+    for key in &plan.vip_markers {
+        services
+            .insert(
+                key,
+                Service {
+                    flags: SERVICE_VIP_MARKER,
+                    ..Service::default()
+                },
+                0,
+            )
+            .map_err(map_err(maps::SERVICES))?;
+    }
+    let mut vip_ports: Array<&mut MapData, u32> =
+        Array::try_from(map_mut(ebpf, maps::VIP_PORTS)?).map_err(map_err(maps::VIP_PORTS))?;
+    for port in &plan.ports {
+        vip_ports.set(u32::from(*port), 1, 0).map_err(map_err(maps::VIP_PORTS))?;
+    }
+
+    // 3. Services that left the config.
+    let keep: BTreeSet<ServiceKey> = plan
+        .services
+        .iter()
+        .map(|s| s.key)
+        .chain(plan.vip_markers.iter().copied())
+        .collect();
+    let mut removed_services = 0;
+    let mut services = services_map(ebpf)?;
+    for key in current.keys().filter(|k| !keep.contains(k)) {
+        services.remove(key).map_err(map_err(maps::SERVICES))?;
+        if key.port != 0 {
+            removed_services += 1;
+        }
+    }
+    let old_ports: BTreeSet<u16> = current
+        .keys()
+        .filter(|k| k.port != 0)
+        .map(|k| u16::from_be(k.port))
+        .collect();
+    let mut vip_ports: Array<&mut MapData, u32> =
+        Array::try_from(map_mut(ebpf, maps::VIP_PORTS)?).map_err(map_err(maps::VIP_PORTS))?;
+    for port in old_ports.difference(&plan.ports) {
+        vip_ports.set(u32::from(*port), 0, 0).map_err(map_err(maps::VIP_PORTS))?;
+    }
+
+    // 4. Backends that left the config: invalid from now on (their flows re-hash).
+    let planned: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();
+    let mut removed_backends = 0;
+    let mut backends = backends_map(ebpf)?;
+    for (addr, id) in &existing.backends {
+        if planned.contains(id) {
+            continue;
+        }
+        let mut b = backends.get(id, 0).map_err(map_err(maps::BACKENDS))?;
+        if b.flags & BACKEND_VALID != 0 {
+            b.flags &= !BACKEND_VALID;
+            backends.set(*id, b, 0).map_err(map_err(maps::BACKENDS))?;
+            removed_backends += 1;
+            tracing::info!(backend = %addr, id, "backend removed; its flows re-hash");
+        }
+    }
+    Ok(Applied {
+        plan,
+        removed_services,
+        removed_backends,
+    })
+}
+
+/// ifindex and MAC of `iface`.
+fn interface(iface: &str) -> Option<(u32, [u8; 6])> {
+    let c = std::ffi::CString::new(iface).ok()?;
+    // SAFETY: valid C string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("/sys/class/net/{iface}/address")).ok()?;
+    let mac: crate::config::lb::Mac = text.trim().parse().ok()?;
+    Some((idx, mac.0))
+}

@@ -1,0 +1,419 @@
+//! Packet fixtures through the real balancer (`BPF_PROG_TEST_RUN`): each
+//! asserts the verdict, the output bytes and the counter the packet ended in.
+//! The expected backend comes from the user-space plan (the same Maglev
+//! table the maps hold) and the shared `flow_hash`, so these fixtures also
+//! prove the kernel and user space agree on where a flow goes.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::maps::{PerCpuArray, PerCpuValues};
+use smtp_lb_common::{
+    FlowKey, GlobalStats, NO_BACKEND, PROTO_TCP, SERVICE_STICKY, maps, programs::BALANCER,
+};
+use smtp_lb_tests::{
+    packet::{CLIENT_MAC, LB_MAC, PacketBuilder, arp_request, tcp},
+    xdp::{Outcome, Verdict, XdpHarness},
+};
+use smtp_lb_user::{
+    balance::plan::{Plan, addr_words, service_key},
+    config::lb::LbConfig,
+    dataplane::apply_config,
+};
+
+const VIP4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+
+/// Three relays on the segment (a fourth with `relay4`); `weights` let
+/// fixtures change the table.
+fn config(weights: [u32; 3], relay4: bool) -> LbConfig {
+    let mut text = String::new();
+    for (vip, addrs, addr4) in [
+        ("203.0.113.10", ["198.51.100.3", "198.51.100.4", "198.51.100.5"], "198.51.100.6"),
+        ("2001:db8::10", ["2001:db8::3", "2001:db8::4", "2001:db8::5"], "2001:db8::6"),
+    ] {
+        text += &format!(
+            "[[services]]\nvip = \"{vip}\"\nports = [25, 587, 465]\ntable_size = 1009\n"
+        );
+        for (i, addr) in addrs.iter().enumerate() {
+            text += &format!(
+                "[[services.backends]]\nname = \"relay{}\"\naddress = \"{addr}\"\nmac = \"02:00:00:00:00:0{}\"\nweight = {}\n",
+                i + 1,
+                i + 3,
+                weights[i]
+            );
+        }
+        if relay4 {
+            text += &format!(
+                "[[services.backends]]\nname = \"relay4\"\naddress = \"{addr4}\"\nmac = \"02:00:00:00:00:06\"\n"
+            );
+        }
+    }
+    LbConfig::parse(&text).unwrap_or_else(|e| panic!("fixture config: {e}"))
+}
+
+struct Fixture {
+    h: XdpHarness,
+    plan: Plan,
+}
+
+impl Fixture {
+    fn new(cfg: &LbConfig) -> Self {
+        let mut h = XdpHarness::load();
+        let plan = apply_config(h.ebpf_mut(), cfg).expect("apply config").plan;
+        Self { h, plan }
+    }
+
+    fn apply(&mut self, cfg: &LbConfig) {
+        self.plan = apply_config(self.h.ebpf_mut(), cfg)
+            .expect("apply config")
+            .plan;
+    }
+
+    fn run(&mut self, pkt: &[u8]) -> Outcome {
+        self.h.run(BALANCER, pkt)
+    }
+
+    fn stats(&mut self) -> GlobalStats {
+        let map = self.h.ebpf_mut().map(maps::GLOBAL_STATS).unwrap();
+        let a: PerCpuArray<_, GlobalStats> = PerCpuArray::try_from(map).unwrap();
+        let v: PerCpuValues<GlobalStats> = a.get(&0, 0).unwrap();
+        v.iter().fold(GlobalStats::default(), |mut s, x| {
+            s.add(x);
+            s
+        })
+    }
+
+    /// Runs `pkt` and returns the outcome and which counters changed.
+    fn run_counted(&mut self, pkt: &[u8]) -> (Outcome, Vec<(&'static str, u64)>) {
+        let before = self.stats();
+        let out = self.run(pkt);
+        let after = self.stats();
+        let delta = after
+            .fields()
+            .iter()
+            .zip(before.fields())
+            .filter(|((_, a), (_, b))| a != b)
+            .map(|((n, a), (_, b))| (*n, a - b))
+            .collect();
+        (out, delta)
+    }
+
+    /// The MAC of the backend Maglev picks for a new flow `src:sport → dst:dport`.
+    fn expected_mac(&self, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Option<[u8; 6]> {
+        let key = flow_key(src, sport, dst, dport);
+        let skey = service_key(dst, dport);
+        let svc = self.plan.services.iter().find(|s| s.key == skey)?;
+        let hash = smtp_lb_common::flow_hash(&key, svc.flags & SERVICE_STICKY != 0);
+        let id = svc.ring[(hash % svc.ring_size) as usize];
+        if id == NO_BACKEND {
+            return None;
+        }
+        let b = self.plan.backends.iter().find(|b| b.id == id)?;
+        Some(b.value.mac)
+    }
+}
+
+fn flow_key(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> FlowKey {
+    let (s, family) = addr_words(src);
+    let (d, _) = addr_words(dst);
+    FlowKey {
+        src: s,
+        dst: d,
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: PROTO_TCP,
+        family,
+        _pad: [0; 2],
+    }
+}
+
+/// `input` with the MACs an L2 DSR rewrite produces.
+fn rewritten(input: &[u8], backend_mac: [u8; 6]) -> Vec<u8> {
+    let mut out = input.to_vec();
+    out[0..6].copy_from_slice(&backend_mac);
+    out[6..12].copy_from_slice(&LB_MAC);
+    out
+}
+
+fn assert_tx_to(f: &mut Fixture, pkt: &[u8], mac: [u8; 6], what: &str) {
+    let out = f.run(pkt);
+    assert_eq!(out.verdict, Verdict::Tx, "{what}");
+    assert_eq!(out.output, rewritten(pkt, mac), "{what}: output bytes");
+}
+
+fn assert_counted(delta: &[(&str, u64)], name: &str, what: &str) {
+    assert!(delta.contains(&(name, 1)), "{what}: expected `{name}` to count, got {delta:?}");
+}
+
+#[test]
+fn syn_to_each_vip_port_goes_to_its_maglev_backend() {
+    let mut f = Fixture::new(&config([1, 1, 1], false));
+    let mut seen = std::collections::BTreeSet::new();
+    for (src, dst) in [(IpAddr::V4(CLIENT4), IpAddr::V4(VIP4)), (CLIENT6.into(), VIP6.into())] {
+        for dport in [25, 587, 465] {
+            for sport in [40000u16, 40001, 40002, 51515, 61000] {
+                let pkt = PacketBuilder::tcp(src, sport, dst, dport, tcp::SYN).build();
+                let mac = f.expected_mac(src, sport, dst, dport).expect("a backend");
+                seen.insert(mac);
+                let (out, delta) = f.run_counted(&pkt);
+                assert_eq!(out.verdict, Verdict::Tx, "SYN {src}:{sport} → {dst}:{dport}");
+                assert_eq!(out.output, rewritten(&pkt, mac), "SYN {src}:{sport} → {dst}:{dport}");
+                assert_eq!(delta, vec![("tx", 1)], "a SYN is no LRU miss");
+            }
+        }
+    }
+    assert_eq!(seen.len(), 3, "30 flows reach all three relays");
+}
+
+#[test]
+fn tracked_flow_keeps_its_backend_after_the_table_changes() {
+    let mut f = Fixture::new(&config([1, 1, 1], false));
+    // Find flows that start on relay1 (id of 198.51.100.3), v4 and v6.
+    for (src, dst) in [(IpAddr::V4(CLIENT4), IpAddr::V4(VIP4)), (CLIENT6.into(), VIP6.into())] {
+        let relay1 = [2, 0, 0, 0, 0, 3];
+        let sport = (30000..40000)
+            .find(|p| f.expected_mac(src, *p, dst, 25) == Some(relay1))
+            .unwrap();
+        let syn = PacketBuilder::tcp(src, sport, dst, 25, tcp::SYN).build();
+        assert_tx_to(&mut f, &syn, relay1, "SYN");
+
+        // Drain relay1 (weight 0) and add a fourth relay: the table changes.
+        f.apply(&config([0, 1, 1], true));
+        assert_ne!(f.expected_mac(src, sport, dst, 25), Some(relay1), "the table moved this flow");
+        for flags in [tcp::ACK, tcp::ACK | tcp::PSH, tcp::FIN | tcp::ACK, tcp::RST] {
+            let pkt = PacketBuilder::tcp(src, sport, dst, 25, flags).payload(b"EHLO x\r\n").build();
+            let (out, delta) = f.run_counted(&pkt);
+            assert_eq!(out.verdict, Verdict::Tx);
+            assert_eq!(out.output, rewritten(&pkt, relay1), "flags {flags:#x} stay on relay1");
+            assert_eq!(delta, vec![("tx", 1)]);
+        }
+        f.apply(&config([1, 1, 1], false));
+    }
+}
+
+#[test]
+fn weight_zero_backend_gets_no_new_flows_but_keeps_existing_ones() {
+    let mut f = Fixture::new(&config([1, 1, 1], false));
+    let relay2 = [2, 0, 0, 0, 0, 4];
+    let src = IpAddr::V4(CLIENT4);
+    let dst = IpAddr::V4(VIP4);
+    let sport = (30000..40000)
+        .find(|p| f.expected_mac(src, *p, dst, 587) == Some(relay2))
+        .unwrap();
+    assert_tx_to(&mut f, &PacketBuilder::tcp(src, sport, dst, 587, tcp::SYN).build(), relay2, "SYN");
+    f.apply(&config([1, 0, 1], false));
+    for p in 20000..20400 {
+        let out = f.run(&PacketBuilder::tcp(src, p, dst, 587, tcp::SYN).build());
+        assert_eq!(out.verdict, Verdict::Tx);
+        assert_ne!(&out.output[0..6], &relay2, "new flow {p} on a weight-0 relay");
+    }
+    let ack = PacketBuilder::tcp(src, sport, dst, 587, tcp::ACK).build();
+    assert_tx_to(&mut f, &ack, relay2, "existing flow stays on the weight-0 relay");
+}
+
+#[test]
+fn flow_of_a_removed_backend_rehashes_and_unknown_flows_count_lru_misses() {
+    let mut f = Fixture::new(&config([1, 1, 1], false));
+    let relay3 = [2, 0, 0, 0, 0, 5];
+    let src = IpAddr::V4(CLIENT4);
+    let dst = IpAddr::V4(VIP4);
+    let sport = (30000..40000)
+        .find(|p| f.expected_mac(src, *p, dst, 25) == Some(relay3))
+        .unwrap();
+    assert_tx_to(&mut f, &PacketBuilder::tcp(src, sport, dst, 25, tcp::SYN).build(), relay3, "SYN");
+    // Remove relay3 from both services.
+    let text = config([1, 1, 1], false);
+    let mut cfg = text.clone();
+    for s in &mut cfg.services {
+        s.backends.retain(|b| b.name != "relay3");
+    }
+    f.apply(&cfg);
+    let ack = PacketBuilder::tcp(src, sport, dst, 25, tcp::ACK).build();
+    let mac = f.expected_mac(src, sport, dst, 25).unwrap();
+    assert_ne!(mac, relay3);
+    let (out, delta) = f.run_counted(&ack);
+    assert_eq!(out.output, rewritten(&ack, mac));
+    assert_counted(&delta, "rehash", "removed backend");
+    // The re-hashed flow is tracked again: no more re-hash.
+    let (_, delta) = f.run_counted(&ack);
+    assert_eq!(delta, vec![("tx", 1)]);
+
+    // A mid-flow packet nobody tracked (LB restart, eviction) lands where the table says.
+    let ack = PacketBuilder::tcp(src, 45678, dst, 25, tcp::ACK).build();
+    let mac = f.expected_mac(src, 45678, dst, 25).unwrap();
+    let (out, delta) = f.run_counted(&ack);
+    assert_eq!(out.verdict, Verdict::Tx);
+    assert_eq!(out.output, rewritten(&ack, mac));
+    assert_counted(&delta, "lru_miss", "untracked ACK");
+}
+
+#[test]
+fn non_vip_traffic_passes_untouched() {
+    let mut f = Fixture::new(&config([1, 1, 1], false));
+    let other4 = Ipv4Addr::new(198, 51, 100, 9);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("ARP", arp_request(CLIENT4, VIP4), "pass_non_ip"),
+        ("ICMP to VIP", PacketBuilder::icmp_echo(CLIENT4, VIP4).build(), "pass_non_vip"),
+        ("ICMPv6 to VIP", PacketBuilder::icmp_echo(CLIENT6, VIP6).build(), "pass_non_vip"),
+        ("UDP to VIP:25", PacketBuilder::udp(CLIENT4, 5353, VIP4, 25).build(), "pass_non_vip"),
+        ("TCP to VIP:80", PacketBuilder::tcp(CLIENT4, 40000, VIP4, 80, tcp::SYN).build(), "pass_non_vip"),
+        ("TCP to VIP6:80", PacketBuilder::tcp(CLIENT6, 40000, VIP6, 80, tcp::SYN).build(), "pass_non_vip"),
+        ("TCP to other:25", PacketBuilder::tcp(CLIENT4, 40000, other4, 25, tcp::SYN).build(), "pass_non_vip"),
+        ("options to other", PacketBuilder::tcp(CLIENT4, 1, other4, 25, tcp::SYN).ipv4_options(&[1, 1, 1, 1]).build(), "pass_non_vip"),
+        ("fragment to other", PacketBuilder::tcp(CLIENT4, 1, other4, 25, tcp::ACK).fragment(true, 0).build(), "pass_non_vip"),
+        ("v6 ext to other", PacketBuilder::tcp(CLIENT6, 1, Ipv6Addr::LOCALHOST, 25, tcp::SYN).ipv6_ext(0).build(), "pass_non_vip"),
+    ];
+    for (what, pkt, counter) in cases {
+        let (out, delta) = f.run_counted(&pkt);
+        assert_eq!(out.verdict, Verdict::Pass, "{what}");
+        assert_eq!(out.output, pkt, "{what}: bytes unchanged");
+        assert_eq!(delta, vec![(counter, 1)], "{what}");
+    }
+}
+
+#[test]
+fn vip_options_fragments_and_extension_headers_are_counted_drops() {
+    let mut f = Fixture::new(&config([1, 1, 1], false));
+    let syn = || PacketBuilder::tcp(CLIENT4, 40000, VIP4, 25, tcp::SYN);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("IPv4 options", syn().ipv4_options(&[1, 1, 1, 1]).build(), "drop_ipv4_options"),
+        ("MF set", syn().fragment(true, 0).build(), "drop_fragment"),
+        ("offset", syn().fragment(false, 100).build(), "drop_fragment"),
+        ("MF and offset", syn().fragment(true, 8).build(), "drop_fragment"),
+        ("hop-by-hop", PacketBuilder::tcp(CLIENT6, 1, VIP6, 25, tcp::SYN).ipv6_ext(0).build(), "drop_ipv6_ext"),
+        ("routing", PacketBuilder::tcp(CLIENT6, 1, VIP6, 25, tcp::SYN).ipv6_ext(43).build(), "drop_ipv6_ext"),
+        ("fragment hdr", PacketBuilder::tcp(CLIENT6, 1, VIP6, 25, tcp::SYN).ipv6_ext(44).build(), "drop_ipv6_ext"),
+        ("dest options", PacketBuilder::tcp(CLIENT6, 1, VIP6, 25, tcp::SYN).ipv6_ext(60).build(), "drop_ipv6_ext"),
+    ];
+    for (what, pkt, counter) in cases {
+        let (out, delta) = f.run_counted(&pkt);
+        assert_eq!(out.verdict, Verdict::Drop, "{what}");
+        assert_eq!(delta, vec![(counter, 1)], "{what}");
+    }
+}
+
+/// Sum of the terminal counters: every packet ends in exactly one.
+fn terminal(s: &GlobalStats) -> u64 {
+    s.fields()
+        .iter()
+        .filter(|(n, _)| *n != "lru_miss" && *n != "rehash")
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[test]
+fn truncated_at_every_boundary_is_counted_and_never_forwarded() {
+    let mut f = Fixture::new(&config([1, 1, 1], false));
+    let frames = [
+        PacketBuilder::tcp(CLIENT4, 40000, VIP4, 25, tcp::SYN).payload(b"x").build(),
+        PacketBuilder::tcp(CLIENT6, 40000, VIP6, 25, tcp::SYN).payload(b"x").build(),
+        PacketBuilder::tcp(CLIENT4, 40000, VIP4, 25, tcp::ACK).vlan(7).payload(b"x").build(),
+        PacketBuilder::tcp(CLIENT6, 40000, VIP6, 465, tcp::ACK).vlan(7).payload(b"x").build(),
+    ];
+    for full in frames {
+        // test_run needs at least an Ethernet header.
+        for len in 14..full.len() {
+            let pkt = &full[..len];
+            let before = f.stats();
+            let (out, delta) = f.run_counted(pkt);
+            let after = f.stats();
+            assert_eq!(terminal(&after) - terminal(&before), 1, "len {len}: {delta:?}");
+            assert!(
+                matches!(out.verdict, Verdict::Pass | Verdict::Drop),
+                "len {len}: truncated frame forwarded ({:?})",
+                out.verdict
+            );
+            if out.verdict == Verdict::Pass {
+                assert_eq!(out.output, pkt, "len {len}: passed bytes unchanged");
+                assert!(
+                    delta.iter().any(|(n, _)| *n == "pass_truncated" || *n == "pass_non_ip"),
+                    "len {len}: {delta:?}"
+                );
+            } else {
+                assert_eq!(delta, vec![("drop_malformed", 1)], "len {len}");
+            }
+        }
+    }
+}
+
+#[test]
+fn bogus_ihl_and_lengths_are_counted_drops() {
+    let mut f = Fixture::new(&config([1, 1, 1], false));
+    let good = PacketBuilder::tcp(CLIENT4, 40000, VIP4, 25, tcp::SYN).payload(b"hello").build();
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    for ihl in [0u8, 4] {
+        let mut p = good.clone();
+        p[14] = 0x40 | ihl;
+        cases.push(("ihl", p));
+    }
+    // ihl above 5 claims options (none follow): refused as options.
+    for ihl in [6u8, 15] {
+        let mut p = good.clone();
+        p[14] = 0x40 | ihl;
+        let (out, delta) = f.run_counted(&p);
+        assert_eq!(out.verdict, Verdict::Drop, "ihl {ihl}");
+        assert_eq!(delta, vec![("drop_ipv4_options", 1)], "ihl {ihl}");
+    }
+    let mut p = good.clone();
+    p[14] = 0x65; // version 6 in an IPv4 ethertype
+    cases.push(("version", p));
+    for tot_len in [0u16, 20, 39, (good.len() - 14 + 1) as u16, 0xffff] {
+        let mut p = good.clone();
+        p[16..18].copy_from_slice(&tot_len.to_be_bytes());
+        cases.push(("tot_len", p));
+    }
+    let mut p = good.clone();
+    p[14 + 20 + 12] = 0x40; // TCP data offset 4
+    cases.push(("doff", p));
+    let good6 = PacketBuilder::tcp(CLIENT6, 40000, VIP6, 25, tcp::SYN).payload(b"hello").build();
+    for plen in [0u16, 19, (good6.len() - 54 + 1) as u16] {
+        let mut p = good6.clone();
+        p[18..20].copy_from_slice(&plen.to_be_bytes());
+        cases.push(("payload_len", p));
+    }
+    for (what, pkt) in cases {
+        let (out, delta) = f.run_counted(&pkt);
+        assert_eq!(out.verdict, Verdict::Drop, "{what} {:02x?}", &pkt[14..20]);
+        assert_eq!(delta, vec![("drop_malformed", 1)], "{what}");
+    }
+}
+
+#[test]
+fn vlan_tagged_syn_keeps_its_tag() {
+    let mut f = Fixture::new(&config([1, 1, 1], false));
+    for (src, dst) in [(IpAddr::V4(CLIENT4), IpAddr::V4(VIP4)), (CLIENT6.into(), VIP6.into())] {
+        let pkt = PacketBuilder::tcp(src, 40000, dst, 25, tcp::SYN).vlan(100).build();
+        let mac = f.expected_mac(src, 40000, dst, 25).unwrap();
+        assert_tx_to(&mut f, &pkt, mac, "VLAN");
+        assert_eq!(&pkt[12..16], &[0x81, 0, 0, 100]);
+    }
+}
+
+#[test]
+fn no_backend_with_weight_is_a_counted_drop() {
+    let mut f = Fixture::new(&config([0, 0, 0], false));
+    for (src, dst) in [(IpAddr::V4(CLIENT4), IpAddr::V4(VIP4)), (CLIENT6.into(), VIP6.into())] {
+        for flags in [tcp::SYN, tcp::ACK] {
+            let pkt = PacketBuilder::tcp(src, 40000, dst, 25, flags).build();
+            let (out, delta) = f.run_counted(&pkt);
+            assert_eq!(out.verdict, Verdict::Drop);
+            assert!(delta.contains(&("drop_no_backend", 1)), "{delta:?}");
+        }
+    }
+}
+
+#[test]
+fn sticky_service_sends_every_port_of_a_client_to_one_relay() {
+    let mut cfg = config([1, 1, 1], false);
+    for s in &mut cfg.services {
+        s.sticky = true;
+    }
+    let mut f = Fixture::new(&cfg);
+    let first = f.run(&PacketBuilder::tcp(CLIENT4, 1000, VIP4, 25, tcp::SYN).build());
+    for sport in 1001..1100 {
+        let out = f.run(&PacketBuilder::tcp(CLIENT4, sport, VIP4, 25, tcp::SYN).build());
+        assert_eq!(&out.output[0..6], &first.output[0..6]);
+    }
+    let _ = CLIENT_MAC;
+}
