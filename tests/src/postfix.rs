@@ -126,7 +126,7 @@ impl Postfix {
     /// Messages still in the queue (`postqueue -p` line count heuristic: queue ids).
     pub fn queue_len(&self) -> usize {
         let out = Command::new("postqueue").arg("-c").arg(&self.config).arg("-j").output();
-        out.map(|o| String::from_utf8_lossy(&o.stdout).lines().count()).unwrap_or(0)
+        out.map_or(0, |o| String::from_utf8_lossy(&o.stdout).lines().count())
     }
 
     pub fn config_dir(&self) -> &PathBuf {

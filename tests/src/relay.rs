@@ -186,8 +186,8 @@ impl Relay {
     pub fn terminate(&mut self) -> bool {
         let Some(mut c) = self.child.0.take() else { return false };
         // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        c.wait().map(|s| s.success()).unwrap_or(false)
+        unsafe { libc::kill(libc::pid_t::try_from(c.id()).expect("pid fits pid_t"), libc::SIGTERM) };
+        c.wait().is_ok_and(|s| s.success())
     }
 
     /// The relay's stderr (tracing output) so far.
@@ -220,12 +220,12 @@ impl Relay {
     }
 
     /// The value of an unlabelled metric, or of a labelled one given as `name{labels}`.
-    pub fn metric(&self, name: &str) -> f64 {
+    pub fn metric(&self, name: &str) -> u64 {
         let (_, body) = self.admin("GET", "/metrics");
         body.lines()
             .filter(|l| !l.starts_with('#'))
             .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or(0.0)
+            .unwrap_or(0)
     }
 
     pub fn spool_dir(&self) -> PathBuf {

@@ -1,6 +1,6 @@
 //! Destination servers for relay tests: Postfix's `smtp-sink` (a real peer)
 //! and a small scriptable sink that fails on cue (magic recipients, as in
-//! KumoMTA's tests): `tempfail-once@…` gets `451` on its first RCPT and `250`
+//! the tests of `KumoMTA`): `tempfail-once@` gets `451` on its first RCPT and `250`
 //! after; `reject@…` always gets `550 5.1.1`; every other recipient `250`.
 use std::{
     collections::HashMap,
@@ -238,7 +238,7 @@ impl CountingSink {
         let c = count.clone();
         // Lines look like "sess=3 quit=3 mesg=4\r"; keep the latest mesg=.
         std::thread::spawn(move || {
-            let mut buf = [0u8; 65536];
+            let mut buf = vec![0u8; 65536];
             let mut tail = String::new();
             while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
                 if n == 0 {

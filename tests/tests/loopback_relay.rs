@@ -51,9 +51,11 @@ fn smtp_source_and_swaks_submit_and_smtp_sink_receives_all() {
     let piped = msgs.iter().find(|m| m.contains("Subject: piped")).expect("pipelined message delivered");
     assert!(piped.contains("<p1@dst.test>") && piped.contains("<p2@dst.test>"), "two recipients, one transaction: {piped}");
     assert!(msgs.iter().all(|m| m.contains("by relay.test (smtp-lb)")), "every message carries our Received header");
-    let delivered = relay.log().iter().filter(|v| v["status"] == "delivered").count();
-    assert_eq!(delivered, 103, "one delivery-log line per recipient");
-    assert_eq!(relay.metric("smtp_lb_relay_accepted_total"), 102.0);
+    // One delivery-log line per recipient (written just after the sink's 250).
+    wait_for("103 delivered log lines", WAIT, || {
+        (relay.log().iter().filter(|v| v["status"] == "delivered").count() == 103).then_some(())
+    });
+    assert_eq!(relay.metric("smtp_lb_relay_accepted_total"), 102);
 }
 
 #[test]
@@ -168,14 +170,14 @@ fn null_mx_and_unknown_domain_bounce_with_the_right_status() {
     c.cmd("EHLO client.test");
     assert_eq!(c.transaction("s@src.test", &["u@nullmx.test"], b"Subject: to null mx\r\n\r\nx\r\n.\r\n").code, 250);
     assert_eq!(c.transaction("s@src.test", &["u@unknown.test"], b"Subject: to nowhere\r\n\r\nx\r\n.\r\n").code, 250);
-    let dsns = wait_for("two DSNs", WAIT, || {
+    let reports = wait_for("two DSNs", WAIT, || {
         let d: Vec<_> = sink.received().into_iter().filter(|m| m.from.is_empty()).collect();
         (d.len() == 2).then_some(d)
     });
-    let null = dsns.iter().find(|d| d.data.contains("u@nullmx.test")).expect("DSN for null MX");
+    let null = reports.iter().find(|d| d.data.contains("u@nullmx.test")).expect("DSN for null MX");
     assert!(null.data.contains("Status: 5.1.10"), "{}", null.data);
     assert!(null.data.contains("556 5.1.10"), "{}", null.data);
-    let unknown = dsns.iter().find(|d| d.data.contains("u@unknown.test")).expect("DSN for unknown domain");
+    let unknown = reports.iter().find(|d| d.data.contains("u@unknown.test")).expect("DSN for unknown domain");
     assert!(unknown.data.contains("Status: 5.1.2"), "{}", unknown.data);
     let log = relay.log();
     assert!(log.iter().any(|v| v["queue"] == "nullmx.test" && v["status"] == "bounced" && v["enhanced"] == "5.1.10"));
@@ -220,4 +222,100 @@ fn starttls_and_auth_on_submission_with_swaks() {
         (m.len() == 2).then_some(m)
     });
     assert!(msgs.iter().all(|m| m.contains("with ESMTPSA")), "Received says TLS + AUTH");
+}
+
+fn ctl(relay: &Relay, args: &[&str]) -> (bool, String) {
+    let out = Command::new(smtp_lb_tests::env::smtp_lb_bin())
+        .args(["ctl", "relay", "--admin", &relay.admin.to_string()])
+        .args(args)
+        .output()
+        .expect("run smtp-lb ctl relay");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn ctl_relay_shows_retries_bounces_and_deletes_queued_messages_and_metrics_count_them() {
+    let sink = ScriptSink::start();
+    // dead.test goes nowhere (a closed port) and retries only after an hour.
+    let relay = Relay::start(&RelayConfig {
+        routes: vec![("dead.test".into(), "127.0.0.1:1".into()), ("*".into(), sink.addr.to_string())],
+        retry_min: "1h".into(),
+        retry_max: "1h".into(),
+        ..RelayConfig::default()
+    });
+    let mut c = RawSmtp::connect(relay.smtp);
+    c.cmd("EHLO client.test");
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let r = c.transaction("s@src.test", &[&format!("u{i}@dead.test")], format!("Subject: queued {i}\r\n\r\nx\r\n.\r\n").as_bytes());
+        assert_eq!(r.code, 250);
+        ids.push(r.text.split("queued as ").nth(1).unwrap().trim().to_owned());
+    }
+    wait_for("three deferrals", WAIT, || (relay.log().iter().filter(|v| v["status"] == "deferred").count() == 3).then_some(()));
+    let (ok, out) = ctl(&relay, &["queue"]);
+    assert!(ok, "{out}");
+    let q: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(q["messages"], 3);
+    assert_eq!(q["domains"]["dead.test"]["scheduled"], 3);
+    let (ok, out) = ctl(&relay, &["show", &ids[0]]);
+    assert!(ok, "{out}");
+    let m: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(m["rcpts"][0], "u0@dead.test");
+    assert_eq!(m["attempts"], 1);
+    assert!(m["last_error"].as_str().unwrap().contains("4.4.1"), "{m}");
+    // retry now: a second attempt happens at once (and defers again).
+    let (ok, out) = ctl(&relay, &["retry", &ids[0]]);
+    assert!(ok && out.contains("\"jobs\":1"), "{out}");
+    wait_for("the second attempt", WAIT, || {
+        relay.log().iter().any(|v| v["rcpt"] == "u0@dead.test" && v["attempt"] == 2).then_some(())
+    });
+    // bounce: DSN to the sender, message gone.
+    let (ok, out) = ctl(&relay, &["bounce", &ids[1]]);
+    assert!(ok, "{out}");
+    let dsn = wait_for("the operator's bounce", WAIT, || sink.received().into_iter().find(|m| m.from.is_empty()));
+    assert!(dsn.data.contains("Final-Recipient: rfc822; u1@dead.test") && dsn.data.contains("bounced by the operator"));
+    // delete: gone without a DSN.
+    let (ok, out) = ctl(&relay, &["delete", &ids[2]]);
+    assert!(ok, "{out}");
+    let (ok, _) = ctl(&relay, &["show", &ids[2]]);
+    assert!(!ok, "deleted message is gone");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(sink.received().iter().filter(|m| m.from.is_empty()).count(), 1, "no DSN for a deleted message");
+    let (ok, metrics) = ctl(&relay, &["metrics"]);
+    assert!(ok);
+    assert!(metrics.contains("smtp_lb_relay_recipients_total{domain=\"dead.test\",status=\"deferred\"} 4"), "{metrics}");
+    assert!(metrics.contains("smtp_lb_relay_recipients_total{domain=\"dead.test\",status=\"bounced\"} 1"), "{metrics}");
+    assert!(metrics.contains("smtp_lb_relay_recipients_total{domain=\"src.test\",status=\"delivered\"} 1"), "{metrics}");
+    assert_eq!(relay.metric("smtp_lb_relay_queue_messages"), 1);
+    assert_eq!(relay.metric("smtp_lb_relay_accepted_total"), 4, "three messages and one DSN");
+}
+
+#[test]
+fn sigterm_lets_the_transaction_in_flight_finish() {
+    let sink = ScriptSink::start();
+    let mut relay = Relay::start(&route_all_to(sink.addr));
+    let mut c = RawSmtp::connect(relay.smtp);
+    c.cmd("EHLO client.test");
+    assert_eq!(c.cmd("MAIL FROM:<s@src.test>").code, 250);
+    assert_eq!(c.cmd("RCPT TO:<r@dst.test>").code, 250);
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send(b"Subject: in flight\r\n\r\nfirst half\r\n");
+    let pid = relay.pid();
+    let term = std::thread::spawn(move || {
+        // SAFETY: kill(2) on the relay child's pid.
+        unsafe { libc::kill(libc::pid_t::try_from(pid).unwrap(), libc::SIGTERM) };
+    });
+    term.join().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // An idle session opened now would be refused; ours is mid-DATA and may finish.
+    c.send(b"second half\r\n.\r\n");
+    let r = c.reply().expect("reply to the end of data after SIGTERM");
+    assert_eq!(r.code, 250, "{r:?}");
+    let r = c.cmd("NOOP");
+    assert_eq!(r.code, 421, "after its transaction the session is closed: {r:?}");
+    assert!(relay.terminate(), "clean exit after SIGTERM");
+    assert!(relay.stderr().contains("shutting down"));
+    // The accepted message is in the spool: a restart delivers it.
+    relay.restart();
+    wait_for("delivery after restart", WAIT, || sink.received().into_iter().find(|m| m.data.contains("second half")));
 }

@@ -85,7 +85,7 @@ fn kill_9_during_smtp_source_loses_no_accepted_message() {
             break seen;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(60),
+            started.elapsed() < Duration::from_mins(1),
             "{} of {} accepted messages never reached the sink, e.g. {:?}; relay log tail:\n{}",
             missing.len(),
             accepted.len(),
@@ -150,5 +150,5 @@ fn corrupt_spool_at_startup_is_moved_aside_reported_and_not_delivered() {
     let moved: Vec<_> = std::fs::read_dir(relay.spool_dir().join("corrupt")).expect("corrupt/ exists").flatten().collect();
     assert_eq!(moved.len(), 1, "the damaged segment is kept for inspection");
     assert!(relay.stderr().contains("corrupt spool data"), "reported in the log");
-    assert_eq!(relay.metric("smtp_lb_relay_spool_corrupt_segments"), 1.0);
+    assert_eq!(relay.metric("smtp_lb_relay_spool_corrupt_segments"), 1);
 }

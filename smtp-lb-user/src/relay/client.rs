@@ -5,6 +5,7 @@
 //! socket is bound to it before `connect`, so source pools (issue 6) only
 //! choose the address.
 use std::{
+    fmt::Write as _,
     io,
     net::{IpAddr, SocketAddr},
     sync::Arc,
@@ -55,8 +56,9 @@ impl ClientError {
         match self {
             Self::Rejected { reply, .. } => reply.clone(),
             Self::Connect { .. } | Self::Bind { .. } => Reply::local(451, "4.4.1", self.to_string()),
-            Self::TimedOut { .. } => Reply::local(451, "4.4.2", self.to_string()),
-            Self::Io { .. } | Self::Protocol { .. } => Reply::local(451, "4.4.2", self.to_string()),
+            Self::TimedOut { .. } | Self::Io { .. } | Self::Protocol { .. } => {
+                Reply::local(451, "4.4.2", self.to_string())
+            }
         }
     }
 }
@@ -239,7 +241,7 @@ impl Client {
         let t = self.timeouts.clone();
         let mut mail = format!("MAIL FROM:<{sender}>");
         if self.caps.size.is_some() {
-            mail.push_str(&format!(" SIZE={}", body.len()));
+            let _ = write!(mail, " SIZE={}", body.len());
         }
         if self.caps.eightbitmime && body.iter().any(|b| *b >= 0x80) {
             mail.push_str(" BODY=8BITMIME");

@@ -145,13 +145,13 @@ pub struct IngressTimeouts {
 
 impl IngressTimeouts {
     fn default_command() -> Duration {
-        Duration::from_secs(300)
+        Duration::from_mins(5)
     }
     fn default_data() -> Duration {
-        Duration::from_secs(180)
+        Duration::from_mins(3)
     }
     fn default_write() -> Duration {
-        Duration::from_secs(60)
+        Duration::from_mins(1)
     }
     fn default_tls() -> Duration {
         Duration::from_secs(30)
@@ -255,13 +255,13 @@ impl ClientTimeouts {
         Duration::from_secs(30)
     }
     fn default_2m() -> Duration {
-        Duration::from_secs(120)
+        Duration::from_mins(2)
     }
     fn default_5m() -> Duration {
-        Duration::from_secs(300)
+        Duration::from_mins(5)
     }
     fn default_10m() -> Duration {
-        Duration::from_secs(600)
+        Duration::from_mins(10)
     }
 }
 
@@ -298,13 +298,13 @@ pub struct RetryConfig {
 
 impl RetryConfig {
     fn default_min() -> Duration {
-        Duration::from_secs(300)
+        Duration::from_mins(5)
     }
     fn default_max() -> Duration {
         Duration::from_secs(4000)
     }
     fn default_max_age() -> Duration {
-        Duration::from_secs(5 * 86400)
+        Duration::from_hours(5 * 24)
     }
     fn default_jitter() -> f64 {
         0.2

@@ -14,7 +14,11 @@ fn headers_of(body: &[u8]) -> &[u8] {
 }
 
 /// RFC 5322 date for a Unix time in milliseconds (always UTC).
+#[expect(clippy::many_single_char_names, reason = "the names of the civil-from-days algorithm")]
+#[expect(clippy::cast_possible_wrap, clippy::cast_sign_loss, reason = "days since 1970 and month indexes are small and positive")]
 pub fn rfc5322_date(unix_ms: u64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
     let secs = unix_ms / 1000;
     let days = secs / 86400;
     let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
@@ -28,8 +32,6 @@ pub fn rfc5322_date(unix_ms: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let mo = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(mo <= 2);
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
     format!("{}, {d:02} {} {y} {h:02}:{m:02}:{s:02} +0000", DAYS[(days % 7) as usize], MONTHS[(mo - 1) as usize])
 }
 

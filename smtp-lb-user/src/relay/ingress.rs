@@ -8,7 +8,7 @@
 //! nothing "smuggled" after a `<LF>.<LF>` is ever read as commands
 //! (CVE-2023-51764 class).
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -151,6 +151,7 @@ enum Line {
 
 /// Result of reading DATA.
 #[derive(Default)]
+#[expect(clippy::struct_excessive_bools, reason = "independent reasons to refuse one message")]
 struct Data {
     body: Vec<u8>,
     bare: bool,
@@ -245,8 +246,9 @@ impl Session {
         let n = if interruptible {
             let mut shutdown = self.shutdown.clone();
             let r = tokio::select! {
-                r = read => Some(r),
+                biased;
                 _ = shutdown.wait_for(|s| *s) => None,
+                r = read => Some(r),
             };
             if let Some(r) = r {
                 r
@@ -526,12 +528,11 @@ impl Session {
                 })
             }
             "LOGIN" => {
-                let user = match initial {
-                    Some(i) => b64.decode(i.as_bytes()).ok(),
-                    None => {
-                        self.reply("334 VXNlcm5hbWU6");
-                        self.auth_line().await?
-                    }
+                let user = if let Some(i) = initial {
+                    b64.decode(i.as_bytes()).ok()
+                } else {
+                    self.reply("334 VXNlcm5hbWU6");
+                    self.auth_line().await?
                 };
                 match user {
                     Some(user) => {
@@ -649,7 +650,7 @@ impl Session {
             Ok((id, received_ms, location)) => {
                 drop(body);
                 self.shared.metrics.accepted.fetch_add(1, Ordering::Relaxed);
-                queue.submit(QueuedMessage::new(id, sender, rcpts, received_ms, location, Default::default()));
+                queue.submit(QueuedMessage::new(id, sender, rcpts, received_ms, location, HashSet::default()));
                 let r = format!("250 2.0.0 Ok: queued as {id:016x}");
                 self.reply(&r);
             }

@@ -312,6 +312,7 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
 }
 
 #[cfg(test)]
+#[expect(clippy::format_push_string, reason = "building wire text in tests")]
 mod tests {
     use proptest::prelude::*;
 
@@ -368,7 +369,11 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 20_000, ..ProptestConfig::default() })]
+        // PROPTEST_CASES raises the count for a longer soak.
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000),
+            ..ProptestConfig::default()
+        })]
 
         /// The command parser never panics, and what it accepts is ASCII without controls.
         #[test]

@@ -334,13 +334,11 @@ impl Queue {
                     client.quit().await;
                     continue 'connection;
                 }
-                match self.pop(&domain) {
-                    Some(next) => job = next,
-                    None => {
-                        client.quit().await;
-                        return;
-                    }
-                }
+                let Some(next) = self.pop(&domain) else {
+                    client.quit().await;
+                    return;
+                };
+                job = next;
             }
         }
     }
@@ -462,7 +460,7 @@ impl Queue {
             for (_, job) in due {
                 self.push_ready(job);
             }
-            let sleep = next.map_or(Duration::from_secs(3600), |t| t.saturating_duration_since(Instant::now()));
+            let sleep = next.map_or(Duration::from_hours(1), |t| t.saturating_duration_since(Instant::now()));
             tokio::select! {
                 () = tokio::time::sleep(sleep) => {}
                 () = self.wake.notified() => {}

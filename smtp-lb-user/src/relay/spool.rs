@@ -617,7 +617,7 @@ mod tests {
         let seg = segment_path(&dir, locs[1].segment);
         let mut data = std::fs::read(&seg).unwrap();
         data[usize::try_from(locs[1].body_offset).unwrap()] ^= 0xff; // flip a body byte of message 1
-        data.extend_from_slice(&data[..20].to_vec()); // and a torn tail
+        data.extend_from_within(..20); // and a torn tail
         std::fs::write(&seg, &data).unwrap();
         let (_spool, rec, corrupt) = Spool::open(&dir).unwrap();
         assert_eq!(rec.len(), 2);
