@@ -18,6 +18,7 @@ const MASTER_CF: &str = "\
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
 rewrite   unix  -       -       n       -       -       trivial-rewrite
 bounce    unix  -       -       n       -       0       bounce
 defer     unix  -       -       n       -       0       bounce
@@ -49,11 +50,39 @@ fn postfix_ids() -> (u32, u32) {
 impl Postfix {
     /// Destination MX for `domain`: every recipient lands in one Maildir.
     pub fn destination(domain: &str) -> Self {
+        Self::destination_with(domain, "")
+    }
+
+    /// Destination MX with extra main.cf lines.
+    pub fn destination_with(domain: &str, extra: &str) -> Self {
         let (uid, gid) = postfix_ids();
         Self::start(&format!(
             "mydestination =\nvirtual_mailbox_domains = {domain}\nvirtual_mailbox_base = {{DIR}}/mail\n\
-             virtual_mailbox_maps = static:inbox/\nvirtual_uid_maps = static:{uid}\nvirtual_gid_maps = static:{gid}\n"
+             virtual_mailbox_maps = static:inbox/\nvirtual_uid_maps = static:{uid}\nvirtual_gid_maps = static:{gid}\n{extra}"
         ))
+    }
+
+    /// Destination MX that offers STARTTLS with a throwaway certificate made in `dir`.
+    pub fn destination_tls(domain: &str, dir: &std::path::Path) -> Self {
+        let (cert, key) = (dir.join("pf-cert.pem"), dir.join("pf-key.pem"));
+        let ok = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+            .args(["-days", "1", "-subj", "/CN=mx.test", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("run openssl");
+        assert!(ok.success(), "openssl req failed");
+        Self::destination_with(
+            domain,
+            &format!(
+                "smtpd_tls_security_level = may\nsmtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\nsmtpd_tls_received_header = yes\n",
+                cert.display(),
+                key.display()
+            ),
+        )
     }
 
     /// A relay that sends everything to `next_hop` (like the relay under test with a `*` route).
@@ -83,7 +112,7 @@ impl Postfix {
              inet_interfaces = 127.0.0.1\ninet_protocols = ipv4\nmynetworks = 127.0.0.0/8\n\
              maillog_file = {d}/maillog\nmaillog_file_prefixes = {d}\nsmtputf8_enable = no\nalias_maps =\nalias_database =\nbiff = no\n\
              smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n\
-             smtp_tls_security_level = none\nsmtpd_tls_security_level = none\n\
+             smtp_tls_security_level = none\n\
              default_process_limit = 100\n"
         );
         main.push_str(&extra.replace("{DIR}", &d));

@@ -79,6 +79,7 @@ pub struct Received {
 
 #[derive(Default)]
 struct State {
+    sessions: usize,
     received: Vec<Received>,
     attempts: HashMap<String, u32>,
 }
@@ -123,6 +124,11 @@ impl ScriptSink {
         self.state.lock().expect("sink lock").received.clone()
     }
 
+    /// SMTP sessions (connections) so far.
+    pub fn sessions(&self) -> usize {
+        self.state.lock().expect("sink lock").sessions
+    }
+
     /// RCPT attempts seen for an address.
     pub fn attempts(&self, rcpt: &str) -> u32 {
         self.state.lock().expect("sink lock").attempts.get(rcpt).copied().unwrap_or(0)
@@ -141,6 +147,7 @@ impl Drop for ScriptSink {
 
 fn session(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    state.lock().expect("sink lock").sessions += 1;
     let mut w = conn.try_clone()?;
     let mut r = BufReader::new(conn);
     w.write_all(b"220 script-sink ESMTP\r\n")?;

@@ -59,8 +59,9 @@ fn smtp_source_and_swaks_submit_and_smtp_sink_receives_all() {
 }
 
 #[test]
-fn real_postfix_as_mx_found_via_dnsmasq_receives_identical_body() {
-    let postfix = Postfix::destination("dest.test");
+fn real_postfix_as_mx_found_via_dnsmasq_receives_identical_body_over_starttls() {
+    let certs = TempDir::new("pf-tls");
+    let postfix = Postfix::destination_tls("dest.test", certs.path());
     // mx0 (preferred) is dead: the relay must fall through to mx1.
     let dns = Dnsmasq::start(&[
         "--local=/test/".into(),
@@ -93,6 +94,9 @@ fn real_postfix_as_mx_found_via_dnsmasq_receives_identical_body() {
     // Postfix may append a missing Date: header; ours must be there, intact and in order.
     assert!(got_head.contains(sent_head), "original headers must follow the trace headers:\n{got_head}");
     assert!(got_head.contains("by relay.test (smtp-lb)"));
+    // Postfix's own Received header: the relay upgraded with STARTTLS (opportunistic).
+    let postfix_received = got_head.split("Received: ").nth(1).unwrap_or_default();
+    assert!(postfix_received.contains("with ESMTPS"), "delivery was not over TLS:\n{got_head}\n{}", postfix.maillog());
     let entry = relay.wait_log("delivered log line", WAIT, |v| v["status"] == "delivered");
     assert_eq!(entry["mx"], "mx1.dest.test");
     assert_eq!(entry["ip"], "127.0.0.1");
@@ -318,4 +322,20 @@ fn sigterm_lets_the_transaction_in_flight_finish() {
     // The accepted message is in the spool: a restart delivers it.
     relay.restart();
     wait_for("delivery after restart", WAIT, || sink.received().into_iter().find(|m| m.data.contains("second half")));
+}
+
+#[test]
+fn one_connection_carries_many_messages_to_the_same_destination() {
+    let sink = ScriptSink::start();
+    let relay = Relay::start(&RelayConfig { connections_per_destination: 1, ..route_all_to(sink.addr) });
+    let server = relay.smtp.to_string();
+    let out = Command::new("smtp-source")
+        .args(["-s", "4", "-m", "40", "-f", "s@src.test", "-t", "r@dst.test", &server])
+        .output()
+        .expect("run smtp-source");
+    assert!(out.status.success());
+    wait_for("40 messages", WAIT, || (sink.received().len() == 40).then_some(()));
+    let sessions = sink.sessions();
+    assert!(sessions < 40, "connections are reused: {sessions} sessions for 40 messages");
+    eprintln!("connection reuse: 40 messages over {sessions} connections");
 }
