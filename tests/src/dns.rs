@@ -15,8 +15,19 @@ impl Dnsmasq {
     pub fn start(args: &[String]) -> Self {
         let port = free_udp_port();
         let child = Command::new("dnsmasq")
-            .args(["--no-daemon", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll"])
-            .args(["--bind-interfaces", "--listen-address=127.0.0.1", "--user=root", "--pid-file="])
+            .args([
+                "--no-daemon",
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--no-poll",
+            ])
+            .args([
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                "--user=root",
+                "--pid-file=",
+            ])
             .arg(format!("--port={port}"))
             .args(["--log-facility=-", "--quiet-dhcp"])
             .args(args)
@@ -24,6 +35,9 @@ impl Dnsmasq {
             .expect("spawn dnsmasq (package dnsmasq-base)");
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         crate::tmp::wait_listening(addr, Duration::from_secs(5));
-        Self { addr, _child: ChildGuard(Some(child)) }
+        Self {
+            addr,
+            _child: ChildGuard(Some(child)),
+        }
     }
 }

@@ -40,10 +40,22 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 ";
 
 fn postfix_ids() -> (u32, u32) {
-    let out = Command::new("id").args(["-u", "postfix"]).output().expect("id -u postfix");
-    let uid = String::from_utf8_lossy(&out.stdout).trim().parse().expect("postfix uid");
-    let out = Command::new("id").args(["-g", "postfix"]).output().expect("id -g postfix");
-    let gid = String::from_utf8_lossy(&out.stdout).trim().parse().expect("postfix gid");
+    let out = Command::new("id")
+        .args(["-u", "postfix"])
+        .output()
+        .expect("id -u postfix");
+    let uid = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("postfix uid");
+    let out = Command::new("id")
+        .args(["-g", "postfix"])
+        .output()
+        .expect("id -g postfix");
+    let gid = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("postfix gid");
     (uid, gid)
 }
 
@@ -66,7 +78,15 @@ impl Postfix {
     pub fn destination_tls(domain: &str, dir: &std::path::Path) -> Self {
         let (cert, key) = (dir.join("pf-cert.pem"), dir.join("pf-key.pem"));
         let ok = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+            ])
             .args(["-days", "1", "-subj", "/CN=mx.test", "-keyout"])
             .arg(&key)
             .arg("-out")
@@ -87,7 +107,11 @@ impl Postfix {
 
     /// A relay that sends everything to `next_hop` (like the relay under test with a `*` route).
     pub fn relay_to(next_hop: SocketAddr) -> Self {
-        Self::start(&format!("mydestination =\nrelayhost = [{}]:{}\n", next_hop.ip(), next_hop.port()))
+        Self::start(&format!(
+            "mydestination =\nrelayhost = [{}]:{}\n",
+            next_hop.ip(),
+            next_hop.port()
+        ))
     }
 
     /// Starts an instance with `extra` main.cf lines (`{DIR}` is the instance directory).
@@ -120,7 +144,12 @@ impl Postfix {
         let master = format!("{addr} inet n - n - - smtpd\n{MASTER_CF}");
         std::fs::write(dir.join("etc/master.cf"), master).expect("write master.cf");
         let config = dir.join("etc");
-        let out = Command::new("postfix").arg("-c").arg(&config).arg("start").output().expect("run postfix start");
+        let out = Command::new("postfix")
+            .arg("-c")
+            .arg(&config)
+            .arg("start")
+            .output()
+            .expect("run postfix start");
         assert!(
             out.status.success(),
             "postfix -c {} start failed (it reports to syslog only; run it under `script` to see why): {}{}",
@@ -154,7 +183,11 @@ impl Postfix {
 
     /// Messages still in the queue (`postqueue -p` line count heuristic: queue ids).
     pub fn queue_len(&self) -> usize {
-        let out = Command::new("postqueue").arg("-c").arg(&self.config).arg("-j").output();
+        let out = Command::new("postqueue")
+            .arg("-c")
+            .arg(&self.config)
+            .arg("-j")
+            .output();
         out.map_or(0, |o| String::from_utf8_lossy(&o.stdout).lines().count())
     }
 
@@ -165,7 +198,11 @@ impl Postfix {
 
 impl Drop for Postfix {
     fn drop(&mut self) {
-        let _ = Command::new("postfix").arg("-c").arg(&self.config).arg("stop").output();
+        let _ = Command::new("postfix")
+            .arg("-c")
+            .arg(&self.config)
+            .arg("stop")
+            .output();
         // master exits asynchronously; give it a moment before the directory goes.
         for _ in 0..50 {
             if !self.dir.join("queue/pid/master.pid").exists() {
@@ -173,6 +210,10 @@ impl Drop for Postfix {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let _ = Command::new("postfix").arg("-c").arg(&self.config).arg("abort").output();
+        let _ = Command::new("postfix")
+            .arg("-c")
+            .arg(&self.config)
+            .arg("abort")
+            .output();
     }
 }

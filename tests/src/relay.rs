@@ -85,13 +85,18 @@ impl Relay {
     pub fn start(cfg: &RelayConfig) -> Self {
         let dir = TempDir::new("relay");
         let smtp: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let submission: Option<SocketAddr> = cfg.submission.then(|| ([127, 0, 0, 1], free_port()).into());
+        let submission: Option<SocketAddr> =
+            cfg.submission.then(|| ([127, 0, 0, 1], free_port()).into());
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let spool = cfg.spool_dir.clone().unwrap_or_else(|| dir.join("spool"));
         let mut t = String::new();
         let _ = writeln!(t, "hostname = \"relay.test\"");
         let _ = writeln!(t, "spool_dir = {}", q(&spool.display().to_string()));
-        let _ = writeln!(t, "delivery_log = {}", q(&dir.join("delivery.log").display().to_string()));
+        let _ = writeln!(
+            t,
+            "delivery_log = {}",
+            q(&dir.join("delivery.log").display().to_string())
+        );
         let _ = writeln!(t, "admin = \"{admin}\"");
         let nets: Vec<String> = cfg.relay_networks.iter().map(|n| q(n)).collect();
         let _ = writeln!(t, "relay_networks = [{}]", nets.join(", "));
@@ -100,12 +105,25 @@ impl Relay {
             let _ = writeln!(t, "[[listener]]\naddress = \"{s}\"\nsubmission = true");
         }
         for (name, password) in &cfg.users {
-            let _ = writeln!(t, "[[user]]\nname = {}\npassword = {}", q(name), q(password));
+            let _ = writeln!(
+                t,
+                "[[user]]\nname = {}\npassword = {}",
+                q(name),
+                q(password)
+            );
         }
         if cfg.tls {
             let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
             let ok = Command::new("openssl")
-                .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                ])
                 .args(["-days", "1", "-subj", "/CN=relay.test", "-keyout"])
                 .arg(&key)
                 .arg("-out")
@@ -114,7 +132,12 @@ impl Relay {
                 .status()
                 .expect("run openssl");
             assert!(ok.success(), "openssl req failed");
-            let _ = writeln!(t, "[tls]\ncert = {}\nkey = {}", q(&cert.display().to_string()), q(&key.display().to_string()));
+            let _ = writeln!(
+                t,
+                "[tls]\ncert = {}\nkey = {}",
+                q(&cert.display().to_string()),
+                q(&key.display().to_string())
+            );
         }
         let _ = writeln!(
             t,
@@ -133,16 +156,34 @@ impl Relay {
             "[delivery]\nport = {}\nconnections_per_destination = {}\n[delivery.timeouts]\nconnect = \"2s\"\ngreeting = \"10s\"",
             cfg.mx_port, cfg.connections_per_destination
         );
-        let _ = writeln!(t, "[retry]\nmin = {}\nmax = {}\nmax_age = {}", q(&cfg.retry_min), q(&cfg.retry_max), q(&cfg.max_age));
+        let _ = writeln!(
+            t,
+            "[retry]\nmin = {}\nmax = {}\nmax_age = {}",
+            q(&cfg.retry_min),
+            q(&cfg.retry_max),
+            q(&cfg.max_age)
+        );
         let ns: Vec<String> = cfg.nameservers.iter().map(|n| q(n)).collect();
-        let _ = writeln!(t, "[dns]\nnameservers = [{}]\ntimeout = \"2s\"", ns.join(", "));
+        let _ = writeln!(
+            t,
+            "[dns]\nnameservers = [{}]\ntimeout = \"2s\"",
+            ns.join(", ")
+        );
         let _ = writeln!(t, "[routes]");
         for (d, hop) in &cfg.routes {
             let _ = writeln!(t, "{} = {}", q(d), q(hop));
         }
         let config_path = dir.join("relay.toml");
         std::fs::write(&config_path, t).expect("write relay config");
-        let mut relay = Self { dir, smtp, submission, admin, config_path, child: ChildGuard(None), starts: 0 };
+        let mut relay = Self {
+            dir,
+            smtp,
+            submission,
+            admin,
+            config_path,
+            child: ChildGuard(None),
+            starts: 0,
+        };
         relay.spawn();
         relay
     }
@@ -161,7 +202,12 @@ impl Relay {
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {} relay: {e} (build it: cargo build --release -p smtp-lb-user)", smtp_lb_bin().display()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "spawn {} relay: {e} (build it: cargo build --release -p smtp-lb-user)",
+                    smtp_lb_bin().display()
+                )
+            });
         self.child = ChildGuard(Some(child));
         wait_listening(self.smtp, Duration::from_secs(10));
         wait_listening(self.admin, Duration::from_secs(10));
@@ -184,9 +230,16 @@ impl Relay {
 
     /// SIGTERM and wait; returns whether it exited successfully.
     pub fn terminate(&mut self) -> bool {
-        let Some(mut c) = self.child.0.take() else { return false };
+        let Some(mut c) = self.child.0.take() else {
+            return false;
+        };
         // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(libc::pid_t::try_from(c.id()).expect("pid fits pid_t"), libc::SIGTERM) };
+        unsafe {
+            libc::kill(
+                libc::pid_t::try_from(c.id()).expect("pid fits pid_t"),
+                libc::SIGTERM,
+            )
+        };
         c.wait().is_ok_and(|s| s.success())
     }
 
@@ -205,18 +258,36 @@ impl Relay {
     }
 
     /// Waits until the delivery log has a line matching `f`, and returns it.
-    pub fn wait_log(&self, what: &str, timeout: Duration, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    pub fn wait_log(
+        &self,
+        what: &str,
+        timeout: Duration,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         wait_for(what, timeout, || self.log().into_iter().find(|v| f(v)))
     }
 
     /// One HTTP request to the admin listener: (status, body).
     pub fn admin(&self, method: &str, path: &str) -> (u16, String) {
         let mut s = TcpStream::connect(self.admin).expect("connect admin");
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write admin");
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("write admin");
         let mut resp = String::new();
         s.read_to_string(&mut resp).expect("read admin");
-        let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        (status, resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+        let status = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (
+            status,
+            resp.split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default(),
+        )
     }
 
     /// The value of an unlabelled metric, or of a labelled one given as `name{labels}`.
@@ -224,7 +295,11 @@ impl Relay {
         let (_, body) = self.admin("GET", "/metrics");
         body.lines()
             .filter(|l| !l.starts_with('#'))
-            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|r| r.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse().ok())
+            })
             .unwrap_or(0)
     }
 

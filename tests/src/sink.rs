@@ -35,7 +35,11 @@ impl SmtpSink {
         let dir = TempDir::new("smtp-sink");
         std::fs::create_dir_all(dir.join("dump")).expect("mkdir dump");
         // smtp-sink drops to `nobody` before writing its files.
-        Command::new("chmod").args(["777"]).arg(dir.join("dump")).status().expect("chmod");
+        Command::new("chmod")
+            .args(["777"])
+            .arg(dir.join("dump"))
+            .status()
+            .expect("chmod");
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let template = format!("{}/%M.", dir.join("dump").display());
         let child = Command::new("smtp-sink")
@@ -46,13 +50,20 @@ impl SmtpSink {
             .spawn()
             .expect("spawn smtp-sink (package postfix)");
         wait_listening(addr, Duration::from_secs(5));
-        Self { addr, dir, _child: ChildGuard(Some(child)) }
+        Self {
+            addr,
+            dir,
+            _child: ChildGuard(Some(child)),
+        }
     }
 
     /// Every dumped transaction: `X-…` envelope lines, then the message.
     pub fn messages(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for e in std::fs::read_dir(self.dir.join("dump")).expect("read dump dir").flatten() {
+        for e in std::fs::read_dir(self.dir.join("dump"))
+            .expect("read dump dir")
+            .flatten()
+        {
             if let Ok(b) = std::fs::read(e.path()) {
                 out.push(String::from_utf8_lossy(&b).into_owned());
             }
@@ -117,7 +128,12 @@ impl ScriptSink {
                 }
             }
         });
-        Self { addr, state, stop, thread: Some(thread) }
+        Self {
+            addr,
+            state,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -131,7 +147,13 @@ impl ScriptSink {
 
     /// RCPT attempts seen for an address.
     pub fn attempts(&self, rcpt: &str) -> u32 {
-        self.state.lock().expect("sink lock").attempts.get(rcpt).copied().unwrap_or(0)
+        self.state
+            .lock()
+            .expect("sink lock")
+            .attempts
+            .get(rcpt)
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -159,10 +181,18 @@ fn session(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
             return Ok(());
         }
         let upper = line.to_ascii_uppercase();
-        let arg = |l: &str| l.split_once('<').and_then(|(_, b)| b.split_once('>')).map(|(a, _)| a.to_owned());
+        let arg = |l: &str| {
+            l.split_once('<')
+                .and_then(|(_, b)| b.split_once('>'))
+                .map(|(a, _)| a.to_owned())
+        };
         let reply: String = if upper.starts_with("EHLO") {
-            "250-script-sink\r\n250-PIPELINING\r\n250-SIZE 100000000\r\n250 ENHANCEDSTATUSCODES".into()
-        } else if upper.starts_with("HELO") || upper.starts_with("RSET") || upper.starts_with("NOOP") {
+            "250-script-sink\r\n250-PIPELINING\r\n250-SIZE 100000000\r\n250 ENHANCEDSTATUSCODES"
+                .into()
+        } else if upper.starts_with("HELO")
+            || upper.starts_with("RSET")
+            || upper.starts_with("NOOP")
+        {
             if upper.starts_with("RSET") {
                 from = None;
                 rcpts.clear();
@@ -266,7 +296,11 @@ impl CountingSink {
             }
         });
         wait_listening(addr, Duration::from_secs(5));
-        Self { addr, count, _child: ChildGuard(Some(child)) }
+        Self {
+            addr,
+            count,
+            _child: ChildGuard(Some(child)),
+        }
     }
 
     /// Messages received so far.

@@ -21,8 +21,13 @@ impl RawSmtp {
     /// Connects and reads the greeting (asserted to be 220).
     pub fn connect(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-        let mut s = Self { stream, buf: Vec::new() };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut s = Self {
+            stream,
+            buf: Vec::new(),
+        };
         let g = s.reply().expect("greeting");
         assert_eq!(g.code, 220, "greeting: {g:?}");
         s
@@ -35,7 +40,8 @@ impl RawSmtp {
     /// Sends one command line (CRLF added) and returns its reply.
     pub fn cmd(&mut self, line: &str) -> Reply {
         self.send(format!("{line}\r\n").as_bytes());
-        self.reply().unwrap_or_else(|| panic!("no reply to {line:?}"))
+        self.reply()
+            .unwrap_or_else(|| panic!("no reply to {line:?}"))
     }
 
     /// Reads one (multi-line) reply; `None` on EOF or timeout.

@@ -41,7 +41,11 @@ impl Drop for TempDir {
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("local addr")
+        .port()
 }
 
 /// A UDP+TCP port on 127.0.0.1 that was free a moment ago (for DNS).
@@ -62,7 +66,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -70,7 +77,9 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 /// Waits until something accepts TCP connections on `addr`.
 pub fn wait_listening(addr: SocketAddr, timeout: Duration) {
     wait_for(&format!("a listener on {addr}"), timeout, || {
-        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok().map(drop)
+        TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+            .ok()
+            .map(drop)
     });
 }
 

@@ -25,7 +25,10 @@ struct Fixture {
 
 fn fixture(tweak: impl FnOnce(&mut RelayConfig)) -> Fixture {
     let sink = ScriptSink::start();
-    let mut cfg = RelayConfig { routes: vec![("*".into(), sink.addr.to_string())], ..RelayConfig::default() };
+    let mut cfg = RelayConfig {
+        routes: vec![("*".into(), sink.addr.to_string())],
+        ..RelayConfig::default()
+    };
     tweak(&mut cfg);
     let relay = Relay::start(&cfg);
     Fixture { sink, relay }
@@ -42,9 +45,18 @@ impl Fixture {
     fn still_serving(&self, tag: &str) {
         let mut c = self.session();
         let subject = format!("still serving {tag}");
-        let r = c.transaction("s@src.test", &["r@dst.test"], format!("Subject: {subject}\r\n\r\nok\r\n.\r\n").as_bytes());
+        let r = c.transaction(
+            "s@src.test",
+            &["r@dst.test"],
+            format!("Subject: {subject}\r\n\r\nok\r\n.\r\n").as_bytes(),
+        );
         assert_eq!(r.code, 250, "{r:?}");
-        wait_for("the clean message", WAIT, || self.sink.received().into_iter().find(|m| m.data.contains(&subject)));
+        wait_for("the clean message", WAIT, || {
+            self.sink
+                .received()
+                .into_iter()
+                .find(|m| m.data.contains(&subject))
+        });
     }
 
     /// Sends DATA with `data` (which must end the data itself) and returns the final reply.
@@ -59,7 +71,11 @@ impl Fixture {
     }
 
     fn delivered_containing(&self, needle: &str) -> usize {
-        self.sink.received().iter().filter(|m| m.data.contains(needle)).count()
+        self.sink
+            .received()
+            .iter()
+            .filter(|m| m.data.contains(needle))
+            .count()
     }
 }
 
@@ -102,10 +118,12 @@ fn lf_dot_lf_does_not_end_data_so_nothing_is_smuggled() {
 fn text_line_over_1000_octets_is_refused_and_1000_is_accepted() {
     let f = fixture(|_| {});
     let ok_line = "a".repeat(998); // + CRLF = 1000
-    let (_c, code, text) = f.data(format!("Subject: len-1000\r\n\r\n{ok_line}\r\n.\r\n").as_bytes());
+    let (_c, code, text) =
+        f.data(format!("Subject: len-1000\r\n\r\n{ok_line}\r\n.\r\n").as_bytes());
     assert_eq!(code, 250, "{text}");
     let long_line = "b".repeat(999); // + CRLF = 1001
-    let (_c, code, text) = f.data(format!("Subject: len-1001\r\n\r\n{long_line}\r\n.\r\n").as_bytes());
+    let (_c, code, text) =
+        f.data(format!("Subject: len-1001\r\n\r\n{long_line}\r\n.\r\n").as_bytes());
     assert_eq!(code, 554, "{text}");
     assert!(text.contains("1000"), "{text}");
     f.still_serving("long line");
@@ -122,7 +140,11 @@ fn command_line_over_512_octets_is_refused_and_session_continues() {
     assert_eq!(r.code, 500, "{r:?}");
     assert!(r.text.contains("too long"), "{r:?}");
     assert_eq!(c.cmd("NOOP").code, 250, "the session goes on");
-    assert_eq!(c.cmd("MAIL FROM:<s@src.test>").code, 250, "and no transaction was started by the long line");
+    assert_eq!(
+        c.cmd("MAIL FROM:<s@src.test>").code,
+        250,
+        "and no transaction was started by the long line"
+    );
     f.still_serving("long command");
 }
 
@@ -160,7 +182,12 @@ fn two_hundred_pipelined_commands_in_one_write_get_two_hundred_replies() {
     assert_eq!(codes[199], 354);
     c.send(b"Subject: pipelined-200\r\n\r\nhi\r\n.\r\n");
     assert_eq!(c.reply().unwrap().code, 250);
-    let m = wait_for("the pipelined message", WAIT, || f.sink.received().into_iter().find(|m| m.data.contains("pipelined-200")));
+    let m = wait_for("the pipelined message", WAIT, || {
+        f.sink
+            .received()
+            .into_iter()
+            .find(|m| m.data.contains("pipelined-200"))
+    });
     assert_eq!(m.rcpts.len(), 198);
     f.still_serving("pipelining");
 }
@@ -169,7 +196,9 @@ fn two_hundred_pipelined_commands_in_one_write_get_two_hundred_replies() {
 fn client_that_never_reads_is_dropped_and_others_are_served() {
     let f = fixture(|c| c.write_timeout = "1s".into());
     let mut stuck = TcpStream::connect(f.relay.smtp).unwrap();
-    stuck.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    stuck
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     // Keep sending commands and never read a reply: once the socket buffers
     // are full the relay's writes block, it gives up after its write timeout
     // and closes, and our writes start failing.
@@ -187,12 +216,19 @@ fn client_that_never_reads_is_dropped_and_others_are_served() {
     let started = Instant::now();
     f.still_serving("while one client never reads");
     assert!(started.elapsed() < Duration::from_secs(5));
-    let (err, after) = writer.join().unwrap().expect("the relay must drop a client that never reads");
+    let (err, after) = writer
+        .join()
+        .unwrap()
+        .expect("the relay must drop a client that never reads");
     eprintln!("non-reading client cut off after {after:?}: {err}");
     wait_for("the stuck session to be gone", WAIT, || {
         (f.relay.metric("smtp_lb_relay_ingress_connections") == 0).then_some(())
     });
-    assert!(f.relay.stderr().contains("timed out") || f.relay.stderr().contains("write"), "{}", f.relay.stderr());
+    assert!(
+        f.relay.stderr().contains("timed out") || f.relay.stderr().contains("write"),
+        "{}",
+        f.relay.stderr()
+    );
 }
 
 #[test]
@@ -229,12 +265,20 @@ fn connection_limit_refuses_extra_clients_with_421() {
     let f = fixture(|c| c.max_connections = 3);
     let held: Vec<RawSmtp> = (0..3).map(|_| RawSmtp::connect(f.relay.smtp)).collect();
     let mut extra = TcpStream::connect(f.relay.smtp).unwrap();
-    extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut buf = [0u8; 256];
     let n = std::io::Read::read(&mut extra, &mut buf).unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("421 4.7.0"), "{}", String::from_utf8_lossy(&buf[..n]));
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("421 4.7.0"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
     drop(held);
-    wait_for("slots to free", WAIT, || (f.relay.metric("smtp_lb_relay_ingress_connections") == 0).then_some(()));
+    wait_for("slots to free", WAIT, || {
+        (f.relay.metric("smtp_lb_relay_ingress_connections") == 0).then_some(())
+    });
     f.still_serving("connection limit");
 }
 
@@ -274,7 +318,11 @@ fn unwritable_spool_answers_451_instead_of_accepting() {
     let tmp = TempDir::new("spool-tmpfs");
     let mnt = tmp.join("spool");
     std::fs::create_dir_all(&mnt).unwrap();
-    let ok = Command::new("mount").args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"]).arg(&mnt).status().unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
     assert!(ok.success(), "mount tmpfs");
     let _unmount = Unmount(mnt.clone());
     // Deliveries fail (nothing listens), so the spool only fills.
@@ -288,10 +336,20 @@ fn unwritable_spool_answers_451_instead_of_accepting() {
     let mut codes = Vec::new();
     for _ in 0..12 {
         let mut c = f.session();
-        codes.push(c.transaction("s@src.test", &["r@dst.test"], format!("Subject: fill\r\n\r\n{body}.\r\n").as_bytes()).code);
+        codes.push(
+            c.transaction(
+                "s@src.test",
+                &["r@dst.test"],
+                format!("Subject: fill\r\n\r\n{body}.\r\n").as_bytes(),
+            )
+            .code,
+        );
     }
     assert!(codes.contains(&250), "{codes:?}");
-    assert!(codes.contains(&451), "a full spool must answer 451: {codes:?}");
+    assert!(
+        codes.contains(&451),
+        "a full spool must answer 451: {codes:?}"
+    );
     assert!(codes.iter().all(|c| *c == 250 || *c == 451), "{codes:?}");
     assert!(f.relay.metric("smtp_lb_relay_spool_errors_total") >= 1);
     // Still serving SMTP (NOOP), though it cannot accept mail while full.

@@ -19,7 +19,10 @@ use smtp_lb_tests::{
 
 /// Queue ids in `250 … queued as ID` lines of `smtp-source -v`.
 fn queued_ids(lines: &[String]) -> Vec<String> {
-    lines.iter().filter_map(|l| l.split("queued as ").nth(1).map(|id| id.trim().to_owned())).collect()
+    lines
+        .iter()
+        .filter_map(|l| l.split("queued as ").nth(1).map(|id| id.trim().to_owned()))
+        .collect()
 }
 
 #[test]
@@ -31,7 +34,17 @@ fn kill_9_during_smtp_source_loses_no_accepted_message() {
     });
     let total = 3000;
     let mut source = Command::new("smtp-source")
-        .args(["-v", "-s", "8", "-m", &total.to_string(), "-f", "s@src.test", "-t", "r@dst.test"])
+        .args([
+            "-v",
+            "-s",
+            "8",
+            "-m",
+            &total.to_string(),
+            "-f",
+            "s@src.test",
+            "-t",
+            "r@dst.test",
+        ])
         .arg(relay.smtp.to_string())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -61,7 +74,11 @@ fn kill_9_during_smtp_source_loses_no_accepted_message() {
     source.kill();
     reader.join().unwrap();
     let accepted = queued_ids(&lines.lock().unwrap());
-    assert!(accepted.len() < total, "the kill must interrupt the run ({} of {total} accepted)", accepted.len());
+    assert!(
+        accepted.len() < total,
+        "the kill must interrupt the run ({} of {total} accepted)",
+        accepted.len()
+    );
     let delivered_before_restart = sink.count();
 
     relay.restart();
@@ -71,7 +88,11 @@ fn kill_9_during_smtp_source_loses_no_accepted_message() {
         for m in sink.messages() {
             // Our Received header: "by relay.test (smtp-lb) with ESMTP id <id>".
             let ours = m.split("(smtp-lb) with ").nth(1).unwrap_or("");
-            if let Some(id) = ours.split(" id ").nth(1).and_then(|r| r.split_whitespace().next()) {
+            if let Some(id) = ours
+                .split(" id ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+            {
                 *seen.entry(id.trim_end_matches(';').to_owned()).or_default() += 1;
             }
         }
@@ -80,7 +101,10 @@ fn kill_9_during_smtp_source_loses_no_accepted_message() {
     let started = std::time::Instant::now();
     let seen = loop {
         let seen = count_seen();
-        let missing: Vec<_> = accepted.iter().filter(|id| !seen.contains_key(*id)).collect();
+        let missing: Vec<_> = accepted
+            .iter()
+            .filter(|id| !seen.contains_key(*id))
+            .collect();
         if missing.is_empty() {
             break seen;
         }
@@ -90,7 +114,13 @@ fn kill_9_during_smtp_source_loses_no_accepted_message() {
             missing.len(),
             accepted.len(),
             &missing[..missing.len().min(5)],
-            relay.stderr().lines().rev().take(30).collect::<Vec<_>>().join("\n")
+            relay
+                .stderr()
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -102,7 +132,10 @@ fn kill_9_during_smtp_source_loses_no_accepted_message() {
         accepted.len(),
         seen.len()
     );
-    assert!(relay.stderr().contains("recovered messages queued again") || delivered_before_restart >= accepted.len());
+    assert!(
+        relay.stderr().contains("recovered messages queued again")
+            || delivered_before_restart >= accepted.len()
+    );
 }
 
 #[test]
@@ -118,7 +151,11 @@ fn corrupt_spool_at_startup_is_moved_aside_reported_and_not_delivered() {
     let mut c = RawSmtp::connect(relay.smtp);
     c.cmd("EHLO client.test");
     for tag in ["KEEP-ONE", "CORRUPT-ME", "KEEP-TWO"] {
-        let r = c.transaction("s@src.test", &["r@dst.test"], format!("Subject: {tag}\r\n\r\n{tag} body\r\n.\r\n").as_bytes());
+        let r = c.transaction(
+            "s@src.test",
+            &["r@dst.test"],
+            format!("Subject: {tag}\r\n\r\n{tag} body\r\n.\r\n").as_bytes(),
+        );
         assert_eq!(r.code, 250);
     }
     relay.kill9();
@@ -130,7 +167,10 @@ fn corrupt_spool_at_startup_is_moved_aside_reported_and_not_delivered() {
         .find(|p| std::fs::read(p).is_ok_and(|d| d.windows(10).any(|w| w == b"CORRUPT-ME")))
         .expect("segment holding the messages");
     let mut data = std::fs::read(&seg).unwrap();
-    let at = data.windows(15).position(|w| w == b"CORRUPT-ME body").unwrap();
+    let at = data
+        .windows(15)
+        .position(|w| w == b"CORRUPT-ME body")
+        .unwrap();
     data[at] = b'X';
     let torn = data[..40].to_vec();
     data.extend_from_slice(&torn);
@@ -144,11 +184,27 @@ fn corrupt_spool_at_startup_is_moved_aside_reported_and_not_delivered() {
     });
     std::thread::sleep(Duration::from_millis(500));
     let got: Vec<_> = got.iter().map(|m| m.data.clone()).collect();
-    assert_eq!(sink.received().len(), 2, "exactly the intact messages: {got:?}");
-    assert!(got.iter().any(|d| d.contains("KEEP-ONE")) && got.iter().any(|d| d.contains("KEEP-TWO")));
-    assert!(!got.iter().any(|d| d.contains("CORRUPT") || d.contains("XORRUPT")), "nothing from the damaged record");
-    let moved: Vec<_> = std::fs::read_dir(relay.spool_dir().join("corrupt")).expect("corrupt/ exists").flatten().collect();
+    assert_eq!(
+        sink.received().len(),
+        2,
+        "exactly the intact messages: {got:?}"
+    );
+    assert!(
+        got.iter().any(|d| d.contains("KEEP-ONE")) && got.iter().any(|d| d.contains("KEEP-TWO"))
+    );
+    assert!(
+        !got.iter()
+            .any(|d| d.contains("CORRUPT") || d.contains("XORRUPT")),
+        "nothing from the damaged record"
+    );
+    let moved: Vec<_> = std::fs::read_dir(relay.spool_dir().join("corrupt"))
+        .expect("corrupt/ exists")
+        .flatten()
+        .collect();
     assert_eq!(moved.len(), 1, "the damaged segment is kept for inspection");
-    assert!(relay.stderr().contains("corrupt spool data"), "reported in the log");
+    assert!(
+        relay.stderr().contains("corrupt spool data"),
+        "reported in the log"
+    );
     assert_eq!(relay.metric("smtp_lb_relay_spool_corrupt_segments"), 1);
 }

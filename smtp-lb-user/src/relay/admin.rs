@@ -23,7 +23,9 @@ use super::queue::Queue;
 
 pub async fn serve(listener: TcpListener, queue: Arc<Queue>) {
     loop {
-        let Ok((socket, _)) = listener.accept().await else { continue };
+        let Ok((socket, _)) = listener.accept().await else {
+            continue;
+        };
         let queue = queue.clone();
         tokio::spawn(async move {
             if let Err(e) = handle(socket, &queue).await {
@@ -37,7 +39,9 @@ async fn handle(mut socket: TcpStream, queue: &Arc<Queue>) -> std::io::Result<()
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-        let n = timeout(Duration::from_secs(5), socket.read(&mut chunk)).await.map_err(std::io::Error::other)??;
+        let n = timeout(Duration::from_secs(5), socket.read(&mut chunk))
+            .await
+            .map_err(std::io::Error::other)??;
         if n == 0 {
             break;
         }
@@ -60,16 +64,28 @@ fn json(v: &serde_json::Value) -> (&'static str, &'static str, String) {
 }
 
 fn not_found() -> (&'static str, &'static str, String) {
-    ("404 Not Found", "application/json", r#"{"error":"not found"}"#.to_owned())
+    (
+        "404 Not Found",
+        "application/json",
+        r#"{"error":"not found"}"#.to_owned(),
+    )
 }
 
-async fn route(method: &str, path: &str, queue: &Arc<Queue>) -> (&'static str, &'static str, String) {
+async fn route(
+    method: &str,
+    path: &str,
+    queue: &Arc<Queue>,
+) -> (&'static str, &'static str, String) {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let id = |s: &str| u64::from_str_radix(s, 16).ok();
     match (method, parts.as_slice()) {
         ("GET", ["metrics"]) => {
             let (depth, oldest) = queue.depth();
-            ("200 OK", "text/plain; version=0.0.4", queue.metrics.render(depth, oldest))
+            (
+                "200 OK",
+                "text/plain; version=0.0.4",
+                queue.metrics.render(depth, oldest),
+            )
         }
         ("GET", ["queue"]) => {
             let (depth, oldest) = queue.depth();

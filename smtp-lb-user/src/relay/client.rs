@@ -36,11 +36,20 @@ pub enum ClientError {
     #[error("connect to {addr}: {error}")]
     Connect { addr: SocketAddr, error: io::Error },
     #[error("timed out after {after:?} waiting for {phase}")]
-    TimedOut { phase: &'static str, after: Duration },
+    TimedOut {
+        phase: &'static str,
+        after: Duration,
+    },
     #[error("{phase}: {error}")]
-    Io { phase: &'static str, error: io::Error },
+    Io {
+        phase: &'static str,
+        error: io::Error,
+    },
     #[error("{phase}: {error}")]
-    Protocol { phase: &'static str, error: ReplyError },
+    Protocol {
+        phase: &'static str,
+        error: ReplyError,
+    },
     #[error("{phase} rejected: {reply}")]
     Rejected { phase: &'static str, reply: Reply },
 }
@@ -55,7 +64,9 @@ impl ClientError {
     pub fn reply(&self) -> Reply {
         match self {
             Self::Rejected { reply, .. } => reply.clone(),
-            Self::Connect { .. } | Self::Bind { .. } => Reply::local(451, "4.4.1", self.to_string()),
+            Self::Connect { .. } | Self::Bind { .. } => {
+                Reply::local(451, "4.4.1", self.to_string())
+            }
             Self::TimedOut { .. } | Self::Io { .. } | Self::Protocol { .. } => {
                 Reply::local(451, "4.4.2", self.to_string())
             }
@@ -82,7 +93,9 @@ impl Caps {
                 Some("PIPELINING") => caps.pipelining = true,
                 Some("STARTTLS") => caps.starttls = true,
                 Some("8BITMIME") => caps.eightbitmime = true,
-                Some("SIZE") => caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
+                Some("SIZE") => {
+                    caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0))
+                }
                 _ => {}
             }
         }
@@ -102,7 +115,11 @@ impl Transaction {
     /// The outcome for recipient `i`: its RCPT reply if refused, else the data reply.
     pub fn outcome(&self, i: usize) -> &Reply {
         let r = &self.rcpt_replies[i];
-        if r.is_positive() { self.data_reply.as_ref().unwrap_or(r) } else { r }
+        if r.is_positive() {
+            self.data_reply.as_ref().unwrap_or(r)
+        } else {
+            r
+        }
     }
 }
 
@@ -132,14 +149,23 @@ impl Client {
         tls: Option<&Arc<rustls::ClientConfig>>,
         timeouts: &ClientTimeouts,
     ) -> Result<Self, ClientError> {
-        let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
-            .map_err(|error| ClientError::Connect { addr, error })?;
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|error| ClientError::Connect { addr, error })?;
         if let Some(source_ip) = source {
-            socket.bind(SocketAddr::new(source_ip, 0)).map_err(|error| ClientError::Bind { source_ip, error })?;
+            socket
+                .bind(SocketAddr::new(source_ip, 0))
+                .map_err(|error| ClientError::Bind { source_ip, error })?;
         }
         let tcp = timeout(timeouts.connect, socket.connect(addr))
             .await
-            .map_err(|_| ClientError::TimedOut { phase: "connect", after: timeouts.connect })?
+            .map_err(|_| ClientError::TimedOut {
+                phase: "connect",
+                after: timeouts.connect,
+            })?
             .map_err(|error| ClientError::Connect { addr, error })?;
         let _ = tcp.set_nodelay(true);
         let local = tcp.local_addr().ok();
@@ -155,13 +181,18 @@ impl Client {
         };
         let greeting = client.read_reply("greeting", timeouts.greeting).await?;
         if !greeting.is_positive() {
-            return Err(ClientError::Rejected { phase: "greeting", reply: greeting });
+            return Err(ClientError::Rejected {
+                phase: "greeting",
+                reply: greeting,
+            });
         }
         client.hello(helo).await?;
         if let Some(tls) = tls
             && client.caps.starttls
         {
-            client.write(b"STARTTLS\r\n", "STARTTLS", timeouts.starttls).await?;
+            client
+                .write(b"STARTTLS\r\n", "STARTTLS", timeouts.starttls)
+                .await?;
             let reply = client.read_reply("STARTTLS", timeouts.starttls).await?;
             if reply.code == 220 {
                 let tcp = client.stream.take_plain().expect("plain before STARTTLS");
@@ -170,8 +201,14 @@ impl Client {
                 let connector = tokio_rustls::TlsConnector::from(tls.clone());
                 let tls_stream = timeout(timeouts.starttls, connector.connect(name, tcp))
                     .await
-                    .map_err(|_| ClientError::TimedOut { phase: "TLS handshake", after: timeouts.starttls })?
-                    .map_err(|error| ClientError::Io { phase: "TLS handshake", error })?;
+                    .map_err(|_| ClientError::TimedOut {
+                        phase: "TLS handshake",
+                        after: timeouts.starttls,
+                    })?
+                    .map_err(|error| ClientError::Io {
+                        phase: "TLS handshake",
+                        error,
+                    })?;
                 client.stream = Stream::ClientTls(Box::new(tls_stream));
                 client.rbuf.clear();
                 client.hello(helo).await?;
@@ -186,22 +223,32 @@ impl Client {
 
     async fn hello(&mut self, helo: &str) -> Result<(), ClientError> {
         let t = self.timeouts.ehlo;
-        self.write(format!("EHLO {helo}\r\n").as_bytes(), "EHLO", t).await?;
+        self.write(format!("EHLO {helo}\r\n").as_bytes(), "EHLO", t)
+            .await?;
         let reply = self.read_reply("EHLO", t).await?;
         if reply.is_positive() {
             self.caps = Caps::from_ehlo(&reply);
             return Ok(());
         }
-        self.write(format!("HELO {helo}\r\n").as_bytes(), "HELO", t).await?;
+        self.write(format!("HELO {helo}\r\n").as_bytes(), "HELO", t)
+            .await?;
         let reply = self.read_reply("HELO", t).await?;
         if !reply.is_positive() {
-            return Err(ClientError::Rejected { phase: "HELO", reply });
+            return Err(ClientError::Rejected {
+                phase: "HELO",
+                reply,
+            });
         }
         self.caps = Caps::default();
         Ok(())
     }
 
-    async fn write(&mut self, bytes: &[u8], phase: &'static str, after: Duration) -> Result<(), ClientError> {
+    async fn write(
+        &mut self,
+        bytes: &[u8],
+        phase: &'static str,
+        after: Duration,
+    ) -> Result<(), ClientError> {
         timeout(after, async {
             self.stream.write_all(bytes).await?;
             self.stream.flush().await
@@ -211,21 +258,32 @@ impl Client {
         .map_err(|error| ClientError::Io { phase, error })
     }
 
-    async fn read_reply(&mut self, phase: &'static str, after: Duration) -> Result<Reply, ClientError> {
+    async fn read_reply(
+        &mut self,
+        phase: &'static str,
+        after: Duration,
+    ) -> Result<Reply, ClientError> {
         timeout(after, async {
             loop {
-                if let Some((reply, used)) =
-                    parse_reply(&self.rbuf).map_err(|error| ClientError::Protocol { phase, error })?
+                if let Some((reply, used)) = parse_reply(&self.rbuf)
+                    .map_err(|error| ClientError::Protocol { phase, error })?
                 {
                     self.rbuf.drain(..used);
                     return Ok(reply);
                 }
                 let mut chunk = [0u8; 4096];
-                let n = self.stream.read(&mut chunk).await.map_err(|error| ClientError::Io { phase, error })?;
+                let n = self
+                    .stream
+                    .read(&mut chunk)
+                    .await
+                    .map_err(|error| ClientError::Io { phase, error })?;
                 if n == 0 {
                     return Err(ClientError::Io {
                         phase,
-                        error: io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed by server"),
+                        error: io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "connection closed by server",
+                        ),
                     });
                 }
                 self.rbuf.extend_from_slice(&chunk[..n]);
@@ -237,7 +295,12 @@ impl Client {
 
     /// Sends one message to several recipients. Replies the server gave are
     /// returned (they may be refusals); an `Err` means the connection is unusable.
-    pub async fn send(&mut self, sender: &str, rcpts: &[String], body: &[u8]) -> Result<Transaction, ClientError> {
+    pub async fn send(
+        &mut self,
+        sender: &str,
+        rcpts: &[String],
+        body: &[u8],
+    ) -> Result<Transaction, ClientError> {
         let t = self.timeouts.clone();
         let mut mail = format!("MAIL FROM:<{sender}>");
         if self.caps.size.is_some() {
@@ -260,7 +323,11 @@ impl Client {
             let mail_reply = self.read_reply("MAIL FROM", t.mail_from).await?;
             for _ in rcpts {
                 let r = self.read_reply("RCPT TO", t.rcpt_to).await?;
-                rcpt_replies.push(if mail_reply.is_positive() { r } else { mail_reply.clone() });
+                rcpt_replies.push(if mail_reply.is_positive() {
+                    r
+                } else {
+                    mail_reply.clone()
+                });
             }
             accepted = rcpt_replies.iter().any(Reply::is_positive);
             let data = self.read_reply("DATA", t.data).await?;
@@ -274,28 +341,46 @@ impl Client {
                     }
                 }
                 self.rset().await?;
-                return Ok(Transaction { rcpt_replies, data_reply: None });
+                return Ok(Transaction {
+                    rcpt_replies,
+                    data_reply: None,
+                });
             }
             if !accepted {
                 // 354 without recipients: finish the empty message and forget it.
                 self.write(b".\r\n", "DATA", t.data_done).await?;
                 let _ = self.read_reply("end of data", t.data_done).await?;
-                return Ok(Transaction { rcpt_replies, data_reply: None });
+                return Ok(Transaction {
+                    rcpt_replies,
+                    data_reply: None,
+                });
             }
         } else {
-            self.write(mail.as_bytes(), "MAIL FROM", t.mail_from).await?;
+            self.write(mail.as_bytes(), "MAIL FROM", t.mail_from)
+                .await?;
             let mail_reply = self.read_reply("MAIL FROM", t.mail_from).await?;
             if !mail_reply.is_positive() {
                 self.rset().await?;
-                return Ok(Transaction { rcpt_replies: vec![mail_reply; rcpts.len()], data_reply: None });
+                return Ok(Transaction {
+                    rcpt_replies: vec![mail_reply; rcpts.len()],
+                    data_reply: None,
+                });
             }
             for r in rcpts {
-                self.write(format!("RCPT TO:<{r}>\r\n").as_bytes(), "RCPT TO", t.rcpt_to).await?;
+                self.write(
+                    format!("RCPT TO:<{r}>\r\n").as_bytes(),
+                    "RCPT TO",
+                    t.rcpt_to,
+                )
+                .await?;
                 rcpt_replies.push(self.read_reply("RCPT TO", t.rcpt_to).await?);
             }
             if !rcpt_replies.iter().any(Reply::is_positive) {
                 self.rset().await?;
-                return Ok(Transaction { rcpt_replies, data_reply: None });
+                return Ok(Transaction {
+                    rcpt_replies,
+                    data_reply: None,
+                });
             }
             self.write(b"DATA\r\n", "DATA", t.data).await?;
             let data = self.read_reply("DATA", t.data).await?;
@@ -306,24 +391,37 @@ impl Client {
                     }
                 }
                 self.rset().await?;
-                return Ok(Transaction { rcpt_replies, data_reply: None });
+                return Ok(Transaction {
+                    rcpt_replies,
+                    data_reply: None,
+                });
             }
         }
         let stuffed = dot_stuff(body);
         self.write(&stuffed, "end of data", t.data_done).await?;
         let reply = self.read_reply("end of data", t.data_done).await?;
         self.messages_sent += 1;
-        Ok(Transaction { rcpt_replies, data_reply: Some(reply) })
+        Ok(Transaction {
+            rcpt_replies,
+            data_reply: Some(reply),
+        })
     }
 
     async fn rset(&mut self) -> Result<(), ClientError> {
-        self.write(b"RSET\r\n", "RSET", self.timeouts.mail_from).await?;
-        self.read_reply("RSET", self.timeouts.mail_from).await.map(drop)
+        self.write(b"RSET\r\n", "RSET", self.timeouts.mail_from)
+            .await?;
+        self.read_reply("RSET", self.timeouts.mail_from)
+            .await
+            .map(drop)
     }
 
     /// Ends the session politely; errors are irrelevant by now.
     pub async fn quit(mut self) {
-        if self.write(b"QUIT\r\n", "QUIT", Duration::from_secs(5)).await.is_ok() {
+        if self
+            .write(b"QUIT\r\n", "QUIT", Duration::from_secs(5))
+            .await
+            .is_ok()
+        {
             let _ = self.read_reply("QUIT", Duration::from_secs(5)).await;
         }
         let _ = self.stream.shutdown().await;
@@ -372,7 +470,12 @@ impl ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -381,7 +484,12 @@ impl ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -407,7 +515,10 @@ mod tests {
 
     #[test]
     fn dot_stuffing_doubles_leading_dots_and_terminates() {
-        assert_eq!(dot_stuff(b".a\r\nb\r\n..c\r\n"), b"..a\r\nb\r\n...c\r\n.\r\n");
+        assert_eq!(
+            dot_stuff(b".a\r\nb\r\n..c\r\n"),
+            b"..a\r\nb\r\n...c\r\n.\r\n"
+        );
         assert_eq!(dot_stuff(b"no newline"), b"no newline\r\n.\r\n");
     }
 }

@@ -139,7 +139,10 @@ pub struct IngressTimeouts {
     #[serde(default = "IngressTimeouts::default_tls", with = "humantime_serde")]
     pub tls_handshake: Duration,
     /// On shutdown, how long a session in the middle of a transaction may take to finish.
-    #[serde(default = "IngressTimeouts::default_shutdown_grace", with = "humantime_serde")]
+    #[serde(
+        default = "IngressTimeouts::default_shutdown_grace",
+        with = "humantime_serde"
+    )]
     pub shutdown_grace: Duration,
 }
 
@@ -338,13 +341,20 @@ pub struct DnsConfig {
 
 impl Config {
     fn default_hostname() -> String {
-        std::fs::read_to_string("/etc/hostname").map_or_else(|_| "localhost".to_owned(), |s| s.trim().to_owned())
+        std::fs::read_to_string("/etc/hostname")
+            .map_or_else(|_| "localhost".to_owned(), |s| s.trim().to_owned())
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("read relay config {}", path.display()))?;
-        let cfg: Self = toml::from_str(&text).with_context(|| format!("parse relay config {}", path.display()))?;
-        anyhow::ensure!(!cfg.listeners.is_empty(), "relay config {}: no [[listener]]", path.display());
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read relay config {}", path.display()))?;
+        let cfg: Self = toml::from_str(&text)
+            .with_context(|| format!("parse relay config {}", path.display()))?;
+        anyhow::ensure!(
+            !cfg.listeners.is_empty(),
+            "relay config {}: no [[listener]]",
+            path.display()
+        );
         for n in &cfg.relay_networks {
             Cidr::parse(n).with_context(|| format!("relay_networks entry {n:?}"))?;
         }
@@ -364,7 +374,11 @@ impl Cidr {
         let (a, p) = s.split_once('/').unwrap_or((s, ""));
         let addr: IpAddr = a.parse().context("bad address")?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = if p.is_empty() { max } else { p.parse().context("bad prefix")? };
+        let prefix = if p.is_empty() {
+            max
+        } else {
+            p.parse().context("bad prefix")?
+        };
         anyhow::ensure!(prefix <= max, "prefix /{prefix} too long");
         Ok(Self { addr, prefix })
     }
@@ -376,11 +390,15 @@ impl Cidr {
         };
         match (self.addr, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -398,7 +416,15 @@ mod tests {
         assert!(n.contains("127.1.2.3".parse().unwrap()));
         assert!(n.contains("::ffff:127.0.0.1".parse().unwrap()));
         assert!(!n.contains("10.0.0.1".parse().unwrap()));
-        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
-        assert!(Cidr::parse("2001:db8::/32").unwrap().contains("2001:db8::1".parse().unwrap()));
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
+        assert!(
+            Cidr::parse("2001:db8::/32")
+                .unwrap()
+                .contains("2001:db8::1".parse().unwrap())
+        );
     }
 }

@@ -57,13 +57,16 @@ fn load_tls(cfg: &super::config::TlsConfig) -> anyhow::Result<tokio_rustls::TlsA
         .with_context(|| format!("read certificate {}", cfg.cert.display()))?
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parse certificate {}", cfg.cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(&cfg.key).with_context(|| format!("read key {}", cfg.key.display()))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("TLS certificate and key do not match")?;
+    let key = PrivateKeyDer::from_pem_file(&cfg.key)
+        .with_context(|| format!("read key {}", cfg.key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("TLS certificate and key do not match")?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -78,8 +81,16 @@ impl Shared {
             data_timeout: cfg.timeouts.data,
             write_timeout: cfg.timeouts.write,
             tls_timeout: cfg.timeouts.tls_handshake,
-            networks: cfg.relay_networks.iter().map(|n| Cidr::parse(n)).collect::<anyhow::Result<_>>()?,
-            users: cfg.users.iter().map(|u| (u.name.clone(), u.password.clone())).collect(),
+            networks: cfg
+                .relay_networks
+                .iter()
+                .map(|n| Cidr::parse(n))
+                .collect::<anyhow::Result<_>>()?,
+            users: cfg
+                .users
+                .iter()
+                .map(|u| (u.name.clone(), u.password.clone()))
+                .collect(),
             tls: cfg.tls.as_ref().map(load_tls).transpose()?,
             limit: Arc::new(Semaphore::new(cfg.limits.max_connections)),
             queue,
@@ -111,17 +122,30 @@ pub async fn serve(
             }
         };
         let _ = socket.set_nodelay(true);
-        shared.metrics.ingress_connections_total.fetch_add(1, Ordering::Relaxed);
+        shared
+            .metrics
+            .ingress_connections_total
+            .fetch_add(1, Ordering::Relaxed);
         let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
-            shared.metrics.ingress_connections_refused.fetch_add(1, Ordering::Relaxed);
-            let _ = timeout(Duration::from_secs(1), socket.write_all(b"421 4.7.0 Error: too many connections\r\n")).await;
+            shared
+                .metrics
+                .ingress_connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            let _ = timeout(
+                Duration::from_secs(1),
+                socket.write_all(b"421 4.7.0 Error: too many connections\r\n"),
+            )
+            .await;
             continue;
         };
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         let done = done.clone();
         tokio::spawn(async move {
-            shared.metrics.ingress_connections_active.fetch_add(1, Ordering::Relaxed);
+            shared
+                .metrics
+                .ingress_connections_active
+                .fetch_add(1, Ordering::Relaxed);
             let mut session = Session::new(socket, peer, submission, shared.clone(), shutdown);
             match session.run().await {
                 Ok(()) | Err(End::Closed) => {}
@@ -129,7 +153,10 @@ pub async fn serve(
                 Err(End::Io(e)) => debug!(%peer, error = %e, "session i/o error"),
             }
             let _ = session.stream.shutdown().await;
-            shared.metrics.ingress_connections_active.fetch_sub(1, Ordering::Relaxed);
+            shared
+                .metrics
+                .ingress_connections_active
+                .fetch_sub(1, Ordering::Relaxed);
             drop(permit);
             drop(done);
         });
@@ -151,7 +178,10 @@ enum Line {
 
 /// Result of reading DATA.
 #[derive(Default)]
-#[expect(clippy::struct_excessive_bools, reason = "independent reasons to refuse one message")]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent reasons to refuse one message"
+)]
 struct Data {
     body: Vec<u8>,
     bare: bool,
@@ -226,15 +256,26 @@ impl Session {
             return Ok(());
         }
         let t = self.shared.write_timeout;
-        timeout(t, self.stream.write_all(&self.wbuf)).await.map_err(|_| End::Timeout("write"))?.map_err(End::Io)?;
-        timeout(t, self.stream.flush()).await.map_err(|_| End::Timeout("write"))?.map_err(End::Io)?;
+        timeout(t, self.stream.write_all(&self.wbuf))
+            .await
+            .map_err(|_| End::Timeout("write"))?
+            .map_err(End::Io)?;
+        timeout(t, self.stream.flush())
+            .await
+            .map_err(|_| End::Timeout("write"))?
+            .map_err(End::Io)?;
         self.wbuf.clear();
         Ok(())
     }
 
     /// Reads more input; replies are flushed first (RFC 2920 §3.2: the
     /// server flushes when it would otherwise wait for input).
-    async fn fill(&mut self, t: Duration, phase: &'static str, interruptible: bool) -> Result<(), End> {
+    async fn fill(
+        &mut self,
+        t: Duration,
+        phase: &'static str,
+        interruptible: bool,
+    ) -> Result<(), End> {
         self.flush().await?;
         if self.rpos > 0 && self.rpos * 2 >= self.rbuf.len() {
             self.rbuf.drain(..self.rpos);
@@ -300,7 +341,8 @@ impl Session {
             }
             // A session with a transaction open finishes it before shutdown.
             let interruptible = self.mail.is_none();
-            self.fill(self.shared.command_timeout, "command", interruptible).await?;
+            self.fill(self.shared.command_timeout, "command", interruptible)
+                .await?;
         }
     }
 
@@ -359,11 +401,19 @@ impl Session {
             lines.push("AUTH PLAIN LOGIN".to_owned());
         }
         let n = lines.len();
-        lines.iter().enumerate().map(|(i, l)| format!("250{}{l}", if i + 1 == n { ' ' } else { '-' })).collect::<Vec<_>>().join("\r\n")
+        lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| format!("250{}{l}", if i + 1 == n { ' ' } else { '-' }))
+            .collect::<Vec<_>>()
+            .join("\r\n")
     }
 
     fn auth_offered(&self) -> bool {
-        self.submission && self.stream.is_tls() && !self.shared.users.is_empty() && self.authed.is_none()
+        self.submission
+            && self.stream.is_tls()
+            && !self.shared.users.is_empty()
+            && self.authed.is_none()
     }
 
     /// Handles one command; `Ok(false)` ends the session.
@@ -397,12 +447,16 @@ impl Session {
                     match (p.keyword.as_str(), p.value.as_deref()) {
                         ("SIZE", Some(v)) => match v.parse::<u64>() {
                             Ok(n) if n > self.shared.max_size => {
-                                return Ok(!self.error("552 5.3.4 Message size exceeds fixed limit"));
+                                return Ok(
+                                    !self.error("552 5.3.4 Message size exceeds fixed limit")
+                                );
                             }
                             Ok(_) => {}
                             Err(_) => return Ok(!self.error("501 5.5.4 Bad SIZE parameter")),
                         },
-                        ("BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") || v.eq_ignore_ascii_case("7BIT") => {}
+                        ("BODY", Some(v))
+                            if v.eq_ignore_ascii_case("8BITMIME")
+                                || v.eq_ignore_ascii_case("7BIT") => {}
                         ("AUTH", _) => {}
                         _ => return Ok(!self.error("555 5.5.4 Unsupported MAIL parameter")),
                     }
@@ -422,7 +476,12 @@ impl Session {
                     return Ok(true);
                 }
                 let allowed = self.authed.is_some()
-                    || (!self.submission && self.shared.networks.iter().any(|n| n.contains(self.peer.ip())));
+                    || (!self.submission
+                        && self
+                            .shared
+                            .networks
+                            .iter()
+                            .any(|n| n.contains(self.peer.ip())));
                 if !allowed {
                     return Ok(!self.error("554 5.7.1 Relay access denied"));
                 }
@@ -490,7 +549,9 @@ impl Session {
     async fn auth_line(&mut self) -> Result<Option<Vec<u8>>, End> {
         self.flush().await?;
         match self.next_line().await? {
-            Line::Ok(l) if l != b"*" => Ok(base64::engine::general_purpose::STANDARD.decode(&l).ok()),
+            Line::Ok(l) if l != b"*" => {
+                Ok(base64::engine::general_purpose::STANDARD.decode(&l).ok())
+            }
             _ => Ok(None),
         }
     }
@@ -611,7 +672,9 @@ impl Session {
             return;
         }
         if data.bare {
-            self.error("554 5.6.0 Error: bare <CR> or <LF> in message data (only <CR><LF> allowed)");
+            self.error(
+                "554 5.6.0 Error: bare <CR> or <LF> in message data (only <CR><LF> allowed)",
+            );
             return;
         }
         if data.nul {
@@ -629,7 +692,11 @@ impl Session {
             (true, false, true) => "ESMTPA",
             (true, true, true) => "ESMTPSA",
         };
-        let for_clause = if rcpts.len() == 1 { format!("\r\n\tfor <{}>", rcpts[0]) } else { String::new() };
+        let for_clause = if rcpts.len() == 1 {
+            format!("\r\n\tfor <{}>", rcpts[0])
+        } else {
+            String::new()
+        };
         let queue = &self.shared.queue;
         let id = queue.spool().allocate_id();
         let received = format!(
@@ -638,8 +705,10 @@ impl Session {
             self.peer.ip(),
             self.shared.hostname,
             rfc5322_date(
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()
-                    as u64
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis() as u64
             ),
         );
         let mut body = Vec::with_capacity(received.len() + data.body.len());
@@ -650,12 +719,22 @@ impl Session {
             Ok((id, received_ms, location)) => {
                 drop(body);
                 self.shared.metrics.accepted.fetch_add(1, Ordering::Relaxed);
-                queue.submit(QueuedMessage::new(id, sender, rcpts, received_ms, location, HashSet::default()));
+                queue.submit(QueuedMessage::new(
+                    id,
+                    sender,
+                    rcpts,
+                    received_ms,
+                    location,
+                    HashSet::default(),
+                ));
                 let r = format!("250 2.0.0 Ok: queued as {id:016x}");
                 self.reply(&r);
             }
             Err(e) => {
-                self.shared.metrics.spool_errors.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .metrics
+                    .spool_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 error!(peer = %self.peer, error = %e, "message not accepted: spool write failed");
                 self.reply("451 4.3.0 Error: queue file write error");
             }

@@ -39,25 +39,29 @@ impl DeliveryLog {
     /// A log appending to `path`, or one that drops everything.
     pub fn open(path: Option<&Path>) -> anyhow::Result<Self> {
         use anyhow::Context;
-        let Some(path) = path else { return Ok(Self { tx: None }) };
+        let Some(path) = path else {
+            return Ok(Self { tx: None });
+        };
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .with_context(|| format!("open delivery log {}", path.display()))?;
         let (tx, rx) = mpsc::channel::<String>();
-        std::thread::Builder::new().name("delivery-log".into()).spawn(move || {
-            let mut w = BufWriter::new(file);
-            while let Ok(line) = rx.recv() {
-                let _ = w.write_all(line.as_bytes());
-                while let Ok(line) = rx.try_recv() {
+        std::thread::Builder::new()
+            .name("delivery-log".into())
+            .spawn(move || {
+                let mut w = BufWriter::new(file);
+                while let Ok(line) = rx.recv() {
                     let _ = w.write_all(line.as_bytes());
+                    while let Ok(line) = rx.try_recv() {
+                        let _ = w.write_all(line.as_bytes());
+                    }
+                    if let Err(e) = w.flush() {
+                        warn!(error = %e, "delivery log write failed");
+                    }
                 }
-                if let Err(e) = w.flush() {
-                    warn!(error = %e, "delivery log write failed");
-                }
-            }
-        })?;
+            })?;
         Ok(Self { tx: Some(tx) })
     }
 
@@ -65,7 +69,9 @@ impl DeliveryLog {
         let Some(tx) = &self.tx else { return };
         let mut v = serde_json::to_value(a).unwrap_or_default();
         if let Some(o) = v.as_object_mut() {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
             o.insert("ts".into(), serde_json::json!(now.as_secs_f64()));
         }
         let _ = tx.send(v.to_string() + "\n");

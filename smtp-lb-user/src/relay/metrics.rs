@@ -27,34 +27,105 @@ pub struct Metrics {
 impl Metrics {
     /// Counts one recipient outcome (`delivered`, `deferred`, `bounced`, `expired`).
     pub fn count(&self, domain: &str, status: &'static str) {
-        *self.by_domain.lock().expect("metrics lock").entry((domain.to_owned(), status)).or_default() += 1;
+        *self
+            .by_domain
+            .lock()
+            .expect("metrics lock")
+            .entry((domain.to_owned(), status))
+            .or_default() += 1;
     }
 
     /// Total over all domains for one status.
     pub fn total(&self, status: &str) -> u64 {
-        self.by_domain.lock().expect("metrics lock").iter().filter(|((_, s), _)| *s == status).map(|(_, n)| n).sum()
+        self.by_domain
+            .lock()
+            .expect("metrics lock")
+            .iter()
+            .filter(|((_, s), _)| *s == status)
+            .map(|(_, n)| n)
+            .sum()
     }
 
     pub fn render(&self, queue_depth: usize, oldest_secs: u64) -> String {
         let mut out = String::new();
         let c = |out: &mut String, name: &str, help: &str, kind: &str, v: String| {
-            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n");
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+            );
         };
-        c(&mut out, "smtp_lb_relay_accepted_total", "Messages accepted after spooling.", "counter", self.accepted.load(Ordering::Relaxed).to_string());
-        c(&mut out, "smtp_lb_relay_spool_errors_total", "Transactions refused with 451 because the spool failed.", "counter", self.spool_errors.load(Ordering::Relaxed).to_string());
-        c(&mut out, "smtp_lb_relay_spool_corrupt_segments", "Corrupt spool segments found at start-up.", "gauge", self.spool_corrupt.load(Ordering::Relaxed).to_string());
-        c(&mut out, "smtp_lb_relay_ingress_connections_total", "Ingress connections accepted.", "counter", self.ingress_connections_total.load(Ordering::Relaxed).to_string());
-        c(&mut out, "smtp_lb_relay_ingress_connections", "Ingress connections open now.", "gauge", self.ingress_connections_active.load(Ordering::Relaxed).to_string());
-        c(&mut out, "smtp_lb_relay_ingress_connections_refused_total", "Ingress connections refused over the limit.", "counter", self.ingress_connections_refused.load(Ordering::Relaxed).to_string());
-        c(&mut out, "smtp_lb_relay_queue_messages", "Messages in the queue.", "gauge", queue_depth.to_string());
-        c(&mut out, "smtp_lb_relay_queue_oldest_seconds", "Age of the oldest queued message.", "gauge", oldest_secs.to_string());
+        c(
+            &mut out,
+            "smtp_lb_relay_accepted_total",
+            "Messages accepted after spooling.",
+            "counter",
+            self.accepted.load(Ordering::Relaxed).to_string(),
+        );
+        c(
+            &mut out,
+            "smtp_lb_relay_spool_errors_total",
+            "Transactions refused with 451 because the spool failed.",
+            "counter",
+            self.spool_errors.load(Ordering::Relaxed).to_string(),
+        );
+        c(
+            &mut out,
+            "smtp_lb_relay_spool_corrupt_segments",
+            "Corrupt spool segments found at start-up.",
+            "gauge",
+            self.spool_corrupt.load(Ordering::Relaxed).to_string(),
+        );
+        c(
+            &mut out,
+            "smtp_lb_relay_ingress_connections_total",
+            "Ingress connections accepted.",
+            "counter",
+            self.ingress_connections_total
+                .load(Ordering::Relaxed)
+                .to_string(),
+        );
+        c(
+            &mut out,
+            "smtp_lb_relay_ingress_connections",
+            "Ingress connections open now.",
+            "gauge",
+            self.ingress_connections_active
+                .load(Ordering::Relaxed)
+                .to_string(),
+        );
+        c(
+            &mut out,
+            "smtp_lb_relay_ingress_connections_refused_total",
+            "Ingress connections refused over the limit.",
+            "counter",
+            self.ingress_connections_refused
+                .load(Ordering::Relaxed)
+                .to_string(),
+        );
+        c(
+            &mut out,
+            "smtp_lb_relay_queue_messages",
+            "Messages in the queue.",
+            "gauge",
+            queue_depth.to_string(),
+        );
+        c(
+            &mut out,
+            "smtp_lb_relay_queue_oldest_seconds",
+            "Age of the oldest queued message.",
+            "gauge",
+            oldest_secs.to_string(),
+        );
         let _ = write!(
             out,
             "# HELP smtp_lb_relay_recipients_total Recipient outcomes by destination domain.\n# TYPE smtp_lb_relay_recipients_total counter\n"
         );
         for ((domain, status), n) in self.by_domain.lock().expect("metrics lock").iter() {
             let domain = domain.replace(['"', '\\', '\n'], "_");
-            let _ = writeln!(out, "smtp_lb_relay_recipients_total{{domain=\"{domain}\",status=\"{status}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "smtp_lb_relay_recipients_total{{domain=\"{domain}\",status=\"{status}\"}} {n}"
+            );
         }
         out
     }

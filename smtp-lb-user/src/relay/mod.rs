@@ -48,13 +48,22 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     for c in &corrupt {
         warn!(segment = %c.segment.display(), moved_to = %c.moved_to.display(), bad_bytes = c.bad_bytes, "corrupt spool data reported");
     }
-    metrics.spool_corrupt.store(corrupt.len() as u64, Ordering::Relaxed);
+    metrics
+        .spool_corrupt
+        .store(corrupt.len() as u64, Ordering::Relaxed);
     let router = route::Router::new(&cfg.routes, &cfg.dns, cfg.delivery.port)?;
     let log = log::DeliveryLog::open(cfg.delivery_log.as_deref())?;
     let queue = queue::Queue::new(&cfg, spool, router, log, metrics.clone());
     let n = recovered.len();
     for r in recovered {
-        queue.submit(queue::QueuedMessage::new(r.id, r.sender, r.rcpts, r.received_ms, r.location, r.done));
+        queue.submit(queue::QueuedMessage::new(
+            r.id,
+            r.sender,
+            r.rcpts,
+            r.received_ms,
+            r.location,
+            r.done,
+        ));
     }
     if n > 0 {
         info!(messages = n, "recovered messages queued again");
@@ -65,12 +74,22 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     for l in &cfg.listeners {
-        let listener = TcpListener::bind(l.address).await.with_context(|| format!("bind SMTP listener {}", l.address))?;
+        let listener = TcpListener::bind(l.address)
+            .await
+            .with_context(|| format!("bind SMTP listener {}", l.address))?;
         info!(address = %l.address, submission = l.submission, "SMTP listener ready");
-        tokio::spawn(ingress::serve(listener, l.submission, shared.clone(), shutdown_rx.clone(), done_tx.clone()));
+        tokio::spawn(ingress::serve(
+            listener,
+            l.submission,
+            shared.clone(),
+            shutdown_rx.clone(),
+            done_tx.clone(),
+        ));
     }
     if let Some(addr) = cfg.admin {
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("bind admin listener {addr}"))?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind admin listener {addr}"))?;
         info!(address = %addr, "admin listener ready");
         tokio::spawn(admin::serve(listener, queue.clone()));
     }
@@ -81,7 +100,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     drop(done_tx);
     queue.stop();
     // Every session holds a sender; `recv` yields `None` once all are gone.
-    if tokio::time::timeout(cfg.timeouts.shutdown_grace, done_rx.recv()).await.is_err() {
+    if tokio::time::timeout(cfg.timeouts.shutdown_grace, done_rx.recv())
+        .await
+        .is_err()
+    {
         warn!("shutdown grace period over; closing remaining sessions");
     }
     Ok(())

@@ -22,8 +22,14 @@ pub enum Command {
     Ehlo(String),
     Helo(String),
     /// `MAIL FROM:<path> params`; the empty string is the null sender `<>`.
-    Mail { from: String, params: Vec<Param> },
-    Rcpt { to: String, params: Vec<Param> },
+    Mail {
+        from: String,
+        params: Vec<Param>,
+    },
+    Rcpt {
+        to: String,
+        params: Vec<Param>,
+    },
     Data,
     Rset,
     Noop,
@@ -32,7 +38,10 @@ pub enum Command {
     Help,
     StartTls,
     /// `AUTH mechanism [initial-response]`.
-    Auth { mechanism: String, initial: Option<String> },
+    Auth {
+        mechanism: String,
+        initial: Option<String>,
+    },
 }
 
 /// An ESMTP parameter (`SIZE=1000`, `BODY=8BITMIME`); the keyword is upper-cased.
@@ -64,7 +73,10 @@ impl CommandError {
 
 /// Parses one command line, without its CRLF.
 pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
-    if line.iter().any(|&b| b == 0 || b == b'\r' || b == b'\n' || b >= 0x80) {
+    if line
+        .iter()
+        .any(|&b| b == 0 || b == b'\r' || b == b'\n' || b >= 0x80)
+    {
         return Err(CommandError::Control);
     }
     // Checked above: only ASCII.
@@ -74,13 +86,23 @@ pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
         None => (line, ""),
     };
     let verb = verb.to_ascii_uppercase();
-    let no_args = |c: Command| if rest.is_empty() { Ok(c) } else { Err(CommandError::Syntax) };
+    let no_args = |c: Command| {
+        if rest.is_empty() {
+            Ok(c)
+        } else {
+            Err(CommandError::Syntax)
+        }
+    };
     match verb.as_str() {
         "EHLO" | "HELO" => {
             if rest.is_empty() || rest.contains(' ') {
                 return Err(CommandError::Syntax);
             }
-            Ok(if verb == "EHLO" { Command::Ehlo(rest.to_owned()) } else { Command::Helo(rest.to_owned()) })
+            Ok(if verb == "EHLO" {
+                Command::Ehlo(rest.to_owned())
+            } else {
+                Command::Helo(rest.to_owned())
+            })
         }
         "MAIL" => {
             let (from, params) = parse_path_args(rest, "FROM:")?;
@@ -138,8 +160,14 @@ fn parse_path_args(rest: &str, prefix: &str) -> Result<(String, Vec<Param>), Com
         .split(' ')
         .filter(|s| !s.is_empty())
         .map(|p| match p.split_once('=') {
-            Some((k, v)) => Param { keyword: k.to_ascii_uppercase(), value: Some(v.to_owned()) },
-            None => Param { keyword: p.to_ascii_uppercase(), value: None },
+            Some((k, v)) => Param {
+                keyword: k.to_ascii_uppercase(),
+                value: Some(v.to_owned()),
+            },
+            None => Param {
+                keyword: p.to_ascii_uppercase(),
+                value: None,
+            },
         })
         .collect();
     Ok((path.to_owned(), params))
@@ -148,7 +176,10 @@ fn parse_path_args(rest: &str, prefix: &str) -> Result<(String, Vec<Param>), Com
 /// `local@domain` with printable, space-free characters; `postmaster` alone is
 /// allowed for RCPT (RFC 5321 §4.5.1).
 fn valid_mailbox(path: &str) -> bool {
-    if path.bytes().any(|b| b <= b' ' || b == b'<' || b == b'>' || b == 0x7f) {
+    if path
+        .bytes()
+        .any(|b| b <= b' ' || b == b'<' || b == b'>' || b == 0x7f)
+    {
         return false;
     }
     if path.eq_ignore_ascii_case("postmaster") {
@@ -167,13 +198,17 @@ fn valid_domain(domain: &str) -> bool {
     !domain.is_empty()
         && domain.len() <= 255
         && domain.split('.').all(|l| {
-            !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
 }
 
 /// The domain of an address, lower-cased (the routing key).
 pub fn domain_of(addr: &str) -> String {
-    addr.rsplit_once('@').map_or_else(String::new, |(_, d)| d.to_ascii_lowercase())
+    addr.rsplit_once('@')
+        .map_or_else(String::new, |(_, d)| d.to_ascii_lowercase())
 }
 
 /// A server reply: code, optional enhanced status code, and its text lines.
@@ -208,14 +243,22 @@ impl EnhancedCode {
         if it.next().is_some() || !matches!(class, 2 | 4 | 5) || subject > 999 || detail > 999 {
             return None;
         }
-        Some(Self { class, subject, detail })
+        Some(Self {
+            class,
+            subject,
+            detail,
+        })
     }
 }
 
 impl Reply {
     /// A reply made locally (for errors that never reached a server).
     pub fn local(code: u16, enhanced: &str, text: impl Into<String>) -> Self {
-        Self { code, enhanced: EnhancedCode::parse(enhanced), lines: vec![text.into()] }
+        Self {
+            code,
+            enhanced: EnhancedCode::parse(enhanced),
+            lines: vec![text.into()],
+        }
     }
 
     pub fn is_positive(&self) -> bool {
@@ -283,7 +326,9 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
         if b.len() < 3 || !b[..3].iter().all(u8::is_ascii_digit) || !(b'2'..=b'5').contains(&b[0]) {
             return Err(ReplyError::Malformed(line.into_owned()));
         }
-        let this: u16 = line[..3].parse().map_err(|_| ReplyError::Malformed(line.to_string()))?;
+        let this: u16 = line[..3]
+            .parse()
+            .map_err(|_| ReplyError::Malformed(line.to_string()))?;
         if let Some(c) = code
             && c != this
         {
@@ -298,7 +343,9 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
         };
         // The enhanced code is taken from the first line and stripped from all.
         let text = match text.split_once(' ').map_or((text, ""), |(a, b)| (a, b)) {
-            (first, rest) if EnhancedCode::parse(first).is_some_and(|e| u16::from(e.class) == this / 100) => {
+            (first, rest)
+                if EnhancedCode::parse(first).is_some_and(|e| u16::from(e.class) == this / 100) =>
+            {
                 enhanced = enhanced.or(EnhancedCode::parse(first));
                 rest
             }
@@ -306,7 +353,14 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
         };
         lines.push(text.to_owned());
         if last {
-            return Ok(Some((Reply { code: this, enhanced, lines }, pos)));
+            return Ok(Some((
+                Reply {
+                    code: this,
+                    enhanced,
+                    lines,
+                },
+                pos,
+            )));
         }
     }
 }
@@ -326,8 +380,14 @@ mod tests {
             Command::Mail {
                 from: "a@b.example".into(),
                 params: vec![
-                    Param { keyword: "SIZE".into(), value: Some("100".into()) },
-                    Param { keyword: "BODY".into(), value: Some("8BITMIME".into()) }
+                    Param {
+                        keyword: "SIZE".into(),
+                        value: Some("100".into())
+                    },
+                    Param {
+                        keyword: "BODY".into(),
+                        value: Some("8BITMIME".into())
+                    }
                 ]
             }
         );
@@ -335,7 +395,13 @@ mod tests {
 
     #[test]
     fn null_sender_is_empty_and_null_rcpt_is_refused() {
-        assert_eq!(parse_command(b"mail from: <>").unwrap(), Command::Mail { from: String::new(), params: vec![] });
+        assert_eq!(
+            parse_command(b"mail from: <>").unwrap(),
+            Command::Mail {
+                from: String::new(),
+                params: vec![]
+            }
+        );
         assert_eq!(parse_command(b"RCPT TO:<>"), Err(CommandError::BadAddress));
     }
 
@@ -353,7 +419,9 @@ mod tests {
 
     #[test]
     fn multiline_reply_with_enhanced_code() {
-        let (r, n) = parse_reply(b"250-mx.example\r\n250-PIPELINING\r\n250 2.0.0 SIZE 100\r\nrest").unwrap().unwrap();
+        let (r, n) = parse_reply(b"250-mx.example\r\n250-PIPELINING\r\n250 2.0.0 SIZE 100\r\nrest")
+            .unwrap()
+            .unwrap();
         assert_eq!(n, 52);
         assert_eq!(r.code, 250);
         assert_eq!(r.lines, vec!["mx.example", "PIPELINING", "SIZE 100"]);

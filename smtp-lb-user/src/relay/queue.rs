@@ -65,11 +65,23 @@ impl QueuedMessage {
         location: Location,
         done: HashSet<u32>,
     ) -> Self {
-        Self { id, sender, rcpts, received_ms, location, state: Mutex::new(MessageState { done, ..Default::default() }) }
+        Self {
+            id,
+            sender,
+            rcpts,
+            received_ms,
+            location,
+            state: Mutex::new(MessageState {
+                done,
+                ..Default::default()
+            }),
+        }
     }
 
     fn age(&self) -> Duration {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         Duration::from_millis(now.saturating_sub(self.received_ms))
     }
 }
@@ -146,21 +158,38 @@ struct RetrySchedule {
 
 impl RetrySchedule {
     fn new(c: &RetryConfig) -> Self {
-        Self { min: c.min, max: c.max, max_age: c.max_age, jitter: c.jitter.clamp(0.0, 1.0) }
+        Self {
+            min: c.min,
+            max: c.max,
+            max_age: c.max_age,
+            jitter: c.jitter.clamp(0.0, 1.0),
+        }
     }
 
     /// `min · 2^attempt`, capped at `max`, spread by ±jitter.
     fn delay(&self, attempt: u32) -> Duration {
-        let base = self.min.saturating_mul(1u32 << attempt.min(20)).min(self.max);
+        let base = self
+            .min
+            .saturating_mul(1u32 << attempt.min(20))
+            .min(self.max);
         let r = std::hash::RandomState::new().build_hasher().finish();
-        #[expect(clippy::cast_precision_loss, reason = "a random fraction needs no precision")]
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "a random fraction needs no precision"
+        )]
         let unit = (r >> 11) as f64 / (1u64 << 53) as f64;
         base.mul_f64(1.0 + self.jitter * (unit * 2.0 - 1.0))
     }
 }
 
 impl Queue {
-    pub fn new(cfg: &Config, spool: Spool, router: Router, log: DeliveryLog, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        cfg: &Config,
+        spool: Spool,
+        router: Router,
+        log: DeliveryLog,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let d = &cfg.delivery;
         Arc::new(Self {
             spool,
@@ -191,7 +220,10 @@ impl Queue {
     /// Takes responsibility for a spooled message and queues its pending recipients.
     pub fn submit(self: &Arc<Self>, msg: QueuedMessage) {
         let msg = Arc::new(msg);
-        self.messages.lock().expect("queue lock").insert(msg.id, msg.clone());
+        self.messages
+            .lock()
+            .expect("queue lock")
+            .insert(msg.id, msg.clone());
         let done = msg.state.lock().expect("msg lock").done.clone();
         let mut by_domain: HashMap<String, Vec<u32>> = HashMap::new();
         for (i, r) in msg.rcpts.iter().enumerate() {
@@ -201,7 +233,12 @@ impl Queue {
             }
         }
         for (domain, rcpts) in by_domain {
-            self.push_ready(Job { msg: msg.clone(), domain, rcpts, attempts: 0 });
+            self.push_ready(Job {
+                msg: msg.clone(),
+                domain,
+                rcpts,
+                attempts: 0,
+            });
         }
     }
 
@@ -228,7 +265,11 @@ impl Queue {
     fn pop(&self, domain: &str) -> Option<Job> {
         let mut ready = self.ready.lock().expect("queue lock");
         let q = ready.get_mut(domain)?;
-        let job = if self.stopping.load(Ordering::Relaxed) { None } else { q.jobs.pop_front() };
+        let job = if self.stopping.load(Ordering::Relaxed) {
+            None
+        } else {
+            q.jobs.pop_front()
+        };
         if job.is_none() {
             q.active -= 1;
             if q.active == 0 && q.jobs.is_empty() {
@@ -240,7 +281,10 @@ impl Queue {
 
     fn drain_ready(&self, domain: &str) -> Vec<Job> {
         let mut ready = self.ready.lock().expect("queue lock");
-        ready.get_mut(domain).map(|q| q.jobs.drain(..).collect()).unwrap_or_default()
+        ready
+            .get_mut(domain)
+            .map(|q| q.jobs.drain(..).collect())
+            .unwrap_or_default()
     }
 
     async fn worker(self: Arc<Self>, domain: String) {
@@ -249,7 +293,12 @@ impl Queue {
             let hosts = match self.router.resolve(&domain).await {
                 Ok(h) => h,
                 Err(e) => {
-                    let ctx = AttemptContext { mx: None, ip: None, source: self.source, started };
+                    let ctx = AttemptContext {
+                        mx: None,
+                        ip: None,
+                        source: self.source,
+                        started,
+                    };
                     let reply = e.reply().clone();
                     let permanent = matches!(e, RouteError::Permanent(_));
                     for job in std::iter::once(first).chain(self.drain_ready(&domain)) {
@@ -263,8 +312,15 @@ impl Queue {
             let mut client = None;
             'hosts: for host in &hosts {
                 for addr in &host.addrs {
-                    match Client::connect(&host.name, *addr, self.source, &self.helo, self.tls.as_ref(), &self.timeouts)
-                        .await
+                    match Client::connect(
+                        &host.name,
+                        *addr,
+                        self.source,
+                        &self.helo,
+                        self.tls.as_ref(),
+                        &self.timeouts,
+                    )
+                    .await
                     {
                         Ok(c) => {
                             client = Some(c);
@@ -287,7 +343,10 @@ impl Queue {
                 let permanent = reply.is_permanent();
                 let ctx = AttemptContext {
                     mx: hosts.last().map(|h| h.name.clone()),
-                    ip: hosts.last().and_then(|h| h.addrs.last()).map(std::net::SocketAddr::ip),
+                    ip: hosts
+                        .last()
+                        .and_then(|h| h.addrs.last())
+                        .map(std::net::SocketAddr::ip),
                     source: self.source,
                     started,
                 };
@@ -310,17 +369,27 @@ impl Queue {
                     Ok(b) => b,
                     Err(e) => {
                         warn!(id = %format!("{:016x}", job.msg.id), error = %e, "cannot read spooled body");
-                        let reply = Reply::local(451, "4.3.0", format!("cannot read spooled message: {e}"));
+                        let reply =
+                            Reply::local(451, "4.3.0", format!("cannot read spooled message: {e}"));
                         let results = job.rcpts.iter().map(|&i| (i, reply.clone())).collect();
                         self.finish(job, results, &ctx, false).await;
                         client.quit().await;
                         continue 'connection;
                     }
                 };
-                let rcpts: Vec<String> = job.rcpts.iter().map(|&i| job.msg.rcpts[i as usize].clone()).collect();
+                let rcpts: Vec<String> = job
+                    .rcpts
+                    .iter()
+                    .map(|&i| job.msg.rcpts[i as usize].clone())
+                    .collect();
                 match client.send(&job.msg.sender, &rcpts, &body).await {
                     Ok(tx) => {
-                        let results = job.rcpts.iter().enumerate().map(|(k, &i)| (i, tx.outcome(k).clone())).collect();
+                        let results = job
+                            .rcpts
+                            .iter()
+                            .enumerate()
+                            .map(|(k, &i)| (i, tx.outcome(k).clone()))
+                            .collect();
                         self.finish(job, results, &ctx, false).await;
                     }
                     Err(e) => {
@@ -346,7 +415,13 @@ impl Queue {
     /// Applies the outcome of one attempt to a job: log every recipient,
     /// then mark delivered ones done, schedule temporary failures, bounce
     /// permanent ones. `force_permanent` bounces even 4xx (a route that can never work).
-    async fn finish(self: &Arc<Self>, job: Job, results: Vec<(u32, Reply)>, ctx: &AttemptContext, force_permanent: bool) {
+    async fn finish(
+        self: &Arc<Self>,
+        job: Job,
+        results: Vec<(u32, Reply)>,
+        ctx: &AttemptContext,
+        force_permanent: bool,
+    ) {
         let msg = &job.msg;
         let duration = ctx.started.elapsed();
         let expired = msg.age() >= self.retry.max_age;
@@ -364,7 +439,10 @@ impl Queue {
                 let r = Reply::local(
                     reply.code,
                     "4.4.7",
-                    format!("message expired after {:?}; last error: {reply}", self.retry.max_age),
+                    format!(
+                        "message expired after {:?}; last error: {reply}",
+                        self.retry.max_age
+                    ),
                 );
                 bounce.push((i, r));
                 "expired"
@@ -397,7 +475,16 @@ impl Queue {
                 warn!(id = %format!("{:016x}", msg.id), "undeliverable message with null sender: no DSN (RFC 5321 §6.1)");
             } else {
                 let report = dsn::build(&self.hostname, msg, &bounce, &self.spool).await;
-                match self.spool.store(self.spool.allocate_id(), "", std::slice::from_ref(&msg.sender), &report).await {
+                match self
+                    .spool
+                    .store(
+                        self.spool.allocate_id(),
+                        "",
+                        std::slice::from_ref(&msg.sender),
+                        &report,
+                    )
+                    .await
+                {
                     Ok((id, received_ms, location)) => {
                         self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
                         self.submit(QueuedMessage::new(
@@ -422,7 +509,15 @@ impl Queue {
         if !retry.is_empty() {
             let delay = self.retry.delay(job.attempts);
             msg.state.lock().expect("msg lock").attempts = job.attempts + 1;
-            self.schedule(Job { msg: job.msg.clone(), domain: job.domain, rcpts: retry, attempts: job.attempts + 1 }, delay);
+            self.schedule(
+                Job {
+                    msg: job.msg.clone(),
+                    domain: job.domain,
+                    rcpts: retry,
+                    attempts: job.attempts + 1,
+                },
+                delay,
+            );
         }
     }
 
@@ -443,7 +538,10 @@ impl Queue {
 
     fn schedule(&self, job: Job, delay: Duration) {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        self.scheduled.lock().expect("queue lock").insert((Instant::now() + delay, seq), job);
+        self.scheduled
+            .lock()
+            .expect("queue lock")
+            .insert((Instant::now() + delay, seq), job);
         self.wake.notify_one();
     }
 
@@ -460,7 +558,9 @@ impl Queue {
             for (_, job) in due {
                 self.push_ready(job);
             }
-            let sleep = next.map_or(Duration::from_hours(1), |t| t.saturating_duration_since(Instant::now()));
+            let sleep = next.map_or(Duration::from_hours(1), |t| {
+                t.saturating_duration_since(Instant::now())
+            });
             tokio::select! {
                 () = tokio::time::sleep(sleep) => {}
                 () = self.wake.notified() => {}
@@ -495,7 +595,12 @@ impl Queue {
     }
 
     pub fn show(&self, id: MsgId) -> Option<MessageView> {
-        let msg = self.messages.lock().expect("queue lock").get(&id).cloned()?;
+        let msg = self
+            .messages
+            .lock()
+            .expect("queue lock")
+            .get(&id)
+            .cloned()?;
         let st = msg.state.lock().expect("msg lock");
         let mut done: Vec<u32> = st.done.iter().copied().collect();
         done.sort_unstable();
@@ -514,7 +619,11 @@ impl Queue {
     /// Takes scheduled jobs of one message (or all) out of the scheduled queue.
     fn take_scheduled(&self, id: Option<MsgId>) -> Vec<Job> {
         let mut s = self.scheduled.lock().expect("queue lock");
-        let keys: Vec<_> = s.iter().filter(|(_, j)| id.is_none_or(|id| j.msg.id == id)).map(|(k, _)| *k).collect();
+        let keys: Vec<_> = s
+            .iter()
+            .filter(|(_, j)| id.is_none_or(|id| j.msg.id == id))
+            .map(|(k, _)| *k)
+            .collect();
         keys.into_iter().filter_map(|k| s.remove(&k)).collect()
     }
 
@@ -532,7 +641,12 @@ impl Queue {
     pub async fn bounce_now(self: &Arc<Self>, id: MsgId) -> usize {
         let jobs = self.take_scheduled(Some(id));
         let n = jobs.len();
-        let ctx = AttemptContext { mx: None, ip: None, source: None, started: Instant::now() };
+        let ctx = AttemptContext {
+            mx: None,
+            ip: None,
+            source: None,
+            started: Instant::now(),
+        };
         for job in jobs {
             let reply = Reply::local(550, "5.0.0", "message bounced by the operator");
             let results = job.rcpts.iter().map(|&i| (i, reply.clone())).collect();
@@ -558,7 +672,12 @@ mod tests {
 
     #[test]
     fn backoff_doubles_within_jitter_and_caps() {
-        let s = RetrySchedule { min: Duration::from_secs(10), max: Duration::from_secs(100), max_age: Duration::MAX, jitter: 0.2 };
+        let s = RetrySchedule {
+            min: Duration::from_secs(10),
+            max: Duration::from_secs(100),
+            max_age: Duration::MAX,
+            jitter: 0.2,
+        };
         for _ in 0..100 {
             let d0 = s.delay(0).as_secs_f64();
             let d2 = s.delay(2).as_secs_f64();

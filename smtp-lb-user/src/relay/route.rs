@@ -65,7 +65,10 @@ fn parse_hop(s: &str) -> anyhow::Result<NextHop> {
     } else {
         s.rsplit_once(':').unwrap_or((s, "25"))
     };
-    Ok(NextHop { host: host.to_owned(), port: port.parse().context("bad port")? })
+    Ok(NextHop {
+        host: host.to_owned(),
+        port: port.parse().context("bad port")?,
+    })
 }
 
 fn parse_nameserver(s: &str) -> anyhow::Result<(IpAddr, u16)> {
@@ -76,7 +79,11 @@ fn parse_nameserver(s: &str) -> anyhow::Result<(IpAddr, u16)> {
 }
 
 impl Router {
-    pub fn new(routes: &HashMap<String, String>, dns: &DnsConfig, mx_port: u16) -> anyhow::Result<Self> {
+    pub fn new(
+        routes: &HashMap<String, String>,
+        dns: &DnsConfig,
+        mx_port: u16,
+    ) -> anyhow::Result<Self> {
         let mut table = HashMap::new();
         let mut default = None;
         for (domain, hop) in routes {
@@ -92,7 +99,8 @@ impl Router {
         } else {
             let mut servers = Vec::new();
             for ns in &dns.nameservers {
-                let (ip, port) = parse_nameserver(ns).with_context(|| format!("dns.nameservers {ns:?}"))?;
+                let (ip, port) =
+                    parse_nameserver(ns).with_context(|| format!("dns.nameservers {ns:?}"))?;
                 let mut udp = ConnectionConfig::udp();
                 udp.port = port;
                 let mut tcp = ConnectionConfig::tcp();
@@ -112,7 +120,12 @@ impl Router {
         }
         opts.attempts = 2;
         let resolver = builder.build().context("build DNS resolver")?;
-        Ok(Self { routes: table, default, resolver, mx_port })
+        Ok(Self {
+            routes: table,
+            default,
+            resolver,
+            mx_port,
+        })
     }
 
     /// The hosts for `domain`, best first.
@@ -120,7 +133,10 @@ impl Router {
         if let Some(hop) = self.routes.get(domain).or(self.default.as_ref()) {
             let hop = hop.clone();
             let addrs = self.addresses(&hop.host, hop.port).await?;
-            return Ok(vec![Host { name: hop.host, addrs }]);
+            return Ok(vec![Host {
+                name: hop.host,
+                addrs,
+            }]);
         }
         let fqdn = format!("{}.", domain.trim_end_matches('.'));
         match self.resolver.lookup(fqdn.as_str(), RecordType::MX).await {
@@ -141,7 +157,9 @@ impl Router {
                     return Err(RouteError::Permanent(Reply::local(
                         556,
                         "5.1.10",
-                        format!("Recipient address rejected: domain {domain} does not accept mail (null MX)"),
+                        format!(
+                            "Recipient address rejected: domain {domain} does not accept mail (null MX)"
+                        ),
                     )));
                 }
                 mx.sort_by_key(|(pref, _)| *pref);
@@ -152,13 +170,20 @@ impl Router {
                         continue;
                     }
                     match self.addresses(&name, self.mx_port).await {
-                        Ok(addrs) => hosts.push(Host { name: name.trim_end_matches('.').to_owned(), addrs }),
+                        Ok(addrs) => hosts.push(Host {
+                            name: name.trim_end_matches('.').to_owned(),
+                            addrs,
+                        }),
                         Err(e) => last_err = Some(e),
                     }
                 }
                 if hosts.is_empty() {
                     return Err(last_err.unwrap_or_else(|| {
-                        RouteError::Temporary(Reply::local(451, "4.4.4", format!("no usable MX host for {domain}")))
+                        RouteError::Temporary(Reply::local(
+                            451,
+                            "4.4.4",
+                            format!("no usable MX host for {domain}"),
+                        ))
                     }));
                 }
                 Ok(hosts)
@@ -179,15 +204,21 @@ impl Router {
 
     /// RFC 5321 §5.1: no MX records → the domain itself is the host.
     async fn implicit_mx(&self, fqdn: &str, domain: &str) -> Result<Vec<Host>, RouteError> {
-        let addrs = self.addresses(fqdn, self.mx_port).await.map_err(|e| match e {
-            RouteError::Permanent(_) => RouteError::Permanent(Reply::local(
-                550,
-                "5.1.2",
-                format!("Host or domain name not found: {domain} has no MX and no address"),
-            )),
-            t @ RouteError::Temporary(_) => t,
-        })?;
-        Ok(vec![Host { name: domain.to_owned(), addrs }])
+        let addrs = self
+            .addresses(fqdn, self.mx_port)
+            .await
+            .map_err(|e| match e {
+                RouteError::Permanent(_) => RouteError::Permanent(Reply::local(
+                    550,
+                    "5.1.2",
+                    format!("Host or domain name not found: {domain} has no MX and no address"),
+                )),
+                t @ RouteError::Temporary(_) => t,
+            })?;
+        Ok(vec![Host {
+            name: domain.to_owned(),
+            addrs,
+        }])
     }
 
     async fn addresses(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, RouteError> {
@@ -198,15 +229,23 @@ impl Router {
             Ok(ips) => {
                 let addrs: Vec<_> = ips.iter().map(|ip| SocketAddr::new(ip, port)).collect();
                 if addrs.is_empty() {
-                    Err(RouteError::Permanent(Reply::local(550, "5.4.4", format!("{host} has no address"))))
+                    Err(RouteError::Permanent(Reply::local(
+                        550,
+                        "5.4.4",
+                        format!("{host} has no address"),
+                    )))
                 } else {
                     Ok(addrs)
                 }
             }
-            Err(e) if e.is_nx_domain() || e.is_no_records_found() => {
-                Err(RouteError::Permanent(Reply::local(550, "5.4.4", format!("Host not found: {host}"))))
-            }
-            Err(e) => Err(RouteError::Temporary(Reply::local(451, "4.4.3", format!("DNS lookup of {host} failed: {e}")))),
+            Err(e) if e.is_nx_domain() || e.is_no_records_found() => Err(RouteError::Permanent(
+                Reply::local(550, "5.4.4", format!("Host not found: {host}")),
+            )),
+            Err(e) => Err(RouteError::Temporary(Reply::local(
+                451,
+                "4.4.3",
+                format!("DNS lookup of {host} failed: {e}"),
+            ))),
         }
     }
 }

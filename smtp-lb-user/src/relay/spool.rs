@@ -102,8 +102,14 @@ pub enum SpoolError {
 }
 
 enum Op {
-    Append { bytes: Vec<u8>, reply: oneshot::Sender<Result<(u64, u64), SpoolError>> },
-    Done { segment: u64, bytes: Vec<u8> },
+    Append {
+        bytes: Vec<u8>,
+        reply: oneshot::Sender<Result<(u64, u64), SpoolError>>,
+    },
+    Done {
+        segment: u64,
+        bytes: Vec<u8>,
+    },
 }
 
 struct SegmentState {
@@ -126,7 +132,9 @@ pub struct Spool {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
@@ -155,12 +163,22 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 }
 
 /// Encodes a message record; returns it and the body's offset inside it.
-fn message_record(id: MsgId, received_ms: u64, sender: &str, rcpts: &[String], body: &[u8]) -> (Vec<u8>, u64) {
+fn message_record(
+    id: MsgId,
+    received_ms: u64,
+    sender: &str,
+    rcpts: &[String],
+    body: &[u8],
+) -> (Vec<u8>, u64) {
     let mut p = Vec::with_capacity(64 + body.len());
     p.extend_from_slice(&id.to_le_bytes());
     p.extend_from_slice(&received_ms.to_le_bytes());
     put_str(&mut p, sender);
-    p.extend_from_slice(&u32::try_from(rcpts.len()).expect("rcpt count").to_le_bytes());
+    p.extend_from_slice(
+        &u32::try_from(rcpts.len())
+            .expect("rcpt count")
+            .to_le_bytes(),
+    );
     for r in rcpts {
         put_str(&mut p, r);
     }
@@ -198,8 +216,18 @@ impl Cursor<'_> {
 
 /// A record that passed its header and CRC checks.
 enum Parsed {
-    Message { id: MsgId, received_ms: u64, sender: String, rcpts: Vec<String>, body_offset: u64, body_len: u64 },
-    Done { id: MsgId, rcpts: Vec<u32> },
+    Message {
+        id: MsgId,
+        received_ms: u64,
+        sender: String,
+        rcpts: Vec<String>,
+        body_offset: u64,
+        body_len: u64,
+    },
+    Done {
+        id: MsgId,
+        rcpts: Vec<u32>,
+    },
 }
 
 /// Parses the record at `pos`; `None` if it is torn, corrupt or unknown.
@@ -232,12 +260,23 @@ fn parse_record(data: &[u8], pos: usize) -> Option<(Parsed, usize)> {
             if c.0.len() as u64 != body_len {
                 return None;
             }
-            Parsed::Message { id, received_ms, sender, rcpts, body_offset, body_len }
+            Parsed::Message {
+                id,
+                received_ms,
+                sender,
+                rcpts,
+                body_offset,
+                body_len,
+            }
         }
         KIND_DONE => {
             let id = c.u64()?;
             let n = c.u32()?;
-            let rcpts = if n == ALL { vec![ALL] } else { (0..n).map(|_| c.u32()).collect::<Option<Vec<_>>>()? };
+            let rcpts = if n == ALL {
+                vec![ALL]
+            } else {
+                (0..n).map(|_| c.u32()).collect::<Option<Vec<_>>>()?
+            };
             Parsed::Done { id, rcpts }
         }
         _ => return None,
@@ -254,7 +293,8 @@ impl Spool {
     /// in it, and starts the writer thread.
     pub fn open(dir: &Path) -> anyhow::Result<(Self, Vec<Recovered>, Vec<CorruptReport>)> {
         use anyhow::Context;
-        std::fs::create_dir_all(dir).with_context(|| format!("create spool dir {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("create spool dir {}", dir.display()))?;
         let mut numbers: Vec<u64> = std::fs::read_dir(dir)
             .with_context(|| format!("read spool dir {}", dir.display()))?
             .filter_map(|e| {
@@ -270,27 +310,49 @@ impl Spool {
         let mut max_id = 0;
         for &n in &numbers {
             let path = segment_path(dir, n);
-            let (msgs, report) = recover_segment(dir, &path).with_context(|| format!("recover {}", path.display()))?;
+            let (msgs, report) = recover_segment(dir, &path)
+                .with_context(|| format!("recover {}", path.display()))?;
             reports.extend(report);
             max_id = msgs.iter().map(|m| m.id).fold(max_id, u64::max);
             if msgs.is_empty() {
-                std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("remove {}", path.display()))?;
                 continue;
             }
             let reader = Arc::new(File::open(&path)?);
-            segments.insert(n, SegmentState { reader, live: msgs.len() });
+            segments.insert(
+                n,
+                SegmentState {
+                    reader,
+                    live: msgs.len(),
+                },
+            );
             recovered.extend(msgs);
         }
         sync_dir(dir).context("fsync spool dir")?;
 
         let current = numbers.last().map_or(1, |n| n + 1);
-        let shared = Arc::new(Shared { dir: dir.to_owned(), segments: Mutex::new(segments), current: AtomicU64::new(current) });
+        let shared = Arc::new(Shared {
+            dir: dir.to_owned(),
+            segments: Mutex::new(segments),
+            current: AtomicU64::new(current),
+        });
         let writer = Writer::create(shared.clone(), current).context("create spool segment")?;
         let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new().name("spool-writer".into()).spawn(move || writer.run(&rx))?;
+        std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer.run(&rx))?;
         let first_id = max_id.max(now_ms() * 1000) + 1;
         info!(dir = %dir.display(), messages = recovered.len(), corrupt = reports.len(), "spool opened");
-        Ok((Self { shared, tx, next_id: Arc::new(AtomicU64::new(first_id)) }, recovered, reports))
+        Ok((
+            Self {
+                shared,
+                tx,
+                next_id: Arc::new(AtomicU64::new(first_id)),
+            },
+            recovered,
+            reports,
+        ))
     }
 
     /// A fresh message id (unique across restarts while the clock moves forward).
@@ -309,9 +371,19 @@ impl Spool {
         let received_ms = now_ms();
         let (bytes, body_at) = message_record(id, received_ms, sender, rcpts, body);
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Op::Append { bytes, reply }).map_err(|_| SpoolError::Closed)?;
+        self.tx
+            .send(Op::Append { bytes, reply })
+            .map_err(|_| SpoolError::Closed)?;
         let (segment, offset) = rx.await.map_err(|_| SpoolError::Closed)??;
-        Ok((id, received_ms, Location { segment, body_offset: offset + body_at, body_len: body.len() as u64 }))
+        Ok((
+            id,
+            received_ms,
+            Location {
+                segment,
+                body_offset: offset + body_at,
+                body_len: body.len() as u64,
+            },
+        ))
     }
 
     /// Records that recipients (by index) are finished; `all` when the whole
@@ -327,7 +399,10 @@ impl Spool {
                 p.extend_from_slice(&r.to_le_bytes());
             }
         }
-        let _ = self.tx.send(Op::Done { segment: location.segment, bytes: record(KIND_DONE, &p) });
+        let _ = self.tx.send(Op::Done {
+            segment: location.segment,
+            bytes: record(KIND_DONE, &p),
+        });
         if all {
             self.release(location.segment);
         }
@@ -335,7 +410,9 @@ impl Spool {
 
     fn release(&self, segment: u64) {
         let mut segs = self.shared.segments.lock().expect("spool lock");
-        let Some(s) = segs.get_mut(&segment) else { return };
+        let Some(s) = segs.get_mut(&segment) else {
+            return;
+        };
         s.live = s.live.saturating_sub(1);
         if s.live == 0 && segment != self.shared.current.load(Ordering::Acquire) {
             segs.remove(&segment);
@@ -354,7 +431,12 @@ impl Spool {
             let segs = self.shared.segments.lock().expect("spool lock");
             segs.get(&loc.segment).map(|s| s.reader.clone())
         }
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("spool segment {:016x} is gone", loc.segment)))?;
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("spool segment {:016x} is gone", loc.segment),
+            )
+        })?;
         tokio::task::spawn_blocking(move || {
             let mut buf = vec![0; usize::try_from(loc.body_len).map_err(io::Error::other)?];
             file.read_exact_at(&mut buf, loc.body_offset)?;
@@ -386,7 +468,14 @@ fn recover_segment(dir: &Path, path: &Path) -> io::Result<(Vec<Recovered>, Optio
     while pos < data.len() {
         if let Some((rec, next)) = parse_record(&data, pos) {
             match rec {
-                Parsed::Message { id, received_ms, sender, rcpts, body_offset, body_len } => {
+                Parsed::Message {
+                    id,
+                    received_ms,
+                    sender,
+                    rcpts,
+                    body_offset,
+                    body_len,
+                } => {
                     index.insert(id, msgs.len());
                     msgs.push(Recovered {
                         id,
@@ -394,7 +483,11 @@ fn recover_segment(dir: &Path, path: &Path) -> io::Result<(Vec<Recovered>, Optio
                         sender,
                         rcpts,
                         done: HashSet::new(),
-                        location: Location { segment, body_offset, body_len },
+                        location: Location {
+                            segment,
+                            body_offset,
+                            body_len,
+                        },
                     });
                 }
                 Parsed::Done { id, rcpts } => {
@@ -421,22 +514,35 @@ fn recover_segment(dir: &Path, path: &Path) -> io::Result<(Vec<Recovered>, Optio
     if bad_bytes > 0 {
         let corrupt = dir.join("corrupt");
         std::fs::create_dir_all(&corrupt)?;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let moved_to = corrupt.join(format!("{name}.{}", now_ms()));
         std::fs::write(&moved_to, &data)?;
         File::open(&moved_to)?.sync_all()?;
         sync_dir(&corrupt)?;
         let truncated = good_end < data.len();
         if truncated {
-            OpenOptions::new().write(true).open(path)?.set_len(good_end as u64)?;
+            OpenOptions::new()
+                .write(true)
+                .open(path)?
+                .set_len(good_end as u64)?;
         }
         error!(
             segment = %path.display(), moved_to = %moved_to.display(), bad_bytes, truncated,
             "corrupt spool data: copy moved aside, unreadable records skipped (never delivered)"
         );
-        report = Some(CorruptReport { segment: path.to_owned(), moved_to, bad_bytes, truncated });
+        report = Some(CorruptReport {
+            segment: path.to_owned(),
+            moved_to,
+            bad_bytes,
+            truncated,
+        });
     }
-    msgs.retain(|m| !done_all.contains(&m.id) && (0..m.rcpts.len() as u32).any(|i| !m.done.contains(&i)));
+    msgs.retain(|m| {
+        !done_all.contains(&m.id) && (0..m.rcpts.len() as u32).any(|i| !m.done.contains(&i))
+    });
     Ok((msgs, report))
 }
 
@@ -453,13 +559,27 @@ struct Writer {
 impl Writer {
     fn create(shared: Arc<Shared>, n: u64) -> io::Result<Self> {
         let path = segment_path(&shared.dir, n);
-        let file = OpenOptions::new().create_new(true).append(true).open(&path)?;
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)?;
         file.sync_all()?;
         sync_dir(&shared.dir)?;
         let reader = Arc::new(File::open(&path)?);
-        shared.segments.lock().expect("spool lock").insert(n, SegmentState { reader, live: 0 });
+        shared
+            .segments
+            .lock()
+            .expect("spool lock")
+            .insert(n, SegmentState { reader, live: 0 });
         shared.current.store(n, Ordering::Release);
-        Ok(Self { shared, current: n, file, len: 0, old: HashMap::new(), broken: false })
+        Ok(Self {
+            shared,
+            current: n,
+            file,
+            len: 0,
+            old: HashMap::new(),
+            broken: false,
+        })
     }
 
     fn rotate(&mut self) -> io::Result<()> {
@@ -506,7 +626,9 @@ impl Writer {
                     waiters.push((reply, self.len + buf.len() as u64));
                     buf.extend_from_slice(&bytes);
                 }
-                Op::Done { segment, bytes } if segment == self.current => buf.extend_from_slice(&bytes),
+                Op::Done { segment, bytes } if segment == self.current => {
+                    buf.extend_from_slice(&bytes)
+                }
                 Op::Done { segment, bytes } => self.append_old(segment, &bytes),
             }
         }
@@ -514,9 +636,17 @@ impl Writer {
             return;
         }
         let result = if self.broken {
-            Err(io::Error::other("spool segment unusable after an earlier error"))
+            Err(io::Error::other(
+                "spool segment unusable after an earlier error",
+            ))
         } else {
-            self.file.write_all(&buf).and_then(|()| if waiters.is_empty() { Ok(()) } else { self.file.sync_data() })
+            self.file.write_all(&buf).and_then(|()| {
+                if waiters.is_empty() {
+                    Ok(())
+                } else {
+                    self.file.sync_data()
+                }
+            })
         };
         match result {
             Ok(()) => {
@@ -549,7 +679,10 @@ impl Writer {
 
     fn append_old(&mut self, segment: u64, bytes: &[u8]) {
         if !self.old.contains_key(&segment) {
-            match OpenOptions::new().append(true).open(segment_path(&self.shared.dir, segment)) {
+            match OpenOptions::new()
+                .append(true)
+                .open(segment_path(&self.shared.dir, segment))
+            {
                 Ok(f) => {
                     self.old.insert(segment, f);
                 }
@@ -585,13 +718,22 @@ mod tests {
         let (spool, rec, _) = Spool::open(&dir).unwrap();
         assert!(rec.is_empty());
         let rcpts = vec!["a@x.example".to_owned(), "b@y.example".to_owned()];
-        let (id1, _, loc1) = spool.store(spool.allocate_id(), "s@z.example", &rcpts, b"body one\r\n").await.unwrap();
-        let (id2, _, loc2) = spool.store(spool.allocate_id(), "", &rcpts, b"body two\r\n").await.unwrap();
+        let (id1, _, loc1) = spool
+            .store(spool.allocate_id(), "s@z.example", &rcpts, b"body one\r\n")
+            .await
+            .unwrap();
+        let (id2, _, loc2) = spool
+            .store(spool.allocate_id(), "", &rcpts, b"body two\r\n")
+            .await
+            .unwrap();
         assert_eq!(spool.read_body(loc2).await.unwrap(), b"body two\r\n");
         spool.mark_done(id1, &loc1, &[0, 1], true);
         spool.mark_done(id2, &loc2, &[0], false);
         // A store after the done records forces them through the writer.
-        spool.store(spool.allocate_id(), "s@z.example", &rcpts, b"three\r\n").await.unwrap();
+        spool
+            .store(spool.allocate_id(), "s@z.example", &rcpts, b"three\r\n")
+            .await
+            .unwrap();
         drop(spool);
         let (_spool, rec, corrupt) = Spool::open(&dir).unwrap();
         assert!(corrupt.is_empty());
@@ -611,7 +753,18 @@ mod tests {
         let r = vec!["a@x.example".to_owned()];
         let mut locs = Vec::new();
         for i in 0..3 {
-            locs.push(spool.store(spool.allocate_id(), "s@z.example", &r, format!("message {i}\r\n").as_bytes()).await.unwrap().2);
+            locs.push(
+                spool
+                    .store(
+                        spool.allocate_id(),
+                        "s@z.example",
+                        &r,
+                        format!("message {i}\r\n").as_bytes(),
+                    )
+                    .await
+                    .unwrap()
+                    .2,
+            );
         }
         drop(spool);
         let seg = segment_path(&dir, locs[1].segment);

@@ -23,23 +23,41 @@ use smtp_lb_tests::{
 use super::Report;
 use crate::build::Artifacts;
 
-#[expect(clippy::cast_precision_loss, reason = "message counts are far below 2^52")]
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "message counts are far below 2^52"
+)]
 fn env_f64(n: usize) -> f64 {
     n as f64
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Sends `n` messages with `smtp-source` (one message per session, `sessions`
 /// in parallel) and returns messages/s from the first connection until the
 /// sink has received them all.
-fn measure(server: SocketAddr, sink: &CountingSink, n: usize, sessions: usize) -> anyhow::Result<f64> {
+fn measure(
+    server: SocketAddr,
+    sink: &CountingSink,
+    n: usize,
+    sessions: usize,
+) -> anyhow::Result<f64> {
     let base = sink.count();
     let start = Instant::now();
     let status = Command::new("smtp-source")
-        .args(["-s", &sessions.to_string(), "-m", &n.to_string(), "-l", "2000"])
+        .args([
+            "-s",
+            &sessions.to_string(),
+            "-m",
+            &n.to_string(),
+            "-l",
+            "2000",
+        ])
         .args(["-f", "bench@src.test", "-t", "rcpt@dst.test"])
         .arg(server.to_string())
         .status()
@@ -48,7 +66,11 @@ fn measure(server: SocketAddr, sink: &CountingSink, n: usize, sessions: usize) -
     let submitted = start.elapsed();
     let deadline = Instant::now() + Duration::from_mins(10);
     while sink.count() < base + n as u64 {
-        anyhow::ensure!(Instant::now() < deadline, "only {} of {n} messages reached the sink", sink.count() - base);
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {n} messages reached the sink",
+            sink.count() - base
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let total = start.elapsed();
@@ -57,7 +79,8 @@ fn measure(server: SocketAddr, sink: &CountingSink, n: usize, sessions: usize) -
 }
 
 fn rss_mib(pid: u32) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).context("read /proc/PID/status")?;
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).context("read /proc/PID/status")?;
     let kib: f64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -90,7 +113,10 @@ pub fn run(artifacts: &Artifacts) -> anyhow::Result<Report> {
             ..RelayConfig::default()
         });
         let mps = measure(relay.smtp, &sink, n, sessions)?;
-        println!("  relay RSS after the run: {:.1} MiB", rss_mib(relay.pid())?);
+        println!(
+            "  relay RSS after the run: {:.1} MiB",
+            rss_mib(relay.pid())?
+        );
         mps
     };
 
@@ -105,7 +131,15 @@ pub fn run(artifacts: &Artifacts) -> anyhow::Result<Report> {
         });
         let start = Instant::now();
         let status = Command::new("smtp-source")
-            .args(["-d", "-s", &sessions.to_string(), "-m", &queued.to_string(), "-l", "2000"])
+            .args([
+                "-d",
+                "-s",
+                &sessions.to_string(),
+                "-m",
+                &queued.to_string(),
+                "-l",
+                "2000",
+            ])
             .args(["-f", "bench@src.test", "-t", "rcpt@unreachable.test"])
             .arg(relay.smtp.to_string())
             .status()
@@ -113,8 +147,14 @@ pub fn run(artifacts: &Artifacts) -> anyhow::Result<Report> {
         anyhow::ensure!(status.success(), "smtp-source failed");
         let accepted = relay.metric("smtp_lb_relay_accepted_total");
         let (_, q) = relay.admin("GET", "/queue");
-        println!("  accepted {accepted} in {:.2?}; queue: {q}", start.elapsed());
-        anyhow::ensure!(accepted >= queued as u64, "only {accepted} of {queued} accepted");
+        println!(
+            "  accepted {accepted} in {:.2?}; queue: {q}",
+            start.elapsed()
+        );
+        anyhow::ensure!(
+            accepted >= queued as u64,
+            "only {accepted} of {queued} accepted"
+        );
         std::thread::sleep(Duration::from_secs(1));
         rss_mib(relay.pid())?
     };
