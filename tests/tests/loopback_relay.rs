@@ -86,11 +86,15 @@ fn smtp_source_and_swaks_submit_and_smtp_sink_receives_all() {
     assert!(ok, "swaks --pipeline: {t}");
     // swaks only pipelines when the server offered PIPELINING.
     assert!(t.contains("PIPELINING"), "{t}");
-    let n = wait_for("102 messages at smtp-sink", WAIT, || {
-        (sink.count() >= 102).then(|| sink.count())
+    // smtp-sink writes each dump file while receiving: wait until all are complete
+    // (every one ends with its body: smtp-source's "La de da…" or swaks' default text).
+    let msgs = wait_for("102 complete messages at smtp-sink", WAIT, || {
+        let m = sink.messages();
+        (m.len() >= 102
+            && m.iter().all(|x| x.contains("La de da") || x.contains("This is a test mailing")))
+        .then_some(m)
     });
-    assert_eq!(n, 102);
-    let msgs = sink.messages();
+    assert_eq!(msgs.len(), 102);
     let piped = msgs
         .iter()
         .find(|m| m.contains("Subject: piped"))
@@ -437,9 +441,10 @@ fn starttls_and_auth_on_submission_with_swaks() {
             "{t}"
         );
     }
+    // smtp-sink writes its dump files while receiving: wait for complete ones.
     let msgs = wait_for("two authenticated messages", WAIT, || {
         let m = sink.messages();
-        (m.len() == 2).then_some(m)
+        (m.len() == 2 && m.iter().all(|x| x.contains("La de da") || x.contains("This is a test mailing"))).then_some(m)
     });
     assert!(
         msgs.iter().all(|m| m.contains("with ESMTPSA")),
