@@ -94,7 +94,7 @@ impl Caps {
                 Some("STARTTLS") => caps.starttls = true,
                 Some("8BITMIME") => caps.eightbitmime = true,
                 Some("SIZE") => {
-                    caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0))
+                    caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0));
                 }
                 _ => {}
             }

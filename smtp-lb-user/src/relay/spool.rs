@@ -627,7 +627,7 @@ impl Writer {
                     buf.extend_from_slice(&bytes);
                 }
                 Op::Done { segment, bytes } if segment == self.current => {
-                    buf.extend_from_slice(&bytes)
+                    buf.extend_from_slice(&bytes);
                 }
                 Op::Done { segment, bytes } => self.append_old(segment, &bytes),
             }
