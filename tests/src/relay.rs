@@ -39,6 +39,8 @@ pub struct RelayConfig {
     pub data_timeout: String,
     pub write_timeout: String,
     pub connections_per_destination: usize,
+    /// Egress source address for delivery (`delivery.source_ip`).
+    pub source_ip: Option<String>,
     /// Use an existing spool directory instead of a fresh one.
     pub spool_dir: Option<PathBuf>,
 }
@@ -62,6 +64,7 @@ impl Default for RelayConfig {
             data_timeout: "30s".into(),
             write_timeout: "10s".into(),
             connections_per_destination: 8,
+            source_ip: None,
             spool_dir: None,
         }
     }
@@ -153,8 +156,15 @@ impl Relay {
         );
         let _ = writeln!(
             t,
-            "[delivery]\nport = {}\nconnections_per_destination = {}\n[delivery.timeouts]\nconnect = \"2s\"\ngreeting = \"10s\"",
+            "[delivery]\nport = {}\nconnections_per_destination = {}",
             cfg.mx_port, cfg.connections_per_destination
+        );
+        if let Some(ip) = &cfg.source_ip {
+            let _ = writeln!(t, "source_ip = {}", q(ip));
+        }
+        let _ = writeln!(
+            t,
+            "[delivery.timeouts]\nconnect = \"2s\"\ngreeting = \"10s\""
         );
         let _ = writeln!(
             t,

@@ -91,6 +91,7 @@ pub struct Received {
 #[derive(Default)]
 struct State {
     sessions: usize,
+    peers: Vec<std::net::IpAddr>,
     received: Vec<Received>,
     attempts: HashMap<String, u32>,
 }
@@ -145,6 +146,11 @@ impl ScriptSink {
         self.state.lock().expect("sink lock").sessions
     }
 
+    /// Source addresses of the sessions so far.
+    pub fn peers(&self) -> Vec<std::net::IpAddr> {
+        self.state.lock().expect("sink lock").peers.clone()
+    }
+
     /// RCPT attempts seen for an address.
     pub fn attempts(&self, rcpt: &str) -> u32 {
         self.state
@@ -169,7 +175,13 @@ impl Drop for ScriptSink {
 
 fn session(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
-    state.lock().expect("sink lock").sessions += 1;
+    {
+        let mut st = state.lock().expect("sink lock");
+        st.sessions += 1;
+        if let Ok(peer) = conn.peer_addr() {
+            st.peers.push(peer.ip());
+        }
+    }
     let mut w = conn.try_clone()?;
     let mut r = BufReader::new(conn);
     w.write_all(b"220 script-sink ESMTP\r\n")?;

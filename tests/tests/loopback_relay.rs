@@ -91,7 +91,8 @@ fn smtp_source_and_swaks_submit_and_smtp_sink_receives_all() {
     let msgs = wait_for("102 complete messages at smtp-sink", WAIT, || {
         let m = sink.messages();
         (m.len() >= 102
-            && m.iter().all(|x| x.contains("La de da") || x.contains("This is a test mailing")))
+            && m.iter()
+                .all(|x| x.contains("La de da") || x.contains("This is a test mailing")))
         .then_some(m)
     });
     assert_eq!(msgs.len(), 102);
@@ -444,7 +445,10 @@ fn starttls_and_auth_on_submission_with_swaks() {
     // smtp-sink writes its dump files while receiving: wait for complete ones.
     let msgs = wait_for("two authenticated messages", WAIT, || {
         let m = sink.messages();
-        (m.len() == 2 && m.iter().all(|x| x.contains("La de da") || x.contains("This is a test mailing"))).then_some(m)
+        (m.len() == 2
+            && m.iter()
+                .all(|x| x.contains("La de da") || x.contains("This is a test mailing")))
+        .then_some(m)
     });
     assert!(
         msgs.iter().all(|m| m.contains("with ESMTPSA")),
@@ -634,4 +638,56 @@ fn one_connection_carries_many_messages_to_the_same_destination() {
         "connections are reused: {sessions} sessions for 40 messages"
     );
     eprintln!("connection reuse: 40 messages over {sessions} connections");
+}
+
+#[test]
+fn delivery_binds_the_egress_source_and_an_unplumbed_source_defers() {
+    let sink = ScriptSink::start();
+    let relay = Relay::start(&RelayConfig {
+        source_ip: Some("127.0.0.2".into()),
+        ..route_all_to(sink.addr)
+    });
+    let mut c = RawSmtp::connect(relay.smtp);
+    c.cmd("EHLO client.test");
+    let r = c.transaction(
+        "s@src.test",
+        &["r@dst.test"],
+        b"Subject: egress\r\n\r\nx\r\n.\r\n",
+    );
+    assert_eq!(r.code, 250);
+    wait_for("delivery", WAIT, || sink.received().into_iter().next());
+    assert_eq!(
+        sink.peers(),
+        vec!["127.0.0.2".parse::<std::net::IpAddr>().unwrap()]
+    );
+    let entry = relay.wait_log("delivered", WAIT, |v| v["status"] == "delivered");
+    assert_eq!(entry["source_ip"], "127.0.0.2");
+
+    // 192.0.2.1 (TEST-NET-1) is not an address of this host: bind fails, the message waits.
+    let relay = Relay::start(&RelayConfig {
+        source_ip: Some("192.0.2.1".into()),
+        ..route_all_to(sink.addr)
+    });
+    let mut c = RawSmtp::connect(relay.smtp);
+    c.cmd("EHLO client.test");
+    let r = c.transaction(
+        "s@src.test",
+        &["r@dst.test"],
+        b"Subject: unplumbed\r\n\r\nx\r\n.\r\n",
+    );
+    assert_eq!(r.code, 250);
+    let entry = relay.wait_log("deferral", WAIT, |v| v["status"] == "deferred");
+    assert_eq!(entry["enhanced"], "4.4.1");
+    assert!(
+        entry["text"]
+            .as_str()
+            .unwrap()
+            .contains("cannot bind to source 192.0.2.1"),
+        "{entry}"
+    );
+    assert!(
+        relay
+            .stderr()
+            .contains("egress source is not configured on this host")
+    );
 }
