@@ -186,19 +186,14 @@ pub fn smtp_through_lb(sessions: u32, say: &mut dyn FnMut(&str)) -> Outcome {
     }
 }
 
-/// A flat JSON object of numbers, as `ctl stats --json` prints it.
+/// The global counters of `ctl stats --json`.
 fn parse_counters(json: &str) -> BTreeMap<String, u64> {
-    json.trim()
-        .trim_start_matches('{')
-        .trim_end_matches('}')
-        .split(',')
-        .filter_map(|kv| {
-            let (k, v) = kv.split_once(':')?;
-            Some((
-                k.trim().trim_matches('"').to_owned(),
-                v.trim().parse().ok()?,
-            ))
-        })
+    let v: serde_json::Value = serde_json::from_str(json).expect("ctl stats --json prints JSON");
+    v["global"]
+        .as_object()
+        .expect("a `global` object")
+        .iter()
+        .map(|(k, n)| (k.clone(), n.as_u64().expect("counters are numbers")))
         .collect()
 }
 

@@ -188,7 +188,10 @@ impl Dataplane {
     }
 
     /// Writes a validated configuration into the maps (see [`super::apply_config`]).
-    pub fn apply(&mut self, cfg: &crate::config::lb::LbConfig) -> Result<super::Applied, super::ApplyError> {
+    pub fn apply(
+        &mut self,
+        cfg: &crate::config::lb::LbConfig,
+    ) -> Result<super::Applied, super::ApplyError> {
         super::apply_config(&mut self.ebpf, cfg)
     }
 
