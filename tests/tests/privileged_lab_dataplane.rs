@@ -174,6 +174,12 @@ fn run_lab(mode: Mode) {
             lab.spawn(&r.name, cmd);
             dumps.insert((r.name.clone(), fam), dir);
         }
+        // The balancer health-checks each relay on its own addresses.
+        for listen in [format!("{}:25", r.v4), format!("[{}]:25", r.v6)] {
+            let mut cmd = lab.command(&r.name, "smtp-sink");
+            cmd.args(["-u", "nobody", &listen, "64"]).stdout(Stdio::null()).stderr(Stdio::null());
+            lab.spawn(&r.name, cmd);
+        }
         if mode == Mode::Ipip {
             let mut cmd = lab.command(&r.name, env::smtp_lb_bin());
             cmd.args(["decap", "--iface", "eth0", "--mode", "native"])
@@ -188,7 +194,10 @@ fn run_lab(mode: Mode) {
     }
 
     // The balancer.
-    let mut cfg = format!("[[services]]\nname = \"mx\"\nvip = \"{VIP4}\"\nports = [25]\n");
+    let mut cfg = format!(
+        "state_dir = \"{}\"\n[warmup]\nduration = \"0s\"\n[[services]]\nname = \"mx\"\nvip = \"{VIP4}\"\nports = [25]\n",
+        work.join("state").display()
+    );
     let backend = |cfg: &mut String, r: &Relay, addr: &str, w: u32| {
         let mac = mac_str(lab.get(&r.name).mac);
         *cfg += &format!(
