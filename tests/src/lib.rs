@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`lab`]: a topology of network namespaces, veth pairs and a bridge that
 //!   tears itself down (on drop, on panic, and after a killed run).
+//! - [`load`]: SMTP load from inside a lab host, per-session outcomes.
 //! - [`xdp`]: loads the real eBPF object and runs it on crafted packets
 //!   through `BPF_PROG_TEST_RUN`.
 //! - [`packet`]: a small packet builder (Ethernet, 802.1Q, IPv4, IPv6, TCP, UDP).
@@ -17,6 +18,7 @@
 
 pub mod env;
 pub mod lab;
+pub mod load;
 pub mod packet;
 pub mod scenario;
 pub mod topology;

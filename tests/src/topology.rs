@@ -118,7 +118,8 @@ impl DsrLab {
     pub fn start_sink(&mut self, i: usize) {
         let r = &self.relays[i];
         let mut cmd = self.lab.command(&r.name, "smtp-sink");
-        cmd.args(["-u", "nobody", "-d"])
+        // -h: the sink greets with the relay's name, so clients can tell who answered.
+        cmd.args(["-u", "nobody", "-h", &r.name, "-d"])
             .arg(r.dump.join("m"))
             .args(["0.0.0.0:25", "1024"]);
         cmd.stdout(Stdio::null()).stderr(Stdio::null());

@@ -177,7 +177,9 @@ fn run_lab(mode: Mode) {
         // The balancer health-checks each relay on its own addresses.
         for listen in [format!("{}:25", r.v4), format!("[{}]:25", r.v6)] {
             let mut cmd = lab.command(&r.name, "smtp-sink");
-            cmd.args(["-u", "nobody", &listen, "64"]).stdout(Stdio::null()).stderr(Stdio::null());
+            cmd.args(["-u", "nobody", &listen, "64"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
             lab.spawn(&r.name, cmd);
         }
         if mode == Mode::Ipip {
