@@ -8,15 +8,20 @@
 //! - [`health`]: SMTP-aware health checks of relays (probe + rise/fall).
 //! - [`config`]: configuration files (`config::lb` for the balancer) and
 //!   shared value types (durations).
+//! - [`lb`]: the balancer daemon's control loop (health, warmup, drain,
+//!   reload) and its admin API.
+//! - [`admin`]: the small HTTP layer and Prometheus text both daemons serve.
 //! - [`cli`]: the `smtp-lb` command line (subcommands and their options).
 //! - [`relay`]: the delivery engine (SMTP ingress, spool, queues, delivery).
 //!
 //! The binary in `main.rs` only parses arguments, sets up tracing and calls
 //! into this library.
 
+pub mod admin;
 pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod health;
+pub mod lb;
 pub mod relay;

@@ -47,6 +47,10 @@ pub struct Host {
     pub addrs: Vec<String>,
     /// `eth0`'s MAC address.
     pub mac: [u8; 6],
+    /// The bridge port (in [`Lab::switch_netns`]) `eth0` is plugged into:
+    /// where a pass-through XDP program goes so native `XDP_TX` frames from
+    /// this host are received.
+    pub port: String,
 }
 
 /// A running lab. Dropping it removes everything it created.
@@ -91,6 +95,29 @@ impl Lab {
     /// This lab's unique id (also the prefix of its namespaces).
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The switch namespace (holds the bridge and every host's peer port).
+    pub fn switch_netns(&self) -> &str {
+        &self.switch
+    }
+
+    /// Runs `args` in the switch namespace, keeping the root mount namespace
+    /// (so bpffs pins are visible); panics when it fails.
+    pub fn run_on_switch(&self, args: &[&str]) -> Output {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.switch))
+            .arg("--")
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("start {args:?} on the switch: {e}"));
+        assert!(
+            out.status.success(),
+            "{args:?} on the switch failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        out
     }
 
     /// Names of every namespace this lab created.
@@ -163,6 +190,7 @@ impl Lab {
                 netns,
                 addrs,
                 mac,
+                port,
             },
         );
         &self.hosts[name]

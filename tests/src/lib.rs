@@ -3,10 +3,12 @@
 //! # Layout
 //! - [`lab`]: a topology of network namespaces, veth pairs and a bridge that
 //!   tears itself down (on drop, on panic, and after a killed run).
+//! - [`load`]: SMTP load from inside a lab host, per-session outcomes.
 //! - [`xdp`]: loads the real eBPF object and runs it on crafted packets
 //!   through `BPF_PROG_TEST_RUN`.
 //! - [`packet`]: a small packet builder (Ethernet, 802.1Q, IPv4, IPv6, TCP, UDP).
 //! - [`scenario`]: the lab story `cargo xtask lab` prints and tests assert on.
+//! - [`topology`]: the standard L2 DSR lab (client, LB, relays with sinks).
 //! - [`env`]: where the built artifacts are (set by `cargo xtask`).
 //! - [`relay`], [`sink`], [`smtp`], [`dns`], [`postfix`], [`tmp`]: the relay
 //!   under test and its real peers (smtp-sink, swaks, Postfix, dnsmasq).
@@ -19,6 +21,7 @@
 pub mod dns;
 pub mod env;
 pub mod lab;
+pub mod load;
 pub mod packet;
 pub mod postfix;
 pub mod relay;
@@ -26,4 +29,5 @@ pub mod scenario;
 pub mod sink;
 pub mod smtp;
 pub mod tmp;
+pub mod topology;
 pub mod xdp;

@@ -458,7 +458,7 @@ fn starttls_and_auth_on_submission_with_swaks() {
 
 fn ctl(relay: &Relay, args: &[&str]) -> (bool, String) {
     let out = Command::new(smtp_lb_tests::env::smtp_lb_bin())
-        .args(["ctl", "relay", "--admin", &relay.admin.to_string()])
+        .args(["ctl", "relay", "--relay-admin", &relay.admin.to_string()])
         .args(args)
         .output()
         .expect("run smtp-lb ctl relay");

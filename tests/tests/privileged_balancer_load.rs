@@ -59,7 +59,12 @@ fn loads_pins_with_btf_and_cleans_up_on_sigterm() {
         "bpftool failed: {}",
         String::from_utf8_lossy(&dump.stderr)
     );
-    for field in ["\"tx\"", "\"pass_non_vip\"", "\"drop_no_backend\"", "\"lru_miss\""] {
+    for field in [
+        "\"tx\"",
+        "\"pass_non_vip\"",
+        "\"drop_no_backend\"",
+        "\"lru_miss\"",
+    ] {
         assert!(
             text.contains(field),
             "bpftool shows no BTF field {field}:\n{text}"

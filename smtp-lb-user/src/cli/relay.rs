@@ -25,9 +25,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
 /// `smtp-lb ctl relay`: the relay's queues, through its admin listener.
 #[derive(Debug, clap::Args)]
 pub struct CtlOptions {
-    /// The relay's admin listener.
+    /// The relay's admin listener (`admin` in its config).
     #[arg(long, default_value = "127.0.0.1:8025", env = "SMTP_LB_RELAY_ADMIN")]
-    pub admin: SocketAddr,
+    pub relay_admin: SocketAddr,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -80,7 +80,7 @@ pub fn ctl(opts: &CtlOptions) -> anyhow::Result<()> {
         CtlCommand::Delete { id } => ("POST", format!("/queue/{id}/delete")),
         CtlCommand::Metrics => ("GET", "/metrics".to_owned()),
     };
-    let (status, body) = http(opts.admin, method, &path)?;
+    let (status, body) = http(opts.relay_admin, method, &path)?;
     anyhow::ensure!(status == 200, "relay answered {status}: {}", body.trim());
     println!("{}", body.trim_end());
     Ok(())

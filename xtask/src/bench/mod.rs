@@ -2,6 +2,7 @@
 //! subject and a peer (or floor) in the same run and returns a [`Report`];
 //! this module prints it as a table and writes `target/bench/<name>.json`,
 //! one flat JSON object of named numbers.
+mod maglev;
 mod relay;
 mod report;
 mod xdp;
@@ -33,11 +34,11 @@ enum Name {
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
-    let artifacts = build::run(&build::Options {})?;
     let (name, report) = match opts.name {
-        Name::Xdp => ("xdp", xdp::run(&artifacts)?),
-        Name::Relay => ("relay", relay::run(&artifacts)?),
-        Name::Maglev | Name::Lb | Name::Shaping => {
+        Name::Xdp => ("xdp", xdp::run(&build::run(&build::Options {})?)?),
+        Name::Maglev => ("maglev", maglev::run()),
+        Name::Relay => ("relay", relay::run(&build::run(&build::Options {})?)?),
+        Name::Lb | Name::Shaping => {
             anyhow::bail!("benchmark `{:?}` is not implemented yet", opts.name)
         }
     };
