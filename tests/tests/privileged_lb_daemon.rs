@@ -295,3 +295,70 @@ fn a_bad_config_on_reload_is_refused_by_line_and_traffic_continues() {
     );
     assert!(sessions.len() > 100);
 }
+
+/// Sends raw bytes to the admin API inside the LB node; returns the answer.
+fn admin_raw(dsr: &DsrLab, request: &'static [u8]) -> String {
+    dsr.lab.in_netns("lb", move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9700").expect("admin API reachable");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(request);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    })
+}
+
+#[test]
+fn the_admin_api_refuses_bad_requests_with_4xx_and_keeps_serving() {
+    let mut dsr = DsrLab::new(1);
+    let cfg = dsr.config(&[1], "");
+    dsr.start_lb(&cfg, &[]);
+    let mode = std::fs::metadata(dsr.work.join("state/admin.token")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600,
+        "the token is private"
+    );
+    for (request, status) in [
+        (&b"GET /backends HTTP/1.1\r\n\r\n"[..], "401"),
+        (
+            b"GET /backends HTTP/1.1\r\nAuthorization: Bearer wrong\r\n\r\n",
+            "401",
+        ),
+        (b"garbage\r\n\r\n", "400"),
+        (
+            b"GET /x HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
+            "413",
+        ),
+        (b"\x00\x01\x02\r\n\r\n", "400"),
+    ] {
+        let answer = admin_raw(&dsr, request);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{request:?} → {answer}"
+        );
+    }
+    for (args, fragment) in [
+        (&["drain", "nosuch"][..], "no backend named `nosuch`"),
+        (&["weight", "relay1", "lots"], "not a number"),
+        (&["weight", "relay1", "2000000"], "at most"),
+    ] {
+        let out = dsr.ctl_raw(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(fragment),
+            "ctl {args:?}: {err}"
+        );
+    }
+    // A client that connects and says nothing does not block others.
+    let _idle = dsr.lab.in_netns("lb", || {
+        std::net::TcpStream::connect("127.0.0.1:9700").unwrap()
+    });
+    assert_eq!(
+        dsr.ctl(&["backends"])[0]["health"],
+        "up",
+        "the daemon still answers"
+    );
+}

@@ -95,13 +95,26 @@ pub fn locate(text: &str, field: &str) -> Option<usize> {
             None => (seg, None),
         };
         let key = key.split('/').next().unwrap_or(key);
-        let name = if table.is_empty() { key.to_owned() } else { format!("{table}.{key}") };
+        let name = if table.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{table}.{key}")
+        };
         if let Some(i) = index {
             let header = format!("[[{name}]]");
-            from = lines.iter().enumerate().skip(from).filter(|(_, l)| l.trim() == header).nth(i)?.0;
+            from = lines
+                .iter()
+                .enumerate()
+                .skip(from)
+                .filter(|(_, l)| l.trim() == header)
+                .nth(i)?
+                .0;
             table = name;
-        } else if let Some((at, _)) =
-            lines.iter().enumerate().skip(from).find(|(_, l)| l.trim() == format!("[{name}]"))
+        } else if let Some((at, _)) = lines
+            .iter()
+            .enumerate()
+            .skip(from)
+            .find(|(_, l)| l.trim() == format!("[{name}]"))
         {
             from = at;
             table = name;
@@ -111,7 +124,11 @@ pub fn locate(text: &str, field: &str) -> Option<usize> {
             let found = lines[start..]
                 .iter()
                 .take_while(|l| !l.trim_start().starts_with('['))
-                .position(|l| l.trim_start().strip_prefix(key).is_some_and(|r| r.trim_start().starts_with('=')));
+                .position(|l| {
+                    l.trim_start()
+                        .strip_prefix(key)
+                        .is_some_and(|r| r.trim_start().starts_with('='))
+                });
             return Some(found.map_or(from, |i| start + i) + 1);
         }
     }
@@ -515,8 +532,15 @@ mod tests {
         let text = "state_dir = \"/tmp\"\n[warmup]\nstart_percent = 0\n\n[[services]]\nvip = \"203.0.113.10\"\nports = [25]\n[[services.backends]]\nname = \"a\"\naddress = \"198.51.100.3\"\n[[services.backends]]\nname = \"a\"\naddress = \"198.51.100.4\"\n";
         assert_eq!(locate(text, "warmup.start_percent"), Some(3));
         assert_eq!(locate(text, "services[0] (203.0.113.10).ports"), Some(7));
-        assert_eq!(locate(text, "services[0] (203.0.113.10).backends[1] (a).name"), Some(12));
-        assert_eq!(locate(text, "services[0] (203.0.113.10).backends[1] (a).mac"), Some(11), "absent key: its table");
+        assert_eq!(
+            locate(text, "services[0] (203.0.113.10).backends[1] (a).name"),
+            Some(12)
+        );
+        assert_eq!(
+            locate(text, "services[0] (203.0.113.10).backends[1] (a).mac"),
+            Some(11),
+            "absent key: its table"
+        );
         assert_eq!(locate(text, "services[3].ports"), None);
     }
 

@@ -2,6 +2,7 @@
 //! subject and a peer (or floor) in the same run and returns a [`Report`];
 //! this module prints it as a table and writes `target/bench/<name>.json`,
 //! one flat JSON object of named numbers.
+mod lb;
 mod maglev;
 mod relay;
 mod report;
@@ -37,8 +38,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let (name, report) = match opts.name {
         Name::Xdp => ("xdp", xdp::run(&build::run(&build::Options {})?)?),
         Name::Maglev => ("maglev", maglev::run()),
+        Name::Lb => ("lb", lb::run(&build::run(&build::Options {})?)?),
         Name::Relay => ("relay", relay::run(&build::run(&build::Options {})?)?),
-        Name::Lb | Name::Shaping => {
+        Name::Shaping => {
             anyhow::bail!("benchmark `{:?}` is not implemented yet", opts.name)
         }
     };
