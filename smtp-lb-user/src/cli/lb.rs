@@ -61,8 +61,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
             Ok(saved) => saved,
             Err(err) => {
                 dp.discard();
-                return Err(err)
-                    .with_context(|| format!("state in {}", cfg.state_dir.display()));
+                return Err(err).with_context(|| format!("state in {}", cfg.state_dir.display()));
             }
         };
         let mut node = Node::new(
