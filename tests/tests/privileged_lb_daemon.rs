@@ -68,13 +68,13 @@ fn a_killed_relay_leaves_within_the_bound_and_returns_through_warmup() {
     let t_down = load.now();
     eprintln!(
         "relay2 left the table {:?} after it died (bound {bound:?})",
-        t_down - t_kill
+        t_down.checked_sub(t_kill).unwrap()
     );
     // ctl is polled, so allow its own latency on top of the bound.
     assert!(
-        t_down - t_kill <= bound + Duration::from_millis(600),
+        t_down.checked_sub(t_kill).unwrap() <= bound + Duration::from_millis(600),
         "took {:?}",
-        t_down - t_kill
+        t_down.checked_sub(t_kill).unwrap()
     );
     thread::sleep(Duration::from_secs(1));
 
@@ -361,4 +361,89 @@ fn the_admin_api_refuses_bad_requests_with_4xx_and_keeps_serving() {
         "up",
         "the daemon still answers"
     );
+}
+
+#[test]
+fn where_names_the_relay_a_new_connection_reaches() {
+    let mut dsr = DsrLab::new(3);
+    let cfg = dsr.config(&[2, 1, 1], "");
+    dsr.start_lb(&cfg, &[]);
+    let client = smtp_lb_tests::topology::CLIENT;
+    for cport in [40001u16, 40002, 41234, 50000, 55555, 60001, 61000, 62000] {
+        let answer = dsr.ctl(&["where", &format!("{VIP}:25"), &format!("{client}:{cport}")]);
+        let predicted = answer["new_flow"]["backend"]
+            .as_str()
+            .expect("a backend for a new flow")
+            .to_owned();
+        // Connect from exactly that port and see who greets.
+        let greeted = dsr.lab.in_netns("client", move || {
+            use std::io::{BufRead, BufReader};
+            let sock = connect_from(client, cport);
+            let mut line = String::new();
+            BufReader::new(sock).read_line(&mut line).unwrap();
+            line.split_whitespace()
+                .nth(1)
+                .unwrap_or_default()
+                .to_owned()
+        });
+        assert_eq!(
+            greeted, predicted,
+            "client port {cport}: ctl where said {predicted}, {greeted} answered"
+        );
+        let tracked = dsr.ctl(&["where", &format!("{VIP}:25"), &format!("{client}:{cport}")]);
+        assert_eq!(
+            tracked["tracked"]["backend"],
+            predicted.as_str(),
+            "the flow is now tracked on its relay"
+        );
+    }
+}
+
+/// A TCP connection from `client:cport` to the VIP (bound before connect).
+fn connect_from(client: &str, cport: u16) -> std::net::TcpStream {
+    use std::os::fd::FromRawFd;
+    let local: std::net::SocketAddrV4 = format!("{client}:{cport}").parse().unwrap();
+    let remote: std::net::SocketAddrV4 = format!("{VIP}:25").parse().unwrap();
+    // SAFETY: plain socket calls on a fresh fd we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            4,
+        );
+        let to_sa = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(a.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let l = to_sa(local);
+        assert_eq!(
+            libc::bind(
+                fd,
+                (&raw const l).cast(),
+                size_of::<libc::sockaddr_in>() as u32
+            ),
+            0,
+            "bind {local}"
+        );
+        let r = to_sa(remote);
+        assert_eq!(
+            libc::connect(
+                fd,
+                (&raw const r).cast(),
+                size_of::<libc::sockaddr_in>() as u32
+            ),
+            0,
+            "connect {remote}"
+        );
+        std::net::TcpStream::from_raw_fd(fd)
+    }
 }

@@ -17,7 +17,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         unsafe { std::env::set_var(k, v) };
     }
     let outcome = smtp_lb_tests::scenario::smtp_through_lb(opts.sessions, &mut |line| {
-        println!("lab: {line}")
+        println!("lab: {line}");
     });
     println!("\nXDP counters on the LB node (summed over CPUs):");
     for (name, value) in outcome.counters.iter().filter(|(_, v)| **v > 0) {

@@ -473,6 +473,16 @@ impl LbConfig {
                             "forwarding \"l2\" needs the relay's MAC address",
                         ));
                     }
+                    // A frame to these never reaches one relay.
+                    Forwarding::L2 if b.mac.is_some_and(|m| m.0 == [0; 6] || m.0[0] & 1 == 1) => {
+                        return Err(invalid(
+                            format!("{bat}.mac"),
+                            format!(
+                                "{} is not a unicast MAC address; no single relay answers it",
+                                b.mac.unwrap()
+                            ),
+                        ));
+                    }
                     Forwarding::Ipip if b.address.is_ipv4() != svc.vip.is_ipv4() => {
                         return Err(invalid(
                             format!("{bat}.address"),
@@ -526,6 +536,24 @@ impl LbConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_broadcast_and_multicast_macs_are_refused() {
+        for mac in [
+            "00:00:00:00:00:00",
+            "ff:ff:ff:ff:ff:ff",
+            "01:00:5e:00:00:01",
+        ] {
+            let text = format!(
+                "[[services]]\nvip = \"203.0.113.10\"\nports = [25]\n[[services.backends]]\nname = \"a\"\naddress = \"198.51.100.3\"\nmac = \"{mac}\"\n"
+            );
+            let err = LbConfig::parse(&text).unwrap_err().to_string();
+            assert!(
+                err.contains(".mac") && err.contains("not a unicast"),
+                "{mac}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn invalid_fields_are_located_by_line() {

@@ -1,5 +1,5 @@
 //! `bench lb`: SMTP sessions through the lab three ways in one run — the
-//! client straight to one relay (the floor), through HAProxy 2.6 in TCP mode
+//! client straight to one relay (the floor), through `HAProxy` 2.6 in TCP mode
 //! (`balance leastconn`) on the LB node, and through smtp-lb's XDP data plane
 //! — reporting sessions/s and the CPU each balancer adds over the direct
 //! path (whole machine, from /proc/stat), with ratios.
@@ -16,7 +16,7 @@ const SESSIONS: usize = 4000;
 const ROUNDS: usize = 3;
 const PARALLEL: usize = 20;
 
-/// Busy CPU time of the whole machine, in seconds (`/proc/stat`, USER_HZ = 100).
+/// Busy CPU time of the whole machine, in seconds (`/proc/stat`, `USER_HZ` = 100).
 fn busy_cpu_s() -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let fields: Vec<u64> = stat
