@@ -68,6 +68,16 @@ fn mac_str(m: [u8; 6]) -> String {
 impl DsrLab {
     /// Builds the topology with `relays` relays, each running a sink.
     pub fn new(relays: usize) -> Self {
+        let mut this = Self::bare(relays);
+        for i in 0..relays {
+            this.start_sink(i);
+        }
+        this
+    }
+
+    /// Builds the topology with `relays` relay hosts and nothing running on
+    /// them (the caller starts its own MTA).
+    pub fn bare(relays: usize) -> Self {
         let mut lab = Lab::new();
         let work = lab.scratch_dir();
         lab.host("client", &[&format!("{CLIENT}/24")]);
@@ -99,7 +109,7 @@ impl DsrLab {
         lab.sh("client", &format!("ip route add {VIP}/32 via {LB}"));
         let pin_dir = lab.pin_dir().join("lb");
         let config_path = work.join("lb.toml");
-        let mut this = Self {
+        let this = Self {
             lab,
             relays: hosts,
             work,
@@ -107,9 +117,6 @@ impl DsrLab {
             config_path,
             lb: None,
         };
-        for i in 0..relays {
-            this.start_sink(i);
-        }
         this.pass_on_switch_port("lb");
         this
     }
@@ -311,12 +318,11 @@ impl DsrLab {
     }
 
     /// A `smtp-source` command on the client: `sessions` sessions,
-    /// `parallel` at a time, one message each, to VIP:25.
-    pub fn smtp_source(&self, sessions: usize, parallel: usize, extra: &[&str]) -> Command {
+    /// `parallel` at a time, one message each to `rcpt`, to VIP:25.
+    pub fn smtp_source(&self, sessions: usize, parallel: usize, rcpt: &str) -> Command {
         let mut cmd = self.lab.command("client", "smtp-source");
         cmd.args(["-s", &parallel.to_string(), "-m", &sessions.to_string()])
-            .args(["-f", "app@lab.example", "-t", "user@isp.example"])
-            .args(extra)
+            .args(["-f", "app@lab.example", "-t", rcpt])
             .arg(format!("{VIP}:25"));
         cmd
     }
@@ -325,7 +331,7 @@ impl DsrLab {
     pub fn send(&self, sessions: usize, parallel: usize) -> Duration {
         let started = Instant::now();
         let out = self
-            .smtp_source(sessions, parallel, &[])
+            .smtp_source(sessions, parallel, "user@isp.example")
             .output()
             .expect("run smtp-source");
         assert!(

@@ -37,9 +37,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         );
     }
     println!(
-        "\n{} SMTP sessions sent, {} messages received by the relays; lab torn down.",
+        "\n{} SMTP sessions sent through the balancer, {} messages delivered to the ISPs; lab torn down.",
         outcome.sessions,
-        outcome.per_relay.iter().map(|(_, n)| n).sum::<usize>()
+        outcome.per_isp.iter().map(|(_, n)| n).sum::<usize>()
     );
     Ok(())
 }

@@ -38,11 +38,16 @@ const PACKAGES: &[(&str, &str)] = &[
 
 /// (Perl module that must load, Debian package that provides it): swaks
 /// needs these for STARTTLS in the relay's interop tests.
-const PERL_MODULES: &[(&str, &str)] =
-    &[("Net::SSLeay", "libnet-ssleay-perl"), ("IO::Socket::SSL", "libio-socket-ssl-perl")];
+const PERL_MODULES: &[(&str, &str)] = &[
+    ("Net::SSLeay", "libnet-ssleay-perl"),
+    ("IO::Socket::SSL", "libio-socket-ssl-perl"),
+];
 
 fn perl_module_present(module: &str) -> bool {
-    Command::new("perl").args([&format!("-M{module}"), "-e1"]).output().is_ok_and(|o| o.status.success())
+    Command::new("perl")
+        .args([&format!("-M{module}"), "-e1"])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
@@ -156,7 +161,12 @@ fn packages(opts: &Options) -> anyhow::Result<()> {
         .filter(|(cmd, _)| !on_path(cmd))
         .map(|(_, pkg)| *pkg)
         .collect();
-    missing.extend(PERL_MODULES.iter().filter(|(m, _)| !perl_module_present(m)).map(|(_, pkg)| *pkg));
+    missing.extend(
+        PERL_MODULES
+            .iter()
+            .filter(|(m, _)| !perl_module_present(m))
+            .map(|(_, pkg)| *pkg),
+    );
     missing.dedup();
     if missing.is_empty() {
         if opts.verbose {
