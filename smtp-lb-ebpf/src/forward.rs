@@ -165,7 +165,7 @@ fn push_ipv4(
     };
     let p = ptr_at_mut::<Ipv4Hdr>(ctx, l3)?;
     // SAFETY: bounds checked.
-    unsafe { p.write_unaligned(hdr) };
+    unsafe { p.write(hdr) };
     Some(Outer {
         family: AF_INET,
         src: [src.to_be(), 0, 0, 0],
@@ -197,7 +197,7 @@ fn push_ipv6(
     };
     let p = ptr_at_mut::<Ipv6Hdr>(ctx, l3)?;
     // SAFETY: bounds checked.
-    unsafe { p.write_unaligned(hdr) };
+    unsafe { p.write(hdr) };
     Some(Outer {
         family: AF_INET6,
         src,

@@ -241,15 +241,38 @@ pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyErr
     })
 }
 
-/// ifindex and MAC of `iface`.
+/// ifindex and MAC of `iface`, asked of the kernel through a socket of this
+/// process's network namespace (`/sys/class/net` would show the namespace
+/// sysfs was mounted in, which under `nsenter --net` is the host's).
 fn interface(iface: &str) -> Option<(u32, [u8; 6])> {
     let c = std::ffi::CString::new(iface).ok()?;
     // SAFETY: valid C string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if idx == 0 {
+    if idx == 0 || iface.len() >= libc::IFNAMSIZ {
         return None;
     }
-    let text = std::fs::read_to_string(format!("/sys/class/net/{iface}/address")).ok()?;
-    let mac: crate::config::lb::Mac = text.trim().parse().ok()?;
-    Some((idx, mac.0))
+    // SAFETY: plain socket(2); closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: all-zero ifreq is valid; the name fits (checked above).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(iface.as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills ifr_hwaddr of a valid ifreq.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &raw mut req) };
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: the ioctl succeeded, so the union holds ifru_hwaddr.
+    let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (m, b) in mac.iter_mut().zip(sa.sa_data.iter()) {
+        *m = *b as u8;
+    }
+    Some((idx, mac))
 }
