@@ -2,9 +2,7 @@
 //! forward, count. Every packet ends in exactly one terminal counter of
 //! [`GlobalStats`] (a `pass_*`, a `drop_*`, `tx` or `redirect`).
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use smtp_lb_common::{
-    AF_INET, AF_INET6, FlowKey, GlobalStats, MODE_IPIP, PROTO_TCP, Service,
-};
+use smtp_lb_common::{AF_INET, AF_INET6, FlowKey, GlobalStats, MODE_IPIP, PROTO_TCP, Service};
 
 use crate::{
     forward::{self, Inner},

@@ -2,13 +2,16 @@
 //! so the relay's stack sees the client's packet to the VIP (held on `lo`).
 //! This kernel has no ipip/ip6tnl modules, and with this program a relay
 //! needs none; like Katran's decap, it runs before the stack.
-use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext,
+};
 
 use crate::{
     maps::DECAP_STATS,
     parse::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN,
-        Ipv4Hdr, Ipv6Hdr, VLAN_HLEN, ptr_at_mut, read},
+        Ipv4Hdr, Ipv6Hdr, VLAN_HLEN, ptr_at_mut, read,
+    },
 };
 
 /// Runs the decap program on one packet.

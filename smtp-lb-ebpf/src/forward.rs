@@ -32,7 +32,11 @@ pub fn l2(ctx: &XdpContext, b: &Backend, stats: &mut GlobalStats) -> u32 {
     // SAFETY: bounds checked by ptr_at_mut.
     unsafe {
         let lb_mac = (*eth).dst;
-        (*eth).src = if b.src_mac == [0; 6] { lb_mac } else { b.src_mac };
+        (*eth).src = if b.src_mac == [0; 6] {
+            lb_mac
+        } else {
+            b.src_mac
+        };
         (*eth).dst = b.mac;
     }
     if b.ifindex != 0 && b.ifindex != ctx.ingress_ifindex() as u32 {
@@ -224,14 +228,8 @@ fn next_hop(ctx: &XdpContext, outer: Outer, stats: &mut GlobalStats) -> u32 {
         p.__bindgen_anon_4.ipv6_dst = outer.dst;
     }
     // SAFETY: helper call with a valid params struct of the right size.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx.cast(),
-            &raw mut p,
-            size_of::<FibParams>() as i32,
-            0,
-        )
-    };
+    let rc =
+        unsafe { bpf_fib_lookup(ctx.ctx.cast(), &raw mut p, size_of::<FibParams>() as i32, 0) };
     if rc == FIB_NO_NEIGH {
         stats.pass_no_neigh += 1;
         return xdp_action::XDP_PASS;

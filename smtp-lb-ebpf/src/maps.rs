@@ -15,8 +15,7 @@ pub static GLOBAL_STATS: PerCpuArray<GlobalStats, 1> = PerCpuArray::new();
 
 /// (VIP, port, proto) → service; `port == 0` entries mark VIP addresses.
 #[btf_map]
-pub static SERVICES: HashMap<ServiceKey, Service, { 2 * MAX_SERVICES as usize }> =
-    HashMap::new();
+pub static SERVICES: HashMap<ServiceKey, Service, { 2 * MAX_SERVICES as usize }> = HashMap::new();
 
 /// host-order port → 1 if any service uses it (pre-filter before `SERVICES`).
 #[btf_map]
@@ -38,13 +37,11 @@ pub static CONNTRACK: LruHashMap<FlowKey, Flow, { CONNTRACK_SIZE as usize }> = L
 
 /// service id → per-CPU counters.
 #[btf_map]
-pub static SERVICE_STATS: PerCpuArray<ServiceStats, { MAX_SERVICES as usize }> =
-    PerCpuArray::new();
+pub static SERVICE_STATS: PerCpuArray<ServiceStats, { MAX_SERVICES as usize }> = PerCpuArray::new();
 
 /// backend id → per-CPU counters.
 #[btf_map]
-pub static BACKEND_STATS: PerCpuArray<BackendStats, { MAX_BACKENDS as usize }> =
-    PerCpuArray::new();
+pub static BACKEND_STATS: PerCpuArray<BackendStats, { MAX_BACKENDS as usize }> = PerCpuArray::new();
 
 /// `0` → node-wide settings (encapsulation source addresses).
 #[btf_map]

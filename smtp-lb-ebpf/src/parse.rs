@@ -120,5 +120,8 @@ pub fn ethernet(ctx: &XdpContext) -> Option<(usize, u16)> {
 /// ESP/AH, mobility, HIP, shim6 and the experimental values).
 #[inline(always)]
 pub fn is_ipv6_ext(next: u8) -> bool {
-    matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+    matches!(
+        next,
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+    )
 }

@@ -1,8 +1,8 @@
 //! Which backend a packet goes to: the service lookup, connection tracking,
 //! and the Maglev table (built by user space, `balance::maglev`).
 use smtp_lb_common::{
-    BACKEND_VALID, Backend, Flow, FlowKey, GlobalStats, NO_BACKEND, PROTO_TCP,
-    SERVICE_STICKY, Service, ServiceKey, flow_hash,
+    BACKEND_VALID, Backend, Flow, FlowKey, GlobalStats, NO_BACKEND, PROTO_TCP, SERVICE_STICKY,
+    Service, ServiceKey, flow_hash,
 };
 
 use crate::maps::{BACKENDS, CONNTRACK, RINGS, SERVICES, VIP_PORTS};
@@ -93,4 +93,3 @@ pub fn choose(key: &FlowKey, svc: &Service, syn: bool, stats: &mut GlobalStats) 
     let _ = CONNTRACK.insert(key, flow, 0);
     Some(Choice { id, backend, hash })
 }
-

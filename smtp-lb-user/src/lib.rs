@@ -5,13 +5,21 @@
 //!   attach, pin, read and write maps of the XDP balancer.
 //! - [`balance`]: pure balancing logic: the Maglev table builder and the
 //!   plan of what the data plane's maps hold for a config.
-//! - [`config`]: configuration files (`config::lb` for the balancer).
+//! - [`health`]: SMTP-aware health checks of relays (probe + rise/fall).
+//! - [`config`]: configuration files (`config::lb` for the balancer) and
+//!   shared value types (durations).
+//! - [`lb`]: the balancer daemon's control loop (health, warmup, drain,
+//!   reload) and its admin API.
+//! - [`admin`]: the small HTTP layer and Prometheus text both daemons serve.
 //! - [`cli`]: the `smtp-lb` command line (subcommands and their options).
 //!
 //! The binary in `main.rs` only parses arguments, sets up tracing and calls
 //! into this library.
 
+pub mod admin;
 pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod health;
+pub mod lb;

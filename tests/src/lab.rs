@@ -261,6 +261,14 @@ impl Lab {
         terminate(&mut child, grace)
     }
 
+    /// A directory for this lab's files (sink dumps, configs, spools);
+    /// created on first use, removed on drop.
+    pub fn scratch_dir(&self) -> PathBuf {
+        let dir = std::env::temp_dir().join(&self.id);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        dir
+    }
+
     /// The bpffs directory this lab's balancer pins into; removed on drop.
     pub fn pin_dir(&self) -> PathBuf {
         Path::new(BPFFS).join(&self.id)
@@ -299,6 +307,7 @@ impl Drop for Lab {
             delete_netns(&ns);
         }
         let _ = std::fs::remove_dir_all(self.pin_dir());
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&self.id));
     }
 }
 
@@ -353,14 +362,18 @@ fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Removes namespaces and pin directories of labs whose process is gone.
+/// Removes namespaces, pin directories and scratch directories of labs
+/// whose process is gone.
 pub fn remove_stale() {
     for ns in list_netns() {
         if owner_pid(&ns).is_some_and(|pid| !alive(pid)) {
             delete_netns(&ns);
         }
     }
-    if let Ok(entries) = std::fs::read_dir(BPFFS) {
+    for dir in [Path::new(BPFFS).to_owned(), std::env::temp_dir()] {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if owner_pid(&name).is_some_and(|pid| !alive(pid)) {

@@ -6,6 +6,7 @@
 //! - [`xdp`]: loads the real eBPF object and runs it on crafted packets
 //!   through `BPF_PROG_TEST_RUN`.
 //! - [`packet`]: a small packet builder (Ethernet, 802.1Q, IPv4, IPv6, TCP, UDP).
+//! - [`scenario`]: the lab story `cargo xtask lab` prints and tests assert on.
 //! - [`env`]: where the built artifacts are (set by `cargo xtask`).
 //!
 //! Suites live in `tests/`: `loopback_*` need real peers on 127.0.0.1 but no
@@ -16,4 +17,5 @@
 pub mod env;
 pub mod lab;
 pub mod packet;
+pub mod scenario;
 pub mod xdp;

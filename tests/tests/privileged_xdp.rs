@@ -29,12 +29,19 @@ const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 fn config(weights: [u32; 3], relay4: bool) -> LbConfig {
     let mut text = String::new();
     for (vip, addrs, addr4) in [
-        ("203.0.113.10", ["198.51.100.3", "198.51.100.4", "198.51.100.5"], "198.51.100.6"),
-        ("2001:db8::10", ["2001:db8::3", "2001:db8::4", "2001:db8::5"], "2001:db8::6"),
+        (
+            "203.0.113.10",
+            ["198.51.100.3", "198.51.100.4", "198.51.100.5"],
+            "198.51.100.6",
+        ),
+        (
+            "2001:db8::10",
+            ["2001:db8::3", "2001:db8::4", "2001:db8::5"],
+            "2001:db8::6",
+        ),
     ] {
-        text += &format!(
-            "[[services]]\nvip = \"{vip}\"\nports = [25, 587, 465]\ntable_size = 1009\n"
-        );
+        text +=
+            &format!("[[services]]\nvip = \"{vip}\"\nports = [25, 587, 465]\ntable_size = 1009\n");
         for (i, addr) in addrs.iter().enumerate() {
             text += &format!(
                 "[[services.backends]]\nname = \"relay{}\"\naddress = \"{addr}\"\nmac = \"02:00:00:00:00:0{}\"\nweight = {}\n",
@@ -143,22 +150,36 @@ fn assert_tx_to(f: &mut Fixture, pkt: &[u8], mac: [u8; 6], what: &str) {
 }
 
 fn assert_counted(delta: &[(&str, u64)], name: &str, what: &str) {
-    assert!(delta.contains(&(name, 1)), "{what}: expected `{name}` to count, got {delta:?}");
+    assert!(
+        delta.contains(&(name, 1)),
+        "{what}: expected `{name}` to count, got {delta:?}"
+    );
 }
 
 #[test]
 fn syn_to_each_vip_port_goes_to_its_maglev_backend() {
     let mut f = Fixture::new(&config([1, 1, 1], false));
     let mut seen = std::collections::BTreeSet::new();
-    for (src, dst) in [(IpAddr::V4(CLIENT4), IpAddr::V4(VIP4)), (CLIENT6.into(), VIP6.into())] {
+    for (src, dst) in [
+        (IpAddr::V4(CLIENT4), IpAddr::V4(VIP4)),
+        (CLIENT6.into(), VIP6.into()),
+    ] {
         for dport in [25, 587, 465] {
             for sport in [40000u16, 40001, 40002, 51515, 61000] {
                 let pkt = PacketBuilder::tcp(src, sport, dst, dport, tcp::SYN).build();
                 let mac = f.expected_mac(src, sport, dst, dport).expect("a backend");
                 seen.insert(mac);
                 let (out, delta) = f.run_counted(&pkt);
-                assert_eq!(out.verdict, Verdict::Tx, "SYN {src}:{sport} → {dst}:{dport}");
-                assert_eq!(out.output, rewritten(&pkt, mac), "SYN {src}:{sport} → {dst}:{dport}");
+                assert_eq!(
+                    out.verdict,
+                    Verdict::Tx,
+                    "SYN {src}:{sport} → {dst}:{dport}"
+                );
+                assert_eq!(
+                    out.output,
+                    rewritten(&pkt, mac),
+                    "SYN {src}:{sport} → {dst}:{dport}"
+                );
                 assert_eq!(delta, vec![("tx", 1)], "a SYN is no LRU miss");
             }
         }
@@ -170,7 +191,10 @@ fn syn_to_each_vip_port_goes_to_its_maglev_backend() {
 fn tracked_flow_keeps_its_backend_after_the_table_changes() {
     let mut f = Fixture::new(&config([1, 1, 1], false));
     // Find flows that start on relay1 (id of 198.51.100.3), v4 and v6.
-    for (src, dst) in [(IpAddr::V4(CLIENT4), IpAddr::V4(VIP4)), (CLIENT6.into(), VIP6.into())] {
+    for (src, dst) in [
+        (IpAddr::V4(CLIENT4), IpAddr::V4(VIP4)),
+        (CLIENT6.into(), VIP6.into()),
+    ] {
         let relay1 = [2, 0, 0, 0, 0, 3];
         let sport = (30000..40000)
             .find(|p| f.expected_mac(src, *p, dst, 25) == Some(relay1))
@@ -180,12 +204,22 @@ fn tracked_flow_keeps_its_backend_after_the_table_changes() {
 
         // Drain relay1 (weight 0) and add a fourth relay: the table changes.
         f.apply(&config([0, 1, 1], true));
-        assert_ne!(f.expected_mac(src, sport, dst, 25), Some(relay1), "the table moved this flow");
+        assert_ne!(
+            f.expected_mac(src, sport, dst, 25),
+            Some(relay1),
+            "the table moved this flow"
+        );
         for flags in [tcp::ACK, tcp::ACK | tcp::PSH, tcp::FIN | tcp::ACK, tcp::RST] {
-            let pkt = PacketBuilder::tcp(src, sport, dst, 25, flags).payload(b"EHLO x\r\n").build();
+            let pkt = PacketBuilder::tcp(src, sport, dst, 25, flags)
+                .payload(b"EHLO x\r\n")
+                .build();
             let (out, delta) = f.run_counted(&pkt);
             assert_eq!(out.verdict, Verdict::Tx);
-            assert_eq!(out.output, rewritten(&pkt, relay1), "flags {flags:#x} stay on relay1");
+            assert_eq!(
+                out.output,
+                rewritten(&pkt, relay1),
+                "flags {flags:#x} stay on relay1"
+            );
             assert_eq!(delta, vec![("tx", 1)]);
         }
         f.apply(&config([1, 1, 1], false));
@@ -201,15 +235,29 @@ fn weight_zero_backend_gets_no_new_flows_but_keeps_existing_ones() {
     let sport = (30000..40000)
         .find(|p| f.expected_mac(src, *p, dst, 587) == Some(relay2))
         .unwrap();
-    assert_tx_to(&mut f, &PacketBuilder::tcp(src, sport, dst, 587, tcp::SYN).build(), relay2, "SYN");
+    assert_tx_to(
+        &mut f,
+        &PacketBuilder::tcp(src, sport, dst, 587, tcp::SYN).build(),
+        relay2,
+        "SYN",
+    );
     f.apply(&config([1, 0, 1], false));
     for p in 20000..20400 {
         let out = f.run(&PacketBuilder::tcp(src, p, dst, 587, tcp::SYN).build());
         assert_eq!(out.verdict, Verdict::Tx);
-        assert_ne!(&out.output[0..6], &relay2, "new flow {p} on a weight-0 relay");
+        assert_ne!(
+            &out.output[0..6],
+            &relay2,
+            "new flow {p} on a weight-0 relay"
+        );
     }
     let ack = PacketBuilder::tcp(src, sport, dst, 587, tcp::ACK).build();
-    assert_tx_to(&mut f, &ack, relay2, "existing flow stays on the weight-0 relay");
+    assert_tx_to(
+        &mut f,
+        &ack,
+        relay2,
+        "existing flow stays on the weight-0 relay",
+    );
 }
 
 #[test]
@@ -221,7 +269,12 @@ fn flow_of_a_removed_backend_rehashes_and_unknown_flows_count_lru_misses() {
     let sport = (30000..40000)
         .find(|p| f.expected_mac(src, *p, dst, 25) == Some(relay3))
         .unwrap();
-    assert_tx_to(&mut f, &PacketBuilder::tcp(src, sport, dst, 25, tcp::SYN).build(), relay3, "SYN");
+    assert_tx_to(
+        &mut f,
+        &PacketBuilder::tcp(src, sport, dst, 25, tcp::SYN).build(),
+        relay3,
+        "SYN",
+    );
     // Remove relay3 from both services.
     let text = config([1, 1, 1], false);
     let mut cfg = text.clone();
@@ -254,15 +307,57 @@ fn non_vip_traffic_passes_untouched() {
     let other4 = Ipv4Addr::new(198, 51, 100, 9);
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("ARP", arp_request(CLIENT4, VIP4), "pass_non_ip"),
-        ("ICMP to VIP", PacketBuilder::icmp_echo(CLIENT4, VIP4).build(), "pass_non_vip"),
-        ("ICMPv6 to VIP", PacketBuilder::icmp_echo(CLIENT6, VIP6).build(), "pass_non_vip"),
-        ("UDP to VIP:25", PacketBuilder::udp(CLIENT4, 5353, VIP4, 25).build(), "pass_non_vip"),
-        ("TCP to VIP:80", PacketBuilder::tcp(CLIENT4, 40000, VIP4, 80, tcp::SYN).build(), "pass_non_vip"),
-        ("TCP to VIP6:80", PacketBuilder::tcp(CLIENT6, 40000, VIP6, 80, tcp::SYN).build(), "pass_non_vip"),
-        ("TCP to other:25", PacketBuilder::tcp(CLIENT4, 40000, other4, 25, tcp::SYN).build(), "pass_non_vip"),
-        ("options to other", PacketBuilder::tcp(CLIENT4, 1, other4, 25, tcp::SYN).ipv4_options(&[1, 1, 1, 1]).build(), "pass_non_vip"),
-        ("fragment to other", PacketBuilder::tcp(CLIENT4, 1, other4, 25, tcp::ACK).fragment(true, 0).build(), "pass_non_vip"),
-        ("v6 ext to other", PacketBuilder::tcp(CLIENT6, 1, Ipv6Addr::LOCALHOST, 25, tcp::SYN).ipv6_ext(0).build(), "pass_non_vip"),
+        (
+            "ICMP to VIP",
+            PacketBuilder::icmp_echo(CLIENT4, VIP4).build(),
+            "pass_non_vip",
+        ),
+        (
+            "ICMPv6 to VIP",
+            PacketBuilder::icmp_echo(CLIENT6, VIP6).build(),
+            "pass_non_vip",
+        ),
+        (
+            "UDP to VIP:25",
+            PacketBuilder::udp(CLIENT4, 5353, VIP4, 25).build(),
+            "pass_non_vip",
+        ),
+        (
+            "TCP to VIP:80",
+            PacketBuilder::tcp(CLIENT4, 40000, VIP4, 80, tcp::SYN).build(),
+            "pass_non_vip",
+        ),
+        (
+            "TCP to VIP6:80",
+            PacketBuilder::tcp(CLIENT6, 40000, VIP6, 80, tcp::SYN).build(),
+            "pass_non_vip",
+        ),
+        (
+            "TCP to other:25",
+            PacketBuilder::tcp(CLIENT4, 40000, other4, 25, tcp::SYN).build(),
+            "pass_non_vip",
+        ),
+        (
+            "options to other",
+            PacketBuilder::tcp(CLIENT4, 1, other4, 25, tcp::SYN)
+                .ipv4_options(&[1, 1, 1, 1])
+                .build(),
+            "pass_non_vip",
+        ),
+        (
+            "fragment to other",
+            PacketBuilder::tcp(CLIENT4, 1, other4, 25, tcp::ACK)
+                .fragment(true, 0)
+                .build(),
+            "pass_non_vip",
+        ),
+        (
+            "v6 ext to other",
+            PacketBuilder::tcp(CLIENT6, 1, Ipv6Addr::LOCALHOST, 25, tcp::SYN)
+                .ipv6_ext(0)
+                .build(),
+            "pass_non_vip",
+        ),
     ];
     for (what, pkt, counter) in cases {
         let (out, delta) = f.run_counted(&pkt);
@@ -277,14 +372,50 @@ fn vip_options_fragments_and_extension_headers_are_counted_drops() {
     let mut f = Fixture::new(&config([1, 1, 1], false));
     let syn = || PacketBuilder::tcp(CLIENT4, 40000, VIP4, 25, tcp::SYN);
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("IPv4 options", syn().ipv4_options(&[1, 1, 1, 1]).build(), "drop_ipv4_options"),
+        (
+            "IPv4 options",
+            syn().ipv4_options(&[1, 1, 1, 1]).build(),
+            "drop_ipv4_options",
+        ),
         ("MF set", syn().fragment(true, 0).build(), "drop_fragment"),
-        ("offset", syn().fragment(false, 100).build(), "drop_fragment"),
-        ("MF and offset", syn().fragment(true, 8).build(), "drop_fragment"),
-        ("hop-by-hop", PacketBuilder::tcp(CLIENT6, 1, VIP6, 25, tcp::SYN).ipv6_ext(0).build(), "drop_ipv6_ext"),
-        ("routing", PacketBuilder::tcp(CLIENT6, 1, VIP6, 25, tcp::SYN).ipv6_ext(43).build(), "drop_ipv6_ext"),
-        ("fragment hdr", PacketBuilder::tcp(CLIENT6, 1, VIP6, 25, tcp::SYN).ipv6_ext(44).build(), "drop_ipv6_ext"),
-        ("dest options", PacketBuilder::tcp(CLIENT6, 1, VIP6, 25, tcp::SYN).ipv6_ext(60).build(), "drop_ipv6_ext"),
+        (
+            "offset",
+            syn().fragment(false, 100).build(),
+            "drop_fragment",
+        ),
+        (
+            "MF and offset",
+            syn().fragment(true, 8).build(),
+            "drop_fragment",
+        ),
+        (
+            "hop-by-hop",
+            PacketBuilder::tcp(CLIENT6, 1, VIP6, 25, tcp::SYN)
+                .ipv6_ext(0)
+                .build(),
+            "drop_ipv6_ext",
+        ),
+        (
+            "routing",
+            PacketBuilder::tcp(CLIENT6, 1, VIP6, 25, tcp::SYN)
+                .ipv6_ext(43)
+                .build(),
+            "drop_ipv6_ext",
+        ),
+        (
+            "fragment hdr",
+            PacketBuilder::tcp(CLIENT6, 1, VIP6, 25, tcp::SYN)
+                .ipv6_ext(44)
+                .build(),
+            "drop_ipv6_ext",
+        ),
+        (
+            "dest options",
+            PacketBuilder::tcp(CLIENT6, 1, VIP6, 25, tcp::SYN)
+                .ipv6_ext(60)
+                .build(),
+            "drop_ipv6_ext",
+        ),
     ];
     for (what, pkt, counter) in cases {
         let (out, delta) = f.run_counted(&pkt);
@@ -306,10 +437,20 @@ fn terminal(s: &GlobalStats) -> u64 {
 fn truncated_at_every_boundary_is_counted_and_never_forwarded() {
     let mut f = Fixture::new(&config([1, 1, 1], false));
     let frames = [
-        PacketBuilder::tcp(CLIENT4, 40000, VIP4, 25, tcp::SYN).payload(b"x").build(),
-        PacketBuilder::tcp(CLIENT6, 40000, VIP6, 25, tcp::SYN).payload(b"x").build(),
-        PacketBuilder::tcp(CLIENT4, 40000, VIP4, 25, tcp::ACK).vlan(7).payload(b"x").build(),
-        PacketBuilder::tcp(CLIENT6, 40000, VIP6, 465, tcp::ACK).vlan(7).payload(b"x").build(),
+        PacketBuilder::tcp(CLIENT4, 40000, VIP4, 25, tcp::SYN)
+            .payload(b"x")
+            .build(),
+        PacketBuilder::tcp(CLIENT6, 40000, VIP6, 25, tcp::SYN)
+            .payload(b"x")
+            .build(),
+        PacketBuilder::tcp(CLIENT4, 40000, VIP4, 25, tcp::ACK)
+            .vlan(7)
+            .payload(b"x")
+            .build(),
+        PacketBuilder::tcp(CLIENT6, 40000, VIP6, 465, tcp::ACK)
+            .vlan(7)
+            .payload(b"x")
+            .build(),
     ];
     for full in frames {
         // test_run needs at least an Ethernet header.
@@ -318,7 +459,11 @@ fn truncated_at_every_boundary_is_counted_and_never_forwarded() {
             let before = f.stats();
             let (out, delta) = f.run_counted(pkt);
             let after = f.stats();
-            assert_eq!(terminal(&after) - terminal(&before), 1, "len {len}: {delta:?}");
+            assert_eq!(
+                terminal(&after) - terminal(&before),
+                1,
+                "len {len}: {delta:?}"
+            );
             assert!(
                 matches!(out.verdict, Verdict::Pass | Verdict::Drop),
                 "len {len}: truncated frame forwarded ({:?})",
@@ -327,7 +472,9 @@ fn truncated_at_every_boundary_is_counted_and_never_forwarded() {
             if out.verdict == Verdict::Pass {
                 assert_eq!(out.output, pkt, "len {len}: passed bytes unchanged");
                 assert!(
-                    delta.iter().any(|(n, _)| *n == "pass_truncated" || *n == "pass_non_ip"),
+                    delta
+                        .iter()
+                        .any(|(n, _)| *n == "pass_truncated" || *n == "pass_non_ip"),
                     "len {len}: {delta:?}"
                 );
             } else {
@@ -340,7 +487,9 @@ fn truncated_at_every_boundary_is_counted_and_never_forwarded() {
 #[test]
 fn bogus_ihl_and_lengths_are_counted_drops() {
     let mut f = Fixture::new(&config([1, 1, 1], false));
-    let good = PacketBuilder::tcp(CLIENT4, 40000, VIP4, 25, tcp::SYN).payload(b"hello").build();
+    let good = PacketBuilder::tcp(CLIENT4, 40000, VIP4, 25, tcp::SYN)
+        .payload(b"hello")
+        .build();
     let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
     for ihl in [0u8, 4] {
         let mut p = good.clone();
@@ -366,7 +515,9 @@ fn bogus_ihl_and_lengths_are_counted_drops() {
     let mut p = good.clone();
     p[14 + 20 + 12] = 0x40; // TCP data offset 4
     cases.push(("doff", p));
-    let good6 = PacketBuilder::tcp(CLIENT6, 40000, VIP6, 25, tcp::SYN).payload(b"hello").build();
+    let good6 = PacketBuilder::tcp(CLIENT6, 40000, VIP6, 25, tcp::SYN)
+        .payload(b"hello")
+        .build();
     for plen in [0u16, 19, (good6.len() - 54 + 1) as u16] {
         let mut p = good6.clone();
         p[18..20].copy_from_slice(&plen.to_be_bytes());
@@ -382,8 +533,13 @@ fn bogus_ihl_and_lengths_are_counted_drops() {
 #[test]
 fn vlan_tagged_syn_keeps_its_tag() {
     let mut f = Fixture::new(&config([1, 1, 1], false));
-    for (src, dst) in [(IpAddr::V4(CLIENT4), IpAddr::V4(VIP4)), (CLIENT6.into(), VIP6.into())] {
-        let pkt = PacketBuilder::tcp(src, 40000, dst, 25, tcp::SYN).vlan(100).build();
+    for (src, dst) in [
+        (IpAddr::V4(CLIENT4), IpAddr::V4(VIP4)),
+        (CLIENT6.into(), VIP6.into()),
+    ] {
+        let pkt = PacketBuilder::tcp(src, 40000, dst, 25, tcp::SYN)
+            .vlan(100)
+            .build();
         let mac = f.expected_mac(src, 40000, dst, 25).unwrap();
         assert_tx_to(&mut f, &pkt, mac, "VLAN");
         assert_eq!(&pkt[12..16], &[0x81, 0, 0, 100]);
@@ -393,7 +549,10 @@ fn vlan_tagged_syn_keeps_its_tag() {
 #[test]
 fn no_backend_with_weight_is_a_counted_drop() {
     let mut f = Fixture::new(&config([0, 0, 0], false));
-    for (src, dst) in [(IpAddr::V4(CLIENT4), IpAddr::V4(VIP4)), (CLIENT6.into(), VIP6.into())] {
+    for (src, dst) in [
+        (IpAddr::V4(CLIENT4), IpAddr::V4(VIP4)),
+        (CLIENT6.into(), VIP6.into()),
+    ] {
         for flags in [tcp::SYN, tcp::ACK] {
             let pkt = PacketBuilder::tcp(src, 40000, dst, 25, flags).build();
             let (out, delta) = f.run_counted(&pkt);

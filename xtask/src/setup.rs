@@ -31,6 +31,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("redis-server", "redis-server"),
     ("haproxy", "haproxy"),
     ("ps", "procps"),
+    ("ping", "iputils-ping"),
 ];
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {

@@ -201,14 +201,22 @@ mod tests {
             let all = entries(&names);
             let before = build(&all, 65537);
             for removed in [0, n / 2, n - 1] {
-                let rest: Vec<_> = all.iter().copied().filter(|e| e.id != removed as u32).collect();
+                let rest: Vec<_> = all
+                    .iter()
+                    .copied()
+                    .filter(|e| e.id != removed as u32)
+                    .collect();
                 let after = build(&rest, 65537);
                 let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
                 let frac = moved as f64 / before.len() as f64;
                 assert!(frac <= 1.0 / n as f64 + 0.01, "N={n}: moved {frac}");
                 // Slots of the backends that stayed: (almost) all stay put.
-                let kept = before.iter().zip(&after).filter(|(a, _)| **a != removed as u32);
-                let (total, same) = kept.fold((0, 0), |(t, s), (a, b)| (t + 1, s + usize::from(a == b)));
+                let kept = before
+                    .iter()
+                    .zip(&after)
+                    .filter(|(a, _)| **a != removed as u32);
+                let (total, same) =
+                    kept.fold((0, 0), |(t, s), (a, b)| (t + 1, s + usize::from(a == b)));
                 assert!(
                     same as f64 / total as f64 >= 0.99,
                     "N={n}: only {same}/{total} surviving slots kept"

@@ -113,11 +113,15 @@ pub fn plan(cfg: &LbConfig, existing: &Existing) -> Plan {
             if ids.contains_key(&b.address) {
                 continue;
             }
-            let id = existing.backends.get(&b.address).copied().unwrap_or_else(|| {
-                let id = free_id(&used, MAX_BACKENDS).expect("validated: backends fit");
-                used.insert(id);
-                id
-            });
+            let id = existing
+                .backends
+                .get(&b.address)
+                .copied()
+                .unwrap_or_else(|| {
+                    let id = free_id(&used, MAX_BACKENDS).expect("validated: backends fit");
+                    used.insert(id);
+                    id
+                });
             ids.insert(b.address, id);
             let (addr, family) = addr_words(b.address);
             out.backends.push(PlannedBackend {
@@ -226,9 +230,7 @@ mod tests {
     fn existing_ids_are_kept() {
         let cfg = LbConfig::parse(CFG).unwrap();
         let mut existing = Existing::default();
-        existing
-            .backends
-            .insert("198.51.100.4".parse().unwrap(), 7);
+        existing.backends.insert("198.51.100.4".parse().unwrap(), 7);
         existing
             .services
             .insert(service_key("203.0.113.10".parse().unwrap(), 587), 5);
@@ -246,6 +248,10 @@ mod tests {
             assert_eq!(words_addr(w, f), ip);
         }
         let (w, _) = addr_words("1.2.3.4".parse().unwrap());
-        assert_eq!(w[0].to_ne_bytes(), [1, 2, 3, 4], "network byte order in memory");
+        assert_eq!(
+            w[0].to_ne_bytes(),
+            [1, 2, 3, 4],
+            "network byte order in memory"
+        );
     }
 }

@@ -7,7 +7,8 @@ use tracing::info;
 
 use crate::{
     config::lb::LbConfig,
-    dataplane::{AttachMode, Dataplane, LoadOptions, read_global_stats},
+    dataplane::{AttachMode, Dataplane, LoadOptions, check_interface, read_global_stats},
+    lb::{self, Node},
 };
 
 #[derive(Debug, clap::Args)]
@@ -44,54 +45,56 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     // The config is read and validated before anything touches the kernel.
-    let config = opts
-        .config
-        .as_deref()
-        .map(LbConfig::load)
-        .transpose()?;
+    let config = opts.config.as_deref().map(LbConfig::load).transpose()?;
     let pin_dir = opts
         .pin_dir
         .clone()
         .or_else(|| config.as_ref().and_then(|c| c.pin_dir.clone()))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
+    check_interface(&opts.iface)?;
     let mut dp = Dataplane::load(&LoadOptions {
         pin_dir: pin_dir.clone(),
     })?;
     // Maps first, then attach: the program never sees traffic with empty tables.
-    if let Some(cfg) = &config {
-        match dp.apply(cfg) {
-            Ok(applied) => info!(
-                services = applied.plan.services.len(),
-                backends = applied.plan.backends.len(),
-                removed_services = applied.removed_services,
-                removed_backends = applied.removed_backends,
-                adopted = dp.adopted(),
-                "config applied"
-            ),
-            Err(err) => {
+    let mut dp = match config {
+        Some(cfg) => {
+            let saved = match lb::state::load(&cfg.state_dir) {
+                Ok(saved) => saved,
+                Err(err) => {
+                    dp.discard();
+                    return Err(err)
+                        .with_context(|| format!("state in {}", cfg.state_dir.display()));
+                }
+            };
+            let mut node = Node::new(
+                dp,
+                cfg,
+                &saved,
+                opts.config.clone(),
+                pin_dir.clone(),
+                opts.iface.clone(),
+            );
+            if let Err(err) = node.start().await {
+                node.into_dataplane().discard();
+                return Err(err);
+            }
+            if let Err(err) = node.attach(opts.mode) {
+                node.into_dataplane().discard();
+                return Err(err.into());
+            }
+            info!(iface = %opts.iface, mode = ?opts.mode, pin_dir = %pin_dir.display(), "balancer attached");
+            lb::run(node, shutdown).await?.into_dataplane()
+        }
+        None => {
+            if let Err(err) = dp.attach(&opts.iface, opts.mode) {
                 dp.discard();
                 return Err(err.into());
             }
+            info!(iface = %opts.iface, mode = ?opts.mode, pin_dir = %pin_dir.display(), "balancer attached (no config: every packet passes)");
+            log_counters(&pin_dir, opts.stats_interval, shutdown).await?;
+            dp
         }
-    }
-    if let Err(err) = dp.attach(&opts.iface, opts.mode) {
-        dp.discard();
-        return Err(err.into());
-    }
-    info!(iface = %opts.iface, mode = ?opts.mode, pin_dir = %pin_dir.display(), "balancer attached");
-
-    let mut ticker =
-        (!opts.stats_interval.is_zero()).then(|| tokio::time::interval(opts.stats_interval));
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            _ = async { ticker.as_mut().unwrap().tick().await }, if ticker.is_some() => {
-                let s = read_global_stats(&pin_dir)?;
-                info!(tx = s.tx, redirect = s.redirect, pass_non_vip = s.pass_non_vip, drop_no_backend = s.drop_no_backend, lru_miss = s.lru_miss, "counters");
-            }
-        }
-    }
+    };
     if opts.keep_pinned {
         let link = dp.keep_attached()?;
         info!(link = %link.display(), "left attached and pinned");
@@ -101,4 +104,23 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
         info!("detached and unpinned");
     }
     Ok(())
+}
+
+/// Without a config there is no control loop: log the counters until shutdown.
+async fn log_counters(
+    pin_dir: &std::path::Path,
+    every: Duration,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let mut ticker = (!every.is_zero()).then(|| tokio::time::interval(every));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            _ = async { ticker.as_mut().unwrap().tick().await }, if ticker.is_some() => {
+                let s = read_global_stats(pin_dir)?;
+                info!(tx = s.tx, redirect = s.redirect, pass_non_vip = s.pass_non_vip, drop_no_backend = s.drop_no_backend, lru_miss = s.lru_miss, "counters");
+            }
+        }
+    }
 }

@@ -31,7 +31,10 @@ use serde::Deserialize;
 use smtp_lb_common::{MAX_RING_SIZE, MAX_SERVICES};
 use thiserror::Error;
 
-use crate::balance::maglev::is_prime;
+use crate::{balance::maglev::is_prime, balance::warmup::WarmupConfig, health::HealthCheckConfig};
+
+/// Largest configured weight: × 1000 (warmup's resolution) still fits a u32.
+pub const MAX_WEIGHT: u32 = 1_000_000;
 
 /// Default Maglev table size (the paper's and Katran's).
 pub const DEFAULT_TABLE_SIZE: u32 = 65537;
@@ -82,9 +85,62 @@ pub struct LbConfig {
     /// The balanced services.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
+    /// How relays are health-checked (`[health]`).
+    #[serde(default)]
+    pub health: HealthCheckConfig,
+    /// How new and recovering relays ramp up (`[warmup]`).
+    #[serde(default)]
+    pub warmup: WarmupConfig,
+    /// The admin API (`[admin]`).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Directory for what must survive restarts: warmup start times, drains,
+    /// operator weights, the admin token.
+    #[serde(default = "LbConfig::default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+/// `[admin]`: the HTTP admin API and metrics endpoint.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Loopback address and port to listen on.
+    #[serde(default = "AdminConfig::default_listen")]
+    pub listen: std::net::SocketAddr,
+    /// File holding the bearer token; created with a random token (mode
+    /// 0600) when missing. Default: `<state_dir>/admin.token`.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+impl AdminConfig {
+    fn default_listen() -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], 9700))
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: Self::default_listen(),
+            token_file: None,
+        }
+    }
 }
 
 impl LbConfig {
+    fn default_state_dir() -> PathBuf {
+        PathBuf::from("/var/lib/smtp-lb")
+    }
+
+    /// The admin token file.
+    pub fn token_file(&self) -> PathBuf {
+        self.admin
+            .token_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("admin.token"))
+    }
+
     fn default_encap_source_v4() -> Ipv4Addr {
         Ipv4Addr::new(172, 16, 0, 0)
     }
@@ -241,13 +297,34 @@ impl LbConfig {
     /// Checks everything serde cannot: table sizes, duplicates, empty
     /// services, missing MACs, families, limits. The first problem wins.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.warmup
+            .validate()
+            .map_err(|(field, problem)| invalid(field, problem))?;
+        if self.health.rise == 0 || self.health.fall == 0 {
+            return Err(invalid("health.rise/fall", "must be at least 1"));
+        }
+        if self.health.interval.is_zero() {
+            return Err(invalid("health.interval", "must be longer than 0s"));
+        }
+        if !self.admin.listen.ip().is_loopback() {
+            return Err(invalid(
+                "admin.listen",
+                format!(
+                    "{} is not a loopback address; the admin API only listens on loopback",
+                    self.admin.listen
+                ),
+            ));
+        }
         let mut seen_services = BTreeSet::new();
         let mut backends_by_addr: BTreeMap<IpAddr, (String, &BackendConfig)> = BTreeMap::new();
         let mut count = 0u32;
         for (i, svc) in self.services.iter().enumerate() {
             let at = format!("services[{i}] ({})", svc.label());
             if svc.ports.is_empty() {
-                return Err(invalid(format!("{at}.ports"), "no ports; list at least one, like [25]"));
+                return Err(invalid(
+                    format!("{at}.ports"),
+                    "no ports; list at least one, like [25]",
+                ));
             }
             for port in &svc.ports {
                 if *port == 0 {
@@ -270,12 +347,18 @@ impl LbConfig {
             let n = svc.backends.len() as u64;
             let m = svc.table_size;
             if !is_prime(m) {
-                return Err(invalid(format!("{at}.table_size"), format!("{m} is not prime")));
+                return Err(invalid(
+                    format!("{at}.table_size"),
+                    format!("{m} is not prime"),
+                ));
             }
             if u64::from(m) <= 100 * n {
                 return Err(invalid(
                     format!("{at}.table_size"),
-                    format!("{m} is too small for {n} backends: Maglev needs a prime above 100 × {n} = {}", 100 * n),
+                    format!(
+                        "{m} is too small for {n} backends: Maglev needs a prime above 100 × {n} = {}",
+                        100 * n
+                    ),
                 ));
             }
             if m > MAX_RING_SIZE {
@@ -292,7 +375,10 @@ impl LbConfig {
                     return Err(invalid(format!("{bat}.name"), "empty name"));
                 }
                 if !names.insert(b.name.as_str()) {
-                    return Err(invalid(format!("{bat}.name"), format!("duplicate backend `{}`", b.name)));
+                    return Err(invalid(
+                        format!("{bat}.name"),
+                        format!("duplicate backend `{}`", b.name),
+                    ));
                 }
                 if !addrs.insert(b.address) {
                     return Err(invalid(
@@ -310,13 +396,19 @@ impl LbConfig {
                     Forwarding::Ipip if b.address.is_ipv4() != svc.vip.is_ipv4() => {
                         return Err(invalid(
                             format!("{bat}.address"),
-                            format!("ipip to {} cannot carry VIP {} (IPIP is IPv4 in IPv4, IP6IP6 IPv6 in IPv6)", b.address, svc.vip),
+                            format!(
+                                "ipip to {} cannot carry VIP {} (IPIP is IPv4 in IPv4, IP6IP6 IPv6 in IPv6)",
+                                b.address, svc.vip
+                            ),
                         ));
                     }
                     _ => {}
                 }
-                if b.weight > 1_000_000 {
-                    return Err(invalid(format!("{bat}.weight"), "at most 1000000"));
+                if b.weight > MAX_WEIGHT {
+                    return Err(invalid(
+                        format!("{bat}.weight"),
+                        format!("at most {MAX_WEIGHT}"),
+                    ));
                 }
                 if let Some((other_at, other)) = backends_by_addr.get(&b.address) {
                     if other.forwarding != b.forwarding
@@ -325,7 +417,9 @@ impl LbConfig {
                     {
                         return Err(invalid(
                             bat,
-                            format!("same address as {other_at} but a different forwarding, mac or interface"),
+                            format!(
+                                "same address as {other_at} but a different forwarding, mac or interface"
+                            ),
                         ));
                     }
                 } else {
@@ -340,7 +434,10 @@ impl LbConfig {
             ));
         }
         if backends_by_addr.len() > smtp_lb_common::MAX_BACKENDS as usize {
-            return Err(invalid("services", "more distinct backends than the data plane holds"));
+            return Err(invalid(
+                "services",
+                "more distinct backends than the data plane holds",
+            ));
         }
         Ok(())
     }
@@ -398,33 +495,46 @@ mod tests {
     #[test]
     fn non_prime_table_size_is_refused_by_name() {
         let e = err(&GOOD.replace("1009", "1000"));
-        assert!(e.contains("services[0] (mx).table_size") && e.contains("not prime"), "{e}");
+        assert!(
+            e.contains("services[0] (mx).table_size") && e.contains("not prime"),
+            "{e}"
+        );
     }
 
     #[test]
     fn too_small_table_is_refused_by_name() {
         let e = err(&GOOD.replace("1009", "199"));
-        assert!(e.contains("services[0] (mx).table_size") && e.contains("too small"), "{e}");
+        assert!(
+            e.contains("services[0] (mx).table_size") && e.contains("too small"),
+            "{e}"
+        );
     }
 
     #[test]
     fn duplicate_backend_is_refused_by_name() {
         let e = err(&GOOD.replace("name = \"relay2\"", "name = \"relay1\""));
-        assert!(e.contains("backends[1] (relay1).name") && e.contains("duplicate"), "{e}");
+        assert!(
+            e.contains("backends[1] (relay1).name") && e.contains("duplicate"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("198.51.100.4", "198.51.100.3"));
-        assert!(e.contains("backends[1] (relay2).address") && e.contains("duplicate"), "{e}");
+        assert!(
+            e.contains("backends[1] (relay2).address") && e.contains("duplicate"),
+            "{e}"
+        );
     }
 
     #[test]
     fn vip_without_backends_is_refused_by_name() {
-        let e = err(
-            r#"
+        let e = err(r#"
             [[services]]
             vip = "203.0.113.10"
             ports = [25]
-        "#,
+        "#);
+        assert!(
+            e.contains("services[0] (203.0.113.10).backends") && e.contains("no backends"),
+            "{e}"
         );
-        assert!(e.contains("services[0] (203.0.113.10).backends") && e.contains("no backends"), "{e}");
     }
 
     #[test]
@@ -435,7 +545,9 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_bad_macs_are_refused() {
-        let e = err(&GOOD.replace("sticky", "stiky").replace("table_size = 1009", "table_size = 1009\nstiky = true"));
+        let e = err(&GOOD
+            .replace("sticky", "stiky")
+            .replace("table_size = 1009", "table_size = 1009\nstiky = true"));
         assert!(e.contains("unknown field `stiky`"), "{e}");
         let e = err(&GOOD.replace("02:00:00:00:00:03", "02:00:00:00:03"));
         assert!(e.contains("not a MAC address"), "{e}");

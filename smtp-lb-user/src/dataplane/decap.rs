@@ -22,7 +22,14 @@ impl Decap {
             return Err(LoadError::NotRoot);
         }
         let mut loader = EbpfLoader::new();
-        for name in [maps::RINGS, maps::CONNTRACK, maps::VIP_PORTS, maps::BACKENDS, maps::BACKEND_STATS, maps::SERVICE_STATS] {
+        for name in [
+            maps::RINGS,
+            maps::CONNTRACK,
+            maps::VIP_PORTS,
+            maps::BACKENDS,
+            maps::BACKEND_STATS,
+            maps::SERVICE_STATS,
+        ] {
             loader.map_max_entries(name, 1);
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
@@ -41,10 +48,11 @@ impl Decap {
             AttachMode::Native => aya::programs::XdpMode::Driver,
             AttachMode::Skb => aya::programs::XdpMode::Skb,
         };
-        prog.attach(iface, flags).map_err(|source| LoadError::Program {
-            name: programs::DECAP,
-            source,
-        })?;
+        prog.attach(iface, flags)
+            .map_err(|source| LoadError::Program {
+                name: programs::DECAP,
+                source,
+            })?;
         Ok(Self { _ebpf: ebpf })
     }
 }

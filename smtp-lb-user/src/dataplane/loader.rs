@@ -139,11 +139,7 @@ impl Dataplane {
 
     /// Attaches the balancer to `iface`.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), LoadError> {
-        if nix_if_nametoindex(iface).is_none() {
-            return Err(LoadError::NoInterface {
-                iface: iface.to_owned(),
-            });
-        }
+        check_interface(iface)?;
         let flags = match mode {
             AttachMode::Native => XdpMode::Driver,
             AttachMode::Skb => XdpMode::Skb,
@@ -192,7 +188,10 @@ impl Dataplane {
     }
 
     /// Writes a validated configuration into the maps (see [`super::apply_config`]).
-    pub fn apply(&mut self, cfg: &crate::config::lb::LbConfig) -> Result<super::Applied, super::ApplyError> {
+    pub fn apply(
+        &mut self,
+        cfg: &crate::config::lb::LbConfig,
+    ) -> Result<super::Applied, super::ApplyError> {
         super::apply_config(&mut self.ebpf, cfg)
     }
 
@@ -253,9 +252,14 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     out
 }
 
-fn nix_if_nametoindex(iface: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(iface).ok()?;
+/// The index of `iface`, or [`LoadError::NoInterface`]. Called before
+/// anything is loaded so a typo costs nothing.
+pub fn check_interface(iface: &str) -> Result<u32, LoadError> {
+    let missing = || LoadError::NoInterface {
+        iface: iface.to_owned(),
+    };
+    let c = std::ffi::CString::new(iface).map_err(|_| missing())?;
     // SAFETY: valid C string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (idx != 0).then_some(idx)
+    if idx == 0 { Err(missing()) } else { Ok(idx) }
 }

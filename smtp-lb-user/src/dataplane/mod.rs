@@ -4,14 +4,16 @@
 
 mod decap;
 mod loader;
+mod lookup;
 mod pins;
 mod program;
 mod stats;
 
-pub use loader::{AttachMode, Dataplane, LoadError, LoadOptions};
+pub use decap::Decap;
+pub use loader::{AttachMode, Dataplane, LoadError, LoadOptions, check_interface};
+pub use lookup::{Where, tracked_flows, where_to};
 pub use pins::ensure_bpffs;
 pub use program::{Applied, ApplyError, apply_config, read_existing};
-pub use decap::Decap;
 pub use stats::{BackendRow, ServiceRow, Snapshot, read_global_stats, read_stats};
 
 /// The eBPF object built by `cargo xtask build` (empty when built without it).

@@ -50,7 +50,10 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> ApplyError {
     move |source| ApplyError::Map { name, source }
 }
 
-fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, ApplyError> {
+fn map_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::maps::Map, ApplyError> {
     ebpf.map_mut(name).ok_or(ApplyError::Map {
         name,
         source: MapError::InvalidName {
@@ -127,7 +130,8 @@ pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyErr
             b.value.ifindex = ifindex;
             b.value.src_mac = mac;
             let mut ports: DevMapHash<&mut MapData> =
-                DevMapHash::try_from(map_mut(ebpf, maps::TX_PORTS)?).map_err(map_err(maps::TX_PORTS))?;
+                DevMapHash::try_from(map_mut(ebpf, maps::TX_PORTS)?)
+                    .map_err(map_err(maps::TX_PORTS))?;
             ports
                 .insert(ifindex, ifindex, None, 0)
                 .map_err(|e| ApplyError::TxPort {
@@ -138,7 +142,9 @@ pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyErr
     }
     let mut backends = backends_map(ebpf)?;
     for b in &plan.backends {
-        backends.set(b.id, b.value, 0).map_err(map_err(maps::BACKENDS))?;
+        backends
+            .set(b.id, b.value, 0)
+            .map_err(map_err(maps::BACKENDS))?;
     }
 
     // 2. Tables: write the standby half, then switch the service to it.
@@ -158,7 +164,9 @@ pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyErr
         let mut rings: Array<&mut MapData, u32> =
             Array::try_from(map_mut(ebpf, maps::RINGS)?).map_err(map_err(maps::RINGS))?;
         for (i, id) in svc.ring.iter().enumerate() {
-            rings.set(base + i as u32, id, 0).map_err(map_err(maps::RINGS))?;
+            rings
+                .set(base + i as u32, id, 0)
+                .map_err(map_err(maps::RINGS))?;
         }
         services_map(ebpf)?
             .insert(
@@ -189,7 +197,9 @@ pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyErr
     let mut vip_ports: Array<&mut MapData, u32> =
         Array::try_from(map_mut(ebpf, maps::VIP_PORTS)?).map_err(map_err(maps::VIP_PORTS))?;
     for port in &plan.ports {
-        vip_ports.set(u32::from(*port), 1, 0).map_err(map_err(maps::VIP_PORTS))?;
+        vip_ports
+            .set(u32::from(*port), 1, 0)
+            .map_err(map_err(maps::VIP_PORTS))?;
     }
 
     // 3. Services that left the config.
@@ -215,7 +225,9 @@ pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyErr
     let mut vip_ports: Array<&mut MapData, u32> =
         Array::try_from(map_mut(ebpf, maps::VIP_PORTS)?).map_err(map_err(maps::VIP_PORTS))?;
     for port in old_ports.difference(&plan.ports) {
-        vip_ports.set(u32::from(*port), 0, 0).map_err(map_err(maps::VIP_PORTS))?;
+        vip_ports
+            .set(u32::from(*port), 0, 0)
+            .map_err(map_err(maps::VIP_PORTS))?;
     }
 
     // 4. Backends that left the config: invalid from now on (their flows re-hash).

@@ -67,7 +67,8 @@ pub struct Snapshot {
 pub fn read_stats(pin_dir: &Path) -> Result<Snapshot, LoadError> {
     let global = read_global_stats(pin_dir)?.fields().into_iter().collect();
     let services: HashMap<_, ServiceKey, Service> =
-        HashMap::try_from(Map::HashMap(open(pin_dir, maps::SERVICES)?)).map_err(err(maps::SERVICES))?;
+        HashMap::try_from(Map::HashMap(open(pin_dir, maps::SERVICES)?))
+            .map_err(err(maps::SERVICES))?;
     let svc_stats: PerCpuArray<_, ServiceStats> =
         PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, maps::SERVICE_STATS)?))
             .map_err(err(maps::SERVICE_STATS))?;
@@ -78,7 +79,11 @@ pub fn read_stats(pin_dir: &Path) -> Result<Snapshot, LoadError> {
             continue;
         }
         let mut s = ServiceStats::default();
-        for v in svc_stats.get(&svc.id, 0).map_err(err(maps::SERVICE_STATS))?.iter() {
+        for v in svc_stats
+            .get(&svc.id, 0)
+            .map_err(err(maps::SERVICE_STATS))?
+            .iter()
+        {
             s.add(v);
         }
         rows.push(ServiceRow {
@@ -104,7 +109,11 @@ pub fn read_stats(pin_dir: &Path) -> Result<Snapshot, LoadError> {
             continue;
         }
         let mut s = BackendStats::default();
-        for v in be_stats.get(&id, 0).map_err(err(maps::BACKEND_STATS))?.iter() {
+        for v in be_stats
+            .get(&id, 0)
+            .map_err(err(maps::BACKEND_STATS))?
+            .iter()
+        {
             s.add(v);
         }
         brows.push(BackendRow {

@@ -13,14 +13,6 @@ impl Report {
         self
     }
 
-    /// The value recorded under `key`.
-    pub fn get(&self, key: &str) -> Option<f64> {
-        self.rows
-            .iter()
-            .find(|(k, ..)| k == key)
-            .map(|(_, v, _)| *v)
-    }
-
     pub fn print(&self, name: &str) {
         println!("bench {name}");
         let width = self.rows.iter().map(|(k, ..)| k.len()).max().unwrap_or(0);

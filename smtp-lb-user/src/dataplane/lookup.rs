@@ -1,0 +1,125 @@
+//! Questions answered from the pinned maps: where would a new connection
+//! go, is a flow tracked, how many flows does each backend hold. Uses the
+//! same hash as the XDP program (`smtp_lb_common::flow_hash`), so the answer
+//! is the program's, not an approximation.
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
+
+use aya::maps::{Array, HashMap, Map, MapData};
+use serde::Serialize;
+use smtp_lb_common::{
+    BACKEND_VALID, Backend, Flow, FlowKey, NO_BACKEND, PROTO_TCP, SERVICE_STICKY, Service,
+    ServiceKey, flow_hash, maps,
+};
+
+use super::LoadError;
+use crate::balance::plan::{addr_words, words_addr};
+
+fn open(pin_dir: &Path, name: &'static str) -> Result<MapData, LoadError> {
+    MapData::from_pin(pin_dir.join(name)).map_err(|source| LoadError::Map { name, source })
+}
+
+fn err(name: &'static str) -> impl Fn(aya::maps::MapError) -> LoadError {
+    move |source| LoadError::Map { name, source }
+}
+
+/// The answer to "where does this connection go".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Where {
+    /// Backend id and address a new SYN would be sent to (`None`: no backend
+    /// can take new flows, the SYN is dropped).
+    pub new_flow: Option<(u32, IpAddr)>,
+    /// The backend a tracked flow with this 5-tuple is pinned to.
+    pub tracked: Option<(u32, IpAddr)>,
+    /// The flow hash and the slot it selects.
+    pub hash: u32,
+    pub slot: u32,
+}
+
+/// Where a connection from `client:cport` to `vip:port` goes. `None` when
+/// `vip:port` is not a service.
+pub fn where_to(
+    pin_dir: &Path,
+    vip: IpAddr,
+    port: u16,
+    client: IpAddr,
+    cport: u16,
+) -> Result<Option<Where>, LoadError> {
+    let (dst, family) = addr_words(vip);
+    let (src, cfamily) = addr_words(client);
+    if family != cfamily {
+        return Ok(None);
+    }
+    let services: HashMap<_, ServiceKey, Service> =
+        HashMap::try_from(Map::HashMap(open(pin_dir, maps::SERVICES)?))
+            .map_err(err(maps::SERVICES))?;
+    let skey = ServiceKey {
+        addr: dst,
+        port: port.to_be(),
+        proto: PROTO_TCP,
+        family,
+    };
+    let Ok(svc) = services.get(&skey, 0) else {
+        return Ok(None);
+    };
+    let key = FlowKey {
+        src,
+        dst,
+        sport: cport.to_be(),
+        dport: port.to_be(),
+        proto: PROTO_TCP,
+        family,
+        _pad: [0; 2],
+    };
+    let hash = flow_hash(&key, svc.flags & SERVICE_STICKY != 0);
+    let slot = if svc.ring_size == 0 {
+        0
+    } else {
+        hash % svc.ring_size
+    };
+    let rings: Array<_, u32> =
+        Array::try_from(Map::Array(open(pin_dir, maps::RINGS)?)).map_err(err(maps::RINGS))?;
+    let backends: Array<_, Backend> =
+        Array::try_from(Map::Array(open(pin_dir, maps::BACKENDS)?)).map_err(err(maps::BACKENDS))?;
+    let valid = |id: u32| -> Result<Option<(u32, IpAddr)>, LoadError> {
+        if id == NO_BACKEND {
+            return Ok(None);
+        }
+        let b = backends.get(&id, 0).map_err(err(maps::BACKENDS))?;
+        Ok((b.flags & BACKEND_VALID != 0).then(|| (id, words_addr(b.addr, b.family))))
+    };
+    let new_flow = if svc.ring_size == 0 {
+        None
+    } else {
+        let id = rings
+            .get(&(Service::ring_base(svc.id, svc.active) + slot), 0)
+            .map_err(err(maps::RINGS))?;
+        valid(id)?
+    };
+    let conntrack: HashMap<_, FlowKey, Flow> =
+        HashMap::try_from(Map::LruHashMap(open(pin_dir, maps::CONNTRACK)?))
+            .map_err(err(maps::CONNTRACK))?;
+    let tracked = match conntrack.get(&key, 0) {
+        Ok(flow) => valid(flow.backend)?,
+        Err(_) => None,
+    };
+    Ok(Some(Where {
+        new_flow,
+        tracked,
+        hash,
+        slot,
+    }))
+}
+
+/// Conntrack entries per backend id. Entries age out of the LRU rather
+/// than at FIN, so this counts flows seen recently, closed ones included.
+pub fn tracked_flows(pin_dir: &Path) -> Result<BTreeMap<u32, u64>, LoadError> {
+    let conntrack: HashMap<_, FlowKey, Flow> =
+        HashMap::try_from(Map::LruHashMap(open(pin_dir, maps::CONNTRACK)?))
+            .map_err(err(maps::CONNTRACK))?;
+    let mut counts = BTreeMap::new();
+    for entry in conntrack.iter() {
+        let (_, flow) = entry.map_err(err(maps::CONNTRACK))?;
+        *counts.entry(flow.backend).or_insert(0) += 1;
+    }
+    Ok(counts)
+}

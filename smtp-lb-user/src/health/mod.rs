@@ -1,0 +1,123 @@
+//! SMTP-aware health checks of relays, the way a mail client sees them:
+//! TCP connect → `220` greeting → `EHLO` → `250` → optional `STARTTLS`
+//! handshake → `QUIT`, each phase with its own timeout ([`probe`]), and
+//! `rise`/`fall` hysteresis over the results ([`Tracker`]).
+//!
+//! A relay that accepts TCP but greets with `421` (shutting down, too busy)
+//! or `554` (refusing service) is down: it would not take mail, and RFC 5321
+//! §3.1 lets a server say so in its greeting.
+
+mod probe;
+mod tracker;
+
+use std::time::Duration;
+
+pub use probe::{Phase, ProbeError, probe};
+use serde::Deserialize;
+pub use tracker::{Health, ProbeRecord, Tracker, Transition};
+
+use crate::config::duration;
+
+/// `[health]` of the balancer's config: how relays are checked.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// Time between two probes of the same relay.
+    #[serde(default = "HealthCheckConfig::default_interval", with = "duration")]
+    pub interval: Duration,
+    /// Consecutive successes that bring a down relay up.
+    #[serde(default = "HealthCheckConfig::default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take an up relay down.
+    #[serde(default = "HealthCheckConfig::default_fall")]
+    pub fall: u32,
+    /// Per-phase timeouts.
+    #[serde(default)]
+    pub timeouts: PhaseTimeouts,
+    /// Also negotiate TLS (`STARTTLS`) and `EHLO` again over it; the
+    /// certificate is not verified (a health check tests the handshake, not
+    /// the relay's identity).
+    #[serde(default)]
+    pub starttls: bool,
+    /// Name sent in `EHLO`.
+    #[serde(default = "HealthCheckConfig::default_helo")]
+    pub helo_name: String,
+    /// TCP port probed on each relay (normally the port the service
+    /// balances; one probe per relay covers all its ports).
+    #[serde(default = "HealthCheckConfig::default_port")]
+    pub port: u16,
+}
+
+impl HealthCheckConfig {
+    fn default_interval() -> Duration {
+        Duration::from_secs(2)
+    }
+    fn default_rise() -> u32 {
+        2
+    }
+    fn default_fall() -> u32 {
+        3
+    }
+    fn default_helo() -> String {
+        "smtp-lb-healthcheck.invalid".to_owned()
+    }
+    fn default_port() -> u16 {
+        25
+    }
+
+    /// Longest a relay can stay in the table after it died: `fall` probes,
+    /// `interval` apart, the last one taking up to its full timeout.
+    pub fn detection_bound(&self) -> Duration {
+        self.interval * self.fall + self.timeouts.total()
+    }
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            interval: Self::default_interval(),
+            rise: Self::default_rise(),
+            fall: Self::default_fall(),
+            timeouts: PhaseTimeouts::default(),
+            starttls: false,
+            helo_name: Self::default_helo(),
+            port: Self::default_port(),
+        }
+    }
+}
+
+/// One timeout per SMTP phase of a probe.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PhaseTimeouts {
+    #[serde(with = "duration")]
+    pub connect: Duration,
+    #[serde(with = "duration")]
+    pub greeting: Duration,
+    #[serde(with = "duration")]
+    pub ehlo: Duration,
+    /// `STARTTLS`, the handshake and the `EHLO` after it.
+    #[serde(with = "duration")]
+    pub starttls: Duration,
+    #[serde(with = "duration")]
+    pub quit: Duration,
+}
+
+impl Default for PhaseTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(1),
+            greeting: Duration::from_secs(3),
+            ehlo: Duration::from_secs(2),
+            starttls: Duration::from_secs(3),
+            quit: Duration::from_secs(1),
+        }
+    }
+}
+
+impl PhaseTimeouts {
+    /// The longest one probe can take.
+    pub fn total(&self) -> Duration {
+        self.connect + self.greeting + self.ehlo + self.starttls + self.quit
+    }
+}

@@ -1,0 +1,188 @@
+//! SMTP health probes against real and scripted relays on 127.0.0.1: a
+//! relay passes only when it greets with 220 and accepts EHLO; 421/554
+//! greetings, silence, refusals and rejected EHLO each fail at the right
+//! phase, within that phase's timeout.
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener},
+    process::{Child, Command},
+    thread,
+    time::{Duration, Instant},
+};
+
+use smtp_lb_user::health::{HealthCheckConfig, Phase, ProbeError, probe};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Postfix's smtp-sink on a free port; killed on drop.
+struct Sink(Child, SocketAddr);
+
+impl Sink {
+    fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("smtp-sink")
+            .args(["-u", "nobody", &format!("127.0.0.1:{port}"), "16"])
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "smtp-sink did not start");
+            thread::sleep(Duration::from_millis(20));
+        }
+        Self(child, addr)
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A relay that says `greeting`, then answers every command with `reply`
+/// (`None`: stays silent), on its own thread.
+fn scripted(greeting: Option<&'static str>, reply: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            thread::spawn(move || {
+                let Some(greeting) = greeting else {
+                    thread::sleep(Duration::from_secs(10));
+                    return;
+                };
+                let _ = conn.write_all(greeting.as_bytes());
+                let mut lines = BufReader::new(conn.try_clone().unwrap()).lines();
+                while let Some(Ok(_)) = lines.next() {
+                    if conn.write_all(reply.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn fast() -> HealthCheckConfig {
+    let mut cfg = HealthCheckConfig::default();
+    cfg.timeouts.greeting = Duration::from_millis(300);
+    cfg.timeouts.ehlo = Duration::from_millis(300);
+    cfg
+}
+
+#[tokio::test]
+async fn a_real_postfix_sink_passes() {
+    let sink = Sink::start();
+    let took = probe(sink.1, &fast())
+        .await
+        .expect("smtp-sink is a healthy relay");
+    assert!(took < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn greeting_421_or_554_means_down() {
+    for (greeting, code) in [
+        ("421 4.3.2 relay1 shutting down\r\n", 421),
+        ("554 5.3.2 no service\r\n", 554),
+    ] {
+        let addr = scripted(Some(greeting), "250 ok\r\n");
+        match probe(addr, &fast()).await {
+            Err(ProbeError::Rejected {
+                phase: Phase::Greeting,
+                code: c,
+                ..
+            }) => assert_eq!(c, code),
+            other => panic!("greeting {greeting:?}: expected a rejected greeting, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_relay_that_never_greets_fails_within_the_greeting_timeout() {
+    let addr = scripted(None, "");
+    let started = Instant::now();
+    let err = probe(addr, &fast()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ProbeError::TimedOut {
+                phase: Phase::Greeting,
+                ..
+            }
+        ),
+        "got {err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn nothing_listening_fails_at_connect() {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let err = probe(addr, &fast()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ProbeError::Io {
+                phase: Phase::Connect,
+                ..
+            }
+        ),
+        "got {err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_rejected_ehlo_means_down() {
+    let addr = scripted(Some("220 relay ESMTP\r\n"), "554 5.7.1 go away\r\n");
+    let err = probe(addr, &fast()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ProbeError::Rejected {
+                phase: Phase::Ehlo,
+                code: 554,
+                ..
+            }
+        ),
+        "got {err:?}"
+    );
+}
+
+#[tokio::test]
+async fn garbage_instead_of_a_reply_is_malformed_not_a_crash() {
+    let addr = scripted(Some("HTTP/1.1 400 Bad Request\r\n"), "");
+    let err = probe(addr, &fast()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ProbeError::Malformed {
+                phase: Phase::Greeting,
+                ..
+            }
+        ),
+        "got {err:?}"
+    );
+}
+
+#[tokio::test]
+async fn starttls_required_but_not_offered_fails() {
+    let sink = Sink::start();
+    let mut cfg = fast();
+    cfg.starttls = true;
+    let err = probe(sink.1, &cfg).await.unwrap_err();
+    assert!(matches!(err, ProbeError::NoStarttls), "got {err:?}");
+}
