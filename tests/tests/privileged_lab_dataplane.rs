@@ -146,6 +146,14 @@ fn run_lab(mode: Mode) {
             script += " && sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.eth0.rp_filter=0";
         }
         lab.sh(&r.name, &script);
+        // The balancer health-checks each relay at its own address (EHLO, no mail).
+        for listen in [format!("{}:25", r.v4), format!("[{}]:25", r.v6)] {
+            let mut cmd = lab.command(&r.name, "smtp-sink");
+            cmd.args(["-u", "nobody", &listen, "64"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            lab.spawn(&r.name, cmd);
+        }
         for (fam, listen) in [("v4", format!("{VIP4}:25")), ("v6", format!("[{VIP6}]:25"))] {
             let dir = work.join(format!("{}-{fam}", r.name));
             std::fs::create_dir_all(&dir).unwrap();
@@ -171,8 +179,12 @@ fn run_lab(mode: Mode) {
         }
     }
 
-    // The balancer.
-    let mut cfg = format!("[[services]]\nname = \"mx\"\nvip = \"{VIP4}\"\nports = [25]\n");
+    // The balancer. No warmup ramp: the spread must match the weights at once.
+    let mut cfg = format!(
+        "state_dir = \"{}\"\n[warmup]\nduration = \"0s\"\nrejoin = \"0s\"\n\n",
+        work.join("state").display()
+    );
+    cfg += &format!("[[services]]\nname = \"mx\"\nvip = \"{VIP4}\"\nports = [25]\n");
     let backend = |cfg: &mut String, r: &Relay, addr: &str, w: u32| {
         let mac = mac_str(lab.get(&r.name).mac);
         *cfg += &format!("[[services.backends]]\nname = \"{}\"\naddress = \"{addr}\"\nweight = {w}\n", r.name);
@@ -190,6 +202,12 @@ fn run_lab(mode: Mode) {
     }
     let cfg_path = work.join("lb.toml");
     std::fs::write(&cfg_path, &cfg).unwrap();
+    // Every relay answers from the LB before it starts, so the health checks
+    // find them all up at once (neighbours on every hop resolved).
+    for r in &relays {
+        lab.run("lb", &["ping", "-c1", "-W2", &r.v4]);
+        lab.run("lb", &["ping", "-6", "-c1", "-W2", &r.v6]);
+    }
     pass_on_switch_port(&lab, "lb");
     let pin_dir = lab.pin_dir().join("lb");
     let mut cmd = lab.command("lb", env::smtp_lb_bin());
@@ -201,11 +219,6 @@ fn run_lab(mode: Mode) {
     wait_for("balancer attached", Duration::from_secs(30), || {
         String::from_utf8_lossy(&lab.run("lb", &["ip", "link", "show", "eth0"]).stdout).contains("xdp")
     });
-    if mode == Mode::Ipip {
-        // Resolve the router's MAC on the LB (the FIB helper needs a neighbour entry).
-        lab.run("lb", &["ping", "-c1", "-W2", "198.51.100.254"]);
-        lab.run("lb", &["ping", "-6", "-c1", "-W2", "2001:db8::fe"]);
-    }
 
     for (fam, target, client_addr) in [
         ("v4", format!("{VIP4}:25"), "198.51.100.1"),
@@ -214,7 +227,7 @@ fn run_lab(mode: Mode) {
         let out = lab.try_run(
             "client",
             &[
-                "smtp-source", "-s", "20", "-m", &SESSIONS.to_string(), "-f", "app@example.com",
+                "timeout", "120", "smtp-source", "-s", "20", "-m", &SESSIONS.to_string(), "-f", "app@example.com",
                 "-t", "user@example.net", &target,
             ],
         );
