@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use smtp_lb_common::{
     Backend, BackendStats, CONNTRACK_SIZE, DecapStats, Flow, FlowKey, GlobalStats, LbConfig,
-    MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, RING_SLOTS, Service, ServiceKey, ServiceStats,
+    MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, RING_SLOTS, SERVICE_INDEX_SLOTS, Service, ServiceKey, ServiceSlot, ServiceStats,
 };
 
 /// `0` → per-CPU global counters (one per pass/drop reason).
@@ -16,6 +16,10 @@ pub static GLOBAL_STATS: PerCpuArray<GlobalStats, 1> = PerCpuArray::new();
 /// (VIP, port, proto) → service; `port == 0` entries mark VIP addresses.
 #[btf_map]
 pub static SERVICES: HashMap<ServiceKey, Service, { 2 * MAX_SERVICES as usize }> = HashMap::new();
+
+/// slot → service with its key: the packet path's direct-mapped service table.
+#[btf_map]
+pub static SERVICE_INDEX: Array<ServiceSlot, { SERVICE_INDEX_SLOTS as usize }> = Array::new();
 
 /// host-order port → 1 if any service uses it (pre-filter before `SERVICES`).
 #[btf_map]

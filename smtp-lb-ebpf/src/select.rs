@@ -1,11 +1,12 @@
 //! Which backend a packet goes to: the service lookup, connection tracking,
 //! and the Maglev table (built by user space, `balance::maglev`).
 use smtp_lb_common::{
-    BACKEND_VALID, Backend, Flow, FlowKey, GlobalStats, NO_BACKEND, PROTO_TCP, SERVICE_STICKY,
-    Service, ServiceKey, flow_hash,
+    BACKEND_VALID, Backend, Flow, FlowKey, GlobalStats, NO_BACKEND, PROTO_TCP,
+    SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS, SERVICE_STICKY, Service, ServiceKey, flow_hash,
+    service_slot,
 };
 
-use crate::maps::{BACKENDS, CONNTRACK, RINGS, SERVICES, VIP_PORTS};
+use crate::maps::{BACKENDS, CONNTRACK, RINGS, SERVICE_INDEX, SERVICES, VIP_PORTS};
 
 /// The service for (dst address, dst port) of `key`, if there is one. The
 /// port array is checked first: it is an inlined array access, so traffic to
@@ -22,8 +23,28 @@ pub fn service(key: &FlowKey) -> Option<Service> {
         proto: PROTO_TCP,
         family: key.family,
     };
-    // SAFETY: copied out at once; user space replaces whole values.
-    unsafe { SERVICES.get(&skey).copied() }
+    let first = service_slot(&skey);
+    let mut i = 0;
+    while i < SERVICE_INDEX_PROBES {
+        let Some(slot) = SERVICE_INDEX.get_ptr((first + i) & (SERVICE_INDEX_SLOTS - 1)) else {
+            return None;
+        };
+        // SAFETY: a valid map value; `active` is read once (user space
+        // flips it alone), the rest may change only while it is not used.
+        unsafe {
+            if (*slot).key == skey {
+                let active = core::ptr::read_volatile(&raw const (*slot).active) & 1;
+                return Some(Service {
+                    id: (*slot).id,
+                    ring_size: (*slot).ring_size[active as usize],
+                    active,
+                    flags: (*slot).flags,
+                });
+            }
+        }
+        i += 1;
+    }
+    None
 }
 
 /// Whether `dst` is a VIP address at all (its `port == 0` marker exists).

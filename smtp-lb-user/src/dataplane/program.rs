@@ -18,8 +18,8 @@ use aya::{
     maps::{Array, DevMapHash, HashMap, MapData, MapError},
 };
 use smtp_lb_common::{
-    BACKEND_VALID, Backend, LbConfig as LbConfigMap, MAX_BACKENDS, SERVICE_VIP_MARKER, Service,
-    ServiceKey, maps,
+    BACKEND_VALID, Backend, LbConfig as LbConfigMap, MAX_BACKENDS, SERVICE_INDEX_PROBES,
+    SERVICE_INDEX_SLOTS, SERVICE_VIP_MARKER, Service, ServiceKey, ServiceSlot, maps, service_slot,
 };
 use thiserror::Error;
 
@@ -41,6 +41,10 @@ pub enum ApplyError {
     /// The devmap refused an interface.
     #[error("map `{}`: add interface `{iface}`: {message}", maps::TX_PORTS)]
     TxPort { iface: String, message: String },
+    /// Too many services hash next to each other (practically impossible
+    /// with at most `MAX_SERVICES` in `SERVICE_INDEX_SLOTS`).
+    #[error("service {vip}:{port}: no free slot in map `{}` within {} probes", maps::SERVICE_INDEX, SERVICE_INDEX_PROBES)]
+    IndexFull { vip: IpAddr, port: u16 },
     /// A backend's `interface` does not exist.
     #[error("backend `{backend}`: interface `{iface}` does not exist")]
     NoInterface { backend: String, iface: String },
@@ -155,6 +159,7 @@ pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyErr
             .collect::<Result<_, _>>()
             .map_err(map_err(maps::SERVICES))?
     };
+    let mut index = ServiceIndex::read(ebpf)?;
     for svc in &plan.services {
         let half = match current.get(&svc.key) {
             Some(live) if live.id == svc.id => 1 - (live.active & 1),
@@ -168,6 +173,23 @@ pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyErr
                 .set(base + i as u32, id, 0)
                 .map_err(map_err(maps::RINGS))?;
         }
+        // The packet path's slot: first the standby table's size (unused
+        // while the other table is live), then the switch itself.
+        let at = index.place(&svc.key)?;
+        let mut slot = match index.slots[at as usize] {
+            s if s.key == svc.key && s.id == svc.id => s,
+            _ => ServiceSlot {
+                key: svc.key,
+                id: svc.id,
+                active: half,
+                ..ServiceSlot::default()
+            },
+        };
+        slot.ring_size[half as usize] = svc.ring_size;
+        slot.flags = svc.flags;
+        index.write(ebpf, at, slot)?;
+        slot.active = half;
+        index.write(ebpf, at, slot)?;
         services_map(ebpf)?
             .insert(
                 svc.key,
@@ -210,8 +232,11 @@ pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyErr
         .chain(plan.vip_markers.iter().copied())
         .collect();
     let mut removed_services = 0;
-    let mut services = services_map(ebpf)?;
     for key in current.keys().filter(|k| !keep.contains(k)) {
+        if let Some(at) = index.find(key) {
+            index.write(ebpf, at, ServiceSlot::default())?;
+        }
+        let mut services = services_map(ebpf)?;
         services.remove(key).map_err(map_err(maps::SERVICES))?;
         if key.port != 0 {
             removed_services += 1;
@@ -251,6 +276,53 @@ pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyErr
         removed_services,
         removed_backends,
     })
+}
+
+/// The packet path's direct-mapped service table, as last written.
+struct ServiceIndex {
+    slots: Vec<ServiceSlot>,
+}
+
+impl ServiceIndex {
+    fn read(ebpf: &mut Ebpf) -> Result<Self, ApplyError> {
+        let map: Array<&mut MapData, ServiceSlot> =
+            Array::try_from(map_mut(ebpf, maps::SERVICE_INDEX)?)
+                .map_err(map_err(maps::SERVICE_INDEX))?;
+        let slots = (0..SERVICE_INDEX_SLOTS)
+            .map(|i| map.get(&i, 0))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(maps::SERVICE_INDEX))?;
+        Ok(Self { slots })
+    }
+
+    fn probe(key: &ServiceKey) -> impl Iterator<Item = u32> {
+        let first = service_slot(key);
+        (0..SERVICE_INDEX_PROBES).map(move |i| (first + i) & (SERVICE_INDEX_SLOTS - 1))
+    }
+
+    /// Where `key` is.
+    fn find(&self, key: &ServiceKey) -> Option<u32> {
+        Self::probe(key).find(|&i| self.slots[i as usize].key == *key)
+    }
+
+    /// Where `key` is, else a free slot the packet path will probe.
+    fn place(&self, key: &ServiceKey) -> Result<u32, ApplyError> {
+        self.find(key)
+            .or_else(|| Self::probe(key).find(|&i| self.slots[i as usize].key.family == 0))
+            .ok_or(ApplyError::IndexFull {
+                vip: words_addr(key.addr, key.family),
+                port: u16::from_be(key.port),
+            })
+    }
+
+    fn write(&mut self, ebpf: &mut Ebpf, at: u32, slot: ServiceSlot) -> Result<(), ApplyError> {
+        let mut map: Array<&mut MapData, ServiceSlot> =
+            Array::try_from(map_mut(ebpf, maps::SERVICE_INDEX)?)
+                .map_err(map_err(maps::SERVICE_INDEX))?;
+        map.set(at, slot, 0).map_err(map_err(maps::SERVICE_INDEX))?;
+        self.slots[at as usize] = slot;
+        Ok(())
+    }
 }
 
 /// ifindex and MAC of `iface`, asked of the kernel through a socket of this
