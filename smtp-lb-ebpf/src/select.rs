@@ -8,15 +8,20 @@ use smtp_lb_common::{
 
 use crate::maps::{BACKENDS, CONNTRACK, RINGS, SERVICE_INDEX, SERVICES, VIP_PORTS};
 
-/// The service for (dst address, dst port) of `key`, if there is one. The
-/// port array is checked first: it is an inlined array access, so traffic to
-/// ports no service uses never pays for the hash lookup.
+/// Whether some service uses destination port `dport` (network order): an
+/// inlined array access, checked before anything else is built, so traffic
+/// to other ports costs next to nothing.
+#[inline(always)]
+pub fn vip_port(dport: u16) -> bool {
+    VIP_PORTS
+        .get(u32::from(u16::from_be(dport)))
+        .is_some_and(|v| *v != 0)
+}
+
+/// The service for (dst address, dst port) of `key`, if there is one
+/// ([`vip_port`] has already said the port is used).
 #[inline(always)]
 pub fn service(key: &FlowKey) -> Option<Service> {
-    let port = u32::from(u16::from_be(key.dport));
-    if VIP_PORTS.get(port).copied().unwrap_or(0) == 0 {
-        return None;
-    }
     let skey = ServiceKey {
         addr: key.dst,
         port: key.dport,
@@ -62,16 +67,16 @@ pub fn is_vip_addr(dst: &[u32; 4], family: u8) -> bool {
 
 /// A usable backend: present and not removed.
 #[inline(always)]
-fn backend(id: u32) -> Option<Backend> {
-    let b = *BACKENDS.get(id)?;
+fn backend(id: u32) -> Option<&'static Backend> {
+    // Array values live as long as the map: no copy of the 40 bytes.
+    let b = BACKENDS.get(id)?;
     (b.flags & BACKEND_VALID != 0).then_some(b)
 }
 
-/// The backend chosen, and whether this packet started a new flow.
+/// The backend chosen.
 pub struct Choice {
     pub id: u32,
-    pub backend: Backend,
-    pub hash: u32,
+    pub backend: &'static Backend,
 }
 
 /// Picks the backend for a packet of service `svc`. A SYN is always hashed
@@ -81,15 +86,13 @@ pub struct Choice {
 /// entry is (re)written, so later packets of the flow stick.
 #[inline(always)]
 pub fn choose(key: &FlowKey, svc: &Service, syn: bool, stats: &mut GlobalStats) -> Option<Choice> {
-    let sticky = svc.flags & SERVICE_STICKY != 0;
-    let hash = flow_hash(key, sticky);
     if !syn {
         // SAFETY: read once, copied.
         match unsafe { CONNTRACK.get(key) } {
             Some(flow) => {
                 let id = flow.backend;
                 if let Some(backend) = backend(id) {
-                    return Some(Choice { id, backend, hash });
+                    return Some(Choice { id, backend });
                 }
                 stats.rehash += 1;
             }
@@ -99,6 +102,7 @@ pub fn choose(key: &FlowKey, svc: &Service, syn: bool, stats: &mut GlobalStats) 
     if svc.ring_size == 0 {
         return None;
     }
+    let hash = flow_hash(key, svc.flags & SERVICE_STICKY != 0);
     let slot = Service::ring_base(svc.id, svc.active) + hash % svc.ring_size;
     let id = RINGS.get(slot).copied().unwrap_or(NO_BACKEND);
     if id == NO_BACKEND {
@@ -112,5 +116,5 @@ pub fn choose(key: &FlowKey, svc: &Service, syn: bool, stats: &mut GlobalStats) 
     // A full LRU evicts; an insert can only fail on memory pressure, and the
     // packet is still forwarded correctly (the next one re-hashes the same way).
     let _ = CONNTRACK.insert(key, flow, 0);
-    Some(Choice { id, backend, hash })
+    Some(Choice { id, backend })
 }
