@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use smtp_lb_user::cli::{Cli, Command, NotImplemented, ctl, decap, lb};
+use smtp_lb_user::cli::{Cli, Command, NotImplemented, check, ctl, decap, lb};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -29,7 +29,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Decap(opts) => runtime()?.block_on(decap::run(opts, shutdown_signal())),
         Command::Ctl(opts) => ctl::run(opts),
         Command::Relay(_) => Err(NotImplemented("relay").into()),
-        Command::CheckConfig(_) => Err(NotImplemented("check-config").into()),
+        Command::CheckConfig(opts) => check::run(&opts),
     }
 }
 

@@ -269,6 +269,26 @@ impl Lab {
         dir
     }
 
+    /// Runs `f` on a thread inside `host`'s network namespace (`setns`
+    /// changes only the calling thread), for tests that open sockets there.
+    pub fn in_netns<T: Send + 'static>(
+        &self,
+        host: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        let path = format!("/var/run/netns/{}", self.get(host).netns);
+        thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: valid fd; affects this thread only.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
     /// The bpffs directory this lab's balancer pins into; removed on drop.
     pub fn pin_dir(&self) -> PathBuf {
         Path::new(BPFFS).join(&self.id)

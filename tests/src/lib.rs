@@ -3,10 +3,12 @@
 //! # Layout
 //! - [`lab`]: a topology of network namespaces, veth pairs and a bridge that
 //!   tears itself down (on drop, on panic, and after a killed run).
+//! - [`load`]: SMTP load from inside a lab host, per-session outcomes.
 //! - [`xdp`]: loads the real eBPF object and runs it on crafted packets
 //!   through `BPF_PROG_TEST_RUN`.
 //! - [`packet`]: a small packet builder (Ethernet, 802.1Q, IPv4, IPv6, TCP, UDP).
 //! - [`scenario`]: the lab story `cargo xtask lab` prints and tests assert on.
+//! - [`topology`]: the standard L2 DSR lab (client, LB, relays with sinks).
 //! - [`env`]: where the built artifacts are (set by `cargo xtask`).
 //!
 //! Suites live in `tests/`: `loopback_*` need real peers on 127.0.0.1 but no
@@ -16,6 +18,8 @@
 
 pub mod env;
 pub mod lab;
+pub mod load;
 pub mod packet;
 pub mod scenario;
+pub mod topology;
 pub mod xdp;

@@ -1,218 +1,105 @@
 //! The lab's story, shared by `cargo xtask lab` (which prints it) and the
-//! privileged tests (which assert on it).
-//!
-//! Topology (one L2 segment, documentation addresses):
-//! ```text
-//! client 198.51.100.1 ──┐
-//! lb     198.51.100.2 ──┼── br0 (switch namespace)
-//! relay1 198.51.100.3 ──┘   VIP 203.0.113.10 on relay1's lo
-//! ```
-//! The client routes the VIP via the LB node; the LB's XDP program sees
-//! every SYN and segment of the SMTP sessions; relays answer the client
-//! directly.
-use std::{
-    collections::BTreeMap,
-    path::PathBuf,
-    process::Command,
-    thread,
-    time::{Duration, Instant},
-};
+//! privileged tests (which assert on it): real SMTP sessions from a client
+//! namespace to the VIP, spread by the XDP balancer over three relays by
+//! weight (2:1:1), answered directly by the relays (DSR).
+use std::{collections::BTreeMap, time::Duration};
 
-use crate::{env::smtp_lb_bin, lab::Lab};
+use crate::topology::{CLIENT, DsrLab, VIP};
 
-pub const VIP: &str = "203.0.113.10";
-pub const CLIENT: &str = "198.51.100.1";
-pub const LB: &str = "198.51.100.2";
-pub const RELAY1: &str = "198.51.100.3";
+/// Relay weights in the story.
+pub const WEIGHTS: [u32; 3] = [2, 1, 1];
 
 /// What the run saw.
 #[derive(Debug)]
 pub struct Outcome {
-    /// SMTP sessions the client completed (smtp-source exit status 0).
-    pub sessions: u32,
-    /// Messages the relay's sink received (dump files).
-    pub delivered: usize,
+    /// SMTP sessions the client completed.
+    pub sessions: usize,
+    /// Messages each relay's sink received.
+    pub per_relay: Vec<(String, usize)>,
+    /// Of those, how many carried the client's own address (DSR keeps it).
+    pub from_client_addr: usize,
     pub elapsed: Duration,
-    /// The XDP program's global counters (`smtp-lb ctl stats --json`).
+    /// The XDP program's global counters.
     pub counters: BTreeMap<String, u64>,
+    /// `ctl backends` as the daemon reported it after the run.
+    pub backends: serde_json::Value,
 }
 
-/// Builds the topology, attaches the balancer on the LB node, sends
-/// `sessions` SMTP sessions from the client to the VIP, and reads the
-/// counters. `say` receives one line per step.
-pub fn smtp_through_lb(sessions: u32, say: &mut dyn FnMut(&str)) -> Outcome {
-    let mut lab = Lab::new();
+/// Builds the lab, starts the balancer, sends `sessions` SMTP sessions, and
+/// reads back what every party saw. `say` receives one line per step.
+pub fn smtp_through_lb(sessions: usize, say: &mut dyn FnMut(&str)) -> Outcome {
+    let mut dsr = DsrLab::new(3);
     say(&format!(
-        "lab {}: creating client, lb, relay1 on one bridge",
-        lab.id()
+        "lab {}: client {CLIENT}, lb 198.51.100.2, relay1-3 198.51.100.11-13 on one bridge; VIP {VIP} on each relay's lo",
+        dsr.lab.id()
     ));
-    lab.host("client", &[&format!("{CLIENT}/24")]);
-    lab.host("lb", &[&format!("{LB}/24")]);
-    lab.host("relay1", &[&format!("{RELAY1}/24")]);
-
-    lab.run(
-        "client",
-        &["ip", "route", "add", &format!("{VIP}/32"), "via", LB],
-    );
-    // The LB node forwards VIP traffic to the relay (the data plane will do
-    // this in XDP; the kernel does it until then) without ICMP redirects.
-    lab.run(
-        "lb",
-        &[
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-            "net.ipv4.conf.all.send_redirects=0",
-            "net.ipv4.conf.eth0.send_redirects=0",
-        ],
-    );
-    lab.run(
-        "lb",
-        &["ip", "route", "add", &format!("{VIP}/32"), "via", RELAY1],
-    );
-    // The relay owns the VIP on lo and never answers ARP for it.
-    lab.run(
-        "relay1",
-        &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
-    );
-    lab.run(
-        "relay1",
-        &[
-            "sysctl",
-            "-qw",
-            "net.ipv4.conf.all.arp_ignore=1",
-            "net.ipv4.conf.all.arp_announce=2",
-        ],
-    );
-
-    let dump = tempdir(&lab, "sink");
-    let mut sink = lab.command("relay1", "smtp-sink");
-    sink.args(["-u", "nobody", "-d"])
-        .arg(dump.join("%M."))
-        .args(["0.0.0.0:25", "256"]);
-    lab.spawn("relay1", sink);
-    say("relay1: Postfix smtp-sink listening on :25 (VIP on lo)");
-
-    let pin_dir = lab.pin_dir();
-    let mut lb = lab.command("lb", smtp_lb_bin());
-    lb.args([
-        "lb",
-        "--iface",
-        "eth0",
-        "--mode",
-        "native",
-        "--stats-interval",
-        "0",
-        "--pin-dir",
-    ])
-    .arg(&pin_dir);
-    let lb_pid = lab.spawn("lb", lb);
-    wait_for(Duration::from_secs(10), || {
-        pin_dir.join("GLOBAL_STATS").exists()
-    });
-    wait_for(Duration::from_secs(5), || {
-        String::from_utf8_lossy(&lab.run("lb", &["ip", "link", "show", "eth0"]).stdout)
-            .contains("xdp")
-    });
+    say("relays: Postfix smtp-sink on :25, dumping every message it receives");
+    let config = dsr.config(&WEIGHTS, "");
+    dsr.start_lb(&config, &[]);
     say(&format!(
-        "lb: smtp-lb lb attached (native XDP) to eth0, maps pinned in {}",
-        pin_dir.display()
+        "lb: smtp-lb lb attached in native XDP mode, relays health-checked over SMTP, weights {WEIGHTS:?}, maps pinned in {}",
+        dsr.pin_dir.display()
     ));
-    wait_for(Duration::from_secs(10), || {
-        lab.try_run(
-            "client",
-            &["timeout", "1", "bash", "-c", &format!("</dev/tcp/{VIP}/25")],
-        )
-        .status
-        .success()
-    });
 
     say(&format!(
         "client: smtp-source sending {sessions} sessions (20 in parallel) to {VIP}:25"
     ));
-    let started = Instant::now();
-    let out = lab.try_run(
-        "client",
-        &[
-            "smtp-source",
-            "-s",
-            "20",
-            "-m",
-            &sessions.to_string(),
-            "-f",
-            "sender@lab.example",
-            "-t",
-            "rcpt@isp.example",
-            &format!("{VIP}:25"),
-        ],
-    );
-    let elapsed = started.elapsed();
-    assert!(
-        out.status.success(),
-        "smtp-source failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_for(Duration::from_secs(10), || {
-        count_files(&dump) >= sessions as usize
+    let elapsed = dsr.send(sessions, 20);
+    crate::topology::wait_for("every message at a sink", Duration::from_secs(10), || {
+        dsr.delivered().iter().sum::<usize>() >= sessions
     });
-    let delivered = count_files(&dump);
+    let per_relay: Vec<(String, usize)> = dsr
+        .relays
+        .iter()
+        .map(|r| r.name.clone())
+        .zip(dsr.delivered())
+        .collect();
+    let from_client_addr = dsr
+        .relays
+        .iter()
+        .flat_map(|r| std::fs::read_dir(&r.dump).unwrap())
+        .filter(|e| {
+            let text = std::fs::read_to_string(e.as_ref().unwrap().path()).unwrap_or_default();
+            text.lines()
+                .any(|l| l.starts_with("X-Client-Addr:") && l.trim_end().ends_with(CLIENT))
+        })
+        .count();
+    let total: usize = per_relay.iter().map(|(_, n)| n).sum();
     say(&format!(
-        "client: {sessions} sessions completed in {:.2}s ({:.0}/s); relay1's sink received {delivered} messages",
+        "client: {sessions} sessions completed in {:.2}s ({:.0}/s)",
         elapsed.as_secs_f64(),
-        f64::from(sessions) / elapsed.as_secs_f64()
+        sessions as f64 / elapsed.as_secs_f64()
+    ));
+    for ((name, n), w) in per_relay.iter().zip(WEIGHTS) {
+        say(&format!(
+            "{name}: {n} messages ({:.1}% — weight share {:.1}%)",
+            100.0 * *n as f64 / total.max(1) as f64,
+            100.0 * f64::from(w) / f64::from(WEIGHTS.iter().sum::<u32>())
+        ));
+    }
+    say(&format!(
+        "relays saw the client's own address {CLIENT} on {from_client_addr} of {total} messages (direct server return)"
     ));
 
-    let stats = Command::new(smtp_lb_bin())
-        .args(["ctl", "stats", "--json", "--pin-dir"])
-        .arg(&pin_dir)
-        .output()
-        .unwrap();
+    let stats = dsr.stats();
+    let counters = stats["global"]
+        .as_object()
+        .expect("global counters")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+        .collect();
+    let backends = dsr.ctl(&["backends"]);
     assert!(
-        stats.status.success(),
-        "ctl stats: {}",
-        String::from_utf8_lossy(&stats.stderr)
-    );
-    let counters = parse_counters(&String::from_utf8_lossy(&stats.stdout));
-    assert!(
-        lab.stop(lb_pid, Duration::from_secs(5)),
+        dsr.lab.stop(dsr.lb.take().unwrap(), Duration::from_secs(5)),
         "smtp-lb lb exits cleanly on SIGTERM"
     );
-    say("lb: smtp-lb lb stopped: program detached, pins removed");
+    say("lb: smtp-lb lb stopped: program detached, pins removed; tearing the lab down");
     Outcome {
         sessions,
-        delivered,
+        per_relay,
+        from_client_addr,
         elapsed,
         counters,
-    }
-}
-
-/// The global counters of `ctl stats --json`.
-fn parse_counters(json: &str) -> BTreeMap<String, u64> {
-    let v: serde_json::Value = serde_json::from_str(json).expect("ctl stats --json prints JSON");
-    v["global"]
-        .as_object()
-        .expect("a `global` object")
-        .iter()
-        .map(|(k, n)| (k.clone(), n.as_u64().expect("counters are numbers")))
-        .collect()
-}
-
-fn tempdir(lab: &Lab, name: &str) -> PathBuf {
-    let dir = lab.scratch_dir().join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    // smtp-sink drops privileges to nobody before writing dumps.
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
-    dir
-}
-
-fn count_files(dir: &std::path::Path) -> usize {
-    std::fs::read_dir(dir).map_or(0, Iterator::count)
-}
-
-fn wait_for(timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?}");
-        thread::sleep(Duration::from_millis(50));
+        backends,
     }
 }

@@ -43,7 +43,10 @@ struct Relay {
 }
 
 fn mac_str(m: [u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -70,7 +73,11 @@ fn pass_on_switch_port(lab: &Lab, host: &str) {
         .args(["type", "xdp"])
         .output()
         .expect("run bpftool");
-    assert!(out.status.success(), "bpftool prog loadall: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bpftool prog loadall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let prog = dir.join("smtp_lb_pass");
     let port = lab.get(host).port.clone();
     lab.run_on_switch(&[
@@ -107,7 +114,12 @@ fn run_lab(mode: Mode) {
     if mode == Mode::Ipip {
         lab.host(
             "router",
-            &["198.51.100.254/24", "192.0.2.254/24", "2001:db8::fe/64", "2001:db8:2::fe/64"],
+            &[
+                "198.51.100.254/24",
+                "192.0.2.254/24",
+                "2001:db8::fe/64",
+                "2001:db8:2::fe/64",
+            ],
         );
         lab.sh(
             "router",
@@ -130,7 +142,9 @@ fn run_lab(mode: Mode) {
     // The client reaches the VIPs through the LB.
     lab.sh(
         "client",
-        &format!("ip route add {VIP4}/32 via 198.51.100.2 && ip -6 route add {VIP6}/128 via 2001:db8::2"),
+        &format!(
+            "ip route add {VIP4}/32 via 198.51.100.2 && ip -6 route add {VIP6}/128 via 2001:db8::2"
+        ),
     );
 
     // Relays: VIP on lo, never answered for on the segment; smtp-sink on both VIPs.
@@ -157,7 +171,8 @@ fn run_lab(mode: Mode) {
         for (fam, listen) in [("v4", format!("{VIP4}:25")), ("v6", format!("[{VIP6}]:25"))] {
             let dir = work.join(format!("{}-{fam}", r.name));
             std::fs::create_dir_all(&dir).unwrap();
-            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+                .unwrap();
             let mut cmd = lab.command(&r.name, "smtp-sink");
             cmd.args(["-u", "nobody", "-d"])
                 .arg(dir.join("m"))
@@ -174,7 +189,8 @@ fn run_lab(mode: Mode) {
             lab.spawn(&r.name, cmd);
             let name = r.name.clone();
             wait_for("decap attached", Duration::from_secs(20), || {
-                String::from_utf8_lossy(&lab.run(&name, &["ip", "link", "show", "eth0"]).stdout).contains("xdp")
+                String::from_utf8_lossy(&lab.run(&name, &["ip", "link", "show", "eth0"]).stdout)
+                    .contains("xdp")
             });
         }
     }
@@ -187,7 +203,10 @@ fn run_lab(mode: Mode) {
     cfg += &format!("[[services]]\nname = \"mx\"\nvip = \"{VIP4}\"\nports = [25]\n");
     let backend = |cfg: &mut String, r: &Relay, addr: &str, w: u32| {
         let mac = mac_str(lab.get(&r.name).mac);
-        *cfg += &format!("[[services.backends]]\nname = \"{}\"\naddress = \"{addr}\"\nweight = {w}\n", r.name);
+        *cfg += &format!(
+            "[[services.backends]]\nname = \"{}\"\naddress = \"{addr}\"\nweight = {w}\n",
+            r.name
+        );
         match mode {
             Mode::L2 => *cfg += &format!("forwarding = \"l2\"\nmac = \"{mac}\"\n"),
             Mode::Ipip => *cfg += "forwarding = \"ipip\"\n",
@@ -211,13 +230,23 @@ fn run_lab(mode: Mode) {
     pass_on_switch_port(&lab, "lb");
     let pin_dir = lab.pin_dir().join("lb");
     let mut cmd = lab.command("lb", env::smtp_lb_bin());
-    cmd.args(["lb", "--iface", "eth0", "--mode", "native", "--stats-interval", "0", "--config"])
-        .arg(&cfg_path)
-        .arg("--pin-dir")
-        .arg(&pin_dir);
+    cmd.args([
+        "lb",
+        "--iface",
+        "eth0",
+        "--mode",
+        "native",
+        "--stats-interval",
+        "0",
+        "--config",
+    ])
+    .arg(&cfg_path)
+    .arg("--pin-dir")
+    .arg(&pin_dir);
     let lb_pid = lab.spawn("lb", cmd);
     wait_for("balancer attached", Duration::from_secs(30), || {
-        String::from_utf8_lossy(&lab.run("lb", &["ip", "link", "show", "eth0"]).stdout).contains("xdp")
+        String::from_utf8_lossy(&lab.run("lb", &["ip", "link", "show", "eth0"]).stdout)
+            .contains("xdp")
     });
 
     for (fam, target, client_addr) in [
@@ -227,8 +256,18 @@ fn run_lab(mode: Mode) {
         let out = lab.try_run(
             "client",
             &[
-                "timeout", "120", "smtp-source", "-s", "20", "-m", &SESSIONS.to_string(), "-f", "app@example.com",
-                "-t", "user@example.net", &target,
+                "timeout",
+                "120",
+                "smtp-source",
+                "-s",
+                "20",
+                "-m",
+                &SESSIONS.to_string(),
+                "-f",
+                "app@example.com",
+                "-t",
+                "user@example.net",
+                &target,
             ],
         );
         assert!(
@@ -239,9 +278,20 @@ fn run_lab(mode: Mode) {
         );
         // Every session's message reaches a relay's dump.
         let count = |dir: &Path| std::fs::read_dir(dir).unwrap().count();
-        let total = || relays.iter().map(|r| count(&dumps[&(r.name.clone(), fam)])).sum::<usize>();
-        wait_for("every message dumped", Duration::from_secs(10), || total() >= SESSIONS);
-        assert_eq!(total(), SESSIONS, "{mode:?} {fam}: every session completes once");
+        let total = || {
+            relays
+                .iter()
+                .map(|r| count(&dumps[&(r.name.clone(), fam)]))
+                .sum::<usize>()
+        };
+        wait_for("every message dumped", Duration::from_secs(10), || {
+            total() >= SESSIONS
+        });
+        assert_eq!(
+            total(),
+            SESSIONS,
+            "{mode:?} {fam}: every session completes once"
+        );
         let weight_sum: u32 = WEIGHTS.iter().sum();
         let mut shares = Vec::new();
         for (r, w) in relays.iter().zip(WEIGHTS) {
@@ -257,21 +307,50 @@ fn run_lab(mode: Mode) {
             );
             for e in std::fs::read_dir(dir).unwrap() {
                 let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
-                let line = text.lines().find(|l| l.starts_with("X-Client-Addr:")).unwrap_or_else(|| panic!("no X-Client-Addr in dump: {text}"));
-                assert_eq!(line.trim_start_matches("X-Client-Addr:").trim().trim_start_matches("ipv6:"), client_addr, "{mode:?} {fam}: relay saw {line}");
+                let line = text
+                    .lines()
+                    .find(|l| l.starts_with("X-Client-Addr:"))
+                    .unwrap_or_else(|| panic!("no X-Client-Addr in dump: {text}"));
+                assert_eq!(
+                    line.trim_start_matches("X-Client-Addr:")
+                        .trim()
+                        .trim_start_matches("ipv6:"),
+                    client_addr,
+                    "{mode:?} {fam}: relay saw {line}"
+                );
             }
         }
         eprintln!("{mode:?} {fam}: {SESSIONS} sessions: {}", shares.join(", "));
     }
 
     // The data plane's own counters agree: SYNs were balanced, nothing dropped.
-    let stats = lab.try_run("lb", &[env::smtp_lb_bin().to_str().unwrap(), "ctl", "stats", "--json", "--pin-dir", pin_dir.to_str().unwrap()]);
+    let stats = lab.try_run(
+        "lb",
+        &[
+            env::smtp_lb_bin().to_str().unwrap(),
+            "ctl",
+            "stats",
+            "--json",
+            "--pin-dir",
+            pin_dir.to_str().unwrap(),
+        ],
+    );
     let text = String::from_utf8_lossy(&stats.stdout).into_owned();
     eprintln!("{mode:?} stats: {text}");
-    assert!(stats.status.success(), "ctl stats: {}", String::from_utf8_lossy(&stats.stderr));
+    assert!(
+        stats.status.success(),
+        "ctl stats: {}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
     assert!(text.contains("\"drop_no_backend\":0"), "{text}");
-    assert!(lab.stop(lb_pid, Duration::from_secs(5)), "smtp-lb lb exits on SIGTERM");
-    assert!(!pin_dir.join("SERVICES").exists(), "pins removed on a clean exit");
+    assert!(
+        lab.stop(lb_pid, Duration::from_secs(5)),
+        "smtp-lb lb exits on SIGTERM"
+    );
+    assert!(
+        !pin_dir.join("SERVICES").exists(),
+        "pins removed on a clean exit"
+    );
     let _ = std::fs::remove_dir_all(&work);
 }
 

@@ -5,8 +5,8 @@ use crate::{build, util::require_root};
 #[derive(Debug, clap::Args)]
 pub struct Options {
     /// SMTP sessions the client sends.
-    #[arg(long, default_value_t = 500)]
-    sessions: u32,
+    #[arg(long, default_value_t = 1000)]
+    sessions: usize,
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
@@ -20,12 +20,26 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         println!("lab: {line}");
     });
     println!("\nXDP counters on the LB node (summed over CPUs):");
-    for (name, value) in &outcome.counters {
-        println!("  {name:<12} {value:>10}");
+    for (name, value) in outcome.counters.iter().filter(|(_, v)| **v > 0) {
+        println!("  {name:<18} {value:>10}");
+    }
+    println!("  (every other pass/drop reason: 0)");
+    println!("\nrelays as the balancer saw them (`smtp-lb ctl backends`):");
+    for b in outcome.backends.as_array().into_iter().flatten() {
+        println!(
+            "  {:<8} {:<14} health={} weight={} new_flows={} packets={}",
+            b["names"][0].as_str().unwrap_or_default(),
+            b["address"].as_str().unwrap_or_default(),
+            b["health"].as_str().unwrap_or_default(),
+            b["configured_weight"],
+            b["new_flows"],
+            b["packets"]
+        );
     }
     println!(
-        "\n{} SMTP sessions sent, {} messages received by the relay; lab torn down.",
-        outcome.sessions, outcome.delivered
+        "\n{} SMTP sessions sent, {} messages received by the relays; lab torn down.",
+        outcome.sessions,
+        outcome.per_relay.iter().map(|(_, n)| n).sum::<usize>()
     );
     Ok(())
 }

@@ -44,12 +44,12 @@ pub fn is_prime(n: u32) -> bool {
     if n < 2 {
         return false;
     }
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         return n == 2;
     }
     let mut d = 3u32;
     while u64::from(d) * u64::from(d) <= u64::from(n) {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 2;
@@ -75,7 +75,7 @@ pub fn build(backends: &[Entry<'_>], size: u32) -> Vec<u32> {
     let mut skip: Vec<usize> = Vec::with_capacity(live.len());
     for b in &live {
         let name = b.name.as_bytes();
-        next.push((name_hash(name, 0) % size as u64) as usize);
+        next.push((name_hash(name, 0) % u64::from(size)) as usize);
         skip.push((name_hash(name, 0x6d61_676c_6576) % (u64::from(size) - 1) + 1) as usize);
     }
     let mut credit = vec![0u64; live.len()];
@@ -218,7 +218,7 @@ mod tests {
                 let (total, same) =
                     kept.fold((0, 0), |(t, s), (a, b)| (t + 1, s + usize::from(a == b)));
                 assert!(
-                    same as f64 / total as f64 >= 0.99,
+                    same as f64 / f64::from(total) >= 0.99,
                     "N={n}: only {same}/{total} surviving slots kept"
                 );
             }

@@ -56,44 +56,40 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
         pin_dir: pin_dir.clone(),
     })?;
     // Maps first, then attach: the program never sees traffic with empty tables.
-    let mut dp = match config {
-        Some(cfg) => {
-            let saved = match lb::state::load(&cfg.state_dir) {
-                Ok(saved) => saved,
-                Err(err) => {
-                    dp.discard();
-                    return Err(err)
-                        .with_context(|| format!("state in {}", cfg.state_dir.display()));
-                }
-            };
-            let mut node = Node::new(
-                dp,
-                cfg,
-                &saved,
-                opts.config.clone(),
-                pin_dir.clone(),
-                opts.iface.clone(),
-            );
-            if let Err(err) = node.start().await {
-                node.into_dataplane().discard();
-                return Err(err);
-            }
-            if let Err(err) = node.attach(opts.mode) {
-                node.into_dataplane().discard();
-                return Err(err.into());
-            }
-            info!(iface = %opts.iface, mode = ?opts.mode, pin_dir = %pin_dir.display(), "balancer attached");
-            lb::run(node, shutdown).await?.into_dataplane()
-        }
-        None => {
-            if let Err(err) = dp.attach(&opts.iface, opts.mode) {
+    let mut dp = if let Some(cfg) = config {
+        let saved = match lb::state::load(&cfg.state_dir) {
+            Ok(saved) => saved,
+            Err(err) => {
                 dp.discard();
-                return Err(err.into());
+                return Err(err).with_context(|| format!("state in {}", cfg.state_dir.display()));
             }
-            info!(iface = %opts.iface, mode = ?opts.mode, pin_dir = %pin_dir.display(), "balancer attached (no config: every packet passes)");
-            log_counters(&pin_dir, opts.stats_interval, shutdown).await?;
-            dp
+        };
+        let mut node = Node::new(
+            dp,
+            cfg,
+            &saved,
+            opts.config.clone(),
+            pin_dir.clone(),
+            opts.iface.clone(),
+        );
+        if let Err(err) = node.start().await {
+            node.into_dataplane().discard();
+            return Err(err);
         }
+        if let Err(err) = node.attach(opts.mode) {
+            node.into_dataplane().discard();
+            return Err(err.into());
+        }
+        info!(iface = %opts.iface, mode = ?opts.mode, pin_dir = %pin_dir.display(), "balancer attached");
+        lb::run(node, shutdown).await?.into_dataplane()
+    } else {
+        if let Err(err) = dp.attach(&opts.iface, opts.mode) {
+            dp.discard();
+            return Err(err.into());
+        }
+        info!(iface = %opts.iface, mode = ?opts.mode, pin_dir = %pin_dir.display(), "balancer attached (no config: every packet passes)");
+        log_counters(&pin_dir, opts.stats_interval, shutdown).await?;
+        dp
     };
     if opts.keep_pinned {
         let link = dp.keep_attached()?;

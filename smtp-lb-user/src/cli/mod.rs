@@ -1,5 +1,6 @@
 //! The `smtp-lb` command line: one module per subcommand.
 
+pub mod check;
 pub mod ctl;
 pub mod decap;
 pub mod lb;
@@ -26,7 +27,7 @@ pub enum Command {
     /// Operator's view of the running balancer and relay.
     Ctl(ctl::Options),
     /// Validate a configuration file without touching anything (like `haproxy -c`).
-    CheckConfig(Unimplemented),
+    CheckConfig(check::Options),
 }
 
 /// Arguments of a subcommand that is not implemented yet.

@@ -59,6 +59,80 @@ pub enum ConfigError {
         field: String,
         problem: String,
     },
+    /// [`ConfigError::Invalid`] in a file, with the line of the field when
+    /// it is written there (absent fields have defaults and no line).
+    #[error("{}{}: {field}: {problem}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    InvalidAt {
+        path: PathBuf,
+        line: Option<usize>,
+        field: String,
+        problem: String,
+    },
+}
+
+/// The 1-based line where `field` (a path like `services[1] (mx6).backends[0]
+/// (relay1).mac`, as validation names it) is written in `text`.
+pub fn locate(text: &str, field: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut from = 0;
+    let mut table = String::new();
+    // Drop the " (label)" parts first: labels may contain dots (addresses).
+    let mut bare = String::with_capacity(field.len());
+    let mut depth = 0;
+    for c in field.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ' ' if depth == 0 => {}
+            _ if depth == 0 => bare.push(c),
+            _ => {}
+        }
+    }
+    for seg in bare.split('.') {
+        // "services[1]" → key "services", index 1; "health" → no index.
+        let (key, index) = match seg.split_once('[') {
+            Some((k, i)) => (k, i.trim_end_matches(']').parse::<usize>().ok()),
+            None => (seg, None),
+        };
+        let key = key.split('/').next().unwrap_or(key);
+        let name = if table.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{table}.{key}")
+        };
+        if let Some(i) = index {
+            let header = format!("[[{name}]]");
+            from = lines
+                .iter()
+                .enumerate()
+                .skip(from)
+                .filter(|(_, l)| l.trim() == header)
+                .nth(i)?
+                .0;
+            table = name;
+        } else if let Some((at, _)) = lines
+            .iter()
+            .enumerate()
+            .skip(from)
+            .find(|(_, l)| l.trim() == format!("[{name}]"))
+        {
+            from = at;
+            table = name;
+        } else {
+            // A key of the current table: between its header and the next one.
+            let start = if table.is_empty() { 0 } else { from + 1 };
+            let found = lines[start..]
+                .iter()
+                .take_while(|l| !l.trim_start().starts_with('['))
+                .position(|l| {
+                    l.trim_start()
+                        .strip_prefix(key)
+                        .is_some_and(|r| r.trim_start().starts_with('='))
+                });
+            return Some(found.map_or(from, |i| start + i) + 1);
+        }
+    }
+    Some(from + 1)
 }
 
 fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
@@ -280,6 +354,12 @@ impl LbConfig {
                 path: path.to_owned(),
                 message,
             },
+            ConfigError::Invalid { field, problem } => ConfigError::InvalidAt {
+                path: path.to_owned(),
+                line: locate(&text, &field),
+                field,
+                problem,
+            },
             other => other,
         })
     }
@@ -393,6 +473,16 @@ impl LbConfig {
                             "forwarding \"l2\" needs the relay's MAC address",
                         ));
                     }
+                    // A frame to these never reaches one relay.
+                    Forwarding::L2 if b.mac.is_some_and(|m| m.0 == [0; 6] || m.0[0] & 1 == 1) => {
+                        return Err(invalid(
+                            format!("{bat}.mac"),
+                            format!(
+                                "{} is not a unicast MAC address; no single relay answers it",
+                                b.mac.unwrap()
+                            ),
+                        ));
+                    }
                     Forwarding::Ipip if b.address.is_ipv4() != svc.vip.is_ipv4() => {
                         return Err(invalid(
                             format!("{bat}.address"),
@@ -446,6 +536,41 @@ impl LbConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_broadcast_and_multicast_macs_are_refused() {
+        for mac in [
+            "00:00:00:00:00:00",
+            "ff:ff:ff:ff:ff:ff",
+            "01:00:5e:00:00:01",
+        ] {
+            let text = format!(
+                "[[services]]\nvip = \"203.0.113.10\"\nports = [25]\n[[services.backends]]\nname = \"a\"\naddress = \"198.51.100.3\"\nmac = \"{mac}\"\n"
+            );
+            let err = LbConfig::parse(&text).unwrap_err().to_string();
+            assert!(
+                err.contains(".mac") && err.contains("not a unicast"),
+                "{mac}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_fields_are_located_by_line() {
+        let text = "state_dir = \"/tmp\"\n[warmup]\nstart_percent = 0\n\n[[services]]\nvip = \"203.0.113.10\"\nports = [25]\n[[services.backends]]\nname = \"a\"\naddress = \"198.51.100.3\"\n[[services.backends]]\nname = \"a\"\naddress = \"198.51.100.4\"\n";
+        assert_eq!(locate(text, "warmup.start_percent"), Some(3));
+        assert_eq!(locate(text, "services[0] (203.0.113.10).ports"), Some(7));
+        assert_eq!(
+            locate(text, "services[0] (203.0.113.10).backends[1] (a).name"),
+            Some(12)
+        );
+        assert_eq!(
+            locate(text, "services[0] (203.0.113.10).backends[1] (a).mac"),
+            Some(11),
+            "absent key: its table"
+        );
+        assert_eq!(locate(text, "services[3].ports"), None);
+    }
 
     const GOOD: &str = r#"
         [[services]]

@@ -93,6 +93,7 @@ pub struct Dataplane {
     pin_dir: PathBuf,
     attached: Option<(String, aya::programs::xdp::XdpLinkId)>,
     adopted: bool,
+    took_over: bool,
 }
 
 impl Dataplane {
@@ -123,6 +124,7 @@ impl Dataplane {
             pin_dir: opts.pin_dir.clone(),
             attached: None,
             adopted,
+            took_over: false,
         };
         let prog_loaded = balancer(&mut dp.ebpf).and_then(|prog| {
             prog.load().map_err(|source| LoadError::Program {
@@ -140,6 +142,9 @@ impl Dataplane {
     /// Attaches the balancer to `iface`.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), LoadError> {
         check_interface(iface)?;
+        if self.link_pin().exists() {
+            return self.take_over(iface);
+        }
         let flags = match mode {
             AttachMode::Native => XdpMode::Driver,
             AttachMode::Skb => XdpMode::Skb,
@@ -157,6 +162,46 @@ impl Dataplane {
         })?;
         self.attached = Some((iface.to_owned(), id));
         Ok(())
+    }
+
+    /// Where the attachment is pinned by `--keep-pinned`.
+    fn link_pin(&self) -> PathBuf {
+        self.pin_dir.join("link")
+    }
+
+    /// A previous balancer left its attachment pinned: swap this program in
+    /// with `bpf_link_update` (atomic: no packet sees the interface without
+    /// a program), keeping the maps it already shares. This is the hitless
+    /// restart and upgrade path.
+    fn take_over(&mut self, iface: &str) -> Result<(), LoadError> {
+        let path = self.link_pin();
+        let io_err = |e: String| LoadError::Program {
+            name: programs::BALANCER,
+            source: aya::programs::ProgramError::IOError(io::Error::other(e)),
+        };
+        let pinned = PinnedLink::from_pin(&path)
+            .map_err(|e| io_err(format!("open pinned link {}: {e}", path.display())))?;
+        let link = aya::programs::xdp::XdpLink::try_from(FdLink::from(pinned)).map_err(|e| {
+            io_err(format!(
+                "pinned link {} is not an XDP link: {e}",
+                path.display()
+            ))
+        })?;
+        let prog = balancer(&mut self.ebpf)?;
+        let id = prog
+            .attach_to_link(link)
+            .map_err(|source| LoadError::Program {
+                name: programs::BALANCER,
+                source,
+            })?;
+        self.attached = Some((iface.to_owned(), id));
+        self.took_over = true;
+        Ok(())
+    }
+
+    /// Whether [`Dataplane::attach`] took over a pinned attachment.
+    pub fn took_over(&self) -> bool {
+        self.took_over
     }
 
     /// Pins the attachment itself, so the program stays on the interface
@@ -179,7 +224,11 @@ impl Dataplane {
                 name: programs::BALANCER,
                 source: aya::programs::ProgramError::IOError(io::Error::other(e.to_string())),
             })?;
-        let path = self.pin_dir.join("link");
+        let path = self.link_pin();
+        if path.exists() {
+            // Taken over from a pinned link: the pin still holds it.
+            return Ok(path);
+        }
         let _: PinnedLink = fd_link.pin(&path).map_err(|source| LoadError::Pin {
             path: path.clone(),
             source,
@@ -216,7 +265,9 @@ impl Dataplane {
     /// Removes the pinned maps (the program is detached when `self` drops).
     /// Use on a clean shutdown that should leave nothing behind.
     pub fn unpin_all(&self) -> io::Result<()> {
-        for name in maps::ALL {
+        // The link pin of a taken-over attachment: with it gone (and this
+        // process's fd closed on exit) the program detaches.
+        for name in maps::ALL.iter().copied().chain(["link"]) {
             match std::fs::remove_file(self.pin_dir.join(name)) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => {}

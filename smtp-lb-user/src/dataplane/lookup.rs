@@ -117,7 +117,7 @@ pub fn tracked_flows(pin_dir: &Path) -> Result<BTreeMap<u32, u64>, LoadError> {
         HashMap::try_from(Map::LruHashMap(open(pin_dir, maps::CONNTRACK)?))
             .map_err(err(maps::CONNTRACK))?;
     let mut counts = BTreeMap::new();
-    for entry in conntrack.iter() {
+    for entry in &conntrack {
         let (_, flow) = entry.map_err(err(maps::CONNTRACK))?;
         *counts.entry(flow.backend).or_insert(0) += 1;
     }

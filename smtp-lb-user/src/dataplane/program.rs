@@ -89,7 +89,7 @@ pub struct Applied {
 pub fn read_existing(ebpf: &mut Ebpf) -> Result<Existing, ApplyError> {
     let mut existing = Existing::default();
     let services = services_map(ebpf)?;
-    for item in services.iter() {
+    for item in &services {
         let (key, svc) = item.map_err(map_err(maps::SERVICES))?;
         if key.port != 0 {
             existing.services.insert(key, svc.id);

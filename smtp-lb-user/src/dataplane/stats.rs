@@ -73,7 +73,7 @@ pub fn read_stats(pin_dir: &Path) -> Result<Snapshot, LoadError> {
         PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, maps::SERVICE_STATS)?))
             .map_err(err(maps::SERVICE_STATS))?;
     let mut rows = Vec::new();
-    for item in services.iter() {
+    for item in &services {
         let (key, svc) = item.map_err(err(maps::SERVICES))?;
         if key.port == 0 {
             continue;

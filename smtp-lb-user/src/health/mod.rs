@@ -66,9 +66,20 @@ impl HealthCheckConfig {
     }
 
     /// Longest a relay can stay in the table after it died: `fall` probes,
-    /// `interval` apart, the last one taking up to its full timeout.
+    /// `interval` apart, the last one taking up to its full timeout (a dead
+    /// relay fails at connect, greeting or EHLO at the latest, or at
+    /// STARTTLS when that is checked).
     pub fn detection_bound(&self) -> Duration {
-        self.interval * self.fall + self.timeouts.total()
+        let t = &self.timeouts;
+        let probe = t.connect
+            + t.greeting
+            + t.ehlo
+            + if self.starttls {
+                t.starttls
+            } else {
+                Duration::ZERO
+            };
+        self.interval * self.fall + probe
     }
 }
 

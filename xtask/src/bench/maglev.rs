@@ -55,7 +55,15 @@ pub fn run() -> Report {
     let counts = slot_counts(&before, 100);
     let max = *counts.iter().max().unwrap_or(&0) as f64;
     report
-        .add("disruption_pct_n100", 100.0 * moved as f64 / f64::from(M), "% (ideal 1.0, limit 2.0)")
-        .add("max_over_avg_n100", max / (f64::from(M) / 100.0), "(limit 1.01)");
+        .add(
+            "disruption_pct_n100",
+            100.0 * moved as f64 / f64::from(M),
+            "% (ideal 1.0, limit 2.0)",
+        )
+        .add(
+            "max_over_avg_n100",
+            max / (f64::from(M) / 100.0),
+            "(limit 1.01)",
+        );
     report
 }

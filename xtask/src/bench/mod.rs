@@ -2,6 +2,7 @@
 //! subject and a peer (or floor) in the same run and returns a [`Report`];
 //! this module prints it as a table and writes `target/bench/<name>.json`,
 //! one flat JSON object of named numbers.
+mod lb;
 mod maglev;
 mod report;
 mod xdp;
@@ -36,7 +37,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let (name, report) = match opts.name {
         Name::Xdp => ("xdp", xdp::run(&build::run(&build::Options {})?)?),
         Name::Maglev => ("maglev", maglev::run()),
-        Name::Lb | Name::Relay | Name::Shaping => {
+        Name::Lb => ("lb", lb::run(&build::run(&build::Options {})?)?),
+        Name::Relay | Name::Shaping => {
             anyhow::bail!("benchmark `{:?}` is not implemented yet", opts.name)
         }
     };

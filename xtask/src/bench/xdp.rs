@@ -86,9 +86,17 @@ pub fn run(artifacts: &Artifacts) -> anyhow::Result<Report> {
         .add("nonvip_ns", nonvip_ns, "ns")
         .add("syn_ns", syn_ns, "ns")
         .add("established_ns", established_ns, "ns")
-        .add("nonvip_ratio", nonvip_ns / floor_ns, "x floor (target <= 1.2)")
+        .add(
+            "nonvip_ratio",
+            nonvip_ns / floor_ns,
+            "x floor (target <= 1.2)",
+        )
         .add("syn_ratio", syn_ns / floor_ns, "x floor (target <= 3.0)")
-        .add("established_ratio", established_ns / floor_ns, "x floor (target <= 2.0)");
+        .add(
+            "established_ratio",
+            established_ns / floor_ns,
+            "x floor (target <= 2.0)",
+        );
     Ok(report)
 }
 

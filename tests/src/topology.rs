@@ -1,0 +1,348 @@
+//! The standard one-arm L2 DSR lab: a client, an LB node and N relays on
+//! one bridge; the VIP on every relay's `lo`; Postfix `smtp-sink` on every
+//! relay (all addresses, so the balancer's health checks reach it on the
+//! relay's own address too), each dumping what it receives; `smtp-lb lb`
+//! on the LB node with a config this module writes.
+//!
+//! ```text
+//! client 198.51.100.1 ─┐
+//! lb     198.51.100.2 ─┼─ br0      VIP 203.0.113.10 on each relay's lo
+//! relayN 198.51.100.1N ┘
+//! ```
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{env, lab::Lab};
+
+pub const VIP: &str = "203.0.113.10";
+pub const CLIENT: &str = "198.51.100.1";
+pub const LB: &str = "198.51.100.2";
+
+/// One relay host.
+pub struct Relay {
+    pub name: String,
+    pub addr: String,
+    /// Where its sink dumps messages.
+    pub dump: PathBuf,
+    /// The running sink, if any.
+    pub sink: Option<u32>,
+}
+
+/// A running DSR lab.
+pub struct DsrLab {
+    pub lab: Lab,
+    pub relays: Vec<Relay>,
+    /// Scratch directory: configs, dumps, the balancer's state.
+    pub work: PathBuf,
+    /// The balancer's pin directory.
+    pub pin_dir: PathBuf,
+    pub config_path: PathBuf,
+    /// The running `smtp-lb lb`, if any.
+    pub lb: Option<u32>,
+}
+
+/// Polls `ok` every 50 ms; panics after `timeout` naming `what`.
+pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn mac_str(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl DsrLab {
+    /// Builds the topology with `relays` relays, each running a sink.
+    pub fn new(relays: usize) -> Self {
+        let mut lab = Lab::new();
+        let work = lab.scratch_dir();
+        lab.host("client", &[&format!("{CLIENT}/24")]);
+        lab.host("lb", &[&format!("{LB}/24")]);
+        let mut hosts = Vec::new();
+        for i in 1..=relays {
+            let name = format!("relay{i}");
+            let addr = format!("198.51.100.{}", 10 + i);
+            lab.host(&name, &[&format!("{addr}/24")]);
+            lab.sh(
+                &name,
+                &format!(
+                    "ip addr add {VIP}/32 dev lo && \
+                     sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2"
+                ),
+            );
+            let dump = work.join(format!("{name}-dump"));
+            std::fs::create_dir_all(&dump).unwrap();
+            // smtp-sink drops privileges to nobody before writing.
+            std::fs::set_permissions(&dump, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+                .unwrap();
+            hosts.push(Relay {
+                name,
+                addr,
+                dump,
+                sink: None,
+            });
+        }
+        lab.sh("client", &format!("ip route add {VIP}/32 via {LB}"));
+        let pin_dir = lab.pin_dir().join("lb");
+        let config_path = work.join("lb.toml");
+        let mut this = Self {
+            lab,
+            relays: hosts,
+            work,
+            pin_dir,
+            config_path,
+            lb: None,
+        };
+        for i in 0..relays {
+            this.start_sink(i);
+        }
+        this.pass_on_switch_port("lb");
+        this
+    }
+
+    /// Starts relay `i`'s sink on `0.0.0.0:25`.
+    pub fn start_sink(&mut self, i: usize) {
+        let r = &self.relays[i];
+        let mut cmd = self.lab.command(&r.name, "smtp-sink");
+        // -h: the sink greets with the relay's name, so clients can tell who answered.
+        cmd.args(["-u", "nobody", "-h", &r.name, "-d"])
+            .arg(r.dump.join("m"))
+            .args(["0.0.0.0:25", "1024"]);
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        let pid = self.lab.spawn(&r.name, cmd);
+        let name = r.name.clone();
+        self.relays[i].sink = Some(pid);
+        let addr = self.relays[i].addr.clone();
+        wait_for(&format!("{name}'s sink"), Duration::from_secs(10), || {
+            self.lab
+                .try_run(
+                    &name,
+                    &[
+                        "timeout",
+                        "1",
+                        "bash",
+                        "-c",
+                        &format!("</dev/tcp/{addr}/25"),
+                    ],
+                )
+                .status
+                .success()
+        });
+    }
+
+    /// Kills relay `i`'s sink (SIGKILL: a crashed relay).
+    pub fn kill_sink(&mut self, i: usize) {
+        if let Some(pid) = self.relays[i].sink.take() {
+            self.lab.stop(pid, Duration::ZERO);
+        }
+    }
+
+    /// Attaches the pass-through program to `host`'s bridge port, so the
+    /// native `XDP_TX` frames that host sends are received (DESIGN.md: veth).
+    fn pass_on_switch_port(&self, host: &str) {
+        let dir = self.lab.pin_dir().join(format!("pass-{host}"));
+        std::fs::create_dir_all(self.lab.pin_dir()).unwrap();
+        let out = Command::new("bpftool")
+            .args(["prog", "loadall"])
+            .arg(env::ebpf_object())
+            .arg(&dir)
+            .args(["type", "xdp"])
+            .output()
+            .expect("run bpftool");
+        assert!(
+            out.status.success(),
+            "bpftool prog loadall: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let prog = dir.join("smtp_lb_pass");
+        let port = self.lab.get(host).port.clone();
+        self.lab.run_on_switch(&[
+            "bpftool",
+            "net",
+            "attach",
+            "xdpdrv",
+            "pinned",
+            prog.to_str().unwrap(),
+            "dev",
+            &port,
+        ]);
+    }
+
+    /// A balancer config: one service on VIP:25 with the relays at
+    /// `weights` (L2 DSR), fast health checks, no warmup, state and admin
+    /// token in the lab's scratch directory. `extra` holds whole tables
+    /// (`[warmup]`, `[health]`, …) that replace the defaults here.
+    pub fn config(&self, weights: &[u32], extra: &str) -> String {
+        let defaults = [
+            ("[health]", "interval = \"200ms\"\nrise = 2\nfall = 2"),
+            (
+                "[health.timeouts]",
+                "connect = \"200ms\"\ngreeting = \"300ms\"\nehlo = \"300ms\"",
+            ),
+            ("[warmup]", "duration = \"0s\"\nrejoin = \"0s\""),
+        ];
+        let mut cfg = format!(
+            "state_dir = \"{}\"\n\n{extra}\n",
+            self.work.join("state").display()
+        );
+        for (header, body) in defaults {
+            if !extra.lines().any(|l| l.trim() == header) {
+                let _ = write!(cfg, "{header}\n{body}\n\n");
+            }
+        }
+        let _ = write!(
+            cfg,
+            "[[services]]\nname = \"mx\"\nvip = \"{VIP}\"\nports = [25]\n"
+        );
+        for (r, w) in self.relays.iter().zip(weights) {
+            let mac = mac_str(self.lab.get(&r.name).mac);
+            let _ = write!(
+                cfg,
+                "\n[[services.backends]]\nname = \"{}\"\naddress = \"{}\"\nweight = {w}\nforwarding = \"l2\"\nmac = \"{mac}\"\n",
+                r.name, r.addr
+            );
+        }
+        cfg
+    }
+
+    /// Writes `config` and starts `smtp-lb lb` with it; waits until the
+    /// program is attached. Returns the daemon's pid.
+    pub fn start_lb(&mut self, config: &str, extra_args: &[&str]) -> u32 {
+        std::fs::write(&self.config_path, config).unwrap();
+        let mut cmd = self.lab.command("lb", env::smtp_lb_bin());
+        cmd.args([
+            "lb",
+            "--iface",
+            "eth0",
+            "--mode",
+            "native",
+            "--stats-interval",
+            "0",
+            "--config",
+        ])
+        .arg(&self.config_path)
+        .arg("--pin-dir")
+        .arg(&self.pin_dir)
+        .args(extra_args)
+        .env(
+            "SMTP_LB_LOG",
+            std::env::var("SMTP_LB_LOG").unwrap_or_else(|_| "warn".into()),
+        );
+        let pid = self.lab.spawn("lb", cmd);
+        wait_for("the balancer's admin API", Duration::from_secs(30), || {
+            self.ctl_ok(&["status"])
+        });
+        self.lb = Some(pid);
+        pid
+    }
+
+    /// Runs `smtp-lb ctl ARGS --json` against the balancer; panics on failure.
+    pub fn ctl(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.ctl_raw(args);
+        assert!(
+            out.status.success(),
+            "ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("ctl {args:?} printed no JSON ({e}): {text}"))
+    }
+
+    /// `smtp-lb ctl ARGS --json`, whatever its outcome.
+    pub fn ctl_raw(&self, args: &[&str]) -> Output {
+        let mut cmd = self.lab.command("lb", env::smtp_lb_bin());
+        cmd.arg("ctl")
+            .args(args)
+            .arg("--json")
+            .arg("--token-file")
+            .arg(self.work.join("state/admin.token"));
+        cmd.output().expect("run smtp-lb ctl")
+    }
+
+    fn ctl_ok(&self, args: &[&str]) -> bool {
+        self.ctl_raw(args).status.success()
+    }
+
+    /// The data plane's counters (`ctl stats --json`).
+    pub fn stats(&self) -> serde_json::Value {
+        let out = Command::new(env::smtp_lb_bin())
+            .args(["ctl", "stats", "--json", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output()
+            .expect("run smtp-lb ctl stats");
+        assert!(
+            out.status.success(),
+            "ctl stats: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("ctl stats --json prints JSON")
+    }
+
+    /// New flows the data plane sent to each relay (by relay order).
+    pub fn new_flows(&self) -> Vec<u64> {
+        let stats = self.stats();
+        self.relays
+            .iter()
+            .map(|r| {
+                stats["backends"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|b| b["address"] == r.addr.as_str())
+                    .and_then(|b| b["new_flows"].as_u64())
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
+    /// A `smtp-source` command on the client: `sessions` sessions,
+    /// `parallel` at a time, one message each, to VIP:25.
+    pub fn smtp_source(&self, sessions: usize, parallel: usize, extra: &[&str]) -> Command {
+        let mut cmd = self.lab.command("client", "smtp-source");
+        cmd.args(["-s", &parallel.to_string(), "-m", &sessions.to_string()])
+            .args(["-f", "app@lab.example", "-t", "user@isp.example"])
+            .args(extra)
+            .arg(format!("{VIP}:25"));
+        cmd
+    }
+
+    /// Runs `smtp-source` to completion; panics if any session failed.
+    pub fn send(&self, sessions: usize, parallel: usize) -> Duration {
+        let started = Instant::now();
+        let out = self
+            .smtp_source(sessions, parallel, &[])
+            .output()
+            .expect("run smtp-source");
+        assert!(
+            out.status.success(),
+            "smtp-source failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        started.elapsed()
+    }
+
+    /// Messages each relay's sink received so far.
+    pub fn delivered(&self) -> Vec<usize> {
+        self.relays.iter().map(|r| count(&r.dump)).collect()
+    }
+}
+
+fn count(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, Iterator::count)
+}
