@@ -13,6 +13,14 @@
 //! - [`flow_hash`]: the hash the kernel selects with, so user space can answer
 //!   "where does this flow go" with the very same function.
 #![no_std]
+#![expect(
+    clippy::inline_always,
+    reason = "the hashes run in the eBPF program, where every call must be inlined"
+)]
+#![expect(
+    clippy::pub_underscore_fields,
+    reason = "explicit padding fields must be public to build the structs"
+)]
 
 /// Default bpffs directory under which the daemon pins its maps and program.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/smtp-lb";

@@ -6,7 +6,8 @@ use aya_ebpf::{
 };
 use smtp_lb_common::{
     Backend, BackendStats, CONNTRACK_SIZE, DecapStats, Flow, FlowKey, GlobalStats, LbConfig,
-    MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, RING_SLOTS, SERVICE_INDEX_SLOTS, Service, ServiceKey, ServiceSlot, ServiceStats,
+    MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, RING_SLOTS, SERVICE_INDEX_SLOTS, Service, ServiceKey,
+    ServiceSlot, ServiceStats,
 };
 
 /// `0` → per-CPU global counters (one per pass/drop reason).

@@ -107,8 +107,7 @@ fn run_lab(mode: Mode) {
             Mode::L2 => (format!("198.51.100.1{i}"), format!("2001:db8::1{i}")),
             Mode::Ipip => (format!("192.0.2.1{i}"), format!("2001:db8:2::1{i}")),
         };
-        let prefix = if mode == Mode::L2 { "64" } else { "64" };
-        lab.host(&name, &[&format!("{v4}/24"), &format!("{v6}/{prefix}")]);
+        lab.host(&name, &[&format!("{v4}/24"), &format!("{v6}/64")]);
         relays.push(Relay { name, v4, v6 });
     }
     if mode == Mode::Ipip {

@@ -17,11 +17,7 @@ use smtp_lb_tests::{
     packet::{PacketBuilder, fold, ipv4_checksum_ok, ones_sum, tcp},
     xdp::{Verdict, XdpHarness},
 };
-use smtp_lb_user::{
-    balance::plan::addr_words,
-    config::lb::LbConfig,
-    dataplane::apply_config,
-};
+use smtp_lb_user::{balance::plan::addr_words, config::lb::LbConfig, dataplane::apply_config};
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x10);
@@ -29,7 +25,10 @@ const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 
 fn mac_str(m: [u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// A lab with an "lb" (forwarding on) and a "relay" on one segment, and the
@@ -103,15 +102,29 @@ fn hash(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> u32 {
 }
 
 #[test]
+#[expect(
+    clippy::many_single_char_names,
+    reason = "h, o, d: harness, output, decapped"
+)]
 fn ipip_and_ip6ip6_push_the_outer_header_and_decap_strips_it() {
     let (_lab, lb_mac, relay_mac) = enter_lb();
     let mut h = XdpHarness::load();
-    apply_config(h.ebpf_mut(), &config("ipip", "198.51.100.3", "2001:db8::3", "")).unwrap();
+    apply_config(
+        h.ebpf_mut(),
+        &config("ipip", "198.51.100.3", "2001:db8::3", ""),
+    )
+    .unwrap();
 
     // IPv4 in IPv4.
-    let inner = PacketBuilder::tcp(CLIENT4, 40000, VIP4, 25, tcp::SYN).payload(b"x").build();
+    let inner = PacketBuilder::tcp(CLIENT4, 40000, VIP4, 25, tcp::SYN)
+        .payload(b"x")
+        .build();
     let out = h.run(programs::BALANCER, &inner);
-    assert_eq!(out.verdict, Verdict::Redirect, "next hop is out eth0, not lo");
+    assert_eq!(
+        out.verdict,
+        Verdict::Redirect,
+        "next hop is out eth0, not lo"
+    );
     let o = &out.output;
     assert_eq!(o.len(), inner.len() + 20);
     assert_eq!(&o[0..6], &relay_mac, "dst MAC from the FIB's neighbour");
@@ -120,7 +133,24 @@ fn ipip_and_ip6ip6_push_the_outer_header_and_decap_strips_it() {
     let hsh = hash(CLIENT4.into(), 40000, VIP4.into(), 25);
     let mut outer = vec![0x45, 0];
     outer.extend(((inner.len() - 14 + 20) as u16).to_be_bytes());
-    outer.extend([0, 0, 0, 0, 64, 4, 0, 0, 172, 16, (hsh >> 8) as u8, hsh as u8, 198, 51, 100, 3]);
+    outer.extend([
+        0,
+        0,
+        0,
+        0,
+        64,
+        4,
+        0,
+        0,
+        172,
+        16,
+        (hsh >> 8) as u8,
+        hsh as u8,
+        198,
+        51,
+        100,
+        3,
+    ]);
     let csum = fold(ones_sum(&outer));
     outer[10..12].copy_from_slice(&csum.to_be_bytes());
     assert_eq!(&o[14..34], &outer[..], "outer IPv4 header");
@@ -135,7 +165,9 @@ fn ipip_and_ip6ip6_push_the_outer_header_and_decap_strips_it() {
     assert_eq!(d.output, want, "decap restores the client's packet");
 
     // IPv6 in IPv6.
-    let inner = PacketBuilder::tcp(CLIENT6, 40000, VIP6, 25, tcp::SYN).payload(b"x").build();
+    let inner = PacketBuilder::tcp(CLIENT6, 40000, VIP6, 25, tcp::SYN)
+        .payload(b"x")
+        .build();
     let out = h.run(programs::BALANCER, &inner);
     assert_eq!(out.verdict, Verdict::Redirect);
     let o = &out.output;
@@ -144,14 +176,25 @@ fn ipip_and_ip6ip6_push_the_outer_header_and_decap_strips_it() {
     assert_eq!(&o[12..14], &[0x86, 0xdd]);
     let hsh = hash(CLIENT6.into(), 40000, VIP6.into(), 25);
     let vtf = (6u32 << 28) | (hsh & 0xfffff);
-    assert_eq!(&o[14..18], &vtf.to_be_bytes(), "version 6, flow label = flow hash");
-    assert_eq!(&o[18..20], &((inner.len() - 14) as u16).to_be_bytes(), "payload = inner packet");
+    assert_eq!(
+        &o[14..18],
+        &vtf.to_be_bytes(),
+        "version 6, flow label = flow hash"
+    );
+    assert_eq!(
+        &o[18..20],
+        &((inner.len() - 14) as u16).to_be_bytes(),
+        "payload = inner packet"
+    );
     assert_eq!(o[20], 41, "next header IPv6");
     assert_eq!(o[21], 64);
     let mut src = Ipv6Addr::new(0xfd00, 0x736d, 0x7470, 0, 0, 0, 0, 0).octets();
     src[12..16].copy_from_slice(&hsh.to_be_bytes());
     assert_eq!(&o[22..38], &src);
-    assert_eq!(&o[38..54], &"2001:db8::3".parse::<Ipv6Addr>().unwrap().octets());
+    assert_eq!(
+        &o[38..54],
+        &"2001:db8::3".parse::<Ipv6Addr>().unwrap().octets()
+    );
     assert_eq!(&o[54..], &inner[14..]);
     let d = h.run(programs::DECAP, o);
     assert_eq!(d.verdict, Verdict::Pass);
@@ -161,8 +204,14 @@ fn ipip_and_ip6ip6_push_the_outer_header_and_decap_strips_it() {
     assert_eq!(d.output, want);
 
     // Different flows, different outer sources (RSS entropy at the relay).
-    let a = h.run(programs::BALANCER, &PacketBuilder::tcp(CLIENT4, 1, VIP4, 25, tcp::SYN).build());
-    let b = h.run(programs::BALANCER, &PacketBuilder::tcp(CLIENT4, 2, VIP4, 25, tcp::SYN).build());
+    let a = h.run(
+        programs::BALANCER,
+        &PacketBuilder::tcp(CLIENT4, 1, VIP4, 25, tcp::SYN).build(),
+    );
+    let b = h.run(
+        programs::BALANCER,
+        &PacketBuilder::tcp(CLIENT4, 2, VIP4, 25, tcp::SYN).build(),
+    );
     assert_ne!(&a.output[26..30], &b.output[26..30]);
 }
 
@@ -171,10 +220,25 @@ fn ipip_without_neighbour_passes_and_without_route_drops() {
     let (_lab, _, _) = enter_lb();
     let mut h = XdpHarness::load();
     // 198.51.100.77 is on-link but unresolved; 192.0.2.1 has no route.
-    apply_config(h.ebpf_mut(), &config("ipip", "198.51.100.77", "2001:db8::77", "")).unwrap();
-    let out = h.run(programs::BALANCER, &PacketBuilder::tcp(CLIENT4, 1, VIP4, 25, tcp::SYN).build());
-    assert_eq!(out.verdict, Verdict::Pass, "the stack resolves the neighbour");
-    apply_config(h.ebpf_mut(), &config("ipip", "192.0.2.1", "2001:db8:99::1", "")).unwrap();
+    apply_config(
+        h.ebpf_mut(),
+        &config("ipip", "198.51.100.77", "2001:db8::77", ""),
+    )
+    .unwrap();
+    let out = h.run(
+        programs::BALANCER,
+        &PacketBuilder::tcp(CLIENT4, 1, VIP4, 25, tcp::SYN).build(),
+    );
+    assert_eq!(
+        out.verdict,
+        Verdict::Pass,
+        "the stack resolves the neighbour"
+    );
+    apply_config(
+        h.ebpf_mut(),
+        &config("ipip", "192.0.2.1", "2001:db8:99::1", ""),
+    )
+    .unwrap();
     for pkt in [
         PacketBuilder::tcp(CLIENT4, 1, VIP4, 25, tcp::SYN).build(),
         PacketBuilder::tcp(CLIENT6, 1, VIP6, 25, tcp::SYN).build(),
@@ -189,7 +253,11 @@ fn l2_backend_behind_another_interface_is_redirected_through_the_devmap() {
     let (_lab, lb_mac, relay_mac) = enter_lb();
     let mut h = XdpHarness::load();
     let extra = format!("mac = \"{}\"\ninterface = \"eth0\"", mac_str(relay_mac));
-    apply_config(h.ebpf_mut(), &config("l2", "198.51.100.3", "2001:db8::3", &extra)).unwrap();
+    apply_config(
+        h.ebpf_mut(),
+        &config("l2", "198.51.100.3", "2001:db8::3", &extra),
+    )
+    .unwrap();
     for pkt in [
         PacketBuilder::tcp(CLIENT4, 1, VIP4, 25, tcp::SYN).build(),
         PacketBuilder::tcp(CLIENT6, 1, VIP6, 25, tcp::SYN).build(),
@@ -216,7 +284,9 @@ fn decap_passes_other_traffic_untouched_and_drops_broken_tunnels() {
         assert_eq!(out.output, pkt);
     }
     // IPIP with outer options, and an outer header with nothing inside.
-    let mut p = PacketBuilder::icmp_echo(CLIENT4, VIP4).ipv4_options(&[1, 1, 1, 1]).build();
+    let mut p = PacketBuilder::icmp_echo(CLIENT4, VIP4)
+        .ipv4_options(&[1, 1, 1, 1])
+        .build();
     p[14 + 9] = 4;
     assert_eq!(h.run(programs::DECAP, &p).verdict, Verdict::Drop);
     let mut p = PacketBuilder::icmp_echo(CLIENT4, VIP4).build();

@@ -43,7 +43,11 @@ pub enum ApplyError {
     TxPort { iface: String, message: String },
     /// Too many services hash next to each other (practically impossible
     /// with at most `MAX_SERVICES` in `SERVICE_INDEX_SLOTS`).
-    #[error("service {vip}:{port}: no free slot in map `{}` within {} probes", maps::SERVICE_INDEX, SERVICE_INDEX_PROBES)]
+    #[error(
+        "service {vip}:{port}: no free slot in map `{}` within {} probes",
+        maps::SERVICE_INDEX,
+        SERVICE_INDEX_PROBES
+    )]
     IndexFull { vip: IpAddr, port: u16 },
     /// A backend's `interface` does not exist.
     #[error("backend `{backend}`: interface `{iface}` does not exist")]
@@ -343,7 +347,7 @@ fn interface(iface: &str) -> Option<(u32, [u8; 6])> {
     // SAFETY: all-zero ifreq is valid; the name fits (checked above).
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (d, s) in req.ifr_name.iter_mut().zip(iface.as_bytes()) {
-        *d = *s as libc::c_char;
+        *d = libc::c_char::from_ne_bytes([*s]);
     }
     // SAFETY: SIOCGIFHWADDR fills ifr_hwaddr of a valid ifreq.
     let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &raw mut req) };
@@ -356,7 +360,7 @@ fn interface(iface: &str) -> Option<(u32, [u8; 6])> {
     let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
     let mut mac = [0u8; 6];
     for (m, b) in mac.iter_mut().zip(sa.sa_data.iter()) {
-        *m = *b as u8;
+        *m = b.to_ne_bytes()[0];
     }
     Some((idx, mac))
 }
