@@ -12,6 +12,7 @@
 //!   reload) and its admin API.
 //! - [`admin`]: the small HTTP layer and Prometheus text both daemons serve.
 //! - [`cli`]: the `smtp-lb` command line (subcommands and their options).
+//! - [`relay`]: the delivery engine (SMTP ingress, spool, queues, delivery).
 //!
 //! The binary in `main.rs` only parses arguments, sets up tracing and calls
 //! into this library.
@@ -23,3 +24,4 @@ pub mod config;
 pub mod dataplane;
 pub mod health;
 pub mod lb;
+pub mod relay;

@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use smtp_lb_user::cli::{Cli, Command, NotImplemented, check, ctl, decap, lb};
+use smtp_lb_user::cli::{Cli, Command, check, ctl, decap, lb, relay};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -28,7 +28,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Lb(opts) => runtime()?.block_on(lb::run(opts, shutdown_signal())),
         Command::Decap(opts) => runtime()?.block_on(decap::run(opts, shutdown_signal())),
         Command::Ctl(opts) => ctl::run(opts),
-        Command::Relay(_) => Err(NotImplemented("relay").into()),
+        Command::Relay(opts) => runtime()?.block_on(relay::run(opts, shutdown_signal())),
         Command::CheckConfig(opts) => check::run(&opts),
     }
 }

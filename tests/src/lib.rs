@@ -10,16 +10,24 @@
 //! - [`scenario`]: the lab story `cargo xtask lab` prints and tests assert on.
 //! - [`topology`]: the standard L2 DSR lab (client, LB, relays with sinks).
 //! - [`env`]: where the built artifacts are (set by `cargo xtask`).
+//! - [`relay`], [`sink`], [`smtp`], [`dns`], [`postfix`], [`tmp`]: the relay
+//!   under test and its real peers (smtp-sink, swaks, Postfix, dnsmasq).
 //!
 //! Suites live in `tests/`: `loopback_*` need real peers on 127.0.0.1 but no
 //! privileges; `privileged_*` need root (namespaces, XDP, bpffs).
 //! Helpers panic rather than return errors: a test failure should point at
 //! the line that failed.
 
+pub mod dns;
 pub mod env;
 pub mod lab;
 pub mod load;
 pub mod packet;
+pub mod postfix;
+pub mod relay;
 pub mod scenario;
+pub mod sink;
+pub mod smtp;
+pub mod tmp;
 pub mod topology;
 pub mod xdp;

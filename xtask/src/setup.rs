@@ -32,7 +32,18 @@ const PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "haproxy"),
     ("ps", "procps"),
     ("ping", "iputils-ping"),
+    // The relay tests make throwaway TLS certificates with it.
+    ("openssl", "openssl"),
 ];
+
+/// (Perl module that must load, Debian package that provides it): swaks
+/// needs these for STARTTLS in the relay's interop tests.
+const PERL_MODULES: &[(&str, &str)] =
+    &[("Net::SSLeay", "libnet-ssleay-perl"), ("IO::Socket::SSL", "libio-socket-ssl-perl")];
+
+fn perl_module_present(module: &str) -> bool {
+    Command::new("perl").args([&format!("-M{module}"), "-e1"]).output().is_ok_and(|o| o.status.success())
+}
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     ensure(opts)
@@ -145,6 +156,7 @@ fn packages(opts: &Options) -> anyhow::Result<()> {
         .filter(|(cmd, _)| !on_path(cmd))
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.extend(PERL_MODULES.iter().filter(|(m, _)| !perl_module_present(m)).map(|(_, pkg)| *pkg));
     missing.dedup();
     if missing.is_empty() {
         if opts.verbose {

@@ -7,7 +7,6 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 use smtp_lb_common::DEFAULT_PIN_DIR;
 
-use super::{NotImplemented, Unimplemented};
 use crate::{admin::http, dataplane::read_stats};
 
 #[derive(Debug, clap::Args)]
@@ -56,8 +55,8 @@ pub enum Command {
     },
     /// Re-read and apply the configuration file.
     Reload,
-    /// Relay queues by destination.
-    Queues(Unimplemented),
+    /// The relay: queues by destination, show, retry, bounce, delete (via the relay's admin listener).
+    Relay(super::relay::CtlOptions),
 }
 
 pub fn run(opts: Options) -> anyhow::Result<()> {
@@ -92,7 +91,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             show(&opts, &call(&opts, "GET", &path)?)
         }
         Command::Reload => ok(&opts, &call(&opts, "POST", "/reload")?),
-        Command::Queues(_) => Err(NotImplemented("ctl queues").into()),
+        Command::Relay(relay) => super::relay::ctl(relay),
     }
 }
 

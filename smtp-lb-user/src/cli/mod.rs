@@ -4,6 +4,7 @@ pub mod check;
 pub mod ctl;
 pub mod decap;
 pub mod lb;
+pub mod relay;
 
 use clap::{Parser, Subcommand};
 
@@ -21,7 +22,7 @@ pub enum Command {
     /// The balancer daemon: load, attach and pin the XDP program, own its maps.
     Lb(lb::Options),
     /// The delivery engine: SMTP ingress, durable spool, per-ISP queues, shaped delivery.
-    Relay(Unimplemented),
+    Relay(relay::Options),
     /// On a relay: strip the balancer's IPIP / IP6IP6 headers (XDP).
     Decap(decap::Options),
     /// Operator's view of the running balancer and relay.

@@ -4,6 +4,7 @@
 //! one flat JSON object of named numbers.
 mod lb;
 mod maglev;
+mod relay;
 mod report;
 mod xdp;
 
@@ -38,7 +39,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         Name::Xdp => ("xdp", xdp::run(&build::run(&build::Options {})?)?),
         Name::Maglev => ("maglev", maglev::run()),
         Name::Lb => ("lb", lb::run(&build::run(&build::Options {})?)?),
-        Name::Relay | Name::Shaping => {
+        Name::Relay => ("relay", relay::run(&build::run(&build::Options {})?)?),
+        Name::Shaping => {
             anyhow::bail!("benchmark `{:?}` is not implemented yet", opts.name)
         }
     };

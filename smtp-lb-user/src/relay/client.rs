@@ -1,0 +1,524 @@
+//! The delivery client: one SMTP connection to a destination host (RFC 5321
+//! §3, §4.1; PIPELINING RFC 2920; SIZE RFC 1870; STARTTLS RFC 3207).
+//!
+//! The egress source is an explicit argument of [`Client::connect`]: the
+//! socket is bound to it before `connect`, so source pools (issue 6) only
+//! choose the address.
+use std::{
+    fmt::Write as _,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use rustls::{
+    DigitallySignedStruct, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpSocket,
+    time::timeout,
+};
+
+use super::{
+    config::ClientTimeouts,
+    proto::{Reply, ReplyError, parse_reply},
+    stream::Stream,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot bind to source {source_ip}: {error}")]
+    Bind { source_ip: IpAddr, error: io::Error },
+    #[error("connect to {addr}: {error}")]
+    Connect { addr: SocketAddr, error: io::Error },
+    #[error("timed out after {after:?} waiting for {phase}")]
+    TimedOut {
+        phase: &'static str,
+        after: Duration,
+    },
+    #[error("{phase}: {error}")]
+    Io {
+        phase: &'static str,
+        error: io::Error,
+    },
+    #[error("{phase}: {error}")]
+    Protocol {
+        phase: &'static str,
+        error: ReplyError,
+    },
+    #[error("{phase} rejected: {reply}")]
+    Rejected { phase: &'static str, reply: Reply },
+}
+
+impl ClientError {
+    /// The source address is not configured on this host (a source to suspend).
+    pub fn is_unplumbed(&self) -> bool {
+        matches!(self, Self::Bind { error, .. } if error.kind() == io::ErrorKind::AddrNotAvailable)
+    }
+
+    /// The reply to log and act on: the server's own, or a local `4.4.x`.
+    pub fn reply(&self) -> Reply {
+        match self {
+            Self::Rejected { reply, .. } => reply.clone(),
+            Self::Connect { .. } | Self::Bind { .. } => {
+                Reply::local(451, "4.4.1", self.to_string())
+            }
+            Self::TimedOut { .. } | Self::Io { .. } | Self::Protocol { .. } => {
+                Reply::local(451, "4.4.2", self.to_string())
+            }
+        }
+    }
+}
+
+/// What the server offered in its EHLO reply.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Caps {
+    pub pipelining: bool,
+    pub starttls: bool,
+    pub eightbitmime: bool,
+    /// `SIZE n`; `Some(0)` means "no fixed limit".
+    pub size: Option<u64>,
+}
+
+impl Caps {
+    fn from_ehlo(reply: &Reply) -> Self {
+        let mut caps = Self::default();
+        for line in reply.lines.iter().skip(1) {
+            let mut words = line.split_whitespace();
+            match words.next().map(str::to_ascii_uppercase).as_deref() {
+                Some("PIPELINING") => caps.pipelining = true,
+                Some("STARTTLS") => caps.starttls = true,
+                Some("8BITMIME") => caps.eightbitmime = true,
+                Some("SIZE") => {
+                    caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0));
+                }
+                _ => {}
+            }
+        }
+        caps
+    }
+}
+
+/// Replies of one transaction: one per recipient, and the reply to the data.
+#[derive(Debug)]
+pub struct Transaction {
+    pub rcpt_replies: Vec<Reply>,
+    /// `None` when no recipient was accepted (no data was sent).
+    pub data_reply: Option<Reply>,
+}
+
+impl Transaction {
+    /// The outcome for recipient `i`: its RCPT reply if refused, else the data reply.
+    pub fn outcome(&self, i: usize) -> &Reply {
+        let r = &self.rcpt_replies[i];
+        if r.is_positive() {
+            self.data_reply.as_ref().unwrap_or(r)
+        } else {
+            r
+        }
+    }
+}
+
+/// An open SMTP session with a destination host.
+pub struct Client {
+    stream: Stream,
+    rbuf: Vec<u8>,
+    pub caps: Caps,
+    /// The host name (MX) this connection is for.
+    pub host: String,
+    pub addr: SocketAddr,
+    /// The bound local address.
+    pub local: Option<SocketAddr>,
+    timeouts: ClientTimeouts,
+    pub messages_sent: usize,
+}
+
+impl Client {
+    /// Connects (bound to `source` if given), reads the greeting, says EHLO
+    /// (HELO if EHLO is refused) and upgrades with STARTTLS when offered and
+    /// `tls` is given.
+    pub async fn connect(
+        host: &str,
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+        helo: &str,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+        timeouts: &ClientTimeouts,
+    ) -> Result<Self, ClientError> {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|error| ClientError::Connect { addr, error })?;
+        if let Some(source_ip) = source {
+            socket
+                .bind(SocketAddr::new(source_ip, 0))
+                .map_err(|error| ClientError::Bind { source_ip, error })?;
+        }
+        let tcp = timeout(timeouts.connect, socket.connect(addr))
+            .await
+            .map_err(|_| ClientError::TimedOut {
+                phase: "connect",
+                after: timeouts.connect,
+            })?
+            .map_err(|error| ClientError::Connect { addr, error })?;
+        let _ = tcp.set_nodelay(true);
+        let local = tcp.local_addr().ok();
+        let mut client = Self {
+            stream: Stream::Plain(tcp),
+            rbuf: Vec::with_capacity(4096),
+            caps: Caps::default(),
+            host: host.to_owned(),
+            addr,
+            local,
+            timeouts: timeouts.clone(),
+            messages_sent: 0,
+        };
+        let greeting = client.read_reply("greeting", timeouts.greeting).await?;
+        if !greeting.is_positive() {
+            return Err(ClientError::Rejected {
+                phase: "greeting",
+                reply: greeting,
+            });
+        }
+        client.hello(helo).await?;
+        if let Some(tls) = tls
+            && client.caps.starttls
+        {
+            client
+                .write(b"STARTTLS\r\n", "STARTTLS", timeouts.starttls)
+                .await?;
+            let reply = client.read_reply("STARTTLS", timeouts.starttls).await?;
+            if reply.code == 220 {
+                let tcp = client.stream.take_plain().expect("plain before STARTTLS");
+                let name = ServerName::try_from(host.trim_end_matches('.').to_owned())
+                    .unwrap_or_else(|_| ServerName::IpAddress(addr.ip().into()));
+                let connector = tokio_rustls::TlsConnector::from(tls.clone());
+                let tls_stream = timeout(timeouts.starttls, connector.connect(name, tcp))
+                    .await
+                    .map_err(|_| ClientError::TimedOut {
+                        phase: "TLS handshake",
+                        after: timeouts.starttls,
+                    })?
+                    .map_err(|error| ClientError::Io {
+                        phase: "TLS handshake",
+                        error,
+                    })?;
+                client.stream = Stream::ClientTls(Box::new(tls_stream));
+                client.rbuf.clear();
+                client.hello(helo).await?;
+            }
+        }
+        Ok(client)
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.stream.is_tls()
+    }
+
+    async fn hello(&mut self, helo: &str) -> Result<(), ClientError> {
+        let t = self.timeouts.ehlo;
+        self.write(format!("EHLO {helo}\r\n").as_bytes(), "EHLO", t)
+            .await?;
+        let reply = self.read_reply("EHLO", t).await?;
+        if reply.is_positive() {
+            self.caps = Caps::from_ehlo(&reply);
+            return Ok(());
+        }
+        self.write(format!("HELO {helo}\r\n").as_bytes(), "HELO", t)
+            .await?;
+        let reply = self.read_reply("HELO", t).await?;
+        if !reply.is_positive() {
+            return Err(ClientError::Rejected {
+                phase: "HELO",
+                reply,
+            });
+        }
+        self.caps = Caps::default();
+        Ok(())
+    }
+
+    async fn write(
+        &mut self,
+        bytes: &[u8],
+        phase: &'static str,
+        after: Duration,
+    ) -> Result<(), ClientError> {
+        timeout(after, async {
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await
+        })
+        .await
+        .map_err(|_| ClientError::TimedOut { phase, after })?
+        .map_err(|error| ClientError::Io { phase, error })
+    }
+
+    async fn read_reply(
+        &mut self,
+        phase: &'static str,
+        after: Duration,
+    ) -> Result<Reply, ClientError> {
+        timeout(after, async {
+            loop {
+                if let Some((reply, used)) = parse_reply(&self.rbuf)
+                    .map_err(|error| ClientError::Protocol { phase, error })?
+                {
+                    self.rbuf.drain(..used);
+                    return Ok(reply);
+                }
+                let mut chunk = [0u8; 4096];
+                let n = self
+                    .stream
+                    .read(&mut chunk)
+                    .await
+                    .map_err(|error| ClientError::Io { phase, error })?;
+                if n == 0 {
+                    return Err(ClientError::Io {
+                        phase,
+                        error: io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "connection closed by server",
+                        ),
+                    });
+                }
+                self.rbuf.extend_from_slice(&chunk[..n]);
+            }
+        })
+        .await
+        .map_err(|_| ClientError::TimedOut { phase, after })?
+    }
+
+    /// Sends one message to several recipients. Replies the server gave are
+    /// returned (they may be refusals); an `Err` means the connection is unusable.
+    pub async fn send(
+        &mut self,
+        sender: &str,
+        rcpts: &[String],
+        body: &[u8],
+    ) -> Result<Transaction, ClientError> {
+        let t = self.timeouts.clone();
+        let mut mail = format!("MAIL FROM:<{sender}>");
+        if self.caps.size.is_some() {
+            let _ = write!(mail, " SIZE={}", body.len());
+        }
+        if self.caps.eightbitmime && body.iter().any(|b| *b >= 0x80) {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        mail.push_str("\r\n");
+        let mut rcpt_replies = Vec::with_capacity(rcpts.len());
+        let accepted;
+        if self.caps.pipelining {
+            // RFC 2920 §3.1: MAIL, RCPT… and DATA may go in one write.
+            let mut batch = mail.into_bytes();
+            for r in rcpts {
+                batch.extend_from_slice(format!("RCPT TO:<{r}>\r\n").as_bytes());
+            }
+            batch.extend_from_slice(b"DATA\r\n");
+            self.write(&batch, "MAIL FROM", t.mail_from).await?;
+            let mail_reply = self.read_reply("MAIL FROM", t.mail_from).await?;
+            for _ in rcpts {
+                let r = self.read_reply("RCPT TO", t.rcpt_to).await?;
+                rcpt_replies.push(if mail_reply.is_positive() {
+                    r
+                } else {
+                    mail_reply.clone()
+                });
+            }
+            accepted = rcpt_replies.iter().any(Reply::is_positive);
+            let data = self.read_reply("DATA", t.data).await?;
+            if data.code != 354 {
+                if accepted {
+                    // Every accepted recipient gets the DATA refusal.
+                    for r in &mut rcpt_replies {
+                        if r.is_positive() {
+                            *r = data.clone();
+                        }
+                    }
+                }
+                self.rset().await?;
+                return Ok(Transaction {
+                    rcpt_replies,
+                    data_reply: None,
+                });
+            }
+            if !accepted {
+                // 354 without recipients: finish the empty message and forget it.
+                self.write(b".\r\n", "DATA", t.data_done).await?;
+                let _ = self.read_reply("end of data", t.data_done).await?;
+                return Ok(Transaction {
+                    rcpt_replies,
+                    data_reply: None,
+                });
+            }
+        } else {
+            self.write(mail.as_bytes(), "MAIL FROM", t.mail_from)
+                .await?;
+            let mail_reply = self.read_reply("MAIL FROM", t.mail_from).await?;
+            if !mail_reply.is_positive() {
+                self.rset().await?;
+                return Ok(Transaction {
+                    rcpt_replies: vec![mail_reply; rcpts.len()],
+                    data_reply: None,
+                });
+            }
+            for r in rcpts {
+                self.write(
+                    format!("RCPT TO:<{r}>\r\n").as_bytes(),
+                    "RCPT TO",
+                    t.rcpt_to,
+                )
+                .await?;
+                rcpt_replies.push(self.read_reply("RCPT TO", t.rcpt_to).await?);
+            }
+            if !rcpt_replies.iter().any(Reply::is_positive) {
+                self.rset().await?;
+                return Ok(Transaction {
+                    rcpt_replies,
+                    data_reply: None,
+                });
+            }
+            self.write(b"DATA\r\n", "DATA", t.data).await?;
+            let data = self.read_reply("DATA", t.data).await?;
+            if data.code != 354 {
+                for r in &mut rcpt_replies {
+                    if r.is_positive() {
+                        *r = data.clone();
+                    }
+                }
+                self.rset().await?;
+                return Ok(Transaction {
+                    rcpt_replies,
+                    data_reply: None,
+                });
+            }
+        }
+        let stuffed = dot_stuff(body);
+        self.write(&stuffed, "end of data", t.data_done).await?;
+        let reply = self.read_reply("end of data", t.data_done).await?;
+        self.messages_sent += 1;
+        Ok(Transaction {
+            rcpt_replies,
+            data_reply: Some(reply),
+        })
+    }
+
+    async fn rset(&mut self) -> Result<(), ClientError> {
+        self.write(b"RSET\r\n", "RSET", self.timeouts.mail_from)
+            .await?;
+        self.read_reply("RSET", self.timeouts.mail_from)
+            .await
+            .map(drop)
+    }
+
+    /// Ends the session politely; errors are irrelevant by now.
+    pub async fn quit(mut self) {
+        if self
+            .write(b"QUIT\r\n", "QUIT", Duration::from_secs(5))
+            .await
+            .is_ok()
+        {
+            let _ = self.read_reply("QUIT", Duration::from_secs(5)).await;
+        }
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+/// RFC 5321 §4.5.2: a line starting with "." gets one more; the message ends
+/// with CRLF, then `.` CRLF.
+pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
+    let mut at_line_start = true;
+    for &b in body {
+        if at_line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        at_line_start = b == b'\n';
+    }
+    if !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+/// Opportunistic TLS (like Postfix `smtp_tls_security_level = may`): any
+/// certificate is accepted, since the alternative is plain text.
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The client TLS configuration for opportunistic STARTTLS.
+pub fn opportunistic_tls() -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_stuffing_doubles_leading_dots_and_terminates() {
+        assert_eq!(
+            dot_stuff(b".a\r\nb\r\n..c\r\n"),
+            b"..a\r\nb\r\n...c\r\n.\r\n"
+        );
+        assert_eq!(dot_stuff(b"no newline"), b"no newline\r\n.\r\n");
+    }
+}

@@ -1,0 +1,430 @@
+//! The relay's configuration file (TOML). Every field has a default except
+//! `spool_dir` and at least one listener.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name in the greeting, in `EHLO` to other servers, and in `Received:`.
+    #[serde(default = "Config::default_hostname")]
+    pub hostname: String,
+    /// Directory of the durable spool (segments, `corrupt/`).
+    pub spool_dir: PathBuf,
+    /// SMTP listeners.
+    #[serde(rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    /// Client networks allowed to relay without authentication (CIDR).
+    #[serde(default)]
+    pub relay_networks: Vec<String>,
+    /// Users for `AUTH PLAIN`/`LOGIN` on submission listeners.
+    #[serde(default, rename = "user")]
+    pub users: Vec<UserConfig>,
+    /// Certificate and key for `STARTTLS`; without them STARTTLS is not offered.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub timeouts: IngressTimeouts,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
+    /// Static routes, recipient domain → `host:port` (like Postfix
+    /// `transport_maps`); the key `"*"` is the default for every other domain.
+    /// A host given by name is resolved by A/AAAA, never MX.
+    #[serde(default)]
+    pub routes: HashMap<String, String>,
+    /// JSON-lines delivery log; none by default.
+    #[serde(default)]
+    pub delivery_log: Option<PathBuf>,
+    /// Admin listener: `/metrics` (Prometheus text) and the queue API used by `smtp-lb ctl relay`.
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    /// A submission listener (587): offers AUTH after STARTTLS and relays
+    /// only for authenticated users.
+    #[serde(default)]
+    pub submission: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    pub password: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest message accepted (advertised in `SIZE`), bytes.
+    #[serde(default = "Limits::default_max_message_size")]
+    pub max_message_size: u64,
+    /// Recipients per transaction (RFC 5321 §4.5.3.1.8 asks for at least 100).
+    #[serde(default = "Limits::default_max_recipients")]
+    pub max_recipients: usize,
+    /// Concurrent ingress connections, all listeners together.
+    #[serde(default = "Limits::default_max_connections")]
+    pub max_connections: usize,
+    /// Protocol errors before the session is closed.
+    #[serde(default = "Limits::default_max_errors")]
+    pub max_errors: u32,
+}
+
+impl Limits {
+    fn default_max_message_size() -> u64 {
+        50 * 1024 * 1024
+    }
+    fn default_max_recipients() -> usize {
+        1000
+    }
+    fn default_max_connections() -> usize {
+        1000
+    }
+    fn default_max_errors() -> u32 {
+        20
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_size: Self::default_max_message_size(),
+            max_recipients: Self::default_max_recipients(),
+            max_connections: Self::default_max_connections(),
+            max_errors: Self::default_max_errors(),
+        }
+    }
+}
+
+/// Ingress timeouts, one per phase (RFC 5321 §4.5.3.2 gives the server 5 minutes).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressTimeouts {
+    /// Waiting for a command line.
+    #[serde(default = "IngressTimeouts::default_command", with = "humantime_serde")]
+    pub command: Duration,
+    /// Waiting for the next chunk of message data.
+    #[serde(default = "IngressTimeouts::default_data", with = "humantime_serde")]
+    pub data: Duration,
+    /// Writing a reply (a client that never reads).
+    #[serde(default = "IngressTimeouts::default_write", with = "humantime_serde")]
+    pub write: Duration,
+    /// The TLS handshake after `STARTTLS`.
+    #[serde(default = "IngressTimeouts::default_tls", with = "humantime_serde")]
+    pub tls_handshake: Duration,
+    /// On shutdown, how long a session in the middle of a transaction may take to finish.
+    #[serde(
+        default = "IngressTimeouts::default_shutdown_grace",
+        with = "humantime_serde"
+    )]
+    pub shutdown_grace: Duration,
+}
+
+impl IngressTimeouts {
+    fn default_command() -> Duration {
+        Duration::from_mins(5)
+    }
+    fn default_data() -> Duration {
+        Duration::from_mins(3)
+    }
+    fn default_write() -> Duration {
+        Duration::from_mins(1)
+    }
+    fn default_tls() -> Duration {
+        Duration::from_secs(30)
+    }
+    fn default_shutdown_grace() -> Duration {
+        Duration::from_secs(30)
+    }
+}
+
+impl Default for IngressTimeouts {
+    fn default() -> Self {
+        Self {
+            command: Self::default_command(),
+            data: Self::default_data(),
+            write: Self::default_write(),
+            tls_handshake: Self::default_tls(),
+            shutdown_grace: Self::default_shutdown_grace(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// TCP port for MX delivery (25; other values are for tests and labs).
+    #[serde(default = "DeliveryConfig::default_port")]
+    pub port: u16,
+    /// Source address to bind before connecting (the egress source); none = the kernel's choice.
+    #[serde(default)]
+    pub source_ip: Option<IpAddr>,
+    /// `EHLO` name; defaults to `hostname`.
+    #[serde(default)]
+    pub helo_name: Option<String>,
+    /// Concurrent connections per destination.
+    #[serde(default = "DeliveryConfig::default_connections")]
+    pub connections_per_destination: usize,
+    /// Messages sent over one connection before it is closed.
+    #[serde(default = "DeliveryConfig::default_messages_per_connection")]
+    pub messages_per_connection: usize,
+    /// Use STARTTLS when the server offers it (opportunistic: the certificate is not verified).
+    #[serde(default = "DeliveryConfig::default_starttls")]
+    pub starttls: bool,
+    #[serde(default)]
+    pub timeouts: ClientTimeouts,
+}
+
+impl DeliveryConfig {
+    fn default_port() -> u16 {
+        25
+    }
+    fn default_connections() -> usize {
+        16
+    }
+    fn default_messages_per_connection() -> usize {
+        1000
+    }
+    fn default_starttls() -> bool {
+        true
+    }
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            port: Self::default_port(),
+            source_ip: None,
+            helo_name: None,
+            connections_per_destination: Self::default_connections(),
+            messages_per_connection: Self::default_messages_per_connection(),
+            starttls: Self::default_starttls(),
+            timeouts: ClientTimeouts::default(),
+        }
+    }
+}
+
+/// Client timeouts, one per SMTP phase (RFC 5321 §4.5.3.2 gives the minimums).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTimeouts {
+    #[serde(default = "ClientTimeouts::default_connect", with = "humantime_serde")]
+    pub connect: Duration,
+    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
+    pub greeting: Duration,
+    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
+    pub ehlo: Duration,
+    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
+    pub starttls: Duration,
+    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
+    pub mail_from: Duration,
+    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
+    pub rcpt_to: Duration,
+    #[serde(default = "ClientTimeouts::default_2m", with = "humantime_serde")]
+    pub data: Duration,
+    /// Sending the message and waiting for the reply to the final dot.
+    #[serde(default = "ClientTimeouts::default_10m", with = "humantime_serde")]
+    pub data_done: Duration,
+}
+
+impl ClientTimeouts {
+    fn default_connect() -> Duration {
+        Duration::from_secs(30)
+    }
+    fn default_2m() -> Duration {
+        Duration::from_mins(2)
+    }
+    fn default_5m() -> Duration {
+        Duration::from_mins(5)
+    }
+    fn default_10m() -> Duration {
+        Duration::from_mins(10)
+    }
+}
+
+impl Default for ClientTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: Self::default_connect(),
+            greeting: Self::default_5m(),
+            ehlo: Self::default_5m(),
+            starttls: Self::default_5m(),
+            mail_from: Self::default_5m(),
+            rcpt_to: Self::default_5m(),
+            data: Self::default_2m(),
+            data_done: Self::default_10m(),
+        }
+    }
+}
+
+/// Retry schedule for temporary failures: `min · 2^attempt`, capped at `max`,
+/// with ±`jitter` spread; a message older than `max_age` is bounced.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    #[serde(default = "RetryConfig::default_min", with = "humantime_serde")]
+    pub min: Duration,
+    #[serde(default = "RetryConfig::default_max", with = "humantime_serde")]
+    pub max: Duration,
+    #[serde(default = "RetryConfig::default_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Fraction of the delay added or removed at random (0.0–1.0).
+    #[serde(default = "RetryConfig::default_jitter")]
+    pub jitter: f64,
+}
+
+impl RetryConfig {
+    fn default_min() -> Duration {
+        Duration::from_mins(5)
+    }
+    fn default_max() -> Duration {
+        Duration::from_secs(4000)
+    }
+    fn default_max_age() -> Duration {
+        Duration::from_hours(5 * 24)
+    }
+    fn default_jitter() -> f64 {
+        0.2
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            min: Self::default_min(),
+            max: Self::default_max(),
+            max_age: Self::default_max_age(),
+            jitter: Self::default_jitter(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Name servers as `ip` or `ip:port`; empty = the system resolver (`/etc/resolv.conf`).
+    #[serde(default)]
+    pub nameservers: Vec<String>,
+    /// Entries in the resolver's cache; 0 = the resolver's default.
+    #[serde(default)]
+    pub cache_size: u64,
+    /// Per-query timeout; none = the resolver's default.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+}
+
+impl Config {
+    fn default_hostname() -> String {
+        std::fs::read_to_string("/etc/hostname")
+            .map_or_else(|_| "localhost".to_owned(), |s| s.trim().to_owned())
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read relay config {}", path.display()))?;
+        let cfg: Self = toml::from_str(&text)
+            .with_context(|| format!("parse relay config {}", path.display()))?;
+        anyhow::ensure!(
+            !cfg.listeners.is_empty(),
+            "relay config {}: no [[listener]]",
+            path.display()
+        );
+        for n in &cfg.relay_networks {
+            Cidr::parse(n).with_context(|| format!("relay_networks entry {n:?}"))?;
+        }
+        Ok(cfg)
+    }
+}
+
+/// An IPv4 or IPv6 network in CIDR notation.
+#[derive(Clone, Copy, Debug)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        let (a, p) = s.split_once('/').unwrap_or((s, ""));
+        let addr: IpAddr = a.parse().context("bad address")?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if p.is_empty() {
+            max
+        } else {
+            p.parse().context("bad prefix")?
+        };
+        anyhow::ensure!(prefix <= max, "prefix /{prefix} too long");
+        Ok(Self { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 @ IpAddr::V4(_) => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_contains() {
+        let n = Cidr::parse("127.0.0.0/8").unwrap();
+        assert!(n.contains("127.1.2.3".parse().unwrap()));
+        assert!(n.contains("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!n.contains("10.0.0.1".parse().unwrap()));
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
+        assert!(
+            Cidr::parse("2001:db8::/32")
+                .unwrap()
+                .contains("2001:db8::1".parse().unwrap())
+        );
+    }
+}

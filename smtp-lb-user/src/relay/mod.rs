@@ -1,0 +1,110 @@
+//! The relay (delivery engine): SMTP in, durable spool, routing, delivery,
+//! retries and bounces.
+//!
+//! # Layout
+//! - [`config`]: the TOML configuration.
+//! - [`proto`]: SMTP command and reply grammar (pure, property-tested).
+//! - [`ingress`]: listeners and SMTP server sessions.
+//! - [`spool`]: the durable log of messages with group commit and recovery.
+//! - [`queue`]: live messages, scheduled and ready queues, delivery workers.
+//! - [`route`]: static routes and MX resolution.
+//! - [`client`]: the SMTP client that delivers.
+//! - [`dsn`]: RFC 3464 bounces.
+//! - [`log`]: the JSON-lines delivery log.
+//! - [`metrics`], [`admin`]: counters and the admin HTTP listener.
+//!
+//! Message flow: ingress → `spool.store` (durable) → `250` → `queue.submit`
+//! → ready queue per destination → worker → `client.send` → done record in
+//! the spool, or scheduled retry, or DSN.
+pub mod admin;
+pub mod client;
+pub mod config;
+pub mod dsn;
+pub mod ingress;
+pub mod log;
+pub mod metrics;
+pub mod proto;
+pub mod queue;
+pub mod route;
+pub mod spool;
+pub mod stream;
+
+use std::{future::Future, sync::Arc, sync::atomic::Ordering};
+
+use anyhow::Context;
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+};
+use tracing::{info, warn};
+
+pub use config::Config;
+
+/// Runs the relay until `shutdown` resolves, then stops accepting, lets
+/// sessions finish their transaction (up to `timeouts.shutdown_grace`) and returns.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let metrics = Arc::new(metrics::Metrics::default());
+    let (spool, recovered, corrupt) = spool::Spool::open(&cfg.spool_dir)?;
+    for c in &corrupt {
+        warn!(segment = %c.segment.display(), moved_to = %c.moved_to.display(), bad_bytes = c.bad_bytes, "corrupt spool data reported");
+    }
+    metrics
+        .spool_corrupt
+        .store(corrupt.len() as u64, Ordering::Relaxed);
+    let router = route::Router::new(&cfg.routes, &cfg.dns, cfg.delivery.port)?;
+    let log = log::DeliveryLog::open(cfg.delivery_log.as_deref())?;
+    let queue = queue::Queue::new(&cfg, spool, router, log, metrics.clone());
+    let n = recovered.len();
+    for r in recovered {
+        queue.submit(queue::QueuedMessage::new(
+            r.id,
+            r.sender,
+            r.rcpts,
+            r.received_ms,
+            r.location,
+            r.done,
+        ));
+    }
+    if n > 0 {
+        info!(messages = n, "recovered messages queued again");
+    }
+    tokio::spawn(queue.clone().run_scheduler());
+
+    let shared = Arc::new(ingress::Shared::new(&cfg, queue.clone(), metrics)?);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    for l in &cfg.listeners {
+        let listener = TcpListener::bind(l.address)
+            .await
+            .with_context(|| format!("bind SMTP listener {}", l.address))?;
+        info!(address = %l.address, submission = l.submission, "SMTP listener ready");
+        tokio::spawn(ingress::serve(
+            listener,
+            l.submission,
+            shared.clone(),
+            shutdown_rx.clone(),
+            done_tx.clone(),
+        ));
+    }
+    if let Some(addr) = cfg.admin {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind admin listener {addr}"))?;
+        info!(address = %addr, "admin listener ready");
+        tokio::spawn(admin::serve(listener, queue.clone()));
+    }
+
+    shutdown.await;
+    info!("shutting down: no new connections; open transactions may finish");
+    let _ = shutdown_tx.send(true);
+    drop(done_tx);
+    queue.stop();
+    // Every session holds a sender; `recv` yields `None` once all are gone.
+    if tokio::time::timeout(cfg.timeouts.shutdown_grace, done_rx.recv())
+        .await
+        .is_err()
+    {
+        warn!("shutdown grace period over; closing remaining sessions");
+    }
+    Ok(())
+}

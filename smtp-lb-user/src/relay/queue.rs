@@ -1,0 +1,690 @@
+//! Queues: every live message, the scheduled queue (waiting for a retry),
+//! and one ready queue per destination with its delivery workers.
+//!
+//! A message is split into jobs, one per recipient domain. A job waits in
+//! its domain's ready queue until a worker (at most
+//! `connections_per_destination` per domain) takes it; a worker holds one
+//! connection and keeps taking jobs of its domain over it (connection
+//! reuse). Temporary failures go to the scheduled queue with an exponential
+//! backoff; permanent ones and expired ones become a DSN to the sender.
+//!
+//! The ready-queue key is the destination domain; issue 6 turns it into
+//! (egress source, provider) and adds shaping between ready queue and
+//! [`Client::connect`], which already takes the source as a parameter.
+use std::{
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    hash::{BuildHasher, Hasher},
+    net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde::Serialize;
+use tokio::sync::Notify;
+use tracing::{debug, warn};
+
+use super::{
+    client::{Client, ClientError},
+    config::{Config, RetryConfig},
+    dsn,
+    log::{Attempt, DeliveryLog},
+    metrics::Metrics,
+    proto::{Reply, domain_of},
+    route::{RouteError, Router},
+    spool::{Location, MsgId, Spool},
+};
+
+/// A message the relay is responsible for.
+pub struct QueuedMessage {
+    pub id: MsgId,
+    pub sender: String,
+    pub rcpts: Vec<String>,
+    pub received_ms: u64,
+    pub location: Location,
+    state: Mutex<MessageState>,
+}
+
+#[derive(Default)]
+struct MessageState {
+    /// Recipients delivered or bounced.
+    done: HashSet<u32>,
+    /// Last temporary error, for `ctl show`.
+    last_error: Option<String>,
+    attempts: u32,
+}
+
+impl QueuedMessage {
+    pub fn new(
+        id: MsgId,
+        sender: String,
+        rcpts: Vec<String>,
+        received_ms: u64,
+        location: Location,
+        done: HashSet<u32>,
+    ) -> Self {
+        Self {
+            id,
+            sender,
+            rcpts,
+            received_ms,
+            location,
+            state: Mutex::new(MessageState {
+                done,
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn age(&self) -> Duration {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Duration::from_millis(now.saturating_sub(self.received_ms))
+    }
+}
+
+/// Some recipients of one message, all in one domain.
+pub struct Job {
+    msg: Arc<QueuedMessage>,
+    domain: String,
+    rcpts: Vec<u32>,
+    attempts: u32,
+}
+
+#[derive(Default)]
+struct ReadyQueue {
+    jobs: VecDeque<Job>,
+    active: usize,
+}
+
+/// What a finished attempt looked like, for the log.
+struct AttemptContext {
+    mx: Option<String>,
+    ip: Option<IpAddr>,
+    source: Option<IpAddr>,
+    started: Instant,
+}
+
+/// Summary of one destination for `ctl relay queue`.
+#[derive(Debug, Default, Serialize)]
+pub struct DomainSummary {
+    pub ready: usize,
+    pub scheduled: usize,
+    pub connections: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MessageView {
+    pub id: String,
+    pub sender: String,
+    pub rcpts: Vec<String>,
+    pub done: Vec<u32>,
+    pub age_secs: u64,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub size: u64,
+}
+
+pub struct Queue {
+    spool: Spool,
+    router: Router,
+    log: DeliveryLog,
+    pub metrics: Arc<Metrics>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    retry: RetrySchedule,
+    hostname: String,
+    helo: String,
+    source: Option<IpAddr>,
+    per_destination: usize,
+    per_connection: usize,
+    timeouts: super::config::ClientTimeouts,
+    messages: Mutex<HashMap<MsgId, Arc<QueuedMessage>>>,
+    ready: Mutex<HashMap<String, ReadyQueue>>,
+    scheduled: Mutex<BTreeMap<(Instant, u64), Job>>,
+    seq: AtomicU64,
+    wake: Notify,
+    stopping: AtomicBool,
+}
+
+struct RetrySchedule {
+    min: Duration,
+    max: Duration,
+    max_age: Duration,
+    jitter: f64,
+}
+
+impl RetrySchedule {
+    fn new(c: &RetryConfig) -> Self {
+        Self {
+            min: c.min,
+            max: c.max,
+            max_age: c.max_age,
+            jitter: c.jitter.clamp(0.0, 1.0),
+        }
+    }
+
+    /// `min · 2^attempt`, capped at `max`, spread by ±jitter.
+    fn delay(&self, attempt: u32) -> Duration {
+        let base = self
+            .min
+            .saturating_mul(1u32 << attempt.min(20))
+            .min(self.max);
+        let r = std::hash::RandomState::new().build_hasher().finish();
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "a random fraction needs no precision"
+        )]
+        let unit = (r >> 11) as f64 / (1u64 << 53) as f64;
+        base.mul_f64(1.0 + self.jitter * (unit * 2.0 - 1.0))
+    }
+}
+
+impl Queue {
+    pub fn new(
+        cfg: &Config,
+        spool: Spool,
+        router: Router,
+        log: DeliveryLog,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let d = &cfg.delivery;
+        Arc::new(Self {
+            spool,
+            router,
+            log,
+            metrics,
+            tls: d.starttls.then(super::client::opportunistic_tls),
+            retry: RetrySchedule::new(&cfg.retry),
+            hostname: cfg.hostname.clone(),
+            helo: d.helo_name.clone().unwrap_or_else(|| cfg.hostname.clone()),
+            source: d.source_ip,
+            per_destination: d.connections_per_destination.max(1),
+            per_connection: d.messages_per_connection.max(1),
+            timeouts: d.timeouts.clone(),
+            messages: Mutex::new(HashMap::new()),
+            ready: Mutex::new(HashMap::new()),
+            scheduled: Mutex::new(BTreeMap::new()),
+            seq: AtomicU64::new(0),
+            wake: Notify::new(),
+            stopping: AtomicBool::new(false),
+        })
+    }
+
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    /// Takes responsibility for a spooled message and queues its pending recipients.
+    pub fn submit(self: &Arc<Self>, msg: QueuedMessage) {
+        let msg = Arc::new(msg);
+        self.messages
+            .lock()
+            .expect("queue lock")
+            .insert(msg.id, msg.clone());
+        let done = msg.state.lock().expect("msg lock").done.clone();
+        let mut by_domain: HashMap<String, Vec<u32>> = HashMap::new();
+        for (i, r) in msg.rcpts.iter().enumerate() {
+            let i = i as u32;
+            if !done.contains(&i) {
+                by_domain.entry(domain_of(r)).or_default().push(i);
+            }
+        }
+        for (domain, rcpts) in by_domain {
+            self.push_ready(Job {
+                msg: msg.clone(),
+                domain,
+                rcpts,
+                attempts: 0,
+            });
+        }
+    }
+
+    fn push_ready(self: &Arc<Self>, job: Job) {
+        let domain = job.domain.clone();
+        let spawn = {
+            let mut ready = self.ready.lock().expect("queue lock");
+            let q = ready.entry(domain.clone()).or_default();
+            q.jobs.push_back(job);
+            if q.active < self.per_destination {
+                q.active += 1;
+                true
+            } else {
+                false
+            }
+        };
+        if spawn {
+            tokio::spawn(self.clone().worker(domain));
+        }
+    }
+
+    /// The next job of `domain`; `None` also retires the calling worker (in
+    /// the same critical section, so no job is left without a worker).
+    fn pop(&self, domain: &str) -> Option<Job> {
+        let mut ready = self.ready.lock().expect("queue lock");
+        let q = ready.get_mut(domain)?;
+        let job = if self.stopping.load(Ordering::Relaxed) {
+            None
+        } else {
+            q.jobs.pop_front()
+        };
+        if job.is_none() {
+            q.active -= 1;
+            if q.active == 0 && q.jobs.is_empty() {
+                ready.remove(domain);
+            }
+        }
+        job
+    }
+
+    fn drain_ready(&self, domain: &str) -> Vec<Job> {
+        let mut ready = self.ready.lock().expect("queue lock");
+        ready
+            .get_mut(domain)
+            .map(|q| q.jobs.drain(..).collect())
+            .unwrap_or_default()
+    }
+
+    async fn worker(self: Arc<Self>, domain: String) {
+        'connection: while let Some(first) = self.pop(&domain) {
+            let started = Instant::now();
+            let hosts = match self.router.resolve(&domain).await {
+                Ok(h) => h,
+                Err(e) => {
+                    let ctx = AttemptContext {
+                        mx: None,
+                        ip: None,
+                        source: self.source,
+                        started,
+                    };
+                    let reply = e.reply().clone();
+                    let permanent = matches!(e, RouteError::Permanent(_));
+                    for job in std::iter::once(first).chain(self.drain_ready(&domain)) {
+                        let results = job.rcpts.iter().map(|&i| (i, reply.clone())).collect();
+                        self.finish(job, results, &ctx, permanent).await;
+                    }
+                    continue;
+                }
+            };
+            let mut last_err: Option<ClientError> = None;
+            let mut client = None;
+            'hosts: for host in &hosts {
+                for addr in &host.addrs {
+                    match Client::connect(
+                        &host.name,
+                        *addr,
+                        self.source,
+                        &self.helo,
+                        self.tls.as_ref(),
+                        &self.timeouts,
+                    )
+                    .await
+                    {
+                        Ok(c) => {
+                            client = Some(c);
+                            break 'hosts;
+                        }
+                        Err(e) => {
+                            debug!(domain, host = host.name, %addr, error = %e, "connection attempt failed");
+                            if e.is_unplumbed() {
+                                warn!(error = %e, "egress source is not configured on this host");
+                            }
+                            last_err = Some(e);
+                        }
+                    }
+                }
+            }
+            let Some(mut client) = client else {
+                // Every host failed: the destination is down for all its queued jobs.
+                let err = last_err.expect("at least one attempt");
+                let reply = err.reply();
+                let permanent = reply.is_permanent();
+                let ctx = AttemptContext {
+                    mx: hosts.last().map(|h| h.name.clone()),
+                    ip: hosts
+                        .last()
+                        .and_then(|h| h.addrs.last())
+                        .map(std::net::SocketAddr::ip),
+                    source: self.source,
+                    started,
+                };
+                for job in std::iter::once(first).chain(self.drain_ready(&domain)) {
+                    let results = job.rcpts.iter().map(|&i| (i, reply.clone())).collect();
+                    self.finish(job, results, &ctx, permanent).await;
+                }
+                continue;
+            };
+            let mut job = first;
+            loop {
+                let started = Instant::now();
+                let ctx = AttemptContext {
+                    mx: Some(client.host.clone()),
+                    ip: Some(client.addr.ip()),
+                    source: client.local.map(|a| a.ip()),
+                    started,
+                };
+                let body = match self.spool.read_body(job.msg.location).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        warn!(id = %format!("{:016x}", job.msg.id), error = %e, "cannot read spooled body");
+                        let reply =
+                            Reply::local(451, "4.3.0", format!("cannot read spooled message: {e}"));
+                        let results = job.rcpts.iter().map(|&i| (i, reply.clone())).collect();
+                        self.finish(job, results, &ctx, false).await;
+                        client.quit().await;
+                        continue 'connection;
+                    }
+                };
+                let rcpts: Vec<String> = job
+                    .rcpts
+                    .iter()
+                    .map(|&i| job.msg.rcpts[i as usize].clone())
+                    .collect();
+                match client.send(&job.msg.sender, &rcpts, &body).await {
+                    Ok(tx) => {
+                        let results = job
+                            .rcpts
+                            .iter()
+                            .enumerate()
+                            .map(|(k, &i)| (i, tx.outcome(k).clone()))
+                            .collect();
+                        self.finish(job, results, &ctx, false).await;
+                    }
+                    Err(e) => {
+                        let reply = e.reply();
+                        let results = job.rcpts.iter().map(|&i| (i, reply.clone())).collect();
+                        self.finish(job, results, &ctx, false).await;
+                        continue 'connection;
+                    }
+                }
+                if client.messages_sent >= self.per_connection {
+                    client.quit().await;
+                    continue 'connection;
+                }
+                let Some(next) = self.pop(&domain) else {
+                    client.quit().await;
+                    return;
+                };
+                job = next;
+            }
+        }
+    }
+
+    /// Applies the outcome of one attempt to a job: log every recipient,
+    /// then mark delivered ones done, schedule temporary failures, bounce
+    /// permanent ones. `force_permanent` bounces even 4xx (a route that can never work).
+    async fn finish(
+        self: &Arc<Self>,
+        job: Job,
+        results: Vec<(u32, Reply)>,
+        ctx: &AttemptContext,
+        force_permanent: bool,
+    ) {
+        let msg = &job.msg;
+        let duration = ctx.started.elapsed();
+        let expired = msg.age() >= self.retry.max_age;
+        let mut done = Vec::new();
+        let mut retry = Vec::new();
+        let mut bounce = Vec::new();
+        for (i, reply) in results {
+            let status = if reply.is_positive() {
+                done.push(i);
+                "delivered"
+            } else if reply.is_permanent() || force_permanent {
+                bounce.push((i, reply.clone()));
+                "bounced"
+            } else if expired {
+                let r = Reply::local(
+                    reply.code,
+                    "4.4.7",
+                    format!(
+                        "message expired after {:?}; last error: {reply}",
+                        self.retry.max_age
+                    ),
+                );
+                bounce.push((i, r));
+                "expired"
+            } else {
+                retry.push(i);
+                "deferred"
+            };
+            self.metrics.count(&job.domain, status);
+            self.log.write(&Attempt {
+                id: &format!("{:016x}", msg.id),
+                queue: &job.domain,
+                sender: &msg.sender,
+                rcpt: &msg.rcpts[i as usize],
+                status,
+                mx: ctx.mx.as_deref(),
+                ip: ctx.ip,
+                source_ip: ctx.source,
+                code: reply.code,
+                enhanced: reply.enhanced.map(|e| e.to_string()),
+                text: &reply.text(),
+                duration_ms: duration.as_millis() as u64,
+                attempt: job.attempts + 1,
+            });
+            if status == "deferred" {
+                msg.state.lock().expect("msg lock").last_error = Some(reply.to_string());
+            }
+        }
+        if !bounce.is_empty() {
+            if msg.sender.is_empty() {
+                warn!(id = %format!("{:016x}", msg.id), "undeliverable message with null sender: no DSN (RFC 5321 §6.1)");
+            } else {
+                let report = dsn::build(&self.hostname, msg, &bounce, &self.spool).await;
+                match self
+                    .spool
+                    .store(
+                        self.spool.allocate_id(),
+                        "",
+                        std::slice::from_ref(&msg.sender),
+                        &report,
+                    )
+                    .await
+                {
+                    Ok((id, received_ms, location)) => {
+                        self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+                        self.submit(QueuedMessage::new(
+                            id,
+                            String::new(),
+                            vec![msg.sender.clone()],
+                            received_ms,
+                            location,
+                            HashSet::new(),
+                        ));
+                    }
+                    Err(e) => {
+                        // Keep the recipients pending rather than lose the bounce.
+                        warn!(error = %e, "cannot spool DSN; will try again");
+                        retry.extend(bounce.drain(..).map(|(i, _)| i));
+                    }
+                }
+            }
+            done.extend(bounce.iter().map(|(i, _)| *i));
+        }
+        self.mark_done(msg, &done);
+        if !retry.is_empty() {
+            let delay = self.retry.delay(job.attempts);
+            msg.state.lock().expect("msg lock").attempts = job.attempts + 1;
+            self.schedule(
+                Job {
+                    msg: job.msg.clone(),
+                    domain: job.domain,
+                    rcpts: retry,
+                    attempts: job.attempts + 1,
+                },
+                delay,
+            );
+        }
+    }
+
+    fn mark_done(&self, msg: &Arc<QueuedMessage>, rcpts: &[u32]) {
+        if rcpts.is_empty() {
+            return;
+        }
+        let all = {
+            let mut st = msg.state.lock().expect("msg lock");
+            st.done.extend(rcpts);
+            st.done.len() >= msg.rcpts.len()
+        };
+        self.spool.mark_done(msg.id, &msg.location, rcpts, all);
+        if all {
+            self.messages.lock().expect("queue lock").remove(&msg.id);
+        }
+    }
+
+    fn schedule(&self, job: Job, delay: Duration) {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.scheduled
+            .lock()
+            .expect("queue lock")
+            .insert((Instant::now() + delay, seq), job);
+        self.wake.notify_one();
+    }
+
+    /// Moves due jobs from the scheduled queue to the ready queues until stopped.
+    pub async fn run_scheduler(self: Arc<Self>) {
+        while !self.stopping.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            let (due, next) = {
+                let mut s = self.scheduled.lock().expect("queue lock");
+                let later = s.split_off(&(now, u64::MAX));
+                let due = std::mem::replace(&mut *s, later);
+                (due, s.keys().next().map(|(t, _)| *t))
+            };
+            for (_, job) in due {
+                self.push_ready(job);
+            }
+            let sleep = next.map_or(Duration::from_hours(1), |t| {
+                t.saturating_duration_since(Instant::now())
+            });
+            tokio::select! {
+                () = tokio::time::sleep(sleep) => {}
+                () = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// Stops taking jobs; in-flight deliveries finish on their own.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    /// Live messages and the age of the oldest, in seconds.
+    pub fn depth(&self) -> (usize, u64) {
+        let m = self.messages.lock().expect("queue lock");
+        let oldest = m.values().map(|q| q.age().as_secs()).max().unwrap_or(0);
+        (m.len(), oldest)
+    }
+
+    pub fn summary(&self) -> BTreeMap<String, DomainSummary> {
+        let mut out: BTreeMap<String, DomainSummary> = BTreeMap::new();
+        for (d, q) in self.ready.lock().expect("queue lock").iter() {
+            let e = out.entry(d.clone()).or_default();
+            e.ready += q.jobs.len();
+            e.connections += q.active;
+        }
+        for job in self.scheduled.lock().expect("queue lock").values() {
+            out.entry(job.domain.clone()).or_default().scheduled += 1;
+        }
+        out
+    }
+
+    pub fn show(&self, id: MsgId) -> Option<MessageView> {
+        let msg = self
+            .messages
+            .lock()
+            .expect("queue lock")
+            .get(&id)
+            .cloned()?;
+        let st = msg.state.lock().expect("msg lock");
+        let mut done: Vec<u32> = st.done.iter().copied().collect();
+        done.sort_unstable();
+        Some(MessageView {
+            id: format!("{:016x}", msg.id),
+            sender: msg.sender.clone(),
+            rcpts: msg.rcpts.clone(),
+            done,
+            age_secs: msg.age().as_secs(),
+            attempts: st.attempts,
+            last_error: st.last_error.clone(),
+            size: msg.location.body_len,
+        })
+    }
+
+    /// Takes scheduled jobs of one message (or all) out of the scheduled queue.
+    fn take_scheduled(&self, id: Option<MsgId>) -> Vec<Job> {
+        let mut s = self.scheduled.lock().expect("queue lock");
+        let keys: Vec<_> = s
+            .iter()
+            .filter(|(_, j)| id.is_none_or(|id| j.msg.id == id))
+            .map(|(k, _)| *k)
+            .collect();
+        keys.into_iter().filter_map(|k| s.remove(&k)).collect()
+    }
+
+    /// `ctl relay retry`: scheduled jobs go to their ready queues now.
+    pub fn retry_now(self: &Arc<Self>, id: Option<MsgId>) -> usize {
+        let jobs = self.take_scheduled(id);
+        let n = jobs.len();
+        for job in jobs {
+            self.push_ready(job);
+        }
+        n
+    }
+
+    /// `ctl relay bounce`: pending recipients of a scheduled message fail now, with a DSN.
+    pub async fn bounce_now(self: &Arc<Self>, id: MsgId) -> usize {
+        let jobs = self.take_scheduled(Some(id));
+        let n = jobs.len();
+        let ctx = AttemptContext {
+            mx: None,
+            ip: None,
+            source: None,
+            started: Instant::now(),
+        };
+        for job in jobs {
+            let reply = Reply::local(550, "5.0.0", "message bounced by the operator");
+            let results = job.rcpts.iter().map(|&i| (i, reply.clone())).collect();
+            self.finish(job, results, &ctx, true).await;
+        }
+        n
+    }
+
+    /// `ctl relay delete`: a scheduled message is dropped without a DSN.
+    pub fn delete(&self, id: MsgId) -> usize {
+        let jobs = self.take_scheduled(Some(id));
+        let n = jobs.len();
+        for job in jobs {
+            self.mark_done(&job.msg, &job.rcpts);
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_within_jitter_and_caps() {
+        let s = RetrySchedule {
+            min: Duration::from_secs(10),
+            max: Duration::from_secs(100),
+            max_age: Duration::MAX,
+            jitter: 0.2,
+        };
+        for _ in 0..100 {
+            let d0 = s.delay(0).as_secs_f64();
+            let d2 = s.delay(2).as_secs_f64();
+            let d9 = s.delay(9).as_secs_f64();
+            assert!((8.0..=12.0).contains(&d0), "{d0}");
+            assert!((32.0..=48.0).contains(&d2), "{d2}");
+            assert!((80.0..=120.0).contains(&d9), "{d9}");
+        }
+    }
+}

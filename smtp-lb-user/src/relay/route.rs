@@ -1,0 +1,266 @@
+//! Where a recipient domain's mail goes: a static route (like Postfix
+//! `transport_maps`, with `"*"` as the default) or the domain's MX hosts
+//! (RFC 5321 §5.1: preference order, implicit MX from A/AAAA, RFC 7505 null
+//! MX). Answers are cached by the resolver for their TTL.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+};
+
+use anyhow::Context;
+use hickory_resolver::{
+    TokioResolver,
+    config::{ConnectionConfig, NameServerConfig, ResolverConfig},
+    net::runtime::TokioRuntimeProvider,
+    proto::rr::{RData, RecordType},
+};
+
+use super::{config::DnsConfig, proto::Reply};
+
+/// One host to try, with its addresses in order.
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub name: String,
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// Why there is nowhere to deliver.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum RouteError {
+    /// Try again later (DNS timeout, SERVFAIL).
+    #[error("{0}")]
+    Temporary(Reply),
+    /// Bounce (no such domain, null MX).
+    #[error("{0}")]
+    Permanent(Reply),
+}
+
+impl RouteError {
+    pub fn reply(&self) -> &Reply {
+        match self {
+            Self::Temporary(r) | Self::Permanent(r) => r,
+        }
+    }
+}
+
+/// A static next hop: `host:port`.
+#[derive(Clone, Debug)]
+struct NextHop {
+    host: String,
+    port: u16,
+}
+
+pub struct Router {
+    routes: HashMap<String, NextHop>,
+    default: Option<NextHop>,
+    resolver: TokioResolver,
+    mx_port: u16,
+}
+
+fn parse_hop(s: &str) -> anyhow::Result<NextHop> {
+    let s = s.trim();
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, p) = rest.split_once(']').context("unclosed [")?;
+        (h, p.strip_prefix(':').unwrap_or("25"))
+    } else {
+        s.rsplit_once(':').unwrap_or((s, "25"))
+    };
+    Ok(NextHop {
+        host: host.to_owned(),
+        port: port.parse().context("bad port")?,
+    })
+}
+
+fn parse_nameserver(s: &str) -> anyhow::Result<(IpAddr, u16)> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok((sa.ip(), sa.port()));
+    }
+    Ok((s.parse().context("nameserver must be ip or ip:port")?, 53))
+}
+
+impl Router {
+    pub fn new(
+        routes: &HashMap<String, String>,
+        dns: &DnsConfig,
+        mx_port: u16,
+    ) -> anyhow::Result<Self> {
+        let mut table = HashMap::new();
+        let mut default = None;
+        for (domain, hop) in routes {
+            let hop = parse_hop(hop).with_context(|| format!("route {domain} = {hop:?}"))?;
+            if domain == "*" {
+                default = Some(hop);
+            } else {
+                table.insert(domain.to_ascii_lowercase(), hop);
+            }
+        }
+        let mut builder = if dns.nameservers.is_empty() {
+            TokioResolver::builder_tokio().context("read the system resolver configuration")?
+        } else {
+            let mut servers = Vec::new();
+            for ns in &dns.nameservers {
+                let (ip, port) =
+                    parse_nameserver(ns).with_context(|| format!("dns.nameservers {ns:?}"))?;
+                let mut udp = ConnectionConfig::udp();
+                udp.port = port;
+                let mut tcp = ConnectionConfig::tcp();
+                tcp.port = port;
+                servers.push(NameServerConfig::new(ip, true, vec![udp, tcp]));
+            }
+            let mut config = ResolverConfig::default();
+            config.name_servers = servers;
+            TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+        };
+        let opts = builder.options_mut();
+        if dns.cache_size > 0 {
+            opts.cache_size = dns.cache_size;
+        }
+        if let Some(t) = dns.timeout {
+            opts.timeout = t;
+        }
+        opts.attempts = 2;
+        let resolver = builder.build().context("build DNS resolver")?;
+        Ok(Self {
+            routes: table,
+            default,
+            resolver,
+            mx_port,
+        })
+    }
+
+    /// The hosts for `domain`, best first.
+    pub async fn resolve(&self, domain: &str) -> Result<Vec<Host>, RouteError> {
+        if let Some(hop) = self.routes.get(domain).or(self.default.as_ref()) {
+            let hop = hop.clone();
+            let addrs = self.addresses(&hop.host, hop.port).await?;
+            return Ok(vec![Host {
+                name: hop.host,
+                addrs,
+            }]);
+        }
+        let fqdn = format!("{}.", domain.trim_end_matches('.'));
+        match self.resolver.lookup(fqdn.as_str(), RecordType::MX).await {
+            Ok(lookup) => {
+                let mut mx: Vec<(u16, String)> = lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::MX(m) => Some((m.preference, m.exchange.to_ascii())),
+                        _ => None,
+                    })
+                    .collect();
+                if mx.is_empty() {
+                    return self.implicit_mx(&fqdn, domain).await;
+                }
+                // RFC 7505: a single MX with exchange "." means "accepts no mail".
+                if mx.len() == 1 && (mx[0].1 == "." || mx[0].1.is_empty()) {
+                    return Err(RouteError::Permanent(Reply::local(
+                        556,
+                        "5.1.10",
+                        format!(
+                            "Recipient address rejected: domain {domain} does not accept mail (null MX)"
+                        ),
+                    )));
+                }
+                mx.sort_by_key(|(pref, _)| *pref);
+                let mut hosts = Vec::new();
+                let mut last_err = None;
+                for (_, name) in mx {
+                    if name == "." {
+                        continue;
+                    }
+                    match self.addresses(&name, self.mx_port).await {
+                        Ok(addrs) => hosts.push(Host {
+                            name: name.trim_end_matches('.').to_owned(),
+                            addrs,
+                        }),
+                        Err(e) => last_err = Some(e),
+                    }
+                }
+                if hosts.is_empty() {
+                    return Err(last_err.unwrap_or_else(|| {
+                        RouteError::Temporary(Reply::local(
+                            451,
+                            "4.4.4",
+                            format!("no usable MX host for {domain}"),
+                        ))
+                    }));
+                }
+                Ok(hosts)
+            }
+            Err(e) if e.is_nx_domain() => Err(RouteError::Permanent(Reply::local(
+                550,
+                "5.1.2",
+                format!("Host or domain name not found: {domain} (NXDOMAIN)"),
+            ))),
+            Err(e) if e.is_no_records_found() => self.implicit_mx(&fqdn, domain).await,
+            Err(e) => Err(RouteError::Temporary(Reply::local(
+                451,
+                "4.4.3",
+                format!("DNS lookup of MX for {domain} failed: {e}"),
+            ))),
+        }
+    }
+
+    /// RFC 5321 §5.1: no MX records → the domain itself is the host.
+    async fn implicit_mx(&self, fqdn: &str, domain: &str) -> Result<Vec<Host>, RouteError> {
+        let addrs = self
+            .addresses(fqdn, self.mx_port)
+            .await
+            .map_err(|e| match e {
+                RouteError::Permanent(_) => RouteError::Permanent(Reply::local(
+                    550,
+                    "5.1.2",
+                    format!("Host or domain name not found: {domain} has no MX and no address"),
+                )),
+                t @ RouteError::Temporary(_) => t,
+            })?;
+        Ok(vec![Host {
+            name: domain.to_owned(),
+            addrs,
+        }])
+    }
+
+    async fn addresses(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, RouteError> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        match self.resolver.lookup_ip(host).await {
+            Ok(ips) => {
+                let addrs: Vec<_> = ips.iter().map(|ip| SocketAddr::new(ip, port)).collect();
+                if addrs.is_empty() {
+                    Err(RouteError::Permanent(Reply::local(
+                        550,
+                        "5.4.4",
+                        format!("{host} has no address"),
+                    )))
+                } else {
+                    Ok(addrs)
+                }
+            }
+            Err(e) if e.is_nx_domain() || e.is_no_records_found() => Err(RouteError::Permanent(
+                Reply::local(550, "5.4.4", format!("Host not found: {host}")),
+            )),
+            Err(e) => Err(RouteError::Temporary(Reply::local(
+                451,
+                "4.4.3",
+                format!("DNS lookup of {host} failed: {e}"),
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hops_parse() {
+        let h = parse_hop("127.0.0.1:2525").unwrap();
+        assert_eq!((h.host.as_str(), h.port), ("127.0.0.1", 2525));
+        let h = parse_hop("[::1]:26").unwrap();
+        assert_eq!((h.host.as_str(), h.port), ("::1", 26));
+        let h = parse_hop("mx.example").unwrap();
+        assert_eq!((h.host.as_str(), h.port), ("mx.example", 25));
+    }
+}

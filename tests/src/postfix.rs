@@ -1,0 +1,219 @@
+//! A private Postfix instance for tests and benchmarks: its own
+//! `config_directory`, queue and data directories under a temporary
+//! directory, `smtpd` on a loopback port of our choosing, no chroot.
+//! Used as the destination MX (virtual mailboxes in a Maildir) and as the
+//! reference relay in `cargo xtask bench relay`.
+use std::{fmt::Write as _, net::SocketAddr, path::PathBuf, process::Command, time::Duration};
+
+use crate::tmp::{TempDir, free_port, wait_listening};
+
+pub struct Postfix {
+    pub dir: TempDir,
+    pub addr: SocketAddr,
+    config: PathBuf,
+}
+
+/// The Postfix services we need, all unchrooted.
+const MASTER_CF: &str = "\
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+";
+
+fn postfix_ids() -> (u32, u32) {
+    let out = Command::new("id")
+        .args(["-u", "postfix"])
+        .output()
+        .expect("id -u postfix");
+    let uid = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("postfix uid");
+    let out = Command::new("id")
+        .args(["-g", "postfix"])
+        .output()
+        .expect("id -g postfix");
+    let gid = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("postfix gid");
+    (uid, gid)
+}
+
+impl Postfix {
+    /// Destination MX for `domain`: every recipient lands in one Maildir.
+    pub fn destination(domain: &str) -> Self {
+        Self::destination_with(domain, "")
+    }
+
+    /// Destination MX with extra main.cf lines.
+    pub fn destination_with(domain: &str, extra: &str) -> Self {
+        let (uid, gid) = postfix_ids();
+        Self::start(&format!(
+            "mydestination =\nvirtual_mailbox_domains = {domain}\nvirtual_mailbox_base = {{DIR}}/mail\n\
+             virtual_mailbox_maps = static:inbox/\nvirtual_uid_maps = static:{uid}\nvirtual_gid_maps = static:{gid}\n{extra}"
+        ))
+    }
+
+    /// Destination MX that offers STARTTLS with a throwaway certificate made in `dir`.
+    pub fn destination_tls(domain: &str, dir: &std::path::Path) -> Self {
+        let (cert, key) = (dir.join("pf-cert.pem"), dir.join("pf-key.pem"));
+        let ok = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+            ])
+            .args(["-days", "1", "-subj", "/CN=mx.test", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("run openssl");
+        assert!(ok.success(), "openssl req failed");
+        Self::destination_with(
+            domain,
+            &format!(
+                "smtpd_tls_security_level = may\nsmtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\nsmtpd_tls_received_header = yes\n",
+                cert.display(),
+                key.display()
+            ),
+        )
+    }
+
+    /// A relay that sends everything to `next_hop` (like the relay under test with a `*` route).
+    pub fn relay_to(next_hop: SocketAddr) -> Self {
+        Self::start(&format!(
+            "mydestination =\nrelayhost = [{}]:{}\n",
+            next_hop.ip(),
+            next_hop.port()
+        ))
+    }
+
+    /// Starts an instance with `extra` main.cf lines (`{DIR}` is the instance directory).
+    pub fn start(extra: &str) -> Self {
+        let dir = TempDir::new("postfix");
+        let d = dir.path().display().to_string();
+        let (uid, gid) = postfix_ids();
+        for sub in ["etc", "queue", "data", "mail"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("mkdir");
+        }
+        // Postfix runs its daemons as `postfix`: it must own data and mail.
+        for sub in ["data", "mail"] {
+            std::os::unix::fs::chown(dir.join(sub), Some(uid), Some(gid)).expect("chown");
+        }
+        let port = free_port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut main = String::new();
+        let _ = write!(
+            main,
+            "compatibility_level = 3.6\nqueue_directory = {d}/queue\ndata_directory = {d}/data\n\
+             mail_owner = postfix\nsetgid_group = postdrop\nmyhostname = postfix-{port}.test\n\
+             inet_interfaces = 127.0.0.1\ninet_protocols = ipv4\nmynetworks = 127.0.0.0/8\n\
+             maillog_file = {d}/maillog\nmaillog_file_prefixes = {d}\nsmtputf8_enable = no\nalias_maps =\nalias_database =\nbiff = no\n\
+             smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n\
+             smtp_tls_security_level = none\n\
+             default_process_limit = 100\n"
+        );
+        main.push_str(&extra.replace("{DIR}", &d));
+        std::fs::write(dir.join("etc/main.cf"), main).expect("write main.cf");
+        let master = format!("{addr} inet n - n - - smtpd\n{MASTER_CF}");
+        std::fs::write(dir.join("etc/master.cf"), master).expect("write master.cf");
+        let config = dir.join("etc");
+        let out = Command::new("postfix")
+            .arg("-c")
+            .arg(&config)
+            .arg("start")
+            .output()
+            .expect("run postfix start");
+        assert!(
+            out.status.success(),
+            "postfix -c {} start failed (it reports to syslog only; run it under `script` to see why): {}{}",
+            config.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_listening(addr, Duration::from_secs(15));
+        Self { dir, addr, config }
+    }
+
+    /// Files delivered to the Maildir (destination mode).
+    pub fn delivered(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for sub in ["mail/inbox/new", "mail/inbox/cur"] {
+            if let Ok(rd) = std::fs::read_dir(self.dir.join(sub)) {
+                for e in rd.flatten() {
+                    if let Ok(b) = std::fs::read(e.path()) {
+                        out.push(String::from_utf8_lossy(&b).into_owned());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Postfix's own log.
+    pub fn maillog(&self) -> String {
+        std::fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()
+    }
+
+    /// Messages still in the queue (`postqueue -p` line count heuristic: queue ids).
+    pub fn queue_len(&self) -> usize {
+        let out = Command::new("postqueue")
+            .arg("-c")
+            .arg(&self.config)
+            .arg("-j")
+            .output();
+        out.map_or(0, |o| String::from_utf8_lossy(&o.stdout).lines().count())
+    }
+
+    pub fn config_dir(&self) -> &PathBuf {
+        &self.config
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let _ = Command::new("postfix")
+            .arg("-c")
+            .arg(&self.config)
+            .arg("stop")
+            .output();
+        // master exits asynchronously; give it a moment before the directory goes.
+        for _ in 0..50 {
+            if !self.dir.join("queue/pid/master.pid").exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("postfix")
+            .arg("-c")
+            .arg(&self.config)
+            .arg("abort")
+            .output();
+    }
+}
