@@ -2,7 +2,10 @@
 //! forward, count. Every packet ends in exactly one terminal counter of
 //! [`GlobalStats`] (a `pass_*`, a `drop_*`, `tx` or `redirect`).
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use smtp_lb_common::{AF_INET, AF_INET6, FlowKey, GlobalStats, MODE_IPIP, PROTO_TCP, Service};
+use smtp_lb_common::{
+    AF_INET, AF_INET6, FlowKey, GlobalStats, MODE_IPIP, PROTO_TCP, SERVICE_STICKY, Service,
+    flow_hash,
+};
 
 use crate::{
     forward::{self, Inner},
@@ -106,6 +109,9 @@ fn ipv4(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
     let Some(tcp) = read::<TcpHdr>(ctx, l4) else {
         return pass_truncated(stats);
     };
+    if !select::vip_port(tcp.dport) {
+        return pass_non_vip(stats);
+    }
     let key = FlowKey {
         src: [ip.src, 0, 0, 0],
         dst,
@@ -146,6 +152,9 @@ fn ipv6(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
     let Some(tcp) = read::<TcpHdr>(ctx, l4) else {
         return pass_truncated(stats);
     };
+    if !select::vip_port(tcp.dport) {
+        return pass_non_vip(stats);
+    }
     let key = FlowKey {
         src: ip.src,
         dst: ip.dst,
@@ -217,8 +226,10 @@ fn balance(
         }
     }
     if choice.backend.mode == MODE_IPIP {
-        forward::encap(ctx, &choice.backend, inner, choice.hash, stats)
+        // The outer source carries the flow hash (RSS entropy at the relay).
+        let hash = flow_hash(key, svc.flags & SERVICE_STICKY != 0);
+        forward::encap(ctx, choice.backend, inner, hash, stats)
     } else {
-        forward::l2(ctx, &choice.backend, stats)
+        forward::l2(ctx, choice.backend, stats)
     }
 }

@@ -25,19 +25,36 @@ const FIB_NO_NEIGH: i64 = 7;
 /// or through the devmap when the backend sits behind another interface.
 #[inline(always)]
 pub fn l2(ctx: &XdpContext, b: &Backend, stats: &mut GlobalStats) -> u32 {
-    let Some(eth) = ptr_at_mut::<EthHdr>(ctx, 0) else {
+    // The two MACs as six 16-bit words: word moves, not byte moves.
+    let Some(eth) = ptr_at_mut::<[u16; 6]>(ctx, 0) else {
         stats.pass_truncated += 1;
         return xdp_action::XDP_PASS;
     };
+    let words = |m: &[u8; 6]| {
+        [
+            u16::from_ne_bytes([m[0], m[1]]),
+            u16::from_ne_bytes([m[2], m[3]]),
+            u16::from_ne_bytes([m[4], m[5]]),
+        ]
+    };
+    let dst = words(&b.mac);
     // SAFETY: bounds checked by ptr_at_mut.
     unsafe {
-        let lb_mac = (*eth).dst;
-        (*eth).src = if b.src_mac == [0; 6] {
-            lb_mac
+        let e = &mut *eth;
+        if b.src_mac == [0; 6] {
+            // One-arm: the LB's own MAC, which the frame was addressed to.
+            e[3] = e[0];
+            e[4] = e[1];
+            e[5] = e[2];
         } else {
-            b.src_mac
-        };
-        (*eth).dst = b.mac;
+            let src = words(&b.src_mac);
+            e[3] = src[0];
+            e[4] = src[1];
+            e[5] = src[2];
+        }
+        e[0] = dst[0];
+        e[1] = dst[1];
+        e[2] = dst[2];
     }
     if b.ifindex != 0 && b.ifindex != ctx.ingress_ifindex() as u32 {
         return match TX_PORTS.redirect(b.ifindex, 0) {
@@ -169,7 +186,7 @@ fn push_ipv4(
     };
     let p = ptr_at_mut::<Ipv4Hdr>(ctx, l3)?;
     // SAFETY: bounds checked.
-    unsafe { p.write_unaligned(hdr) };
+    unsafe { p.write(hdr) };
     Some(Outer {
         family: AF_INET,
         src: [src.to_be(), 0, 0, 0],
@@ -201,7 +218,7 @@ fn push_ipv6(
     };
     let p = ptr_at_mut::<Ipv6Hdr>(ctx, l3)?;
     // SAFETY: bounds checked.
-    unsafe { p.write_unaligned(hdr) };
+    unsafe { p.write(hdr) };
     Some(Outer {
         family: AF_INET6,
         src,

@@ -1,13 +1,13 @@
 //! Every map of the balancer and of the decap program, in one place. Names
 //! are in `smtp_lb_common::maps`, sizes (with their rationale) in `smtp_lb_common`.
 use aya_ebpf::{
-    bindings::BPF_F_NO_COMMON_LRU,
     btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use smtp_lb_common::{
     Backend, BackendStats, CONNTRACK_SIZE, DecapStats, Flow, FlowKey, GlobalStats, LbConfig,
-    MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, RING_SLOTS, Service, ServiceKey, ServiceStats,
+    MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, RING_SLOTS, SERVICE_INDEX_SLOTS, Service, ServiceKey,
+    ServiceSlot, ServiceStats,
 };
 
 /// `0` → per-CPU global counters (one per pass/drop reason).
@@ -17,6 +17,10 @@ pub static GLOBAL_STATS: PerCpuArray<GlobalStats, 1> = PerCpuArray::new();
 /// (VIP, port, proto) → service; `port == 0` entries mark VIP addresses.
 #[btf_map]
 pub static SERVICES: HashMap<ServiceKey, Service, { 2 * MAX_SERVICES as usize }> = HashMap::new();
+
+/// slot → service with its key: the packet path's direct-mapped service table.
+#[btf_map]
+pub static SERVICE_INDEX: Array<ServiceSlot, { SERVICE_INDEX_SLOTS as usize }> = Array::new();
 
 /// host-order port → 1 if any service uses it (pre-filter before `SERVICES`).
 #[btf_map]
@@ -30,16 +34,11 @@ pub static RINGS: Array<u32, { RING_SLOTS as usize }> = Array::new();
 #[btf_map]
 pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 
-/// 5-tuple → backend the flow started on. LRU with per-CPU LRU lists
-/// (`BPF_F_NO_COMMON_LRU`): a flow stays on one CPU (RSS), and per-CPU lists
-/// avoid a global lock on every insert.
+/// 5-tuple → backend the flow started on. One common LRU: measured here,
+/// `BPF_F_NO_COMMON_LRU` (per-CPU lists) made each SYN's insert ~60 ns
+/// slower, and splits the capacity per CPU.
 #[btf_map]
-pub static CONNTRACK: LruHashMap<
-    FlowKey,
-    Flow,
-    { CONNTRACK_SIZE as usize },
-    { BPF_F_NO_COMMON_LRU as usize },
-> = LruHashMap::new();
+pub static CONNTRACK: LruHashMap<FlowKey, Flow, { CONNTRACK_SIZE as usize }> = LruHashMap::new();
 
 /// service id → per-CPU counters.
 #[btf_map]

@@ -89,12 +89,18 @@ pub fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     ptr_at::<T>(ctx, offset).map(<*const T>::cast_mut)
 }
 
-/// Reads a `T` (copied out of the packet).
+/// Reads a `T` (copied out of the packet; unused fields are optimised away).
+///
+/// A plain (aligned) read on purpose: `read_unaligned` compiles to one BPF
+/// load per byte (300+ instructions for the headers here), while packet
+/// loads of any alignment are fine for the verifier (no
+/// `BPF_F_STRICT_ALIGNMENT`) and for the JIT on every architecture with
+/// efficient unaligned access (x86-64, arm64). IP headers sit at offset 14
+/// (2-byte aligned), as in every XDP program.
 #[inline(always)]
 pub fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
-    // SAFETY: ptr_at proved the bytes are inside the packet; packet data has
-    // no alignment guarantee, hence read_unaligned.
-    ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
+    // SAFETY: ptr_at proved the bytes are inside the packet.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read() })
 }
 
 /// The Ethernet layer: where the network header starts and its ethertype

@@ -107,8 +107,7 @@ fn run_lab(mode: Mode) {
             Mode::L2 => (format!("198.51.100.1{i}"), format!("2001:db8::1{i}")),
             Mode::Ipip => (format!("192.0.2.1{i}"), format!("2001:db8:2::1{i}")),
         };
-        let prefix = if mode == Mode::L2 { "64" } else { "64" };
-        lab.host(&name, &[&format!("{v4}/24"), &format!("{v6}/{prefix}")]);
+        lab.host(&name, &[&format!("{v4}/24"), &format!("{v6}/64")]);
         relays.push(Relay { name, v4, v6 });
     }
     if mode == Mode::Ipip {
@@ -160,6 +159,14 @@ fn run_lab(mode: Mode) {
             script += " && sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.eth0.rp_filter=0";
         }
         lab.sh(&r.name, &script);
+        // The balancer health-checks each relay at its own address (EHLO, no mail).
+        for listen in [format!("{}:25", r.v4), format!("[{}]:25", r.v6)] {
+            let mut cmd = lab.command(&r.name, "smtp-sink");
+            cmd.args(["-u", "nobody", &listen, "64"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            lab.spawn(&r.name, cmd);
+        }
         for (fam, listen) in [("v4", format!("{VIP4}:25")), ("v6", format!("[{VIP6}]:25"))] {
             let dir = work.join(format!("{}-{fam}", r.name));
             std::fs::create_dir_all(&dir).unwrap();
@@ -174,14 +181,6 @@ fn run_lab(mode: Mode) {
             lab.spawn(&r.name, cmd);
             dumps.insert((r.name.clone(), fam), dir);
         }
-        // The balancer health-checks each relay on its own addresses.
-        for listen in [format!("{}:25", r.v4), format!("[{}]:25", r.v6)] {
-            let mut cmd = lab.command(&r.name, "smtp-sink");
-            cmd.args(["-u", "nobody", &listen, "64"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            lab.spawn(&r.name, cmd);
-        }
         if mode == Mode::Ipip {
             let mut cmd = lab.command(&r.name, env::smtp_lb_bin());
             cmd.args(["decap", "--iface", "eth0", "--mode", "native"])
@@ -195,11 +194,12 @@ fn run_lab(mode: Mode) {
         }
     }
 
-    // The balancer.
+    // The balancer. No warmup ramp: the spread must match the weights at once.
     let mut cfg = format!(
-        "state_dir = \"{}\"\n[warmup]\nduration = \"0s\"\n[[services]]\nname = \"mx\"\nvip = \"{VIP4}\"\nports = [25]\n",
+        "state_dir = \"{}\"\n[warmup]\nduration = \"0s\"\nrejoin = \"0s\"\n\n",
         work.join("state").display()
     );
+    cfg += &format!("[[services]]\nname = \"mx\"\nvip = \"{VIP4}\"\nports = [25]\n");
     let backend = |cfg: &mut String, r: &Relay, addr: &str, w: u32| {
         let mac = mac_str(lab.get(&r.name).mac);
         *cfg += &format!(
@@ -220,6 +220,19 @@ fn run_lab(mode: Mode) {
     }
     let cfg_path = work.join("lb.toml");
     std::fs::write(&cfg_path, &cfg).unwrap();
+    // Every relay answers from the LB before it starts, so the health checks
+    // find them all up at once (neighbours on every hop resolved).
+    for r in &relays {
+        for addr in [&r.v4, &r.v6] {
+            // The first echo may be lost while neighbours resolve on each hop.
+            let ok = (0..5).any(|_| {
+                lab.try_run("lb", &["ping", "-c1", "-W1", addr])
+                    .status
+                    .success()
+            });
+            assert!(ok, "{mode:?}: LB cannot reach {} at {addr}", r.name);
+        }
+    }
     pass_on_switch_port(&lab, "lb");
     let pin_dir = lab.pin_dir().join("lb");
     let mut cmd = lab.command("lb", env::smtp_lb_bin());
@@ -241,11 +254,6 @@ fn run_lab(mode: Mode) {
         String::from_utf8_lossy(&lab.run("lb", &["ip", "link", "show", "eth0"]).stdout)
             .contains("xdp")
     });
-    if mode == Mode::Ipip {
-        // Resolve the router's MAC on the LB (the FIB helper needs a neighbour entry).
-        lab.run("lb", &["ping", "-c1", "-W2", "198.51.100.254"]);
-        lab.run("lb", &["ping", "-6", "-c1", "-W2", "2001:db8::fe"]);
-    }
 
     for (fam, target, client_addr) in [
         ("v4", format!("{VIP4}:25"), "198.51.100.1"),
@@ -254,6 +262,8 @@ fn run_lab(mode: Mode) {
         let out = lab.try_run(
             "client",
             &[
+                "timeout",
+                "120",
                 "smtp-source",
                 "-s",
                 "20",

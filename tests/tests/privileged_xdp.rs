@@ -576,3 +576,36 @@ fn sticky_service_sends_every_port_of_a_client_to_one_relay() {
     }
     let _ = CLIENT_MAC;
 }
+
+#[test]
+fn table_size_change_and_removed_services_switch_whole_tables() {
+    let mut f = Fixture::new(&config([1, 1, 1], false));
+    let src = IpAddr::V4(CLIENT4);
+    let dst = IpAddr::V4(VIP4);
+    // Twice, so both tables of each service get the new size in turn.
+    for m in [1013, 1019] {
+        let mut cfg = config([1, 1, 1], false);
+        for s in &mut cfg.services {
+            s.table_size = m;
+        }
+        f.apply(&cfg);
+        for sport in 20000..20200 {
+            let pkt = PacketBuilder::tcp(src, sport, dst, 465, tcp::SYN).build();
+            let mac = f.expected_mac(src, sport, dst, 465).unwrap();
+            assert_tx_to(&mut f, &pkt, mac, &format!("M={m} sport {sport}"));
+        }
+    }
+    // Port 465 leaves the config: its traffic is no longer balanced.
+    let mut cfg = config([1, 1, 1], false);
+    for s in &mut cfg.services {
+        s.ports.retain(|p| *p != 465);
+    }
+    f.apply(&cfg);
+    let pkt = PacketBuilder::tcp(src, 20000, dst, 465, tcp::SYN).build();
+    let (out, delta) = f.run_counted(&pkt);
+    assert_eq!(out.verdict, Verdict::Pass);
+    assert_eq!(out.output, pkt);
+    assert_eq!(delta, vec![("pass_non_vip", 1)]);
+    let pkt = PacketBuilder::tcp(src, 20000, dst, 587, tcp::SYN).build();
+    assert_eq!(f.run(&pkt).verdict, Verdict::Tx, "587 still balanced");
+}

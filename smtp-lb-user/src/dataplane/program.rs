@@ -18,8 +18,8 @@ use aya::{
     maps::{Array, DevMapHash, HashMap, MapData, MapError},
 };
 use smtp_lb_common::{
-    BACKEND_VALID, Backend, LbConfig as LbConfigMap, MAX_BACKENDS, SERVICE_VIP_MARKER, Service,
-    ServiceKey, maps,
+    BACKEND_VALID, Backend, LbConfig as LbConfigMap, MAX_BACKENDS, SERVICE_INDEX_PROBES,
+    SERVICE_INDEX_SLOTS, SERVICE_VIP_MARKER, Service, ServiceKey, ServiceSlot, maps, service_slot,
 };
 use thiserror::Error;
 
@@ -41,6 +41,14 @@ pub enum ApplyError {
     /// The devmap refused an interface.
     #[error("map `{}`: add interface `{iface}`: {message}", maps::TX_PORTS)]
     TxPort { iface: String, message: String },
+    /// Too many services hash next to each other (practically impossible
+    /// with at most `MAX_SERVICES` in `SERVICE_INDEX_SLOTS`).
+    #[error(
+        "service {vip}:{port}: no free slot in map `{}` within {} probes",
+        maps::SERVICE_INDEX,
+        SERVICE_INDEX_PROBES
+    )]
+    IndexFull { vip: IpAddr, port: u16 },
     /// A backend's `interface` does not exist.
     #[error("backend `{backend}`: interface `{iface}` does not exist")]
     NoInterface { backend: String, iface: String },
@@ -155,6 +163,7 @@ pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyErr
             .collect::<Result<_, _>>()
             .map_err(map_err(maps::SERVICES))?
     };
+    let mut index = ServiceIndex::read(ebpf)?;
     for svc in &plan.services {
         let half = match current.get(&svc.key) {
             Some(live) if live.id == svc.id => 1 - (live.active & 1),
@@ -168,6 +177,23 @@ pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyErr
                 .set(base + i as u32, id, 0)
                 .map_err(map_err(maps::RINGS))?;
         }
+        // The packet path's slot: first the standby table's size (unused
+        // while the other table is live), then the switch itself.
+        let at = index.place(&svc.key)?;
+        let mut slot = match index.slots[at as usize] {
+            s if s.key == svc.key && s.id == svc.id => s,
+            _ => ServiceSlot {
+                key: svc.key,
+                id: svc.id,
+                active: half,
+                ..ServiceSlot::default()
+            },
+        };
+        slot.ring_size[half as usize] = svc.ring_size;
+        slot.flags = svc.flags;
+        index.write(ebpf, at, slot)?;
+        slot.active = half;
+        index.write(ebpf, at, slot)?;
         services_map(ebpf)?
             .insert(
                 svc.key,
@@ -210,8 +236,11 @@ pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyErr
         .chain(plan.vip_markers.iter().copied())
         .collect();
     let mut removed_services = 0;
-    let mut services = services_map(ebpf)?;
     for key in current.keys().filter(|k| !keep.contains(k)) {
+        if let Some(at) = index.find(key) {
+            index.write(ebpf, at, ServiceSlot::default())?;
+        }
+        let mut services = services_map(ebpf)?;
         services.remove(key).map_err(map_err(maps::SERVICES))?;
         if key.port != 0 {
             removed_services += 1;
@@ -253,15 +282,85 @@ pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyErr
     })
 }
 
-/// ifindex and MAC of `iface`.
+/// The packet path's direct-mapped service table, as last written.
+struct ServiceIndex {
+    slots: Vec<ServiceSlot>,
+}
+
+impl ServiceIndex {
+    fn read(ebpf: &mut Ebpf) -> Result<Self, ApplyError> {
+        let map: Array<&mut MapData, ServiceSlot> =
+            Array::try_from(map_mut(ebpf, maps::SERVICE_INDEX)?)
+                .map_err(map_err(maps::SERVICE_INDEX))?;
+        let slots = (0..SERVICE_INDEX_SLOTS)
+            .map(|i| map.get(&i, 0))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(maps::SERVICE_INDEX))?;
+        Ok(Self { slots })
+    }
+
+    fn probe(key: &ServiceKey) -> impl Iterator<Item = u32> {
+        let first = service_slot(key);
+        (0..SERVICE_INDEX_PROBES).map(move |i| (first + i) & (SERVICE_INDEX_SLOTS - 1))
+    }
+
+    /// Where `key` is.
+    fn find(&self, key: &ServiceKey) -> Option<u32> {
+        Self::probe(key).find(|&i| self.slots[i as usize].key == *key)
+    }
+
+    /// Where `key` is, else a free slot the packet path will probe.
+    fn place(&self, key: &ServiceKey) -> Result<u32, ApplyError> {
+        self.find(key)
+            .or_else(|| Self::probe(key).find(|&i| self.slots[i as usize].key.family == 0))
+            .ok_or(ApplyError::IndexFull {
+                vip: words_addr(key.addr, key.family),
+                port: u16::from_be(key.port),
+            })
+    }
+
+    fn write(&mut self, ebpf: &mut Ebpf, at: u32, slot: ServiceSlot) -> Result<(), ApplyError> {
+        let mut map: Array<&mut MapData, ServiceSlot> =
+            Array::try_from(map_mut(ebpf, maps::SERVICE_INDEX)?)
+                .map_err(map_err(maps::SERVICE_INDEX))?;
+        map.set(at, slot, 0).map_err(map_err(maps::SERVICE_INDEX))?;
+        self.slots[at as usize] = slot;
+        Ok(())
+    }
+}
+
+/// ifindex and MAC of `iface`, asked of the kernel through a socket of this
+/// process's network namespace (`/sys/class/net` would show the namespace
+/// sysfs was mounted in, which under `nsenter --net` is the host's).
 fn interface(iface: &str) -> Option<(u32, [u8; 6])> {
     let c = std::ffi::CString::new(iface).ok()?;
     // SAFETY: valid C string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if idx == 0 {
+    if idx == 0 || iface.len() >= libc::IFNAMSIZ {
         return None;
     }
-    let text = std::fs::read_to_string(format!("/sys/class/net/{iface}/address")).ok()?;
-    let mac: crate::config::lb::Mac = text.trim().parse().ok()?;
-    Some((idx, mac.0))
+    // SAFETY: plain socket(2); closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: all-zero ifreq is valid; the name fits (checked above).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(iface.as_bytes()) {
+        *d = libc::c_char::from_ne_bytes([*s]);
+    }
+    // SAFETY: SIOCGIFHWADDR fills ifr_hwaddr of a valid ifreq.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &raw mut req) };
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: the ioctl succeeded, so the union holds ifru_hwaddr.
+    let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (m, b) in mac.iter_mut().zip(sa.sa_data.iter()) {
+        *m = b.to_ne_bytes()[0];
+    }
+    Some((idx, mac))
 }

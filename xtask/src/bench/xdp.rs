@@ -45,10 +45,6 @@ fn ns(xdp: &mut XdpHarness, prog: &str, pkt: &[u8]) -> f64 {
     xdp.run_repeat(prog, pkt, REPEAT).mean.as_secs_f64() * 1e9
 }
 
-#[expect(
-    clippy::unnecessary_wraps,
-    reason = "every bench has the same signature"
-)]
 pub fn run(artifacts: &Artifacts) -> anyhow::Result<Report> {
     // SAFETY: setting a variable before any thread reads the environment.
     unsafe { std::env::set_var("SMTP_LB_EBPF_OBJ", &artifacts.ebpf_object) };

@@ -1,0 +1,296 @@
+//! Packet fixtures for the forwarding that needs the kernel's routing state:
+//! IPIP / IP6IP6 (next hop from `bpf_fib_lookup`), L2 DSR redirected through
+//! the devmap to another interface, and the relay-side decap program.
+//!
+//! `BPF_PROG_TEST_RUN` runs the program in the calling thread's network
+//! namespace (its loopback is the ingress device), so each test moves its
+//! thread into the "lb" host of a lab, where the routes and neighbours are
+//! set up. Nothing is transmitted: test runs only return the verdict.
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd,
+};
+
+use smtp_lb_common::{FlowKey, PROTO_TCP, flow_hash, programs};
+use smtp_lb_tests::{
+    lab::Lab,
+    packet::{PacketBuilder, fold, ipv4_checksum_ok, ones_sum, tcp},
+    xdp::{Verdict, XdpHarness},
+};
+use smtp_lb_user::{balance::plan::addr_words, config::lb::LbConfig, dataplane::apply_config};
+
+const VIP4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x10);
+const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+
+fn mac_str(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A lab with an "lb" (forwarding on) and a "relay" on one segment, and the
+/// calling thread moved into the lb's namespace.
+fn enter_lb() -> (Lab, [u8; 6], [u8; 6]) {
+    let mut lab = Lab::new();
+    lab.host("lb", &["198.51.100.2/24", "2001:db8::2/64"]);
+    lab.host("relay", &["198.51.100.3/24", "2001:db8::3/64"]);
+    lab.sh(
+        "lb",
+        "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 net.ipv4.conf.lo.forwarding=1",
+    );
+    let relay_mac = lab.get("relay").mac;
+    let lb_mac = lab.get("lb").mac;
+    lab.sh(
+        "lb",
+        &format!(
+            "ip neigh replace 198.51.100.3 lladdr {m} dev eth0 nud permanent && \
+             ip neigh replace 2001:db8::3 lladdr {m} dev eth0 nud permanent",
+            m = mac_str(relay_mac)
+        ),
+    );
+    let ns = std::fs::File::open(format!("/var/run/netns/{}", lab.get("lb").netns)).unwrap();
+    // SAFETY: setns on a valid namespace fd; affects only this thread.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    (lab, lb_mac, relay_mac)
+}
+
+fn config(forwarding: &str, v4: &str, v6: &str, extra: &str) -> LbConfig {
+    LbConfig::parse(&format!(
+        r#"
+        [[services]]
+        vip = "{VIP4}"
+        ports = [25]
+        table_size = 1009
+        [[services.backends]]
+        name = "relay"
+        address = "{v4}"
+        forwarding = "{forwarding}"
+        {extra}
+        [[services]]
+        vip = "{VIP6}"
+        ports = [25]
+        table_size = 1009
+        [[services.backends]]
+        name = "relay6"
+        address = "{v6}"
+        forwarding = "{forwarding}"
+        {extra}
+        "#
+    ))
+    .unwrap()
+}
+
+fn hash(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> u32 {
+    let (s, family) = addr_words(src);
+    let (d, _) = addr_words(dst);
+    flow_hash(
+        &FlowKey {
+            src: s,
+            dst: d,
+            sport: sport.to_be(),
+            dport: dport.to_be(),
+            proto: PROTO_TCP,
+            family,
+            _pad: [0; 2],
+        },
+        false,
+    )
+}
+
+#[test]
+#[expect(
+    clippy::many_single_char_names,
+    reason = "h, o, d: harness, output, decapped"
+)]
+fn ipip_and_ip6ip6_push_the_outer_header_and_decap_strips_it() {
+    let (_lab, lb_mac, relay_mac) = enter_lb();
+    let mut h = XdpHarness::load();
+    apply_config(
+        h.ebpf_mut(),
+        &config("ipip", "198.51.100.3", "2001:db8::3", ""),
+    )
+    .unwrap();
+
+    // IPv4 in IPv4.
+    let inner = PacketBuilder::tcp(CLIENT4, 40000, VIP4, 25, tcp::SYN)
+        .payload(b"x")
+        .build();
+    let out = h.run(programs::BALANCER, &inner);
+    assert_eq!(
+        out.verdict,
+        Verdict::Redirect,
+        "next hop is out eth0, not lo"
+    );
+    let o = &out.output;
+    assert_eq!(o.len(), inner.len() + 20);
+    assert_eq!(&o[0..6], &relay_mac, "dst MAC from the FIB's neighbour");
+    assert_eq!(&o[6..12], &lb_mac, "src MAC of the egress interface");
+    assert_eq!(&o[12..14], &[0x08, 0x00]);
+    let hsh = hash(CLIENT4.into(), 40000, VIP4.into(), 25);
+    let mut outer = vec![0x45, 0];
+    outer.extend(((inner.len() - 14 + 20) as u16).to_be_bytes());
+    outer.extend([
+        0,
+        0,
+        0,
+        0,
+        64,
+        4,
+        0,
+        0,
+        172,
+        16,
+        (hsh >> 8) as u8,
+        hsh as u8,
+        198,
+        51,
+        100,
+        3,
+    ]);
+    let csum = fold(ones_sum(&outer));
+    outer[10..12].copy_from_slice(&csum.to_be_bytes());
+    assert_eq!(&o[14..34], &outer[..], "outer IPv4 header");
+    assert!(ipv4_checksum_ok(o, 14));
+    assert_eq!(&o[34..], &inner[14..], "inner packet untouched");
+
+    let d = h.run(programs::DECAP, o);
+    assert_eq!(d.verdict, Verdict::Pass);
+    let mut want = inner.clone();
+    want[0..6].copy_from_slice(&relay_mac);
+    want[6..12].copy_from_slice(&lb_mac);
+    assert_eq!(d.output, want, "decap restores the client's packet");
+
+    // IPv6 in IPv6.
+    let inner = PacketBuilder::tcp(CLIENT6, 40000, VIP6, 25, tcp::SYN)
+        .payload(b"x")
+        .build();
+    let out = h.run(programs::BALANCER, &inner);
+    assert_eq!(out.verdict, Verdict::Redirect);
+    let o = &out.output;
+    assert_eq!(o.len(), inner.len() + 40);
+    assert_eq!(&o[0..6], &relay_mac);
+    assert_eq!(&o[12..14], &[0x86, 0xdd]);
+    let hsh = hash(CLIENT6.into(), 40000, VIP6.into(), 25);
+    let vtf = (6u32 << 28) | (hsh & 0xfffff);
+    assert_eq!(
+        &o[14..18],
+        &vtf.to_be_bytes(),
+        "version 6, flow label = flow hash"
+    );
+    assert_eq!(
+        &o[18..20],
+        &((inner.len() - 14) as u16).to_be_bytes(),
+        "payload = inner packet"
+    );
+    assert_eq!(o[20], 41, "next header IPv6");
+    assert_eq!(o[21], 64);
+    let mut src = Ipv6Addr::new(0xfd00, 0x736d, 0x7470, 0, 0, 0, 0, 0).octets();
+    src[12..16].copy_from_slice(&hsh.to_be_bytes());
+    assert_eq!(&o[22..38], &src);
+    assert_eq!(
+        &o[38..54],
+        &"2001:db8::3".parse::<Ipv6Addr>().unwrap().octets()
+    );
+    assert_eq!(&o[54..], &inner[14..]);
+    let d = h.run(programs::DECAP, o);
+    assert_eq!(d.verdict, Verdict::Pass);
+    let mut want = inner.clone();
+    want[0..6].copy_from_slice(&relay_mac);
+    want[6..12].copy_from_slice(&lb_mac);
+    assert_eq!(d.output, want);
+
+    // Different flows, different outer sources (RSS entropy at the relay).
+    let a = h.run(
+        programs::BALANCER,
+        &PacketBuilder::tcp(CLIENT4, 1, VIP4, 25, tcp::SYN).build(),
+    );
+    let b = h.run(
+        programs::BALANCER,
+        &PacketBuilder::tcp(CLIENT4, 2, VIP4, 25, tcp::SYN).build(),
+    );
+    assert_ne!(&a.output[26..30], &b.output[26..30]);
+}
+
+#[test]
+fn ipip_without_neighbour_passes_and_without_route_drops() {
+    let (_lab, _, _) = enter_lb();
+    let mut h = XdpHarness::load();
+    // 198.51.100.77 is on-link but unresolved; 192.0.2.1 has no route.
+    apply_config(
+        h.ebpf_mut(),
+        &config("ipip", "198.51.100.77", "2001:db8::77", ""),
+    )
+    .unwrap();
+    let out = h.run(
+        programs::BALANCER,
+        &PacketBuilder::tcp(CLIENT4, 1, VIP4, 25, tcp::SYN).build(),
+    );
+    assert_eq!(
+        out.verdict,
+        Verdict::Pass,
+        "the stack resolves the neighbour"
+    );
+    apply_config(
+        h.ebpf_mut(),
+        &config("ipip", "192.0.2.1", "2001:db8:99::1", ""),
+    )
+    .unwrap();
+    for pkt in [
+        PacketBuilder::tcp(CLIENT4, 1, VIP4, 25, tcp::SYN).build(),
+        PacketBuilder::tcp(CLIENT6, 1, VIP6, 25, tcp::SYN).build(),
+    ] {
+        let out = h.run(programs::BALANCER, &pkt);
+        assert_eq!(out.verdict, Verdict::Drop, "no route: counted drop_encap");
+    }
+}
+
+#[test]
+fn l2_backend_behind_another_interface_is_redirected_through_the_devmap() {
+    let (_lab, lb_mac, relay_mac) = enter_lb();
+    let mut h = XdpHarness::load();
+    let extra = format!("mac = \"{}\"\ninterface = \"eth0\"", mac_str(relay_mac));
+    apply_config(
+        h.ebpf_mut(),
+        &config("l2", "198.51.100.3", "2001:db8::3", &extra),
+    )
+    .unwrap();
+    for pkt in [
+        PacketBuilder::tcp(CLIENT4, 1, VIP4, 25, tcp::SYN).build(),
+        PacketBuilder::tcp(CLIENT6, 1, VIP6, 25, tcp::SYN).build(),
+    ] {
+        let out = h.run(programs::BALANCER, &pkt);
+        assert_eq!(out.verdict, Verdict::Redirect);
+        let mut want = pkt.clone();
+        want[0..6].copy_from_slice(&relay_mac);
+        want[6..12].copy_from_slice(&lb_mac);
+        assert_eq!(out.output, want, "src MAC is the egress interface's");
+    }
+}
+
+#[test]
+fn decap_passes_other_traffic_untouched_and_drops_broken_tunnels() {
+    let mut h = XdpHarness::load();
+    for pkt in [
+        PacketBuilder::tcp(CLIENT4, 1, VIP4, 25, tcp::SYN).build(),
+        PacketBuilder::tcp(CLIENT6, 1, VIP6, 25, tcp::SYN).build(),
+        PacketBuilder::udp(CLIENT4, 1, VIP4, 53).build(),
+    ] {
+        let out = h.run(programs::DECAP, &pkt);
+        assert_eq!(out.verdict, Verdict::Pass);
+        assert_eq!(out.output, pkt);
+    }
+    // IPIP with outer options, and an outer header with nothing inside.
+    let mut p = PacketBuilder::icmp_echo(CLIENT4, VIP4)
+        .ipv4_options(&[1, 1, 1, 1])
+        .build();
+    p[14 + 9] = 4;
+    assert_eq!(h.run(programs::DECAP, &p).verdict, Verdict::Drop);
+    let mut p = PacketBuilder::icmp_echo(CLIENT4, VIP4).build();
+    p[14 + 9] = 4;
+    p.truncate(34);
+    assert_eq!(h.run(programs::DECAP, &p).verdict, Verdict::Drop);
+}
