@@ -245,8 +245,16 @@ pub struct Flow {
     pub backend: u32,
     /// The service it belongs to (for stats).
     pub service: u32,
+    /// [`FLOW_CLOSING`].
+    pub flags: u32,
 }
-const _: () = assert!(size_of::<Flow>() == 8);
+const _: () = assert!(size_of::<Flow>() == 12);
+
+/// Flow flag: the client sent FIN or RST. The entry stays (the last ACKs
+/// must still reach the relay) until the LRU recycles it, but the flow no
+/// longer counts as live (`ctl backends`: a drained relay's live flows fall
+/// to zero as its sessions end).
+pub const FLOW_CLOSING: u32 = 1;
 
 /// Value of [`maps::LB_CONFIG`]: node-wide settings the data plane needs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

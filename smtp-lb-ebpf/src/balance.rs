@@ -12,7 +12,7 @@ use crate::{
     maps::{BACKEND_STATS, GLOBAL_STATS, SERVICE_STATS},
     parse::{
         ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, TCP_ACK,
-        TCP_HLEN, TCP_SYN, TcpHdr, ethernet, is_ipv6_ext, read,
+        TCP_FIN, TCP_HLEN, TCP_RST, TCP_SYN, TcpHdr, ethernet, is_ipv6_ext, read,
     },
     select,
 };
@@ -200,7 +200,8 @@ fn balance(
     let syn = tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let svc_stats = SERVICE_STATS.get_ptr_mut(svc.id);
-    let Some(choice) = select::choose(key, svc, syn, stats) else {
+    let closing = tcp.flags & (TCP_FIN | TCP_RST) != 0;
+    let Some(choice) = select::choose(key, svc, syn, closing, stats) else {
         stats.drop_no_backend += 1;
         if let Some(s) = svc_stats {
             // SAFETY: this CPU's slot.

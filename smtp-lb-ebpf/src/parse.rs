@@ -16,7 +16,9 @@ pub const IPV4_HLEN: usize = 20;
 pub const IPV6_HLEN: usize = 40;
 pub const TCP_HLEN: usize = 20;
 
+pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 /// Ethernet header.

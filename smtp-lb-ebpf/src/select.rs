@@ -1,7 +1,7 @@
 //! Which backend a packet goes to: the service lookup, connection tracking,
 //! and the Maglev table (built by user space, `balance::maglev`).
 use smtp_lb_common::{
-    BACKEND_VALID, Backend, Flow, FlowKey, GlobalStats, NO_BACKEND, PROTO_TCP,
+    BACKEND_VALID, Backend, FLOW_CLOSING, Flow, FlowKey, GlobalStats, NO_BACKEND, PROTO_TCP,
     SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS, SERVICE_STICKY, Service, ServiceKey, flow_hash,
     service_slot,
 };
@@ -85,12 +85,25 @@ pub struct Choice {
 /// `lru_miss` for no entry, `rehash` for a removed backend). Either way the
 /// entry is (re)written, so later packets of the flow stick.
 #[inline(always)]
-pub fn choose(key: &FlowKey, svc: &Service, syn: bool, stats: &mut GlobalStats) -> Option<Choice> {
+pub fn choose(
+    key: &FlowKey,
+    svc: &Service,
+    syn: bool,
+    closing: bool,
+    stats: &mut GlobalStats,
+) -> Option<Choice> {
     if !syn {
         // SAFETY: read once, copied.
         match unsafe { CONNTRACK.get(key) } {
             Some(flow) => {
                 let id = flow.backend;
+                // Only FIN/RST segments write: the common path stays a read.
+                if closing && flow.flags & FLOW_CLOSING == 0 {
+                    if let Some(p) = CONNTRACK.get_ptr_mut(key) {
+                        // SAFETY: a live entry; a racing writer sets the same bit.
+                        unsafe { (*p).flags |= FLOW_CLOSING };
+                    }
+                }
                 if let Some(backend) = backend(id) {
                     return Some(Choice { id, backend });
                 }
@@ -112,6 +125,7 @@ pub fn choose(key: &FlowKey, svc: &Service, syn: bool, stats: &mut GlobalStats) 
     let flow = Flow {
         backend: id,
         service: svc.id,
+        flags: if closing { FLOW_CLOSING } else { 0 },
     };
     // A full LRU evicts; an insert can only fail on memory pressure, and the
     // packet is still forwarded correctly (the next one re-hashes the same way).

@@ -33,6 +33,17 @@ fn health_of(dsr: &DsrLab, name: &str) -> String {
     b["health"].as_str().unwrap().to_owned()
 }
 
+fn live_flows(dsr: &DsrLab, name: &str) -> u64 {
+    let backends = dsr.ctl(&["backends"]);
+    let b = backends
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["names"][0] == name)
+        .unwrap_or_else(|| panic!("no {name}"));
+    b["live_flows"].as_u64().unwrap()
+}
+
 fn share(sessions: &[&Session], relay: &str) -> f64 {
     let n = sessions
         .iter()
@@ -164,9 +175,21 @@ fn a_drained_relay_gets_no_new_sessions_while_its_open_ones_finish() {
     dsr.ctl(&["drain", "relay1"]);
     let t_applied = load.now();
     let flows_at_drain = dsr.new_flows()[0];
+    let live_at_drain = live_flows(&dsr, "relay1");
     thread::sleep(Duration::from_secs(3));
     let flows_after = dsr.new_flows()[0];
     let sessions = load.stop();
+    // ctl shows the drained relay's live flows falling to zero as its sessions end.
+    eprintln!("relay1 live flows: {live_at_drain} at the drain");
+    assert!(
+        live_at_drain > 0,
+        "sessions were live on relay1 when it was drained"
+    );
+    wait_for(
+        "relay1's live flows to reach 0",
+        Duration::from_secs(10),
+        || live_flows(&dsr, "relay1") == 0,
+    );
 
     assert!(
         failures(&sessions).is_empty(),

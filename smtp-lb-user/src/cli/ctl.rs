@@ -182,7 +182,7 @@ fn backends(opts: &Options, v: &Value) -> anyhow::Result<()> {
             b["share_permille"].as_f64().unwrap_or(0.0) / 10.0,
             b["drained"],
             b["new_flows"],
-            b["tracked_flows"],
+            b["live_flows"],
             last
         );
     }

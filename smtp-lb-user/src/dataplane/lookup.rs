@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, net::IpAddr, path::Path};
 use aya::maps::{Array, HashMap, Map, MapData};
 use serde::Serialize;
 use smtp_lb_common::{
-    BACKEND_VALID, Backend, Flow, FlowKey, NO_BACKEND, PROTO_TCP, SERVICE_STICKY, Service,
-    ServiceKey, flow_hash, maps,
+    BACKEND_VALID, Backend, FLOW_CLOSING, Flow, FlowKey, NO_BACKEND, PROTO_TCP, SERVICE_STICKY,
+    Service, ServiceKey, flow_hash, maps,
 };
 
 use super::LoadError;
@@ -110,16 +110,19 @@ pub fn where_to(
     }))
 }
 
-/// Conntrack entries per backend id. Entries age out of the LRU rather
-/// than at FIN, so this counts flows seen recently, closed ones included.
-pub fn tracked_flows(pin_dir: &Path) -> Result<BTreeMap<u32, u64>, LoadError> {
+/// Conntrack entries per backend id: `(live, tracked)`. Tracked entries age
+/// out of the LRU rather than at FIN; live ones are those whose client has
+/// not sent FIN or RST yet ([`smtp_lb_common::FLOW_CLOSING`]).
+pub fn tracked_flows(pin_dir: &Path) -> Result<BTreeMap<u32, (u64, u64)>, LoadError> {
     let conntrack: HashMap<_, FlowKey, Flow> =
         HashMap::try_from(Map::LruHashMap(open(pin_dir, maps::CONNTRACK)?))
             .map_err(err(maps::CONNTRACK))?;
     let mut counts = BTreeMap::new();
     for entry in &conntrack {
         let (_, flow) = entry.map_err(err(maps::CONNTRACK))?;
-        *counts.entry(flow.backend).or_insert(0) += 1;
+        let c = counts.entry(flow.backend).or_insert((0, 0));
+        c.0 += u64::from(flow.flags & FLOW_CLOSING == 0);
+        c.1 += 1;
     }
     Ok(counts)
 }

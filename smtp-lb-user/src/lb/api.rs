@@ -198,7 +198,8 @@ fn backend_rows(node: &Node) -> Vec<Value> {
                 "packets": row.map(|r| r.packets),
                 "bytes": row.map(|r| r.bytes),
                 "new_flows": row.map(|r| r.new_flows),
-                "tracked_flows": row.map(|r| flows.get(&r.id).copied().unwrap_or(0)),
+                "live_flows": row.map(|r| flows.get(&r.id).map_or(0, |f| f.0)),
+                "tracked_flows": row.map(|r| flows.get(&r.id).map_or(0, |f| f.1)),
             })
         })
         .collect()
