@@ -194,7 +194,7 @@ pub fn smtp_through_lb(sessions: usize, say: &mut dyn FnMut(&str)) -> Outcome {
             .map(|(d, ..)| count(&dumps(&dsr, d.split('.').next().unwrap())))
             .sum::<usize>()
     };
-    wait_for("every message at an ISP", Duration::from_secs(60), || {
+    wait_for("every message at an ISP", Duration::from_mins(1), || {
         total() >= sessions
     });
     let end_to_end = started.elapsed();

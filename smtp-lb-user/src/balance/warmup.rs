@@ -96,7 +96,12 @@ pub fn share_permille(age: Duration, ramp: Duration, cfg: &WarmupConfig) -> u32 
         // Step k of `steps` is reached at k/steps of the ramp.
         (progress * f64::from(cfg.steps)).floor() / f64::from(cfg.steps)
     };
-    start + ((f64::from(FULL - start)) * progress) as u32
+    #[expect(
+        clippy::cast_sign_loss,
+        reason = "progress is in [0, 1), the product is positive"
+    )]
+    let gained = (f64::from(FULL - start) * progress) as u32;
+    start + gained
 }
 
 #[cfg(test)]

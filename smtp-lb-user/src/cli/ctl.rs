@@ -59,6 +59,10 @@ pub enum Command {
     Relay(super::relay::CtlOptions),
 }
 
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "main hands over the parsed options"
+)]
 pub fn run(opts: Options) -> anyhow::Result<()> {
     match &opts.command {
         Command::Stats { pin_dir } => stats(pin_dir, opts.json),
@@ -126,6 +130,10 @@ fn call(opts: &Options, method: &str, path: &str) -> anyhow::Result<Value> {
     Ok(value)
 }
 
+#[expect(
+    clippy::unnecessary_wraps,
+    reason = "every ctl printer has the same signature"
+)]
 fn ok(opts: &Options, v: &Value) -> anyhow::Result<()> {
     if opts.json {
         println!("{v}");
@@ -135,11 +143,20 @@ fn ok(opts: &Options, v: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn show(_opts: &Options, v: &Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+/// Status and `where` answers: JSON either way (pretty unless `--json`).
+fn show(opts: &Options, v: &Value) -> anyhow::Result<()> {
+    if opts.json {
+        println!("{v}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    }
     Ok(())
 }
 
+#[expect(
+    clippy::unnecessary_wraps,
+    reason = "every ctl printer has the same signature"
+)]
 fn backends(opts: &Options, v: &Value) -> anyhow::Result<()> {
     if opts.json {
         println!("{v}");

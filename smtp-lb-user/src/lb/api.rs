@@ -49,7 +49,11 @@ pub fn token(file: &Path) -> anyhow::Result<String> {
     fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
         .context("read /dev/urandom")?;
-    let t: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let t = bytes.iter().fold(String::with_capacity(48), |mut t, b| {
+        use std::fmt::Write;
+        let _ = write!(t, "{b:02x}");
+        t
+    });
     if let Some(dir) = file.parent() {
         fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
