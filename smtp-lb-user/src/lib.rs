@@ -25,3 +25,4 @@ pub mod dataplane;
 pub mod health;
 pub mod lb;
 pub mod relay;
+pub mod tls;

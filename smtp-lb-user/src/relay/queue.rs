@@ -196,7 +196,7 @@ impl Queue {
             router,
             log,
             metrics,
-            tls: d.starttls.then(super::client::opportunistic_tls),
+            tls: d.starttls.then(crate::tls::opportunistic_tls),
             retry: RetrySchedule::new(&cfg.retry),
             hostname: cfg.hostname.clone(),
             helo: d.helo_name.clone().unwrap_or_else(|| cfg.hostname.clone()),
