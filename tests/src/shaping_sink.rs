@@ -19,6 +19,10 @@ struct State {
     max_open: usize,
     sessions: usize,
     accepted: Vec<Instant>,
+    /// Answer `MAIL` with Gmail's `421 4.7.28` (and close).
+    throttle: bool,
+    /// When each `421 4.7.28` was sent.
+    throttled: Vec<Instant>,
 }
 
 pub struct ShapingSink {
@@ -79,6 +83,16 @@ impl ShapingSink {
         self.state.lock().expect("sink lock").accepted.clone()
     }
 
+    /// Start or stop answering `MAIL` with `421 4.7.28`.
+    pub fn set_throttle(&self, on: bool) {
+        self.state.lock().expect("sink lock").throttle = on;
+    }
+
+    /// When each `421 4.7.28` was sent.
+    pub fn throttled(&self) -> Vec<Instant> {
+        self.state.lock().expect("sink lock").throttled.clone()
+    }
+
     pub fn count(&self) -> usize {
         self.state.lock().expect("sink lock").accepted.len()
     }
@@ -125,6 +139,17 @@ fn session(conn: TcpStream, state: &Mutex<State>, data_delay: Duration) -> std::
         let upper = line.to_ascii_uppercase();
         let reply: &[u8] = if upper.starts_with("EHLO") {
             b"250-shaping-sink\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n"
+        } else if upper.starts_with("MAIL") && {
+            let mut st = state.lock().expect("sink lock");
+            if st.throttle {
+                st.throttled.push(Instant::now());
+            }
+            st.throttle
+        } {
+            w.write_all(
+                b"421 4.7.28 Our system has detected an unusual rate of unsolicited mail\r\n",
+            )?;
+            return Ok(());
         } else if upper.starts_with("DATA") {
             w.write_all(b"354 go ahead\r\n")?;
             loop {

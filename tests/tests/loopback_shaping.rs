@@ -149,3 +149,49 @@ fn a_rate_limited_provider_does_not_slow_an_unlimited_one() {
     assert!(ratio >= 0.95, "isolation ratio {ratio:.3}");
     assert!(slow.count() < 100, "google was really limited");
 }
+
+#[test]
+fn a_421_4_7_28_suspends_the_provider_for_suspend_for_and_delivery_resumes() {
+    let sink = ShapingSink::start(Duration::ZERO);
+    let other = ShapingSink::start(Duration::ZERO);
+    let dns = dns(&["mx.google.com", "mx.example.net"]);
+    let relay = relay(
+        &dns,
+        &[
+            ("gmail.test", hop("mx.google.com", &sink)),
+            ("other.test", hop("mx.example.net", &other)),
+        ],
+        "[google]\nsuspend_for = \"3s\"\n",
+        4,
+    );
+    sink.set_throttle(true);
+    submit(relay.smtp, "u@gmail.test", 20, 4);
+    wait_for("a 421 4.7.28 sent", Duration::from_secs(10), || {
+        (!sink.throttled().is_empty()).then_some(())
+    });
+    let first = sink.throttled()[0];
+    // During the suspension other providers are delivered as usual.
+    submit(relay.smtp, "u@other.test", 50, 4);
+    wait_count(&other, 50, Duration::from_secs(10));
+    assert!(
+        other.accepted()[49] < first + Duration::from_secs(3),
+        "other provider delivered during the suspension"
+    );
+    sink.set_throttle(false);
+    wait_count(&sink, 20, Duration::from_secs(20));
+    let throttled = sink.throttled();
+    let resumed = sink.accepted()[0];
+    let gap = resumed.duration_since(first);
+    eprintln!(
+        "suspension: {} x 421 4.7.28 within {:?} of the first, first delivery {gap:?} after it",
+        throttled.len(),
+        throttled[throttled.len() - 1].duration_since(first)
+    );
+    assert!(gap >= Duration::from_secs(3), "resumed after {gap:?}");
+    assert!(gap < Duration::from_secs(8), "resumed after {gap:?}");
+    // Only the connections already past the gate when the first 421 came meet it.
+    assert!(
+        throttled[throttled.len() - 1].duration_since(first) < Duration::from_secs(1),
+        "no new attempt while suspended"
+    );
+}

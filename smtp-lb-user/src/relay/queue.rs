@@ -401,16 +401,22 @@ impl Queue {
                 shaper.message().await;
                 match client.send(&job.msg.sender, &rcpts, &body).await {
                     Ok(tx) => {
-                        let results = job
+                        let results: Vec<(u32, Reply)> = job
                             .rcpts
                             .iter()
                             .enumerate()
                             .map(|(k, &i)| (i, tx.outcome(k).clone()))
                             .collect();
+                        let suspended = results.iter().any(|(_, r)| shaper.on_reply(r));
                         self.finish(job, results, &ctx, false).await;
+                        if suspended {
+                            client.quit().await;
+                            continue 'connection;
+                        }
                     }
                     Err(e) => {
                         let reply = e.reply();
+                        shaper.on_reply(&reply);
                         let results = job.rcpts.iter().map(|&i| (i, reply.clone())).collect();
                         self.finish(job, results, &ctx, false).await;
                         continue 'connection;

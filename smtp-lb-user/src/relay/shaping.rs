@@ -87,6 +87,9 @@ pub struct Limits {
     pub message_rate: Option<Rate>,
     /// New connections to the provider.
     pub connection_rate: Option<Rate>,
+    /// A `421 4.7.28` from the provider suspends it for this long.
+    #[serde(default, with = "humantime_serde")]
+    pub suspend_for: Option<Duration>,
 }
 
 impl Limits {
@@ -98,6 +101,7 @@ impl Limits {
                 .or(base.max_messages_per_connection),
             message_rate: self.message_rate.or(base.message_rate),
             connection_rate: self.connection_rate.or(base.connection_rate),
+            suspend_for: self.suspend_for.or(base.suspend_for),
         }
     }
 }
@@ -199,6 +203,8 @@ pub struct ProviderShaper {
     pub max_messages_per_connection: Option<usize>,
     message_rate: Option<Gcra>,
     connection_rate: Option<Gcra>,
+    suspend_for: Option<Duration>,
+    suspended_until: Mutex<Option<Instant>>,
 }
 
 impl ProviderShaper {
@@ -209,12 +215,43 @@ impl ProviderShaper {
             max_messages_per_connection: l.max_messages_per_connection,
             message_rate: l.message_rate.map(Gcra::new),
             connection_rate: l.connection_rate.map(Gcra::new),
+            suspend_for: l.suspend_for,
+            suspended_until: Mutex::new(None),
+        }
+    }
+
+    /// Whether `reply` suspends this provider (`421 4.7.28`, Gmail's "unusual
+    /// rate"); if so, it is suspended from now for `suspend_for`.
+    pub fn on_reply(&self, reply: &super::proto::Reply) -> bool {
+        let Some(d) = self.suspend_for else {
+            return false;
+        };
+        let hit = reply.code == 421
+            && (reply
+                .enhanced
+                .is_some_and(|e| (e.class, e.subject, e.detail) == (4, 7, 28))
+                || reply.text().contains("4.7.28"));
+        if hit {
+            *self.suspended_until.lock().expect("suspend lock") = Some(Instant::now() + d);
+            tracing::warn!(provider = self.name, duration = ?d, "provider suspended after 421 4.7.28");
+        }
+        hit
+    }
+
+    async fn wait_unsuspended(&self) {
+        loop {
+            let until = *self.suspended_until.lock().expect("suspend lock");
+            match until {
+                Some(t) if t > Instant::now() => tokio::time::sleep_until(t.into()).await,
+                _ => return,
+            }
         }
     }
 
     /// Waits for a connection slot (held until the permit drops) and for the
     /// connection rate.
     pub async fn connection(&self) -> Option<OwnedSemaphorePermit> {
+        self.wait_unsuspended().await;
         let permit = match &self.connections {
             Some(s) => Some(
                 s.clone()
@@ -232,6 +269,7 @@ impl ProviderShaper {
 
     /// Waits for the message rate.
     pub async fn message(&self) {
+        self.wait_unsuspended().await;
         if let Some(g) = &self.message_rate {
             g.acquire().await;
         }
@@ -370,6 +408,25 @@ mod tests {
         let later = t0 + Duration::from_secs(10);
         assert_eq!(g.reserve_at(later), Duration::ZERO);
         assert_eq!(g.reserve_at(later), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn only_421_4_7_28_suspends_a_provider_with_suspend_for() {
+        use super::super::proto::Reply;
+        let cfg = parse("[google]\nsuspend_for = \"3s\"\n").unwrap();
+        assert_eq!(
+            cfg.limits("google").suspend_for,
+            Some(Duration::from_secs(3))
+        );
+        let s = Shaper::new(Providers::default(), &cfg);
+        let g = s.for_host("mx.google.com");
+        assert!(!g.on_reply(&Reply::local(421, "4.7.0", "busy")));
+        assert!(!g.on_reply(&Reply::local(451, "4.7.28", "x")));
+        assert!(g.on_reply(&Reply::local(421, "4.7.28", "unusual rate")));
+        assert!(
+            !s.for_host("mx.example.org")
+                .on_reply(&Reply::local(421, "4.7.28", "x"))
+        );
     }
 
     #[tokio::test]
