@@ -26,6 +26,7 @@ pub mod packet;
 pub mod postfix;
 pub mod relay;
 pub mod scenario;
+pub mod shaping_sink;
 pub mod sink;
 pub mod smtp;
 pub mod tmp;

@@ -43,6 +43,8 @@ pub struct RelayConfig {
     pub source_ip: Option<String>,
     /// Use an existing spool directory instead of a fresh one.
     pub spool_dir: Option<PathBuf>,
+    /// Contents of a shaping file (written next to the config).
+    pub shaping: Option<String>,
 }
 
 impl Default for RelayConfig {
@@ -66,6 +68,7 @@ impl Default for RelayConfig {
             connections_per_destination: 8,
             source_ip: None,
             spool_dir: None,
+            shaping: None,
         }
     }
 }
@@ -101,6 +104,11 @@ impl Relay {
             q(&dir.join("delivery.log").display().to_string())
         );
         let _ = writeln!(t, "admin = \"{admin}\"");
+        if let Some(shaping) = &cfg.shaping {
+            let path = dir.join("shaping.toml");
+            std::fs::write(&path, shaping).expect("write shaping file");
+            let _ = writeln!(t, "shaping = {}", q(&path.display().to_string()));
+        }
         let nets: Vec<String> = cfg.relay_networks.iter().map(|n| q(n)).collect();
         let _ = writeln!(t, "relay_networks = [{}]", nets.join(", "));
         let _ = writeln!(t, "[[listener]]\naddress = \"{smtp}\"");

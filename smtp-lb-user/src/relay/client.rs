@@ -317,6 +317,14 @@ impl Client {
             batch.extend_from_slice(b"DATA\r\n");
             self.write(&batch, "MAIL FROM", t.mail_from).await?;
             let mail_reply = self.read_reply("MAIL FROM", t.mail_from).await?;
+            if mail_reply.code == 421 {
+                // The server is closing (RFC 5321 §3.8): the pipelined replies
+                // will never come; keep this one (e.g. Gmail's 421 4.7.28).
+                return Err(ClientError::Rejected {
+                    phase: "MAIL FROM",
+                    reply: mail_reply,
+                });
+            }
             for _ in rcpts {
                 let r = self.read_reply("RCPT TO", t.rcpt_to).await?;
                 rcpt_replies.push(if mail_reply.is_positive() {

@@ -48,6 +48,9 @@ pub struct Config {
     /// JSON-lines delivery log; none by default.
     #[serde(default)]
     pub delivery_log: Option<PathBuf>,
+    /// Shaping file (per-provider limits, see `relay::shaping`); none = no limits.
+    #[serde(default)]
+    pub shaping: Option<PathBuf>,
     /// Admin listener: `/metrics` (Prometheus text) and the queue API used by `smtp-lb ctl relay`.
     #[serde(default)]
     pub admin: Option<SocketAddr>,

@@ -8,6 +8,7 @@
 //! - [`spool`]: the durable log of messages with group commit and recovery.
 //! - [`queue`]: live messages, scheduled and ready queues, delivery workers.
 //! - [`route`]: static routes and MX resolution.
+//! - [`provider`], [`shaping`]: MX hosts → providers, per-provider limits (issue 6).
 //! - [`client`]: the SMTP client that delivers.
 //! - [`dsn`]: RFC 3464 bounces.
 //! - [`log`]: the JSON-lines delivery log.
@@ -24,8 +25,10 @@ pub mod ingress;
 pub mod log;
 pub mod metrics;
 pub mod proto;
+pub mod provider;
 pub mod queue;
 pub mod route;
+pub mod shaping;
 pub mod spool;
 pub mod stream;
 
@@ -53,7 +56,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .store(corrupt.len() as u64, Ordering::Relaxed);
     let router = route::Router::new(&cfg.routes, &cfg.dns, cfg.delivery.port)?;
     let log = log::DeliveryLog::open(cfg.delivery_log.as_deref())?;
-    let queue = queue::Queue::new(&cfg, spool, router, log, metrics.clone());
+    let shaper = shaping::Shaper::load(cfg.shaping.as_deref())?;
+    let queue = queue::Queue::new(&cfg, spool, router, log, metrics.clone(), shaper);
     let n = recovered.len();
     for r in recovered {
         queue.submit(queue::QueuedMessage::new(

@@ -8,9 +8,13 @@
 //! reuse). Temporary failures go to the scheduled queue with an exponential
 //! backoff; permanent ones and expired ones become a DSN to the sender.
 //!
-//! The ready-queue key is the destination domain; issue 6 turns it into
-//! (egress source, provider) and adds shaping between ready queue and
-//! [`Client::connect`], which already takes the source as a parameter.
+//! Shaping (issue 6) sits between the ready queue and [`Client::connect`]:
+//! once a worker has resolved its domain, the first MX host names the
+//! provider, and the worker takes one of the provider's connection slots
+//! (`connection_limit`, shared by every domain the provider hosts) and waits
+//! for its `connection_rate`, then for its `message_rate` before each
+//! message. Each provider has its own slots and rate clocks, so a limited
+//! provider's workers wait without delaying any other provider's.
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     hash::{BuildHasher, Hasher},
@@ -34,6 +38,7 @@ use super::{
     metrics::Metrics,
     proto::{Reply, domain_of},
     route::{RouteError, Router},
+    shaping::Shaper,
     spool::{Location, MsgId, Spool},
 };
 
@@ -140,6 +145,7 @@ pub struct Queue {
     source: Option<IpAddr>,
     per_destination: usize,
     per_connection: usize,
+    shaper: Shaper,
     timeouts: super::config::ClientTimeouts,
     messages: Mutex<HashMap<MsgId, Arc<QueuedMessage>>>,
     ready: Mutex<HashMap<String, ReadyQueue>>,
@@ -189,6 +195,7 @@ impl Queue {
         router: Router,
         log: DeliveryLog,
         metrics: Arc<Metrics>,
+        shaper: Shaper,
     ) -> Arc<Self> {
         let d = &cfg.delivery;
         Arc::new(Self {
@@ -203,6 +210,7 @@ impl Queue {
             source: d.source_ip,
             per_destination: d.connections_per_destination.max(1),
             per_connection: d.messages_per_connection.max(1),
+            shaper,
             timeouts: d.timeouts.clone(),
             messages: Mutex::new(HashMap::new()),
             ready: Mutex::new(HashMap::new()),
@@ -308,6 +316,14 @@ impl Queue {
                     continue;
                 }
             };
+            let shaper = self
+                .shaper
+                .for_host(hosts.first().map_or("", |h| h.name.as_str()));
+            // Held for the whole connection; dropped when the worker leaves it.
+            let _slot = shaper.connection().await;
+            let per_connection = shaper
+                .max_messages_per_connection
+                .map_or(self.per_connection, |m| m.min(self.per_connection));
             let mut last_err: Option<ClientError> = None;
             let mut client = None;
             'hosts: for host in &hosts {
@@ -382,24 +398,31 @@ impl Queue {
                     .iter()
                     .map(|&i| job.msg.rcpts[i as usize].clone())
                     .collect();
+                shaper.message().await;
                 match client.send(&job.msg.sender, &rcpts, &body).await {
                     Ok(tx) => {
-                        let results = job
+                        let results: Vec<(u32, Reply)> = job
                             .rcpts
                             .iter()
                             .enumerate()
                             .map(|(k, &i)| (i, tx.outcome(k).clone()))
                             .collect();
+                        let suspended = results.iter().any(|(_, r)| shaper.on_reply(r));
                         self.finish(job, results, &ctx, false).await;
+                        if suspended {
+                            client.quit().await;
+                            continue 'connection;
+                        }
                     }
                     Err(e) => {
                         let reply = e.reply();
+                        shaper.on_reply(&reply);
                         let results = job.rcpts.iter().map(|&i| (i, reply.clone())).collect();
                         self.finish(job, results, &ctx, false).await;
                         continue 'connection;
                     }
                 }
-                if client.messages_sent >= self.per_connection {
+                if client.messages_sent >= per_connection {
                     client.quit().await;
                     continue 'connection;
                 }

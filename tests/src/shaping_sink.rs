@@ -1,0 +1,181 @@
+//! A counting SMTP sink for shaping tests: it records how many sessions are
+//! open at once (current and maximum) and when each message was accepted,
+//! so limits are asserted from the receiving side. Each `DATA` can be held
+//! for a while to keep connections busy.
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+#[derive(Default)]
+struct State {
+    open: usize,
+    max_open: usize,
+    sessions: usize,
+    accepted: Vec<Instant>,
+    /// Answer `MAIL` with Gmail's `421 4.7.28` (and close).
+    throttle: bool,
+    /// When each `421 4.7.28` was sent.
+    throttled: Vec<Instant>,
+}
+
+pub struct ShapingSink {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ShapingSink {
+    /// On 127.0.0.1, any port; `data_delay` before each `250` to `DATA`.
+    pub fn start(data_delay: Duration) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind sink");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(Mutex::new(State::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp) = (state.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if sp.load(Ordering::Relaxed) {
+                    return;
+                }
+                if let Ok(c) = conn {
+                    let st = st.clone();
+                    std::thread::spawn(move || {
+                        {
+                            let mut s = st.lock().expect("sink lock");
+                            s.open += 1;
+                            s.sessions += 1;
+                            s.max_open = s.max_open.max(s.open);
+                        }
+                        let _ = session(c, &st, data_delay);
+                        st.lock().expect("sink lock").open -= 1;
+                    });
+                }
+            }
+        });
+        Self {
+            addr,
+            state,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Most sessions open at once so far.
+    pub fn max_open(&self) -> usize {
+        self.state.lock().expect("sink lock").max_open
+    }
+
+    /// Sessions so far.
+    pub fn sessions(&self) -> usize {
+        self.state.lock().expect("sink lock").sessions
+    }
+
+    /// When each message was accepted, in order.
+    pub fn accepted(&self) -> Vec<Instant> {
+        self.state.lock().expect("sink lock").accepted.clone()
+    }
+
+    /// Start or stop answering `MAIL` with `421 4.7.28`.
+    pub fn set_throttle(&self, on: bool) {
+        self.state.lock().expect("sink lock").throttle = on;
+    }
+
+    /// When each `421 4.7.28` was sent.
+    pub fn throttled(&self) -> Vec<Instant> {
+        self.state.lock().expect("sink lock").throttled.clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.lock().expect("sink lock").accepted.len()
+    }
+
+    /// Messages per second between the first and the last accepted one
+    /// (`n − 1` intervals over their span).
+    pub fn rate(&self) -> f64 {
+        rate_of(&self.accepted())
+    }
+}
+
+/// Events per second over a sorted list of instants.
+pub fn rate_of(t: &[Instant]) -> f64 {
+    if t.len() < 2 {
+        return 0.0;
+    }
+    let span = t[t.len() - 1].duration_since(t[0]).as_secs_f64();
+    #[expect(clippy::cast_precision_loss, reason = "counts are small")]
+    let n = (t.len() - 1) as f64;
+    n / span
+}
+
+impl Drop for ShapingSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn session(conn: TcpStream, state: &Mutex<State>, data_delay: Duration) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_mins(1)))?;
+    let mut w = conn.try_clone()?;
+    let mut r = BufReader::new(conn);
+    w.write_all(b"220 shaping-sink ESMTP\r\n")?;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let upper = line.to_ascii_uppercase();
+        let reply: &[u8] = if upper.starts_with("EHLO") {
+            b"250-shaping-sink\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n"
+        } else if upper.starts_with("MAIL") && {
+            let mut st = state.lock().expect("sink lock");
+            if st.throttle {
+                st.throttled.push(Instant::now());
+            }
+            st.throttle
+        } {
+            w.write_all(
+                b"421 4.7.28 Our system has detected an unusual rate of unsolicited mail\r\n",
+            )?;
+            return Ok(());
+        } else if upper.starts_with("DATA") {
+            w.write_all(b"354 go ahead\r\n")?;
+            loop {
+                line.clear();
+                if r.read_line(&mut line)? == 0 {
+                    return Ok(());
+                }
+                if line == ".\r\n" {
+                    break;
+                }
+            }
+            if !data_delay.is_zero() {
+                std::thread::sleep(data_delay);
+            }
+            state
+                .lock()
+                .expect("sink lock")
+                .accepted
+                .push(Instant::now());
+            b"250 2.0.0 Ok: queued\r\n"
+        } else if upper.starts_with("QUIT") {
+            w.write_all(b"221 2.0.0 Bye\r\n")?;
+            return Ok(());
+        } else {
+            b"250 2.0.0 Ok\r\n"
+        };
+        w.write_all(reply)?;
+    }
+}
