@@ -186,3 +186,23 @@ async fn starttls_required_but_not_offered_fails() {
     let err = probe(sink.1, &cfg).await.unwrap_err();
     assert!(matches!(err, ProbeError::NoStarttls), "got {err:?}");
 }
+
+#[tokio::test]
+async fn starttls_is_negotiated_with_a_real_tls_relay() {
+    // The project's own relay with a generated certificate offers STARTTLS;
+    // the probe upgrades, says EHLO again over TLS and passes.
+    let relay = smtp_lb_tests::relay::Relay::start(&smtp_lb_tests::relay::RelayConfig {
+        tls: true,
+        ..Default::default()
+    });
+    let mut cfg = fast();
+    cfg.starttls = true;
+    cfg.timeouts.starttls = Duration::from_secs(3);
+    let took = probe(relay.smtp, &cfg)
+        .await
+        .expect("STARTTLS health check against a TLS relay");
+    assert!(took < Duration::from_secs(3));
+    // Without TLS offered, the same check fails at STARTTLS (see above);
+    // with it and without asking, the plain check passes too.
+    probe(relay.smtp, &fast()).await.expect("plain check");
+}
