@@ -58,11 +58,43 @@ pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     }
 }
 
-fn mac_str(m: [u8; 6]) -> String {
+/// `02:00:00:00:00:11`, as configs write MACs.
+pub fn mac_str(m: [u8; 6]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+/// Attaches the pass-through program to `host`'s bridge port, so the
+/// native `XDP_TX` frames that host sends are received (DESIGN.md: veth).
+pub fn pass_on_switch_port(lab: &Lab, host: &str) {
+    let dir = lab.pin_dir().join(format!("pass-{host}"));
+    std::fs::create_dir_all(lab.pin_dir()).unwrap();
+    let out = Command::new("bpftool")
+        .args(["prog", "loadall"])
+        .arg(env::ebpf_object())
+        .arg(&dir)
+        .args(["type", "xdp"])
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool prog loadall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let prog = dir.join("smtp_lb_pass");
+    let port = lab.get(host).port.clone();
+    lab.run_on_switch(&[
+        "bpftool",
+        "net",
+        "attach",
+        "xdpdrv",
+        "pinned",
+        prog.to_str().unwrap(),
+        "dev",
+        &port,
+    ]);
 }
 
 impl DsrLab {
@@ -117,7 +149,7 @@ impl DsrLab {
             config_path,
             lb: None,
         };
-        this.pass_on_switch_port("lb");
+        pass_on_switch_port(&this.lab, "lb");
         this
     }
 
@@ -156,37 +188,6 @@ impl DsrLab {
         if let Some(pid) = self.relays[i].sink.take() {
             self.lab.stop(pid, Duration::ZERO);
         }
-    }
-
-    /// Attaches the pass-through program to `host`'s bridge port, so the
-    /// native `XDP_TX` frames that host sends are received (DESIGN.md: veth).
-    fn pass_on_switch_port(&self, host: &str) {
-        let dir = self.lab.pin_dir().join(format!("pass-{host}"));
-        std::fs::create_dir_all(self.lab.pin_dir()).unwrap();
-        let out = Command::new("bpftool")
-            .args(["prog", "loadall"])
-            .arg(env::ebpf_object())
-            .arg(&dir)
-            .args(["type", "xdp"])
-            .output()
-            .expect("run bpftool");
-        assert!(
-            out.status.success(),
-            "bpftool prog loadall: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let prog = dir.join("smtp_lb_pass");
-        let port = self.lab.get(host).port.clone();
-        self.lab.run_on_switch(&[
-            "bpftool",
-            "net",
-            "attach",
-            "xdpdrv",
-            "pinned",
-            prog.to_str().unwrap(),
-            "dev",
-            &port,
-        ]);
     }
 
     /// A balancer config: one service on VIP:25 with the relays at

@@ -4,19 +4,10 @@
 //! input gets one line naming the cause and the fix.
 use std::{
     process::{Command, Output},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use smtp_lb_tests::{env::smtp_lb_bin, lab::Lab};
-
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(50));
-    }
-}
+use smtp_lb_tests::{env::smtp_lb_bin, lab::Lab, topology::wait_for};
 
 fn xdp_attached(lab: &Lab, host: &str) -> bool {
     let out = lab.run(host, &["ip", "link", "show", "eth0"]);

@@ -15,11 +15,14 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     process::Stdio,
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use smtp_lb_tests::{env, lab::Lab};
+use smtp_lb_tests::{
+    env,
+    lab::Lab,
+    topology::{mac_str, pass_on_switch_port, wait_for},
+};
 
 const VIP4: &str = "203.0.113.10";
 const VIP6: &str = "2001:db8:10::10";
@@ -40,56 +43,6 @@ struct Relay {
     name: String,
     v4: String,
     v6: String,
-}
-
-fn mac_str(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out after {timeout:?} waiting for {what}");
-}
-
-/// Attaches the pass-through program to the bridge port of `host`, so the
-/// native `XDP_TX` frames that host sends are received (DESIGN.md, veth).
-fn pass_on_switch_port(lab: &Lab, host: &str) {
-    let dir = lab.pin_dir().join(format!("pass-{host}"));
-    std::fs::create_dir_all(lab.pin_dir()).unwrap();
-    let obj = env::ebpf_object();
-    let out = std::process::Command::new("bpftool")
-        .args(["prog", "loadall"])
-        .arg(&obj)
-        .arg(&dir)
-        .args(["type", "xdp"])
-        .output()
-        .expect("run bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool prog loadall: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let prog = dir.join("smtp_lb_pass");
-    let port = lab.get(host).port.clone();
-    lab.run_on_switch(&[
-        "bpftool",
-        "net",
-        "attach",
-        "xdpdrv",
-        "pinned",
-        prog.to_str().unwrap(),
-        "dev",
-        &port,
-    ]);
 }
 
 fn run_lab(mode: Mode) {

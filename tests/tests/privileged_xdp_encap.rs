@@ -15,6 +15,7 @@ use smtp_lb_common::{FlowKey, PROTO_TCP, flow_hash, programs};
 use smtp_lb_tests::{
     lab::Lab,
     packet::{PacketBuilder, fold, ipv4_checksum_ok, ones_sum, tcp},
+    topology::mac_str,
     xdp::{Verdict, XdpHarness},
 };
 use smtp_lb_user::{balance::plan::addr_words, config::lb::LbConfig, dataplane::apply_config};
@@ -23,13 +24,6 @@ const VIP4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x10);
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
-
-fn mac_str(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
 
 /// A lab with an "lb" (forwarding on) and a "relay" on one segment, and the
 /// calling thread moved into the lb's namespace.
