@@ -45,6 +45,9 @@ pub struct RelayConfig {
     pub spool_dir: Option<PathBuf>,
     /// Contents of a shaping file (written next to the config).
     pub shaping: Option<String>,
+    /// Raw TOML tables appended to the end of the config (`[cluster]`,
+    /// `[[dkim]]`, `[egress]`, …) for features without a field here.
+    pub extra_toml: String,
 }
 
 impl Default for RelayConfig {
@@ -69,6 +72,7 @@ impl Default for RelayConfig {
             source_ip: None,
             spool_dir: None,
             shaping: None,
+            extra_toml: String::new(),
         }
     }
 }
@@ -191,6 +195,7 @@ impl Relay {
         for (d, hop) in &cfg.routes {
             let _ = writeln!(t, "{} = {}", q(d), q(hop));
         }
+        t.push_str(&cfg.extra_toml);
         let config_path = dir.join("relay.toml");
         std::fs::write(&config_path, t).expect("write relay config");
         let mut relay = Self {
