@@ -10,6 +10,14 @@ pub struct Dnsmasq {
 }
 
 impl Dnsmasq {
+    /// Answers A queries for each of `hosts` (MX host names such as
+    /// `mx.google.com`) with 127.0.0.1; nothing else resolves.
+    pub fn loopback_hosts(hosts: &[&str]) -> Self {
+        let mut args = vec!["--local=/com/net/test/".to_owned()];
+        args.extend(hosts.iter().map(|h| format!("--host-record={h},127.0.0.1")));
+        Self::start(&args)
+    }
+
     /// `args` are dnsmasq record options, e.g. `--mx-host=d.test,mx.d.test,10`,
     /// `--host-record=mx.d.test,127.0.0.1`.
     pub fn start(args: &[String]) -> Self {

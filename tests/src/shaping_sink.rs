@@ -13,15 +13,19 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// Gmail's answer to a sender it considers too fast.
+pub const GMAIL_THROTTLE: &str =
+    "421 4.7.28 Our system has detected an unusual rate of unsolicited mail";
+
 #[derive(Default)]
 struct State {
     open: usize,
     max_open: usize,
     sessions: usize,
     accepted: Vec<Instant>,
-    /// Answer `MAIL` with Gmail's `421 4.7.28` (and close).
-    throttle: bool,
-    /// When each `421 4.7.28` was sent.
+    /// A reply to `MAIL` instead of `250` (a `421` also closes the session).
+    mail_reply: Option<String>,
+    /// When each scripted `MAIL` reply was sent.
     throttled: Vec<Instant>,
 }
 
@@ -83,12 +87,17 @@ impl ShapingSink {
         self.state.lock().expect("sink lock").accepted.clone()
     }
 
-    /// Start or stop answering `MAIL` with `421 4.7.28`.
+    /// Start or stop answering `MAIL` with Gmail's `421 4.7.28`.
     pub fn set_throttle(&self, on: bool) {
-        self.state.lock().expect("sink lock").throttle = on;
+        self.set_mail_reply(on.then_some(GMAIL_THROTTLE));
     }
 
-    /// When each `421 4.7.28` was sent.
+    /// Answer `MAIL` with `reply` (e.g. `"451 4.7.0 [TSS04] deferred"`) until unset.
+    pub fn set_mail_reply(&self, reply: Option<&str>) {
+        self.state.lock().expect("sink lock").mail_reply = reply.map(str::to_owned);
+    }
+
+    /// When each scripted `MAIL` reply was sent.
     pub fn throttled(&self) -> Vec<Instant> {
         self.state.lock().expect("sink lock").throttled.clone()
     }
@@ -139,17 +148,23 @@ fn session(conn: TcpStream, state: &Mutex<State>, data_delay: Duration) -> std::
         let upper = line.to_ascii_uppercase();
         let reply: &[u8] = if upper.starts_with("EHLO") {
             b"250-shaping-sink\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n"
-        } else if upper.starts_with("MAIL") && {
-            let mut st = state.lock().expect("sink lock");
-            if st.throttle {
-                st.throttled.push(Instant::now());
+        } else if let Some(scripted) = upper
+            .starts_with("MAIL")
+            .then(|| {
+                let mut st = state.lock().expect("sink lock");
+                let r = st.mail_reply.clone();
+                if r.is_some() {
+                    st.throttled.push(Instant::now());
+                }
+                r
+            })
+            .flatten()
+        {
+            w.write_all(format!("{scripted}\r\n").as_bytes())?;
+            if scripted.starts_with("421") {
+                return Ok(());
             }
-            st.throttle
-        } {
-            w.write_all(
-                b"421 4.7.28 Our system has detected an unusual rate of unsolicited mail\r\n",
-            )?;
-            return Ok(());
+            continue;
         } else if upper.starts_with("DATA") {
             w.write_all(b"354 go ahead\r\n")?;
             loop {

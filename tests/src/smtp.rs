@@ -5,6 +5,22 @@ use std::{
     time::Duration,
 };
 
+/// Postfix `smtp-source`: `n` messages from `sender@src.test` to `rcpt`
+/// over `sessions` parallel sessions; panics when it fails.
+pub fn smtp_source(server: SocketAddr, rcpt: &str, n: usize, sessions: usize) {
+    let out = std::process::Command::new("smtp-source")
+        .args(["-s", &sessions.to_string(), "-m", &n.to_string()])
+        .args(["-f", "sender@src.test", "-t", rcpt])
+        .arg(server.to_string())
+        .output()
+        .expect("run smtp-source (package postfix)");
+    assert!(
+        out.status.success(),
+        "smtp-source: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub struct RawSmtp {
     pub stream: TcpStream,
     buf: Vec<u8>,

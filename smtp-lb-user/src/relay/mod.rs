@@ -28,6 +28,7 @@ pub mod proto;
 pub mod provider;
 pub mod queue;
 pub mod route;
+pub mod rules;
 pub mod shaping;
 pub mod spool;
 pub mod stream;

@@ -38,6 +38,24 @@ impl Default for Providers {
 }
 
 impl Providers {
+    /// Adds a rule; a suffix another provider already claims is refused
+    /// (the same host cannot belong to two providers).
+    pub fn add(&mut self, suffix: &str, provider: &str) -> Result<(), String> {
+        let suffix = suffix.trim_end_matches('.').to_ascii_lowercase();
+        if suffix.is_empty() || suffix.contains(|c: char| c.is_whitespace() || c == '/') {
+            return Err(format!("{suffix:?} is not a host name suffix"));
+        }
+        match self.rules.iter().find(|(s, _)| *s == suffix) {
+            Some((_, p)) if p == provider => return Ok(()),
+            Some((_, p)) => return Err(format!("{suffix:?} already belongs to provider {p}")),
+            None => {}
+        }
+        self.rules.push((suffix, provider.to_owned()));
+        self.rules
+            .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        Ok(())
+    }
+
     /// Every provider name the rules know, plus [`DEFAULT`].
     pub fn names(&self) -> Vec<&str> {
         let mut v: Vec<&str> = self.rules.iter().map(|(_, p)| p.as_str()).collect();

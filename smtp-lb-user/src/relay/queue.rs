@@ -38,7 +38,7 @@ use super::{
     metrics::Metrics,
     proto::{Reply, domain_of},
     route::{RouteError, Router},
-    shaping::Shaper,
+    shaping::{Shaper, Verdict},
     spool::{Location, MsgId, Spool},
 };
 
@@ -407,8 +407,16 @@ impl Queue {
                             .enumerate()
                             .map(|(k, &i)| (i, tx.outcome(k).clone()))
                             .collect();
-                        let suspended = results.iter().any(|(_, r)| shaper.on_reply(r));
-                        self.finish(job, results, &ctx, false).await;
+                        let mut suspended = false;
+                        let mut bounce = false;
+                        for (_, r) in &results {
+                            match shaper.on_reply(r, ctx.source) {
+                                Verdict::Continue => {}
+                                Verdict::Suspended => suspended = true,
+                                Verdict::Bounce => bounce = true,
+                            }
+                        }
+                        self.finish(job, results, &ctx, bounce).await;
                         if suspended {
                             client.quit().await;
                             continue 'connection;
@@ -416,9 +424,9 @@ impl Queue {
                     }
                     Err(e) => {
                         let reply = e.reply();
-                        shaper.on_reply(&reply);
+                        let bounce = shaper.on_reply(&reply, ctx.source) == Verdict::Bounce;
                         let results = job.rcpts.iter().map(|&i| (i, reply.clone())).collect();
-                        self.finish(job, results, &ctx, false).await;
+                        self.finish(job, results, &ctx, bounce).await;
                         continue 'connection;
                     }
                 }

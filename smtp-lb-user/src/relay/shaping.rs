@@ -19,6 +19,7 @@
 //! concurrency 1.
 use std::{
     collections::{BTreeMap, HashMap},
+    net::IpAddr,
     path::Path,
     str::FromStr,
     sync::{Arc, Mutex},
@@ -29,7 +30,11 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::provider::{self, Providers};
+use super::{
+    proto::Reply,
+    provider::{self, Providers},
+    rules::{self, Action, Rule, RuleBook, RuleConfig},
+};
 
 /// `N/unit`: `"600/min"`, `"10/s"`, `"5000/h"`, `"100000/d"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,9 +80,8 @@ impl<'de> Deserialize<'de> for Rate {
     }
 }
 
-/// One section of the shaping file; unset keys inherit from `[default]`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+/// Effective limits of one provider (its section over `[default]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Limits {
     /// Concurrent connections to the provider (all its domains together).
     pub connection_limit: Option<usize>,
@@ -87,9 +91,6 @@ pub struct Limits {
     pub message_rate: Option<Rate>,
     /// New connections to the provider.
     pub connection_rate: Option<Rate>,
-    /// A `421 4.7.28` from the provider suspends it for this long.
-    #[serde(default, with = "humantime_serde")]
-    pub suspend_for: Option<Duration>,
 }
 
 impl Limits {
@@ -101,64 +102,156 @@ impl Limits {
                 .or(base.max_messages_per_connection),
             message_rate: self.message_rate.or(base.message_rate),
             connection_rate: self.connection_rate.or(base.connection_rate),
-            suspend_for: self.suspend_for.or(base.suspend_for),
         }
     }
 }
 
-/// The parsed file: effective limits per provider (defaults applied).
+/// One section of the shaping file as written; unset limits inherit from `[default]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Section {
+    connection_limit: Option<usize>,
+    max_messages_per_connection: Option<usize>,
+    message_rate: Option<Rate>,
+    connection_rate: Option<Rate>,
+    /// MX host suffixes that belong to this provider (besides the shipped ones).
+    #[serde(default)]
+    mx_suffixes: Vec<String>,
+    /// Reply-driven rules (`[[provider.rule]]`), tried before the shipped ones.
+    #[serde(default, rename = "rule")]
+    rules: Vec<RuleConfig>,
+    /// Whether the shipped rules of this provider apply (default true).
+    default_rules: Option<bool>,
+}
+
+impl Section {
+    fn limits(&self) -> Limits {
+        Limits {
+            connection_limit: self.connection_limit,
+            max_messages_per_connection: self.max_messages_per_connection,
+            message_rate: self.message_rate,
+            connection_rate: self.connection_rate,
+        }
+    }
+}
+
+/// The parsed file: provider rules, effective limits and reply rules per provider.
 #[derive(Clone, Debug, Default)]
 pub struct ShapingConfig {
+    pub providers: Providers,
     pub default: Limits,
-    pub providers: BTreeMap<String, Limits>,
+    pub limits: BTreeMap<String, Limits>,
+    pub rules: HashMap<String, Vec<Rule>>,
+}
+
+/// 1-based number of the first line at or after `from` (0-based) that satisfies `pred`.
+fn line_where(text: &str, from: usize, pred: impl Fn(&str) -> bool) -> Option<usize> {
+    text.lines()
+        .enumerate()
+        .skip(from)
+        .find(|(_, l)| pred(l.trim()))
+        .map(|(i, _)| i + 1)
+}
+
+fn at_line(line: Option<usize>) -> String {
+    line.map_or_else(String::new, |n| format!("line {n}: "))
 }
 
 impl ShapingConfig {
-    pub fn load(path: &Path, providers: &Providers) -> anyhow::Result<Self> {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("read shaping file {}", path.display()))?;
-        Self::parse(&text, providers).with_context(|| format!("shaping file {}", path.display()))
+        Self::parse(&text).with_context(|| format!("shaping file {}", path.display()))
     }
 
     /// Unknown keys and bad rates are refused with their line (the toml
-    /// error says it); an unknown provider section by name and line.
-    pub fn parse(text: &str, providers: &Providers) -> anyhow::Result<Self> {
-        let mut sections: BTreeMap<String, Limits> = toml::from_str(text)?;
+    /// error says it); semantic errors (an unknown provider, a suffix
+    /// claimed by two providers, a bad rule) name their line too.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let mut sections: BTreeMap<String, Section> = toml::from_str(text)?;
+        let header = |name: &str| {
+            line_where(text, 0, |l| {
+                l == format!("[{name}]") || l == format!("[\"{name}\"]")
+            })
+        };
+        let mut providers = Providers::default();
+        let default = sections.remove(provider::DEFAULT).unwrap_or_default();
+        if !default.mx_suffixes.is_empty() {
+            bail!(
+                "{}[default]: mx_suffixes belong to a provider section",
+                at_line(header(provider::DEFAULT))
+            );
+        }
+        for (name, sec) in &sections {
+            let from = header(name).unwrap_or(0);
+            for suffix in &sec.mx_suffixes {
+                let line = line_where(text, from, |l| l.contains(&format!("\"{suffix}\"")));
+                providers
+                    .add(suffix, name)
+                    .map_err(|e| anyhow::anyhow!("{}[{name}] mx_suffixes: {e}", at_line(line)))?;
+            }
+        }
         let known = providers.names();
         for name in sections.keys() {
             if !known.contains(&name.as_str()) {
-                let line = text
-                    .lines()
-                    .position(|l| {
-                        let l = l.trim();
-                        l == format!("[{name}]") || l == format!("[\"{name}\"]")
-                    })
-                    .map_or_else(String::new, |i| format!(" at line {}", i + 1));
                 bail!(
-                    "unknown provider section [{name}]{line}; known providers: {}",
+                    "{}unknown provider section [{name}]; known providers: {} (a new provider needs mx_suffixes)",
+                    at_line(header(name)),
                     known.join(", ")
                 );
             }
         }
-        let default = sections.remove(provider::DEFAULT).unwrap_or_default();
-        for (name, l) in &sections {
-            if l.connection_limit == Some(0) || l.max_messages_per_connection == Some(0) {
-                bail!("[{name}]: limits must be at least 1");
+        for (name, sec) in
+            std::iter::once((&provider::DEFAULT.to_owned(), &default)).chain(&sections)
+        {
+            if sec.connection_limit == Some(0) || sec.max_messages_per_connection == Some(0) {
+                bail!(
+                    "{}[{name}]: limits must be at least 1",
+                    at_line(header(name))
+                );
             }
         }
-        if default.connection_limit == Some(0) || default.max_messages_per_connection == Some(0) {
-            bail!("[default]: limits must be at least 1");
+        let checked = |name: &str, sec: &Section| -> anyhow::Result<Vec<Rule>> {
+            let mut from = 0;
+            sec.rules
+                .iter()
+                .map(|c| {
+                    let line = line_where(text, from, |l| l == format!("[[{name}.rule]]"));
+                    from = line.unwrap_or(from);
+                    Rule::from_config(c)
+                        .map_err(|e| anyhow::anyhow!("{}[[{name}.rule]]: {e}", at_line(line)))
+                })
+                .collect()
+        };
+        let default_rules = checked(provider::DEFAULT, &default)?;
+        let mut rules = HashMap::new();
+        for name in known {
+            let sec = sections.get(name);
+            let mut r = sec
+                .map(|s| checked(name, s))
+                .transpose()?
+                .unwrap_or_default();
+            r.extend(default_rules.iter().cloned());
+            if sec.and_then(|s| s.default_rules).unwrap_or(true) {
+                r.extend(rules::shipped(name));
+            }
+            rules.insert(name.to_owned(), r);
         }
-        let providers = sections
-            .into_iter()
-            .map(|(k, v)| (k, v.or(&default)))
+        let limits = sections
+            .iter()
+            .map(|(k, v)| (k.clone(), v.limits().or(&default.limits())))
             .collect();
-        Ok(Self { default, providers })
+        Ok(Self {
+            providers,
+            default: default.limits(),
+            limits,
+            rules,
+        })
     }
 
     /// The effective limits of one provider.
     pub fn limits(&self, provider: &str) -> &Limits {
-        self.providers.get(provider).unwrap_or(&self.default)
+        self.limits.get(provider).unwrap_or(&self.default)
     }
 }
 
@@ -203,39 +296,58 @@ pub struct ProviderShaper {
     pub max_messages_per_connection: Option<usize>,
     message_rate: Option<Gcra>,
     connection_rate: Option<Gcra>,
-    suspend_for: Option<Duration>,
+    rules: Arc<RuleBook>,
     suspended_until: Mutex<Option<Instant>>,
+    /// A `cut_rate` in force: the lower rate and when it ends.
+    rate_cut: Mutex<Option<(Arc<Gcra>, Instant)>>,
+}
+
+/// What the caller does after a reply the rules acted on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Carry on.
+    Continue,
+    /// The provider is suspended: close the connection, defer the rest.
+    Suspended,
+    /// Bounce the recipients that got this reply instead of retrying.
+    Bounce,
 }
 
 impl ProviderShaper {
-    fn new(name: &str, l: &Limits) -> Self {
+    fn new(name: &str, l: &Limits, rules: Arc<RuleBook>) -> Self {
         Self {
             name: name.to_owned(),
             connections: l.connection_limit.map(|n| Arc::new(Semaphore::new(n))),
             max_messages_per_connection: l.max_messages_per_connection,
             message_rate: l.message_rate.map(Gcra::new),
             connection_rate: l.connection_rate.map(Gcra::new),
-            suspend_for: l.suspend_for,
+            rules,
             suspended_until: Mutex::new(None),
+            rate_cut: Mutex::new(None),
         }
     }
 
-    /// Whether `reply` suspends this provider (`421 4.7.28`, Gmail's "unusual
-    /// rate"); if so, it is suspended from now for `suspend_for`.
-    pub fn on_reply(&self, reply: &super::proto::Reply) -> bool {
-        let Some(d) = self.suspend_for else {
-            return false;
-        };
-        let hit = reply.code == 421
-            && (reply
-                .enhanced
-                .is_some_and(|e| (e.class, e.subject, e.detail) == (4, 7, 28))
-                || reply.text().contains("4.7.28"));
-        if hit {
-            *self.suspended_until.lock().expect("suspend lock") = Some(Instant::now() + d);
-            tracing::warn!(provider = self.name, duration = ?d, "provider suspended after 421 4.7.28");
+    /// Runs the reply through the provider's rules and applies what fires.
+    pub fn on_reply(&self, reply: &Reply, source: Option<IpAddr>) -> Verdict {
+        if reply.is_positive() {
+            return Verdict::Continue;
         }
-        hit
+        let now = Instant::now();
+        match self.rules.on_reply(&self.name, source, reply, now) {
+            None => Verdict::Continue,
+            Some(Action::Suspend(d)) => {
+                *self.suspended_until.lock().expect("suspend lock") = Some(now + d);
+                tracing::warn!(provider = self.name, ?source, duration = ?d, %reply, "rule fired: suspended");
+                Verdict::Suspended
+            }
+            Some(Action::CutRate { rate, duration }) => {
+                *self.rate_cut.lock().expect("rate cut lock") =
+                    Some((Arc::new(Gcra::new(rate)), now + duration));
+                tracing::warn!(provider = self.name, ?source, ?rate, ?duration, %reply, "rule fired: rate cut");
+                Verdict::Continue
+            }
+            Some(Action::Bounce) => Verdict::Bounce,
+        }
     }
 
     async fn wait_unsuspended(&self) {
@@ -267,10 +379,23 @@ impl ProviderShaper {
         permit
     }
 
-    /// Waits for the message rate.
+    /// Waits for the message rate (and a rate cut while one is in force).
     pub async fn message(&self) {
         self.wait_unsuspended().await;
         if let Some(g) = &self.message_rate {
+            g.acquire().await;
+        }
+        let cut = {
+            let mut cut = self.rate_cut.lock().expect("rate cut lock");
+            if cut
+                .as_ref()
+                .is_some_and(|(_, until)| *until <= Instant::now())
+            {
+                *cut = None;
+            }
+            cut.as_ref().map(|(g, _)| g.clone())
+        };
+        if let Some(g) = cut {
             g.acquire().await;
         }
     }
@@ -284,28 +409,32 @@ pub struct Shaper {
 }
 
 impl Shaper {
-    pub fn new(providers: Providers, cfg: &ShapingConfig) -> Self {
-        let shapers = providers
+    pub fn new(cfg: &ShapingConfig) -> Self {
+        let rules = Arc::new(RuleBook::new(cfg.rules.clone()));
+        let shapers = cfg
+            .providers
             .names()
             .into_iter()
             .map(|n| {
                 (
                     n.to_owned(),
-                    Arc::new(ProviderShaper::new(n, cfg.limits(n))),
+                    Arc::new(ProviderShaper::new(n, cfg.limits(n), rules.clone())),
                 )
             })
             .collect();
-        Self { providers, shapers }
+        Self {
+            providers: cfg.providers.clone(),
+            shapers,
+        }
     }
 
-    /// Loads the file when there is one; no file means no limits.
+    /// Loads the file when there is one; no file means no limits and the shipped rules.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
-        let providers = Providers::default();
         let cfg = match path {
-            Some(p) => ShapingConfig::load(p, &providers)?,
-            None => ShapingConfig::default(),
+            Some(p) => ShapingConfig::load(p)?,
+            None => ShapingConfig::parse("")?,
         };
-        Ok(Self::new(providers, &cfg))
+        Ok(Self::new(&cfg))
     }
 
     /// The shaper of the provider that hosts `mx_host`.
@@ -324,7 +453,7 @@ mod tests {
     use super::*;
 
     fn parse(s: &str) -> anyhow::Result<ShapingConfig> {
-        ShapingConfig::parse(s, &Providers::default())
+        ShapingConfig::parse(s)
     }
 
     #[test]
@@ -411,28 +540,88 @@ mod tests {
     }
 
     #[test]
-    fn only_421_4_7_28_suspends_a_provider_with_suspend_for() {
-        use super::super::proto::Reply;
-        let cfg = parse("[google]\nsuspend_for = \"3s\"\n").unwrap();
-        assert_eq!(
-            cfg.limits("google").suspend_for,
-            Some(Duration::from_secs(3))
-        );
-        let s = Shaper::new(Providers::default(), &cfg);
+    fn rules_suspend_cut_or_bounce_and_shipped_ones_can_be_turned_off() {
+        let cfg = parse(concat!(
+            "[google]\n",
+            "[[google.rule]]\ncode = 452\ntext = \"over quota\"\naction = \"bounce\"\n",
+            "[[google.rule]]\ncode = 451\naction = \"cut_rate\"\nrate = \"1/min\"\nduration = \"1h\"\n",
+            "[yahoo]\ndefault_rules = false\n",
+        ))
+        .unwrap();
+        let s = Shaper::new(&cfg);
         let g = s.for_host("mx.google.com");
-        assert!(!g.on_reply(&Reply::local(421, "4.7.0", "busy")));
-        assert!(!g.on_reply(&Reply::local(451, "4.7.28", "x")));
-        assert!(g.on_reply(&Reply::local(421, "4.7.28", "unusual rate")));
+        assert_eq!(
+            g.on_reply(&Reply::local(250, "2.0.0", "ok"), None),
+            Verdict::Continue
+        );
+        assert_eq!(
+            g.on_reply(&Reply::local(452, "4.2.2", "Over quota"), None),
+            Verdict::Bounce
+        );
+        assert_eq!(
+            g.on_reply(&Reply::local(451, "4.3.0", "later"), None),
+            Verdict::Continue
+        );
+        assert!(g.rate_cut.lock().unwrap().is_some(), "cut_rate in force");
+        // The shipped Gmail rule still applies after the section's own rules.
+        assert_eq!(
+            g.on_reply(&Reply::local(421, "4.7.28", "unusual rate"), None),
+            Verdict::Suspended
+        );
+        assert!(g.suspended_until.lock().unwrap().is_some());
+        let y = s.for_host("mta5.am0.yahoodns.net");
+        assert_eq!(
+            y.on_reply(&Reply::local(421, "4.7.0", "[TSS04] deferred"), None),
+            Verdict::Continue
+        );
+        let other = s.for_host("mx.example.org");
+        assert_eq!(
+            other.on_reply(&Reply::local(421, "4.7.28", "x"), None),
+            Verdict::Continue
+        );
+    }
+
+    #[test]
+    fn new_providers_come_with_mx_suffixes_and_a_suffix_claimed_twice_is_refused() {
+        let cfg =
+            parse("[acme]\nmx_suffixes = [\"mx.acme.test\"]\nconnection_limit = 3\n").unwrap();
+        let s = Shaper::new(&cfg);
+        assert_eq!(s.for_host("in1.mx.acme.test").name, "acme");
+        assert_eq!(cfg.limits("acme").connection_limit, Some(3));
+        let e = format!(
+            "{:#}",
+            parse("[acme]\nmx_suffixes = [\"acme.test\"]\n\n[zeta]\nconnection_limit = 1\nmx_suffixes = [\"google.com\"]\n")
+                .unwrap_err()
+        );
         assert!(
-            !s.for_host("mx.example.org")
-                .on_reply(&Reply::local(421, "4.7.28", "x"))
+            e.contains("line 6") && e.contains("google.com") && e.contains("google"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            parse("[a1]\nmx_suffixes = [\"x.test\"]\n[b2]\nmx_suffixes = [\"X.test.\"]\n")
+                .unwrap_err()
+        );
+        assert!(e.contains("line 4") && e.contains("a1"), "{e}");
+        let e = format!(
+            "{:#}",
+            parse("[default]\nmx_suffixes = [\"x.test\"]\n").unwrap_err()
+        );
+        assert!(e.contains("line 1"), "{e}");
+        let e = format!(
+            "{:#}",
+            parse("[google]\n[[google.rule]]\ncode = 421\naction = \"suspend\"\n").unwrap_err()
+        );
+        assert!(
+            e.contains("line 2") && e.contains("needs a duration"),
+            "{e}"
         );
     }
 
     #[tokio::test]
     async fn connection_limit_caps_permits_per_provider_only() {
         let cfg = parse("[google]\nconnection_limit = 2\n").unwrap();
-        let s = Shaper::new(Providers::default(), &cfg);
+        let s = Shaper::new(&cfg);
         let g = s.for_host("mx.google.com");
         let a = g.connection().await;
         let b = g.connection().await;

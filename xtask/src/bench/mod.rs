@@ -6,6 +6,7 @@ mod lb;
 mod maglev;
 mod relay;
 mod report;
+mod shaping;
 mod xdp;
 
 use anyhow::Context;
@@ -40,9 +41,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         Name::Maglev => ("maglev", maglev::run()),
         Name::Lb => ("lb", lb::run(&build::run(&build::Options {})?)?),
         Name::Relay => ("relay", relay::run(&build::run(&build::Options {})?)?),
-        Name::Shaping => {
-            anyhow::bail!("benchmark `{:?}` is not implemented yet", opts.name)
-        }
+        Name::Shaping => ("shaping", shaping::run(&build::run(&build::Options {})?)?),
     };
     report.print(name);
     let dir = workspace_root().join("target/bench");
