@@ -136,10 +136,12 @@ impl Drop for ShapingSink {
 
 fn session(conn: TcpStream, state: &Mutex<State>, data_delay: Duration) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_mins(1)))?;
+    conn.set_nodelay(true)?;
     let mut w = conn.try_clone()?;
     let mut r = BufReader::new(conn);
     w.write_all(b"220 shaping-sink ESMTP\r\n")?;
     let mut line = String::new();
+    let mut in_mail = false;
     loop {
         line.clear();
         if r.read_line(&mut line)? == 0 {
@@ -164,8 +166,16 @@ fn session(conn: TcpStream, state: &Mutex<State>, data_delay: Duration) -> std::
             if scripted.starts_with("421") {
                 return Ok(());
             }
+            in_mail = false;
             continue;
+        } else if upper.starts_with("MAIL") {
+            in_mail = true;
+            b"250 2.1.0 Ok\r\n"
+        } else if (upper.starts_with("RCPT") || upper.starts_with("DATA")) && !in_mail {
+            // The pipelined rest of a transaction whose MAIL was refused.
+            b"503 5.5.1 Error: need MAIL command\r\n"
         } else if upper.starts_with("DATA") {
+            in_mail = false;
             w.write_all(b"354 go ahead\r\n")?;
             loop {
                 line.clear();

@@ -237,6 +237,10 @@ fn a_cut_rate_rule_slows_the_provider_for_its_duration() {
         (!sink.throttled().is_empty()).then_some(())
     });
     sink.set_mail_reply(None);
+    // The relay has acted on the reply once it logged the deferral.
+    relay.wait_log("the 451 logged", Duration::from_secs(10), |l| {
+        l["code"] == 451
+    });
     let cut_at = sink.throttled()[0];
     smtp_source(relay.smtp, "u@gmail.test", 12, 4);
     wait_count(&sink, 13, Duration::from_secs(30));
