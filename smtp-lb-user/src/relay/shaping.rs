@@ -25,11 +25,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::{
+    limiter::{ConnectionLimiter, ConnectionPermit, Limiters, RateLimiter},
+    provider::{self, Providers},
+};
 use anyhow::{Context, bail};
 use serde::Deserialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-use super::provider::{self, Providers};
 
 /// `N/unit`: `"600/min"`, `"10/s"`, `"5000/h"`, `"100000/d"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -199,22 +200,26 @@ impl Gcra {
 #[derive(Debug)]
 pub struct ProviderShaper {
     pub name: String,
-    connections: Option<Arc<Semaphore>>,
+    connections: Option<ConnectionLimiter>,
     pub max_messages_per_connection: Option<usize>,
-    message_rate: Option<Gcra>,
-    connection_rate: Option<Gcra>,
+    message_rate: Option<RateLimiter>,
+    connection_rate: Option<RateLimiter>,
     suspend_for: Option<Duration>,
     suspended_until: Mutex<Option<Instant>>,
 }
 
 impl ProviderShaper {
-    fn new(name: &str, l: &Limits) -> Self {
+    fn new(name: &str, l: &Limits, limiters: &Limiters) -> Self {
         Self {
             name: name.to_owned(),
-            connections: l.connection_limit.map(|n| Arc::new(Semaphore::new(n))),
+            connections: l.connection_limit.map(|n| limiters.connections(name, n)),
             max_messages_per_connection: l.max_messages_per_connection,
-            message_rate: l.message_rate.map(Gcra::new),
-            connection_rate: l.connection_rate.map(Gcra::new),
+            message_rate: l
+                .message_rate
+                .map(|r| limiters.rate("message_rate", name, r)),
+            connection_rate: l
+                .connection_rate
+                .map(|r| limiters.rate("connection_rate", name, r)),
             suspend_for: l.suspend_for,
             suspended_until: Mutex::new(None),
         }
@@ -250,15 +255,10 @@ impl ProviderShaper {
 
     /// Waits for a connection slot (held until the permit drops) and for the
     /// connection rate.
-    pub async fn connection(&self) -> Option<OwnedSemaphorePermit> {
+    pub async fn connection(&self) -> Option<ConnectionPermit> {
         self.wait_unsuspended().await;
         let permit = match &self.connections {
-            Some(s) => Some(
-                s.clone()
-                    .acquire_owned()
-                    .await
-                    .expect("semaphore never closed"),
-            ),
+            Some(c) => Some(c.acquire().await),
             None => None,
         };
         if let Some(g) = &self.connection_rate {
@@ -284,14 +284,14 @@ pub struct Shaper {
 }
 
 impl Shaper {
-    pub fn new(providers: Providers, cfg: &ShapingConfig) -> Self {
+    pub fn new(providers: Providers, cfg: &ShapingConfig, limiters: &Limiters) -> Self {
         let shapers = providers
             .names()
             .into_iter()
             .map(|n| {
                 (
                     n.to_owned(),
-                    Arc::new(ProviderShaper::new(n, cfg.limits(n))),
+                    Arc::new(ProviderShaper::new(n, cfg.limits(n), limiters)),
                 )
             })
             .collect();
@@ -299,13 +299,13 @@ impl Shaper {
     }
 
     /// Loads the file when there is one; no file means no limits.
-    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+    pub fn load(path: Option<&Path>, limiters: &Limiters) -> anyhow::Result<Self> {
         let providers = Providers::default();
         let cfg = match path {
             Some(p) => ShapingConfig::load(p, &providers)?,
             None => ShapingConfig::default(),
         };
-        Ok(Self::new(providers, &cfg))
+        Ok(Self::new(providers, &cfg, limiters))
     }
 
     /// The shaper of the provider that hosts `mx_host`.
@@ -418,7 +418,7 @@ mod tests {
             cfg.limits("google").suspend_for,
             Some(Duration::from_secs(3))
         );
-        let s = Shaper::new(Providers::default(), &cfg);
+        let s = Shaper::new(Providers::default(), &cfg, &Limiters::local());
         let g = s.for_host("mx.google.com");
         assert!(!g.on_reply(&Reply::local(421, "4.7.0", "busy")));
         assert!(!g.on_reply(&Reply::local(451, "4.7.28", "x")));
@@ -432,7 +432,7 @@ mod tests {
     #[tokio::test]
     async fn connection_limit_caps_permits_per_provider_only() {
         let cfg = parse("[google]\nconnection_limit = 2\n").unwrap();
-        let s = Shaper::new(Providers::default(), &cfg);
+        let s = Shaper::new(Providers::default(), &cfg, &Limiters::local());
         let g = s.for_host("mx.google.com");
         let a = g.connection().await;
         let b = g.connection().await;
