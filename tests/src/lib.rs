@@ -10,8 +10,8 @@
 //! - [`scenario`]: the lab story `cargo xtask lab` prints and tests assert on.
 //! - [`topology`]: the standard L2 DSR lab (client, LB, relays with sinks).
 //! - [`env`]: where the built artifacts are (set by `cargo xtask`).
-//! - [`relay`], [`sink`], [`smtp`], [`dns`], [`postfix`], [`tmp`]: the relay
-//!   under test and its real peers (smtp-sink, swaks, Postfix, dnsmasq).
+//! - [`relay`], [`sink`], [`smtp`], [`dns`], [`postfix`], [`redis`], [`tmp`]: the
+//!   relay under test and its real peers (smtp-sink, swaks, Postfix, dnsmasq, Redis).
 //!
 //! Suites live in `tests/`: `loopback_*` need real peers on 127.0.0.1 but no
 //! privileges; `privileged_*` need root (namespaces, XDP, bpffs).
@@ -24,6 +24,7 @@ pub mod lab;
 pub mod load;
 pub mod packet;
 pub mod postfix;
+pub mod redis;
 pub mod relay;
 pub mod scenario;
 pub mod shaping_sink;

@@ -51,6 +51,9 @@ pub struct Config {
     /// Shaping file (per-provider limits, see `relay::shaping`); none = no limits.
     #[serde(default)]
     pub shaping: Option<PathBuf>,
+    /// Limits shared by every relay through Redis (see `relay::cluster`); none = local limits.
+    #[serde(default)]
+    pub cluster: Option<super::cluster::ClusterConfig>,
     /// Admin listener: `/metrics` (Prometheus text) and the queue API used by `smtp-lb ctl relay`.
     #[serde(default)]
     pub admin: Option<SocketAddr>,

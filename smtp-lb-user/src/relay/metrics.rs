@@ -4,7 +4,7 @@ use std::{
     fmt::Write as _,
     sync::{
         Mutex,
-        atomic::{AtomicI64, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
 };
 
@@ -20,6 +20,14 @@ pub struct Metrics {
     pub ingress_connections_active: AtomicI64,
     /// Connections refused over the connection limit.
     pub ingress_connections_refused: AtomicU64,
+    /// `[cluster]` is set: the cluster lines below are rendered.
+    pub cluster_configured: AtomicBool,
+    /// The cluster's Redis answers (limits shared) or not (limits local).
+    pub cluster_redis_up: AtomicBool,
+    /// Times Redis was lost.
+    pub cluster_outages: AtomicU64,
+    /// Limit operations decided locally because Redis was down.
+    pub cluster_local: AtomicU64,
     /// (domain, status) → recipients.
     by_domain: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
@@ -116,6 +124,29 @@ impl Metrics {
             "gauge",
             oldest_secs.to_string(),
         );
+        if self.cluster_configured.load(Ordering::Relaxed) {
+            c(
+                &mut out,
+                "smtp_lb_relay_cluster_redis_up",
+                "1 while the cluster's Redis answers (shared limits), 0 while limits are local.",
+                "gauge",
+                u8::from(self.cluster_redis_up.load(Ordering::Relaxed)).to_string(),
+            );
+            c(
+                &mut out,
+                "smtp_lb_relay_cluster_outages_total",
+                "Times the cluster's Redis was lost.",
+                "counter",
+                self.cluster_outages.load(Ordering::Relaxed).to_string(),
+            );
+            c(
+                &mut out,
+                "smtp_lb_relay_cluster_local_decisions_total",
+                "Limit operations decided locally because Redis was down.",
+                "counter",
+                self.cluster_local.load(Ordering::Relaxed).to_string(),
+            );
+        }
         let _ = write!(
             out,
             "# HELP smtp_lb_relay_recipients_total Recipient outcomes by destination domain.\n# TYPE smtp_lb_relay_recipients_total counter\n"

@@ -9,6 +9,7 @@
 //! - [`queue`]: live messages, scheduled and ready queues, delivery workers.
 //! - [`route`]: static routes and MX resolution.
 //! - [`provider`], [`shaping`]: MX hosts → providers, per-provider limits (issue 6).
+//! - [`limiter`], [`cluster`]: rate and connection limiters, local or shared through Redis.
 //! - [`client`]: the SMTP client that delivers.
 //! - [`dsn`]: RFC 3464 bounces.
 //! - [`log`]: the JSON-lines delivery log.
@@ -19,9 +20,11 @@
 //! the spool, or scheduled retry, or DSN.
 pub mod admin;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod dsn;
 pub mod ingress;
+pub mod limiter;
 pub mod log;
 pub mod metrics;
 pub mod proto;
@@ -57,7 +60,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .store(corrupt.len() as u64, Ordering::Relaxed);
     let router = route::Router::new(&cfg.routes, &cfg.dns, cfg.delivery.port)?;
     let log = log::DeliveryLog::open(cfg.delivery_log.as_deref())?;
-    let shaper = shaping::Shaper::load(cfg.shaping.as_deref())?;
+    let limiters = match &cfg.cluster {
+        Some(c) => limiter::Limiters::shared(cluster::Cluster::start(c, metrics.clone()).await?),
+        None => limiter::Limiters::local(),
+    };
+    let shaper = shaping::Shaper::load(cfg.shaping.as_deref(), &limiters)?;
     let queue = queue::Queue::new(&cfg, spool, router, log, metrics.clone(), shaper);
     let n = recovered.len();
     for r in recovered {

@@ -28,9 +28,9 @@ use std::{
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{
+    limiter::{ConnectionLimiter, ConnectionPermit, Limiters, RateLimiter},
     proto::Reply,
     provider::{self, Providers},
     rules::{self, Action, Rule, RuleBook, RuleConfig},
@@ -292,10 +292,10 @@ impl Gcra {
 #[derive(Debug)]
 pub struct ProviderShaper {
     pub name: String,
-    connections: Option<Arc<Semaphore>>,
+    connections: Option<ConnectionLimiter>,
     pub max_messages_per_connection: Option<usize>,
-    message_rate: Option<Gcra>,
-    connection_rate: Option<Gcra>,
+    message_rate: Option<RateLimiter>,
+    connection_rate: Option<RateLimiter>,
     rules: Arc<RuleBook>,
     suspended_until: Mutex<Option<Instant>>,
     /// A `cut_rate` in force: the lower rate and when it ends.
@@ -314,13 +314,17 @@ pub enum Verdict {
 }
 
 impl ProviderShaper {
-    fn new(name: &str, l: &Limits, rules: Arc<RuleBook>) -> Self {
+    fn new(name: &str, l: &Limits, rules: Arc<RuleBook>, limiters: &Limiters) -> Self {
         Self {
             name: name.to_owned(),
-            connections: l.connection_limit.map(|n| Arc::new(Semaphore::new(n))),
+            connections: l.connection_limit.map(|n| limiters.connections(name, n)),
             max_messages_per_connection: l.max_messages_per_connection,
-            message_rate: l.message_rate.map(Gcra::new),
-            connection_rate: l.connection_rate.map(Gcra::new),
+            message_rate: l
+                .message_rate
+                .map(|r| limiters.rate("message_rate", name, r)),
+            connection_rate: l
+                .connection_rate
+                .map(|r| limiters.rate("connection_rate", name, r)),
             rules,
             suspended_until: Mutex::new(None),
             rate_cut: Mutex::new(None),
@@ -362,15 +366,10 @@ impl ProviderShaper {
 
     /// Waits for a connection slot (held until the permit drops) and for the
     /// connection rate.
-    pub async fn connection(&self) -> Option<OwnedSemaphorePermit> {
+    pub async fn connection(&self) -> Option<ConnectionPermit> {
         self.wait_unsuspended().await;
         let permit = match &self.connections {
-            Some(s) => Some(
-                s.clone()
-                    .acquire_owned()
-                    .await
-                    .expect("semaphore never closed"),
-            ),
+            Some(c) => Some(c.acquire().await),
             None => None,
         };
         if let Some(g) = &self.connection_rate {
@@ -409,7 +408,7 @@ pub struct Shaper {
 }
 
 impl Shaper {
-    pub fn new(cfg: &ShapingConfig) -> Self {
+    pub fn new(cfg: &ShapingConfig, limiters: &Limiters) -> Self {
         let rules = Arc::new(RuleBook::new(cfg.rules.clone()));
         let shapers = cfg
             .providers
@@ -418,7 +417,12 @@ impl Shaper {
             .map(|n| {
                 (
                     n.to_owned(),
-                    Arc::new(ProviderShaper::new(n, cfg.limits(n), rules.clone())),
+                    Arc::new(ProviderShaper::new(
+                        n,
+                        cfg.limits(n),
+                        rules.clone(),
+                        limiters,
+                    )),
                 )
             })
             .collect();
@@ -429,12 +433,12 @@ impl Shaper {
     }
 
     /// Loads the file when there is one; no file means no limits and the shipped rules.
-    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+    pub fn load(path: Option<&Path>, limiters: &Limiters) -> anyhow::Result<Self> {
         let cfg = match path {
             Some(p) => ShapingConfig::load(p)?,
             None => ShapingConfig::parse("")?,
         };
-        Ok(Self::new(&cfg))
+        Ok(Self::new(&cfg, limiters))
     }
 
     /// The shaper of the provider that hosts `mx_host`.
@@ -548,7 +552,7 @@ mod tests {
             "[yahoo]\ndefault_rules = false\n",
         ))
         .unwrap();
-        let s = Shaper::new(&cfg);
+        let s = Shaper::new(&cfg, &Limiters::local());
         let g = s.for_host("mx.google.com");
         assert_eq!(
             g.on_reply(&Reply::local(250, "2.0.0", "ok"), None),
@@ -585,7 +589,7 @@ mod tests {
     fn new_providers_come_with_mx_suffixes_and_a_suffix_claimed_twice_is_refused() {
         let cfg =
             parse("[acme]\nmx_suffixes = [\"mx.acme.test\"]\nconnection_limit = 3\n").unwrap();
-        let s = Shaper::new(&cfg);
+        let s = Shaper::new(&cfg, &Limiters::local());
         assert_eq!(s.for_host("in1.mx.acme.test").name, "acme");
         assert_eq!(cfg.limits("acme").connection_limit, Some(3));
         let e = format!(
@@ -621,7 +625,7 @@ mod tests {
     #[tokio::test]
     async fn connection_limit_caps_permits_per_provider_only() {
         let cfg = parse("[google]\nconnection_limit = 2\n").unwrap();
-        let s = Shaper::new(&cfg);
+        let s = Shaper::new(&cfg, &Limiters::local());
         let g = s.for_host("mx.google.com");
         let a = g.connection().await;
         let b = g.connection().await;
