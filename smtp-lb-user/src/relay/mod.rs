@@ -9,6 +9,7 @@
 //! - [`queue`]: live messages, scheduled and ready queues, delivery workers.
 //! - [`route`]: static routes and MX resolution.
 //! - [`provider`], [`shaping`]: MX hosts → providers, per-provider limits (issue 6).
+//! - [`egress`]: source IPs, pools (weighted round robin), warmup caps.
 //! - [`client`]: the SMTP client that delivers.
 //! - [`dsn`]: RFC 3464 bounces.
 //! - [`log`]: the JSON-lines delivery log.
@@ -21,6 +22,7 @@ pub mod admin;
 pub mod client;
 pub mod config;
 pub mod dsn;
+pub mod egress;
 pub mod ingress;
 pub mod log;
 pub mod metrics;
@@ -57,7 +59,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let router = route::Router::new(&cfg.routes, &cfg.dns, cfg.delivery.port)?;
     let log = log::DeliveryLog::open(cfg.delivery_log.as_deref())?;
     let shaper = shaping::Shaper::load(cfg.shaping.as_deref())?;
-    let queue = queue::Queue::new(&cfg, spool, router, log, metrics.clone(), shaper);
+    let egress = egress::Egress::from_config(&cfg, &provider::Providers::default())?;
+    egress.check_override_keys(shaper.override_keys())?;
+    let queue = queue::Queue::new(&cfg, spool, router, log, metrics.clone(), shaper, egress);
     let n = recovered.len();
     for r in recovered {
         queue.submit(queue::QueuedMessage::new(

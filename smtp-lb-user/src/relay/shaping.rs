@@ -13,12 +13,18 @@
 //! ```
 //!
 //! A provider section inherits every key it does not set from `[default]`.
+//!
+//! Per-source overrides (`[google.sources."198.51.100.21"]`, or by source
+//! name) take the same keys and apply to that (source, provider) pair in
+//! addition to the provider-wide limits; `[default.sources.X]` applies to
+//! every provider without its own entry for X. Suspension lives per pair.
 //! Rates are GCRA (generic cell rate algorithm): each message reserves the
 //! next theoretical arrival time under a lock and then waits for it outside
 //! the lock, so any number of connections share one rate and no rate forces
 //! concurrency 1.
 use std::{
     collections::{BTreeMap, HashMap},
+    net::IpAddr,
     path::Path,
     str::FromStr,
     sync::{Arc, Mutex},
@@ -90,6 +96,9 @@ pub struct Limits {
     /// A `421 4.7.28` from the provider suspends it for this long.
     #[serde(default, with = "humantime_serde")]
     pub suspend_for: Option<Duration>,
+    /// Per-source overrides, by egress source name or address.
+    #[serde(default)]
+    pub sources: BTreeMap<String, Limits>,
 }
 
 impl Limits {
@@ -102,6 +111,12 @@ impl Limits {
             message_rate: self.message_rate.or(base.message_rate),
             connection_rate: self.connection_rate.or(base.connection_rate),
             suspend_for: self.suspend_for.or(base.suspend_for),
+            sources: base
+                .sources
+                .iter()
+                .chain(&self.sources)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         }
     }
 }
@@ -140,15 +155,20 @@ impl ShapingConfig {
                 );
             }
         }
-        let default = sections.remove(provider::DEFAULT).unwrap_or_default();
         for (name, l) in &sections {
             if l.connection_limit == Some(0) || l.max_messages_per_connection == Some(0) {
                 bail!("[{name}]: limits must be at least 1");
             }
+            for (src, o) in &l.sources {
+                if o.connection_limit == Some(0) || o.max_messages_per_connection == Some(0) {
+                    bail!("[{name}.sources.{src:?}]: limits must be at least 1");
+                }
+                if !o.sources.is_empty() {
+                    bail!("[{name}.sources.{src:?}]: a source override has no sources of its own");
+                }
+            }
         }
-        if default.connection_limit == Some(0) || default.max_messages_per_connection == Some(0) {
-            bail!("[default]: limits must be at least 1");
-        }
+        let default = sections.remove(provider::DEFAULT).unwrap_or_default();
         let providers = sections
             .into_iter()
             .map(|(k, v)| (k, v.or(&default)))
@@ -205,6 +225,11 @@ pub struct ProviderShaper {
     connection_rate: Option<Gcra>,
     suspend_for: Option<Duration>,
     suspended_until: Mutex<Option<Instant>>,
+    /// Suspensions by a `421 4.7.28` so far (metrics).
+    pub suspensions: std::sync::atomic::AtomicU64,
+    /// A temporary lower message rate set by [`Self::cut_rate`].
+    rate_cut: Mutex<Option<(Arc<Gcra>, Instant)>>,
+    base_rate: Option<Rate>,
 }
 
 impl ProviderShaper {
@@ -217,7 +242,38 @@ impl ProviderShaper {
             connection_rate: l.connection_rate.map(Gcra::new),
             suspend_for: l.suspend_for,
             suspended_until: Mutex::new(None),
+            rate_cut: Mutex::new(None),
+            suspensions: std::sync::atomic::AtomicU64::new(0),
+            base_rate: l.message_rate,
         }
+    }
+
+    /// No new connection or message until `until`.
+    pub fn suspend(&self, until: Instant) {
+        *self.suspended_until.lock().expect("suspend lock") = Some(until);
+    }
+
+    /// When a suspension ends, if one is in force.
+    pub fn suspended_until(&self) -> Option<Instant> {
+        self.suspended_until
+            .lock()
+            .expect("suspend lock")
+            .filter(|t| *t > Instant::now())
+    }
+
+    /// Multiplies the message rate by `factor` (0–1) until `until`; no-op
+    /// without a `message_rate`.
+    pub fn cut_rate(&self, factor: f64, until: Instant) {
+        let Some(r) = self.base_rate else { return };
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss,
+            reason = "a clamped, rounded count"
+        )]
+        let count = (f64::from(r.count) * factor.clamp(0.0, 1.0)).round().max(1.0) as u32;
+        let g = Arc::new(Gcra::new(Rate { count, per: r.per }));
+        *self.rate_cut.lock().expect("rate cut lock") = Some((g, until));
     }
 
     /// Whether `reply` suspends this provider (`421 4.7.28`, Gmail's "unusual
@@ -234,6 +290,9 @@ impl ProviderShaper {
         if hit {
             *self.suspended_until.lock().expect("suspend lock") = Some(Instant::now() + d);
             tracing::warn!(provider = self.name, duration = ?d, "provider suspended after 421 4.7.28");
+        }
+        if hit {
+            self.suspensions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         hit
     }
@@ -270,9 +329,55 @@ impl ProviderShaper {
     /// Waits for the message rate.
     pub async fn message(&self) {
         self.wait_unsuspended().await;
-        if let Some(g) = &self.message_rate {
+        let cut = self
+            .rate_cut
+            .lock()
+            .expect("rate cut lock")
+            .as_ref()
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(g, _)| g.clone());
+        if let Some(g) = cut {
+            g.acquire().await;
+        } else if let Some(g) = &self.message_rate {
             g.acquire().await;
         }
+    }
+}
+
+/// The limits one connection obeys: its provider's, shared by every
+/// source, and its (source, provider) pair's, which also holds the pair's
+/// suspension.
+#[derive(Clone, Debug)]
+pub struct PairShaper {
+    pub provider: Arc<ProviderShaper>,
+    pub pair: Arc<ProviderShaper>,
+}
+
+impl PairShaper {
+    pub fn max_messages_per_connection(&self) -> Option<usize> {
+        match (
+            self.pair.max_messages_per_connection,
+            self.provider.max_messages_per_connection,
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The pair's slot first, so a source at its own limit holds no provider slot.
+    pub async fn connection(&self) -> [Option<OwnedSemaphorePermit>; 2] {
+        let pair = self.pair.connection().await;
+        [pair, self.provider.connection().await]
+    }
+
+    pub async fn message(&self) {
+        self.pair.message().await;
+        self.provider.message().await;
+    }
+
+    /// A `421 4.7.28` suspends this pair (see [`ProviderShaper::on_reply`]).
+    pub fn on_reply(&self, reply: &super::proto::Reply) -> bool {
+        self.pair.on_reply(reply)
     }
 }
 
@@ -281,6 +386,9 @@ impl ProviderShaper {
 pub struct Shaper {
     providers: Providers,
     shapers: HashMap<String, Arc<ProviderShaper>>,
+    cfg: ShapingConfig,
+    /// (source name, provider) → the pair's shaper, made on first use.
+    pairs: Mutex<HashMap<(String, String), Arc<ProviderShaper>>>,
 }
 
 impl Shaper {
@@ -295,7 +403,12 @@ impl Shaper {
                 )
             })
             .collect();
-        Self { providers, shapers }
+        Self {
+            providers,
+            shapers,
+            cfg: cfg.clone(),
+            pairs: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Loads the file when there is one; no file means no limits.
@@ -306,6 +419,62 @@ impl Shaper {
             None => ShapingConfig::default(),
         };
         Ok(Self::new(providers, &cfg))
+    }
+
+    /// The provider that hosts `mx_host`.
+    pub fn provider_of(&self, mx_host: &str) -> String {
+        self.providers.classify(mx_host).to_owned()
+    }
+
+    /// Every (provider section, source key) with an override, for checking
+    /// the keys against the egress sources.
+    pub fn override_keys(&self) -> Vec<(&str, &str)> {
+        std::iter::once((provider::DEFAULT, &self.cfg.default))
+            .chain(self.cfg.providers.iter().map(|(p, l)| (p.as_str(), l)))
+            .flat_map(|(p, l)| l.sources.keys().map(move |k| (p, k.as_str())))
+            .collect()
+    }
+
+    /// The shapers of one (egress source, provider) pair: the override is
+    /// found by the source's name, then by its address.
+    pub fn for_pair(&self, source: &str, address: Option<IpAddr>, provider: &str) -> PairShaper {
+        let provider_shaper = self
+            .shapers
+            .get(provider)
+            .or_else(|| self.shapers.get(provider::DEFAULT))
+            .expect("default shaper exists")
+            .clone();
+        let pair = self
+            .pairs
+            .lock()
+            .expect("pairs lock")
+            .entry((source.to_owned(), provider.to_owned()))
+            .or_insert_with(|| {
+                let l = self.cfg.limits(provider);
+                let mut o = l
+                    .sources
+                    .get(source)
+                    .or_else(|| address.and_then(|a| l.sources.get(&a.to_string())))
+                    .cloned()
+                    .unwrap_or_default();
+                o.suspend_for = o.suspend_for.or(l.suspend_for);
+                Arc::new(ProviderShaper::new(&format!("{provider} via {source}"), &o))
+            })
+            .clone();
+        PairShaper {
+            provider: provider_shaper,
+            pair,
+        }
+    }
+
+    /// Every pair in use: (source, provider, shaper).
+    pub fn pairs(&self) -> Vec<(String, String, Arc<ProviderShaper>)> {
+        self.pairs
+            .lock()
+            .expect("pairs lock")
+            .iter()
+            .map(|((s, p), v)| (s.clone(), p.clone(), v.clone()))
+            .collect()
     }
 
     /// The shaper of the provider that hosts `mx_host`.
