@@ -185,7 +185,7 @@ fn session(
         }
         let upper = line.to_ascii_uppercase();
         let reply: &[u8] = if upper.starts_with("EHLO") {
-            ehlo = line[4..].trim().to_owned();
+            line[4..].trim().clone_into(&mut ehlo);
             b"250-shaping-sink\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n"
         } else if upper.starts_with("MAIL") && {
             let mut st = state.lock().expect("sink lock");

@@ -253,7 +253,9 @@ impl Egress {
             let warmup_start = match s.warmup_start.as_deref() {
                 None => None,
                 Some("now") => Some(now),
-                Some(d) => Some(parse_date(d).map_err(|m| anyhow::anyhow!("{at}: warmup_start: {m}"))?),
+                Some(d) => {
+                    Some(parse_date(d).map_err(|m| anyhow::anyhow!("{at}: warmup_start: {m}"))?)
+                }
             };
             sources.push(Source {
                 name: s.name.clone(),
@@ -277,8 +279,16 @@ impl Egress {
                 let Some(&id) = by_name.get(&m.name) else {
                     bail!("{at}: sources[{k}]: unknown source {:?}", m.name);
                 };
-                ensure!(m.weight > 0, "{at}: sources[{k}] ({:?}): weight must be at least 1", m.name);
-                ensure!(!members.contains(&id), "{at}: sources[{k}]: {:?} is listed twice", m.name);
+                ensure!(
+                    m.weight > 0,
+                    "{at}: sources[{k}] ({:?}): weight must be at least 1",
+                    m.name
+                );
+                ensure!(
+                    !members.contains(&id),
+                    "{at}: sources[{k}]: {:?} is listed twice",
+                    m.name
+                );
                 members.push(id);
                 weights.push(i64::from(m.weight));
             }
@@ -344,8 +354,9 @@ impl Egress {
     ) -> anyhow::Result<()> {
         for (provider, key) in keys {
             ensure!(
-                self.sources.iter().any(|s| s.name == key
-                    || s.address.is_some_and(|a| a.to_string() == key)),
+                self.sources
+                    .iter()
+                    .any(|s| s.name == key || s.address.is_some_and(|a| a.to_string() == key)),
                 "shaping file: [{provider}.sources.{key:?}]: no egress source has this name or address"
             );
         }
@@ -390,7 +401,10 @@ impl Egress {
     /// Whether some source of `pool` is in service (not unplumbed).
     pub fn has_usable(&self, pool: usize) -> bool {
         let now = Instant::now();
-        self.pools[pool].members.iter().any(|&s| !self.unplumbed(s, now))
+        self.pools[pool]
+            .members
+            .iter()
+            .any(|&s| !self.unplumbed(s, now))
     }
 
     /// Seconds until an unplumbed source is tried again (0 = in use).
@@ -399,7 +413,9 @@ impl Egress {
             .unplumbed_until
             .lock()
             .expect("egress lock")
-            .map_or(Duration::ZERO, |t| t.saturating_duration_since(Instant::now()))
+            .map_or(Duration::ZERO, |t| {
+                t.saturating_duration_since(Instant::now())
+            })
     }
 
     /// Takes a source whose address is not on this host out of its pools
@@ -414,7 +430,7 @@ impl Egress {
         let src = &self.sources[s];
         warn!(
             source = src.name,
-            address = ?src.address,
+            address = %src.address.map_or_else(|| "any".to_owned(), |a| a.to_string()),
             pool = self.pools[pool].name,
             retry_in = ?self.recheck,
             %error,
@@ -432,7 +448,10 @@ impl Egress {
         let overflow = self.warmup.overflow(provider);
         let p = &self.pools[pool];
         if let Some(s) = pinned.filter(|&s| !self.unplumbed(s, now) && p.members.contains(&s)) {
-            return match self.warmup.take(s, self.sources[s].warmup_start, provider, wall) {
+            return match self
+                .warmup
+                .take(s, self.sources[s].warmup_start, provider, wall)
+            {
                 Ok(()) => Pick::Source(s),
                 Err(after) => Pick::Wait {
                     source: Some(s),
@@ -457,7 +476,10 @@ impl Egress {
                 });
             };
             let s = p.members[k];
-            match self.warmup.take(s, self.sources[s].warmup_start, provider, wall) {
+            match self
+                .warmup
+                .take(s, self.sources[s].warmup_start, provider, wall)
+            {
                 Ok(()) => return Pick::Source(s),
                 Err(after) if overflow == Overflow::Wait => {
                     return Pick::Wait {
@@ -515,7 +537,11 @@ pub fn smooth_wrr(
 fn parse_date(s: &str) -> Result<SystemTime, String> {
     let bad = || format!("bad date {s:?}: expected YYYY-MM-DD or \"now\"");
     let mut it = s.trim().splitn(3, '-');
-    let mut num = || it.next().and_then(|p| p.parse::<i64>().ok()).ok_or_else(bad);
+    let mut num = || {
+        it.next()
+            .and_then(|p| p.parse::<i64>().ok())
+            .ok_or_else(bad)
+    };
     let (y, m, d) = (num()?, num()?, num()?);
     if !(1..=12).contains(&m) || !(1..=31).contains(&d) || y < 1970 {
         return Err(bad());
@@ -585,7 +611,8 @@ impl Warmup {
     }
 
     fn overflow(&self, provider: &str) -> Overflow {
-        self.schedule(provider).map_or(Overflow::Spill, |s| s.overflow)
+        self.schedule(provider)
+            .map_or(Overflow::Spill, |s| s.overflow)
     }
 
     /// Which (day, hour) windows `elapsed` since the start falls in, and
@@ -712,12 +739,25 @@ mod tests {
         assert_eq!(e.pool_name(e.pool_for("x@news.example.com", None)), "news");
         assert_eq!(e.pool_name(e.pool_for("CEO@example.com", None)), "news");
         assert_eq!(e.pool_name(e.pool_for("other@example.com", None)), "main");
+        let t = egress(&format!(
+            "tenant_header = \"X-Tenant\"\n{THREE}[[pool]]\nname = \"acme\"\nsources = [{{ name = \"b\" }}]\n\
+             [[select]]\ntenant = \"acme\"\npool = \"acme\"\n"
+        ))
+        .unwrap();
+        assert_eq!(t.pool_name(t.pool_for("x@y", Some("acme"))), "acme");
+        assert_eq!(t.pool_name(t.pool_for("x@y", Some("other"))), "main");
+        assert_eq!(t.pool_name(t.pool_for("x@y", None)), "main");
         assert_eq!(e.sources[0].helo, "a.test");
         assert_eq!(e.sources[1].helo, "relay.test");
         let picks: Vec<Pick> = (0..4).map(|_| e.pick(0, "google", None)).collect();
         assert_eq!(
             picks,
-            [Pick::Source(0), Pick::Source(1), Pick::Source(2), Pick::Source(0)]
+            [
+                Pick::Source(0),
+                Pick::Source(1),
+                Pick::Source(2),
+                Pick::Source(0)
+            ]
         );
     }
 
@@ -749,7 +789,9 @@ mod tests {
                 "[[egress.select]] #1: needs exactly one of",
             ),
             (
-                format!("{THREE}[[select]]\nsender = \"a@b\"\nsender_domain = \"b\"\npool = \"main\"\n"),
+                format!(
+                    "{THREE}[[select]]\nsender = \"a@b\"\nsender_domain = \"b\"\npool = \"main\"\n"
+                ),
                 "[[egress.select]] #1: needs exactly one of",
             ),
             (

@@ -23,10 +23,13 @@ pub struct Metrics {
     /// (domain, status) → recipients.
     by_domain: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// (provider, source, status, enhanced code) → recipients.
-    by_pair: Mutex<BTreeMap<(String, String, &'static str, String), u64>>,
+    by_pair: Mutex<BTreeMap<PairOutcome, u64>>,
     /// (provider, source) → connections open now, seconds waited for shaping.
     pair_gauges: Mutex<BTreeMap<(String, String), PairGauges>>,
 }
+
+/// (provider, source, status, enhanced code).
+type PairOutcome = (String, String, &'static str, String);
 
 #[derive(Default)]
 struct PairGauges {

@@ -34,12 +34,12 @@ use super::{
     client::{Client, ClientError},
     config::{Config, RetryConfig},
     dsn,
+    egress::{Egress, Pick, SourceId},
     log::{Attempt, DeliveryLog},
     metrics::{EgressSample, Metrics},
     proto::{Reply, domain_of},
-    route::{RouteError, Router},
-    egress::{Egress, Pick, SourceId},
     route::Host,
+    route::{RouteError, Router},
     shaping::Shaper,
     spool::{Location, MsgId, Spool},
 };
@@ -52,6 +52,8 @@ pub struct QueuedMessage {
     pub received_ms: u64,
     pub location: Location,
     state: Mutex<MessageState>,
+    /// The tenant header's value, read from the spool on first need.
+    tenant: tokio::sync::OnceCell<Option<String>>,
 }
 
 #[derive(Default)]
@@ -82,6 +84,7 @@ impl QueuedMessage {
                 done,
                 ..Default::default()
             }),
+            tenant: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -295,7 +298,19 @@ impl Queue {
         let provider = self
             .shaper
             .provider_of(hosts.first().map_or("", |h| h.name.as_str()));
-        let pool = self.egress.pool_for(&job.msg.sender, None);
+        let tenant = match &self.egress.tenant_header {
+            Some(h) => job
+                .msg
+                .tenant
+                .get_or_init(|| async {
+                    let body = self.spool.read_body(job.msg.location).await.ok()?;
+                    header_value(&body, h)
+                })
+                .await
+                .as_deref(),
+            None => None,
+        };
+        let pool = self.egress.pool_for(&job.msg.sender, tenant);
         match self.egress.pick(pool, &provider, job.pinned.take()) {
             Pick::Source(source) => self.enqueue((source, provider), job, hosts),
             Pick::Wait { source, after } => {
@@ -416,10 +431,13 @@ impl Queue {
                         Err(e) if e.is_unplumbed() => {
                             // The source, not the destination, is broken: its
                             // jobs go to other sources without an attempt.
-                            let pool = self.egress.pool_for(&first.msg.sender, None);
+                            let tenant = first.msg.tenant.get().and_then(Option::as_deref);
+                            let pool = self.egress.pool_for(&first.msg.sender, tenant);
                             self.egress.suspend_unplumbed(source_id, pool, &e);
                             if self.egress.has_usable(pool) {
-                                for job in std::iter::once(first).chain(self.drain_ready(&key, None)) {
+                                for job in
+                                    std::iter::once(first).chain(self.drain_ready(&key, None))
+                                {
                                     self.push_ready(job);
                                 }
                                 continue 'connection;
@@ -584,7 +602,9 @@ impl Queue {
                     provider,
                     source,
                     status,
-                    reply.enhanced.map_or_else(|| reply.code.to_string(), |e| e.to_string()),
+                    reply
+                        .enhanced
+                        .map_or_else(|| reply.code.to_string(), |e| e.to_string()),
                 );
             }
             self.log.write(&Attempt {
@@ -879,9 +899,47 @@ impl Queue {
     }
 }
 
+/// The value of header `name` in a message's header section (unfolded, trimmed).
+fn header_value(message: &[u8], name: &str) -> Option<String> {
+    let end = message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(message.len());
+    let head = String::from_utf8_lossy(&message[..end]);
+    let mut value: Option<String> = None;
+    for line in head.split("\r\n") {
+        if line.starts_with([' ', '\t']) {
+            if let Some(v) = value.as_mut() {
+                v.push(' ');
+                v.push_str(line.trim());
+            }
+            continue;
+        }
+        if value.is_some() {
+            break;
+        }
+        if let Some((n, v)) = line.split_once(':')
+            && n.trim().eq_ignore_ascii_case(name)
+        {
+            value = Some(v.trim().to_owned());
+        }
+    }
+    value
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tenant_header_is_found_unfolded_and_only_in_the_header_section() {
+        let m = b"Subject: x\r\nx-tenant: acme\r\n corp\r\nTo: y\r\n\r\nX-Tenant: body\r\n";
+        assert_eq!(header_value(m, "X-Tenant").as_deref(), Some("acme corp"));
+        assert_eq!(
+            header_value(b"Subject: x\r\n\r\nX-Tenant: b\r\n", "X-Tenant"),
+            None
+        );
+    }
 
     #[test]
     fn backoff_doubles_within_jitter_and_caps() {

@@ -268,10 +268,11 @@ impl ProviderShaper {
         #[expect(
             clippy::cast_possible_truncation,
             clippy::cast_sign_loss,
-            clippy::cast_precision_loss,
             reason = "a clamped, rounded count"
         )]
-        let count = (f64::from(r.count) * factor.clamp(0.0, 1.0)).round().max(1.0) as u32;
+        let count = (f64::from(r.count) * factor.clamp(0.0, 1.0))
+            .round()
+            .max(1.0) as u32;
         let g = Arc::new(Gcra::new(Rate { count, per: r.per }));
         *self.rate_cut.lock().expect("rate cut lock") = Some((g, until));
     }
@@ -292,7 +293,8 @@ impl ProviderShaper {
             tracing::warn!(provider = self.name, duration = ?d, "provider suspended after 421 4.7.28");
         }
         if hit {
-            self.suspensions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.suspensions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         hit
     }
@@ -596,6 +598,48 @@ mod tests {
             !s.for_host("mx.example.org")
                 .on_reply(&Reply::local(421, "4.7.28", "x"))
         );
+    }
+
+    #[test]
+    fn source_overrides_apply_per_pair_by_name_or_address_and_suspend_per_pair() {
+        use super::super::proto::Reply;
+        let cfg = parse(
+            "[default.sources.ip9]\nconnection_limit = 7\n\n[google]\nconnection_limit = 10\nsuspend_for = \"1m\"\n\n[google.sources.\"198.51.100.22\"]\nconnection_limit = 1\nmessage_rate = \"60/min\"\n",
+        )
+        .unwrap();
+        let s = Shaper::new(Providers::default(), &cfg);
+        let addr = |a: &str| Some(a.parse().unwrap());
+        let b = s.for_pair("ip2", addr("198.51.100.22"), "google");
+        assert_eq!(b.provider.name, "google");
+        assert!(b.pair.connections.is_some() && b.pair.message_rate.is_some());
+        let a = s.for_pair("ip1", addr("198.51.100.21"), "google");
+        assert!(a.pair.connections.is_none(), "no override for ip1");
+        // [default.sources] reaches providers without their own entry.
+        let d = s.for_pair("ip9", None, "yahoo");
+        assert_eq!(d.pair.connections.as_ref().unwrap().available_permits(), 7);
+        let mut keys = s.override_keys();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                ("default", "ip9"),
+                ("google", "198.51.100.22"),
+                ("google", "ip9")
+            ]
+        );
+        // 421 4.7.28 suspends the pair, not the provider or the other source.
+        assert!(b.on_reply(&Reply::local(421, "4.7.28", "unusual rate")));
+        assert!(b.pair.suspended_until().is_some());
+        assert!(a.pair.suspended_until().is_none() && b.provider.suspended_until().is_none());
+        assert!(Arc::ptr_eq(
+            &s.for_pair("ip2", None, "google").pair,
+            &b.pair
+        ));
+        let e = format!(
+            "{:#}",
+            parse("[google.sources.x.sources.y]\nconnection_limit = 1\n").unwrap_err()
+        );
+        assert!(e.contains("[google.sources.\"x\"]"), "{e}");
     }
 
     #[tokio::test]
