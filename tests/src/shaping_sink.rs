@@ -24,6 +24,8 @@ struct State {
     accepted: Vec<Instant>,
     /// Answer `MAIL` with Gmail's `421 4.7.28` (and close).
     throttle: bool,
+    /// Answer `MAIL` with `421 4.7.28` only to this client address.
+    throttle_peer: Option<IpAddr>,
     /// When each `421 4.7.28` was sent.
     throttled: Vec<Instant>,
     /// Per accepted message: client address, `EHLO` argument, when.
@@ -114,6 +116,11 @@ impl ShapingSink {
         self.state.lock().expect("sink lock").throttle = on;
     }
 
+    /// Answer `MAIL` with `421 4.7.28` to one client address only (or nobody).
+    pub fn set_throttle_from(&self, peer: Option<IpAddr>) {
+        self.state.lock().expect("sink lock").throttle_peer = peer;
+    }
+
     /// When each `421 4.7.28` was sent.
     pub fn throttled(&self) -> Vec<Instant> {
         self.state.lock().expect("sink lock").throttled.clone()
@@ -189,10 +196,11 @@ fn session(
             b"250-shaping-sink\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n"
         } else if upper.starts_with("MAIL") && {
             let mut st = state.lock().expect("sink lock");
-            if st.throttle {
+            let throttle = st.throttle || st.throttle_peer == Some(peer);
+            if throttle {
                 st.throttled.push(Instant::now());
             }
-            st.throttle
+            throttle
         } {
             w.write_all(
                 b"421 4.7.28 Our system has detected an unusual rate of unsolicited mail\r\n",

@@ -292,3 +292,54 @@ fn a_per_source_override_limits_that_sources_connections_at_the_sink() {
         assert_eq!(counts.values().sum::<usize>(), 80);
     });
 }
+
+#[test]
+fn a_421_4_7_28_suspends_only_that_source_for_the_provider() {
+    in_lab(&["198.51.100.21", "198.51.100.22"], || {
+        let sink = ShapingSink::start_at(ip(SINK_IP), Duration::ZERO);
+        let a = ip("198.51.100.21");
+        sink.set_throttle_from(Some(a));
+        let egress = format!(
+            "[egress]\ndefault_pool = \"main\"\n{}{}\
+             [[egress.pool]]\nname = \"main\"\nsources = [{{ name = \"a\" }}, {{ name = \"b\" }}]\n",
+            source("a", "198.51.100.21", ""),
+            source("b", "198.51.100.22", ""),
+        );
+        let relay = relay(
+            &sink,
+            &egress,
+            Some("[default]\nsuspend_for = \"30s\"\n"),
+            None,
+        );
+        submit(relay.smtp, 40, 10);
+        // b's half arrives while a is suspended.
+        wait_count(&sink, 20, Duration::from_secs(10));
+        std::thread::sleep(Duration::from_secs(1));
+        let counts = by_peer(&sink);
+        eprintln!(
+            "421 to a only: delivered {counts:?}, 421s sent {}",
+            sink.throttled().len()
+        );
+        assert_eq!(counts.get(&a), None, "nothing from the suspended pair");
+        // b has its half, and deferred jobs of a that were routed to b on retry.
+        assert!(counts[&ip("198.51.100.22")] >= 20);
+        // Only a's connections already open when the first 421 came got one.
+        let t = sink.throttled();
+        assert!(
+            t[t.len() - 1].duration_since(t[0]) < Duration::from_millis(500),
+            "no new attempt from a while suspended"
+        );
+        assert_eq!(
+            relay.metric("smtp_lb_relay_suspensions_total{provider=\"default\",source=\"a\"}"),
+            1
+        );
+        assert_eq!(
+            relay.metric("smtp_lb_relay_suspended{provider=\"default\",source=\"a\"}"),
+            1
+        );
+        assert_eq!(
+            relay.metric("smtp_lb_relay_suspended{provider=\"default\",source=\"b\"}"),
+            0
+        );
+    });
+}
