@@ -607,17 +607,20 @@ mod tests {
             "[default.sources.ip9]\nconnection_limit = 7\n\n[google]\nconnection_limit = 10\nsuspend_for = \"1m\"\n\n[google.sources.\"198.51.100.22\"]\nconnection_limit = 1\nmessage_rate = \"60/min\"\n",
         )
         .unwrap();
-        let s = Shaper::new(Providers::default(), &cfg);
+        let shaper = Shaper::new(Providers::default(), &cfg);
         let addr = |a: &str| Some(a.parse().unwrap());
-        let b = s.for_pair("ip2", addr("198.51.100.22"), "google");
-        assert_eq!(b.provider.name, "google");
-        assert!(b.pair.connections.is_some() && b.pair.message_rate.is_some());
-        let a = s.for_pair("ip1", addr("198.51.100.21"), "google");
-        assert!(a.pair.connections.is_none(), "no override for ip1");
+        let ip2 = shaper.for_pair("ip2", addr("198.51.100.22"), "google");
+        assert_eq!(ip2.provider.name, "google");
+        assert!(ip2.pair.connections.is_some() && ip2.pair.message_rate.is_some());
+        let ip1 = shaper.for_pair("ip1", addr("198.51.100.21"), "google");
+        assert!(ip1.pair.connections.is_none(), "no override for ip1");
         // [default.sources] reaches providers without their own entry.
-        let d = s.for_pair("ip9", None, "yahoo");
-        assert_eq!(d.pair.connections.as_ref().unwrap().available_permits(), 7);
-        let mut keys = s.override_keys();
+        let ip9 = shaper.for_pair("ip9", None, "yahoo");
+        assert_eq!(
+            ip9.pair.connections.as_ref().unwrap().available_permits(),
+            7
+        );
+        let mut keys = shaper.override_keys();
         keys.sort_unstable();
         assert_eq!(
             keys,
@@ -628,18 +631,37 @@ mod tests {
             ]
         );
         // 421 4.7.28 suspends the pair, not the provider or the other source.
-        assert!(b.on_reply(&Reply::local(421, "4.7.28", "unusual rate")));
-        assert!(b.pair.suspended_until().is_some());
-        assert!(a.pair.suspended_until().is_none() && b.provider.suspended_until().is_none());
+        assert!(ip2.on_reply(&Reply::local(421, "4.7.28", "unusual rate")));
+        assert!(ip2.pair.suspended_until().is_some());
+        assert!(ip1.pair.suspended_until().is_none() && ip2.provider.suspended_until().is_none());
         assert!(Arc::ptr_eq(
-            &s.for_pair("ip2", None, "google").pair,
-            &b.pair
+            &shaper.for_pair("ip2", None, "google").pair,
+            &ip2.pair
         ));
         let e = format!(
             "{:#}",
             parse("[google.sources.x.sources.y]\nconnection_limit = 1\n").unwrap_err()
         );
         assert!(e.contains("[google.sources.\"x\"]"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn cut_rate_slows_messages_until_it_expires() {
+        let cfg = parse("[google]\nmessage_rate = \"20/s\"\n").unwrap();
+        let g = Shaper::new(Providers::default(), &cfg).for_host("mx.google.com");
+        let timed = async |n| {
+            let t = Instant::now();
+            for _ in 0..n {
+                g.message().await;
+            }
+            t.elapsed()
+        };
+        // 50 ms spacing: 4 messages take ≥ 150 ms; cut to half: ≥ 300 ms.
+        let plain = timed(4).await;
+        g.cut_rate(0.5, Instant::now() + Duration::from_secs(5));
+        let cut = timed(4).await;
+        assert!(plain < Duration::from_millis(260), "{plain:?}");
+        assert!(cut >= Duration::from_millis(300), "{cut:?}");
     }
 
     #[tokio::test]
