@@ -1,10 +1,13 @@
 //! A counting SMTP sink for shaping tests: it records how many sessions are
 //! open at once (current and maximum) and when each message was accepted,
 //! so limits are asserted from the receiving side. Each `DATA` can be held
-//! for a while to keep connections busy.
+//! for a while to keep connections busy. Each accepted message records the
+//! client's address and its `EHLO` argument, so egress sources (issue 6)
+//! are checked from the receiving side too.
 use std::{
+    collections::HashMap,
     io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -25,8 +28,22 @@ struct State {
     accepted: Vec<Instant>,
     /// A reply to `MAIL` instead of `250` (a `421` also closes the session).
     mail_reply: Option<String>,
+    /// Answer `MAIL` with `421 4.7.28` only to this client address.
+    throttle_peer: Option<IpAddr>,
     /// When each scripted `MAIL` reply was sent.
     throttled: Vec<Instant>,
+    /// Per accepted message: client address, `EHLO` argument, when.
+    deliveries: Vec<Delivery>,
+    /// Sessions open now and at most, per client address.
+    open_by_peer: HashMap<IpAddr, (usize, usize)>,
+}
+
+/// One accepted message as the sink saw it.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub peer: IpAddr,
+    pub ehlo: String,
+    pub at: Instant,
 }
 
 pub struct ShapingSink {
@@ -39,7 +56,12 @@ pub struct ShapingSink {
 impl ShapingSink {
     /// On 127.0.0.1, any port; `data_delay` before each `250` to `DATA`.
     pub fn start(data_delay: Duration) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind sink");
+        Self::start_at("127.0.0.1".parse().expect("ip"), data_delay)
+    }
+
+    /// On `ip`, any port (in the calling thread's network namespace).
+    pub fn start_at(ip: IpAddr, data_delay: Duration) -> Self {
+        let listener = TcpListener::bind((ip, 0)).expect("bind sink");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(Mutex::new(State::default()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -52,14 +74,20 @@ impl ShapingSink {
                 if let Ok(c) = conn {
                     let st = st.clone();
                     std::thread::spawn(move || {
+                        let peer = c.peer_addr().map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
                         {
                             let mut s = st.lock().expect("sink lock");
                             s.open += 1;
                             s.sessions += 1;
                             s.max_open = s.max_open.max(s.open);
+                            let p = s.open_by_peer.entry(peer).or_default();
+                            p.0 += 1;
+                            p.1 = p.1.max(p.0);
                         }
-                        let _ = session(c, &st, data_delay);
-                        st.lock().expect("sink lock").open -= 1;
+                        let _ = session(c, peer, &st, data_delay);
+                        let mut s = st.lock().expect("sink lock");
+                        s.open -= 1;
+                        s.open_by_peer.entry(peer).or_default().0 -= 1;
                     });
                 }
             }
@@ -97,9 +125,29 @@ impl ShapingSink {
         self.state.lock().expect("sink lock").mail_reply = reply.map(str::to_owned);
     }
 
+    /// Answer `MAIL` with `421 4.7.28` to one client address only (or nobody).
+    pub fn set_throttle_from(&self, peer: Option<IpAddr>) {
+        self.state.lock().expect("sink lock").throttle_peer = peer;
+    }
+
     /// When each scripted `MAIL` reply was sent.
     pub fn throttled(&self) -> Vec<Instant> {
         self.state.lock().expect("sink lock").throttled.clone()
+    }
+
+    /// Every accepted message: client address, `EHLO` argument, time.
+    pub fn deliveries(&self) -> Vec<Delivery> {
+        self.state.lock().expect("sink lock").deliveries.clone()
+    }
+
+    /// Most sessions open at once from one client address.
+    pub fn max_open_from(&self, peer: IpAddr) -> usize {
+        self.state
+            .lock()
+            .expect("sink lock")
+            .open_by_peer
+            .get(&peer)
+            .map_or(0, |p| p.1)
     }
 
     pub fn count(&self) -> usize {
@@ -134,7 +182,12 @@ impl Drop for ShapingSink {
     }
 }
 
-fn session(conn: TcpStream, state: &Mutex<State>, data_delay: Duration) -> std::io::Result<()> {
+fn session(
+    conn: TcpStream,
+    peer: IpAddr,
+    state: &Mutex<State>,
+    data_delay: Duration,
+) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_mins(1)))?;
     conn.set_nodelay(true)?;
     let mut w = conn.try_clone()?;
@@ -142,6 +195,7 @@ fn session(conn: TcpStream, state: &Mutex<State>, data_delay: Duration) -> std::
     w.write_all(b"220 shaping-sink ESMTP\r\n")?;
     let mut line = String::new();
     let mut in_mail = false;
+    let mut ehlo = String::new();
     loop {
         line.clear();
         if r.read_line(&mut line)? == 0 {
@@ -149,12 +203,15 @@ fn session(conn: TcpStream, state: &Mutex<State>, data_delay: Duration) -> std::
         }
         let upper = line.to_ascii_uppercase();
         let reply: &[u8] = if upper.starts_with("EHLO") {
+            line[4..].trim().clone_into(&mut ehlo);
             b"250-shaping-sink\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n"
         } else if let Some(scripted) = upper
             .starts_with("MAIL")
             .then(|| {
                 let mut st = state.lock().expect("sink lock");
-                let r = st.mail_reply.clone();
+                let r = st.mail_reply.clone().or_else(|| {
+                    (st.throttle_peer == Some(peer)).then(|| GMAIL_THROTTLE.to_owned())
+                });
                 if r.is_some() {
                     st.throttled.push(Instant::now());
                 }
@@ -189,11 +246,14 @@ fn session(conn: TcpStream, state: &Mutex<State>, data_delay: Duration) -> std::
             if !data_delay.is_zero() {
                 std::thread::sleep(data_delay);
             }
-            state
-                .lock()
-                .expect("sink lock")
-                .accepted
-                .push(Instant::now());
+            let now = Instant::now();
+            let mut st = state.lock().expect("sink lock");
+            st.accepted.push(now);
+            st.deliveries.push(Delivery {
+                peer,
+                ehlo: ehlo.clone(),
+                at: now,
+            });
             b"250 2.0.0 Ok: queued\r\n"
         } else if upper.starts_with("QUIT") {
             w.write_all(b"221 2.0.0 Bye\r\n")?;

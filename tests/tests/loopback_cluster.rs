@@ -3,7 +3,6 @@
 //! resolving `mx.google.com` to loopback, `smtp-source` submitting, and a
 //! counting sink measuring concurrency and delivery times on its side.
 use std::{
-    net::SocketAddr,
     process::Command,
     time::{Duration, Instant},
 };
@@ -13,18 +12,12 @@ use smtp_lb_tests::{
     redis::RedisServer,
     relay::{Relay, RelayConfig},
     shaping_sink::{ShapingSink, rate_of},
+    smtp::smtp_source,
     tmp::{free_port, wait_for},
 };
 
 const WARNING: &str = "redis unreachable";
 const BACK: &str = "redis reachable again";
-
-fn dns() -> Dnsmasq {
-    Dnsmasq::start(&[
-        "--local=/com/test/".to_owned(),
-        "--host-record=mx.google.com,127.0.0.1".to_owned(),
-    ])
-}
 
 /// A relay routing `gmail.test` to the sink (provider `google`), sharing limits through `redis_url`.
 fn relay(dns: &Dnsmasq, sink: &ShapingSink, shaping: &str, cluster: &str) -> Relay {
@@ -45,27 +38,12 @@ fn cluster(url: &str) -> String {
     format!("redis = \"{url}\"\n")
 }
 
-/// `smtp-source`: `n` messages to `u@gmail.test` over 10 sessions.
-fn submit(relay: SocketAddr, n: usize) {
-    let out = Command::new("smtp-source")
-        .args(["-s", "10", "-m", &n.to_string()])
-        .args(["-f", "sender@src.test", "-t", "u@gmail.test"])
-        .arg(relay.to_string())
-        .output()
-        .expect("run smtp-source (package postfix)");
-    assert!(
-        out.status.success(),
-        "smtp-source: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Submits `n` to each relay at once.
 fn submit_both(a: &Relay, b: &Relay, n: usize) {
     let (sa, sb) = (a.smtp, b.smtp);
     std::thread::scope(|s| {
-        s.spawn(|| submit(sa, n));
-        s.spawn(|| submit(sb, n));
+        s.spawn(|| smtp_source(sa, "u@gmail.test", n, 10));
+        s.spawn(|| smtp_source(sb, "u@gmail.test", n, 10));
     });
 }
 
@@ -84,7 +62,7 @@ fn two_relays_share_connection_limit_4_at_the_sink() {
     let redis = RedisServer::start();
     // Each DATA takes 150 ms at the sink, so 2 × 16 workers keep every slot busy.
     let sink = ShapingSink::start(Duration::from_millis(150));
-    let dns = dns();
+    let dns = Dnsmasq::loopback_hosts(&["mx.google.com"]);
     let shaping = "[google]\nconnection_limit = 4\nmax_messages_per_connection = 10\n";
     let a = relay(&dns, &sink, shaping, &cluster(&redis.url()));
     let b = relay(&dns, &sink, shaping, &cluster(&redis.url()));
@@ -105,7 +83,7 @@ fn two_relays_share_connection_limit_4_at_the_sink() {
 fn two_relays_share_message_rate_600_per_min_within_2_percent() {
     let redis = RedisServer::start();
     let sink = ShapingSink::start(Duration::ZERO);
-    let dns = dns();
+    let dns = Dnsmasq::loopback_hosts(&["mx.google.com"]);
     let shaping = "[google]\nconnection_limit = 4\nmessage_rate = \"600/min\"\n";
     let a = relay(&dns, &sink, shaping, &cluster(&redis.url()));
     let b = relay(&dns, &sink, shaping, &cluster(&redis.url()));
@@ -132,7 +110,7 @@ fn losing_redis_degrades_to_local_limits_and_loses_nothing() {
     let mut redis = RedisServer::start();
     // 20 ms per DATA keeps connections busy without bounding the rate.
     let sink = ShapingSink::start(Duration::from_millis(20));
-    let dns = dns();
+    let dns = Dnsmasq::loopback_hosts(&["mx.google.com"]);
     let (limit, per_min) = (3, 600.0);
     let shaping = format!(
         "[google]\nconnection_limit = {limit}\nmessage_rate = \"{per_min}/min\"\nmax_messages_per_connection = 20\n"
@@ -184,7 +162,7 @@ fn losing_redis_degrades_to_local_limits_and_loses_nothing() {
 fn a_relay_started_without_redis_limits_locally_and_shares_once_redis_is_up() {
     let port = free_port();
     let sink = ShapingSink::start(Duration::from_millis(100));
-    let dns = dns();
+    let dns = Dnsmasq::loopback_hosts(&["mx.google.com"]);
     let shaping = "[google]\nconnection_limit = 2\nmessage_rate = \"6000/min\"\n";
     let a = relay(
         &dns,
@@ -199,7 +177,7 @@ fn a_relay_started_without_redis_limits_locally_and_shares_once_redis_is_up() {
         a.stderr().contains(WARNING).then_some(())
     });
     assert_eq!(a.metric("smtp_lb_relay_cluster_redis_up"), 0);
-    submit(a.smtp, 20);
+    smtp_source(a.smtp, "u@gmail.test", 20, 10);
     wait_count(&sink, 20, Duration::from_secs(20));
     assert_eq!(
         sink.max_open(),
@@ -212,7 +190,7 @@ fn a_relay_started_without_redis_limits_locally_and_shares_once_redis_is_up() {
         (a.metric("smtp_lb_relay_cluster_redis_up") == 1).then_some(())
     });
     assert!(a.stderr().contains(BACK), "{}", a.stderr());
-    submit(a.smtp, 5);
+    smtp_source(a.smtp, "u@gmail.test", 5, 10);
     wait_count(&sink, 25, Duration::from_secs(20));
     let keys = Command::new("redis-cli")
         .args(["-p", &port.to_string(), "--scan", "--pattern", "t4:*"])
@@ -233,12 +211,12 @@ fn a_crashed_relays_connection_leases_expire_within_the_lease() {
     // The second relay delivers to its own sink (same provider, same
     // leases) so its sessions are told apart from the dead relay's.
     let sink_b = ShapingSink::start(hold);
-    let dns = dns();
+    let dns = Dnsmasq::loopback_hosts(&["mx.google.com"]);
     let shaping = "[google]\nconnection_limit = 2\n";
     let conf = format!("{}lease = \"2s\"\n", cluster(&redis.url()));
     let mut a = relay(&dns, &sink, shaping, &conf);
     let b = relay(&dns, &sink_b, shaping, &conf);
-    submit(a.smtp, 4);
+    smtp_source(a.smtp, "u@gmail.test", 4, 10);
     wait_for(
         "the first relay holding both slots",
         Duration::from_secs(10),
@@ -247,7 +225,7 @@ fn a_crashed_relays_connection_leases_expire_within_the_lease() {
     std::thread::sleep(Duration::from_millis(300));
     a.kill9();
     let killed = Instant::now();
-    submit(b.smtp, 2);
+    smtp_source(b.smtp, "u@gmail.test", 2, 10);
     wait_count(&sink_b, 1, Duration::from_secs(15));
     // B's first session starts `hold` before its first acceptance.
     let waited = sink_b.accepted()[0]

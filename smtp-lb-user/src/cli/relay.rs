@@ -46,6 +46,8 @@ pub enum CtlCommand {
     Delete { id: String },
     /// Prometheus metrics, as served.
     Metrics,
+    /// Egress sources: pools, unplumbed state, ready jobs, suspensions, warmup progress.
+    Sources,
 }
 
 fn http(admin: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
@@ -79,6 +81,7 @@ pub fn ctl(opts: &CtlOptions) -> anyhow::Result<()> {
         CtlCommand::Bounce { id } => ("POST", format!("/queue/{id}/bounce")),
         CtlCommand::Delete { id } => ("POST", format!("/queue/{id}/delete")),
         CtlCommand::Metrics => ("GET", "/metrics".to_owned()),
+        CtlCommand::Sources => ("GET", "/sources".to_owned()),
     };
     let (status, body) = http(opts.relay_admin, method, &path)?;
     anyhow::ensure!(status == 200, "relay answered {status}: {}", body.trim());

@@ -5,6 +5,7 @@
 //! |--------|------------------------|-------------------------------------|
 //! | GET    | `/metrics`             | Prometheus text                     |
 //! | GET    | `/queue`               | JSON: depth, oldest, per domain     |
+//! | GET    | `/sources`             | JSON: egress sources, warmup        |
 //! | GET    | `/queue/ID`            | JSON: one message                   |
 //! | POST   | `/queue/retry`         | all scheduled jobs ready now        |
 //! | POST   | `/queue/ID/retry`      | one message's jobs ready now        |
@@ -79,14 +80,12 @@ async fn route(
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let id = |s: &str| u64::from_str_radix(s, 16).ok();
     match (method, parts.as_slice()) {
-        ("GET", ["metrics"]) => {
-            let (depth, oldest) = queue.depth();
-            (
-                "200 OK",
-                "text/plain; version=0.0.4",
-                queue.metrics.render(depth, oldest),
-            )
-        }
+        ("GET", ["metrics"]) => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            queue.render_metrics(),
+        ),
+        ("GET", ["sources"]) => json(&queue.sources_view()),
         ("GET", ["queue"]) => {
             let (depth, oldest) = queue.depth();
             json(&serde_json::json!({

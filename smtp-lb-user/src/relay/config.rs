@@ -57,6 +57,10 @@ pub struct Config {
     /// Admin listener: `/metrics` (Prometheus text) and the queue API used by `smtp-lb ctl relay`.
     #[serde(default)]
     pub admin: Option<SocketAddr>,
+    /// Egress sources, pools and warmup (see `relay::egress`); none = one
+    /// source from `delivery.source_ip` / `helo_name`.
+    #[serde(default)]
+    pub egress: Option<super::egress::EgressConfig>,
 }
 
 #[derive(Debug, Deserialize)]

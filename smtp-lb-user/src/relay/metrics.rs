@@ -30,6 +30,35 @@ pub struct Metrics {
     pub cluster_local: AtomicU64,
     /// (domain, status) → recipients.
     by_domain: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// (provider, source, status, enhanced code) → recipients.
+    by_pair: Mutex<BTreeMap<PairOutcome, u64>>,
+    /// (provider, source) → connections open now, seconds waited for shaping.
+    pair_gauges: Mutex<BTreeMap<(String, String), PairGauges>>,
+}
+
+/// (provider, source, status, enhanced code).
+type PairOutcome = (String, String, &'static str, String);
+
+#[derive(Default)]
+struct PairGauges {
+    connections: i64,
+    throttle_secs: f64,
+}
+
+/// Egress state sampled when `/metrics` is served.
+#[derive(Default)]
+pub struct EgressSample {
+    /// (provider, source, jobs waiting in the ready queue).
+    pub ready: Vec<(String, String, usize)>,
+    /// (provider, source, suspensions so far, suspended now).
+    pub suspensions: Vec<(String, String, u64, bool)>,
+    /// (source, unplumbed now).
+    pub unplumbed: Vec<(String, bool)>,
+    pub warmup: Vec<super::egress::WarmupProgress>,
+}
+
+fn esc(s: &str) -> String {
+    s.replace(['"', '\\', '\n'], "_")
 }
 
 impl Metrics {
@@ -41,6 +70,174 @@ impl Metrics {
             .expect("metrics lock")
             .entry((domain.to_owned(), status))
             .or_default() += 1;
+    }
+
+    /// Counts one recipient outcome per (provider, source, enhanced code).
+    pub fn count_pair(&self, provider: &str, source: &str, status: &'static str, code: String) {
+        *self
+            .by_pair
+            .lock()
+            .expect("metrics lock")
+            .entry((provider.to_owned(), source.to_owned(), status, code))
+            .or_default() += 1;
+    }
+
+    /// A delivery connection of (provider, source) opened or closed.
+    pub fn connection(&self, pair: &(String, String), open: bool) {
+        let mut g = self.pair_gauges.lock().expect("metrics lock");
+        g.entry(pair.clone()).or_default().connections += if open { 1 } else { -1 };
+    }
+
+    /// Time a (provider, source) connection or message waited for its limits.
+    pub fn throttled(&self, pair: &(String, String), waited: std::time::Duration) {
+        if waited.is_zero() {
+            return;
+        }
+        let mut g = self.pair_gauges.lock().expect("metrics lock");
+        g.entry(pair.clone()).or_default().throttle_secs += waited.as_secs_f64();
+    }
+
+    /// The egress series (issue 6), appended to [`Self::render`].
+    pub fn render_egress(&self, e: &EgressSample) -> String {
+        let mut out = String::new();
+        let head = |out: &mut String, name: &str, help: &str, kind: &str| {
+            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+        };
+        head(
+            &mut out,
+            "smtp_lb_relay_delivery_total",
+            "Recipient outcomes by provider, egress source and enhanced status code.",
+            "counter",
+        );
+        for ((p, s, status, code), n) in self.by_pair.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "smtp_lb_relay_delivery_total{{provider=\"{}\",source=\"{}\",status=\"{status}\",code=\"{}\"}} {n}",
+                esc(p),
+                esc(s),
+                esc(code)
+            );
+        }
+        let gauges = self.pair_gauges.lock().expect("metrics lock");
+        head(
+            &mut out,
+            "smtp_lb_relay_connections",
+            "Delivery connections open now by provider and egress source.",
+            "gauge",
+        );
+        for ((p, s), g) in gauges.iter() {
+            let _ = writeln!(
+                out,
+                "smtp_lb_relay_connections{{provider=\"{}\",source=\"{}\"}} {}",
+                esc(p),
+                esc(s),
+                g.connections
+            );
+        }
+        head(
+            &mut out,
+            "smtp_lb_relay_throttle_seconds_total",
+            "Seconds connections and messages waited for shaping limits.",
+            "counter",
+        );
+        for ((p, s), g) in gauges.iter() {
+            let _ = writeln!(
+                out,
+                "smtp_lb_relay_throttle_seconds_total{{provider=\"{}\",source=\"{}\"}} {:.3}",
+                esc(p),
+                esc(s),
+                g.throttle_secs
+            );
+        }
+        drop(gauges);
+        head(
+            &mut out,
+            "smtp_lb_relay_ready_jobs",
+            "Jobs waiting in the ready queue of (egress source, provider).",
+            "gauge",
+        );
+        for (p, s, n) in &e.ready {
+            let _ = writeln!(
+                out,
+                "smtp_lb_relay_ready_jobs{{provider=\"{}\",source=\"{}\"}} {n}",
+                esc(p),
+                esc(s)
+            );
+        }
+        head(
+            &mut out,
+            "smtp_lb_relay_suspensions_total",
+            "Suspensions of (provider, egress source) by 421 4.7.28.",
+            "counter",
+        );
+        for (p, s, n, _) in &e.suspensions {
+            let _ = writeln!(
+                out,
+                "smtp_lb_relay_suspensions_total{{provider=\"{}\",source=\"{}\"}} {n}",
+                esc(p),
+                esc(s)
+            );
+        }
+        head(
+            &mut out,
+            "smtp_lb_relay_suspended",
+            "1 while (provider, egress source) is suspended.",
+            "gauge",
+        );
+        for (p, s, _, now) in &e.suspensions {
+            let _ = writeln!(
+                out,
+                "smtp_lb_relay_suspended{{provider=\"{}\",source=\"{}\"}} {}",
+                esc(p),
+                esc(s),
+                u8::from(*now)
+            );
+        }
+        head(
+            &mut out,
+            "smtp_lb_relay_source_unplumbed",
+            "1 while an egress source is out of its pools because its address is not on this host.",
+            "gauge",
+        );
+        for (s, now) in &e.unplumbed {
+            let _ = writeln!(
+                out,
+                "smtp_lb_relay_source_unplumbed{{source=\"{}\"}} {}",
+                esc(s),
+                u8::from(*now)
+            );
+        }
+        head(
+            &mut out,
+            "smtp_lb_relay_warmup_sent",
+            "Messages a warming source sent to a provider in the current warmup day.",
+            "gauge",
+        );
+        for w in &e.warmup {
+            let _ = writeln!(
+                out,
+                "smtp_lb_relay_warmup_sent{{provider=\"{}\",source=\"{}\"}} {}",
+                esc(&w.provider),
+                esc(&w.source),
+                w.sent_day
+            );
+        }
+        head(
+            &mut out,
+            "smtp_lb_relay_warmup_cap",
+            "Daily cap of a warming source for a provider on its current warmup day.",
+            "gauge",
+        );
+        for w in &e.warmup {
+            let _ = writeln!(
+                out,
+                "smtp_lb_relay_warmup_cap{{provider=\"{}\",source=\"{}\"}} {}",
+                esc(&w.provider),
+                esc(&w.source),
+                w.daily_cap
+            );
+        }
+        out
     }
 
     /// Total over all domains for one status.

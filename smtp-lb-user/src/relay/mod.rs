@@ -10,6 +10,7 @@
 //! - [`route`]: static routes and MX resolution.
 //! - [`provider`], [`shaping`]: MX hosts → providers, per-provider limits (issue 6).
 //! - [`limiter`], [`cluster`]: rate and connection limiters, local or shared through Redis.
+//! - [`egress`]: source IPs, pools (weighted round robin), warmup caps.
 //! - [`client`]: the SMTP client that delivers.
 //! - [`dsn`]: RFC 3464 bounces.
 //! - [`log`]: the JSON-lines delivery log.
@@ -23,6 +24,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod dsn;
+pub mod egress;
 pub mod ingress;
 pub mod limiter;
 pub mod log;
@@ -65,7 +67,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         None => limiter::Limiters::local(),
     };
     let shaper = shaping::Shaper::load(cfg.shaping.as_deref(), &limiters)?;
-    let queue = queue::Queue::new(&cfg, spool, router, log, metrics.clone(), shaper);
+    let egress = egress::Egress::from_config(&cfg, shaper.providers())?;
+    egress.check_override_keys(shaper.override_keys())?;
+    let queue = queue::Queue::new(&cfg, spool, router, log, metrics.clone(), shaper, egress);
     let n = recovered.len();
     for r in recovered {
         queue.submit(queue::QueuedMessage::new(

@@ -34,9 +34,11 @@ use super::{
     client::{Client, ClientError},
     config::{Config, RetryConfig},
     dsn,
+    egress::{Egress, Pick, SourceId},
     log::{Attempt, DeliveryLog},
-    metrics::Metrics,
+    metrics::{EgressSample, Metrics},
     proto::{Reply, domain_of},
+    route::Host,
     route::{RouteError, Router},
     shaping::{Shaper, Verdict},
     spool::{Location, MsgId, Spool},
@@ -50,6 +52,8 @@ pub struct QueuedMessage {
     pub received_ms: u64,
     pub location: Location,
     state: Mutex<MessageState>,
+    /// The tenant header's value, read from the spool on first need.
+    tenant: tokio::sync::OnceCell<Option<String>>,
 }
 
 #[derive(Default)]
@@ -80,6 +84,7 @@ impl QueuedMessage {
                 done,
                 ..Default::default()
             }),
+            tenant: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -97,11 +102,22 @@ pub struct Job {
     domain: String,
     rcpts: Vec<u32>,
     attempts: u32,
+    /// The egress source a job waiting for its warmup window is bound to.
+    pinned: Option<SourceId>,
 }
+
+/// A routed job: its destination's hosts travel with it.
+struct ReadyJob {
+    job: Job,
+    hosts: Arc<Vec<Host>>,
+}
+
+/// A ready queue's key: (egress source, provider).
+type PairKey = (SourceId, String);
 
 #[derive(Default)]
 struct ReadyQueue {
-    jobs: VecDeque<Job>,
+    jobs: VecDeque<ReadyJob>,
     active: usize,
 }
 
@@ -110,6 +126,8 @@ struct AttemptContext {
     mx: Option<String>,
     ip: Option<IpAddr>,
     source: Option<IpAddr>,
+    /// (provider, source name) once routed, for metrics.
+    provider: Option<(String, String)>,
     started: Instant,
 }
 
@@ -141,14 +159,15 @@ pub struct Queue {
     tls: Option<Arc<rustls::ClientConfig>>,
     retry: RetrySchedule,
     hostname: String,
-    helo: String,
-    source: Option<IpAddr>,
     per_destination: usize,
     per_connection: usize,
     shaper: Shaper,
+    egress: Egress,
     timeouts: super::config::ClientTimeouts,
     messages: Mutex<HashMap<MsgId, Arc<QueuedMessage>>>,
-    ready: Mutex<HashMap<String, ReadyQueue>>,
+    ready: Mutex<HashMap<PairKey, ReadyQueue>>,
+    /// Open delivery connections per destination domain.
+    connections: Mutex<HashMap<String, usize>>,
     scheduled: Mutex<BTreeMap<(Instant, u64), Job>>,
     seq: AtomicU64,
     wake: Notify,
@@ -196,6 +215,7 @@ impl Queue {
         log: DeliveryLog,
         metrics: Arc<Metrics>,
         shaper: Shaper,
+        egress: Egress,
     ) -> Arc<Self> {
         let d = &cfg.delivery;
         Arc::new(Self {
@@ -206,14 +226,14 @@ impl Queue {
             tls: d.starttls.then(crate::tls::opportunistic_tls),
             retry: RetrySchedule::new(&cfg.retry),
             hostname: cfg.hostname.clone(),
-            helo: d.helo_name.clone().unwrap_or_else(|| cfg.hostname.clone()),
-            source: d.source_ip,
             per_destination: d.connections_per_destination.max(1),
             per_connection: d.messages_per_connection.max(1),
             shaper,
+            egress,
             timeouts: d.timeouts.clone(),
             messages: Mutex::new(HashMap::new()),
             ready: Mutex::new(HashMap::new()),
+            connections: Mutex::new(HashMap::new()),
             scheduled: Mutex::new(BTreeMap::new()),
             seq: AtomicU64::new(0),
             wake: Notify::new(),
@@ -246,16 +266,85 @@ impl Queue {
                 domain,
                 rcpts,
                 attempts: 0,
+                pinned: None,
             });
         }
     }
 
+    /// Routes a job (MX lookup, provider, egress source) and queues it in
+    /// the ready queue of its (source, provider).
     fn push_ready(self: &Arc<Self>, job: Job) {
-        let domain = job.domain.clone();
+        tokio::spawn(self.clone().route(job));
+    }
+
+    async fn route(self: Arc<Self>, mut job: Job) {
+        let hosts = match self.router.resolve(&job.domain).await {
+            Ok(h) => Arc::new(h),
+            Err(e) => {
+                let ctx = AttemptContext {
+                    mx: None,
+                    ip: None,
+                    source: None,
+                    provider: None,
+                    started: Instant::now(),
+                };
+                let reply = e.reply().clone();
+                let permanent = matches!(e, RouteError::Permanent(_));
+                let results = job.rcpts.iter().map(|&i| (i, reply.clone())).collect();
+                self.finish(job, results, &ctx, permanent).await;
+                return;
+            }
+        };
+        let provider = self
+            .shaper
+            .provider_of(hosts.first().map_or("", |h| h.name.as_str()));
+        let tenant = match &self.egress.tenant_header {
+            Some(h) => job
+                .msg
+                .tenant
+                .get_or_init(|| async {
+                    let body = self.spool.read_body(job.msg.location).await.ok()?;
+                    header_value(&body, h)
+                })
+                .await
+                .as_deref(),
+            None => None,
+        };
+        let pool = self.egress.pool_for(&job.msg.sender, tenant);
+        match self.egress.pick(pool, &provider, job.pinned.take()) {
+            Pick::Source(source) => self.enqueue((source, provider), job, hosts),
+            Pick::Wait { source, after } => {
+                // Over a warmup cap: not an attempt, just later.
+                job.pinned = source;
+                self.schedule(job, after);
+            }
+            Pick::NoSource => {
+                let reply = Reply::local(
+                    451,
+                    "4.4.1",
+                    format!(
+                        "no egress source of pool {:?} is usable on this host",
+                        self.egress.pool_name(pool)
+                    ),
+                );
+                let ctx = AttemptContext {
+                    mx: None,
+                    ip: None,
+                    source: None,
+                    provider: Some((provider, "none".to_owned())),
+                    started: Instant::now(),
+                };
+                let results = job.rcpts.iter().map(|&i| (i, reply.clone())).collect();
+                self.finish(job, results, &ctx, false).await;
+            }
+        }
+    }
+
+    fn enqueue(self: &Arc<Self>, key: PairKey, job: Job, hosts: Arc<Vec<Host>>) {
         let spawn = {
             let mut ready = self.ready.lock().expect("queue lock");
-            let q = ready.entry(domain.clone()).or_default();
-            q.jobs.push_back(job);
+            let q = ready.entry(key.clone()).or_default();
+            q.jobs.push_back(ReadyJob { job, hosts });
             if q.active < self.per_destination {
                 q.active += 1;
                 true
@@ -264,75 +353,72 @@ impl Queue {
             }
         };
         if spawn {
-            tokio::spawn(self.clone().worker(domain));
+            tokio::spawn(self.clone().worker(key));
         }
     }
 
-    /// The next job of `domain`; `None` also retires the calling worker (in
-    /// the same critical section, so no job is left without a worker).
-    fn pop(&self, domain: &str) -> Option<Job> {
+    /// The next job of `key` (the first one to `domain` when given);
+    /// `None` without `domain` also retires the calling worker (in the same
+    /// critical section, so no job is left without a worker).
+    fn pop(&self, key: &PairKey, domain: Option<&str>) -> Option<ReadyJob> {
         let mut ready = self.ready.lock().expect("queue lock");
-        let q = ready.get_mut(domain)?;
+        let q = ready.get_mut(key)?;
         let job = if self.stopping.load(Ordering::Relaxed) {
             None
+        } else if let Some(d) = domain {
+            let at = q.jobs.iter().position(|r| r.job.domain == d)?;
+            q.jobs.remove(at)
         } else {
             q.jobs.pop_front()
         };
-        if job.is_none() {
+        if job.is_none() && domain.is_none() {
             q.active -= 1;
             if q.active == 0 && q.jobs.is_empty() {
-                ready.remove(domain);
+                ready.remove(key);
             }
         }
         job
     }
 
-    fn drain_ready(&self, domain: &str) -> Vec<Job> {
+    /// Takes every ready job of `key`, or only those to `domain`.
+    fn drain_ready(&self, key: &PairKey, domain: Option<&str>) -> Vec<Job> {
         let mut ready = self.ready.lock().expect("queue lock");
-        ready
-            .get_mut(domain)
-            .map(|q| q.jobs.drain(..).collect())
-            .unwrap_or_default()
+        let Some(q) = ready.get_mut(key) else {
+            return Vec::new();
+        };
+        let (take, keep) = q
+            .jobs
+            .drain(..)
+            .partition(|r| domain.is_none_or(|d| r.job.domain == d));
+        q.jobs = keep;
+        take.into_iter().map(|r| r.job).collect()
     }
 
-    async fn worker(self: Arc<Self>, domain: String) {
-        'connection: while let Some(first) = self.pop(&domain) {
+    /// Delivers the jobs of one (source, provider): one connection at a
+    /// time, reused for following jobs to the same destination.
+    async fn worker(self: Arc<Self>, key: PairKey) {
+        let (source_id, provider) = (key.0, key.1.as_str());
+        let source = &self.egress.sources[source_id];
+        let shaper = self.shaper.for_pair(&source.name, source.address, provider);
+        let labels = (provider.to_owned(), source.name.clone());
+        'connection: while let Some(ReadyJob { job: first, hosts }) = self.pop(&key, None) {
             let started = Instant::now();
-            let hosts = match self.router.resolve(&domain).await {
-                Ok(h) => h,
-                Err(e) => {
-                    let ctx = AttemptContext {
-                        mx: None,
-                        ip: None,
-                        source: self.source,
-                        started,
-                    };
-                    let reply = e.reply().clone();
-                    let permanent = matches!(e, RouteError::Permanent(_));
-                    for job in std::iter::once(first).chain(self.drain_ready(&domain)) {
-                        let results = job.rcpts.iter().map(|&i| (i, reply.clone())).collect();
-                        self.finish(job, results, &ctx, permanent).await;
-                    }
-                    continue;
-                }
-            };
-            let shaper = self
-                .shaper
-                .for_host(hosts.first().map_or("", |h| h.name.as_str()));
+            let domain = first.domain.clone();
             // Held for the whole connection; dropped when the worker leaves it.
-            let _slot = shaper.connection().await;
+            let _slots = shaper.connection().await;
+            self.metrics.throttled(&labels, started.elapsed());
             let per_connection = shaper
-                .max_messages_per_connection
+                .max_messages_per_connection()
                 .map_or(self.per_connection, |m| m.min(self.per_connection));
             let mut last_err: Option<ClientError> = None;
             let mut client = None;
-            'hosts: for host in &hosts {
+            'hosts: for host in hosts.iter() {
                 for addr in &host.addrs {
                     match Client::connect(
                         &host.name,
                         *addr,
-                        self.source,
-                        &self.helo,
+                        source.address,
+                        &source.helo,
                         self.tls.as_ref(),
                         &self.timeouts,
                     )
@@ -342,11 +428,25 @@ impl Queue {
                             client = Some(c);
                             break 'hosts;
                         }
+                        Err(e) if e.is_unplumbed() => {
+                            // The source, not the destination, is broken: its
+                            // jobs go to other sources without an attempt.
+                            let tenant = first.msg.tenant.get().and_then(Option::as_deref);
+                            let pool = self.egress.pool_for(&first.msg.sender, tenant);
+                            self.egress.suspend_unplumbed(source_id, pool, &e);
+                            if self.egress.has_usable(pool) {
+                                for job in
+                                    std::iter::once(first).chain(self.drain_ready(&key, None))
+                                {
+                                    self.push_ready(job);
+                                }
+                                continue 'connection;
+                            }
+                            last_err = Some(e);
+                            break 'hosts;
+                        }
                         Err(e) => {
                             debug!(domain, host = host.name, %addr, error = %e, "connection attempt failed");
-                            if e.is_unplumbed() {
-                                warn!(error = %e, "egress source is not configured on this host");
-                            }
                             last_err = Some(e);
                         }
                     }
@@ -363,15 +463,17 @@ impl Queue {
                         .last()
                         .and_then(|h| h.addrs.last())
                         .map(std::net::SocketAddr::ip),
-                    source: self.source,
+                    source: source.address,
+                    provider: Some(labels.clone()),
                     started,
                 };
-                for job in std::iter::once(first).chain(self.drain_ready(&domain)) {
+                for job in std::iter::once(first).chain(self.drain_ready(&key, Some(&domain))) {
                     let results = job.rcpts.iter().map(|&i| (i, reply.clone())).collect();
                     self.finish(job, results, &ctx, permanent).await;
                 }
                 continue;
             };
+            self.connection_count(&labels, &domain, true);
             let mut job = first;
             loop {
                 let started = Instant::now();
@@ -379,6 +481,7 @@ impl Queue {
                     mx: Some(client.host.clone()),
                     ip: Some(client.addr.ip()),
                     source: client.local.map(|a| a.ip()),
+                    provider: Some(labels.clone()),
                     started,
                 };
                 let body = match self.spool.read_body(job.msg.location).await {
@@ -390,6 +493,7 @@ impl Queue {
                         let results = job.rcpts.iter().map(|&i| (i, reply.clone())).collect();
                         self.finish(job, results, &ctx, false).await;
                         client.quit().await;
+                        self.connection_count(&labels, &domain, false);
                         continue 'connection;
                     }
                 };
@@ -398,7 +502,9 @@ impl Queue {
                     .iter()
                     .map(|&i| job.msg.rcpts[i as usize].clone())
                     .collect();
+                let waited = Instant::now();
                 shaper.message().await;
+                self.metrics.throttled(&labels, waited.elapsed());
                 match client.send(&job.msg.sender, &rcpts, &body).await {
                     Ok(tx) => {
                         let results: Vec<(u32, Reply)> = job
@@ -419,6 +525,7 @@ impl Queue {
                         self.finish(job, results, &ctx, bounce).await;
                         if suspended {
                             client.quit().await;
+                            self.connection_count(&labels, &domain, false);
                             continue 'connection;
                         }
                     }
@@ -427,18 +534,34 @@ impl Queue {
                         let bounce = shaper.on_reply(&reply, ctx.source) == Verdict::Bounce;
                         let results = job.rcpts.iter().map(|&i| (i, reply.clone())).collect();
                         self.finish(job, results, &ctx, bounce).await;
+                        self.connection_count(&labels, &domain, false);
                         continue 'connection;
                     }
                 }
-                if client.messages_sent >= per_connection {
+                let next = (client.messages_sent < per_connection)
+                    .then(|| self.pop(&key, Some(&domain)))
+                    .flatten();
+                let Some(next) = next else {
                     client.quit().await;
+                    self.connection_count(&labels, &domain, false);
                     continue 'connection;
-                }
-                let Some(next) = self.pop(&domain) else {
-                    client.quit().await;
-                    return;
                 };
-                job = next;
+                job = next.job;
+            }
+        }
+    }
+
+    /// Counts a delivery connection opening or closing.
+    fn connection_count(&self, labels: &(String, String), domain: &str, open: bool) {
+        self.metrics.connection(labels, open);
+        let mut c = self.connections.lock().expect("queue lock");
+        let n = c.entry(domain.to_owned()).or_default();
+        if open {
+            *n += 1;
+        } else {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(domain);
             }
         }
     }
@@ -482,6 +605,16 @@ impl Queue {
                 "deferred"
             };
             self.metrics.count(&job.domain, status);
+            if let Some((provider, source)) = &ctx.provider {
+                self.metrics.count_pair(
+                    provider,
+                    source,
+                    status,
+                    reply
+                        .enhanced
+                        .map_or_else(|| reply.code.to_string(), |e| e.to_string()),
+                );
+            }
             self.log.write(&Attempt {
                 id: &format!("{:016x}", msg.id),
                 queue: &job.domain,
@@ -546,6 +679,7 @@ impl Queue {
                     domain: job.domain,
                     rcpts: retry,
                     attempts: job.attempts + 1,
+                    pinned: None,
                 },
                 delay,
             );
@@ -614,15 +748,90 @@ impl Queue {
 
     pub fn summary(&self) -> BTreeMap<String, DomainSummary> {
         let mut out: BTreeMap<String, DomainSummary> = BTreeMap::new();
-        for (d, q) in self.ready.lock().expect("queue lock").iter() {
-            let e = out.entry(d.clone()).or_default();
-            e.ready += q.jobs.len();
-            e.connections += q.active;
+        for q in self.ready.lock().expect("queue lock").values() {
+            for r in &q.jobs {
+                out.entry(r.job.domain.clone()).or_default().ready += 1;
+            }
+        }
+        for (d, n) in self.connections.lock().expect("queue lock").iter() {
+            out.entry(d.clone()).or_default().connections += n;
         }
         for job in self.scheduled.lock().expect("queue lock").values() {
             out.entry(job.domain.clone()).or_default().scheduled += 1;
         }
         out
+    }
+
+    /// Prometheus text: the relay's counters and the egress series.
+    pub fn render_metrics(&self) -> String {
+        let (depth, oldest) = self.depth();
+        let mut out = self.metrics.render(depth, oldest);
+        out.push_str(&self.metrics.render_egress(&self.egress_sample()));
+        out
+    }
+
+    fn egress_sample(&self) -> EgressSample {
+        let name = |s: SourceId| self.egress.sources[s].name.clone();
+        let mut ready: Vec<(String, String, usize)> = self
+            .ready
+            .lock()
+            .expect("queue lock")
+            .iter()
+            .map(|((s, p), q)| (p.clone(), name(*s), q.jobs.len()))
+            .collect();
+        ready.sort();
+        let mut suspensions: Vec<(String, String, u64, bool)> = self
+            .shaper
+            .pairs()
+            .into_iter()
+            .map(|(s, p, sh)| {
+                (
+                    p,
+                    s,
+                    sh.suspensions.load(Ordering::Relaxed),
+                    sh.suspended_until().is_some(),
+                )
+            })
+            .collect();
+        suspensions.sort();
+        EgressSample {
+            ready,
+            suspensions,
+            unplumbed: (0..self.egress.sources.len())
+                .map(|s| (name(s), !self.egress.unplumbed_for(s).is_zero()))
+                .collect(),
+            warmup: self
+                .egress
+                .warmup
+                .progress(&self.egress.sources, SystemTime::now()),
+        }
+    }
+
+    /// `ctl relay sources`: every egress source, its pools, state and warmup.
+    pub fn sources_view(&self) -> serde_json::Value {
+        let sample = self.egress_sample();
+        let sources: Vec<serde_json::Value> = self
+            .egress
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                serde_json::json!({
+                    "name": s.name,
+                    "address": s.address,
+                    "helo": s.helo,
+                    "pools": self.egress.pools_of(i),
+                    "unplumbed_secs": self.egress.unplumbed_for(i).as_secs(),
+                    "ready": sample.ready.iter().filter(|r| r.1 == s.name)
+                        .map(|(p, _, n)| serde_json::json!({"provider": p, "jobs": n}))
+                        .collect::<Vec<_>>(),
+                    "suspended": sample.suspensions.iter().filter(|r| r.1 == s.name && r.3)
+                        .map(|r| r.0.clone()).collect::<Vec<_>>(),
+                    "warmup": sample.warmup.iter().filter(|w| w.source == s.name).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        serde_json::json!({ "sources": sources })
     }
 
     pub fn show(&self, id: MsgId) -> Option<MessageView> {
@@ -676,6 +885,7 @@ impl Queue {
             mx: None,
             ip: None,
             source: None,
+            provider: None,
             started: Instant::now(),
         };
         for job in jobs {
@@ -697,9 +907,47 @@ impl Queue {
     }
 }
 
+/// The value of header `name` in a message's header section (unfolded, trimmed).
+fn header_value(message: &[u8], name: &str) -> Option<String> {
+    let end = message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(message.len());
+    let head = String::from_utf8_lossy(&message[..end]);
+    let mut value: Option<String> = None;
+    for line in head.split("\r\n") {
+        if line.starts_with([' ', '\t']) {
+            if let Some(v) = value.as_mut() {
+                v.push(' ');
+                v.push_str(line.trim());
+            }
+            continue;
+        }
+        if value.is_some() {
+            break;
+        }
+        if let Some((n, v)) = line.split_once(':')
+            && n.trim().eq_ignore_ascii_case(name)
+        {
+            value = Some(v.trim().to_owned());
+        }
+    }
+    value
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tenant_header_is_found_unfolded_and_only_in_the_header_section() {
+        let m = b"Subject: x\r\nx-tenant: acme\r\n corp\r\nTo: y\r\n\r\nX-Tenant: body\r\n";
+        assert_eq!(header_value(m, "X-Tenant").as_deref(), Some("acme corp"));
+        assert_eq!(
+            header_value(b"Subject: x\r\n\r\nX-Tenant: b\r\n", "X-Tenant"),
+            None
+        );
+    }
 
     #[test]
     fn backoff_doubles_within_jitter_and_caps() {

@@ -22,7 +22,10 @@ use std::{
     net::IpAddr,
     path::Path,
     str::FromStr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -80,8 +83,10 @@ impl<'de> Deserialize<'de> for Rate {
     }
 }
 
-/// Effective limits of one provider (its section over `[default]`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Effective limits of one provider (its section over `[default]`), or
+/// one source's override as written (`[google.sources."198.51.100.21"]`).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Concurrent connections to the provider (all its domains together).
     pub connection_limit: Option<usize>,
@@ -91,6 +96,10 @@ pub struct Limits {
     pub message_rate: Option<Rate>,
     /// New connections to the provider.
     pub connection_rate: Option<Rate>,
+    /// Per-source overrides, by egress source name or address (never
+    /// nested: an override is parsed without this field).
+    #[serde(skip)]
+    pub sources: BTreeMap<String, Limits>,
 }
 
 impl Limits {
@@ -102,6 +111,12 @@ impl Limits {
                 .or(base.max_messages_per_connection),
             message_rate: self.message_rate.or(base.message_rate),
             connection_rate: self.connection_rate.or(base.connection_rate),
+            sources: base
+                .sources
+                .iter()
+                .chain(&self.sources)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         }
     }
 }
@@ -122,6 +137,9 @@ struct Section {
     rules: Vec<RuleConfig>,
     /// Whether the shipped rules of this provider apply (default true).
     default_rules: Option<bool>,
+    /// Per-source overrides (`[provider.sources."IP"]` or by source name).
+    #[serde(default)]
+    sources: BTreeMap<String, Limits>,
 }
 
 impl Section {
@@ -131,6 +149,7 @@ impl Section {
             max_messages_per_connection: self.max_messages_per_connection,
             message_rate: self.message_rate,
             connection_rate: self.connection_rate,
+            sources: self.sources.clone(),
         }
     }
 }
@@ -209,6 +228,11 @@ impl ShapingConfig {
                     "{}[{name}]: limits must be at least 1",
                     at_line(header(name))
                 );
+            }
+            for (src, o) in &sec.sources {
+                if o.connection_limit == Some(0) || o.max_messages_per_connection == Some(0) {
+                    bail!("[{name}.sources.{src:?}]: limits must be at least 1");
+                }
             }
         }
         let checked = |name: &str, sec: &Section| -> anyhow::Result<Vec<Rule>> {
@@ -291,7 +315,10 @@ impl Gcra {
 /// Runtime state of one provider's limits, shared by all its connections.
 #[derive(Debug)]
 pub struct ProviderShaper {
+    /// The provider, or `provider@source` for a pair (also its limiter key).
     pub name: String,
+    /// The provider whose rules apply.
+    provider: String,
     connections: Option<ConnectionLimiter>,
     pub max_messages_per_connection: Option<usize>,
     message_rate: Option<RateLimiter>,
@@ -300,6 +327,8 @@ pub struct ProviderShaper {
     suspended_until: Mutex<Option<Instant>>,
     /// A `cut_rate` in force: the lower rate and when it ends.
     rate_cut: Mutex<Option<(Arc<Gcra>, Instant)>>,
+    /// Suspensions so far (metrics).
+    pub suspensions: AtomicU64,
 }
 
 /// What the caller does after a reply the rules acted on.
@@ -314,9 +343,16 @@ pub enum Verdict {
 }
 
 impl ProviderShaper {
-    fn new(name: &str, l: &Limits, rules: Arc<RuleBook>, limiters: &Limiters) -> Self {
+    fn new(
+        provider: &str,
+        name: &str,
+        l: &Limits,
+        rules: Arc<RuleBook>,
+        limiters: &Limiters,
+    ) -> Self {
         Self {
             name: name.to_owned(),
+            provider: provider.to_owned(),
             connections: l.connection_limit.map(|n| limiters.connections(name, n)),
             max_messages_per_connection: l.max_messages_per_connection,
             message_rate: l
@@ -328,7 +364,22 @@ impl ProviderShaper {
             rules,
             suspended_until: Mutex::new(None),
             rate_cut: Mutex::new(None),
+            suspensions: AtomicU64::new(0),
         }
+    }
+
+    /// No new connection or message until `until`.
+    pub fn suspend(&self, until: Instant) {
+        *self.suspended_until.lock().expect("suspend lock") = Some(until);
+        self.suspensions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// When a suspension ends, if one is in force.
+    pub fn suspended_until(&self) -> Option<Instant> {
+        self.suspended_until
+            .lock()
+            .expect("suspend lock")
+            .filter(|t| *t > Instant::now())
     }
 
     /// Runs the reply through the provider's rules and applies what fires.
@@ -337,10 +388,10 @@ impl ProviderShaper {
             return Verdict::Continue;
         }
         let now = Instant::now();
-        match self.rules.on_reply(&self.name, source, reply, now) {
+        match self.rules.on_reply(&self.provider, source, reply, now) {
             None => Verdict::Continue,
             Some(Action::Suspend(d)) => {
-                *self.suspended_until.lock().expect("suspend lock") = Some(now + d);
+                self.suspend(now + d);
                 tracing::warn!(provider = self.name, ?source, duration = ?d, %reply, "rule fired: suspended");
                 Verdict::Suspended
             }
@@ -400,11 +451,53 @@ impl ProviderShaper {
     }
 }
 
+/// The limits one connection obeys: its provider's, shared by every
+/// source, and its (source, provider) pair's, which also holds the pair's
+/// suspension and rate cuts.
+#[derive(Clone, Debug)]
+pub struct PairShaper {
+    pub provider: Arc<ProviderShaper>,
+    pub pair: Arc<ProviderShaper>,
+}
+
+impl PairShaper {
+    pub fn max_messages_per_connection(&self) -> Option<usize> {
+        match (
+            self.pair.max_messages_per_connection,
+            self.provider.max_messages_per_connection,
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The pair's slot first, so a source at its own limit holds no provider slot.
+    pub async fn connection(&self) -> [Option<ConnectionPermit>; 2] {
+        let pair = self.pair.connection().await;
+        [pair, self.provider.connection().await]
+    }
+
+    pub async fn message(&self) {
+        self.pair.message().await;
+        self.provider.message().await;
+    }
+
+    /// Reply rules act on the pair (see [`ProviderShaper::on_reply`]).
+    pub fn on_reply(&self, reply: &Reply, source: Option<IpAddr>) -> Verdict {
+        self.pair.on_reply(reply, source)
+    }
+}
+
 /// Providers and their shapers.
 #[derive(Debug)]
 pub struct Shaper {
     providers: Providers,
     shapers: HashMap<String, Arc<ProviderShaper>>,
+    cfg: ShapingConfig,
+    rules: Arc<RuleBook>,
+    limiters: Limiters,
+    /// (source name, provider) → the pair's shaper, made on first use.
+    pairs: Mutex<HashMap<(String, String), Arc<ProviderShaper>>>,
 }
 
 impl Shaper {
@@ -419,6 +512,7 @@ impl Shaper {
                     n.to_owned(),
                     Arc::new(ProviderShaper::new(
                         n,
+                        n,
                         cfg.limits(n),
                         rules.clone(),
                         limiters,
@@ -429,7 +523,77 @@ impl Shaper {
         Self {
             providers: cfg.providers.clone(),
             shapers,
+            cfg: cfg.clone(),
+            rules,
+            limiters: limiters.clone(),
+            pairs: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Provider rules (shipped and the file's `mx_suffixes`).
+    pub fn providers(&self) -> &Providers {
+        &self.providers
+    }
+
+    /// The provider that hosts `mx_host`.
+    pub fn provider_of(&self, mx_host: &str) -> String {
+        self.providers.classify(mx_host).to_owned()
+    }
+
+    /// Every (provider section, source key) with an override, for checking
+    /// the keys against the egress sources.
+    pub fn override_keys(&self) -> Vec<(&str, &str)> {
+        std::iter::once((provider::DEFAULT, &self.cfg.default))
+            .chain(self.cfg.limits.iter().map(|(p, l)| (p.as_str(), l)))
+            .flat_map(|(p, l)| l.sources.keys().map(move |k| (p, k.as_str())))
+            .collect()
+    }
+
+    /// The shapers of one (egress source, provider) pair: the override is
+    /// found by the source's name, then by its address.
+    pub fn for_pair(&self, source: &str, address: Option<IpAddr>, provider: &str) -> PairShaper {
+        let provider_shaper = self
+            .shapers
+            .get(provider)
+            .or_else(|| self.shapers.get(provider::DEFAULT))
+            .expect("default shaper exists")
+            .clone();
+        let pair = self
+            .pairs
+            .lock()
+            .expect("pairs lock")
+            .entry((source.to_owned(), provider.to_owned()))
+            .or_insert_with(|| {
+                let l = self.cfg.limits(provider);
+                let o = l
+                    .sources
+                    .get(source)
+                    .or_else(|| address.and_then(|a| l.sources.get(&a.to_string())))
+                    .cloned()
+                    .unwrap_or_default();
+                Arc::new(ProviderShaper::new(
+                    &provider_shaper.provider,
+                    &format!("{provider}@{source}"),
+                    &o,
+                    self.rules.clone(),
+                    &self.limiters,
+                ))
+            })
+            .clone();
+        PairShaper {
+            provider: provider_shaper,
+            pair,
+        }
+    }
+
+    /// Every pair in use: (source, provider, shaper).
+    pub fn pairs(&self) -> Vec<(String, String, Arc<ProviderShaper>)> {
+        self.pairs
+            .lock()
+            .expect("pairs lock")
+            .iter()
+            .map(|((s, p), v)| (s.clone(), p.clone(), v.clone()))
+            .collect()
     }
 
     /// Loads the file when there is one; no file means no limits and the shipped rules.
@@ -620,6 +784,53 @@ mod tests {
             e.contains("line 2") && e.contains("needs a duration"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn source_overrides_apply_per_pair_by_name_or_address_and_rules_act_per_pair() {
+        let cfg = parse(concat!(
+            "[default.sources.ip9]\nconnection_limit = 7\n\n",
+            "[google]\nconnection_limit = 10\n",
+            "[[google.rule]]\ncode = 421\nenhanced = \"4.7.28\"\naction = \"suspend\"\nduration = \"1m\"\n",
+            "[google.sources.\"198.51.100.22\"]\nconnection_limit = 1\nmessage_rate = \"60/min\"\n",
+        ))
+        .unwrap();
+        let shaper = Shaper::new(&cfg, &Limiters::local());
+        let addr = |a: &str| Some(a.parse().unwrap());
+        let ip2 = shaper.for_pair("ip2", addr("198.51.100.22"), "google");
+        assert_eq!(ip2.provider.name, "google");
+        assert_eq!(ip2.pair.name, "google@ip2");
+        assert!(ip2.pair.connections.is_some() && ip2.pair.message_rate.is_some());
+        let ip1 = shaper.for_pair("ip1", addr("198.51.100.21"), "google");
+        assert!(ip1.pair.connections.is_none(), "no override for ip1");
+        // [default.sources] reaches providers without their own entry.
+        let ip9 = shaper.for_pair("ip9", None, "yahoo");
+        assert!(ip9.pair.connections.is_some());
+        let mut keys = shaper.override_keys();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                ("default", "ip9"),
+                ("google", "198.51.100.22"),
+                ("google", "ip9")
+            ]
+        );
+        // A rule suspends the pair, not the provider or the other source.
+        let r = Reply::local(421, "4.7.28", "unusual rate");
+        assert_eq!(ip2.on_reply(&r, addr("198.51.100.22")), Verdict::Suspended);
+        assert!(ip2.pair.suspended_until().is_some());
+        assert_eq!(ip2.pair.suspensions.load(Ordering::Relaxed), 1);
+        assert!(ip1.pair.suspended_until().is_none() && ip2.provider.suspended_until().is_none());
+        assert!(Arc::ptr_eq(
+            &shaper.for_pair("ip2", None, "google").pair,
+            &ip2.pair
+        ));
+        let e = format!(
+            "{:#}",
+            parse("[google.sources.x]\nconnection_limit = 1\nsources = {}\n").unwrap_err()
+        );
+        assert!(e.contains("line 3") && e.contains("sources"), "{e}");
     }
 
     #[tokio::test]
