@@ -51,6 +51,9 @@ pub struct Config {
     /// Shaping file (per-provider limits, see `relay::shaping`); none = no limits.
     #[serde(default)]
     pub shaping: Option<PathBuf>,
+    /// DKIM signing keys, one per sending domain (see `relay::dkim`).
+    #[serde(default)]
+    pub dkim: Vec<super::dkim::DkimConfig>,
     /// Admin listener: `/metrics` (Prometheus text) and the queue API used by `smtp-lb ctl relay`.
     #[serde(default)]
     pub admin: Option<SocketAddr>,

@@ -9,6 +9,7 @@
 //! - [`queue`]: live messages, scheduled and ready queues, delivery workers.
 //! - [`route`]: static routes and MX resolution.
 //! - [`provider`], [`shaping`]: MX hosts → providers, per-provider limits (issue 6).
+//! - [`dkim`]: DKIM signing at ingress; [`identity`]: `relay check-identity`.
 //! - [`client`]: the SMTP client that delivers.
 //! - [`dsn`]: RFC 3464 bounces.
 //! - [`log`]: the JSON-lines delivery log.
@@ -20,7 +21,9 @@
 pub mod admin;
 pub mod client;
 pub mod config;
+pub mod dkim;
 pub mod dsn;
+pub mod identity;
 pub mod ingress;
 pub mod log;
 pub mod metrics;
