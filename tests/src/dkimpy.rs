@@ -25,7 +25,11 @@ def txt(name, timeout=5):
         return b"".join(rr.strings)
     return None
 d = dkim.DKIM(open(path, "rb").read())
-ok = d.verify(dnsfunc=txt)
+try:
+    ok = d.verify(dnsfunc=txt)
+except dkim.DKIMException as e:  # e.g. "body hash mismatch": a failed verification
+    print(e, file=sys.stderr)
+    ok = False
 fields = d.signature_fields or {}
 print(("PASS" if ok else "FAIL"),
       fields.get(b"d", b"-").decode(),

@@ -113,12 +113,13 @@ fn ed25519_key(dir: &Path, name: &str) -> Key {
 
 /// dnsmasq `--txt-record` for a DKIM key; TXT strings hold at most 255
 /// octets, so the key is split into several (receivers concatenate them).
+/// On dnsmasq's command line each comma starts a string; quotes would be kept.
 fn dkim_txt(name: &str, key: &Key) -> String {
     let text = format!("v=DKIM1; k={}; p={}", key.k, key.p);
     let chunks: Vec<String> = text
         .as_bytes()
         .chunks(200)
-        .map(|c| format!("\"{}\"", String::from_utf8_lossy(c)))
+        .map(|c| String::from_utf8_lossy(c).into_owned())
         .collect();
     format!("--txt-record={name},{}", chunks.join(","))
 }
