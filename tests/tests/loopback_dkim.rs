@@ -60,7 +60,7 @@ struct Key {
 }
 
 /// RSA-2048; `pkcs1` writes the traditional `BEGIN RSA PRIVATE KEY` form,
-/// otherwise PKCS#8. `p=` is the SubjectPublicKeyInfo, as usually published.
+/// otherwise PKCS#8. `p=` is the `SubjectPublicKeyInfo`, as usually published.
 fn rsa_key(dir: &Path, name: &str, pkcs1: bool) -> Key {
     let path = dir.join(format!("{name}.pem"));
     run(Command::new("openssl")

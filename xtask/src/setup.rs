@@ -45,7 +45,7 @@ const PERL_MODULES: &[(&str, &str)] = &[
 
 /// (Python module that must import in Debian's `/usr/bin/python3`, Debian
 /// package that provides it): dkimpy is the independent DKIM verifier of the
-/// relay's DKIM tests; it needs PyNaCl for Ed25519 and dnspython for DNS.
+/// relay's DKIM tests; it needs `PyNaCl` for Ed25519 and dnspython for DNS.
 const PYTHON_MODULES: &[(&str, &str)] = &[
     ("dkim", "python3-dkim"),
     ("nacl.signing", "python3-nacl"),

@@ -115,6 +115,10 @@ impl fmt::Display for Entry {
 
 /// A key file's permission bits are acceptable when nobody but the owner can
 /// read or write it.
+#[expect(
+    clippy::verbose_bit_mask,
+    reason = "permission bits read best as the octal mask"
+)]
 pub fn mode_is_private(mode: u32) -> bool {
     mode & 0o077 == 0
 }
