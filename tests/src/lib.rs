@@ -12,12 +12,14 @@
 //! - [`env`]: where the built artifacts are (set by `cargo xtask`).
 //! - [`relay`], [`sink`], [`smtp`], [`dns`], [`postfix`], [`redis`], [`tmp`]: the
 //!   relay under test and its real peers (smtp-sink, swaks, Postfix, dnsmasq, Redis).
+//! - [`dkimpy`]: python dkimpy as the independent DKIM verifier.
 //!
 //! Suites live in `tests/`: `loopback_*` need real peers on 127.0.0.1 but no
 //! privileges; `privileged_*` need root (namespaces, XDP, bpffs).
 //! Helpers panic rather than return errors: a test failure should point at
 //! the line that failed.
 
+pub mod dkimpy;
 pub mod dns;
 pub mod env;
 pub mod lab;

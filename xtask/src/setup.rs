@@ -43,6 +43,22 @@ const PERL_MODULES: &[(&str, &str)] = &[
     ("IO::Socket::SSL", "libio-socket-ssl-perl"),
 ];
 
+/// (Python module that must import in Debian's `/usr/bin/python3`, Debian
+/// package that provides it): dkimpy is the independent DKIM verifier of the
+/// relay's DKIM tests; it needs `PyNaCl` for Ed25519 and dnspython for DNS.
+const PYTHON_MODULES: &[(&str, &str)] = &[
+    ("dkim", "python3-dkim"),
+    ("nacl.signing", "python3-nacl"),
+    ("dns.resolver", "python3-dnspython"),
+];
+
+fn python_module_present(module: &str) -> bool {
+    Command::new("/usr/bin/python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 fn perl_module_present(module: &str) -> bool {
     Command::new("perl")
         .args([&format!("-M{module}"), "-e1"])
@@ -165,6 +181,12 @@ fn packages(opts: &Options) -> anyhow::Result<()> {
         PERL_MODULES
             .iter()
             .filter(|(m, _)| !perl_module_present(m))
+            .map(|(_, pkg)| *pkg),
+    );
+    missing.extend(
+        PYTHON_MODULES
+            .iter()
+            .filter(|(m, _)| !python_module_present(m))
             .map(|(_, pkg)| *pkg),
     );
     missing.dedup();

@@ -11,15 +11,57 @@ use anyhow::Context;
 use crate::relay::{self, Config};
 
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Options {
     /// Relay configuration file (TOML); see docs/relay.md.
+    #[arg(long, short, required = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<RelayCommand>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum RelayCommand {
+    /// Check the sending identity in DNS: PTR/HELO of each egress source, SPF,
+    /// the DKIM selector key, DMARC. Exit status 1 when any line fails.
+    CheckIdentity(CheckIdentityOptions),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckIdentityOptions {
+    /// Relay configuration file (TOML); its `[dns]` servers are asked.
     #[arg(long, short)]
     pub config: PathBuf,
+    /// One JSON object per check instead of text lines.
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    match (opts.command, opts.config) {
+        (Some(RelayCommand::CheckIdentity(o)), _) => check_identity(&o).await,
+        (None, Some(config)) => relay::run(Config::load(&config)?, shutdown).await,
+        (None, None) => anyhow::bail!("--config is required"),
+    }
+}
+
+async fn check_identity(opts: &CheckIdentityOptions) -> anyhow::Result<()> {
     let cfg = Config::load(&opts.config)?;
-    relay::run(cfg, shutdown).await
+    let checks = relay::identity::run(&cfg).await?;
+    for c in &checks {
+        if opts.json {
+            println!("{}", serde_json::to_string(c)?);
+        } else {
+            println!("{c}");
+        }
+    }
+    let failed = checks.iter().filter(|c| !c.pass).count();
+    anyhow::ensure!(
+        failed == 0,
+        "check-identity: {failed} of {} checks failed",
+        checks.len()
+    );
+    Ok(())
 }
 
 /// `smtp-lb ctl relay`: the relay's queues, through its admin listener.

@@ -54,6 +54,9 @@ pub struct Config {
     /// Limits shared by every relay through Redis (see `relay::cluster`); none = local limits.
     #[serde(default)]
     pub cluster: Option<super::cluster::ClusterConfig>,
+    /// DKIM signing keys, one per sending domain (see `relay::dkim`).
+    #[serde(default)]
+    pub dkim: Vec<super::dkim::DkimConfig>,
     /// Admin listener: `/metrics` (Prometheus text) and the queue API used by `smtp-lb ctl relay`.
     #[serde(default)]
     pub admin: Option<SocketAddr>,

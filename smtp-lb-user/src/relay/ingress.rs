@@ -25,6 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{
     config::{Cidr, Config},
+    dkim::{self, Signers},
     dsn::rfc5322_date,
     metrics::Metrics,
     proto::{Command, MAX_COMMAND_LINE, MAX_TEXT_LINE, parse_command},
@@ -46,6 +47,7 @@ pub struct Shared {
     users: HashMap<String, String>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     limit: Arc<Semaphore>,
+    dkim: Arc<Signers>,
     queue: Arc<Queue>,
     metrics: Arc<Metrics>,
 }
@@ -93,6 +95,7 @@ impl Shared {
                 .collect(),
             tls: cfg.tls.as_ref().map(load_tls).transpose()?,
             limit: Arc::new(Semaphore::new(cfg.limits.max_connections)),
+            dkim: Arc::new(Signers::load(&cfg.dkim)?),
             queue,
             metrics,
         })
@@ -664,6 +667,50 @@ impl Session {
         }
     }
 
+    /// Prepends a `DKIM-Signature` when a key covers the `From:` domain. A
+    /// signing failure is logged and counted, and the message goes on
+    /// unsigned: refusing it would only move the problem to the client.
+    /// `None` only if the signing task panicked (the caller answers `451`).
+    async fn dkim_sign(&self, id: u64, message: Vec<u8>) -> Option<Vec<u8>> {
+        if self.shared.dkim.is_empty() {
+            return Some(message);
+        }
+        let signers = self.shared.dkim.clone();
+        // Hashing a large body and an RSA signature are CPU work: keep them
+        // off the session tasks' threads.
+        let signed = tokio::task::spawn_blocking(move || {
+            let outcome = signers.sign(&message);
+            (outcome, message)
+        })
+        .await;
+        let Ok((outcome, message)) = signed else {
+            error!(id = format_args!("{id:016x}"), "DKIM signing task panicked");
+            return None;
+        };
+        Some(match outcome {
+            dkim::Outcome::Signed { header, domain } => {
+                debug!(id = format_args!("{id:016x}"), domain, "DKIM signed");
+                self.shared
+                    .metrics
+                    .dkim_signed
+                    .fetch_add(1, Ordering::Relaxed);
+                let mut out = Vec::with_capacity(header.len() + message.len());
+                out.extend_from_slice(header.as_bytes());
+                out.extend_from_slice(&message);
+                out
+            }
+            dkim::Outcome::NoKey => message,
+            dkim::Outcome::Failed(e) => {
+                warn!(id = format_args!("{id:016x}"), error = %e, "DKIM signing failed; sending unsigned");
+                self.shared
+                    .metrics
+                    .dkim_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                message
+            }
+        })
+    }
+
     async fn finish_data(&mut self, data: Data) {
         let sender = self.mail.take().unwrap_or_default();
         let rcpts = std::mem::take(&mut self.rcpts);
@@ -715,6 +762,10 @@ impl Session {
         body.extend_from_slice(received.as_bytes());
         body.extend_from_slice(&data.body);
         drop(data);
+        let Some(body) = self.dkim_sign(id, body).await else {
+            self.reply("451 4.3.0 Error: local error in processing");
+            return;
+        };
         match queue.spool().store(id, &sender, &rcpts, &body).await {
             Ok((id, received_ms, location)) => {
                 drop(body);

@@ -16,6 +16,10 @@ pub struct Metrics {
     pub spool_errors: AtomicU64,
     /// Corrupt spool segments found at start-up.
     pub spool_corrupt: AtomicU64,
+    /// Messages signed with DKIM at ingress.
+    pub dkim_signed: AtomicU64,
+    /// Messages whose DKIM signing failed (spooled unsigned).
+    pub dkim_errors: AtomicU64,
     pub ingress_connections_total: AtomicU64,
     pub ingress_connections_active: AtomicI64,
     /// Connections refused over the connection limit.
@@ -272,6 +276,20 @@ impl Metrics {
             "Transactions refused with 451 because the spool failed.",
             "counter",
             self.spool_errors.load(Ordering::Relaxed).to_string(),
+        );
+        c(
+            &mut out,
+            "smtp_lb_relay_dkim_signed_total",
+            "Messages signed with DKIM at ingress.",
+            "counter",
+            self.dkim_signed.load(Ordering::Relaxed).to_string(),
+        );
+        c(
+            &mut out,
+            "smtp_lb_relay_dkim_errors_total",
+            "Messages whose DKIM signing failed; they were spooled unsigned.",
+            "counter",
+            self.dkim_errors.load(Ordering::Relaxed).to_string(),
         );
         c(
             &mut out,

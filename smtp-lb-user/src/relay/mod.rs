@@ -11,6 +11,7 @@
 //! - [`provider`], [`shaping`]: MX hosts → providers, per-provider limits (issue 6).
 //! - [`limiter`], [`cluster`]: rate and connection limiters, local or shared through Redis.
 //! - [`egress`]: source IPs, pools (weighted round robin), warmup caps.
+//! - [`dkim`]: DKIM signing at ingress; [`identity`]: `relay check-identity`.
 //! - [`client`]: the SMTP client that delivers.
 //! - [`dsn`]: RFC 3464 bounces.
 //! - [`log`]: the JSON-lines delivery log.
@@ -23,8 +24,10 @@ pub mod admin;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod dkim;
 pub mod dsn;
 pub mod egress;
+pub mod identity;
 pub mod ingress;
 pub mod limiter;
 pub mod log;

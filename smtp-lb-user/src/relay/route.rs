@@ -78,6 +78,37 @@ fn parse_nameserver(s: &str) -> anyhow::Result<(IpAddr, u16)> {
     Ok((s.parse().context("nameserver must be ip or ip:port")?, 53))
 }
 
+/// The DNS resolver of `[dns]`: the listed name servers (UDP, then TCP), or
+/// the system's. Shared by routing and `relay check-identity`.
+pub fn resolver(dns: &DnsConfig) -> anyhow::Result<TokioResolver> {
+    let mut builder = if dns.nameservers.is_empty() {
+        TokioResolver::builder_tokio().context("read the system resolver configuration")?
+    } else {
+        let mut servers = Vec::new();
+        for ns in &dns.nameservers {
+            let (ip, port) =
+                parse_nameserver(ns).with_context(|| format!("dns.nameservers {ns:?}"))?;
+            let mut udp = ConnectionConfig::udp();
+            udp.port = port;
+            let mut tcp = ConnectionConfig::tcp();
+            tcp.port = port;
+            servers.push(NameServerConfig::new(ip, true, vec![udp, tcp]));
+        }
+        let mut config = ResolverConfig::default();
+        config.name_servers = servers;
+        TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+    };
+    let opts = builder.options_mut();
+    if dns.cache_size > 0 {
+        opts.cache_size = dns.cache_size;
+    }
+    if let Some(t) = dns.timeout {
+        opts.timeout = t;
+    }
+    opts.attempts = 2;
+    builder.build().context("build DNS resolver")
+}
+
 impl Router {
     pub fn new(
         routes: &HashMap<String, String>,
@@ -94,32 +125,7 @@ impl Router {
                 table.insert(domain.to_ascii_lowercase(), hop);
             }
         }
-        let mut builder = if dns.nameservers.is_empty() {
-            TokioResolver::builder_tokio().context("read the system resolver configuration")?
-        } else {
-            let mut servers = Vec::new();
-            for ns in &dns.nameservers {
-                let (ip, port) =
-                    parse_nameserver(ns).with_context(|| format!("dns.nameservers {ns:?}"))?;
-                let mut udp = ConnectionConfig::udp();
-                udp.port = port;
-                let mut tcp = ConnectionConfig::tcp();
-                tcp.port = port;
-                servers.push(NameServerConfig::new(ip, true, vec![udp, tcp]));
-            }
-            let mut config = ResolverConfig::default();
-            config.name_servers = servers;
-            TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
-        };
-        let opts = builder.options_mut();
-        if dns.cache_size > 0 {
-            opts.cache_size = dns.cache_size;
-        }
-        if let Some(t) = dns.timeout {
-            opts.timeout = t;
-        }
-        opts.attempts = 2;
-        let resolver = builder.build().context("build DNS resolver")?;
+        let resolver = resolver(dns)?;
         Ok(Self {
             routes: table,
             default,

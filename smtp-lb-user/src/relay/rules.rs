@@ -201,12 +201,15 @@ pub fn shipped(provider: &str) -> Vec<Rule> {
     }
 }
 
+/// (provider, source, rule index): what a threshold counts matches for.
+type HitKey = (String, Option<IpAddr>, usize);
+
 /// Every provider's rules, and the recent matches of threshold rules.
 #[derive(Debug, Default)]
 pub struct RuleBook {
     rules: HashMap<String, Vec<Rule>>,
     /// (provider, source, rule index) → times it matched within its window.
-    hits: Mutex<HashMap<(String, Option<IpAddr>, usize), VecDeque<Instant>>>,
+    hits: Mutex<HashMap<HitKey, VecDeque<Instant>>>,
 }
 
 impl RuleBook {
