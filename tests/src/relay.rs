@@ -271,6 +271,25 @@ impl Relay {
         std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
     }
 
+    /// Waits until the delivery log has `n` lines with `status`; returns how many.
+    pub fn wait_log_count(&self, status: &str, n: usize, timeout: Duration) -> usize {
+        wait_for(
+            &format!("{n} {status} in the delivery log"),
+            timeout,
+            || {
+                let c = self.log().iter().filter(|l| l["status"] == status).count();
+                (c >= n).then_some(c)
+            },
+        )
+    }
+
+    /// Waits until the relay's stderr contains `text`.
+    pub fn wait_stderr(&self, text: &str, timeout: Duration) {
+        wait_for(&format!("{text:?} in the relay's stderr"), timeout, || {
+            self.stderr().contains(text).then_some(())
+        });
+    }
+
     /// Every delivery-log line so far.
     pub fn log(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.dir.join("delivery.log"))

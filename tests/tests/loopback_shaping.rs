@@ -286,3 +286,97 @@ fn a_bounce_rule_bounces_at_once_instead_of_retrying() {
     assert_eq!(sink.throttled().len(), 3, "no retry after the bounce rule");
     assert_eq!(senders.count(), 3);
 }
+
+/// Messages the sink accepted during the next `d`, per second.
+fn rate_over(sink: &ShapingSink, d: Duration) -> f64 {
+    let before = sink.count();
+    std::thread::sleep(d);
+    #[expect(clippy::cast_precision_loss, reason = "small counts")]
+    let n = (sink.count() - before) as f64;
+    n / d.as_secs_f64()
+}
+
+#[test]
+fn the_shaping_file_reloads_without_restart_and_a_bad_one_is_refused_by_line() {
+    let sink = ShapingSink::start(Duration::ZERO);
+    let dns = Dnsmasq::loopback_hosts(&["mx.google.com"]);
+    let relay = relay(
+        &dns,
+        &[("gmail.test", hop("mx.google.com", &sink))],
+        "[google]\nmessage_rate = \"120/min\"\n",
+        4,
+    );
+    let pid = relay.pid();
+    let file = relay.dir.join("shaping.toml");
+    smtp_source(relay.smtp, "u@gmail.test", 300, 10);
+    wait_count(&sink, 3, Duration::from_secs(10));
+    let before = rate_over(&sink, Duration::from_secs(3));
+    // A typo is refused with its line; the running limits keep serving.
+    std::fs::write(
+        &file,
+        "[google]\nmessage_rate = \"120/min\"\nmesage_rate = \"6000/min\"\n",
+    )
+    .unwrap();
+    let (status, body) = relay.admin("POST", "/reload");
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("line 3") && body.contains("mesage_rate"),
+        "{body}"
+    );
+    let after_bad = rate_over(&sink, Duration::from_secs(3));
+    // A good file by SIGHUP: the new rate applies to the same process.
+    std::fs::write(&file, "[google]\nmessage_rate = \"1200/min\"\n").unwrap();
+    let ok = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    relay.wait_stderr("shaping file reloaded", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(1));
+    let after = rate_over(&sink, Duration::from_secs(3));
+    eprintln!(
+        "reload: {before:.1}/s at 120/min, {after_bad:.1}/s after a refused file, {after:.1}/s after reloading 1200/min (pid {pid} throughout)"
+    );
+    assert!(
+        before <= 2.4 && after_bad <= 2.4,
+        "120/min held: {before:.1}, {after_bad:.1}"
+    );
+    assert!(after >= 15.0, "1200/min took effect: {after:.1}/s");
+    assert_eq!(relay.pid(), pid, "no restart");
+}
+
+#[test]
+fn max_recipients_per_message_splits_a_transaction_and_delivers_every_recipient() {
+    let sink = ShapingSink::start(Duration::ZERO);
+    let dns = Dnsmasq::loopback_hosts(&["mx.google.com"]);
+    let relay = relay(
+        &dns,
+        &[("gmail.test", hop("mx.google.com", &sink))],
+        "[google]\nmax_recipients_per_message = 2\n",
+        4,
+    );
+    // One message to 5 recipients (smtp-source numbers them 1u@, 2u@, …).
+    let out = std::process::Command::new("smtp-source")
+        .args([
+            "-m",
+            "1",
+            "-r",
+            "5",
+            "-f",
+            "sender@src.test",
+            "-t",
+            "u@gmail.test",
+        ])
+        .arg(relay.smtp.to_string())
+        .output()
+        .expect("run smtp-source");
+    assert!(out.status.success());
+    wait_count(&sink, 3, Duration::from_secs(10));
+    let delivered = relay.wait_log_count("delivered", 5, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(300));
+    eprintln!(
+        "max_recipients_per_message 2: 5 recipients in {} transactions, {delivered} delivered",
+        sink.count()
+    );
+    assert_eq!(sink.count(), 3, "transactions of 2, 2 and 1 recipients");
+}

@@ -90,6 +90,8 @@ pub enum CtlCommand {
     Metrics,
     /// Egress sources: pools, unplumbed state, ready jobs, suspensions, warmup progress.
     Sources,
+    /// Reload the shaping file (as SIGHUP does); a bad file is refused and the running one stays.
+    Reload,
 }
 
 fn http(admin: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
@@ -124,6 +126,7 @@ pub fn ctl(opts: &CtlOptions) -> anyhow::Result<()> {
         CtlCommand::Delete { id } => ("POST", format!("/queue/{id}/delete")),
         CtlCommand::Metrics => ("GET", "/metrics".to_owned()),
         CtlCommand::Sources => ("GET", "/sources".to_owned()),
+        CtlCommand::Reload => ("POST", "/reload".to_owned()),
     };
     let (status, body) = http(opts.relay_admin, method, &path)?;
     anyhow::ensure!(status == 200, "relay answered {status}: {}", body.trim());

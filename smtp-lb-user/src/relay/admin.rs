@@ -86,6 +86,14 @@ async fn route(
             queue.render_metrics(),
         ),
         ("GET", ["sources"]) => json(&queue.sources_view()),
+        ("POST", ["reload"]) => match queue.reload_shaping() {
+            Ok(()) => json(&serde_json::json!({ "reloaded": "shaping" })),
+            Err(e) => (
+                "400 Bad Request",
+                "text/plain",
+                format!("reload refused, the running shaping stays: {e:#}\n"),
+            ),
+        },
         ("GET", ["queue"]) => {
             let (depth, oldest) = queue.depth();
             json(&serde_json::json!({

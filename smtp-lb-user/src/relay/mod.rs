@@ -88,6 +88,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         info!(messages = n, "recovered messages queued again");
     }
     tokio::spawn(queue.clone().run_scheduler());
+    tokio::spawn(reload_on_sighup(queue.clone()));
 
     let shared = Arc::new(ingress::Shared::new(&cfg, queue.clone(), metrics)?);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -126,4 +127,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         warn!("shutdown grace period over; closing remaining sessions");
     }
     Ok(())
+}
+
+/// SIGHUP reloads the shaping file; a bad one is logged and the running one stays.
+async fn reload_on_sighup(queue: Arc<queue::Queue>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        warn!("cannot listen for SIGHUP: shaping reload only through the admin API");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        if let Err(e) = queue.reload_shaping() {
+            warn!(
+                error = format!("{e:#}"),
+                "shaping reload refused; the running shaping stays"
+            );
+        }
+    }
 }

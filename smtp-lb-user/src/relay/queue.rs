@@ -20,7 +20,7 @@ use std::{
     hash::{BuildHasher, Hasher},
     net::IpAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -161,7 +161,9 @@ pub struct Queue {
     hostname: String,
     per_destination: usize,
     per_connection: usize,
-    shaper: Shaper,
+    /// Replaced whole by [`Self::reload_shaping`]; a worker keeps the one it started with.
+    shaper: RwLock<Arc<Shaper>>,
+    shaping_path: Option<std::path::PathBuf>,
     egress: Egress,
     timeouts: super::config::ClientTimeouts,
     messages: Mutex<HashMap<MsgId, Arc<QueuedMessage>>>,
@@ -228,7 +230,8 @@ impl Queue {
             hostname: cfg.hostname.clone(),
             per_destination: d.connections_per_destination.max(1),
             per_connection: d.messages_per_connection.max(1),
-            shaper,
+            shaper: RwLock::new(Arc::new(shaper)),
+            shaping_path: cfg.shaping.clone(),
             egress,
             timeouts: d.timeouts.clone(),
             messages: Mutex::new(HashMap::new()),
@@ -239,6 +242,27 @@ impl Queue {
             wake: Notify::new(),
             stopping: AtomicBool::new(false),
         })
+    }
+
+    fn shaper(&self) -> Arc<Shaper> {
+        self.shaper.read().expect("shaper lock").clone()
+    }
+
+    /// Reads the shaping file again and swaps it in: new connections obey
+    /// the new limits and rules at once, connections already open finish
+    /// under the old ones, suspensions in force carry over. A bad file is
+    /// refused (line and field named) and the running one keeps serving.
+    pub fn reload_shaping(&self) -> anyhow::Result<()> {
+        let Some(path) = &self.shaping_path else {
+            anyhow::bail!("no shaping file is configured (relay config `shaping`)");
+        };
+        let cfg = super::shaping::ShapingConfig::load(path)?;
+        let old = self.shaper();
+        let new = Shaper::reloaded(&cfg, &old);
+        self.egress.check_override_keys(new.override_keys())?;
+        *self.shaper.write().expect("shaper lock") = Arc::new(new);
+        tracing::info!(file = %path.display(), "shaping file reloaded");
+        Ok(())
     }
 
     pub fn spool(&self) -> &Spool {
@@ -295,9 +319,8 @@ impl Queue {
                 return;
             }
         };
-        let provider = self
-            .shaper
-            .provider_of(hosts.first().map_or("", |h| h.name.as_str()));
+        let shaper = self.shaper();
+        let provider = shaper.provider_of(hosts.first().map_or("", |h| h.name.as_str()));
         let tenant = match &self.egress.tenant_header {
             Some(h) => job
                 .msg
@@ -380,6 +403,18 @@ impl Queue {
         job
     }
 
+    /// Puts a job at the head of `key`'s ready queue (the queue has a worker:
+    /// the caller).
+    fn push_front(&self, key: &PairKey, job: ReadyJob) {
+        self.ready
+            .lock()
+            .expect("queue lock")
+            .entry(key.clone())
+            .or_default()
+            .jobs
+            .push_front(job);
+    }
+
     /// Takes every ready job of `key`, or only those to `domain`.
     fn drain_ready(&self, key: &PairKey, domain: Option<&str>) -> Vec<Job> {
         let mut ready = self.ready.lock().expect("queue lock");
@@ -399,10 +434,14 @@ impl Queue {
     async fn worker(self: Arc<Self>, key: PairKey) {
         let (source_id, provider) = (key.0, key.1.as_str());
         let source = &self.egress.sources[source_id];
-        let shaper = self.shaper.for_pair(&source.name, source.address, provider);
         let labels = (provider.to_owned(), source.name.clone());
         'connection: while let Some(ReadyJob { job: first, hosts }) = self.pop(&key, None) {
             let started = Instant::now();
+            // Taken per connection (and per message below), so a reloaded
+            // shaping file applies without waiting for this worker to end.
+            let shaper = self
+                .shaper()
+                .for_pair(&source.name, source.address, provider);
             let domain = first.domain.clone();
             // Held for the whole connection; dropped when the worker leaves it.
             let _slots = shaper.connection().await;
@@ -497,12 +536,34 @@ impl Queue {
                         continue 'connection;
                     }
                 };
+                if let Some(max) = shaper.max_recipients_per_message()
+                    && job.rcpts.len() > max
+                {
+                    // The rest goes first in line: the next transaction on this connection.
+                    let rest = Job {
+                        msg: job.msg.clone(),
+                        domain: job.domain.clone(),
+                        rcpts: job.rcpts.split_off(max),
+                        attempts: job.attempts,
+                        pinned: job.pinned,
+                    };
+                    self.push_front(
+                        &key,
+                        ReadyJob {
+                            job: rest,
+                            hosts: hosts.clone(),
+                        },
+                    );
+                }
                 let rcpts: Vec<String> = job
                     .rcpts
                     .iter()
                     .map(|&i| job.msg.rcpts[i as usize].clone())
                     .collect();
                 let waited = Instant::now();
+                let shaper = self
+                    .shaper()
+                    .for_pair(&source.name, source.address, provider);
                 shaper.message().await;
                 self.metrics.throttled(&labels, waited.elapsed());
                 match client.send(&job.msg.sender, &rcpts, &body).await {
@@ -781,7 +842,7 @@ impl Queue {
             .collect();
         ready.sort();
         let mut suspensions: Vec<(String, String, u64, bool)> = self
-            .shaper
+            .shaper()
             .pairs()
             .into_iter()
             .map(|(s, p, sh)| {

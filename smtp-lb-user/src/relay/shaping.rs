@@ -92,6 +92,8 @@ pub struct Limits {
     pub connection_limit: Option<usize>,
     /// Messages over one connection before it is closed.
     pub max_messages_per_connection: Option<usize>,
+    /// Recipients in one transaction; more are sent as further transactions.
+    pub max_recipients_per_message: Option<usize>,
     /// Messages to the provider, over all its connections.
     pub message_rate: Option<Rate>,
     /// New connections to the provider.
@@ -109,6 +111,9 @@ impl Limits {
             max_messages_per_connection: self
                 .max_messages_per_connection
                 .or(base.max_messages_per_connection),
+            max_recipients_per_message: self
+                .max_recipients_per_message
+                .or(base.max_recipients_per_message),
             message_rate: self.message_rate.or(base.message_rate),
             connection_rate: self.connection_rate.or(base.connection_rate),
             sources: base
@@ -127,6 +132,7 @@ impl Limits {
 struct Section {
     connection_limit: Option<usize>,
     max_messages_per_connection: Option<usize>,
+    max_recipients_per_message: Option<usize>,
     message_rate: Option<Rate>,
     connection_rate: Option<Rate>,
     /// MX host suffixes that belong to this provider (besides the shipped ones).
@@ -147,6 +153,7 @@ impl Section {
         Limits {
             connection_limit: self.connection_limit,
             max_messages_per_connection: self.max_messages_per_connection,
+            max_recipients_per_message: self.max_recipients_per_message,
             message_rate: self.message_rate,
             connection_rate: self.connection_rate,
             sources: self.sources.clone(),
@@ -223,14 +230,26 @@ impl ShapingConfig {
         for (name, sec) in
             std::iter::once((&provider::DEFAULT.to_owned(), &default)).chain(&sections)
         {
-            if sec.connection_limit == Some(0) || sec.max_messages_per_connection == Some(0) {
+            if [
+                sec.connection_limit,
+                sec.max_messages_per_connection,
+                sec.max_recipients_per_message,
+            ]
+            .contains(&Some(0))
+            {
                 bail!(
                     "{}[{name}]: limits must be at least 1",
                     at_line(header(name))
                 );
             }
             for (src, o) in &sec.sources {
-                if o.connection_limit == Some(0) || o.max_messages_per_connection == Some(0) {
+                if [
+                    o.connection_limit,
+                    o.max_messages_per_connection,
+                    o.max_recipients_per_message,
+                ]
+                .contains(&Some(0))
+                {
                     bail!("[{name}.sources.{src:?}]: limits must be at least 1");
                 }
             }
@@ -321,6 +340,7 @@ pub struct ProviderShaper {
     provider: String,
     connections: Option<ConnectionLimiter>,
     pub max_messages_per_connection: Option<usize>,
+    pub max_recipients_per_message: Option<usize>,
     message_rate: Option<RateLimiter>,
     connection_rate: Option<RateLimiter>,
     rules: Arc<RuleBook>,
@@ -355,6 +375,7 @@ impl ProviderShaper {
             provider: provider.to_owned(),
             connections: l.connection_limit.map(|n| limiters.connections(name, n)),
             max_messages_per_connection: l.max_messages_per_connection,
+            max_recipients_per_message: l.max_recipients_per_message,
             message_rate: l
                 .message_rate
                 .map(|r| limiters.rate("message_rate", name, r)),
@@ -471,6 +492,17 @@ impl PairShaper {
         }
     }
 
+    /// Recipients per transaction: the lower of the pair's and the provider's.
+    pub fn max_recipients_per_message(&self) -> Option<usize> {
+        match (
+            self.pair.max_recipients_per_message,
+            self.provider.max_recipients_per_message,
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// The pair's slot first, so a source at its own limit holds no provider slot.
     pub async fn connection(&self) -> [Option<ConnectionPermit>; 2] {
         let pair = self.pair.connection().await;
@@ -498,6 +530,9 @@ pub struct Shaper {
     limiters: Limiters,
     /// (source name, provider) → the pair's shaper, made on first use.
     pairs: Mutex<HashMap<(String, String), Arc<ProviderShaper>>>,
+    /// Suspensions in force when this shaper replaced another (reload):
+    /// a pair made later starts suspended until then.
+    carried: HashMap<(String, String), Instant>,
 }
 
 impl Shaper {
@@ -527,7 +562,22 @@ impl Shaper {
             rules,
             limiters: limiters.clone(),
             pairs: Mutex::new(HashMap::new()),
+            carried: HashMap::new(),
         }
+    }
+
+    /// A shaper for a new file that keeps the suspensions `old` has in force,
+    /// so a reload never lifts one early.
+    pub fn reloaded(cfg: &ShapingConfig, old: &Self) -> Self {
+        let mut new = Self::new(cfg, &old.limiters);
+        new.carried = old
+            .pairs()
+            .into_iter()
+            .filter_map(|(s, p, sh)| Some(((s, p), sh.suspended_until()?)))
+            .chain(old.carried.iter().map(|(k, v)| (k.clone(), *v)))
+            .filter(|(_, until)| *until > Instant::now())
+            .collect();
+        new
     }
 
     /// Provider rules (shipped and the file's `mx_suffixes`).
@@ -571,13 +621,17 @@ impl Shaper {
                     .or_else(|| address.and_then(|a| l.sources.get(&a.to_string())))
                     .cloned()
                     .unwrap_or_default();
-                Arc::new(ProviderShaper::new(
+                let pair = ProviderShaper::new(
                     &provider_shaper.provider,
                     &format!("{provider}@{source}"),
                     &o,
                     self.rules.clone(),
                     &self.limiters,
-                ))
+                );
+                if let Some(until) = self.carried.get(&(source.to_owned(), provider.to_owned())) {
+                    *pair.suspended_until.lock().expect("suspend lock") = Some(*until);
+                }
+                Arc::new(pair)
             })
             .clone();
         PairShaper {
