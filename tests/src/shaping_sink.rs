@@ -84,10 +84,10 @@ impl ShapingSink {
                             p.0 += 1;
                             p.1 = p.1.max(p.0);
                         }
-                        let _ = session(c, peer, &st, data_delay);
-                        let mut s = st.lock().expect("sink lock");
-                        s.open -= 1;
-                        s.open_by_peer.entry(peer).or_default().0 -= 1;
+                        // A session that got QUIT stopped counting before its 221.
+                        if !matches!(session(c, peer, &st, data_delay), Ok(true)) {
+                            close(&st, peer);
+                        }
                     });
                 }
             }
@@ -182,12 +182,19 @@ impl Drop for ShapingSink {
     }
 }
 
+fn close(state: &Mutex<State>, peer: IpAddr) {
+    let mut s = state.lock().expect("sink lock");
+    s.open -= 1;
+    s.open_by_peer.entry(peer).or_default().0 -= 1;
+}
+
+/// One SMTP session; `Ok(true)` when it ended by `QUIT` (already counted closed).
 fn session(
     conn: TcpStream,
     peer: IpAddr,
     state: &Mutex<State>,
     data_delay: Duration,
-) -> std::io::Result<()> {
+) -> std::io::Result<bool> {
     conn.set_read_timeout(Some(Duration::from_mins(1)))?;
     conn.set_nodelay(true)?;
     let mut w = conn.try_clone()?;
@@ -199,7 +206,7 @@ fn session(
     loop {
         line.clear();
         if r.read_line(&mut line)? == 0 {
-            return Ok(());
+            return Ok(false);
         }
         let upper = line.to_ascii_uppercase();
         let reply: &[u8] = if upper.starts_with("EHLO") {
@@ -221,7 +228,7 @@ fn session(
         {
             w.write_all(format!("{scripted}\r\n").as_bytes())?;
             if scripted.starts_with("421") {
-                return Ok(());
+                return Ok(false);
             }
             in_mail = false;
             continue;
@@ -237,7 +244,7 @@ fn session(
             loop {
                 line.clear();
                 if r.read_line(&mut line)? == 0 {
-                    return Ok(());
+                    return Ok(false);
                 }
                 if line == ".\r\n" {
                     break;
@@ -256,8 +263,11 @@ fn session(
             });
             b"250 2.0.0 Ok: queued\r\n"
         } else if upper.starts_with("QUIT") {
+            // Counted closed before the 221: the client may open its next
+            // connection the moment it reads it.
+            close(state, peer);
             w.write_all(b"221 2.0.0 Bye\r\n")?;
-            return Ok(());
+            return Ok(true);
         } else {
             b"250 2.0.0 Ok\r\n"
         };

@@ -389,10 +389,14 @@ impl ProviderShaper {
         }
     }
 
-    /// No new connection or message until `until`.
+    /// No new connection or message until `until` (counted once while in
+    /// force: replies on connections already open extend it, not count it).
     pub fn suspend(&self, until: Instant) {
-        *self.suspended_until.lock().expect("suspend lock") = Some(until);
-        self.suspensions.fetch_add(1, Ordering::Relaxed);
+        let mut s = self.suspended_until.lock().expect("suspend lock");
+        if s.is_none_or(|t| t <= Instant::now()) {
+            self.suspensions.fetch_add(1, Ordering::Relaxed);
+        }
+        *s = Some(s.map_or(until, |t| t.max(until)));
     }
 
     /// When a suspension ends, if one is in force.
