@@ -277,6 +277,16 @@ async fn reconnect(cluster: Weak<Cluster>) {
     }
 }
 
+/// A `[cluster]` pointing at a loopback port nothing listens on (tests).
+#[cfg(test)]
+pub fn unreachable_config() -> ClusterConfig {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    toml::from_str(&format!("redis = \"redis://127.0.0.1:{port}\"\n")).expect("cluster config")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,13 +318,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_redis_answers_none_and_counts_one_outage() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let cfg: ClusterConfig =
-            toml::from_str(&format!("redis = \"redis://127.0.0.1:{port}\"\n")).unwrap();
+        let cfg = unreachable_config();
         let metrics = Arc::new(Metrics::default());
         let c = Cluster::start(&cfg, metrics.clone()).await.unwrap();
         assert_eq!(c.gcra("k", Duration::from_millis(100)).await, None);

@@ -178,7 +178,7 @@ impl Drop for Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::relay::{cluster::ClusterConfig, metrics::Metrics};
+    use crate::relay::metrics::Metrics;
 
     #[test]
     fn backoff_stays_in_its_window() {
@@ -190,13 +190,7 @@ mod tests {
 
     /// A cluster whose Redis is not there: every limit must still hold locally.
     async fn unreachable() -> Limiters {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let cfg: ClusterConfig =
-            toml::from_str(&format!("redis = \"redis://127.0.0.1:{port}\"\n")).unwrap();
+        let cfg = super::super::cluster::unreachable_config();
         Limiters::shared(
             Cluster::start(&cfg, Arc::new(Metrics::default()))
                 .await

@@ -131,6 +131,19 @@ struct AttemptContext {
     started: Instant,
 }
 
+impl AttemptContext {
+    /// An outcome decided here, before any connection (route error, operator bounce).
+    fn local(provider: Option<(String, String)>) -> Self {
+        Self {
+            mx: None,
+            ip: None,
+            source: None,
+            provider,
+            started: Instant::now(),
+        }
+    }
+}
+
 /// Summary of one destination for `ctl relay queue`.
 #[derive(Debug, Default, Serialize)]
 pub struct DomainSummary {
@@ -305,13 +318,7 @@ impl Queue {
         let hosts = match self.router.resolve(&job.domain).await {
             Ok(h) => Arc::new(h),
             Err(e) => {
-                let ctx = AttemptContext {
-                    mx: None,
-                    ip: None,
-                    source: None,
-                    provider: None,
-                    started: Instant::now(),
-                };
+                let ctx = AttemptContext::local(None);
                 let reply = e.reply().clone();
                 let permanent = matches!(e, RouteError::Permanent(_));
                 let results = job.rcpts.iter().map(|&i| (i, reply.clone())).collect();
@@ -350,13 +357,7 @@ impl Queue {
                         self.egress.pool_name(pool)
                     ),
                 );
-                let ctx = AttemptContext {
-                    mx: None,
-                    ip: None,
-                    source: None,
-                    provider: Some((provider, "none".to_owned())),
-                    started: Instant::now(),
-                };
+                let ctx = AttemptContext::local(Some((provider, "none".to_owned())));
                 let results = job.rcpts.iter().map(|&i| (i, reply.clone())).collect();
                 self.finish(job, results, &ctx, false).await;
             }
@@ -942,13 +943,7 @@ impl Queue {
     pub async fn bounce_now(self: &Arc<Self>, id: MsgId) -> usize {
         let jobs = self.take_scheduled(Some(id));
         let n = jobs.len();
-        let ctx = AttemptContext {
-            mx: None,
-            ip: None,
-            source: None,
-            provider: None,
-            started: Instant::now(),
-        };
+        let ctx = AttemptContext::local(None);
         for job in jobs {
             let reply = Reply::local(550, "5.0.0", "message bounced by the operator");
             let results = job.rcpts.iter().map(|&i| (i, reply.clone())).collect();
