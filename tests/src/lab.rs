@@ -349,7 +349,8 @@ fn terminate(child: &mut Child, grace: Duration) -> bool {
     false
 }
 
-fn signal(pid: u32, sig: i32) {
+/// Sends `sig` to `pid` (one of our own processes).
+pub fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) with a pid we own; failure (already gone) is harmless.
     unsafe {
         libc::kill(pid.cast_signed(), sig);

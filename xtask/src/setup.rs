@@ -34,6 +34,13 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ping", "iputils-ping"),
     // The relay tests make throwaway TLS certificates with it.
     ("openssl", "openssl"),
+    // The monitoring tests: `promtool` checks and unit-tests the shipped alert
+    // rules, a real Prometheus scrapes the lab, headless Chromium opens the
+    // dashboard; `package --check` dry-runs the shipped logrotate snippet.
+    ("promtool", "prometheus"),
+    ("prometheus", "prometheus"),
+    ("chromium", "chromium"),
+    ("logrotate", "logrotate"),
 ];
 
 /// (Perl module that must load, Debian package that provides it): swaks

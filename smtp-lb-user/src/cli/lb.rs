@@ -88,6 +88,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
             return Err(err.into());
         }
         info!(iface = %opts.iface, mode = ?opts.mode, pin_dir = %pin_dir.display(), "balancer attached (no config: every packet passes)");
+        crate::systemd::ready();
         log_counters(&pin_dir, opts.stats_interval, shutdown).await?;
         dp
     };

@@ -416,6 +416,7 @@ pub async fn run(node: Node, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     let mut tick = tokio::time::interval(RECONCILE_EVERY);
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     tokio::pin!(shutdown);
+    crate::systemd::ready();
     loop {
         tokio::select! {
             () = &mut shutdown => break,
@@ -444,6 +445,7 @@ pub async fn run(node: Node, shutdown: impl Future<Output = ()>) -> anyhow::Resu
             probes = spawn_probes(&node.lock().unwrap(), &tx);
         }
     }
+    crate::systemd::stopping();
     probes.abort_all();
     admin.abort();
     let _ = admin.await;

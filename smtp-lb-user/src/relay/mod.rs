@@ -65,6 +65,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .store(corrupt.len() as u64, Ordering::Relaxed);
     let router = route::Router::new(&cfg.routes, &cfg.dns, cfg.delivery.port)?;
     let log = log::DeliveryLog::open(cfg.delivery_log.as_deref())?;
+    tokio::spawn(reopen_on_sigusr1(log.clone()));
     let limiters = match &cfg.cluster {
         Some(c) => limiter::Limiters::shared(cluster::Cluster::start(c, metrics.clone()).await?),
         None => limiter::Limiters::local(),
@@ -113,8 +114,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         info!(address = %addr, "admin listener ready");
         tokio::spawn(admin::serve(listener, queue.clone()));
     }
+    crate::systemd::ready();
 
     shutdown.await;
+    crate::systemd::stopping();
     info!("shutting down: no new connections; open transactions may finish");
     let _ = shutdown_tx.send(true);
     drop(done_tx);
@@ -127,6 +130,19 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         warn!("shutdown grace period over; closing remaining sessions");
     }
     Ok(())
+}
+
+/// SIGUSR1 reopens the delivery log (after logrotate renamed it).
+async fn reopen_on_sigusr1(log: log::DeliveryLog) {
+    let Ok(mut usr1) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+    else {
+        warn!("cannot listen for SIGUSR1: the delivery log is not reopened on rotation");
+        return;
+    };
+    while usr1.recv().await.is_some() {
+        log.reopen();
+    }
 }
 
 /// SIGHUP reloads the shaping file; a bad one is logged and the running one stays.
