@@ -5,13 +5,13 @@
 use std::{
     collections::HashSet,
     os::unix::net::UnixDatagram,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output, Stdio},
     time::Duration,
 };
 
 use smtp_lb_tests::{
-    env::smtp_lb_bin,
+    env::{deploy, smtp_lb_bin},
     lab::signal,
     relay::{Relay, RelayConfig},
     sink::SmtpSink,
@@ -24,12 +24,6 @@ fn smtp_lb(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run smtp-lb (built by `cargo xtask build`)")
-}
-
-fn deploy(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy")
-        .join(file)
 }
 
 /// Runs `check-config` on `text` written to a file; (success, output line).

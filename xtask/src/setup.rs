@@ -41,6 +41,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
     ("chromium", "chromium"),
     ("logrotate", "logrotate"),
+    // Queries Prometheus' HTTP API and the metrics listeners inside the lab.
+    ("curl", "curl"),
 ];
 
 /// (Perl module that must load, Debian package that provides it): swaks
