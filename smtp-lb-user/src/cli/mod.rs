@@ -5,6 +5,7 @@ pub mod ctl;
 pub mod decap;
 pub mod lb;
 pub mod relay;
+mod table;
 
 use clap::{Parser, Subcommand};
 
