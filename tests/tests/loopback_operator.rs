@@ -332,3 +332,48 @@ fn shipped_alert_rules_pass_promtool_check_and_their_unit_tests() {
         );
     }
 }
+
+/// Every `smtp_lb_*` name in `text` (histogram series as their family).
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("smtp_lb_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        names.insert(family.to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn rules_and_dashboard_use_only_metrics_the_daemons_export() {
+    let doc = std::fs::read_to_string(deploy("../docs/metrics.md")).unwrap();
+    let exported: HashSet<String> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(str::to_owned)
+        .collect();
+    assert!(exported.len() > 30, "docs/metrics.md lists the metrics");
+    for file in [
+        "prometheus/smtp-lb.rules.yml",
+        "prometheus/smtp-lb.rules.test.yml",
+        "grafana/smtp-lb.json",
+    ] {
+        let used = metric_names(&std::fs::read_to_string(deploy(file)).unwrap());
+        assert!(!used.is_empty(), "{file}");
+        let unknown: Vec<_> = used.iter().filter(|n| !exported.contains(*n)).collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} uses metrics no daemon exports: {unknown:?}"
+        );
+    }
+}

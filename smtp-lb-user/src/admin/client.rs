@@ -16,6 +16,7 @@ pub struct Client {
     agent: ureq::Agent,
     addr: SocketAddr,
     token: Option<String>,
+    max_answer: u64,
 }
 
 /// An answer: status and body.
@@ -48,12 +49,23 @@ impl Answer {
 impl Client {
     /// A client sending `token` (if any) as a bearer token.
     pub fn new(addr: SocketAddr, token: Option<String>) -> Self {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(TIMEOUT))
-            .build()
-            .new_agent();
-        Self { agent, addr, token }
+        Self {
+            agent: agent(TIMEOUT),
+            addr,
+            token,
+            max_answer: MAX_ANSWER,
+        }
+    }
+
+    /// The same client with tighter bounds: for a peer polled often (the
+    /// dashboard reading relays' metrics), which must not hold it up.
+    #[must_use]
+    pub fn with_limits(self, timeout: Duration, max_answer: u64) -> Self {
+        Self {
+            agent: agent(timeout),
+            max_answer,
+            ..self
+        }
     }
 
     /// A client with the token read from `file`.
@@ -114,11 +126,19 @@ impl Client {
         let body = resp
             .body_mut()
             .with_config()
-            .limit(MAX_ANSWER)
+            .limit(self.max_answer)
             .read_to_string()
             .with_context(|| format!("read the answer to {method} {uri}"))?;
         Ok(Answer { status, body })
     }
+}
+
+fn agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .build()
+        .new_agent()
 }
 
 /// `/a/b/c` from segments, each percent-escaped (a `/` in a name stays in its segment).

@@ -171,6 +171,9 @@ pub struct LbConfig {
     /// The metrics listener (`[metrics]`).
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The dashboard on the metrics listener (`[dashboard]`).
+    #[serde(default)]
+    pub dashboard: DashboardConfig,
     /// Directory for what must survive restarts: warmup start times, drains,
     /// operator weights, the admin token.
     #[serde(default = "LbConfig::default_state_dir")]
@@ -227,6 +230,17 @@ impl Default for MetricsConfig {
             listen: Self::default_listen(),
         }
     }
+}
+
+/// `[dashboard]`: the live page at `/dashboard` on the metrics listener.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DashboardConfig {
+    /// Relays' metrics listeners (`metrics` in their config): the page adds
+    /// delivery and deferral rates per recipient domain from them. Empty:
+    /// the balancer's own view only.
+    #[serde(default)]
+    pub relay_metrics: Vec<std::net::SocketAddr>,
 }
 
 impl LbConfig {

@@ -156,7 +156,7 @@ fn status(node: &Node) -> Value {
 }
 
 /// Per relay address: everything an operator asks about.
-fn backend_rows(node: &Node) -> Vec<Value> {
+pub(super) fn backend_rows(node: &Node) -> Vec<Value> {
     let now = SystemTime::now();
     let stats = read_stats(&node.pin_dir).ok();
     let flows = tracked_flows(&node.pin_dir).unwrap_or_default();

@@ -13,8 +13,7 @@ use crate::{
 
 /// Every route of the metrics listener.
 pub fn router(node: &Arc<Mutex<Node>>) -> Router {
-    monitor::router(Arc::new(Monitor(node.clone())))
-    // Read-only pages go here, e.g. `.merge(super::dashboard::router(node.clone()))`.
+    monitor::router(Arc::new(Monitor(node.clone()))).merge(super::dashboard::router(node.clone()))
 }
 
 struct Monitor(Arc<Mutex<Node>>);

@@ -8,6 +8,7 @@
 //! configuration changed, so a steady state costs no map writes.
 
 mod api;
+pub mod dashboard;
 mod listener;
 pub mod metrics;
 pub mod state;
