@@ -70,7 +70,6 @@ pub fn mac_str(m: [u8; 6]) -> String {
 /// native `XDP_TX` frames that host sends are received (DESIGN.md: veth).
 pub fn pass_on_switch_port(lab: &Lab, host: &str) {
     let dir = lab.pin_dir().join(format!("pass-{host}"));
-    std::fs::create_dir_all(lab.pin_dir()).unwrap();
     let out = Command::new("bpftool")
         .args(["prog", "loadall"])
         .arg(env::ebpf_object())

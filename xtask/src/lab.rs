@@ -1,6 +1,6 @@
 //! `cargo xtask lab`: the main job. Sets up, builds, then runs the lab story
 //! (see `smtp_lb_tests::scenario`) and prints what happened.
-use crate::{build, util::require_root};
+use crate::{build, setup, util::require_root};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -11,6 +11,7 @@ pub struct Options {
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     require_root("`cargo xtask lab`")?;
+    setup::ensure(setup::Role::Lab, false)?;
     let artifacts = build::run(&build::Options {})?;
     for (k, v) in build::env(&artifacts) {
         // SAFETY: single-threaded at this point; the harness reads these later.
