@@ -261,6 +261,13 @@ impl Lab {
         terminate(&mut child, grace)
     }
 
+    /// Kills the spawned process `pid` with SIGKILL (a crash: no cleanup of
+    /// its own) and reaps it.
+    pub fn kill(&self, pid: u32) {
+        signal(pid, libc::SIGKILL);
+        self.stop(pid, Duration::from_secs(5));
+    }
+
     /// A directory for this lab's files (sink dumps, configs, spools);
     /// created on first use, removed on drop.
     pub fn scratch_dir(&self) -> PathBuf {
