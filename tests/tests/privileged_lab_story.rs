@@ -133,10 +133,6 @@ fn a_killed_relay_rejoins_and_gmail_defers_without_losing_mail() {
         deferring.delivered[1] + deferring.delivered[2] >= deferring.sessions * 2 / 3 * 7 / 10,
         "Outlook and Yahoo slowed while Gmail deferred: {deferring:?}"
     );
-    assert_eq!(
-        deferring.delivered[0], 0,
-        "Gmail got mail while it said 421: {deferring:?}"
-    );
 
     // Nothing accepted is lost.
     for i in &story.isps {
