@@ -21,7 +21,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Install what the build, the lab and the tests need (idempotent, quiet when all is present).
+    /// Install what the lab and tests need (`--production`: only what an LB node needs); idempotent.
     Setup(setup::Options),
     /// Build the eBPF object and the `smtp-lb` binary that embeds it.
     Build(build::Options),
