@@ -13,6 +13,8 @@
 //! - [`admin`]: the small HTTP layer and Prometheus text both daemons serve.
 //! - [`cli`]: the `smtp-lb` command line (subcommands and their options).
 //! - [`relay`]: the delivery engine (SMTP ingress, spool, queues, delivery).
+//! - [`smtp`]: the SMTP wire (grammar, the reply reader, the delivery
+//!   client), shared by the relay and the balancer's health probe.
 //!
 //! The binary in `main.rs` only parses arguments, sets up tracing and calls
 //! into this library.
@@ -25,4 +27,5 @@ pub mod dataplane;
 pub mod health;
 pub mod lb;
 pub mod relay;
+pub mod smtp;
 pub mod tls;

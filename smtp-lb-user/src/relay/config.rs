@@ -10,6 +10,11 @@ use std::{
 use anyhow::Context;
 use serde::Deserialize;
 
+use super::{
+    dkim::DkimConfig, egress::EgressConfig, policy::cluster::ClusterConfig, route::DnsConfig,
+};
+use crate::smtp::client::ClientTimeouts;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -53,17 +58,17 @@ pub struct Config {
     pub shaping: Option<PathBuf>,
     /// Limits shared by every relay through Redis (see `relay::cluster`); none = local limits.
     #[serde(default)]
-    pub cluster: Option<super::cluster::ClusterConfig>,
+    pub cluster: Option<ClusterConfig>,
     /// DKIM signing keys, one per sending domain (see `relay::dkim`).
     #[serde(default)]
-    pub dkim: Vec<super::dkim::DkimConfig>,
+    pub dkim: Vec<DkimConfig>,
     /// Admin listener: `/metrics` (Prometheus text) and the queue API used by `smtp-lb ctl relay`.
     #[serde(default)]
     pub admin: Option<SocketAddr>,
     /// Egress sources, pools and warmup (see `relay::egress`); none = one
     /// source from `delivery.source_ip` / `helo_name`.
     #[serde(default)]
-    pub egress: Option<super::egress::EgressConfig>,
+    pub egress: Option<EgressConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -243,59 +248,6 @@ impl Default for DeliveryConfig {
     }
 }
 
-/// Client timeouts, one per SMTP phase (RFC 5321 §4.5.3.2 gives the minimums).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClientTimeouts {
-    #[serde(default = "ClientTimeouts::default_connect", with = "humantime_serde")]
-    pub connect: Duration,
-    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
-    pub greeting: Duration,
-    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
-    pub ehlo: Duration,
-    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
-    pub starttls: Duration,
-    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
-    pub mail_from: Duration,
-    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
-    pub rcpt_to: Duration,
-    #[serde(default = "ClientTimeouts::default_2m", with = "humantime_serde")]
-    pub data: Duration,
-    /// Sending the message and waiting for the reply to the final dot.
-    #[serde(default = "ClientTimeouts::default_10m", with = "humantime_serde")]
-    pub data_done: Duration,
-}
-
-impl ClientTimeouts {
-    fn default_connect() -> Duration {
-        Duration::from_secs(30)
-    }
-    fn default_2m() -> Duration {
-        Duration::from_mins(2)
-    }
-    fn default_5m() -> Duration {
-        Duration::from_mins(5)
-    }
-    fn default_10m() -> Duration {
-        Duration::from_mins(10)
-    }
-}
-
-impl Default for ClientTimeouts {
-    fn default() -> Self {
-        Self {
-            connect: Self::default_connect(),
-            greeting: Self::default_5m(),
-            ehlo: Self::default_5m(),
-            starttls: Self::default_5m(),
-            mail_from: Self::default_5m(),
-            rcpt_to: Self::default_5m(),
-            data: Self::default_2m(),
-            data_done: Self::default_10m(),
-        }
-    }
-}
-
 /// Retry schedule for temporary failures: `min · 2^attempt`, capped at `max`,
 /// with ±`jitter` spread; a message older than `max_age` is bounced.
 #[derive(Debug, Deserialize)]
@@ -338,21 +290,12 @@ impl Default for RetryConfig {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DnsConfig {
-    /// Name servers as `ip` or `ip:port`; empty = the system resolver (`/etc/resolv.conf`).
-    #[serde(default)]
-    pub nameservers: Vec<String>,
-    /// Entries in the resolver's cache; 0 = the resolver's default.
-    #[serde(default)]
-    pub cache_size: u64,
-    /// Per-query timeout; none = the resolver's default.
-    #[serde(default, with = "humantime_serde")]
-    pub timeout: Option<Duration>,
-}
-
 impl Config {
+    /// The name said in `EHLO` to other servers: `delivery.helo_name`, else `hostname`.
+    pub fn default_helo(&self) -> &str {
+        self.delivery.helo_name.as_deref().unwrap_or(&self.hostname)
+    }
+
     fn default_hostname() -> String {
         std::fs::read_to_string("/etc/hostname")
             .map_or_else(|_| "localhost".to_owned(), |s| s.trim().to_owned())

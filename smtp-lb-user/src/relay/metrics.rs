@@ -3,10 +3,12 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     sync::{
-        Mutex,
-        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
 };
+
+use super::{egress::WarmupProgress, policy::cluster::ClusterStats};
 
 #[derive(Default)]
 pub struct Metrics {
@@ -24,14 +26,8 @@ pub struct Metrics {
     pub ingress_connections_active: AtomicI64,
     /// Connections refused over the connection limit.
     pub ingress_connections_refused: AtomicU64,
-    /// `[cluster]` is set: the cluster lines below are rendered.
-    pub cluster_configured: AtomicBool,
-    /// The cluster's Redis answers (limits shared) or not (limits local).
-    pub cluster_redis_up: AtomicBool,
-    /// Times Redis was lost.
-    pub cluster_outages: AtomicU64,
-    /// Limit operations decided locally because Redis was down.
-    pub cluster_local: AtomicU64,
+    /// The cluster's counters (owned by `policy::cluster`).
+    pub cluster: Arc<ClusterStats>,
     /// (domain, status) → recipients.
     by_domain: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// (provider, source, status, enhanced code) → recipients.
@@ -58,7 +54,7 @@ pub struct EgressSample {
     pub suspensions: Vec<(String, String, u64, bool)>,
     /// (source, unplumbed now).
     pub unplumbed: Vec<(String, bool)>,
-    pub warmup: Vec<super::egress::WarmupProgress>,
+    pub warmup: Vec<WarmupProgress>,
 }
 
 fn esc(s: &str) -> String {
@@ -339,27 +335,27 @@ impl Metrics {
             "gauge",
             oldest_secs.to_string(),
         );
-        if self.cluster_configured.load(Ordering::Relaxed) {
+        if self.cluster.configured.load(Ordering::Relaxed) {
             c(
                 &mut out,
                 "smtp_lb_relay_cluster_redis_up",
                 "1 while the cluster's Redis answers (shared limits), 0 while limits are local.",
                 "gauge",
-                u8::from(self.cluster_redis_up.load(Ordering::Relaxed)).to_string(),
+                u8::from(self.cluster.redis_up.load(Ordering::Relaxed)).to_string(),
             );
             c(
                 &mut out,
                 "smtp_lb_relay_cluster_outages_total",
                 "Times the cluster's Redis was lost.",
                 "counter",
-                self.cluster_outages.load(Ordering::Relaxed).to_string(),
+                self.cluster.outages.load(Ordering::Relaxed).to_string(),
             );
             c(
                 &mut out,
                 "smtp_lb_relay_cluster_local_decisions_total",
                 "Limit operations decided locally because Redis was down.",
                 "counter",
-                self.cluster_local.load(Ordering::Relaxed).to_string(),
+                self.cluster.local.load(Ordering::Relaxed).to_string(),
             );
         }
         let _ = write!(
