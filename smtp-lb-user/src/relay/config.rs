@@ -8,14 +8,14 @@ use std::{
 };
 
 use anyhow::Context;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     dkim::DkimConfig, egress::EgressConfig, policy::cluster::ClusterConfig, route::DnsConfig,
 };
 use crate::smtp::client::ClientTimeouts;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Name in the greeting, in `EHLO` to other servers, and in `Received:`.
@@ -71,7 +71,7 @@ pub struct Config {
     pub egress: Option<EgressConfig>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub address: SocketAddr,
@@ -81,14 +81,14 @@ pub struct ListenerConfig {
     pub submission: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
     pub password: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain.
@@ -97,7 +97,7 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Largest message accepted (advertised in `SIZE`), bytes.
@@ -141,7 +141,7 @@ impl Default for Limits {
 }
 
 /// Ingress timeouts, one per phase (RFC 5321 §4.5.3.2 gives the server 5 minutes).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IngressTimeouts {
     /// Waiting for a command line.
@@ -194,7 +194,7 @@ impl Default for IngressTimeouts {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryConfig {
     /// TCP port for MX delivery (25; other values are for tests and labs).
@@ -250,7 +250,7 @@ impl Default for DeliveryConfig {
 
 /// Retry schedule for temporary failures: `min · 2^attempt`, capped at `max`,
 /// with ±`jitter` spread; a message older than `max_age` is bounced.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
     #[serde(default = "RetryConfig::default_min", with = "humantime_serde")]
@@ -382,5 +382,62 @@ mod tests {
                 .unwrap()
                 .contains("2001:db8::1".parse().unwrap())
         );
+    }
+
+    /// What the test harness relies on: a config written by serialising
+    /// this type reads back as the same config.
+    #[test]
+    fn a_serialised_config_reads_back_the_same() {
+        let text = r#"
+            hostname = "relay.test"
+            spool_dir = "/var/spool/smtp-lb"
+            relay_networks = ["127.0.0.0/8"]
+            admin = "127.0.0.1:8025"
+            [[listener]]
+            address = "127.0.0.1:25"
+            [[listener]]
+            address = "127.0.0.1:587"
+            submission = true
+            [[user]]
+            name = "app"
+            password = "secret"
+            [timeouts]
+            command = "1s"
+            [delivery]
+            port = 2525
+            source_ip = "198.51.100.21"
+            [delivery.timeouts]
+            connect = "2s"
+            [retry]
+            min = "200ms"
+            max_age = "1h"
+            [dns]
+            nameservers = ["127.0.0.1:5353"]
+            timeout = "2s"
+            [routes]
+            "*" = "127.0.0.1:2526"
+            [cluster]
+            redis = "redis://127.0.0.1:6379"
+            [[dkim]]
+            domain = "example.com"
+            selector = "s1"
+            key = "/etc/smtp-lb/dkim.pem"
+            [egress]
+            default_pool = "main"
+            [[egress.source]]
+            name = "ip1"
+            address = "198.51.100.21"
+            warmup_start = "now"
+            [[egress.pool]]
+            name = "main"
+            sources = [{ name = "ip1", weight = 2 }]
+            [egress.warmup.google]
+            daily = [50, 100]
+            overflow = "wait"
+        "#;
+        let cfg: Config = toml::from_str(text).unwrap();
+        let written = toml::to_string(&cfg).unwrap();
+        let again: Config = toml::from_str(&written).unwrap_or_else(|e| panic!("{e}\n{written}"));
+        assert_eq!(format!("{again:?}"), format!("{cfg:?}"));
     }
 }

@@ -15,12 +15,12 @@ use hickory_resolver::{
     net::runtime::TokioRuntimeProvider,
     proto::rr::{RData, RecordType},
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::smtp::reply::Reply;
 
 /// `[dns]` in the relay config: the resolver for MX lookups.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DnsConfig {
     /// Name servers as `ip` or `ip:port`; empty = the system resolver (`/etc/resolv.conf`).

@@ -1,10 +1,10 @@
 //! `[egress]` in the relay config (see the module docs of [`super`]).
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `[egress]` in the relay config.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EgressConfig {
     /// Pool of messages no `[[egress.select]]` matches.
@@ -38,7 +38,7 @@ impl EgressConfig {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     pub name: String,
@@ -51,14 +51,14 @@ pub struct SourceConfig {
     pub warmup_start: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     pub name: String,
     pub sources: Vec<PoolMember>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolMember {
     pub name: String,
@@ -73,7 +73,7 @@ impl PoolMember {
 }
 
 /// Exactly one of `sender`, `sender_domain`, `tenant`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SelectConfig {
     #[serde(default)]
@@ -87,7 +87,7 @@ pub struct SelectConfig {
 
 /// Caps on warmup day `k` (0 = the day of `warmup_start`) are `daily[k]`
 /// and `hourly[k]`; past the end of `daily` the source is warm.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WarmupSchedule {
     pub daily: Vec<u64>,
@@ -98,7 +98,7 @@ pub struct WarmupSchedule {
 }
 
 /// What happens to a message over a cold source's cap.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Overflow {
     /// Another source of the pool with room takes it.

@@ -18,11 +18,11 @@ use std::{
 
 use anyhow::Context;
 use redis::{FromRedisValue, Script, aio::MultiplexedConnection};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 /// `[cluster]` in the relay config.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// `redis://host:port[/db]` shared by every relay of the cluster.
