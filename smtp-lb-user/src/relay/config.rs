@@ -53,10 +53,10 @@ pub struct Config {
     /// JSON-lines delivery log; none by default.
     #[serde(default)]
     pub delivery_log: Option<PathBuf>,
-    /// Shaping file (per-provider limits, see `relay::shaping`); none = no limits.
+    /// Shaping file (per-provider limits, see `relay::policy::shaping`); none = no limits.
     #[serde(default)]
     pub shaping: Option<PathBuf>,
-    /// Limits shared by every relay through Redis (see `relay::cluster`); none = local limits.
+    /// Limits shared by every relay through Redis (see `relay::policy::cluster`); none = local limits.
     #[serde(default)]
     pub cluster: Option<ClusterConfig>,
     /// DKIM signing keys, one per sending domain (see `relay::dkim`).

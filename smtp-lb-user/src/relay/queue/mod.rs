@@ -24,6 +24,7 @@
 //! - [`outcome`]: the pure decision after an attempt; [`settle`] applies it
 //!   (log, metrics, DSN, retry).
 //! - [`control`]: the operator's view and actions (`ctl relay …`).
+//! - `tests`: the delivery loop through a scripted [`Dispatcher`], no socket.
 mod control;
 pub mod dispatch;
 mod message;
@@ -31,6 +32,8 @@ pub mod outcome;
 mod ready;
 mod scheduler;
 mod settle;
+#[cfg(test)]
+mod tests;
 mod worker;
 
 use std::{
