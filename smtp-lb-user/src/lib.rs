@@ -13,6 +13,8 @@
 //! - [`admin`]: the small HTTP layer and Prometheus text both daemons serve.
 //! - [`cli`]: the `smtp-lb` command line (subcommands and their options).
 //! - [`relay`]: the delivery engine (SMTP ingress, spool, queues, delivery).
+//! - [`smtp`]: the SMTP wire (grammar, the reply reader, the delivery
+//!   client), shared by the relay and the balancer's health probe.
 //! - [`systemd`]: readiness notifications for `Type=notify` units.
 //!
 //! The binary in `main.rs` only parses arguments, sets up tracing and calls
@@ -26,5 +28,6 @@ pub mod dataplane;
 pub mod health;
 pub mod lb;
 pub mod relay;
+pub mod smtp;
 pub mod systemd;
 pub mod tls;

@@ -13,6 +13,7 @@
 //! - [`env`]: where the built artifacts are (set by `cargo xtask`).
 //! - [`relay`], [`sink`], [`smtp`], [`dns`], [`postfix`], [`redis`], [`tmp`]: the
 //!   relay under test and its real peers (smtp-sink, swaks, Postfix, dnsmasq, Redis).
+//! - [`fake_mx`]: the one scriptable destination (fails on cue, records what it saw).
 //! - [`dkimpy`]: python dkimpy as the independent DKIM verifier.
 //!
 //! Suites live in `tests/`: `loopback_*` need real peers on 127.0.0.1 but no
@@ -23,6 +24,7 @@
 pub mod dkimpy;
 pub mod dns;
 pub mod env;
+pub mod fake_mx;
 pub mod lab;
 pub mod load;
 pub mod monitoring;
@@ -31,7 +33,6 @@ pub mod postfix;
 pub mod redis;
 pub mod relay;
 pub mod scenario;
-pub mod shaping_sink;
 pub mod sink;
 pub mod smtp;
 pub mod tmp;

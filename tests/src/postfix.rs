@@ -76,25 +76,7 @@ impl Postfix {
 
     /// Destination MX that offers STARTTLS with a throwaway certificate made in `dir`.
     pub fn destination_tls(domain: &str, dir: &std::path::Path) -> Self {
-        let (cert, key) = (dir.join("pf-cert.pem"), dir.join("pf-key.pem"));
-        let ok = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-            ])
-            .args(["-days", "1", "-subj", "/CN=mx.test", "-keyout"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("run openssl");
-        assert!(ok.success(), "openssl req failed");
+        let (cert, key) = crate::tmp::self_signed_cert(dir, "pf", "mx.test");
         Self::destination_with(
             domain,
             &format!(

@@ -2,18 +2,20 @@
 //! temporary directory (spool, delivery log and stderr live there too),
 //! free ports on 127.0.0.1, kill on drop.
 use std::{
-    fmt::Write as _,
     net::SocketAddr,
     path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
 };
 
-use smtp_lb_user::admin::client::Client;
+use smtp_lb_user::{
+    admin::client::Client,
+    relay::config::{Config, ListenerConfig, TlsConfig, UserConfig},
+};
 
 use crate::{
     env::smtp_lb_bin,
-    tmp::{ChildGuard, TempDir, free_port, wait_for, wait_listening},
+    tmp::{ChildGuard, TempDir, free_port, self_signed_cert, wait_for, wait_listening},
 };
 
 /// What a test can vary; `Default` is a plain relay for 127.0.0.0/8.
@@ -46,8 +48,8 @@ pub struct RelayConfig {
     pub spool_dir: Option<PathBuf>,
     /// Contents of a shaping file (written next to the config).
     pub shaping: Option<String>,
-    /// Raw TOML tables appended to the end of the config (`[cluster]`,
-    /// `[[dkim]]`, `[egress]`, …) for features without a field here.
+    /// TOML merged over the config (`[cluster]`, `[[dkim]]`, `[egress]`, …)
+    /// for features without a field here.
     pub extra_toml: String,
 }
 
@@ -90,8 +92,22 @@ pub struct Relay {
     starts: u32,
 }
 
-fn q(s: &str) -> String {
-    format!("{s:?}")
+/// A duration in the relay config's own grammar (`"200ms"`, `"1h"`).
+fn duration(s: &str) -> Duration {
+    humantime_serde::deserialize(toml::Value::String(s.to_owned()))
+        .unwrap_or_else(|e| panic!("duration {s:?}: {e}"))
+}
+
+/// `extra` over `base`, table by table (a key in both: `extra`'s wins).
+fn merge(base: &mut toml::Table, extra: toml::Table) {
+    for (k, v) in extra {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(e)) => merge(b, e),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
 }
 
 impl Relay {
@@ -103,104 +119,65 @@ impl Relay {
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let spool = cfg.spool_dir.clone().unwrap_or_else(|| dir.join("spool"));
-        let mut t = String::new();
-        let _ = writeln!(t, "hostname = \"relay.test\"");
-        let _ = writeln!(t, "spool_dir = {}", q(&spool.display().to_string()));
-        let _ = writeln!(
-            t,
-            "delivery_log = {}",
-            q(&dir.join("delivery.log").display().to_string())
-        );
-        let _ = writeln!(t, "admin = \"{admin}\"");
-        let _ = writeln!(t, "metrics = \"{metrics}\"");
+        let mut c: Config =
+            toml::from_str("spool_dir = \"\"\nlistener = []").expect("the relay config's defaults");
+        c.hostname = "relay.test".into();
+        c.spool_dir = spool;
+        c.delivery_log = Some(dir.join("delivery.log"));
+        c.admin = Some(admin);
+        c.metrics = Some(metrics);
         if let Some(shaping) = &cfg.shaping {
             let path = dir.join("shaping.toml");
             std::fs::write(&path, shaping).expect("write shaping file");
-            let _ = writeln!(t, "shaping = {}", q(&path.display().to_string()));
+            c.shaping = Some(path);
         }
-        let nets: Vec<String> = cfg.relay_networks.iter().map(|n| q(n)).collect();
-        let _ = writeln!(t, "relay_networks = [{}]", nets.join(", "));
-        let _ = writeln!(t, "[[listener]]\naddress = \"{smtp}\"");
-        if let Some(s) = submission {
-            let _ = writeln!(t, "[[listener]]\naddress = \"{s}\"\nsubmission = true");
+        c.relay_networks.clone_from(&cfg.relay_networks);
+        c.listeners.push(ListenerConfig {
+            address: smtp,
+            submission: false,
+        });
+        if let Some(address) = submission {
+            c.listeners.push(ListenerConfig {
+                address,
+                submission: true,
+            });
         }
-        for (name, password) in &cfg.users {
-            let _ = writeln!(
-                t,
-                "[[user]]\nname = {}\npassword = {}",
-                q(name),
-                q(password)
-            );
-        }
+        c.users = cfg
+            .users
+            .iter()
+            .map(|(name, password)| UserConfig {
+                name: name.clone(),
+                password: password.clone(),
+            })
+            .collect();
         if cfg.tls {
-            let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-            let ok = Command::new("openssl")
-                .args([
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1",
-                    "-nodes",
-                ])
-                .args(["-days", "1", "-subj", "/CN=relay.test", "-keyout"])
-                .arg(&key)
-                .arg("-out")
-                .arg(&cert)
-                .stderr(Stdio::null())
-                .status()
-                .expect("run openssl");
-            assert!(ok.success(), "openssl req failed");
-            let _ = writeln!(
-                t,
-                "[tls]\ncert = {}\nkey = {}",
-                q(&cert.display().to_string()),
-                q(&key.display().to_string())
-            );
+            let (cert, key) = self_signed_cert(dir.path(), "relay", "relay.test");
+            c.tls = Some(TlsConfig { cert, key });
         }
-        let _ = writeln!(
-            t,
-            "[limits]\nmax_message_size = {}\nmax_connections = {}",
-            cfg.max_message_size, cfg.max_connections
-        );
-        let _ = writeln!(
-            t,
-            "[timeouts]\ncommand = {}\ndata = {}\nwrite = {}\nshutdown_grace = \"5s\"",
-            q(&cfg.command_timeout),
-            q(&cfg.data_timeout),
-            q(&cfg.write_timeout)
-        );
-        let _ = writeln!(
-            t,
-            "[delivery]\nport = {}\nconnections_per_destination = {}",
-            cfg.mx_port, cfg.connections_per_destination
-        );
-        if let Some(ip) = &cfg.source_ip {
-            let _ = writeln!(t, "source_ip = {}", q(ip));
-        }
-        let _ = writeln!(
-            t,
-            "[delivery.timeouts]\nconnect = \"2s\"\ngreeting = \"10s\""
-        );
-        let _ = writeln!(
-            t,
-            "[retry]\nmin = {}\nmax = {}\nmax_age = {}",
-            q(&cfg.retry_min),
-            q(&cfg.retry_max),
-            q(&cfg.max_age)
-        );
-        let ns: Vec<String> = cfg.nameservers.iter().map(|n| q(n)).collect();
-        let _ = writeln!(
-            t,
-            "[dns]\nnameservers = [{}]\ntimeout = \"2s\"",
-            ns.join(", ")
-        );
-        let _ = writeln!(t, "[routes]");
-        for (d, hop) in &cfg.routes {
-            let _ = writeln!(t, "{} = {}", q(d), q(hop));
-        }
-        t.push_str(&cfg.extra_toml);
+        c.limits.max_message_size = cfg.max_message_size;
+        c.limits.max_connections = cfg.max_connections;
+        c.timeouts.command = duration(&cfg.command_timeout);
+        c.timeouts.data = duration(&cfg.data_timeout);
+        c.timeouts.write = duration(&cfg.write_timeout);
+        c.timeouts.shutdown_grace = Duration::from_secs(5);
+        c.delivery.port = cfg.mx_port;
+        c.delivery.connections_per_destination = cfg.connections_per_destination;
+        c.delivery.source_ip = cfg
+            .source_ip
+            .as_ref()
+            .map(|ip| ip.parse().expect("source_ip"));
+        c.delivery.timeouts.connect = Duration::from_secs(2);
+        c.delivery.timeouts.greeting = Duration::from_secs(10);
+        c.retry.min = duration(&cfg.retry_min);
+        c.retry.max = duration(&cfg.retry_max);
+        c.retry.max_age = duration(&cfg.max_age);
+        c.dns.nameservers.clone_from(&cfg.nameservers);
+        c.dns.timeout = Some(Duration::from_secs(2));
+        c.routes = cfg.routes.iter().cloned().collect();
+        let mut table = toml::Table::try_from(&c).expect("serialise the relay config");
+        let extra: toml::Table = toml::from_str(&cfg.extra_toml).expect("extra_toml is TOML");
+        merge(&mut table, extra);
+        let t = toml::to_string(&table).expect("write the relay config");
         let config_path = dir.join("relay.toml");
         std::fs::write(&config_path, t).expect("write relay config");
         let mut relay = Self {

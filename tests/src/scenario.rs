@@ -39,8 +39,8 @@ use std::{
 
 use crate::{
     env,
+    fake_mx::FakeMx,
     load::{Load, Pace, Session},
-    shaping_sink::ShapingSink,
     topology::{CLIENT, DsrLab, LB, VIP, wait_for},
 };
 
@@ -203,7 +203,7 @@ pub struct Story {
 /// An ISP's MX: Postfix `smtp-sink` dumping to a directory, or the fake MX.
 enum Mx {
     Sink(PathBuf),
-    Fake(ShapingSink),
+    Fake(FakeMx),
 }
 
 /// One message at an ISP: which relay address sent it, and when.
@@ -375,9 +375,10 @@ pub fn run(plan: Plan, on: &mut dyn FnMut(Event)) -> Outcome {
         dnsmasq += &format!(" --mx-host={domain},{mx},10 --host-record={mx},{addr}");
         if domain == "gmail.com" {
             let at: SocketAddr = format!("{addr}:25").parse().unwrap();
-            mxs.push(Mx::Fake(dsr.lab.in_netns(&host, move || {
-                ShapingSink::start_on(at, Duration::ZERO)
-            })));
+            mxs.push(Mx::Fake(
+                dsr.lab
+                    .in_netns(&host, move || FakeMx::builder().addr(at).start()),
+            ));
             continue;
         }
         let dir = dsr.work.join(&host);

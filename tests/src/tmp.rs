@@ -1,5 +1,6 @@
 //! Small pieces every relay test needs: temporary directories that delete
-//! themselves, free loopback ports, child processes killed on drop, and polling.
+//! themselves, free loopback ports, child processes killed on drop, polling,
+//! and throwaway TLS certificates.
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
@@ -117,4 +118,32 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A throwaway self-signed certificate for `cn` (P-256, one day), written
+/// as `<name>-cert.pem` and `<name>-key.pem` in `dir`: (cert, key).
+pub fn self_signed_cert(dir: &Path, name: &str, cn: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}-cert.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .args(["-days", "1", "-subj", &format!("/CN={cn}"), "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run openssl");
+    assert!(ok.success(), "openssl req failed");
+    (cert, key)
 }

@@ -9,9 +9,9 @@ use std::{
 
 use smtp_lb_tests::{
     dns::Dnsmasq,
+    fake_mx::{FakeMx, rate_of},
     redis::RedisServer,
     relay::{Relay, RelayConfig},
-    shaping_sink::{ShapingSink, rate_of},
     smtp::smtp_source,
     tmp::{free_port, wait_for},
 };
@@ -20,7 +20,7 @@ const WARNING: &str = "redis unreachable";
 const BACK: &str = "redis reachable again";
 
 /// A relay routing `gmail.test` to the sink (provider `google`), sharing limits through `redis_url`.
-fn relay(dns: &Dnsmasq, sink: &ShapingSink, shaping: &str, cluster: &str) -> Relay {
+fn relay(dns: &Dnsmasq, sink: &FakeMx, shaping: &str, cluster: &str) -> Relay {
     Relay::start(&RelayConfig {
         routes: vec![(
             "gmail.test".into(),
@@ -47,7 +47,7 @@ fn submit_both(a: &Relay, b: &Relay, n: usize) {
     });
 }
 
-fn wait_count(sink: &ShapingSink, n: usize, timeout: Duration) {
+fn wait_count(sink: &FakeMx, n: usize, timeout: Duration) {
     wait_for(&format!("{n} messages at the sink"), timeout, || {
         (sink.count() >= n).then_some(())
     });
@@ -61,7 +61,9 @@ fn delivered(r: &Relay) -> u64 {
 fn two_relays_share_connection_limit_4_at_the_sink() {
     let redis = RedisServer::start();
     // Each DATA takes 150 ms at the sink, so 2 × 16 workers keep every slot busy.
-    let sink = ShapingSink::start(Duration::from_millis(150));
+    let sink = FakeMx::builder()
+        .delay("DATA", Duration::from_millis(150))
+        .start();
     let dns = Dnsmasq::loopback_hosts(&["mx.google.com"]);
     let shaping = "[google]\nconnection_limit = 4\nmax_messages_per_connection = 10\n";
     let a = relay(&dns, &sink, shaping, &cluster(&redis.url()));
@@ -82,7 +84,7 @@ fn two_relays_share_connection_limit_4_at_the_sink() {
 #[test]
 fn two_relays_share_message_rate_600_per_min_within_2_percent() {
     let redis = RedisServer::start();
-    let sink = ShapingSink::start(Duration::ZERO);
+    let sink = FakeMx::start();
     let dns = Dnsmasq::loopback_hosts(&["mx.google.com"]);
     let shaping = "[google]\nconnection_limit = 4\nmessage_rate = \"600/min\"\n";
     let a = relay(&dns, &sink, shaping, &cluster(&redis.url()));
@@ -109,7 +111,9 @@ fn two_relays_share_message_rate_600_per_min_within_2_percent() {
 fn losing_redis_degrades_to_local_limits_and_loses_nothing() {
     let mut redis = RedisServer::start();
     // 20 ms per DATA keeps connections busy without bounding the rate.
-    let sink = ShapingSink::start(Duration::from_millis(20));
+    let sink = FakeMx::builder()
+        .delay("DATA", Duration::from_millis(20))
+        .start();
     let dns = Dnsmasq::loopback_hosts(&["mx.google.com"]);
     let (limit, per_min) = (3, 600.0);
     let shaping = format!(
@@ -161,7 +165,9 @@ fn losing_redis_degrades_to_local_limits_and_loses_nothing() {
 #[test]
 fn a_relay_started_without_redis_limits_locally_and_shares_once_redis_is_up() {
     let port = free_port();
-    let sink = ShapingSink::start(Duration::from_millis(100));
+    let sink = FakeMx::builder()
+        .delay("DATA", Duration::from_millis(100))
+        .start();
     let dns = Dnsmasq::loopback_hosts(&["mx.google.com"]);
     let shaping = "[google]\nconnection_limit = 2\nmessage_rate = \"6000/min\"\n";
     let a = relay(
@@ -207,10 +213,10 @@ fn a_crashed_relays_connection_leases_expire_within_the_lease() {
     let redis = RedisServer::start();
     // Sessions are held 3 s in DATA, so the killed relay dies holding both slots.
     let hold = Duration::from_secs(3);
-    let sink = ShapingSink::start(hold);
+    let sink = FakeMx::builder().delay("DATA", hold).start();
     // The second relay delivers to its own sink (same provider, same
     // leases) so its sessions are told apart from the dead relay's.
-    let sink_b = ShapingSink::start(hold);
+    let sink_b = FakeMx::builder().delay("DATA", hold).start();
     let dns = Dnsmasq::loopback_hosts(&["mx.google.com"]);
     let shaping = "[google]\nconnection_limit = 2\n";
     let conf = format!("{}lease = \"2s\"\n", cluster(&redis.url()));

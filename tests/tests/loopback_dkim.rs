@@ -16,8 +16,8 @@ use smtp_lb_tests::{
     dkimpy,
     dns::Dnsmasq,
     env::smtp_lb_bin,
+    fake_mx::FakeMx,
     relay::{Relay, RelayConfig},
-    sink::ScriptSink,
     tmp::{TempDir, free_port, wait_for},
 };
 
@@ -159,7 +159,7 @@ fn rsa_and_ed25519_signatures_verify_with_dkimpy_and_tampering_fails() {
         dkim_txt("s2026._domainkey.rsa.test", &rsa),
         dkim_txt("ed1._domainkey.ed.test", &ed),
     ]);
-    let sink = ScriptSink::start();
+    let sink = FakeMx::start();
     let relay = Relay::start(&RelayConfig {
         routes: vec![("dest.test".into(), sink.addr.to_string())],
         nameservers: vec![dns.addr.to_string()],

@@ -8,9 +8,10 @@ use std::{
 
 use smtp_lb_tests::{
     dns::Dnsmasq,
+    fake_mx::FakeMx,
     postfix::Postfix,
     relay::{Relay, RelayConfig},
-    sink::{ScriptSink, SmtpSink},
+    sink::SmtpSink,
     smtp::RawSmtp,
     tmp::{TempDir, wait_for},
 };
@@ -185,7 +186,7 @@ fn real_postfix_as_mx_found_via_dnsmasq_receives_identical_body_over_starttls() 
 
 #[test]
 fn tempfail_then_success_is_retried_and_delivered() {
-    let sink = ScriptSink::start();
+    let sink = FakeMx::start();
     let relay = Relay::start(&route_all_to(sink.addr));
     let mut c = RawSmtp::connect(relay.smtp);
     c.cmd("EHLO client.test");
@@ -225,7 +226,7 @@ fn tempfail_then_success_is_retried_and_delivered() {
 
 #[test]
 fn permanent_failure_bounces_with_rfc3464_dsn_to_sender_and_none_for_null_sender() {
-    let sink = ScriptSink::start();
+    let sink = FakeMx::start();
     let relay = Relay::start(&route_all_to(sink.addr));
     let mut c = RawSmtp::connect(relay.smtp);
     c.cmd("EHLO client.test");
@@ -288,7 +289,7 @@ fn permanent_failure_bounces_with_rfc3464_dsn_to_sender_and_none_for_null_sender
 
 #[test]
 fn null_mx_and_unknown_domain_bounce_with_the_right_status() {
-    let sink = ScriptSink::start();
+    let sink = FakeMx::start();
     let dns = Dnsmasq::start(&[
         "--local=/test/".into(),
         // RFC 7505 null MX: preference 0, exchange "." (hex RDATA 0000 00).
@@ -477,7 +478,7 @@ fn ctl_as(relay: &Relay, args: &[&str]) -> (bool, String) {
 
 #[test]
 fn ctl_relay_shows_retries_bounces_and_deletes_queued_messages_and_metrics_count_them() {
-    let sink = ScriptSink::start();
+    let sink = FakeMx::start();
     // dead.test goes nowhere (a closed port) and retries only after an hour.
     let relay = Relay::start(&RelayConfig {
         routes: vec![
@@ -590,7 +591,7 @@ fn ctl_relay_shows_retries_bounces_and_deletes_queued_messages_and_metrics_count
 
 #[test]
 fn sigterm_lets_the_transaction_in_flight_finish() {
-    let sink = ScriptSink::start();
+    let sink = FakeMx::start();
     let mut relay = Relay::start(&route_all_to(sink.addr));
     let mut c = RawSmtp::connect(relay.smtp);
     c.cmd("EHLO client.test");
@@ -627,7 +628,7 @@ fn sigterm_lets_the_transaction_in_flight_finish() {
 
 #[test]
 fn one_connection_carries_many_messages_to_the_same_destination() {
-    let sink = ScriptSink::start();
+    let sink = FakeMx::start();
     let relay = Relay::start(&RelayConfig {
         connections_per_destination: 1,
         ..route_all_to(sink.addr)
@@ -661,7 +662,7 @@ fn one_connection_carries_many_messages_to_the_same_destination() {
 
 #[test]
 fn delivery_binds_the_egress_source_and_an_unplumbed_source_defers() {
-    let sink = ScriptSink::start();
+    let sink = FakeMx::start();
     let relay = Relay::start(&RelayConfig {
         source_ip: Some("127.0.0.2".into()),
         ..route_all_to(sink.addr)

@@ -10,8 +10,8 @@ use std::{
 };
 
 use smtp_lb_tests::{
+    fake_mx::FakeMx,
     relay::{Relay, RelayConfig},
-    sink::ScriptSink,
     smtp::RawSmtp,
     tmp::{TempDir, wait_for},
 };
@@ -19,12 +19,12 @@ use smtp_lb_tests::{
 const WAIT: Duration = Duration::from_secs(20);
 
 struct Fixture {
-    sink: ScriptSink,
+    sink: FakeMx,
     relay: Relay,
 }
 
 fn fixture(tweak: impl FnOnce(&mut RelayConfig)) -> Fixture {
-    let sink = ScriptSink::start();
+    let sink = FakeMx::start();
     let mut cfg = RelayConfig {
         routes: vec![("*".into(), sink.addr.to_string())],
         ..RelayConfig::default()

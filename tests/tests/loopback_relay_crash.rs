@@ -11,8 +11,9 @@ use std::{
 };
 
 use smtp_lb_tests::{
+    fake_mx::FakeMx,
     relay::{Relay, RelayConfig},
-    sink::{ScriptSink, SmtpSink},
+    sink::SmtpSink,
     smtp::RawSmtp,
     tmp::{ChildGuard, free_port, wait_for},
 };
@@ -176,7 +177,7 @@ fn corrupt_spool_at_startup_is_moved_aside_reported_and_not_delivered() {
     data.extend_from_slice(&torn);
     std::fs::write(&seg, &data).unwrap();
 
-    let sink = ScriptSink::start_on(port);
+    let sink = FakeMx::builder().port(port).start();
     relay.restart();
     let got = wait_for("the two intact messages", Duration::from_secs(20), || {
         let r = sink.received();

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use smtp_lb_tests::{
     dns::Dnsmasq,
+    fake_mx::{FakeMx, rate_of},
     relay::{Relay, RelayConfig},
-    shaping_sink::{ShapingSink, rate_of},
     smtp::smtp_source,
     tmp::wait_for,
 };
@@ -25,11 +25,11 @@ fn relay(dns: &Dnsmasq, routes: &[(&str, String)], shaping: &str, per_dest: usiz
     })
 }
 
-fn hop(name: &str, sink: &ShapingSink) -> String {
+fn hop(name: &str, sink: &FakeMx) -> String {
     format!("{name}:{}", sink.addr.port())
 }
 
-fn wait_count(sink: &ShapingSink, n: usize, timeout: Duration) {
+fn wait_count(sink: &FakeMx, n: usize, timeout: Duration) {
     wait_for(&format!("{n} messages at the sink"), timeout, || {
         (sink.count() >= n).then_some(())
     });
@@ -38,7 +38,9 @@ fn wait_count(sink: &ShapingSink, n: usize, timeout: Duration) {
 #[test]
 fn connection_limit_caps_concurrency_at_the_sink_and_is_reached_under_load() {
     // Each DATA takes 150 ms at the sink, so 16 workers keep every slot busy.
-    let sink = ShapingSink::start(Duration::from_millis(150));
+    let sink = FakeMx::builder()
+        .delay("DATA", Duration::from_millis(150))
+        .start();
     let dns = Dnsmasq::loopback_hosts(&["mx.google.com"]);
     let relay = relay(
         &dns,
@@ -60,7 +62,7 @@ fn connection_limit_caps_concurrency_at_the_sink_and_is_reached_under_load() {
 
 #[test]
 fn message_rate_600_per_min_is_delivered_within_2_percent_over_a_full_minute() {
-    let sink = ShapingSink::start(Duration::ZERO);
+    let sink = FakeMx::start();
     let dns = Dnsmasq::loopback_hosts(&["mx.google.com"]);
     let relay = relay(
         &dns,
@@ -94,8 +96,10 @@ fn message_rate_600_per_min_is_delivered_within_2_percent_over_a_full_minute() {
 fn a_rate_limited_provider_does_not_slow_an_unlimited_one() {
     // The unlimited provider is bounded by the sink (20 ms per DATA, 4
     // connections), which makes its unshaped rate stable enough to compare.
-    let fast = ShapingSink::start(Duration::from_millis(20));
-    let slow = ShapingSink::start(Duration::ZERO);
+    let fast = FakeMx::builder()
+        .delay("DATA", Duration::from_millis(20))
+        .start();
+    let slow = FakeMx::start();
     let dns = Dnsmasq::loopback_hosts(&["mx.example.net", "mx.google.com"]);
     let relay = relay(
         &dns,
@@ -134,10 +138,12 @@ fn a_rate_limited_provider_does_not_slow_an_unlimited_one() {
 
 #[test]
 fn a_421_4_7_28_suspends_the_provider_per_rule_others_keep_their_rate_and_delivery_resumes() {
-    let sink = ShapingSink::start(Duration::ZERO);
+    let sink = FakeMx::start();
     // The other provider is bounded by its sink (20 ms per DATA, 4
     // connections), so its rate with and without the suspension compare.
-    let other = ShapingSink::start(Duration::from_millis(20));
+    let other = FakeMx::builder()
+        .delay("DATA", Duration::from_millis(20))
+        .start();
     let dns = Dnsmasq::loopback_hosts(&["mx.google.com", "mx.example.net"]);
     let relay = relay(
         &dns,
@@ -188,7 +194,7 @@ fn a_421_4_7_28_suspends_the_provider_per_rule_others_keep_their_rate_and_delive
 
 #[test]
 fn a_threshold_rule_suspends_on_the_nth_matching_reply_only() {
-    let sink = ShapingSink::start(Duration::ZERO);
+    let sink = FakeMx::start();
     let dns = Dnsmasq::loopback_hosts(&["mta5.am0.yahoodns.net"]);
     // One connection, so replies arrive one after another.
     let relay = relay(
@@ -221,7 +227,7 @@ fn a_threshold_rule_suspends_on_the_nth_matching_reply_only() {
 
 #[test]
 fn a_cut_rate_rule_slows_the_provider_for_its_duration() {
-    let sink = ShapingSink::start(Duration::ZERO);
+    let sink = FakeMx::start();
     let dns = Dnsmasq::loopback_hosts(&["mx.google.com"]);
     let relay = relay(
         &dns,
@@ -261,8 +267,8 @@ fn a_cut_rate_rule_slows_the_provider_for_its_duration() {
 
 #[test]
 fn a_bounce_rule_bounces_at_once_instead_of_retrying() {
-    let sink = ShapingSink::start(Duration::ZERO);
-    let senders = ShapingSink::start(Duration::ZERO);
+    let sink = FakeMx::start();
+    let senders = FakeMx::start();
     let dns = Dnsmasq::loopback_hosts(&["mx.google.com", "mx.example.net"]);
     let relay = relay(
         &dns,
@@ -288,7 +294,7 @@ fn a_bounce_rule_bounces_at_once_instead_of_retrying() {
 }
 
 /// Messages the sink accepted during the next `d`, per second.
-fn rate_over(sink: &ShapingSink, d: Duration) -> f64 {
+fn rate_over(sink: &FakeMx, d: Duration) -> f64 {
     let before = sink.count();
     std::thread::sleep(d);
     #[expect(clippy::cast_precision_loss, reason = "small counts")]
@@ -298,7 +304,7 @@ fn rate_over(sink: &ShapingSink, d: Duration) -> f64 {
 
 #[test]
 fn the_shaping_file_reloads_without_restart_and_a_bad_one_is_refused_by_line() {
-    let sink = ShapingSink::start(Duration::ZERO);
+    let sink = FakeMx::start();
     let dns = Dnsmasq::loopback_hosts(&["mx.google.com"]);
     let relay = relay(
         &dns,
@@ -347,7 +353,7 @@ fn the_shaping_file_reloads_without_restart_and_a_bad_one_is_refused_by_line() {
 
 #[test]
 fn max_recipients_per_message_splits_a_transaction_and_delivers_every_recipient() {
-    let sink = ShapingSink::start(Duration::ZERO);
+    let sink = FakeMx::start();
     let dns = Dnsmasq::loopback_hosts(&["mx.google.com"]);
     let relay = relay(
         &dns,

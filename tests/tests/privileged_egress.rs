@@ -12,9 +12,9 @@ use std::{
 
 use smtp_lb_tests::{
     dns::Dnsmasq,
+    fake_mx::FakeMx,
     lab::Lab,
     relay::{Relay, RelayConfig},
-    shaping_sink::ShapingSink,
     smtp::smtp_source,
     tmp::wait_for,
 };
@@ -41,7 +41,7 @@ fn source(name: &str, addr: &str, extra: &str) -> String {
     )
 }
 
-fn relay(sink: &ShapingSink, egress: &str, shaping: Option<&str>, dns: Option<&Dnsmasq>) -> Relay {
+fn relay(sink: &FakeMx, egress: &str, shaping: Option<&str>, dns: Option<&Dnsmasq>) -> Relay {
     let hop = match dns {
         Some(_) => format!("mx.google.com:{}", sink.addr.port()),
         None => sink.addr.to_string(),
@@ -55,13 +55,13 @@ fn relay(sink: &ShapingSink, egress: &str, shaping: Option<&str>, dns: Option<&D
     })
 }
 
-fn wait_count(sink: &ShapingSink, n: usize, timeout: Duration) {
+fn wait_count(sink: &FakeMx, n: usize, timeout: Duration) {
     wait_for(&format!("{n} messages at the sink"), timeout, || {
         (sink.count() >= n).then_some(())
     });
 }
 
-fn by_peer(sink: &ShapingSink) -> HashMap<IpAddr, usize> {
+fn by_peer(sink: &FakeMx) -> HashMap<IpAddr, usize> {
     let mut m = HashMap::new();
     for d in sink.deliveries() {
         *m.entry(d.peer).or_default() += 1;
@@ -72,7 +72,7 @@ fn by_peer(sink: &ShapingSink) -> HashMap<IpAddr, usize> {
 #[test]
 fn a_2_1_1_pool_spreads_messages_by_weight_with_each_sources_helo() {
     in_lab(&["198.51.100.21", "198.51.100.22", "198.51.100.23"], || {
-        let sink = ShapingSink::start_at(ip(SINK_IP), Duration::ZERO);
+        let sink = FakeMx::builder().ip(ip(SINK_IP)).start();
         let egress = format!(
             "[egress]\ndefault_pool = \"main\"\n{}{}{}\
              [[egress.pool]]\nname = \"main\"\nsources = [{{ name = \"a\", weight = 2 }}, {{ name = \"b\" }}, {{ name = \"c\" }}]\n",
@@ -115,7 +115,7 @@ fn a_2_1_1_pool_spreads_messages_by_weight_with_each_sources_helo() {
 #[test]
 fn an_unplumbed_source_is_suspended_once_and_the_pool_delivers_everything() {
     in_lab(&["198.51.100.21", "198.51.100.22", "198.51.100.23"], || {
-        let sink = ShapingSink::start_at(ip(SINK_IP), Duration::ZERO);
+        let sink = FakeMx::builder().ip(ip(SINK_IP)).start();
         // d's address 198.51.100.24 is on no interface.
         let egress = format!(
             "[egress]\ndefault_pool = \"main\"\n{}{}{}{}\
@@ -171,7 +171,7 @@ fn an_unplumbed_source_is_suspended_once_and_the_pool_delivers_everything() {
 }
 
 /// Cold source `a` (cap `caps` per warmup day of `day`), warm `b`, weights 1:1.
-fn warmup_relay(sink: &ShapingSink, caps: &str, overflow: &str, day: &str) -> Relay {
+fn warmup_relay(sink: &FakeMx, caps: &str, overflow: &str, day: &str) -> Relay {
     let egress = format!(
         "[egress]\ndefault_pool = \"main\"\nwarmup_day = \"{day}\"\n{}{}\
          [[egress.pool]]\nname = \"main\"\nsources = [{{ name = \"a\" }}, {{ name = \"b\" }}]\n\
@@ -185,7 +185,7 @@ fn warmup_relay(sink: &ShapingSink, caps: &str, overflow: &str, day: &str) -> Re
 #[test]
 fn warmup_spill_caps_a_cold_source_per_day_and_the_excess_goes_to_a_warm_one() {
     in_lab(&["198.51.100.21", "198.51.100.22"], || {
-        let sink = ShapingSink::start_at(ip(SINK_IP), Duration::ZERO);
+        let sink = FakeMx::builder().ip(ip(SINK_IP)).start();
         let day = Duration::from_secs(6);
         let t0 = Instant::now();
         let relay = warmup_relay(&sink, "[10, 15]", "spill", "6s");
@@ -222,7 +222,7 @@ fn warmup_spill_caps_a_cold_source_per_day_and_the_excess_goes_to_a_warm_one() {
 #[test]
 fn warmup_wait_holds_the_excess_for_the_next_day() {
     in_lab(&["198.51.100.21", "198.51.100.22"], || {
-        let sink = ShapingSink::start_at(ip(SINK_IP), Duration::ZERO);
+        let sink = FakeMx::builder().ip(ip(SINK_IP)).start();
         let day = Duration::from_secs(4);
         let t0 = Instant::now();
         let relay = warmup_relay(&sink, "[10, 10]", "wait", "4s");
@@ -253,7 +253,10 @@ fn warmup_wait_holds_the_excess_for_the_next_day() {
 fn a_per_source_override_limits_that_sources_connections_at_the_sink() {
     in_lab(&["198.51.100.21", "198.51.100.22"], || {
         // 100 ms per DATA keeps connections busy.
-        let sink = ShapingSink::start_at(ip(SINK_IP), Duration::from_millis(100));
+        let sink = FakeMx::builder()
+            .ip(ip(SINK_IP))
+            .delay("DATA", Duration::from_millis(100))
+            .start();
         let dns = Dnsmasq::start(&[
             "--local=/com/test/".to_owned(),
             format!("--host-record=mx.google.com,{SINK_IP}"),
@@ -283,7 +286,7 @@ fn a_per_source_override_limits_that_sources_connections_at_the_sink() {
 #[test]
 fn a_421_4_7_28_suspends_only_that_source_for_the_provider() {
     in_lab(&["198.51.100.21", "198.51.100.22"], || {
-        let sink = ShapingSink::start_at(ip(SINK_IP), Duration::ZERO);
+        let sink = FakeMx::builder().ip(ip(SINK_IP)).start();
         let a = ip("198.51.100.21");
         sink.set_throttle_from(Some(a));
         let egress = format!(

@@ -12,8 +12,10 @@ use crate::{
         self,
         dkim::Signers,
         egress::Egress,
-        limiter::Limiters,
-        shaping::{Shaper, ShapingConfig},
+        policy::{
+            limiter::Limiters,
+            shaping::{Shaper, ShapingConfig},
+        },
     },
 };
 
@@ -88,7 +90,12 @@ fn check_lb(path: &Path) -> anyhow::Result<String> {
 fn check_relay(path: &Path) -> anyhow::Result<String> {
     let cfg = relay::Config::load(path)?;
     let shaper = Shaper::load(cfg.shaping.as_deref(), &Limiters::local())?;
-    let egress = Egress::from_config(&cfg, shaper.providers())?;
+    let egress = Egress::from_config(
+        cfg.egress.as_ref(),
+        cfg.default_helo(),
+        cfg.delivery.source_ip,
+        shaper.providers(),
+    )?;
     egress.check_override_keys(shaper.override_keys())?;
     Signers::load(&cfg.dkim)?;
     Ok(format!(

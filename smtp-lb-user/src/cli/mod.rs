@@ -3,6 +3,7 @@
 pub mod check;
 pub mod ctl;
 pub mod decap;
+pub mod identity;
 pub mod lb;
 pub mod relay;
 mod table;

@@ -46,7 +46,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
 
 async fn check_identity(opts: &CheckIdentityOptions) -> anyhow::Result<()> {
     let cfg = Config::load(&opts.config)?;
-    let checks = relay::identity::run(&cfg).await?;
+    let checks = super::identity::run(&cfg).await?;
     for c in &checks {
         if opts.json {
             println!("{}", serde_json::to_string(c)?);

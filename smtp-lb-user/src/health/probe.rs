@@ -6,15 +6,13 @@ use std::{
 
 use thiserror::Error;
 use tokio::{
-    io::{
-        AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt,
-        BufReader,
-    },
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
     time::timeout,
 };
 
 use super::HealthCheckConfig;
+use crate::smtp::reply::{Limits, ReadError, Reply, ReplyError, ReplyReader};
 
 /// The step of a probe that failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,51 +62,24 @@ pub enum ProbeError {
     Tls(std::io::Error),
 }
 
-/// A complete SMTP reply: the code and the text of its last line.
-struct Reply {
-    code: u16,
-    text: String,
-    lines: Vec<String>,
-}
-
-/// Longest reply line accepted (RFC 5321 §4.5.3.1.5: 512 octets).
-const MAX_LINE: usize = 512;
-/// Most lines in one multi-line reply before the probe gives up.
-const MAX_LINES: usize = 100;
-
-async fn read_reply<R: AsyncBufRead + Unpin>(r: &mut R, phase: Phase) -> Result<Reply, ProbeError> {
-    let mut lines = Vec::new();
-    loop {
-        let mut line = String::new();
-        let n = (&mut *r)
-            .take(MAX_LINE as u64 + 2)
-            .read_line(&mut line)
-            .await
-            .map_err(|source| ProbeError::Io { phase, source })?;
-        if n == 0 {
-            return Err(ProbeError::Io {
-                phase,
-                source: std::io::ErrorKind::UnexpectedEof.into(),
-            });
-        }
-        let line = line.trim_end_matches(['\r', '\n']).to_owned();
-        let malformed = || ProbeError::Malformed {
+/// Reads one reply within [`Limits::PROBE`] (512-octet lines, 100 lines).
+async fn read_reply<S: AsyncRead + Unpin>(
+    s: &mut S,
+    replies: &mut ReplyReader,
+    phase: Phase,
+) -> Result<Reply, ProbeError> {
+    replies.read(s).await.map_err(|e| match e {
+        ReadError::Io(source) => ProbeError::Io { phase, source },
+        ReadError::Closed => ProbeError::Io {
             phase,
-            line: line.clone(),
-        };
-        let code: u16 = line
-            .get(..3)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(malformed)?;
-        let sep = line.as_bytes().get(3).copied();
-        let text = line.get(4..).unwrap_or_default().to_owned();
-        lines.push(text.clone());
-        match sep {
-            None | Some(b' ') => return Ok(Reply { code, text, lines }),
-            Some(b'-') if lines.len() < MAX_LINES => {}
-            _ => return Err(malformed()),
-        }
-    }
+            source: std::io::ErrorKind::UnexpectedEof.into(),
+        },
+        ReadError::Reply(ReplyError::Malformed(line)) => ProbeError::Malformed { phase, line },
+        ReadError::Reply(e) => ProbeError::Malformed {
+            phase,
+            line: e.to_string(),
+        },
+    })
 }
 
 async fn step<T>(
@@ -122,8 +93,9 @@ async fn step<T>(
     })?
 }
 
-async fn command<S: AsyncBufRead + AsyncWrite + Unpin>(
+async fn command<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
+    replies: &mut ReplyReader,
     line: &str,
     phase: Phase,
 ) -> Result<Reply, ProbeError> {
@@ -133,7 +105,7 @@ async fn command<S: AsyncBufRead + AsyncWrite + Unpin>(
     s.flush()
         .await
         .map_err(|source| ProbeError::Io { phase, source })?;
-    read_reply(s, phase).await
+    read_reply(s, replies, phase).await
 }
 
 fn expect(reply: Reply, code: u16, phase: Phase) -> Result<Reply, ProbeError> {
@@ -143,7 +115,7 @@ fn expect(reply: Reply, code: u16, phase: Phase) -> Result<Reply, ProbeError> {
         Err(ProbeError::Rejected {
             phase,
             code: reply.code,
-            text: reply.text,
+            text: last_line(&reply),
         })
     }
 }
@@ -162,11 +134,12 @@ pub async fn probe(addr: SocketAddr, cfg: &HealthCheckConfig) -> Result<Duration
     })
     .await?;
     let _ = tcp.set_nodelay(true);
-    let mut s = BufReader::new(tcp);
+    let mut s = tcp;
+    let mut replies = ReplyReader::new(Limits::PROBE);
     // 421 (closing) and 554 (no service) greetings mean the relay is down.
     step(Phase::Greeting, t.greeting, async {
         expect(
-            read_reply(&mut s, Phase::Greeting).await?,
+            read_reply(&mut s, &mut replies, Phase::Greeting).await?,
             220,
             Phase::Greeting,
         )
@@ -174,7 +147,11 @@ pub async fn probe(addr: SocketAddr, cfg: &HealthCheckConfig) -> Result<Duration
     .await?;
     let ehlo = format!("EHLO {}\r\n", cfg.helo_name);
     let caps = step(Phase::Ehlo, t.ehlo, async {
-        expect(command(&mut s, &ehlo, Phase::Ehlo).await?, 250, Phase::Ehlo)
+        expect(
+            command(&mut s, &mut replies, &ehlo, Phase::Ehlo).await?,
+            250,
+            Phase::Ehlo,
+        )
     })
     .await?;
     if cfg.starttls {
@@ -187,35 +164,49 @@ pub async fn probe(addr: SocketAddr, cfg: &HealthCheckConfig) -> Result<Duration
         }
         let mut tls = step(Phase::Starttls, t.starttls, async {
             expect(
-                command(&mut s, "STARTTLS\r\n", Phase::Starttls).await?,
+                command(&mut s, &mut replies, "STARTTLS\r\n", Phase::Starttls).await?,
                 220,
                 Phase::Starttls,
             )?;
-            let tls = tls_connector()
-                .connect(server_name(addr), s.into_inner())
+            // Bytes sent in the clear before the handshake are not replies.
+            replies.clear();
+            let mut tls = tls_connector()
+                .connect(server_name(addr), s)
                 .await
                 .map_err(ProbeError::Tls)?;
-            let mut tls = BufReader::new(tls);
             expect(
-                command(&mut tls, &ehlo, Phase::Starttls).await?,
+                command(&mut tls, &mut replies, &ehlo, Phase::Starttls).await?,
                 250,
                 Phase::Starttls,
             )?;
             Ok(tls)
         })
         .await?;
-        quit(&mut tls, t.quit).await;
+        quit(&mut tls, &mut replies, t.quit).await;
     } else {
-        quit(&mut s, t.quit).await;
+        quit(&mut s, &mut replies, t.quit).await;
     }
     Ok(started.elapsed())
 }
 
 /// Says goodbye. A relay that does not answer `QUIT` in time still passed:
 /// it took mail up to here, and the connection is closed either way.
-async fn quit<S: AsyncBufRead + AsyncWrite + AsyncRead + Unpin>(s: &mut S, limit: Duration) {
-    let _ = timeout(limit, command(s, "QUIT\r\n", Phase::Quit)).await;
+async fn quit<S: AsyncWrite + AsyncRead + Unpin>(
+    s: &mut S,
+    replies: &mut ReplyReader,
+    limit: Duration,
+) {
+    let _ = timeout(limit, command(s, replies, "QUIT\r\n", Phase::Quit)).await;
     let _ = s.shutdown().await;
+}
+
+/// The last line as the relay sent it (enhanced code included), for errors.
+fn last_line(reply: &Reply) -> String {
+    let text = reply.lines.last().map_or("", String::as_str);
+    match reply.enhanced {
+        Some(e) => format!("{e} {text}").trim_end().to_owned(),
+        None => text.to_owned(),
+    }
 }
 
 fn server_name(addr: SocketAddr) -> rustls::pki_types::ServerName<'static> {

@@ -8,9 +8,14 @@ use std::{
 };
 
 use anyhow::Context;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Deserialize)]
+use super::{
+    dkim::DkimConfig, egress::EgressConfig, policy::cluster::ClusterConfig, route::DnsConfig,
+};
+use crate::smtp::client::ClientTimeouts;
+
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Name in the greeting, in `EHLO` to other servers, and in `Received:`.
@@ -48,15 +53,15 @@ pub struct Config {
     /// JSON-lines delivery log; none by default.
     #[serde(default)]
     pub delivery_log: Option<PathBuf>,
-    /// Shaping file (per-provider limits, see `relay::shaping`); none = no limits.
+    /// Shaping file (per-provider limits, see `relay::policy::shaping`); none = no limits.
     #[serde(default)]
     pub shaping: Option<PathBuf>,
-    /// Limits shared by every relay through Redis (see `relay::cluster`); none = local limits.
+    /// Limits shared by every relay through Redis (see `relay::policy::cluster`); none = local limits.
     #[serde(default)]
-    pub cluster: Option<super::cluster::ClusterConfig>,
+    pub cluster: Option<ClusterConfig>,
     /// DKIM signing keys, one per sending domain (see `relay::dkim`).
     #[serde(default)]
-    pub dkim: Vec<super::dkim::DkimConfig>,
+    pub dkim: Vec<DkimConfig>,
     /// Admin API (bearer token): the queue API used by `smtp-lb ctl relay`,
     /// `/metrics`, reload. Loopback only unless `admin_allow_remote`.
     #[serde(default)]
@@ -76,10 +81,10 @@ pub struct Config {
     /// Egress sources, pools and warmup (see `relay::egress`); none = one
     /// source from `delivery.source_ip` / `helo_name`.
     #[serde(default)]
-    pub egress: Option<super::egress::EgressConfig>,
+    pub egress: Option<EgressConfig>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub address: SocketAddr,
@@ -89,14 +94,14 @@ pub struct ListenerConfig {
     pub submission: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
     pub password: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain.
@@ -105,7 +110,7 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Largest message accepted (advertised in `SIZE`), bytes.
@@ -149,7 +154,7 @@ impl Default for Limits {
 }
 
 /// Ingress timeouts, one per phase (RFC 5321 §4.5.3.2 gives the server 5 minutes).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IngressTimeouts {
     /// Waiting for a command line.
@@ -202,7 +207,7 @@ impl Default for IngressTimeouts {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryConfig {
     /// TCP port for MX delivery (25; other values are for tests and labs).
@@ -256,62 +261,9 @@ impl Default for DeliveryConfig {
     }
 }
 
-/// Client timeouts, one per SMTP phase (RFC 5321 §4.5.3.2 gives the minimums).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClientTimeouts {
-    #[serde(default = "ClientTimeouts::default_connect", with = "humantime_serde")]
-    pub connect: Duration,
-    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
-    pub greeting: Duration,
-    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
-    pub ehlo: Duration,
-    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
-    pub starttls: Duration,
-    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
-    pub mail_from: Duration,
-    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
-    pub rcpt_to: Duration,
-    #[serde(default = "ClientTimeouts::default_2m", with = "humantime_serde")]
-    pub data: Duration,
-    /// Sending the message and waiting for the reply to the final dot.
-    #[serde(default = "ClientTimeouts::default_10m", with = "humantime_serde")]
-    pub data_done: Duration,
-}
-
-impl ClientTimeouts {
-    fn default_connect() -> Duration {
-        Duration::from_secs(30)
-    }
-    fn default_2m() -> Duration {
-        Duration::from_mins(2)
-    }
-    fn default_5m() -> Duration {
-        Duration::from_mins(5)
-    }
-    fn default_10m() -> Duration {
-        Duration::from_mins(10)
-    }
-}
-
-impl Default for ClientTimeouts {
-    fn default() -> Self {
-        Self {
-            connect: Self::default_connect(),
-            greeting: Self::default_5m(),
-            ehlo: Self::default_5m(),
-            starttls: Self::default_5m(),
-            mail_from: Self::default_5m(),
-            rcpt_to: Self::default_5m(),
-            data: Self::default_2m(),
-            data_done: Self::default_10m(),
-        }
-    }
-}
-
 /// Retry schedule for temporary failures: `min · 2^attempt`, capped at `max`,
 /// with ±`jitter` spread; a message older than `max_age` is bounced.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
     #[serde(default = "RetryConfig::default_min", with = "humantime_serde")]
@@ -351,21 +303,12 @@ impl Default for RetryConfig {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DnsConfig {
-    /// Name servers as `ip` or `ip:port`; empty = the system resolver (`/etc/resolv.conf`).
-    #[serde(default)]
-    pub nameservers: Vec<String>,
-    /// Entries in the resolver's cache; 0 = the resolver's default.
-    #[serde(default)]
-    pub cache_size: u64,
-    /// Per-query timeout; none = the resolver's default.
-    #[serde(default, with = "humantime_serde")]
-    pub timeout: Option<Duration>,
-}
-
 impl Config {
+    /// The name said in `EHLO` to other servers: `delivery.helo_name`, else `hostname`.
+    pub fn default_helo(&self) -> &str {
+        self.delivery.helo_name.as_deref().unwrap_or(&self.hostname)
+    }
+
     fn default_hostname() -> String {
         std::fs::read_to_string("/etc/hostname")
             .map_or_else(|_| "localhost".to_owned(), |s| s.trim().to_owned())
@@ -495,5 +438,65 @@ mod tests {
         let cfg = load("admin = \"[::1]:8025\"").unwrap();
         assert_eq!(cfg.admin_token_file(), Path::new("/tmp/x/admin.token"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// What the test harness relies on: a config written by serialising
+    /// this type reads back as the same config.
+    #[test]
+    fn a_serialised_config_reads_back_the_same() {
+        let text = r#"
+            hostname = "relay.test"
+            spool_dir = "/var/spool/smtp-lb"
+            relay_networks = ["127.0.0.0/8"]
+            admin = "127.0.0.1:8025"
+            admin_token_file = "/etc/smtp-lb/relay.token"
+            admin_allow_remote = true
+            metrics = "0.0.0.0:9101"
+            [[listener]]
+            address = "127.0.0.1:25"
+            [[listener]]
+            address = "127.0.0.1:587"
+            submission = true
+            [[user]]
+            name = "app"
+            password = "secret"
+            [timeouts]
+            command = "1s"
+            [delivery]
+            port = 2525
+            source_ip = "198.51.100.21"
+            [delivery.timeouts]
+            connect = "2s"
+            [retry]
+            min = "200ms"
+            max_age = "1h"
+            [dns]
+            nameservers = ["127.0.0.1:5353"]
+            timeout = "2s"
+            [routes]
+            "*" = "127.0.0.1:2526"
+            [cluster]
+            redis = "redis://127.0.0.1:6379"
+            [[dkim]]
+            domain = "example.com"
+            selector = "s1"
+            key = "/etc/smtp-lb/dkim.pem"
+            [egress]
+            default_pool = "main"
+            [[egress.source]]
+            name = "ip1"
+            address = "198.51.100.21"
+            warmup_start = "now"
+            [[egress.pool]]
+            name = "main"
+            sources = [{ name = "ip1", weight = 2 }]
+            [egress.warmup.google]
+            daily = [50, 100]
+            overflow = "wait"
+        "#;
+        let cfg: Config = toml::from_str(text).unwrap();
+        let written = toml::to_string(&cfg).unwrap();
+        let again: Config = toml::from_str(&written).unwrap_or_else(|e| panic!("{e}\n{written}"));
+        assert_eq!(format!("{again:?}"), format!("{cfg:?}"));
     }
 }

@@ -21,10 +21,10 @@ use mail_auth::{
     dkim::DkimSigner,
 };
 use rustls::pki_types::{PrivateKeyDer, pem::PemObject as _};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// One `[[dkim]]` entry of the relay config.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DkimConfig {
     /// Signs mail whose `From:` domain is this domain or a subdomain of it (`d=`).

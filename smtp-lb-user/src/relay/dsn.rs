@@ -1,15 +1,25 @@
 //! Delivery status notifications (RFC 3464, in a `multipart/report` RFC 6522)
 //! for recipients that failed. They go to the envelope sender with a null
 //! sender of their own, so a bounce never bounces (RFC 5321 §6.1).
-use std::{
-    fmt::Write as _,
-    time::{Duration, UNIX_EPOCH},
-};
+//!
+//! [`build`] is pure: the envelope, the original headers and the failures
+//! in, the message bytes out.
+use std::fmt::Write as _;
 
-use super::{proto::Reply, queue::QueuedMessage, spool::Spool};
+use crate::smtp::reply::Reply;
+
+/// The failed message as the DSN describes it.
+#[derive(Clone, Copy, Debug)]
+pub struct Envelope<'a> {
+    /// The queue id.
+    pub id: u64,
+    /// The envelope sender, to whom the DSN goes.
+    pub sender: &'a str,
+    pub received_ms: u64,
+}
 
 /// Headers of the original message: everything before the first empty line.
-fn headers_of(body: &[u8]) -> &[u8] {
+pub fn headers_of(body: &[u8]) -> &[u8] {
     body.windows(4)
         .position(|w| w == b"\r\n\r\n")
         .map_or(body, |i| &body[..i + 2])
@@ -50,23 +60,17 @@ pub fn rfc5322_date(unix_ms: u64) -> String {
     )
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_millis() as u64
-}
-
-/// Builds the DSN message (headers and body, CRLF lines) for `failed`
-/// recipients (index into `msg.rcpts`, final reply).
-pub async fn build(
+/// Builds the DSN message (headers and body, CRLF lines), written by
+/// `hostname` at `now_ms`, for the `failures` (recipient, final reply) of
+/// `envelope`, quoting the original message's `original_headers`.
+pub fn build(
     hostname: &str,
-    msg: &QueuedMessage,
-    failed: &[(u32, Reply)],
-    spool: &Spool,
+    envelope: &Envelope<'_>,
+    original_headers: &[u8],
+    failures: &[(&str, &Reply)],
+    now_ms: u64,
 ) -> Vec<u8> {
-    let original = spool.read_body(msg.location).await.unwrap_or_default();
-    let boundary = format!("{:016x}.{}/{hostname}", msg.id, now_ms());
+    let boundary = format!("{:016x}.{now_ms}/{hostname}", envelope.id);
     let mut out = String::new();
     let _ = write!(
         out,
@@ -88,12 +92,12 @@ pub async fn build(
          \r\n\
          Your message could not be delivered to one or more recipients.\r\n\
          \r\n",
-        sender = msg.sender,
-        date = rfc5322_date(now_ms()),
-        id = msg.id,
+        sender = envelope.sender,
+        date = rfc5322_date(now_ms),
+        id = envelope.id,
     );
-    for (i, reply) in failed {
-        let _ = write!(out, "<{}>: {}\r\n", msg.rcpts[*i as usize], reply);
+    for (rcpt, reply) in failures {
+        let _ = write!(out, "<{rcpt}>: {reply}\r\n");
     }
     let _ = write!(
         out,
@@ -103,10 +107,10 @@ pub async fn build(
          Reporting-MTA: dns; {hostname}\r\n\
          X-Queue-ID: {id:016x}\r\n\
          Arrival-Date: {arrival}\r\n",
-        id = msg.id,
-        arrival = rfc5322_date(msg.received_ms),
+        id = envelope.id,
+        arrival = rfc5322_date(envelope.received_ms),
     );
-    for (i, reply) in failed {
+    for (rcpt, reply) in failures {
         let status = reply
             .enhanced
             .map_or_else(|| format!("{}.0.0", reply.code / 100), |e| e.to_string());
@@ -116,7 +120,6 @@ pub async fn build(
              Action: failed\r\n\
              Status: {status}\r\n\
              Diagnostic-Code: smtp; {reply}\r\n",
-            rcpt = msg.rcpts[*i as usize],
         );
     }
     let _ = write!(
@@ -124,7 +127,7 @@ pub async fn build(
         "\r\n--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n"
     );
     let mut bytes = out.into_bytes();
-    bytes.extend_from_slice(headers_of(&original));
+    bytes.extend_from_slice(original_headers);
     bytes.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     bytes
 }
@@ -148,5 +151,71 @@ mod tests {
             headers_of(b"A: 1\r\nB: 2\r\n\r\nbody\r\n"),
             b"A: 1\r\nB: 2\r\n"
         );
+    }
+
+    fn sample() -> Vec<u8> {
+        let failures = [
+            (
+                "a@gmail.example",
+                &Reply::local(550, "5.1.1", "user unknown"),
+            ),
+            ("b@gmail.example", &Reply::local(554, "", "no such domain")),
+        ];
+        build(
+            "relay.test",
+            &Envelope {
+                id: 0xabc,
+                sender: "sender@example.com",
+                received_ms: 1_700_000_000_000,
+            },
+            headers_of(b"Subject: hello\r\nFrom: <sender@example.com>\r\n\r\nsecret body\r\n"),
+            &failures,
+            1_700_000_060_000,
+        )
+    }
+
+    #[test]
+    fn dsn_goes_to_the_sender_as_a_delivery_status_report() {
+        let m = String::from_utf8(sample()).unwrap();
+        let boundary = "0000000000000abc.1700000060000/relay.test";
+        for want in [
+            "From: Mail Delivery System <MAILER-DAEMON@relay.test>\r\n",
+            "To: <sender@example.com>\r\n",
+            "Date: Tue, 14 Nov 2023 22:14:20 +0000\r\n",
+            "Message-ID: <0000000000000abc.dsn@relay.test>\r\n",
+            "Auto-Submitted: auto-replied\r\n",
+            &format!("report-type=delivery-status;\r\n\tboundary=\"{boundary}\"\r\n"),
+            "<a@gmail.example>: 550 5.1.1 user unknown\r\n",
+            "<b@gmail.example>: 554 no such domain\r\n",
+            "Reporting-MTA: dns; relay.test\r\nX-Queue-ID: 0000000000000abc\r\nArrival-Date: Tue, 14 Nov 2023 22:13:20 +0000\r\n",
+            "\r\nFinal-Recipient: rfc822; a@gmail.example\r\nAction: failed\r\nStatus: 5.1.1\r\nDiagnostic-Code: smtp; 550 5.1.1 user unknown\r\n",
+            // Without an enhanced code the status is the code's class.
+            "\r\nFinal-Recipient: rfc822; b@gmail.example\r\nAction: failed\r\nStatus: 5.0.0\r\n",
+        ] {
+            assert!(m.contains(want), "{want:?} not in\n{m}");
+        }
+        // Three parts, then the closing boundary, and nothing after it.
+        assert_eq!(m.matches(&format!("--{boundary}\r\n")).count(), 3);
+        assert!(m.ends_with(&format!("\r\n--{boundary}--\r\n")));
+    }
+
+    #[test]
+    fn dsn_quotes_the_original_headers_never_the_body() {
+        let m = String::from_utf8(sample()).unwrap();
+        assert!(m.contains(
+            "Content-Type: text/rfc822-headers\r\n\r\nSubject: hello\r\nFrom: <sender@example.com>\r\n\r\n--"
+        ));
+        assert!(!m.contains("secret body"));
+    }
+
+    #[test]
+    fn dsn_lines_all_end_in_crlf_and_it_is_deterministic() {
+        let a = sample();
+        assert_eq!(a, sample());
+        for (i, &b) in a.iter().enumerate() {
+            if b == b'\n' {
+                assert_eq!(a[i - 1], b'\r', "bare LF at {i}");
+            }
+        }
     }
 }

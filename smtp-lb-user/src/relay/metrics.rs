@@ -5,7 +5,7 @@ use std::{
     collections::BTreeMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -17,8 +17,9 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use super::client::{Client, ClientError};
+use super::{egress::WarmupProgress, policy::cluster::ClusterStats};
 use crate::admin::prom::{self, Bounded, Sampled, Text};
+use crate::smtp::client::ClientError;
 
 /// Recipient domains with a label of their own; later ones count as `other`.
 const DOMAIN_LABELS: usize = 100;
@@ -40,14 +41,8 @@ pub struct Metrics {
     pub ingress_connections_active: AtomicI64,
     /// Connections refused over the connection limit.
     pub ingress_connections_refused: AtomicU64,
-    /// `[cluster]` is set: the cluster series are rendered.
-    pub cluster_configured: AtomicBool,
-    /// The cluster's Redis answers (limits shared) or not (limits local).
-    pub cluster_redis_up: AtomicBool,
-    /// Times Redis was lost.
-    pub cluster_outages: AtomicU64,
-    /// Limit operations decided locally because Redis was down.
-    pub cluster_local: AtomicU64,
+    /// The cluster's counters (owned by `policy::cluster`).
+    pub cluster: Arc<ClusterStats>,
     recipients: Family<DomainOutcome, Counter>,
     egress_recipients: Family<PairOutcome, Counter>,
     egress_connections: Family<Pair, Gauge>,
@@ -115,7 +110,7 @@ pub struct EgressSample {
     pub suspensions: Vec<(String, String, u64, bool)>,
     /// (source, unplumbed now).
     pub unplumbed: Vec<(String, bool)>,
-    pub warmup: Vec<super::egress::WarmupProgress>,
+    pub warmup: Vec<WarmupProgress>,
 }
 
 /// Everything rendered from values rather than from counters.
@@ -225,10 +220,7 @@ impl Metrics {
             ingress_connections_total: AtomicU64::new(0),
             ingress_connections_active: AtomicI64::new(0),
             ingress_connections_refused: AtomicU64::new(0),
-            cluster_configured: AtomicBool::new(false),
-            cluster_redis_up: AtomicBool::new(false),
-            cluster_outages: AtomicU64::new(0),
-            cluster_local: AtomicU64::new(0),
+            cluster: Arc::default(),
             recipients,
             egress_recipients,
             egress_connections,
@@ -253,6 +245,18 @@ impl Metrics {
                 status,
             })
             .inc();
+    }
+
+    /// Recipients counted with `status`, over all domains (read from the
+    /// page, as a scraper would).
+    #[cfg(test)]
+    pub fn total(&self, status: &str) -> u64 {
+        let tag = format!("status=\"{status}\"}} ");
+        self.render(0, 0, EgressSample::default())
+            .lines()
+            .filter(|l| l.starts_with("smtp_lb_relay_recipients_total{"))
+            .filter_map(|l| l.split_once(&tag)?.1.parse::<u64>().ok())
+            .sum()
     }
 
     /// Counts one recipient outcome per (provider, source, enhanced code).
@@ -312,21 +316,22 @@ impl Metrics {
             .inc();
     }
 
-    /// One attempt to open a delivery connection to `provider`, which took `took`.
+    /// One attempt to open a delivery connection to `provider`, which took
+    /// `took`: `Ok(tls)` opened (TLS in use or not), or why it failed.
     pub fn connect_attempt(
         &self,
         provider: &str,
         took: Duration,
-        attempt: &Result<Client, ClientError>,
+        attempt: Result<bool, &ClientError>,
     ) {
         match attempt {
-            Ok(client) => {
+            Ok(tls) => {
                 self.handshake
                     .get_or_create(&Provider {
                         provider: provider.into(),
                     })
                     .observe(took.as_secs_f64());
-                if client.is_tls() {
+                if tls {
                     self.tls("egress", true);
                 }
             }
@@ -368,11 +373,11 @@ impl Metrics {
         s.dkim_errors = load(&self.dkim_errors);
         s.queue_messages = queue_depth;
         s.queue_oldest_secs = oldest_secs;
-        s.cluster = self.cluster_configured.load(Ordering::Relaxed).then(|| {
+        s.cluster = self.cluster.configured.load(Ordering::Relaxed).then(|| {
             (
-                self.cluster_redis_up.load(Ordering::Relaxed),
-                load(&self.cluster_outages),
-                load(&self.cluster_local),
+                self.cluster.redis_up.load(Ordering::Relaxed),
+                load(&self.cluster.outages),
+                load(&self.cluster.local),
             )
         });
         s.egress = egress;

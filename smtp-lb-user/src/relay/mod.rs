@@ -2,44 +2,37 @@
 //! retries and bounces.
 //!
 //! # Layout
-//! - [`config`]: the TOML configuration.
-//! - [`proto`]: SMTP command and reply grammar (pure, property-tested).
-//! - [`ingress`]: listeners and SMTP server sessions.
-//! - [`spool`]: the durable log of messages with group commit and recovery.
-//! - [`queue`]: live messages, scheduled and ready queues, delivery workers.
-//! - [`route`]: static routes and MX resolution.
-//! - [`provider`], [`shaping`]: MX hosts → providers, per-provider limits (issue 6).
-//! - [`limiter`], [`cluster`]: rate and connection limiters, local or shared through Redis.
+//! Layers, each importing only from those below it (checked by the
+//! `layers` test; the SMTP wire is [`crate::smtp`], shared with the balancer):
+//! - [`ingress`]: listeners and SMTP server sessions; [`admin`]: the admin API.
+//! - [`queue`]: live messages, ready and scheduled queues, the delivery
+//!   loop behind a `Dispatcher`, the pure attempt outcome, operator control.
+//! - [`metrics`]: the relay's counters; [`config`]: the TOML configuration.
 //! - [`egress`]: source IPs, pools (weighted round robin), warmup caps.
-//! - [`dkim`]: DKIM signing at ingress; [`identity`]: `relay check-identity`.
-//! - [`client`]: the SMTP client that delivers.
-//! - [`dsn`]: RFC 3464 bounces.
-//! - [`log`]: the JSON-lines delivery log.
-//! - [`metrics`], [`admin`]: counters and the admin HTTP listener.
+//! - [`route`]: static routes and MX resolution.
+//! - [`policy`]: throttles, limiters (local or through Redis), providers,
+//!   reply rules, shaping.
+//! - leaves: [`spool`] (the durable log with group commit and recovery),
+//!   [`dsn`] (RFC 3464 bounces, pure), [`dkim`] (signing at ingress),
+//!   [`log`] (the JSON-lines delivery log).
 //!
 //! Message flow: ingress → `spool.store` (durable) → `250` → `queue.submit`
-//! → ready queue per destination → worker → `client.send` → done record in
-//! the spool, or scheduled retry, or DSN.
+//! → ready queue per (source, provider) → worker → `Dispatcher` (SMTP) →
+//! done record in the spool, or scheduled retry, or DSN.
 pub mod admin;
-pub mod client;
-pub mod cluster;
 pub mod config;
 pub mod dkim;
 pub mod dsn;
 pub mod egress;
-pub mod identity;
 pub mod ingress;
-pub mod limiter;
+#[cfg(test)]
+mod layers;
 pub mod log;
 pub mod metrics;
-pub mod proto;
-pub mod provider;
+pub mod policy;
 pub mod queue;
 pub mod route;
-pub mod rules;
-pub mod shaping;
 pub mod spool;
-pub mod stream;
 
 use std::{future::Future, sync::Arc, sync::atomic::Ordering};
 
@@ -51,6 +44,7 @@ use tokio::{
 use tracing::{info, warn};
 
 pub use config::Config;
+use policy::{cluster::Cluster, limiter::Limiters, shaping::Shaper};
 
 use crate::admin::http;
 
@@ -86,13 +80,27 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let log = log::DeliveryLog::open(cfg.delivery_log.as_deref())?;
     tokio::spawn(reopen_on_sigusr1(log.clone()));
     let limiters = match &cfg.cluster {
-        Some(c) => limiter::Limiters::shared(cluster::Cluster::start(c, metrics.clone()).await?),
-        None => limiter::Limiters::local(),
+        Some(c) => Limiters::shared(Cluster::start(c, metrics.cluster.clone()).await?),
+        None => Limiters::local(),
     };
-    let shaper = shaping::Shaper::load(cfg.shaping.as_deref(), &limiters)?;
-    let egress = egress::Egress::from_config(&cfg, shaper.providers())?;
+    let shaper = Shaper::load(cfg.shaping.as_deref(), &limiters)?;
+    let egress = egress::Egress::from_config(
+        cfg.egress.as_ref(),
+        cfg.default_helo(),
+        cfg.delivery.source_ip,
+        shaper.providers(),
+    )?;
     egress.check_override_keys(shaper.override_keys())?;
-    let queue = queue::Queue::new(&cfg, spool, router, log, metrics.clone(), shaper, egress);
+    let queue = queue::Queue::new(
+        &cfg,
+        spool,
+        router,
+        log,
+        metrics.clone(),
+        shaper,
+        egress,
+        Box::new(queue::SmtpDispatcher::new(&cfg.delivery)),
+    );
     let n = recovered.len();
     for r in recovered {
         queue.submit(queue::QueuedMessage::new(

@@ -5,6 +5,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
+    time::Duration,
 };
 
 use anyhow::Context;
@@ -14,8 +15,24 @@ use hickory_resolver::{
     net::runtime::TokioRuntimeProvider,
     proto::rr::{RData, RecordType},
 };
+use serde::{Deserialize, Serialize};
 
-use super::{config::DnsConfig, proto::Reply};
+use crate::smtp::reply::Reply;
+
+/// `[dns]` in the relay config: the resolver for MX lookups.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Name servers as `ip` or `ip:port`; empty = the system resolver (`/etc/resolv.conf`).
+    #[serde(default)]
+    pub nameservers: Vec<String>,
+    /// Entries in the resolver's cache; 0 = the resolver's default.
+    #[serde(default)]
+    pub cache_size: u64,
+    /// Per-query timeout; none = the resolver's default.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+}
 
 /// One host to try, with its addresses in order.
 #[derive(Clone, Debug)]

@@ -19,8 +19,8 @@ use std::{
 use anyhow::ensure;
 use smtp_lb_tests::{
     dns::Dnsmasq,
+    fake_mx::FakeMx,
     relay::{Relay, RelayConfig},
-    shaping_sink::ShapingSink,
     sink::CountingSink,
     smtp::smtp_source,
     tmp::wait_for,
@@ -35,7 +35,7 @@ struct Isp {
     mx: &'static str,
     per_min: u32,
     limit: usize,
-    sink: ShapingSink,
+    sink: FakeMx,
 }
 
 /// Messages per second through the relay into the unshaped `smtp-sink`:
@@ -76,7 +76,9 @@ pub fn run(artifacts: &Artifacts) -> anyhow::Result<Report> {
         mx,
         per_min,
         limit,
-        sink: ShapingSink::start(Duration::from_millis(50)),
+        sink: FakeMx::builder()
+            .delay("DATA", Duration::from_millis(50))
+            .start(),
     });
     let other = CountingSink::start();
     let mut hosts: Vec<&str> = isps.iter().map(|i| i.mx).collect();

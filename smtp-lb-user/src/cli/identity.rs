@@ -18,7 +18,7 @@ use mail_auth::{
 };
 use serde::Serialize;
 
-use super::{
+use crate::relay::{
     config::Config,
     dkim::{self, Entry},
     route,

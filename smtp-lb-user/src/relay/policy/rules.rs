@@ -18,7 +18,8 @@ use std::{
 
 use serde::Deserialize;
 
-use super::{proto::Reply, shaping::Rate};
+use super::throttle::Rate;
+use crate::smtp::reply::Reply;
 
 /// What a rule does when it fires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

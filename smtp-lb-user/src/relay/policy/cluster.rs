@@ -11,20 +11,18 @@ use std::{
     hash::{BuildHasher, Hasher},
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use anyhow::Context;
 use redis::{FromRedisValue, Script, aio::MultiplexedConnection};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::metrics::Metrics;
-
 /// `[cluster]` in the relay config.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// `redis://host:port[/db]` shared by every relay of the cluster.
@@ -97,6 +95,19 @@ return 1
 
 const RELEASE: &str = "return redis.call('ZREM', KEYS[1], ARGV[1])";
 
+/// The cluster's own counters; the metrics layer renders them.
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    /// `[cluster]` is set (the cluster series are rendered).
+    pub configured: AtomicBool,
+    /// The cluster's Redis answers (limits shared) or not (limits local).
+    pub redis_up: AtomicBool,
+    /// Times the cluster's Redis was lost.
+    pub outages: AtomicU64,
+    /// Decisions taken locally because Redis did not answer.
+    pub local: AtomicU64,
+}
+
 /// The shared Redis of a cluster of relays.
 pub struct Cluster {
     client: redis::Client,
@@ -108,7 +119,7 @@ pub struct Cluster {
     /// Unique per process, so leases of different relays never collide.
     instance: String,
     holders: AtomicU64,
-    metrics: Arc<Metrics>,
+    stats: Arc<ClusterStats>,
     gcra: Script,
     acquire: Script,
     refresh: Script,
@@ -127,14 +138,14 @@ impl std::fmt::Debug for Cluster {
 impl Cluster {
     /// Connects (or warns and starts local) and spawns the reconnect task.
     /// Only a malformed URL is an error.
-    pub async fn start(cfg: &ClusterConfig, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
+    pub async fn start(cfg: &ClusterConfig, stats: Arc<ClusterStats>) -> anyhow::Result<Arc<Self>> {
         let client = redis::Client::open(cfg.redis.as_str())
             .with_context(|| format!("[cluster] redis = {:?}", cfg.redis))?;
         let random = std::hash::RandomState::new().build_hasher().finish();
-        metrics.cluster_configured.store(true, Ordering::Relaxed);
+        stats.configured.store(true, Ordering::Relaxed);
         // Counted as up until the first attempt says otherwise, so a failed
         // start logs the outage warning like any other.
-        metrics.cluster_redis_up.store(true, Ordering::Relaxed);
+        stats.redis_up.store(true, Ordering::Relaxed);
         let cluster = Arc::new(Self {
             client,
             conn: Mutex::new(None),
@@ -143,7 +154,7 @@ impl Cluster {
             lease: cfg.lease.max(Duration::from_millis(300)),
             instance: format!("{}:{random:08x}", std::process::id()),
             holders: AtomicU64::new(0),
-            metrics,
+            stats,
             gcra: Script::new(GCRA),
             acquire: Script::new(ACQUIRE),
             refresh: Script::new(REFRESH),
@@ -176,8 +187,8 @@ impl Cluster {
     /// Forgets the connection; warns once per outage.
     fn down(&self, error: &str) {
         *self.conn.lock().expect("cluster lock") = None;
-        if self.metrics.cluster_redis_up.swap(false, Ordering::Relaxed) {
-            self.metrics.cluster_outages.fetch_add(1, Ordering::Relaxed);
+        if self.stats.redis_up.swap(false, Ordering::Relaxed) {
+            self.stats.outages.fetch_add(1, Ordering::Relaxed);
             warn!(
                 error,
                 "redis unreachable: cluster limits are enforced locally by each relay until it is back"
@@ -208,7 +219,7 @@ impl Cluster {
     ) -> Option<T> {
         let conn = self.conn.lock().expect("cluster lock").clone();
         let Some(mut conn) = conn else {
-            self.metrics.cluster_local.fetch_add(1, Ordering::Relaxed);
+            self.stats.local.fetch_add(1, Ordering::Relaxed);
             return None;
         };
         let mut call = script.prepare_invoke();
@@ -222,7 +233,7 @@ impl Cluster {
             Err(_) => format!("no answer within {:?}", self.timeout),
         };
         self.down(&error);
-        self.metrics.cluster_local.fetch_add(1, Ordering::Relaxed);
+        self.stats.local.fetch_add(1, Ordering::Relaxed);
         None
     }
 
@@ -271,7 +282,7 @@ async fn reconnect(cluster: Weak<Cluster>) {
         }
         if let Ok(conn) = c.connect().await {
             *c.conn.lock().expect("cluster lock") = Some(conn);
-            c.metrics.cluster_redis_up.store(true, Ordering::Relaxed);
+            c.stats.redis_up.store(true, Ordering::Relaxed);
             info!("redis reachable again: cluster limits are shared again");
         }
     }
@@ -319,13 +330,13 @@ mod tests {
     #[tokio::test]
     async fn an_unreachable_redis_answers_none_and_counts_one_outage() {
         let cfg = unreachable_config();
-        let metrics = Arc::new(Metrics::default());
-        let c = Cluster::start(&cfg, metrics.clone()).await.unwrap();
+        let stats = Arc::new(ClusterStats::default());
+        let c = Cluster::start(&cfg, stats.clone()).await.unwrap();
         assert_eq!(c.gcra("k", Duration::from_millis(100)).await, None);
         assert_eq!(c.lease_acquire("k", &c.holder(), 1).await, None);
-        assert!(!metrics.cluster_redis_up.load(Ordering::Relaxed));
-        assert_eq!(metrics.cluster_outages.load(Ordering::Relaxed), 1);
-        assert_eq!(metrics.cluster_local.load(Ordering::Relaxed), 2);
+        assert!(!stats.redis_up.load(Ordering::Relaxed));
+        assert_eq!(stats.outages.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.local.load(Ordering::Relaxed), 2);
         assert_ne!(c.holder(), c.holder());
         assert_eq!(c.key("connections", "google"), "smtp-lb:connections:google");
     }

@@ -13,15 +13,12 @@ use std::{
 };
 
 use rustls::pki_types::ServerName;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpSocket,
-    time::timeout,
-};
+use tokio::{io::AsyncWriteExt, net::TcpSocket, time::timeout};
+
+use serde::{Deserialize, Serialize};
 
 use super::{
-    config::ClientTimeouts,
-    proto::{Reply, ReplyError, parse_reply},
+    reply::{Limits, ReadError, Reply, ReplyError, ReplyReader},
     stream::Stream,
 };
 
@@ -66,6 +63,59 @@ impl ClientError {
             Self::TimedOut { .. } | Self::Io { .. } | Self::Protocol { .. } => {
                 Reply::local(451, "4.4.2", self.to_string())
             }
+        }
+    }
+}
+
+/// Client timeouts, one per SMTP phase (RFC 5321 §4.5.3.2 gives the minimums).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTimeouts {
+    #[serde(default = "ClientTimeouts::default_connect", with = "humantime_serde")]
+    pub connect: Duration,
+    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
+    pub greeting: Duration,
+    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
+    pub ehlo: Duration,
+    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
+    pub starttls: Duration,
+    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
+    pub mail_from: Duration,
+    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
+    pub rcpt_to: Duration,
+    #[serde(default = "ClientTimeouts::default_2m", with = "humantime_serde")]
+    pub data: Duration,
+    /// Sending the message and waiting for the reply to the final dot.
+    #[serde(default = "ClientTimeouts::default_10m", with = "humantime_serde")]
+    pub data_done: Duration,
+}
+
+impl ClientTimeouts {
+    fn default_connect() -> Duration {
+        Duration::from_secs(30)
+    }
+    fn default_2m() -> Duration {
+        Duration::from_mins(2)
+    }
+    fn default_5m() -> Duration {
+        Duration::from_mins(5)
+    }
+    fn default_10m() -> Duration {
+        Duration::from_mins(10)
+    }
+}
+
+impl Default for ClientTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: Self::default_connect(),
+            greeting: Self::default_5m(),
+            ehlo: Self::default_5m(),
+            starttls: Self::default_5m(),
+            mail_from: Self::default_5m(),
+            rcpt_to: Self::default_5m(),
+            data: Self::default_2m(),
+            data_done: Self::default_10m(),
         }
     }
 }
@@ -122,7 +172,7 @@ impl Transaction {
 /// An open SMTP session with a destination host.
 pub struct Client {
     stream: Stream,
-    rbuf: Vec<u8>,
+    replies: ReplyReader,
     pub caps: Caps,
     /// The host name (MX) this connection is for.
     pub host: String,
@@ -167,7 +217,7 @@ impl Client {
         let local = tcp.local_addr().ok();
         let mut client = Self {
             stream: Stream::Plain(tcp),
-            rbuf: Vec::with_capacity(4096),
+            replies: ReplyReader::new(Limits::CLIENT),
             caps: Caps::default(),
             host: host.to_owned(),
             addr,
@@ -206,7 +256,7 @@ impl Client {
                         error,
                     })?;
                 client.stream = Stream::ClientTls(Box::new(tls_stream));
-                client.rbuf.clear();
+                client.replies.clear();
                 client.hello(helo).await?;
             }
         }
@@ -259,34 +309,17 @@ impl Client {
         phase: &'static str,
         after: Duration,
     ) -> Result<Reply, ClientError> {
-        timeout(after, async {
-            loop {
-                if let Some((reply, used)) = parse_reply(&self.rbuf)
-                    .map_err(|error| ClientError::Protocol { phase, error })?
-                {
-                    self.rbuf.drain(..used);
-                    return Ok(reply);
-                }
-                let mut chunk = [0u8; 4096];
-                let n = self
-                    .stream
-                    .read(&mut chunk)
-                    .await
-                    .map_err(|error| ClientError::Io { phase, error })?;
-                if n == 0 {
-                    return Err(ClientError::Io {
-                        phase,
-                        error: io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "connection closed by server",
-                        ),
-                    });
-                }
-                self.rbuf.extend_from_slice(&chunk[..n]);
-            }
-        })
-        .await
-        .map_err(|_| ClientError::TimedOut { phase, after })?
+        timeout(after, self.replies.read(&mut self.stream))
+            .await
+            .map_err(|_| ClientError::TimedOut { phase, after })?
+            .map_err(|e| match e {
+                ReadError::Io(error) => ClientError::Io { phase, error },
+                ReadError::Closed => ClientError::Io {
+                    phase,
+                    error: io::Error::new(io::ErrorKind::UnexpectedEof, e.to_string()),
+                },
+                ReadError::Reply(error) => ClientError::Protocol { phase, error },
+            })
     }
 
     /// Sends one message to several recipients. Replies the server gave are

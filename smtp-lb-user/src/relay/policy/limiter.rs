@@ -17,7 +17,7 @@ use tokio::{
 
 use super::{
     cluster::Cluster,
-    shaping::{Gcra, Rate},
+    throttle::{Gcra, Rate},
 };
 
 /// Builds limiters: local ones, or shared ones when `[cluster]` is set.
@@ -178,7 +178,6 @@ impl Drop for Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::relay::metrics::Metrics;
 
     #[test]
     fn backoff_stays_in_its_window() {
@@ -191,11 +190,7 @@ mod tests {
     /// A cluster whose Redis is not there: every limit must still hold locally.
     async fn unreachable() -> Limiters {
         let cfg = super::super::cluster::unreachable_config();
-        Limiters::shared(
-            Cluster::start(&cfg, Arc::new(Metrics::default()))
-                .await
-                .unwrap(),
-        )
+        Limiters::shared(Cluster::start(&cfg, Arc::default()).await.unwrap())
     }
 
     #[tokio::test]

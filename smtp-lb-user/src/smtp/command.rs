@@ -1,18 +1,10 @@
-//! SMTP wire grammar, both directions: the ingress command parser and the
-//! client's reply parser (RFC 5321 §4.1, §4.2; enhanced codes RFC 3463).
-//!
-//! Both are pure functions over bytes, so they are unit-tested and
-//! property-tested (`proptest` in this module) without sockets.
-
-use std::fmt;
+//! SMTP command grammar, the server side (RFC 5321 §4.1): the ingress
+//! command parser, pure over bytes, unit- and property-tested without sockets.
 
 /// RFC 5321 §4.5.3.1.4: a command line is at most 512 octets including CRLF.
 pub const MAX_COMMAND_LINE: usize = 512;
 /// RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets including CRLF.
 pub const MAX_TEXT_LINE: usize = 1000;
-/// RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets including CRLF;
-/// real servers exceed it, so the client is lenient up to this.
-pub const MAX_REPLY_LINE: usize = 4096;
 /// RFC 5321 §4.5.3.1.3: a path is at most 256 octets.
 pub const MAX_PATH: usize = 256;
 
@@ -211,162 +203,7 @@ pub fn domain_of(addr: &str) -> String {
         .map_or_else(String::new, |(_, d)| d.to_ascii_lowercase())
 }
 
-/// A server reply: code, optional enhanced status code, and its text lines.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reply {
-    pub code: u16,
-    pub enhanced: Option<EnhancedCode>,
-    /// Text of each line, without the code, separator, or enhanced code.
-    pub lines: Vec<String>,
-}
-
-/// RFC 3463 `class.subject.detail`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EnhancedCode {
-    pub class: u8,
-    pub subject: u16,
-    pub detail: u16,
-}
-
-impl fmt::Display for EnhancedCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}.{}", self.class, self.subject, self.detail)
-    }
-}
-
-impl EnhancedCode {
-    pub fn parse(s: &str) -> Option<Self> {
-        let mut it = s.split('.');
-        let class: u8 = it.next()?.parse().ok()?;
-        let subject: u16 = it.next()?.parse().ok()?;
-        let detail: u16 = it.next()?.parse().ok()?;
-        if it.next().is_some() || !matches!(class, 2 | 4 | 5) || subject > 999 || detail > 999 {
-            return None;
-        }
-        Some(Self {
-            class,
-            subject,
-            detail,
-        })
-    }
-}
-
-impl Reply {
-    /// A reply made locally (for errors that never reached a server).
-    pub fn local(code: u16, enhanced: &str, text: impl Into<String>) -> Self {
-        Self {
-            code,
-            enhanced: EnhancedCode::parse(enhanced),
-            lines: vec![text.into()],
-        }
-    }
-
-    pub fn is_positive(&self) -> bool {
-        (200..400).contains(&self.code)
-    }
-
-    pub fn is_transient(&self) -> bool {
-        (400..500).contains(&self.code)
-    }
-
-    pub fn is_permanent(&self) -> bool {
-        self.code >= 500
-    }
-
-    /// All lines joined with a space.
-    pub fn text(&self) -> String {
-        self.lines.join(" ")
-    }
-}
-
-impl fmt::Display for Reply {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.code)?;
-        if let Some(e) = self.enhanced {
-            write!(f, " {e}")?;
-        }
-        write!(f, " {}", self.text())
-    }
-}
-
-/// Why bytes from a server are not a reply.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ReplyError {
-    #[error("malformed reply line: {0:?}")]
-    Malformed(String),
-    #[error("reply line longer than {MAX_REPLY_LINE} octets")]
-    TooLong,
-    #[error("multi-line reply changed its code from {0} to {1}")]
-    CodeChanged(u16, u16),
-}
-
-/// Parses one complete (possibly multi-line) reply from the front of `buf`.
-/// Returns `Ok(None)` when more bytes are needed, else the reply and the
-/// number of bytes it used. Lines may end in CRLF or bare LF (lenient client).
-pub fn parse_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
-    let mut pos = 0;
-    let mut code = None;
-    let mut lines = Vec::new();
-    let mut enhanced = None;
-    loop {
-        let Some(nl) = buf[pos..].iter().position(|&b| b == b'\n') else {
-            if buf.len() - pos > MAX_REPLY_LINE {
-                return Err(ReplyError::TooLong);
-            }
-            return Ok(None);
-        };
-        if nl > MAX_REPLY_LINE {
-            return Err(ReplyError::TooLong);
-        }
-        let raw = &buf[pos..pos + nl];
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        pos += nl + 1;
-        let line = String::from_utf8_lossy(raw);
-        let b = line.as_bytes();
-        if b.len() < 3 || !b[..3].iter().all(u8::is_ascii_digit) || !(b'2'..=b'5').contains(&b[0]) {
-            return Err(ReplyError::Malformed(line.into_owned()));
-        }
-        let this: u16 = line[..3]
-            .parse()
-            .map_err(|_| ReplyError::Malformed(line.to_string()))?;
-        if let Some(c) = code
-            && c != this
-        {
-            return Err(ReplyError::CodeChanged(c, this));
-        }
-        code = Some(this);
-        let (last, text) = match b.get(3) {
-            None => (true, ""),
-            Some(b' ') => (true, &line[4..]),
-            Some(b'-') => (false, &line[4..]),
-            Some(_) => return Err(ReplyError::Malformed(line.into_owned())),
-        };
-        // The enhanced code is taken from the first line and stripped from all.
-        let text = match text.split_once(' ').map_or((text, ""), |(a, b)| (a, b)) {
-            (first, rest)
-                if EnhancedCode::parse(first).is_some_and(|e| u16::from(e.class) == this / 100) =>
-            {
-                enhanced = enhanced.or(EnhancedCode::parse(first));
-                rest
-            }
-            _ => text,
-        };
-        lines.push(text.to_owned());
-        if last {
-            return Ok(Some((
-                Reply {
-                    code: this,
-                    enhanced,
-                    lines,
-                },
-                pos,
-            )));
-        }
-    }
-}
-
 #[cfg(test)]
-#[expect(clippy::format_push_string, reason = "building wire text in tests")]
 mod tests {
     use proptest::prelude::*;
 
@@ -417,25 +254,6 @@ mod tests {
         assert!(matches!(c, Command::Rcpt { to, .. } if to == "u@d.example"));
     }
 
-    #[test]
-    fn multiline_reply_with_enhanced_code() {
-        let (r, n) = parse_reply(b"250-mx.example\r\n250-PIPELINING\r\n250 2.0.0 SIZE 100\r\nrest")
-            .unwrap()
-            .unwrap();
-        assert_eq!(n, 52);
-        assert_eq!(r.code, 250);
-        assert_eq!(r.lines, vec!["mx.example", "PIPELINING", "SIZE 100"]);
-        let (r, _) = parse_reply(b"451 4.3.0 try later\r\n").unwrap().unwrap();
-        assert_eq!(r.enhanced, EnhancedCode::parse("4.3.0"));
-        assert_eq!(r.text(), "try later");
-    }
-
-    #[test]
-    fn partial_reply_needs_more() {
-        assert_eq!(parse_reply(b"250-a\r\n250 b"), Ok(None));
-        assert!(parse_reply(b"250-a\r\n251 b\r\n").is_err());
-    }
-
     proptest! {
         // PROPTEST_CASES raises the count for a longer soak.
         #![proptest_config(ProptestConfig {
@@ -457,28 +275,6 @@ mod tests {
             let line = format!("MAIL FROM:<{local}@{domain}> SIZE={size}");
             let c = parse_command(line.as_bytes()).unwrap();
             prop_assert_eq!(c, Command::Mail { from: format!("{local}@{domain}"), params: vec![Param { keyword: "SIZE".into(), value: Some(size.to_string()) }] });
-        }
-
-        /// The reply parser never panics; a complete reply never claims more bytes than given.
-        #[test]
-        fn reply_parser_total(buf in proptest::collection::vec(any::<u8>(), 0..700)) {
-            if let Ok(Some((_, n))) = parse_reply(&buf) {
-                prop_assert!(n <= buf.len());
-            }
-        }
-
-        /// Replies produced from parts parse back to the same parts.
-        #[test]
-        fn reply_roundtrip(code in 200u16..600, lines in proptest::collection::vec("[ -~]{0,80}", 1..5)) {
-            let mut wire = String::new();
-            for (i, l) in lines.iter().enumerate() {
-                let sep = if i + 1 == lines.len() { ' ' } else { '-' };
-                wire.push_str(&format!("{code}{sep}{l}\r\n"));
-            }
-            let (r, n) = parse_reply(wire.as_bytes()).unwrap().unwrap();
-            prop_assert_eq!(n, wire.len());
-            prop_assert_eq!(r.code, code);
-            prop_assert_eq!(r.lines.len(), lines.len());
         }
     }
 }

@@ -1,0 +1,183 @@
+//! DATA: reading the message (only `<CRLF>.<CRLF>` ends it), signing,
+//! spooling, and the reply that makes the relay responsible for it.
+use std::{collections::HashSet, sync::atomic::Ordering};
+
+use tracing::{debug, error, warn};
+
+use crate::{
+    relay::{
+        dkim::{self},
+        dsn::rfc5322_date,
+        queue::QueuedMessage,
+    },
+    smtp::command::MAX_TEXT_LINE,
+};
+
+use super::session::{Data, End, Session};
+
+impl Session {
+    pub(super) async fn read_data(&mut self) -> Result<Data, End> {
+        let max = usize::try_from(self.shared.max_size).unwrap_or(usize::MAX);
+        let mut d = Data::default();
+        let mut prev_crlf = true;
+        let mut in_long = false;
+        loop {
+            while let Some(i) = self.rbuf[self.rpos..].iter().position(|&b| b == b'\n') {
+                let line = &self.rbuf[self.rpos..=self.rpos + i];
+                self.rpos += i + 1;
+                let crlf = line.len() >= 2 && line[line.len() - 2] == b'\r';
+                if std::mem::take(&mut in_long) {
+                    d.long_line = true;
+                    prev_crlf = crlf;
+                    continue;
+                }
+                let content = &line[..line.len() - if crlf { 2 } else { 1 }];
+                if crlf && prev_crlf && content == b"." {
+                    return Ok(d);
+                }
+                prev_crlf = crlf;
+                d.bare |= !crlf || content.contains(&b'\r');
+                d.nul |= content.contains(&0);
+                d.long_line |= line.len() > MAX_TEXT_LINE;
+                let content = content.strip_prefix(b".").unwrap_or(content);
+                if d.body.len() + content.len() + 2 > max {
+                    d.too_big = true;
+                }
+                if !(d.bare || d.nul || d.long_line || d.too_big) {
+                    d.body.extend_from_slice(content);
+                    d.body.extend_from_slice(b"\r\n");
+                }
+            }
+            if self.rbuf.len() - self.rpos > MAX_TEXT_LINE {
+                in_long = true;
+                self.rpos = self.rbuf.len();
+            }
+            self.fill(self.shared.data_timeout, "data", false).await?;
+        }
+    }
+
+    /// Prepends a `DKIM-Signature` when a key covers the `From:` domain. A
+    /// signing failure is logged and counted, and the message goes on
+    /// unsigned: refusing it would only move the problem to the client.
+    /// `None` only if the signing task panicked (the caller answers `451`).
+    pub(super) async fn dkim_sign(&self, id: u64, message: Vec<u8>) -> Option<Vec<u8>> {
+        if self.shared.dkim.is_empty() {
+            return Some(message);
+        }
+        let signers = self.shared.dkim.clone();
+        // Hashing a large body and an RSA signature are CPU work: keep them
+        // off the session tasks' threads.
+        let signed = tokio::task::spawn_blocking(move || {
+            let outcome = signers.sign(&message);
+            (outcome, message)
+        })
+        .await;
+        let Ok((outcome, message)) = signed else {
+            error!(id = format_args!("{id:016x}"), "DKIM signing task panicked");
+            return None;
+        };
+        Some(match outcome {
+            dkim::Outcome::Signed { header, domain } => {
+                debug!(id = format_args!("{id:016x}"), domain, "DKIM signed");
+                self.shared
+                    .metrics
+                    .dkim_signed
+                    .fetch_add(1, Ordering::Relaxed);
+                let mut out = Vec::with_capacity(header.len() + message.len());
+                out.extend_from_slice(header.as_bytes());
+                out.extend_from_slice(&message);
+                out
+            }
+            dkim::Outcome::NoKey => message,
+            dkim::Outcome::Failed(e) => {
+                warn!(id = format_args!("{id:016x}"), error = %e, "DKIM signing failed; sending unsigned");
+                self.shared
+                    .metrics
+                    .dkim_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                message
+            }
+        })
+    }
+
+    pub(super) async fn finish_data(&mut self, data: Data) {
+        let sender = self.mail.take().unwrap_or_default();
+        let rcpts = std::mem::take(&mut self.rcpts);
+        if data.too_big {
+            self.error("552 5.3.4 Error: message too large");
+            return;
+        }
+        if data.bare {
+            self.error(
+                "554 5.6.0 Error: bare <CR> or <LF> in message data (only <CR><LF> allowed)",
+            );
+            return;
+        }
+        if data.nul {
+            self.error("554 5.6.0 Error: NUL character in message data");
+            return;
+        }
+        if data.long_line {
+            self.error("554 5.6.0 Error: message line longer than 1000 octets");
+            return;
+        }
+        let with = match (self.esmtp, self.stream.is_tls(), self.authed.is_some()) {
+            (false, _, _) => "SMTP",
+            (true, false, false) => "ESMTP",
+            (true, true, false) => "ESMTPS",
+            (true, false, true) => "ESMTPA",
+            (true, true, true) => "ESMTPSA",
+        };
+        let for_clause = if rcpts.len() == 1 {
+            format!("\r\n\tfor <{}>", rcpts[0])
+        } else {
+            String::new()
+        };
+        let queue = &self.shared.queue;
+        let id = queue.spool().allocate_id();
+        let received = format!(
+            "Received: from {} ({})\r\n\tby {} (smtp-lb) with {with} id {id:016x}{for_clause};\r\n\t{}\r\n",
+            self.helo.as_deref().unwrap_or("unknown"),
+            self.peer.ip(),
+            self.shared.hostname,
+            rfc5322_date(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis() as u64
+            ),
+        );
+        let mut body = Vec::with_capacity(received.len() + data.body.len());
+        body.extend_from_slice(received.as_bytes());
+        body.extend_from_slice(&data.body);
+        drop(data);
+        let Some(body) = self.dkim_sign(id, body).await else {
+            self.reply("451 4.3.0 Error: local error in processing");
+            return;
+        };
+        match queue.spool().store(id, &sender, &rcpts, &body).await {
+            Ok((id, received_ms, location)) => {
+                drop(body);
+                self.shared.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+                queue.submit(QueuedMessage::new(
+                    id,
+                    sender,
+                    rcpts,
+                    received_ms,
+                    location,
+                    HashSet::default(),
+                ));
+                let r = format!("250 2.0.0 Ok: queued as {id:016x}");
+                self.reply(&r);
+            }
+            Err(e) => {
+                self.shared
+                    .metrics
+                    .spool_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                error!(peer = %self.peer, error = %e, "message not accepted: spool write failed");
+                self.reply("451 4.3.0 Error: queue file write error");
+            }
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The messages the relay is responsible for, and the jobs they split into
+//! (one per recipient domain).
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use super::super::{
+    egress::SourceId,
+    spool::{Location, MsgId},
+};
+
+/// A message the relay is responsible for.
+pub struct QueuedMessage {
+    pub id: MsgId,
+    pub sender: String,
+    pub rcpts: Vec<String>,
+    pub received_ms: u64,
+    pub location: Location,
+    pub(super) state: Mutex<MessageState>,
+    /// The tenant header's value, read from the spool on first need.
+    pub(super) tenant: tokio::sync::OnceCell<Option<String>>,
+}
+
+#[derive(Default)]
+pub(super) struct MessageState {
+    /// Recipients delivered or bounced.
+    pub(super) done: HashSet<u32>,
+    /// Last temporary error, for `ctl show`.
+    pub(super) last_error: Option<String>,
+    pub(super) attempts: u32,
+}
+
+impl QueuedMessage {
+    pub fn new(
+        id: MsgId,
+        sender: String,
+        rcpts: Vec<String>,
+        received_ms: u64,
+        location: Location,
+        done: HashSet<u32>,
+    ) -> Self {
+        Self {
+            id,
+            sender,
+            rcpts,
+            received_ms,
+            location,
+            state: Mutex::new(MessageState {
+                done,
+                ..Default::default()
+            }),
+            tenant: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    pub(super) fn age(&self) -> Duration {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Duration::from_millis(now.saturating_sub(self.received_ms))
+    }
+
+    /// The queue id as operators see it.
+    pub(super) fn hex_id(&self) -> String {
+        format!("{:016x}", self.id)
+    }
+}
+
+/// Some recipients of one message, all in one domain.
+pub struct Job {
+    pub(super) msg: Arc<QueuedMessage>,
+    pub(super) domain: String,
+    pub(super) rcpts: Vec<u32>,
+    pub(super) attempts: u32,
+    /// The egress source a job waiting for its warmup window is bound to.
+    pub(super) pinned: Option<SourceId>,
+}
+
+impl Job {
+    /// The same message's other recipients `rcpts`, at the same attempt.
+    pub(super) fn with_rcpts(&self, rcpts: Vec<u32>) -> Self {
+        Self {
+            msg: self.msg.clone(),
+            domain: self.domain.clone(),
+            rcpts,
+            attempts: self.attempts,
+            pinned: self.pinned,
+        }
+    }
+
+    /// The recipients' addresses.
+    pub(super) fn addresses(&self) -> Vec<String> {
+        self.rcpts
+            .iter()
+            .map(|&i| self.msg.rcpts[i as usize].clone())
+            .collect()
+    }
+}
+
+/// The value of header `name` in a message's header section (unfolded, trimmed).
+pub(super) fn header_value(message: &[u8], name: &str) -> Option<String> {
+    let end = message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(message.len());
+    let head = String::from_utf8_lossy(&message[..end]);
+    let mut value: Option<String> = None;
+    for line in head.split("\r\n") {
+        if line.starts_with([' ', '\t']) {
+            if let Some(v) = value.as_mut() {
+                v.push(' ');
+                v.push_str(line.trim());
+            }
+            continue;
+        }
+        if value.is_some() {
+            break;
+        }
+        if let Some((n, v)) = line.split_once(':')
+            && n.trim().eq_ignore_ascii_case(name)
+        {
+            value = Some(v.trim().to_owned());
+        }
+    }
+    value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_header_is_found_unfolded_and_only_in_the_header_section() {
+        let m = b"Subject: x\r\nx-tenant: acme\r\n corp\r\nTo: y\r\n\r\nX-Tenant: body\r\n";
+        assert_eq!(header_value(m, "X-Tenant").as_deref(), Some("acme corp"));
+        assert_eq!(
+            header_value(b"Subject: x\r\n\r\nX-Tenant: b\r\n", "X-Tenant"),
+            None
+        );
+    }
+}

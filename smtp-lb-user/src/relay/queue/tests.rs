@@ -1,0 +1,268 @@
+//! The delivery loop without a socket: a scripted [`Dispatcher`] answers
+//! each recipient as told and records the sessions and transactions.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use super::{
+    Queue, QueuedMessage,
+    dispatch::{BoxFuture, Dispatcher, Session},
+};
+use crate::{
+    relay::{
+        config::Config,
+        egress::{Egress, Source},
+        log::DeliveryLog,
+        metrics::Metrics,
+        policy::{limiter::Limiters, shaping::Shaper},
+        route::{Host, Router},
+        spool::Spool,
+    },
+    smtp::{
+        client::{ClientError, Transaction},
+        reply::Reply,
+    },
+};
+
+/// What the scripted destination saw.
+#[derive(Default)]
+struct Seen {
+    connects: usize,
+    /// (sender, recipients) per transaction.
+    transactions: Vec<(String, Vec<String>)>,
+}
+
+struct Scripted {
+    /// Recipient → reply; others get `250`.
+    replies: HashMap<String, Reply>,
+    /// Refuse every connection.
+    refuse: bool,
+    seen: Arc<Mutex<Seen>>,
+}
+
+struct ScriptedSession {
+    host: String,
+    addr: SocketAddr,
+    sent: usize,
+    replies: HashMap<String, Reply>,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl Dispatcher for Scripted {
+    fn connect<'a>(
+        &'a self,
+        host: &'a Host,
+        addr: SocketAddr,
+        _source: &'a Source,
+    ) -> BoxFuture<'a, Result<Box<dyn Session>, ClientError>> {
+        Box::pin(async move {
+            self.seen.lock().unwrap().connects += 1;
+            if self.refuse {
+                return Err(ClientError::Connect {
+                    addr,
+                    error: std::io::ErrorKind::ConnectionRefused.into(),
+                });
+            }
+            Ok(Box::new(ScriptedSession {
+                host: host.name.clone(),
+                addr,
+                sent: 0,
+                replies: self.replies.clone(),
+                seen: self.seen.clone(),
+            }) as Box<dyn Session>)
+        })
+    }
+}
+
+impl Session for ScriptedSession {
+    fn host(&self) -> &str {
+        &self.host
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn local(&self) -> Option<SocketAddr> {
+        None
+    }
+
+    fn messages_sent(&self) -> usize {
+        self.sent
+    }
+
+    fn is_tls(&self) -> bool {
+        false
+    }
+
+    fn send<'a>(
+        &'a mut self,
+        sender: &'a str,
+        rcpts: &'a [String],
+        _body: &'a [u8],
+    ) -> BoxFuture<'a, Result<Transaction, ClientError>> {
+        Box::pin(async move {
+            self.seen
+                .lock()
+                .unwrap()
+                .transactions
+                .push((sender.to_owned(), rcpts.to_vec()));
+            let rcpt_replies: Vec<Reply> = rcpts
+                .iter()
+                .map(|r| {
+                    self.replies
+                        .get(r)
+                        .cloned()
+                        .unwrap_or_else(|| Reply::local(250, "2.1.5", "ok"))
+                })
+                .collect();
+            let accepted = rcpt_replies.iter().any(Reply::is_positive);
+            self.sent += usize::from(accepted);
+            Ok(Transaction {
+                rcpt_replies,
+                data_reply: accepted.then(|| Reply::local(250, "2.0.0", "queued")),
+            })
+        })
+    }
+
+    fn quit(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// A queue over a fresh spool that delivers through `dispatcher`; retries wait an hour.
+fn queue(name: &str, dispatcher: Scripted) -> Arc<Queue> {
+    let dir = std::env::temp_dir().join(format!("smtp-lb-queue-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg: Config = toml::from_str(&format!(
+        "spool_dir = {:?}\nlistener = []\n[retry]\nmin = \"1h\"\n[routes]\n\"*\" = \"127.0.0.1:25\"\n",
+        dir.display().to_string()
+    ))
+    .unwrap();
+    let (spool, _, _) = Spool::open(&cfg.spool_dir).unwrap();
+    let router = Router::new(&cfg.routes, &cfg.dns, 25).unwrap();
+    let shaper = Shaper::load(None, &Limiters::local()).unwrap();
+    let egress = Egress::from_config(None, "relay.test", None, shaper.providers()).unwrap();
+    Queue::new(
+        &cfg,
+        spool,
+        router,
+        DeliveryLog::open(None).unwrap(),
+        Arc::new(Metrics::default()),
+        shaper,
+        egress,
+        Box::new(dispatcher),
+    )
+}
+
+async fn submit(q: &Arc<Queue>, sender: &str, rcpts: &[&str]) -> u64 {
+    let rcpts: Vec<String> = rcpts.iter().map(|r| (*r).to_owned()).collect();
+    let id = q.spool().allocate_id();
+    let (id, received_ms, location) = q
+        .spool()
+        .store(id, sender, &rcpts, b"Subject: t\r\n\r\nhello\r\n")
+        .await
+        .unwrap();
+    q.submit(QueuedMessage::new(
+        id,
+        sender.to_owned(),
+        rcpts,
+        received_ms,
+        location,
+        std::collections::HashSet::new(),
+    ));
+    id
+}
+
+/// Polls until `f` holds (a few seconds at most).
+async fn until(what: &str, f: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn each_recipient_is_delivered_bounced_or_deferred_by_its_reply() {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let q = queue(
+        "outcomes",
+        Scripted {
+            replies: HashMap::from([
+                (
+                    "b@x.test".to_owned(),
+                    Reply::local(550, "5.1.1", "user unknown"),
+                ),
+                (
+                    "c@x.test".to_owned(),
+                    Reply::local(451, "4.3.0", "try later"),
+                ),
+            ]),
+            refuse: false,
+            seen: seen.clone(),
+        },
+    );
+    let id = submit(&q, "s@y.test", &["a@x.test", "b@x.test", "c@x.test"]).await;
+    // a@ delivered, b@ bounced (its DSN to s@ delivered too), c@ deferred.
+    let m = q.metrics.clone();
+    until("two deliveries, one bounce, one deferral", || {
+        m.total("delivered") == 2 && m.total("bounced") == 1 && m.total("deferred") == 1
+    })
+    .await;
+    let view = q.show(id).expect("still queued for c@");
+    assert_eq!(view.done, vec![0, 1]);
+    assert_eq!(view.attempts, 1);
+    assert_eq!(view.last_error.as_deref(), Some("451 4.3.0 try later"));
+    let seen = seen.lock().unwrap();
+    assert_eq!(
+        seen.transactions,
+        vec![
+            (
+                "s@y.test".to_owned(),
+                vec![
+                    "a@x.test".to_owned(),
+                    "b@x.test".to_owned(),
+                    "c@x.test".to_owned()
+                ]
+            ),
+            // The DSN: null sender, to the original sender.
+            (String::new(), vec!["s@y.test".to_owned()]),
+        ]
+    );
+    assert_eq!(q.summary()["x.test"].scheduled, 1);
+}
+
+#[tokio::test]
+async fn a_destination_that_refuses_connections_defers_every_job() {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let q = queue(
+        "refused",
+        Scripted {
+            replies: HashMap::new(),
+            refuse: true,
+            seen: seen.clone(),
+        },
+    );
+    let id = submit(&q, "s@y.test", &["a@x.test", "b@x.test"]).await;
+    let m = q.metrics.clone();
+    until("two deferrals", || m.total("deferred") == 2).await;
+    assert_eq!(m.total("delivered") + m.total("bounced"), 0);
+    let view = q.show(id).expect("queued");
+    assert!(
+        view.last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("451 4.4.1 connect to 127.0.0.1:25")),
+        "{view:?}"
+    );
+    assert!(seen.lock().unwrap().transactions.is_empty());
+    // The operator bounces it: a DSN goes to the sender, whose domain refuses too.
+    assert_eq!(q.bounce_now(id).await, 1);
+    until("the message is gone", || q.show(id).is_none()).await;
+    assert_eq!(m.total("bounced"), 2);
+}
