@@ -11,7 +11,6 @@ use crate::{
     relay::{
         self,
         dkim::Signers,
-        egress::Egress,
         policy::{
             limiter::Limiters,
             shaping::{Shaper, ShapingConfig},
@@ -90,13 +89,7 @@ fn check_lb(path: &Path) -> anyhow::Result<String> {
 fn check_relay(path: &Path) -> anyhow::Result<String> {
     let cfg = relay::Config::load(path)?;
     let shaper = Shaper::load(cfg.shaping.as_deref(), &Limiters::local())?;
-    let egress = Egress::from_config(
-        cfg.egress.as_ref(),
-        cfg.default_helo(),
-        cfg.delivery.source_ip,
-        shaper.providers(),
-    )?;
-    egress.check_override_keys(shaper.override_keys())?;
+    relay::egress_for(&cfg, &shaper)?;
     Signers::load(&cfg.dkim)?;
     Ok(format!(
         "relay: {} listeners, spool {}, shaping {}, {} DKIM keys",

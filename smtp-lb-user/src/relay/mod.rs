@@ -84,13 +84,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         None => Limiters::local(),
     };
     let shaper = Shaper::load(cfg.shaping.as_deref(), &limiters)?;
-    let egress = egress::Egress::from_config(
-        cfg.egress.as_ref(),
-        cfg.default_helo(),
-        cfg.delivery.source_ip,
-        shaper.providers(),
-    )?;
-    egress.check_override_keys(shaper.override_keys())?;
+    let egress = egress_for(&cfg, &shaper)?;
     let queue = queue::Queue::new(
         &cfg,
         spool,
@@ -167,6 +161,19 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         let _ = server.await;
     }
     Ok(())
+}
+
+/// The egress sources and pools `cfg` describes, checked against the
+/// shaping file's per-source overrides (at start and by `check-config`).
+pub fn egress_for(cfg: &Config, shaper: &Shaper) -> anyhow::Result<egress::Egress> {
+    let egress = egress::Egress::from_config(
+        cfg.egress.as_ref(),
+        cfg.default_helo(),
+        cfg.delivery.source_ip,
+        shaper.providers(),
+    )?;
+    egress.check_override_keys(shaper.override_keys())?;
+    Ok(egress)
 }
 
 /// SIGUSR1 reopens the delivery log (after logrotate renamed it).
