@@ -88,6 +88,8 @@ pub struct Relay {
     /// The metrics listener (`/metrics`, `/healthz`, `/readyz`, no token).
     pub metrics: SocketAddr,
     pub config_path: PathBuf,
+    /// The spool directory (`RelayConfig::spool_dir` or `<dir>/spool`).
+    spool: PathBuf,
     child: ChildGuard,
     starts: u32,
 }
@@ -122,7 +124,7 @@ impl Relay {
         let mut c: Config =
             toml::from_str("spool_dir = \"\"\nlistener = []").expect("the relay config's defaults");
         c.hostname = "relay.test".into();
-        c.spool_dir = spool;
+        c.spool_dir.clone_from(&spool);
         c.delivery_log = Some(dir.join("delivery.log"));
         c.admin = Some(admin);
         c.metrics = Some(metrics);
@@ -187,6 +189,7 @@ impl Relay {
             admin,
             metrics,
             config_path,
+            spool,
             child: ChildGuard(None),
             starts: 0,
         };
@@ -323,6 +326,6 @@ impl Relay {
     }
 
     pub fn spool_dir(&self) -> PathBuf {
-        self.dir.join("spool")
+        self.spool.clone()
     }
 }

@@ -175,6 +175,10 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: impl Future<
             .timer(TokioTimer::new())
             .header_read_timeout(HEAD_TIMEOUT)
             .max_buf_size(MAX_HEAD)
+            // A client may shut its write side once the request is sent:
+            // answer it anyway (without this, its EOF cancels a response
+            // still being rendered off the runtime threads).
+            .half_close(true)
             .serve_connection(
                 TokioIo::new(socket),
                 TowerToHyperService::new(router.clone()),
