@@ -92,6 +92,7 @@ fn the_metrics_listener_answers_without_a_token_and_readyz_follows_the_relay() {
     // A stop with a transaction open: not ready while it finishes.
     let mut smtp = RawSmtp::connect(relay.smtp);
     assert_eq!(smtp.cmd("EHLO client.test").code, 250);
+    assert_eq!(smtp.cmd("MAIL FROM:<s@src.test>").code, 250);
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(libc::pid_t::try_from(relay.pid()).unwrap(), libc::SIGTERM) };
     let answer = wait_for("/readyz to say 503", Duration::from_secs(5), || {
