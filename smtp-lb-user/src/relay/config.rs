@@ -206,15 +206,44 @@ pub struct DeliveryConfig {
     /// `EHLO` name; defaults to `hostname`.
     #[serde(default)]
     pub helo_name: Option<String>,
-    /// Concurrent connections per destination.
+    /// Concurrent connections per destination (the MX host set of a
+    /// domain, or its static route) within each ready queue (egress source,
+    /// provider): one slow or dead destination holds at most this many
+    /// (Postfix `default_destination_concurrency_limit`).
     #[serde(default = "DeliveryConfig::default_connections")]
     pub connections_per_destination: usize,
+    /// Concurrent connections per ready queue (egress source, provider),
+    /// all its destinations together (Postfix `default_process_limit`). A
+    /// shaping file's `connection_limit` caps a provider further.
+    #[serde(default = "DeliveryConfig::default_connections_per_queue")]
+    pub connections_per_queue: usize,
     /// Messages sent over one connection before it is closed.
     #[serde(default = "DeliveryConfig::default_messages_per_connection")]
     pub messages_per_connection: usize,
     /// Use STARTTLS when the server offers it (opportunistic: the certificate is not verified).
     #[serde(default = "DeliveryConfig::default_starttls")]
     pub starttls: bool,
+    /// After a failed TLS handshake with a host, deliver to it in plain
+    /// text for this long before trying TLS again (Postfix at level `may`
+    /// falls back the same way); logged and counted.
+    #[serde(
+        default = "DeliveryConfig::default_plaintext_fallback",
+        with = "humantime_serde"
+    )]
+    pub plaintext_fallback: Duration,
+    /// MX hosts that get mail only over TLS (no fallback; a host without
+    /// `STARTTLS` defers): a name, or a suffix starting with `.`.
+    #[serde(default)]
+    pub require_tls: Vec<String>,
+    /// Most `Received:` headers a message may carry; one with more bounces
+    /// with `5.4.6` (a mail loop; Postfix `hopcount_limit`).
+    #[serde(default = "DeliveryConfig::default_hop_limit")]
+    pub hop_limit: usize,
+    /// Addresses that reach this relay besides its listeners (the
+    /// balancer's VIP, a NAT address): an MX host or route at one of them,
+    /// on a listener's port, is a loop and bounces with `5.4.6`.
+    #[serde(default)]
+    pub own_addresses: Vec<IpAddr>,
     #[serde(default)]
     pub timeouts: ClientTimeouts,
 }
@@ -224,7 +253,16 @@ impl DeliveryConfig {
         25
     }
     fn default_connections() -> usize {
-        16
+        20
+    }
+    fn default_connections_per_queue() -> usize {
+        100
+    }
+    fn default_plaintext_fallback() -> Duration {
+        Duration::from_hours(1)
+    }
+    fn default_hop_limit() -> usize {
+        50
     }
     fn default_messages_per_connection() -> usize {
         1000
@@ -241,8 +279,13 @@ impl Default for DeliveryConfig {
             source_ip: None,
             helo_name: None,
             connections_per_destination: Self::default_connections(),
+            connections_per_queue: Self::default_connections_per_queue(),
             messages_per_connection: Self::default_messages_per_connection(),
             starttls: Self::default_starttls(),
+            plaintext_fallback: Self::default_plaintext_fallback(),
+            require_tls: Vec::new(),
+            hop_limit: Self::default_hop_limit(),
+            own_addresses: Vec::new(),
             timeouts: ClientTimeouts::default(),
         }
     }
