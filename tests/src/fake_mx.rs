@@ -437,7 +437,11 @@ fn session(conn: TcpStream, peer: IpAddr, state: &Mutex<State>) -> std::io::Resu
     };
     match hostile {
         Some(Hostile::EndlessGreeting) => {
-            return endless(&conn, b"", &b"220-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n".repeat(256));
+            return endless(
+                &conn,
+                b"",
+                &b"220-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n".repeat(256),
+            );
         }
         Some(Hostile::EndlessLine) => return endless(&conn, b"220 ", &[b'x'; 16384]),
         Some(Hostile::Silent) => return silent(&conn),
@@ -470,7 +474,7 @@ fn session(conn: TcpStream, peer: IpAddr, state: &Mutex<State>) -> std::io::Resu
         match (hostile, verb.as_str()) {
             (Some(Hostile::SilentAtData), "DATA") => return silent(r.get_ref()),
             (Some(Hostile::HugeEhlo), "EHLO") => {
-                let mut reply = b"250-fake-mx\r\n".repeat(1);
+                let mut reply = b"250-fake-mx\r\n".to_vec();
                 reply.extend_from_slice(&b"250-XHUGE padding line\r\n".repeat(9_998));
                 reply.extend_from_slice(b"250 PIPELINING\r\n");
                 w.write_all(&reply)?;

@@ -57,7 +57,9 @@ budget = "3s"
 "#;
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The relay's resident set, bytes.
@@ -167,9 +169,11 @@ fn healthy_rate(relay: &Relay, sink: &CountingSink, n: u64) -> f64 {
         usize::try_from(n).expect("small"),
         8,
     );
-    wait_for("the healthy sink's messages", Duration::from_secs(60), || {
-        (sink.count() >= before + n).then_some(())
-    });
+    wait_for(
+        "the healthy sink's messages",
+        Duration::from_mins(1),
+        || (sink.count() >= before + n).then_some(()),
+    );
     #[expect(clippy::cast_precision_loss, reason = "small counts")]
     let rate = n as f64 / start.elapsed().as_secs_f64();
     rate
@@ -212,7 +216,7 @@ struct Figures {
 /// with the hostile peer active between two measurements without it; its
 /// ratio is against their mean, so a machine that slows down or speeds up
 /// during the scenario (other builds) moves both sides. The median round counts.
-const ROUNDS: u64 = 3;
+const ROUNDS: u64 = 5;
 
 /// Runs one hostile scenario and asserts the four properties.
 /// `delivered_while_hostile`: the hostile destination's mail is delivered
@@ -239,7 +243,11 @@ fn hostile_scenario(kind: Hostile, delivered_while_hostile: bool) -> (Figures, R
         relay
             .log()
             .into_iter()
-            .filter(|l| l["rcpt"].as_str().is_some_and(|r| r.ends_with("@hostile.test")))
+            .filter(|l| {
+                l["rcpt"]
+                    .as_str()
+                    .is_some_and(|r| r.ends_with("@hostile.test"))
+            })
             .filter(|l| l["status"] == "deferred")
             .collect::<Vec<_>>()
     };
@@ -356,7 +364,7 @@ fn accepts_and_never_answers() {
 fn answers_ehlo_then_never_answers_data() {
     let _s = serial();
     let (f, _, _) = hostile_scenario(Hostile::SilentAtData, false);
-    assert_reason(&f, "waiting for MAIL FROM");
+    assert_reason(&f, "timed out after 1s waiting for DATA");
 }
 
 #[test]
@@ -398,7 +406,10 @@ fn forwarder(to: SocketAddr) -> SocketAddr {
             let Ok(up) = TcpStream::connect(to) else {
                 continue;
             };
-            let (mut a, mut b) = (c.try_clone().expect("clone"), up.try_clone().expect("clone"));
+            let (mut a, mut b) = (
+                c.try_clone().expect("clone"),
+                up.try_clone().expect("clone"),
+            );
             let (mut c, mut up) = (c, up);
             thread::spawn(move || {
                 let _ = std::io::copy(&mut a, &mut up);
@@ -440,7 +451,7 @@ fn a_route_back_to_the_relay_ends_at_the_hop_limit_with_one_dsn() {
         )
     });
     swaks(relay.smtp, "someone@src.test", "x@loop.test");
-    let dsn = wait_for("the DSN", Duration::from_secs(60), || {
+    let dsn = wait_for("the DSN", Duration::from_mins(1), || {
         senders.received().into_iter().find(|m| m.from.is_empty())
     });
     assert!(dsn.data.contains("5.4.6"), "{}", dsn.data);
@@ -458,7 +469,11 @@ fn a_route_back_to_the_relay_ends_at_the_hop_limit_with_one_dsn() {
     assert!(accepted <= 51, "accepted {accepted} times");
     assert_eq!(to_loop("bounced"), 1);
     assert_eq!(
-        senders.received().iter().filter(|m| m.from.is_empty()).count(),
+        senders
+            .received()
+            .iter()
+            .filter(|m| m.from.is_empty())
+            .count(),
         1
     );
 }
@@ -487,18 +502,30 @@ fn an_mx_record_at_the_relay_itself_bounces_5_4_6_at_once() {
     for domain in ["self.test", "vip.test"] {
         let start = Instant::now();
         swaks(relay.smtp, "someone@src.test", &format!("x@{domain}"));
-        let line = relay.wait_log(&format!("x@{domain} bounced"), Duration::from_secs(5), |l| {
-            l["rcpt"] == format!("x@{domain}") && l["status"] == "bounced"
-        });
-        println!("MX at myself ({domain}): bounced after {:?}", start.elapsed());
+        let line = relay.wait_log(
+            &format!("x@{domain} bounced"),
+            Duration::from_secs(5),
+            |l| l["rcpt"] == format!("x@{domain}") && l["status"] == "bounced",
+        );
+        println!(
+            "MX at myself ({domain}): bounced after {:?}",
+            start.elapsed()
+        );
         let reply = reply_of(&line);
         assert!(
-            reply.contains("5.4.6") && reply.contains(&format!("mail for {domain} loops back to myself")),
+            reply.contains("5.4.6")
+                && reply.contains(&format!("mail for {domain} loops back to myself")),
             "{reply}"
         );
     }
     wait_for("two DSNs", Duration::from_secs(5), || {
-        (senders.received().iter().filter(|m| m.from.is_empty()).count() == 2).then_some(())
+        (senders
+            .received()
+            .iter()
+            .filter(|m| m.from.is_empty())
+            .count()
+            == 2)
+            .then_some(())
     });
     assert!(
         !relay
@@ -516,7 +543,8 @@ fn blackhole() -> (TcpListener, TcpStream) {
     // SAFETY: listen(2) again on our own socket lowers its backlog to 0 (one pending connection).
     assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
     let filler = TcpStream::connect(l.local_addr().expect("addr")).expect("fill the queue");
-    let probe = TcpStream::connect_timeout(&l.local_addr().expect("addr"), Duration::from_millis(300));
+    let probe =
+        TcpStream::connect_timeout(&l.local_addr().expect("addr"), Duration::from_millis(300));
     assert!(probe.is_err(), "the backlog is full: connects time out");
     (l, filler)
 }
@@ -545,6 +573,9 @@ fn thirty_two_blackholed_destinations_leave_the_healthy_one_served() {
     wait_for("the healthy message", Duration::from_secs(10), || {
         (sink.count() >= 1).then_some(())
     });
-    println!("long tail: 32 blackholed destinations, healthy delivered after {:?}", start.elapsed());
+    println!(
+        "long tail: 32 blackholed destinations, healthy delivered after {:?}",
+        start.elapsed()
+    );
     assert!(start.elapsed() < Duration::from_secs(10));
 }

@@ -249,6 +249,26 @@ pub struct DeliveryConfig {
 }
 
 impl DeliveryConfig {
+    /// What serde cannot say: limits that would stop all delivery.
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.hop_limit >= 1,
+            "hop_limit = 0 would bounce every message (the relay's own Received: header counts)"
+        );
+        anyhow::ensure!(
+            self.connections_per_destination >= 1 && self.connections_per_queue >= 1,
+            "connections_per_destination and connections_per_queue must be at least 1"
+        );
+        if let Some(bad) = self
+            .require_tls
+            .iter()
+            .find(|h| h.trim_start_matches('.').is_empty())
+        {
+            anyhow::bail!("require_tls entry {bad:?} names no host");
+        }
+        Ok(())
+    }
+
     fn default_port() -> u16 {
         25
     }
@@ -357,6 +377,9 @@ impl Config {
         for n in &cfg.relay_networks {
             Cidr::parse(n).with_context(|| format!("relay_networks entry {n:?}"))?;
         }
+        cfg.delivery
+            .check()
+            .with_context(|| format!("relay config {}: [delivery]", path.display()))?;
         Ok(cfg)
     }
 }
@@ -425,6 +448,34 @@ mod tests {
                 .unwrap()
                 .contains("2001:db8::1".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn delivery_limits_that_stop_all_mail_are_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("smtp-lb-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("relay.toml");
+        let base = "spool_dir = \"/tmp/s\"\n[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery]\n";
+        for (field, expect) in [
+            ("hop_limit = 0", "hop_limit = 0"),
+            ("connections_per_queue = 0", "connections_per_queue"),
+            ("require_tls = [\".\"]", "require_tls entry"),
+            ("hop_limt = 5", "unknown field `hop_limt`"),
+        ] {
+            std::fs::write(&path, format!("{base}{field}\n")).unwrap();
+            let err = format!("{:#}", Config::load(&path).unwrap_err());
+            assert!(err.contains(expect), "{field}: {err}");
+        }
+        std::fs::write(
+            &path,
+            format!("{base}hop_limit = 30\nown_addresses = [\"203.0.113.10\"]\n"),
+        )
+        .unwrap();
+        let cfg = Config::load(&path).unwrap();
+        assert_eq!(cfg.delivery.hop_limit, 30);
+        assert_eq!(cfg.delivery.timeouts.connect, Duration::from_secs(10));
+        assert_eq!(cfg.delivery.timeouts.data_block, Duration::from_mins(3));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// What the test harness relies on: a config written by serialising

@@ -109,8 +109,7 @@ impl Myself {
     /// Whether mail sent to `addr` reaches this relay.
     pub fn is_me(&self, addr: SocketAddr) -> bool {
         let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
-        self.addrs.contains(&addr)
-            || (self.any_ports.contains(&addr.port()) && is_local(addr.ip()))
+        self.addrs.contains(&addr) || (self.any_ports.contains(&addr.port()) && is_local(addr.ip()))
     }
 }
 
@@ -347,7 +346,10 @@ mod tests {
     #[test]
     fn myself_is_each_listener_and_each_extra_address_on_listener_ports() {
         let me = Myself::new(
-            ["127.0.0.1:2525".parse().unwrap(), "[::]:587".parse().unwrap()],
+            [
+                "127.0.0.1:2525".parse().unwrap(),
+                "[::]:587".parse().unwrap(),
+            ],
             &["203.0.113.10".parse().unwrap()],
         );
         assert!(me.is_me("127.0.0.1:2525".parse().unwrap()));
@@ -370,8 +372,14 @@ mod tests {
         let r = Router::new(&routes, &DnsConfig::default(), 25, me).unwrap();
         let err = r.resolve("loop.test").await.unwrap_err();
         assert!(matches!(err, RouteError::Permanent(_)));
-        assert_eq!(err.reply().enhanced, crate::smtp::reply::EnhancedCode::parse("5.4.6"));
-        assert_eq!(err.reply().text(), "mail for loop.test loops back to myself");
+        assert_eq!(
+            err.reply().enhanced,
+            crate::smtp::reply::EnhancedCode::parse("5.4.6")
+        );
+        assert_eq!(
+            err.reply().text(),
+            "mail for loop.test loops back to myself"
+        );
         assert_eq!(r.resolve("ok.test").await.unwrap().len(), 1);
     }
 

@@ -72,7 +72,16 @@ impl ClientError {
     /// The TLS handshake after `STARTTLS` failed (the plaintext session
     /// before it worked): a destination to try again without TLS.
     pub fn is_tls_handshake(&self) -> bool {
-        matches!(self, Self::Io { phase: TLS_HANDSHAKE, .. } | Self::TimedOut { phase: TLS_HANDSHAKE, .. })
+        matches!(
+            self,
+            Self::Io {
+                phase: TLS_HANDSHAKE,
+                ..
+            } | Self::TimedOut {
+                phase: TLS_HANDSHAKE,
+                ..
+            }
+        )
     }
 
     /// The reply to log and act on: the server's own, or a local `4.4.x`.
@@ -85,9 +94,7 @@ impl ClientError {
             Self::TimedOut { .. }
             | Self::OverBudget { .. }
             | Self::Io { .. }
-            | Self::Protocol { .. } => {
-                Reply::local(451, "4.4.2", self.to_string())
-            }
+            | Self::Protocol { .. } => Reply::local(451, "4.4.2", self.to_string()),
         }
     }
 }
@@ -274,9 +281,15 @@ impl Client {
                 .bind(SocketAddr::new(source_ip, 0))
                 .map_err(|error| ClientError::Bind { source_ip, error })?;
         }
-        let tcp = within(deadline, timeouts, "connect", timeouts.connect, socket.connect(addr))
-            .await?
-            .map_err(|error| ClientError::Connect { addr, error })?;
+        let tcp = within(
+            deadline,
+            timeouts,
+            "connect",
+            timeouts.connect,
+            socket.connect(addr),
+        )
+        .await?
+        .map_err(|error| ClientError::Connect { addr, error })?;
         let _ = tcp.set_nodelay(true);
         let local = tcp.local_addr().ok();
         let mut client = Self {
@@ -401,13 +414,13 @@ impl Client {
         )
         .await?
         .map_err(|e| match e {
-                ReadError::Io(error) => ClientError::Io { phase, error },
-                ReadError::Closed => ClientError::Io {
-                    phase,
-                    error: io::Error::new(io::ErrorKind::UnexpectedEof, e.to_string()),
-                },
-                ReadError::Reply(error) => ClientError::Protocol { phase, error },
-            })
+            ReadError::Io(error) => ClientError::Io { phase, error },
+            ReadError::Closed => ClientError::Io {
+                phase,
+                error: io::Error::new(io::ErrorKind::UnexpectedEof, e.to_string()),
+            },
+            ReadError::Reply(error) => ClientError::Protocol { phase, error },
+        })
     }
 
     /// Sends one message to several recipients. Replies the server gave are

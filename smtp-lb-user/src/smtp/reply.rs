@@ -360,7 +360,11 @@ mod tests {
         r.feed(b"250 last\r\n");
         assert_eq!(r.next_reply().unwrap().unwrap().lines.len(), 100);
         let mut r = ReplyReader::new(Limits::CLIENT);
-        r.feed(&format!("250-{}\r\n", "x".repeat(4000)).repeat(17).into_bytes());
+        r.feed(
+            &format!("250-{}\r\n", "x".repeat(4000))
+                .repeat(17)
+                .into_bytes(),
+        );
         assert_eq!(r.next_reply(), Err(ReplyError::TooLarge(64 * 1024)));
     }
 
@@ -378,7 +382,10 @@ mod tests {
             }
         };
         assert_eq!(err, ReplyError::TooManyLines(1000));
-        assert!(peak <= MAX_REPLY_LINE + 50 * line.len(), "buffer peaked at {peak}");
+        assert!(
+            peak <= MAX_REPLY_LINE + 50 * line.len(),
+            "buffer peaked at {peak}"
+        );
     }
 
     proptest! {

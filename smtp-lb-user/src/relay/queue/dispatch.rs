@@ -75,7 +75,11 @@ impl SmtpDispatcher {
         Self {
             tls: d.starttls.then(crate::tls::opportunistic_tls),
             timeouts: d.timeouts.clone(),
-            require_tls: d.require_tls.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            require_tls: d
+                .require_tls
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
             plaintext_for: d.plaintext_fallback,
             plaintext_until: Mutex::new(HashMap::new()),
             on_fallback,

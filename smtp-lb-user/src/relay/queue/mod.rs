@@ -78,8 +78,8 @@ pub struct Queue {
     dispatcher: Box<dyn Dispatcher>,
     retry: RetrySchedule,
     hostname: String,
-    per_destination: usize,
-    per_queue: usize,
+    destination_connections: usize,
+    pair_connections: usize,
     per_connection: usize,
     hop_limit: usize,
     /// Replaced whole by [`Self::reload_shaping`]; a worker keeps the one it started with.
@@ -120,8 +120,8 @@ impl Queue {
             dispatcher,
             retry: RetrySchedule::new(&cfg.retry),
             hostname: cfg.hostname.clone(),
-            per_destination: d.connections_per_destination.max(1),
-            per_queue: d.connections_per_queue.max(1),
+            destination_connections: d.connections_per_destination.max(1),
+            pair_connections: d.connections_per_queue.max(1),
             per_connection: d.messages_per_connection.max(1),
             hop_limit: d.hop_limit,
             shaper: RwLock::new(Arc::new(shaper)),
@@ -264,7 +264,7 @@ impl Queue {
         let dest = ready::destination(&hosts);
         if self
             .ready
-            .push(&key, ReadyJob { job, hosts, dest }, self.per_queue)
+            .push(&key, ReadyJob { job, hosts, dest }, self.pair_connections)
         {
             tokio::spawn(self.clone().worker(key));
         }

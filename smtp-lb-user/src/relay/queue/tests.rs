@@ -150,9 +150,9 @@ fn queue(name: &str, dispatcher: Scripted) -> Arc<Queue> {
 fn queue_with(name: &str, extra: &str, dispatcher: Scripted) -> Arc<Queue> {
     let dir = std::env::temp_dir().join(format!("smtp-lb-queue-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let (extra, routes) = extra.split_once("[routes]\n").unwrap_or((extra, ""));
+    let (extra, more_routes) = extra.split_once("[routes]\n").unwrap_or((extra, ""));
     let cfg: Config = toml::from_str(&format!(
-        "spool_dir = {:?}\nlistener = []\n{extra}\n[retry]\nmin = \"1h\"\n[routes]\n\"*\" = \"127.0.0.1:25\"\n{routes}",
+        "spool_dir = {:?}\nlistener = []\n{extra}\n[retry]\nmin = \"1h\"\n[routes]\n\"*\" = \"127.0.0.1:25\"\n{more_routes}",
         dir.display().to_string()
     ))
     .unwrap();
@@ -179,11 +179,7 @@ async fn submit(q: &Arc<Queue>, sender: &str, rcpts: &[&str]) -> u64 {
 async fn submit_body(q: &Arc<Queue>, sender: &str, rcpts: &[&str], body: &[u8]) -> u64 {
     let rcpts: Vec<String> = rcpts.iter().map(|r| (*r).to_owned()).collect();
     let id = q.spool().allocate_id();
-    let (id, received_ms, location) = q
-        .spool()
-        .store(id, sender, &rcpts, body)
-        .await
-        .unwrap();
+    let (id, received_ms, location) = q.spool().store(id, sender, &rcpts, body).await.unwrap();
     q.submit(QueuedMessage::new(
         id,
         sender.to_owned(),
@@ -310,7 +306,10 @@ async fn a_dead_destination_holds_only_its_own_connections() {
     // Same (source, provider) queue, another destination: served at once.
     submit(&q, "s@y.test", &["a@live.test"]).await;
     let m = q.metrics.clone();
-    until("the live destination's delivery", || m.total("delivered") == 1).await;
+    until("the live destination's delivery", || {
+        m.total("delivered") == 1
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(seen.lock().unwrap().connects_to["127.0.0.2"], 2);
 }
@@ -329,11 +328,23 @@ async fn a_message_over_the_hop_limit_bounces_5_4_6_without_an_attempt() {
         },
     );
     let three = "Received: from a by b\r\n".repeat(3);
-    submit_body(&q, "s@y.test", &["ok@x.test"], format!("{three}Subject: t\r\n\r\nhi\r\n").as_bytes()).await;
+    submit_body(
+        &q,
+        "s@y.test",
+        &["ok@x.test"],
+        format!("{three}Subject: t\r\n\r\nhi\r\n").as_bytes(),
+    )
+    .await;
     let m = q.metrics.clone();
     until("three hops: delivered", || m.total("delivered") == 1).await;
     let four = "Received: from a by b\r\n".repeat(4);
-    let id = submit_body(&q, "s@y.test", &["loop@x.test"], format!("{four}Subject: t\r\n\r\nhi\r\n").as_bytes()).await;
+    let id = submit_body(
+        &q,
+        "s@y.test",
+        &["loop@x.test"],
+        format!("{four}Subject: t\r\n\r\nhi\r\n").as_bytes(),
+    )
+    .await;
     until("four hops: bounced, its DSN delivered", || {
         m.total("bounced") == 1 && m.total("delivered") == 2
     })
@@ -342,5 +353,8 @@ async fn a_message_over_the_hop_limit_bounces_5_4_6_without_an_attempt() {
     let seen = seen.lock().unwrap();
     // Two transactions: the three-hop message and the DSN; none for the looping one.
     assert_eq!(seen.transactions.len(), 2);
-    assert_eq!(seen.transactions[1], (String::new(), vec!["s@y.test".to_owned()]));
+    assert_eq!(
+        seen.transactions[1],
+        (String::new(), vec!["s@y.test".to_owned()])
+    );
 }

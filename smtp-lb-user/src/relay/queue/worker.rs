@@ -40,7 +40,7 @@ impl Queue {
             dest,
         }) = self
             .ready
-            .pop(&key, None, self.per_destination, self.stopping())
+            .pop(&key, None, self.destination_connections, self.stopping())
         {
             let started = Instant::now();
             // Taken per connection (and per message below), so a reloaded
@@ -210,8 +210,12 @@ impl Queue {
             }
             let next = (session.messages_sent() < per_connection)
                 .then(|| {
-                    self.ready
-                        .pop(key, Some(&domain), self.per_destination, self.stopping())
+                    self.ready.pop(
+                        key,
+                        Some(&domain),
+                        self.destination_connections,
+                        self.stopping(),
+                    )
                 })
                 .flatten();
             let Some(next) = next else {
