@@ -15,6 +15,7 @@
 //! - [`relay`]: the delivery engine (SMTP ingress, spool, queues, delivery).
 //! - [`smtp`]: the SMTP wire (grammar, the reply reader, the delivery
 //!   client), shared by the relay and the balancer's health probe.
+//! - [`systemd`]: readiness notifications for `Type=notify` units.
 //!
 //! The binary in `main.rs` only parses arguments, sets up tracing and calls
 //! into this library.
@@ -28,4 +29,5 @@ pub mod health;
 pub mod lb;
 pub mod relay;
 pub mod smtp;
+pub mod systemd;
 pub mod tls;

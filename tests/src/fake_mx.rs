@@ -17,11 +17,12 @@
 //! Recorded: sessions and their client addresses, sessions open at once
 //! (overall and per client address), each accepted message (envelope, data,
 //! client address, `EHLO` argument, time), RCPT attempts per address, and
-//! when each scripted `MAIL` refusal was sent.
+//! when and to whom each scripted `MAIL` refusal was sent.
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -94,8 +95,8 @@ struct State {
     received: Vec<Received>,
     deliveries: Vec<Delivery>,
     attempts: HashMap<String, u32>,
-    /// When each scripted `MAIL` refusal was sent.
-    throttled: Vec<Instant>,
+    /// Each scripted `MAIL` refusal: the client it went to, and when.
+    throttled: Vec<(IpAddr, Instant)>,
 }
 
 /// Where a [`FakeMx`] listens and what it starts with.
@@ -111,6 +112,13 @@ impl Builder {
     pub fn ip(mut self, ip: IpAddr) -> Self {
         self.ip = ip;
         self
+    }
+
+    /// Listen on `addr`, e.g. port 25 of a lab MX host (from a thread in
+    /// its network namespace).
+    #[must_use]
+    pub fn addr(self, addr: SocketAddr) -> Self {
+        self.ip(addr.ip()).port(addr.port())
     }
 
     /// Listen on `port` (0 = any).
@@ -144,7 +152,8 @@ impl Builder {
     }
 
     pub fn start(self) -> FakeMx {
-        let listener = TcpListener::bind((self.ip, self.port)).expect("bind fake MX");
+        let listener = TcpListener::bind((self.ip, self.port))
+            .unwrap_or_else(|e| panic!("bind fake MX on {}:{}: {e}", self.ip, self.port));
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(Mutex::new(State {
             script: self.script,
@@ -153,11 +162,24 @@ impl Builder {
         let stop = Arc::new(AtomicBool::new(false));
         let (st, sp) = (state.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
-            for conn in listener.incoming() {
+            loop {
+                // Wait for a connection or the stop flag: stopping needs no
+                // wake-up connection, which from another network namespace
+                // than the listener's could leave the machine.
+                let mut ready = libc::pollfd {
+                    fd: listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd; the listener outlives the call.
+                let n = unsafe { libc::poll(&raw mut ready, 1, 50) };
                 if sp.load(Ordering::Relaxed) {
                     return;
                 }
-                if let Ok(c) = conn {
+                if n <= 0 {
+                    continue;
+                }
+                if let Ok((c, _)) = listener.accept() {
                     let st = st.clone();
                     std::thread::spawn(move || serve(c, &st));
                 }
@@ -284,6 +306,11 @@ impl FakeMx {
 
     /// When each scripted `MAIL` refusal was sent.
     pub fn throttled(&self) -> Vec<Instant> {
+        self.throttled_from().into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// Each scripted `MAIL` refusal: the client it went to, and when.
+    pub fn throttled_from(&self) -> Vec<(IpAddr, Instant)> {
         self.state().throttled.clone()
     }
 
@@ -302,7 +329,6 @@ impl FakeMx {
 impl Drop for FakeMx {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        let _ = TcpStream::connect(self.addr);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -356,7 +382,7 @@ fn scripted(state: &Mutex<State>, verb: &str, peer: IpAddr) -> (Option<String>, 
         (verb == "MAIL" && st.script.throttle_peer == Some(peer)).then(|| GMAIL_THROTTLE.to_owned())
     });
     if verb == "MAIL" && reply.is_some() {
-        st.throttled.push(Instant::now());
+        st.throttled.push((peer, Instant::now()));
     }
     let delay = st.script.delays.get(verb).copied().unwrap_or_default();
     (reply, delay, st.script.drop_on.as_deref() == Some(verb))

@@ -70,7 +70,6 @@ pub fn mac_str(m: [u8; 6]) -> String {
 /// native `XDP_TX` frames that host sends are received (DESIGN.md: veth).
 pub fn pass_on_switch_port(lab: &Lab, host: &str) {
     let dir = lab.pin_dir().join(format!("pass-{host}"));
-    std::fs::create_dir_all(lab.pin_dir()).unwrap();
     let out = Command::new("bpftool")
         .args(["prog", "loadall"])
         .arg(env::ebpf_object())
@@ -163,13 +162,18 @@ impl DsrLab {
             .args(["0.0.0.0:25", "1024"]);
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
         let pid = self.lab.spawn(&r.name, cmd);
-        let name = r.name.clone();
         self.relays[i].sink = Some(pid);
-        let addr = self.relays[i].addr.clone();
-        wait_for(&format!("{name}'s sink"), Duration::from_secs(10), || {
+        self.wait_listening(i, "sink", Duration::from_secs(10));
+    }
+
+    /// Waits until relay `i` accepts connections on its address, port 25;
+    /// panics after `timeout` naming `what` listens there.
+    pub fn wait_listening(&self, i: usize, what: &str, timeout: Duration) {
+        let Relay { name, addr, .. } = &self.relays[i];
+        wait_for(&format!("{name}'s {what}"), timeout, || {
             self.lab
                 .try_run(
-                    &name,
+                    name,
                     &[
                         "timeout",
                         "1",

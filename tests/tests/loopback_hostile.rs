@@ -391,7 +391,7 @@ fn tls_handshake_failure_falls_back_to_plaintext_and_is_counted() {
         Duration::from_secs(1),
     );
     assert!(
-        relay.metric("relay_tls_fallback_total") >= 1,
+        relay.metric("smtp_lb_relay_egress_tls_fallbacks_total") >= 1,
         "the fallback is counted"
     );
 }

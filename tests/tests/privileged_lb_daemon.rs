@@ -320,14 +320,7 @@ fn a_bad_config_on_reload_is_refused_by_line_and_traffic_continues() {
 /// Sends raw bytes to the admin API inside the LB node; returns the answer.
 fn admin_raw(dsr: &DsrLab, request: &'static [u8]) -> String {
     dsr.lab.in_netns("lb", move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect("127.0.0.1:9700").expect("admin API reachable");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let _ = s.write_all(request);
-        let _ = s.shutdown(std::net::Shutdown::Write);
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
+        smtp_lb_tests::tmp::raw_http("127.0.0.1:9700".parse().unwrap(), request)
     })
 }
 

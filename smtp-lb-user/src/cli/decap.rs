@@ -18,7 +18,9 @@ pub struct Options {
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let decap = Decap::attach(&opts.iface, opts.mode)?;
     info!(iface = %opts.iface, mode = ?opts.mode, "decap attached");
+    crate::systemd::ready();
     shutdown.await;
+    crate::systemd::stopping();
     drop(decap);
     info!("decap detached");
     Ok(())

@@ -8,6 +8,9 @@
 //! configuration changed, so a steady state costs no map writes.
 
 mod api;
+pub mod dashboard;
+mod listener;
+pub mod metrics;
 pub mod state;
 
 use std::{
@@ -20,10 +23,14 @@ use std::{
 
 use anyhow::Context;
 use serde::Serialize;
-use tokio::{net::TcpListener, sync::mpsc, task::JoinSet};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinSet,
+};
 use tracing::{error, info, warn};
 
 use crate::{
+    admin::http,
     balance::weights::{self, Runtime},
     config::lb::LbConfig,
     dataplane::Dataplane,
@@ -65,6 +72,7 @@ pub struct Node {
     /// Bumped when the set of relays or the health settings change, so the
     /// control loop restarts the probes.
     probe_generation: u64,
+    pub metrics: metrics::Metrics,
 }
 
 impl Node {
@@ -90,6 +98,7 @@ impl Node {
             last_reload: None,
             started: SystemTime::now(),
             probe_generation: 0,
+            metrics: metrics::Metrics::new(),
         };
         node.sync_relays(|addr| saved.backends.get(&addr).map(|s| s.runtime.clone()));
         node
@@ -233,6 +242,12 @@ impl Node {
         };
         let error = result.err();
         let transition = relay.tracker.record(error.clone(), took);
+        self.metrics
+            .probe(&relay.names, addr, error.is_none(), took);
+        if let Some(t) = transition {
+            self.metrics
+                .transition(&relay.names, addr, t == Transition::WentUp);
+        }
         match transition {
             Some(Transition::WentUp) => {
                 relay.runtime.came_up(SystemTime::now(), &self.cfg.warmup);
@@ -251,6 +266,7 @@ impl Node {
     /// running configuration stays.
     pub fn reload(&mut self) -> Result<(), String> {
         let outcome = self.try_reload();
+        self.metrics.reload(outcome.is_ok());
         self.last_reload = Some(ReloadOutcome {
             at_unix: weights::unix(SystemTime::now()),
             error: outcome.as_ref().err().cloned(),
@@ -345,6 +361,16 @@ impl Node {
         self.reconcile().map_err(|e| format!("{e:#}"))
     }
 
+    /// The configured weight of the relay at `addr` (0 when not configured).
+    pub fn configured_weight(&self, addr: IpAddr) -> u32 {
+        self.cfg
+            .services
+            .iter()
+            .flat_map(|s| &s.backends)
+            .find(|b| b.address == addr)
+            .map_or(0, |b| b.weight)
+    }
+
     /// The effective configuration in the maps.
     pub fn applied(&self) -> Option<&LbConfig> {
         self.applied.as_ref()
@@ -397,18 +423,34 @@ fn spawn_probes(node: &Node, tx: &mpsc::Sender<ProbeResult>) -> JoinSet<()> {
 /// with it the data plane) for the caller to detach or keep pinned.
 pub async fn run(node: Node, shutdown: impl Future<Output = ()>) -> anyhow::Result<Node> {
     let node = Arc::new(Mutex::new(node));
-    let (admin_addr, token) = {
+    let (admin_addr, metrics_addr, token) = {
         let n = node.lock().unwrap();
-        (n.cfg.admin.listen, api::token(&n.cfg.token_file())?)
+        (
+            n.cfg.admin.listen,
+            n.cfg.metrics.listen,
+            http::token(&n.cfg.token_file())?,
+        )
     };
-    let listener = TcpListener::bind(admin_addr)
-        .await
-        .with_context(|| format!("admin API: bind {admin_addr}"))?;
+    let admin_listener = http::bind(admin_addr, "admin API").await?;
+    let metrics_listener = http::bind(metrics_addr, "metrics listener").await?;
     info!(listen = %admin_addr, "admin API listening");
-    let admin = tokio::spawn(crate::admin::http::serve(
-        listener,
-        api::handler(node.clone(), token),
-    ));
+    info!(listen = %metrics_addr, "metrics listener: /metrics /healthz /readyz");
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let servers = [
+        tokio::spawn(http::serve(
+            admin_listener,
+            http::require_token(api::router(node.clone()), token),
+            until_stopped(stopped.clone()),
+        )),
+        tokio::spawn(http::serve(
+            metrics_listener,
+            listener::router(&node),
+            until_stopped(stopped),
+        )),
+    ];
 
     let (tx, mut rx) = mpsc::channel(256);
     let mut generation = node.lock().unwrap().probe_generation;
@@ -416,6 +458,7 @@ pub async fn run(node: Node, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     let mut tick = tokio::time::interval(RECONCILE_EVERY);
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     tokio::pin!(shutdown);
+    crate::systemd::ready();
     loop {
         tokio::select! {
             () = &mut shutdown => break,
@@ -444,13 +487,39 @@ pub async fn run(node: Node, shutdown: impl Future<Output = ()>) -> anyhow::Resu
             probes = spawn_probes(&node.lock().unwrap(), &tx);
         }
     }
+    crate::systemd::stopping();
     probes.abort_all();
-    admin.abort();
-    let _ = admin.await;
+    // The HTTP servers finish what is in flight (bounded) and drop their
+    // handles on the node; an open admin connection must not keep the
+    // caller from keeping the data plane pinned.
+    let _ = stop.send(true);
+    for server in servers {
+        let _ = server.await;
+    }
     drop(tx);
-    Arc::try_unwrap(node)
-        .map_err(|_| anyhow::anyhow!("admin API still holds the node"))
-        .map(|m| m.into_inner().unwrap())
+    release(node).await
+}
+
+/// How long shutdown waits for handlers still running on the blocking pool
+/// (a reload, a conntrack walk) to let go of the node.
+const RELEASE_WAIT: Duration = Duration::from_secs(30);
+
+async fn release(mut node: Arc<Mutex<Node>>) -> anyhow::Result<Node> {
+    let deadline = std::time::Instant::now() + RELEASE_WAIT;
+    loop {
+        match Arc::try_unwrap(node) {
+            Ok(m) => {
+                return Ok(m
+                    .into_inner()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner));
+            }
+            Err(shared) if std::time::Instant::now() < deadline => {
+                node = shared;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(_) => anyhow::bail!("an admin request still holds the node after {RELEASE_WAIT:?}"),
+        }
+    }
 }
 
 /// Path of the state directory's token file (for `ctl`).

@@ -46,10 +46,29 @@ use tracing::{info, warn};
 pub use config::Config;
 use policy::{cluster::Cluster, limiter::Limiters, shaping::Shaper};
 
+use crate::admin::http;
+
 /// Runs the relay until `shutdown` resolves, then stops accepting, lets
 /// sessions finish their transaction (up to `timeouts.shutdown_grace`) and returns.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::Metrics::default());
+    let (stop_http, http_stopped) = watch::channel(false);
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut servers = Vec::new();
+    // The metrics listener answers /healthz while the spool is recovered.
+    let readiness = Arc::new(admin::Readiness::default());
+    let serving = Arc::new(std::sync::OnceLock::new());
+    if let Some(addr) = cfg.metrics {
+        let listener = http::bind(addr, "metrics listener").await?;
+        info!(address = %addr, "metrics listener ready: /metrics /healthz /readyz");
+        servers.push(tokio::spawn(http::serve(
+            listener,
+            admin::listener(metrics.clone(), serving.clone(), readiness.clone()),
+            until_stopped(http_stopped.clone()),
+        )));
+    }
     let (spool, recovered, corrupt) = spool::Spool::open(&cfg.spool_dir)?;
     for c in &corrupt {
         warn!(segment = %c.segment.display(), moved_to = %c.moved_to.display(), bad_bytes = c.bad_bytes, "corrupt spool data reported");
@@ -63,18 +82,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     );
     let router = route::Router::new(&cfg.routes, &cfg.dns, cfg.delivery.port, myself)?;
     let log = log::DeliveryLog::open(cfg.delivery_log.as_deref())?;
+    tokio::spawn(reopen_on_sigusr1(log.clone()));
     let limiters = match &cfg.cluster {
         Some(c) => Limiters::shared(Cluster::start(c, metrics.cluster.clone()).await?),
         None => Limiters::local(),
     };
     let shaper = Shaper::load(cfg.shaping.as_deref(), &limiters)?;
-    let egress = egress::Egress::from_config(
-        cfg.egress.as_ref(),
-        cfg.default_helo(),
-        cfg.delivery.source_ip,
-        shaper.providers(),
-    )?;
-    egress.check_override_keys(shaper.override_keys())?;
+    let egress = egress_for(&cfg, &shaper)?;
     let queue = queue::Queue::new(
         &cfg,
         spool,
@@ -83,7 +97,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         metrics.clone(),
         shaper,
         egress,
-        Box::new(queue::SmtpDispatcher::new(&cfg.delivery, Box::new(|| {}))),
+        Box::new(queue::SmtpDispatcher::new(&cfg.delivery, {
+            let metrics = metrics.clone();
+            Box::new(move || metrics.tls_fallback())
+        })),
     );
     let n = recovered.len();
     for r in recovered {
@@ -119,14 +136,22 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         ));
     }
     if let Some(addr) = cfg.admin {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("bind admin listener {addr}"))?;
-        info!(address = %addr, "admin listener ready");
-        tokio::spawn(admin::serve(listener, queue.clone()));
+        let token = http::token(&cfg.admin_token_file())?;
+        let listener = http::bind(addr, "admin API").await?;
+        info!(address = %addr, "admin API ready");
+        servers.push(tokio::spawn(http::serve(
+            listener,
+            http::require_token(admin::router(queue.clone()), token),
+            until_stopped(http_stopped),
+        )));
     }
+    let _ = serving.set(queue.clone());
+    readiness.ready();
+    crate::systemd::ready();
 
     shutdown.await;
+    readiness.stopping();
+    crate::systemd::stopping();
     info!("shutting down: no new connections; open transactions may finish");
     let _ = shutdown_tx.send(true);
     drop(done_tx);
@@ -138,7 +163,37 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     {
         warn!("shutdown grace period over; closing remaining sessions");
     }
+    let _ = stop_http.send(true);
+    for server in servers {
+        let _ = server.await;
+    }
     Ok(())
+}
+
+/// The egress sources and pools `cfg` describes, checked against the
+/// shaping file's per-source overrides (at start and by `check-config`).
+pub fn egress_for(cfg: &Config, shaper: &Shaper) -> anyhow::Result<egress::Egress> {
+    let egress = egress::Egress::from_config(
+        cfg.egress.as_ref(),
+        cfg.default_helo(),
+        cfg.delivery.source_ip,
+        shaper.providers(),
+    )?;
+    egress.check_override_keys(shaper.override_keys())?;
+    Ok(egress)
+}
+
+/// SIGUSR1 reopens the delivery log (after logrotate renamed it).
+async fn reopen_on_sigusr1(log: log::DeliveryLog) {
+    let Ok(mut usr1) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+    else {
+        warn!("cannot listen for SIGUSR1: the delivery log is not reopened on rotation");
+        return;
+    };
+    while usr1.recv().await.is_some() {
+        log.reopen();
+    }
 }
 
 /// SIGHUP reloads the shaping file; a bad one is logged and the running one stays.

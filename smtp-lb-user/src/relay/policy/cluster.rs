@@ -4,7 +4,7 @@
 //!
 //! Losing Redis never lifts a limit: a failed or slow command marks Redis
 //! down (one warning per outage), every call answers `None` at once and the
-//! caller enforces the same limit locally (`relay::limiter`), while a
+//! caller enforces the same limit locally (`policy::limiter`), while a
 //! background task reconnects and logs when Redis is back. Clocks come from
 //! Redis `TIME`, so relays with skewed clocks still share one schedule.
 use std::{

@@ -62,9 +62,7 @@ impl Queue {
     /// Prometheus text: the relay's counters and the egress series.
     pub fn render_metrics(&self) -> String {
         let (depth, oldest) = self.depth();
-        let mut out = self.metrics.render(depth, oldest);
-        out.push_str(&self.metrics.render_egress(&self.egress_sample()));
-        out
+        self.metrics.render(depth, oldest, self.egress_sample())
     }
 
     fn egress_sample(&self) -> EgressSample {

@@ -41,6 +41,8 @@ pub trait Session: Send {
     fn local(&self) -> Option<SocketAddr>;
     /// Messages the host has acknowledged over this session.
     fn messages_sent(&self) -> usize;
+    /// The session runs over TLS.
+    fn is_tls(&self) -> bool;
     /// One transaction: replies the host gave (they may be refusals); an
     /// `Err` means the session is unusable.
     fn send<'a>(
@@ -179,6 +181,10 @@ impl Session for Client {
 
     fn messages_sent(&self) -> usize {
         self.messages_sent
+    }
+
+    fn is_tls(&self) -> bool {
+        Client::is_tls(self)
     }
 
     fn send<'a>(

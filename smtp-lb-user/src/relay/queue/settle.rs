@@ -87,11 +87,14 @@ impl Queue {
             }
             self.metrics.count(&job.domain, status);
             if let Some((provider, source)) = &ctx.provider {
+                if status == "delivered" {
+                    self.metrics.delivered_after(provider, age);
+                }
                 self.metrics.count_pair(
                     provider,
                     source,
                     status,
-                    reply
+                    &reply
                         .enhanced
                         .map_or_else(|| reply.code.to_string(), |e| e.to_string()),
                 );

@@ -105,6 +105,10 @@ impl Session for ScriptedSession {
         self.sent
     }
 
+    fn is_tls(&self) -> bool {
+        false
+    }
+
     fn send<'a>(
         &'a mut self,
         sender: &'a str,

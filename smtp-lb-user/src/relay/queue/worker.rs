@@ -96,7 +96,14 @@ impl Queue {
         let mut last_err = None;
         for host in hosts {
             for addr in &host.addrs {
-                match self.dispatcher.connect(host, *addr, source).await {
+                let tried = Instant::now();
+                let attempt = self.dispatcher.connect(host, *addr, source).await;
+                self.metrics.connect_attempt(
+                    &key.1,
+                    tried.elapsed(),
+                    attempt.as_ref().map(|s| s.is_tls()),
+                );
+                match attempt {
                     Ok(s) => return (Connect::Open(s), Some(first)),
                     Err(e) if e.is_unplumbed() => {
                         // The source, not the destination, is broken: its
@@ -182,7 +189,10 @@ impl Queue {
             let pair = self.shaper().for_pair(&source.name, source.address, &key.1);
             pair.message().await;
             self.metrics.throttled(labels, waited.elapsed());
-            match session.send(&job.msg.sender, &rcpts, &body).await {
+            let sending = Instant::now();
+            let sent = session.send(&job.msg.sender, &rcpts, &body).await;
+            self.metrics.transaction(&key.1, sending.elapsed());
+            match sent {
                 Ok(tx) => {
                     let results: Vec<(u32, Reply)> = job
                         .rcpts

@@ -1,0 +1,49 @@
+//! The balancer's metrics listener (`[metrics] listen`, no token):
+//! `/metrics`, `/healthz`, `/readyz`, built in [`router`]. Read-only pages
+//! (a dashboard, a JSON state endpoint) are merged into that one router.
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+
+use super::Node;
+use crate::{
+    admin::monitor::{self, Probe},
+    health::Health,
+};
+
+/// Every route of the metrics listener.
+pub fn router(node: &Arc<Mutex<Node>>) -> Router {
+    monitor::router(Arc::new(Monitor(node.clone()))).merge(super::dashboard::router(node.clone()))
+}
+
+struct Monitor(Arc<Mutex<Node>>);
+
+impl Monitor {
+    fn node(&self) -> std::sync::MutexGuard<'_, Node> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Probe for Monitor {
+    fn metrics(&self) -> String {
+        let node = self.node();
+        node.metrics.render(&node)
+    }
+
+    /// Attached (the listener starts after attach) and at least one relay up:
+    /// with none, every new SYN to a VIP is dropped.
+    fn ready(&self) -> Result<(), String> {
+        let node = self.node();
+        if node
+            .relays
+            .values()
+            .any(|r| r.tracker.health() == Health::Up)
+        {
+            Ok(())
+        } else {
+            Err("no relay is up".into())
+        }
+    }
+}
