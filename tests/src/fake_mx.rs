@@ -10,7 +10,9 @@
 //! - a delay before the reply to a verb ([`FakeMx::set_delay`]; `"DATA"`
 //!   holds the message before its `250`, keeping the connection busy);
 //! - dropping the connection without a reply on a verb ([`FakeMx::drop_on`]);
-//! - Gmail's `421 4.7.28` to `MAIL` from one client address only.
+//! - Gmail's `421 4.7.28` to `MAIL` from one client address only;
+//! - a [`Hostile`] mode: a server that is broken or malicious on purpose
+//!   (endless replies, silence, a reset, a failing TLS handshake).
 //!
 //! Recorded: sessions and their client addresses, sessions open at once
 //! (overall and per client address), each accepted message (envelope, data,
@@ -50,12 +52,35 @@ pub struct Delivery {
     pub at: Instant,
 }
 
+/// How a hostile server misbehaves, for every new session while set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hostile {
+    /// `220-xxxx…` greeting lines, forever.
+    EndlessGreeting,
+    /// One greeting line that never ends (no CRLF), forever.
+    EndlessLine,
+    /// The greeting one byte a second, then the same for every reply.
+    Trickle,
+    /// Accepts the connection and never says a word.
+    Silent,
+    /// A normal session until `DATA`, which never gets an answer.
+    SilentAtData,
+    /// Resets the connection (RST) in the middle of the message data.
+    ResetInData,
+    /// Offers `STARTTLS`, says `220`, then sends garbage instead of a TLS
+    /// handshake; a session without `STARTTLS` works.
+    BrokenTls,
+    /// A 10,000-line reply to `EHLO`.
+    HugeEhlo,
+}
+
 #[derive(Default)]
 struct Script {
     replies: HashMap<String, String>,
     delays: HashMap<String, Duration>,
     drop_on: Option<String>,
     throttle_peer: Option<IpAddr>,
+    hostile: Option<Hostile>,
 }
 
 #[derive(Default)]
@@ -107,6 +132,13 @@ impl Builder {
     #[must_use]
     pub fn delay(mut self, verb: &str, d: Duration) -> Self {
         self.script.delays.insert(verb.to_ascii_uppercase(), d);
+        self
+    }
+
+    /// Start hostile (see [`Hostile`]).
+    #[must_use]
+    pub fn hostile(mut self, h: Hostile) -> Self {
+        self.script.hostile = Some(h);
         self
     }
 
@@ -205,6 +237,11 @@ impl FakeMx {
             .script
             .delays
             .insert(verb.to_ascii_uppercase(), d);
+    }
+
+    /// Misbehave as `h` in new sessions from now on (`None`: behave).
+    pub fn set_hostile(&self, h: Option<Hostile>) {
+        self.state().script.hostile = h;
     }
 
     /// Close the connection without a reply when `verb` arrives (`None`: never).
@@ -351,6 +388,62 @@ fn scripted(state: &Mutex<State>, verb: &str, peer: IpAddr) -> (Option<String>, 
     (reply, delay, st.script.drop_on.as_deref() == Some(verb))
 }
 
+/// Replies as written, or one byte a second ([`Hostile::Trickle`]).
+struct Writer<'a> {
+    conn: &'a mut TcpStream,
+    trickle: bool,
+}
+
+impl Writer<'_> {
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if !self.trickle {
+            return self.conn.write_all(bytes);
+        }
+        for b in bytes {
+            self.conn.write_all(std::slice::from_ref(b))?;
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        Ok(())
+    }
+}
+
+/// Writes `start`, then `chunk` over and over until the client gives up
+/// (a write fails).
+fn endless(mut conn: &TcpStream, start: &[u8], chunk: &[u8]) -> std::io::Result<bool> {
+    conn.write_all(start)?;
+    loop {
+        conn.write_all(chunk)?;
+    }
+}
+
+/// Says nothing; reads and drops whatever comes until the client closes.
+fn silent(mut conn: &TcpStream) -> std::io::Result<bool> {
+    let mut buf = [0u8; 4096];
+    conn.set_read_timeout(Some(Duration::from_mins(10)))?;
+    while std::io::Read::read(&mut conn, &mut buf)? > 0 {}
+    Ok(false)
+}
+
+/// Closes with a reset (RST) instead of a FIN: `SO_LINGER` with a zero timeout.
+fn reset(conn: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a socket we own, with a valid `linger`.
+    unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            u32::try_from(size_of::<libc::linger>()).expect("small"),
+        );
+    }
+    let _ = conn.shutdown(std::net::Shutdown::Both);
+}
+
 /// The address between `<` and `>`.
 fn path_of(line: &str) -> Option<String> {
     line.split_once('<')
@@ -362,7 +455,24 @@ fn path_of(line: &str) -> Option<String> {
 fn session(conn: TcpStream, peer: IpAddr, state: &Mutex<State>) -> std::io::Result<bool> {
     conn.set_read_timeout(Some(Duration::from_mins(1)))?;
     conn.set_nodelay(true)?;
+    let hostile = state.lock().expect("fake MX lock").script.hostile;
     let mut w = conn.try_clone()?;
+    let mut w = Writer {
+        conn: &mut w,
+        trickle: hostile == Some(Hostile::Trickle),
+    };
+    match hostile {
+        Some(Hostile::EndlessGreeting) => {
+            return endless(
+                &conn,
+                b"",
+                &b"220-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n".repeat(256),
+            );
+        }
+        Some(Hostile::EndlessLine) => return endless(&conn, b"220 ", &[b'x'; 16384]),
+        Some(Hostile::Silent) => return silent(&conn),
+        _ => {}
+    }
     let mut r = BufReader::new(conn);
     let (greeting, _, _) = scripted(state, "GREETING", peer);
     let greeting = greeting.unwrap_or_else(|| "220 fake-mx ESMTP".to_owned());
@@ -386,6 +496,27 @@ fn session(conn: TcpStream, peer: IpAddr, state: &Mutex<State>) -> std::io::Resu
         let (script, delay, drop) = scripted(state, &verb, peer);
         if drop {
             return Ok(false);
+        }
+        match (hostile, verb.as_str()) {
+            (Some(Hostile::SilentAtData), "DATA") => return silent(r.get_ref()),
+            (Some(Hostile::HugeEhlo), "EHLO") => {
+                let mut reply = b"250-fake-mx\r\n".to_vec();
+                reply.extend_from_slice(&b"250-XHUGE padding line\r\n".repeat(9_998));
+                reply.extend_from_slice(b"250 PIPELINING\r\n");
+                w.write_all(&reply)?;
+                continue;
+            }
+            (Some(Hostile::BrokenTls), "EHLO") => {
+                line[4..].trim().clone_into(&mut ehlo);
+                w.write_all(b"250-fake-mx\r\n250-PIPELINING\r\n250 STARTTLS\r\n")?;
+                continue;
+            }
+            (Some(Hostile::BrokenTls), "STARTTLS") => {
+                w.write_all(b"220 2.0.0 Ready to start TLS\r\n")?;
+                w.write_all(b"this is not a TLS handshake\r\n")?;
+                return Ok(false);
+            }
+            _ => {}
         }
         if verb != "DATA" {
             if !delay.is_zero() {
@@ -449,6 +580,10 @@ fn session(conn: TcpStream, peer: IpAddr, state: &Mutex<State>) -> std::io::Resu
                 loop {
                     line.clear();
                     if r.read_line(&mut line)? == 0 {
+                        return Ok(false);
+                    }
+                    if hostile == Some(Hostile::ResetInData) {
+                        reset(r.get_ref());
                         return Ok(false);
                     }
                     if line == ".\r\n" {

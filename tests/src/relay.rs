@@ -27,6 +27,8 @@ pub struct RelayConfig {
     pub nameservers: Vec<String>,
     /// Port used for MX delivery.
     pub mx_port: u16,
+    /// The SMTP listener's port on 127.0.0.1 (none: a free one).
+    pub smtp_port: Option<u16>,
     pub retry_min: String,
     pub retry_max: String,
     pub max_age: String,
@@ -59,6 +61,7 @@ impl Default for RelayConfig {
             routes: Vec::new(),
             nameservers: Vec::new(),
             mx_port: 25,
+            smtp_port: None,
             retry_min: "200ms".into(),
             retry_max: "1s".into(),
             max_age: "1h".into(),
@@ -115,7 +118,7 @@ fn merge(base: &mut toml::Table, extra: toml::Table) {
 impl Relay {
     pub fn start(cfg: &RelayConfig) -> Self {
         let dir = TempDir::new("relay");
-        let smtp: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let smtp: SocketAddr = ([127, 0, 0, 1], cfg.smtp_port.unwrap_or_else(free_port)).into();
         let submission: Option<SocketAddr> =
             cfg.submission.then(|| ([127, 0, 0, 1], free_port()).into());
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();

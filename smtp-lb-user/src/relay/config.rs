@@ -219,25 +219,83 @@ pub struct DeliveryConfig {
     /// `EHLO` name; defaults to `hostname`.
     #[serde(default)]
     pub helo_name: Option<String>,
-    /// Concurrent connections per destination.
+    /// Concurrent connections per destination (the MX host set of a
+    /// domain, or its static route) within each ready queue (egress source,
+    /// provider): one slow or dead destination holds at most this many
+    /// (Postfix `default_destination_concurrency_limit`).
     #[serde(default = "DeliveryConfig::default_connections")]
     pub connections_per_destination: usize,
+    /// Concurrent connections per ready queue (egress source, provider),
+    /// all its destinations together (Postfix `default_process_limit`). A
+    /// shaping file's `connection_limit` caps a provider further.
+    #[serde(default = "DeliveryConfig::default_connections_per_queue")]
+    pub connections_per_queue: usize,
     /// Messages sent over one connection before it is closed.
     #[serde(default = "DeliveryConfig::default_messages_per_connection")]
     pub messages_per_connection: usize,
     /// Use STARTTLS when the server offers it (opportunistic: the certificate is not verified).
     #[serde(default = "DeliveryConfig::default_starttls")]
     pub starttls: bool,
+    /// After a failed TLS handshake with a host, deliver to it in plain
+    /// text for this long before trying TLS again (Postfix at level `may`
+    /// falls back the same way); logged and counted.
+    #[serde(
+        default = "DeliveryConfig::default_plaintext_fallback",
+        with = "humantime_serde"
+    )]
+    pub plaintext_fallback: Duration,
+    /// MX hosts that get mail only over TLS (no fallback; a host without
+    /// `STARTTLS` defers): a name, or a suffix starting with `.`.
+    #[serde(default)]
+    pub require_tls: Vec<String>,
+    /// Most `Received:` headers a message may carry; one with more bounces
+    /// with `5.4.6` (a mail loop; Postfix `hopcount_limit`).
+    #[serde(default = "DeliveryConfig::default_hop_limit")]
+    pub hop_limit: usize,
+    /// Addresses that reach this relay besides its listeners (the
+    /// balancer's VIP, a NAT address): an MX host or route at one of them,
+    /// on a listener's port, is a loop and bounces with `5.4.6`.
+    #[serde(default)]
+    pub own_addresses: Vec<IpAddr>,
     #[serde(default)]
     pub timeouts: ClientTimeouts,
 }
 
 impl DeliveryConfig {
+    /// What serde cannot say: limits that would stop all delivery.
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.hop_limit >= 1,
+            "hop_limit = 0 would bounce every message (the relay's own Received: header counts)"
+        );
+        anyhow::ensure!(
+            self.connections_per_destination >= 1 && self.connections_per_queue >= 1,
+            "connections_per_destination and connections_per_queue must be at least 1"
+        );
+        if let Some(bad) = self
+            .require_tls
+            .iter()
+            .find(|h| h.trim_start_matches('.').is_empty())
+        {
+            anyhow::bail!("require_tls entry {bad:?} names no host");
+        }
+        Ok(())
+    }
+
     fn default_port() -> u16 {
         25
     }
     fn default_connections() -> usize {
-        16
+        20
+    }
+    fn default_connections_per_queue() -> usize {
+        100
+    }
+    fn default_plaintext_fallback() -> Duration {
+        Duration::from_hours(1)
+    }
+    fn default_hop_limit() -> usize {
+        50
     }
     fn default_messages_per_connection() -> usize {
         1000
@@ -254,8 +312,13 @@ impl Default for DeliveryConfig {
             source_ip: None,
             helo_name: None,
             connections_per_destination: Self::default_connections(),
+            connections_per_queue: Self::default_connections_per_queue(),
             messages_per_connection: Self::default_messages_per_connection(),
             starttls: Self::default_starttls(),
+            plaintext_fallback: Self::default_plaintext_fallback(),
+            require_tls: Vec::new(),
+            hop_limit: Self::default_hop_limit(),
+            own_addresses: Vec::new(),
             timeouts: ClientTimeouts::default(),
         }
     }
@@ -327,6 +390,9 @@ impl Config {
         for n in &cfg.relay_networks {
             Cidr::parse(n).with_context(|| format!("relay_networks entry {n:?}"))?;
         }
+        cfg.delivery
+            .check()
+            .with_context(|| format!("relay config {}: [delivery]", path.display()))?;
         if let Some(a) = cfg.admin
             && !a.ip().is_loopback()
             && !cfg.admin_allow_remote
@@ -411,6 +477,34 @@ mod tests {
                 .unwrap()
                 .contains("2001:db8::1".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn delivery_limits_that_stop_all_mail_are_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("smtp-lb-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("relay.toml");
+        let base = "spool_dir = \"/tmp/s\"\n[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery]\n";
+        for (field, expect) in [
+            ("hop_limit = 0", "hop_limit = 0"),
+            ("connections_per_queue = 0", "connections_per_queue"),
+            ("require_tls = [\".\"]", "require_tls entry"),
+            ("hop_limt = 5", "unknown field `hop_limt`"),
+        ] {
+            std::fs::write(&path, format!("{base}{field}\n")).unwrap();
+            let err = format!("{:#}", Config::load(&path).unwrap_err());
+            assert!(err.contains(expect), "{field}: {err}");
+        }
+        std::fs::write(
+            &path,
+            format!("{base}hop_limit = 30\nown_addresses = [\"203.0.113.10\"]\n"),
+        )
+        .unwrap();
+        let cfg = Config::load(&path).unwrap();
+        assert_eq!(cfg.delivery.hop_limit, 30);
+        assert_eq!(cfg.delivery.timeouts.connect, Duration::from_secs(10));
+        assert_eq!(cfg.delivery.timeouts.data_block, Duration::from_mins(3));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

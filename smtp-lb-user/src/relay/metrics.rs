@@ -48,6 +48,7 @@ pub struct Metrics {
     egress_connections: Family<Pair, Gauge>,
     throttle_wait: Family<Pair, Counter<f64, AtomicU64>>,
     tls: Family<TlsOutcome, Counter>,
+    tls_fallbacks: Counter,
     handshake: Family<Provider, Histogram, fn() -> Histogram>,
     transaction: Family<Provider, Histogram, fn() -> Histogram>,
     delivery_delay: Family<Provider, Histogram, fn() -> Histogram>,
@@ -182,6 +183,12 @@ impl Metrics {
             "STARTTLS handshakes by direction (ingress, egress) and result (ok, failed)",
             tls.clone(),
         );
+        let tls_fallbacks = Counter::default();
+        registry.register(
+            "egress_tls_fallbacks",
+            "Delivery connections made again in plain text after a failed TLS handshake",
+            tls_fallbacks.clone(),
+        );
         let handshake = Family::new_with_constructor(smtp_times as fn() -> Histogram);
         registry.register_with_unit(
             "egress_handshake",
@@ -226,6 +233,7 @@ impl Metrics {
             egress_connections,
             throttle_wait,
             tls,
+            tls_fallbacks,
             handshake,
             transaction,
             delivery_delay,
@@ -314,6 +322,12 @@ impl Metrics {
                 result: if ok { "ok" } else { "failed" },
             })
             .inc();
+    }
+
+    /// A failed TLS handshake with an MX, and the plain-text connection made instead.
+    pub fn tls_fallback(&self) {
+        self.tls("egress", false);
+        self.tls_fallbacks.inc();
     }
 
     /// One attempt to open a delivery connection to `provider`, which took

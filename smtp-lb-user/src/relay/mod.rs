@@ -76,7 +76,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     metrics
         .spool_corrupt
         .store(corrupt.len() as u64, Ordering::Relaxed);
-    let router = route::Router::new(&cfg.routes, &cfg.dns, cfg.delivery.port)?;
+    let myself = route::Myself::new(
+        cfg.listeners.iter().map(|l| l.address),
+        &cfg.delivery.own_addresses,
+    );
+    let router = route::Router::new(&cfg.routes, &cfg.dns, cfg.delivery.port, myself)?;
     let log = log::DeliveryLog::open(cfg.delivery_log.as_deref())?;
     tokio::spawn(reopen_on_sigusr1(log.clone()));
     let limiters = match &cfg.cluster {
@@ -93,7 +97,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         metrics.clone(),
         shaper,
         egress,
-        Box::new(queue::SmtpDispatcher::new(&cfg.delivery)),
+        Box::new(queue::SmtpDispatcher::new(&cfg.delivery, {
+            let metrics = metrics.clone();
+            Box::new(move || metrics.tls_fallback())
+        })),
     );
     let n = recovered.len();
     for r in recovered {

@@ -2,8 +2,14 @@
 //! `transport_maps`, with `"*"` as the default) or the domain's MX hosts
 //! (RFC 5321 §5.1: preference order, implicit MX from A/AAAA, RFC 7505 null
 //! MX). Answers are cached by the resolver for their TTL.
+//!
+//! A destination that leads back to this relay (an MX host or route at one
+//! of its own listening addresses, or its VIP) is a loop: the hosts from
+//! the first such one on are dropped (more preferred MX hosts are still
+//! tried, as Postfix does when it is a backup MX), and a domain left with
+//! none bounces with `5.4.6`.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
@@ -72,6 +78,45 @@ pub struct Router {
     default: Option<NextHop>,
     resolver: TokioResolver,
     mx_port: u16,
+    myself: Myself,
+}
+
+/// The addresses at which this relay receives mail.
+#[derive(Clone, Debug, Default)]
+pub struct Myself {
+    addrs: HashSet<SocketAddr>,
+    /// Ports of listeners on the unspecified address: every local address
+    /// on them is this relay.
+    any_ports: HashSet<u16>,
+}
+
+impl Myself {
+    /// `listeners`, and each of `extra` (a VIP, a NAT address) on every listener's port.
+    pub fn new(listeners: impl IntoIterator<Item = SocketAddr>, extra: &[IpAddr]) -> Self {
+        let mut me = Self::default();
+        for l in listeners {
+            if l.ip().is_unspecified() {
+                me.any_ports.insert(l.port());
+            } else {
+                me.addrs.insert(l);
+            }
+            me.addrs
+                .extend(extra.iter().map(|ip| SocketAddr::new(*ip, l.port())));
+        }
+        me
+    }
+
+    /// Whether mail sent to `addr` reaches this relay.
+    pub fn is_me(&self, addr: SocketAddr) -> bool {
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+        self.addrs.contains(&addr) || (self.any_ports.contains(&addr.port()) && is_local(addr.ip()))
+    }
+}
+
+/// An address of this host: loopback, or one a socket can bind to (the
+/// kernel refuses an address no interface has).
+fn is_local(ip: IpAddr) -> bool {
+    ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
 fn parse_hop(s: &str) -> anyhow::Result<NextHop> {
@@ -131,6 +176,7 @@ impl Router {
         routes: &HashMap<String, String>,
         dns: &DnsConfig,
         mx_port: u16,
+        myself: Myself,
     ) -> anyhow::Result<Self> {
         let mut table = HashMap::new();
         let mut default = None;
@@ -148,11 +194,31 @@ impl Router {
             default,
             resolver,
             mx_port,
+            myself,
         })
     }
 
-    /// The hosts for `domain`, best first.
+    /// The hosts for `domain`, best first, without this relay itself (see
+    /// the module docs).
     pub async fn resolve(&self, domain: &str) -> Result<Vec<Host>, RouteError> {
+        let mut hosts = self.lookup(domain).await?;
+        if let Some(at) = hosts
+            .iter()
+            .position(|h| h.addrs.iter().any(|a| self.myself.is_me(*a)))
+        {
+            hosts.truncate(at);
+        }
+        if hosts.is_empty() {
+            return Err(RouteError::Permanent(Reply::local(
+                554,
+                "5.4.6",
+                format!("mail for {domain} loops back to myself"),
+            )));
+        }
+        Ok(hosts)
+    }
+
+    async fn lookup(&self, domain: &str) -> Result<Vec<Host>, RouteError> {
         if let Some(hop) = self.routes.get(domain).or(self.default.as_ref()) {
             let hop = hop.clone();
             let addrs = self.addresses(&hop.host, hop.port).await?;
@@ -276,6 +342,46 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn myself_is_each_listener_and_each_extra_address_on_listener_ports() {
+        let me = Myself::new(
+            [
+                "127.0.0.1:2525".parse().unwrap(),
+                "[::]:587".parse().unwrap(),
+            ],
+            &["203.0.113.10".parse().unwrap()],
+        );
+        assert!(me.is_me("127.0.0.1:2525".parse().unwrap()));
+        assert!(!me.is_me("127.0.0.1:2526".parse().unwrap()));
+        assert!(me.is_me("203.0.113.10:2525".parse().unwrap()));
+        assert!(me.is_me("203.0.113.10:587".parse().unwrap()));
+        // A wildcard listener: every local address on its port.
+        assert!(me.is_me("127.0.0.7:587".parse().unwrap()));
+        assert!(me.is_me("[::ffff:127.0.0.1]:2525".parse().unwrap()));
+        assert!(!me.is_me("192.0.2.1:587".parse().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn a_route_to_myself_bounces_5_4_6_and_one_elsewhere_does_not() {
+        let routes = HashMap::from([
+            ("loop.test".to_owned(), "127.0.0.1:2525".to_owned()),
+            ("ok.test".to_owned(), "127.0.0.1:2526".to_owned()),
+        ]);
+        let me = Myself::new(["127.0.0.1:2525".parse().unwrap()], &[]);
+        let r = Router::new(&routes, &DnsConfig::default(), 25, me).unwrap();
+        let err = r.resolve("loop.test").await.unwrap_err();
+        assert!(matches!(err, RouteError::Permanent(_)));
+        assert_eq!(
+            err.reply().enhanced,
+            crate::smtp::reply::EnhancedCode::parse("5.4.6")
+        );
+        assert_eq!(
+            err.reply().text(),
+            "mail for loop.test loops back to myself"
+        );
+        assert_eq!(r.resolve("ok.test").await.unwrap().len(), 1);
+    }
 
     #[test]
     fn hops_parse() {

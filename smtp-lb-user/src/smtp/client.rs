@@ -13,7 +13,11 @@ use std::{
 };
 
 use rustls::pki_types::ServerName;
-use tokio::{io::AsyncWriteExt, net::TcpSocket, time::timeout};
+use tokio::{
+    io::AsyncWriteExt,
+    net::TcpSocket,
+    time::{Instant, timeout},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +25,13 @@ use super::{
     reply::{Limits, ReadError, Reply, ReplyError, ReplyReader},
     stream::Stream,
 };
+
+/// The phase name of the TLS handshake, in errors and logs.
+const TLS_HANDSHAKE: &str = "TLS handshake";
+
+/// Message data is written in blocks of this size, each within
+/// [`ClientTimeouts::data_block`].
+const DATA_BLOCK: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -32,6 +43,11 @@ pub enum ClientError {
     TimedOut {
         phase: &'static str,
         after: Duration,
+    },
+    #[error("attempt budget of {budget:?} spent waiting for {phase}")]
+    OverBudget {
+        phase: &'static str,
+        budget: Duration,
     },
     #[error("{phase}: {error}")]
     Io {
@@ -53,6 +69,21 @@ impl ClientError {
         matches!(self, Self::Bind { error, .. } if error.kind() == io::ErrorKind::AddrNotAvailable)
     }
 
+    /// The TLS handshake after `STARTTLS` failed (the plaintext session
+    /// before it worked): a destination to try again without TLS.
+    pub fn is_tls_handshake(&self) -> bool {
+        matches!(
+            self,
+            Self::Io {
+                phase: TLS_HANDSHAKE,
+                ..
+            } | Self::TimedOut {
+                phase: TLS_HANDSHAKE,
+                ..
+            }
+        )
+    }
+
     /// The reply to log and act on: the server's own, or a local `4.4.x`.
     pub fn reply(&self) -> Reply {
         match self {
@@ -60,48 +91,78 @@ impl ClientError {
             Self::Connect { .. } | Self::Bind { .. } => {
                 Reply::local(451, "4.4.1", self.to_string())
             }
-            Self::TimedOut { .. } | Self::Io { .. } | Self::Protocol { .. } => {
-                Reply::local(451, "4.4.2", self.to_string())
-            }
+            Self::TimedOut { .. }
+            | Self::OverBudget { .. }
+            | Self::Io { .. }
+            | Self::Protocol { .. } => Reply::local(451, "4.4.2", self.to_string()),
         }
     }
 }
 
-/// Client timeouts, one per SMTP phase (RFC 5321 §4.5.3.2 gives the minimums).
+/// Client timeouts, one per SMTP phase (RFC 5321 §4.5.3.2 gives the
+/// minimums for the phases of a transaction), and a budget for the whole.
+///
+/// Connecting and the TLS handshake are not in the RFC: their defaults are
+/// short, so a dead MX host costs seconds, not minutes.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientTimeouts {
+    /// TCP connect.
     #[serde(default = "ClientTimeouts::default_connect", with = "humantime_serde")]
     pub connect: Duration,
+    /// The server's `220` greeting (RFC: 5 minutes).
     #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
     pub greeting: Duration,
+    /// The reply to `EHLO`/`HELO`.
     #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
     pub ehlo: Duration,
-    #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
+    /// The reply to `STARTTLS`, and the TLS handshake after it.
+    #[serde(default = "ClientTimeouts::default_starttls", with = "humantime_serde")]
     pub starttls: Duration,
+    /// The reply to `MAIL` (RFC: 5 minutes).
     #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
     pub mail_from: Duration,
+    /// The reply to each `RCPT` (RFC: 5 minutes).
     #[serde(default = "ClientTimeouts::default_5m", with = "humantime_serde")]
     pub rcpt_to: Duration,
+    /// The `354` to `DATA` (RFC: 2 minutes).
     #[serde(default = "ClientTimeouts::default_2m", with = "humantime_serde")]
     pub data: Duration,
-    /// Sending the message and waiting for the reply to the final dot.
+    /// Each block of message data written (RFC: 3 minutes).
+    #[serde(default = "ClientTimeouts::default_3m", with = "humantime_serde")]
+    pub data_block: Duration,
+    /// The reply to the final dot (RFC: 10 minutes).
     #[serde(default = "ClientTimeouts::default_10m", with = "humantime_serde")]
     pub data_done: Duration,
+    /// Everything one attempt may take: from connect to the reply to the
+    /// final dot of the first message, or one later transaction on a
+    /// reused connection. A peer that answers each phase just in time
+    /// (one byte a second) is cut off here.
+    #[serde(default = "ClientTimeouts::default_budget", with = "humantime_serde")]
+    pub budget: Duration,
 }
 
 impl ClientTimeouts {
     fn default_connect() -> Duration {
+        Duration::from_secs(10)
+    }
+    fn default_starttls() -> Duration {
         Duration::from_secs(30)
     }
     fn default_2m() -> Duration {
         Duration::from_mins(2)
+    }
+    fn default_3m() -> Duration {
+        Duration::from_mins(3)
     }
     fn default_5m() -> Duration {
         Duration::from_mins(5)
     }
     fn default_10m() -> Duration {
         Duration::from_mins(10)
+    }
+    fn default_budget() -> Duration {
+        Duration::from_mins(15)
     }
 }
 
@@ -111,13 +172,25 @@ impl Default for ClientTimeouts {
             connect: Self::default_connect(),
             greeting: Self::default_5m(),
             ehlo: Self::default_5m(),
-            starttls: Self::default_5m(),
+            starttls: Self::default_starttls(),
             mail_from: Self::default_5m(),
             rcpt_to: Self::default_5m(),
             data: Self::default_2m(),
+            data_block: Self::default_3m(),
             data_done: Self::default_10m(),
+            budget: Self::default_budget(),
         }
     }
+}
+
+/// Whether a session upgrades with `STARTTLS`.
+pub enum Tls {
+    /// Plain text only.
+    Off,
+    /// When offered (Postfix `smtp_tls_security_level = may`).
+    May(Arc<rustls::ClientConfig>),
+    /// Always: a server without `STARTTLS` gets no mail (level `encrypt`).
+    Required(Arc<rustls::ClientConfig>),
 }
 
 /// What the server offered in its EHLO reply.
@@ -180,19 +253,20 @@ pub struct Client {
     /// The bound local address.
     pub local: Option<SocketAddr>,
     timeouts: ClientTimeouts,
+    /// When the current attempt's [`ClientTimeouts::budget`] is spent.
+    deadline: Instant,
     pub messages_sent: usize,
 }
 
 impl Client {
     /// Connects (bound to `source` if given), reads the greeting, says EHLO
-    /// (HELO if EHLO is refused) and upgrades with STARTTLS when offered and
-    /// `tls` is given.
+    /// (HELO if EHLO is refused) and upgrades with STARTTLS as `tls` says.
     pub async fn connect(
         host: &str,
         addr: SocketAddr,
         source: Option<IpAddr>,
         helo: &str,
-        tls: Option<&Arc<rustls::ClientConfig>>,
+        tls: &Tls,
         timeouts: &ClientTimeouts,
     ) -> Result<Self, ClientError> {
         let socket = if addr.is_ipv4() {
@@ -201,18 +275,21 @@ impl Client {
             TcpSocket::new_v6()
         }
         .map_err(|error| ClientError::Connect { addr, error })?;
+        let deadline = Instant::now() + timeouts.budget;
         if let Some(source_ip) = source {
             socket
                 .bind(SocketAddr::new(source_ip, 0))
                 .map_err(|error| ClientError::Bind { source_ip, error })?;
         }
-        let tcp = timeout(timeouts.connect, socket.connect(addr))
-            .await
-            .map_err(|_| ClientError::TimedOut {
-                phase: "connect",
-                after: timeouts.connect,
-            })?
-            .map_err(|error| ClientError::Connect { addr, error })?;
+        let tcp = within(
+            deadline,
+            timeouts,
+            "connect",
+            timeouts.connect,
+            socket.connect(addr),
+        )
+        .await?
+        .map_err(|error| ClientError::Connect { addr, error })?;
         let _ = tcp.set_nodelay(true);
         let local = tcp.local_addr().ok();
         let mut client = Self {
@@ -223,6 +300,7 @@ impl Client {
             addr,
             local,
             timeouts: timeouts.clone(),
+            deadline,
             messages_sent: 0,
         };
         let greeting = client.read_reply("greeting", timeouts.greeting).await?;
@@ -233,9 +311,11 @@ impl Client {
             });
         }
         client.hello(helo).await?;
-        if let Some(tls) = tls
-            && client.caps.starttls
-        {
+        let (Tls::May(config) | Tls::Required(config)) = tls else {
+            return Ok(client);
+        };
+        let required = matches!(tls, Tls::Required(_));
+        if client.caps.starttls {
             client
                 .write(b"STARTTLS\r\n", "STARTTLS", timeouts.starttls)
                 .await?;
@@ -244,21 +324,37 @@ impl Client {
                 let tcp = client.stream.take_plain().expect("plain before STARTTLS");
                 let name = ServerName::try_from(host.trim_end_matches('.').to_owned())
                     .unwrap_or_else(|_| ServerName::IpAddress(addr.ip().into()));
-                let connector = tokio_rustls::TlsConnector::from(tls.clone());
-                let tls_stream = timeout(timeouts.starttls, connector.connect(name, tcp))
-                    .await
-                    .map_err(|_| ClientError::TimedOut {
-                        phase: "TLS handshake",
-                        after: timeouts.starttls,
-                    })?
-                    .map_err(|error| ClientError::Io {
-                        phase: "TLS handshake",
-                        error,
-                    })?;
+                let connector = tokio_rustls::TlsConnector::from(config.clone());
+                let tls_stream = within(
+                    deadline,
+                    timeouts,
+                    TLS_HANDSHAKE,
+                    timeouts.starttls,
+                    connector.connect(name, tcp),
+                )
+                .await?
+                .map_err(|error| ClientError::Io {
+                    phase: TLS_HANDSHAKE,
+                    error,
+                })?;
                 client.stream = Stream::ClientTls(Box::new(tls_stream));
                 client.replies.clear();
                 client.hello(helo).await?;
+            } else if required {
+                return Err(ClientError::Rejected {
+                    phase: "STARTTLS",
+                    reply,
+                });
             }
+        } else if required {
+            return Err(ClientError::Rejected {
+                phase: "EHLO",
+                reply: Reply::local(
+                    451,
+                    "4.7.4",
+                    format!("TLS is required for {host} and it does not offer STARTTLS"),
+                ),
+            });
         }
         Ok(client)
     }
@@ -295,12 +391,12 @@ impl Client {
         phase: &'static str,
         after: Duration,
     ) -> Result<(), ClientError> {
-        timeout(after, async {
-            self.stream.write_all(bytes).await?;
-            self.stream.flush().await
+        let stream = &mut self.stream;
+        within(self.deadline, &self.timeouts, phase, after, async {
+            stream.write_all(bytes).await?;
+            stream.flush().await
         })
-        .await
-        .map_err(|_| ClientError::TimedOut { phase, after })?
+        .await?
         .map_err(|error| ClientError::Io { phase, error })
     }
 
@@ -309,17 +405,22 @@ impl Client {
         phase: &'static str,
         after: Duration,
     ) -> Result<Reply, ClientError> {
-        timeout(after, self.replies.read(&mut self.stream))
-            .await
-            .map_err(|_| ClientError::TimedOut { phase, after })?
-            .map_err(|e| match e {
-                ReadError::Io(error) => ClientError::Io { phase, error },
-                ReadError::Closed => ClientError::Io {
-                    phase,
-                    error: io::Error::new(io::ErrorKind::UnexpectedEof, e.to_string()),
-                },
-                ReadError::Reply(error) => ClientError::Protocol { phase, error },
-            })
+        within(
+            self.deadline,
+            &self.timeouts,
+            phase,
+            after,
+            self.replies.read(&mut self.stream),
+        )
+        .await?
+        .map_err(|e| match e {
+            ReadError::Io(error) => ClientError::Io { phase, error },
+            ReadError::Closed => ClientError::Io {
+                phase,
+                error: io::Error::new(io::ErrorKind::UnexpectedEof, e.to_string()),
+            },
+            ReadError::Reply(error) => ClientError::Protocol { phase, error },
+        })
     }
 
     /// Sends one message to several recipients. Replies the server gave are
@@ -331,6 +432,10 @@ impl Client {
         body: &[u8],
     ) -> Result<Transaction, ClientError> {
         let t = self.timeouts.clone();
+        if self.messages_sent > 0 {
+            // A reused connection: this transaction gets a budget of its own.
+            self.deadline = Instant::now() + t.budget;
+        }
         let mut mail = format!("MAIL FROM:<{sender}>");
         if self.caps.size.is_some() {
             let _ = write!(mail, " SIZE={}", body.len());
@@ -435,7 +540,9 @@ impl Client {
             }
         }
         let stuffed = dot_stuff(body);
-        self.write(&stuffed, "end of data", t.data_done).await?;
+        for block in stuffed.chunks(DATA_BLOCK) {
+            self.write(block, "data block", t.data_block).await?;
+        }
         let reply = self.read_reply("end of data", t.data_done).await?;
         self.messages_sent += 1;
         Ok(Transaction {
@@ -454,6 +561,8 @@ impl Client {
 
     /// Ends the session politely; errors are irrelevant by now.
     pub async fn quit(mut self) {
+        // QUIT has its own few seconds, whatever is left of the budget.
+        self.deadline = Instant::now() + Duration::from_secs(5);
         if self
             .write(b"QUIT\r\n", "QUIT", Duration::from_secs(5))
             .await
@@ -463,6 +572,28 @@ impl Client {
         }
         let _ = self.stream.shutdown().await;
     }
+}
+
+/// Runs `fut` within `after` and within what is left until `deadline`;
+/// which of the two ran out is in the error.
+async fn within<T>(
+    deadline: Instant,
+    timeouts: &ClientTimeouts,
+    phase: &'static str,
+    after: Duration,
+    fut: impl Future<Output = T>,
+) -> Result<T, ClientError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    timeout(after.min(left), fut).await.map_err(|_| {
+        if left < after {
+            ClientError::OverBudget {
+                phase,
+                budget: timeouts.budget,
+            }
+        } else {
+            ClientError::TimedOut { phase, after }
+        }
+    })
 }
 
 /// RFC 5321 §4.5.2: a line starting with "." gets one more; the message ends

@@ -6,7 +6,9 @@
 //! feed arrives, and the search for the next line feed resumes where the
 //! last read stopped, so a peer that trickles a reply byte by byte costs
 //! linear time. Its [`Limits`] bound what one reply may cost: the length of
-//! a line and the number of lines.
+//! a line, the number of lines and the text kept; bytes of finished lines
+//! are dropped as the reply grows, so the buffer holds at most a line and
+//! a read's worth.
 
 use std::{fmt, io};
 
@@ -105,6 +107,8 @@ pub enum ReplyError {
     CodeChanged(u16, u16),
     #[error("reply longer than {0} lines")]
     TooManyLines(usize),
+    #[error("reply text longer than {0} octets")]
+    TooLarge(usize),
 }
 
 /// What one reply may cost.
@@ -114,19 +118,23 @@ pub struct Limits {
     pub max_line: usize,
     /// Most lines in one (multi-line) reply.
     pub max_lines: usize,
+    /// Most octets of text kept for one reply (all its lines together).
+    pub max_bytes: usize,
 }
 
 impl Limits {
     /// The delivery client: lenient on line length (real MXs exceed 512),
-    /// bounded in lines (an EHLO reply has a few dozen at most).
+    /// bounded in lines and text (an EHLO reply has a few dozen short lines).
     pub const CLIENT: Self = Self {
         max_line: MAX_REPLY_LINE,
         max_lines: 1000,
+        max_bytes: 64 * 1024,
     };
     /// The health probe: RFC 5321's 512 octets of text (plus CR), at most 100 lines.
     pub const PROBE: Self = Self {
         max_line: 514,
         max_lines: 100,
+        max_bytes: 100 * 514,
     };
 }
 
@@ -155,6 +163,8 @@ pub struct ReplyReader {
     code: Option<u16>,
     enhanced: Option<EnhancedCode>,
     lines: Vec<String>,
+    /// Octets of text in `lines`.
+    text_len: usize,
 }
 
 impl ReplyReader {
@@ -167,6 +177,7 @@ impl ReplyReader {
             code: None,
             enhanced: None,
             lines: Vec::new(),
+            text_len: 0,
         }
     }
 
@@ -206,16 +217,21 @@ impl ReplyReader {
             let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
             let line = String::from_utf8_lossy(raw).into_owned();
             self.line_start = self.scanned;
-            if self.line(line)? {
-                let reply = Reply {
+            let last = self.line(line)?;
+            // Drop finished lines once they outweigh a line, so an endless
+            // multi-line reply never grows the buffer (amortised linear).
+            if last || self.line_start > self.limits.max_line {
+                self.buf.drain(..self.line_start);
+                self.scanned -= self.line_start;
+                self.line_start = 0;
+            }
+            if last {
+                self.text_len = 0;
+                return Ok(Some(Reply {
                     code: self.code.take().expect("a line was parsed"),
                     enhanced: self.enhanced.take(),
                     lines: std::mem::take(&mut self.lines),
-                };
-                self.buf.drain(..self.line_start);
-                self.line_start = 0;
-                self.scanned = 0;
-                return Ok(Some(reply));
+                }));
             }
         }
     }
@@ -254,6 +270,10 @@ impl ReplyReader {
             }
             _ => text,
         };
+        self.text_len += text.len();
+        if self.text_len > self.limits.max_bytes {
+            return Err(ReplyError::TooLarge(self.limits.max_bytes));
+        }
         self.lines.push(text.to_owned());
         Ok(last)
     }
@@ -339,6 +359,33 @@ mod tests {
         r.feed(&b"250-x\r\n".repeat(99));
         r.feed(b"250 last\r\n");
         assert_eq!(r.next_reply().unwrap().unwrap().lines.len(), 100);
+        let mut r = ReplyReader::new(Limits::CLIENT);
+        r.feed(
+            &format!("250-{}\r\n", "x".repeat(4000))
+                .repeat(17)
+                .into_bytes(),
+        );
+        assert_eq!(r.next_reply(), Err(ReplyError::TooLarge(64 * 1024)));
+    }
+
+    #[test]
+    fn an_endless_multiline_reply_never_grows_the_buffer() {
+        let mut r = ReplyReader::new(Limits::CLIENT);
+        let line = b"220-xxxxxxxxxxxxxxxx\r\n";
+        let mut peak = 0;
+        let err = loop {
+            r.feed(&line.repeat(50));
+            match r.next_reply() {
+                Ok(None) => peak = peak.max(r.buffered()),
+                Ok(Some(_)) => panic!("no reply ends"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err, ReplyError::TooManyLines(1000));
+        assert!(
+            peak <= MAX_REPLY_LINE + 50 * line.len(),
+            "buffer peaked at {peak}"
+        );
     }
 
     proptest! {

@@ -3,10 +3,19 @@
 //! egress source; a session sends transactions and quits. The queue's
 //! workers, connection limits and shaping are generic over it: the SMTP
 //! client is one implementation, a scripted one in unit tests another.
-use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tracing::warn;
 
 use super::super::{config::DeliveryConfig, egress::Source, route::Host};
-use crate::smtp::client::{Client, ClientError, ClientTimeouts, Transaction};
+use crate::smtp::client::{Client, ClientError, ClientTimeouts, Tls, Transaction};
 
 /// A boxed future, so both traits stay object-safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -46,18 +55,79 @@ pub trait Session: Send {
     fn quit(self: Box<Self>) -> BoxFuture<'static, ()>;
 }
 
-/// Delivery over SMTP (opportunistic STARTTLS when `tls` is given).
+/// Delivery over SMTP: STARTTLS when offered (opportunistic) or always
+/// (hosts that require it). A host whose TLS handshake fails is tried again
+/// at once in plain text, and gets plain text for a while after (Postfix
+/// at level `may`), unless it requires TLS.
 pub struct SmtpDispatcher {
-    pub tls: Option<Arc<rustls::ClientConfig>>,
-    pub timeouts: ClientTimeouts,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    timeouts: ClientTimeouts,
+    require_tls: Vec<String>,
+    plaintext_for: Duration,
+    /// Hosts (name, port) in plain text until then, after a failed handshake.
+    plaintext_until: Mutex<HashMap<(String, u16), Instant>>,
+    /// Called once per fallback to plain text (the caller counts it).
+    on_fallback: Box<dyn Fn() + Send + Sync>,
 }
 
 impl SmtpDispatcher {
-    /// As `[delivery]` says: STARTTLS when offered (if enabled), its timeouts.
-    pub fn new(d: &DeliveryConfig) -> Self {
+    /// As `[delivery]` says: STARTTLS (if enabled), hosts that require it,
+    /// the fallback period, the timeouts.
+    pub fn new(d: &DeliveryConfig, on_fallback: Box<dyn Fn() + Send + Sync>) -> Self {
         Self {
             tls: d.starttls.then(crate::tls::opportunistic_tls),
             timeouts: d.timeouts.clone(),
+            require_tls: d
+                .require_tls
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+            plaintext_for: d.plaintext_fallback,
+            plaintext_until: Mutex::new(HashMap::new()),
+            on_fallback,
+        }
+    }
+
+    /// Whether `host` is listed in `require_tls` (by name, or by a `.suffix`).
+    fn requires_tls(&self, host: &str) -> bool {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        self.require_tls.iter().any(|r| {
+            if r.starts_with('.') {
+                host.ends_with(r.as_str())
+            } else {
+                host == *r
+            }
+        })
+    }
+
+    /// Plain text for `host` at `port` for the fallback period.
+    fn remember_plaintext(&self, host: &str, port: u16) {
+        let mut plain = self.plaintext_until.lock().expect("fallback lock");
+        let now = Instant::now();
+        if plain.len() >= 10_000 {
+            // Bounded: hosts whose period is over go first.
+            plain.retain(|_, until| *until > now);
+        }
+        plain.insert((host.to_owned(), port), now + self.plaintext_for);
+    }
+
+    /// The TLS mode for a session with `host` at `port` now.
+    fn tls_for(&self, host: &str, port: u16) -> Tls {
+        let Some(config) = &self.tls else {
+            return Tls::Off;
+        };
+        if self.requires_tls(host) {
+            return Tls::Required(config.clone());
+        }
+        let mut plain = self.plaintext_until.lock().expect("fallback lock");
+        let key = (host.to_owned(), port);
+        match plain.get(&key) {
+            Some(until) if *until > Instant::now() => Tls::Off,
+            Some(_) => {
+                plain.remove(&key);
+                Tls::May(config.clone())
+            }
+            None => Tls::May(config.clone()),
         }
     }
 }
@@ -70,15 +140,27 @@ impl Dispatcher for SmtpDispatcher {
         source: &'a Source,
     ) -> BoxFuture<'a, Result<Box<dyn Session>, ClientError>> {
         Box::pin(async move {
-            let client = Client::connect(
-                &host.name,
-                addr,
-                source.address,
-                &source.helo,
-                self.tls.as_ref(),
-                &self.timeouts,
-            )
-            .await?;
+            let tls = self.tls_for(&host.name, addr.port());
+            let connect = |tls| {
+                Client::connect(
+                    &host.name,
+                    addr,
+                    source.address,
+                    &source.helo,
+                    tls,
+                    &self.timeouts,
+                )
+            };
+            let client = match connect(&tls).await {
+                Err(e) if e.is_tls_handshake() && matches!(tls, Tls::May(_)) => {
+                    warn!(host = host.name, %addr, error = %e, plaintext_for = ?self.plaintext_for,
+                        "TLS handshake failed; delivering in plain text");
+                    (self.on_fallback)();
+                    self.remember_plaintext(&host.name, addr.port());
+                    connect(&Tls::Off).await?
+                }
+                other => other?,
+            };
             Ok(Box::new(client) as Box<dyn Session>)
         })
     }

@@ -19,8 +19,26 @@ pub struct QueuedMessage {
     pub received_ms: u64,
     pub location: Location,
     pub(super) state: Mutex<MessageState>,
-    /// The tenant header's value, read from the spool on first need.
-    pub(super) tenant: tokio::sync::OnceCell<Option<String>>,
+    /// What routing needs from the header section, read from the spool on first need.
+    pub(super) headers: tokio::sync::OnceCell<HeaderFacts>,
+}
+
+/// What routing needs from a message's header section.
+#[derive(Debug, Default)]
+pub(super) struct HeaderFacts {
+    /// The tenant header's value (when one is configured).
+    pub(super) tenant: Option<String>,
+    /// `Received:` headers: the hops the message has made.
+    pub(super) hops: usize,
+}
+
+impl HeaderFacts {
+    pub(super) fn read(message: &[u8], tenant_header: Option<&str>) -> Self {
+        Self {
+            tenant: tenant_header.and_then(|h| header_value(message, h)),
+            hops: hop_count(message),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -51,7 +69,7 @@ impl QueuedMessage {
                 done,
                 ..Default::default()
             }),
-            tenant: tokio::sync::OnceCell::new(),
+            headers: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -99,13 +117,30 @@ impl Job {
     }
 }
 
-/// The value of header `name` in a message's header section (unfolded, trimmed).
-pub(super) fn header_value(message: &[u8], name: &str) -> Option<String> {
+/// A message's header section (up to the empty line).
+fn header_section(message: &[u8]) -> std::borrow::Cow<'_, str> {
     let end = message
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .unwrap_or(message.len());
-    let head = String::from_utf8_lossy(&message[..end]);
+    String::from_utf8_lossy(&message[..end])
+}
+
+/// `Received:` headers in a message's header section (RFC 5321 §6.3: a
+/// loop shows as ever more of them).
+fn hop_count(message: &[u8]) -> usize {
+    header_section(message)
+        .split("\r\n")
+        .filter(|l| {
+            l.split_once(':')
+                .is_some_and(|(n, _)| n.eq_ignore_ascii_case("received"))
+        })
+        .count()
+}
+
+/// The value of header `name` in a message's header section (unfolded, trimmed).
+fn header_value(message: &[u8], name: &str) -> Option<String> {
+    let head = header_section(message);
     let mut value: Option<String> = None;
     for line in head.split("\r\n") {
         if line.starts_with([' ', '\t']) {
@@ -130,6 +165,13 @@ pub(super) fn header_value(message: &[u8], name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hops_count_received_headers_of_the_header_section_only() {
+        let m = b"Received: from a\r\n\tby b\r\nreceived: x\r\nX-Received: no\r\nSubject: s\r\n\r\nReceived: body\r\n";
+        assert_eq!(hop_count(m), 2);
+        assert_eq!(hop_count(b"Subject: s\r\n\r\n"), 0);
+    }
 
     #[test]
     fn tenant_header_is_found_unfolded_and_only_in_the_header_section() {

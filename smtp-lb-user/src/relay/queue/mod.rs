@@ -53,7 +53,7 @@ pub use self::{
     message::{Job, QueuedMessage},
 };
 use self::{
-    message::header_value,
+    message::HeaderFacts,
     outcome::{Action, RetrySchedule},
     ready::{PairKey, ReadyJob, ReadyQueues},
     scheduler::Scheduled,
@@ -78,8 +78,10 @@ pub struct Queue {
     dispatcher: Box<dyn Dispatcher>,
     retry: RetrySchedule,
     hostname: String,
-    per_destination: usize,
+    destination_connections: usize,
+    pair_connections: usize,
     per_connection: usize,
+    hop_limit: usize,
     /// Replaced whole by [`Self::reload_shaping`]; a worker keeps the one it started with.
     shaper: RwLock<Arc<Shaper>>,
     shaping_path: Option<std::path::PathBuf>,
@@ -118,8 +120,10 @@ impl Queue {
             dispatcher,
             retry: RetrySchedule::new(&cfg.retry),
             hostname: cfg.hostname.clone(),
-            per_destination: d.connections_per_destination.max(1),
+            destination_connections: d.connections_per_destination.max(1),
+            pair_connections: d.connections_per_queue.max(1),
             per_connection: d.messages_per_connection.max(1),
+            hop_limit: d.hop_limit,
             shaper: RwLock::new(Arc::new(shaper)),
             shaping_path: cfg.shaping.clone(),
             egress,
@@ -194,6 +198,28 @@ impl Queue {
     }
 
     async fn route(self: Arc<Self>, mut job: Job) {
+        let msg = job.msg.clone();
+        let headers = msg
+            .headers
+            .get_or_init(|| async {
+                let body = self.spool.read_body(msg.location).await;
+                body.map(|b| HeaderFacts::read(&b, self.egress.tenant_header.as_deref()))
+                    .unwrap_or_default()
+            })
+            .await;
+        if headers.hops > self.hop_limit {
+            let reply = Reply::local(
+                554,
+                "5.4.6",
+                format!(
+                    "too many hops: {} Received: headers, the limit is {} (a mail loop)",
+                    headers.hops, self.hop_limit
+                ),
+            );
+            self.finish_all(job, &reply, &AttemptContext::local(None), Action::Bounce)
+                .await;
+            return;
+        }
         let hosts = match self.router.resolve(&job.domain).await {
             Ok(h) => Arc::new(h),
             Err(e) => {
@@ -208,20 +234,9 @@ impl Queue {
                 return;
             }
         };
+        let tenant = headers.tenant.as_deref();
         let shaper = self.shaper();
         let provider = shaper.provider_of(hosts.first().map_or("", |h| h.name.as_str()));
-        let tenant = match &self.egress.tenant_header {
-            Some(h) => job
-                .msg
-                .tenant
-                .get_or_init(|| async {
-                    let body = self.spool.read_body(job.msg.location).await.ok()?;
-                    header_value(&body, h)
-                })
-                .await
-                .as_deref(),
-            None => None,
-        };
         let pool = self.egress.pool_for(&job.msg.sender, tenant);
         match self.egress.pick(pool, &provider, job.pinned.take()) {
             Pick::Source(source) => self.enqueue((source, provider), job, hosts),
@@ -246,9 +261,10 @@ impl Queue {
     }
 
     fn enqueue(self: &Arc<Self>, key: PairKey, job: Job, hosts: Arc<Vec<Host>>) {
+        let dest = ready::destination(&hosts);
         if self
             .ready
-            .push(&key, ReadyJob { job, hosts }, self.per_destination)
+            .push(&key, ReadyJob { job, hosts, dest }, self.pair_connections)
         {
             tokio::spawn(self.clone().worker(key));
         }

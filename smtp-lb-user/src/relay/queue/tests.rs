@@ -18,7 +18,7 @@ use crate::{
         log::DeliveryLog,
         metrics::Metrics,
         policy::{limiter::Limiters, shaping::Shaper},
-        route::{Host, Router},
+        route::{Host, Myself, Router},
         spool::Spool,
     },
     smtp::{
@@ -31,6 +31,8 @@ use crate::{
 #[derive(Default)]
 struct Seen {
     connects: usize,
+    /// Connections per host name.
+    connects_to: HashMap<String, usize>,
     /// (sender, recipients) per transaction.
     transactions: Vec<(String, Vec<String>)>,
 }
@@ -40,6 +42,8 @@ struct Scripted {
     replies: HashMap<String, Reply>,
     /// Refuse every connection.
     refuse: bool,
+    /// Hosts whose connections never complete (a blackhole).
+    hang: Vec<String>,
     seen: Arc<Mutex<Seen>>,
 }
 
@@ -59,7 +63,14 @@ impl Dispatcher for Scripted {
         _source: &'a Source,
     ) -> BoxFuture<'a, Result<Box<dyn Session>, ClientError>> {
         Box::pin(async move {
-            self.seen.lock().unwrap().connects += 1;
+            {
+                let mut seen = self.seen.lock().unwrap();
+                seen.connects += 1;
+                *seen.connects_to.entry(host.name.clone()).or_default() += 1;
+            }
+            if self.hang.contains(&host.name) {
+                std::future::pending::<()>().await;
+            }
             if self.refuse {
                 return Err(ClientError::Connect {
                     addr,
@@ -135,15 +146,22 @@ impl Session for ScriptedSession {
 
 /// A queue over a fresh spool that delivers through `dispatcher`; retries wait an hour.
 fn queue(name: &str, dispatcher: Scripted) -> Arc<Queue> {
+    queue_with(name, "", dispatcher)
+}
+
+/// [`queue`] with more config: `extra` goes before `[retry]` (top-level
+/// keys and tables) and more `[routes]` may follow the default route.
+fn queue_with(name: &str, extra: &str, dispatcher: Scripted) -> Arc<Queue> {
     let dir = std::env::temp_dir().join(format!("smtp-lb-queue-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    let (extra, more_routes) = extra.split_once("[routes]\n").unwrap_or((extra, ""));
     let cfg: Config = toml::from_str(&format!(
-        "spool_dir = {:?}\nlistener = []\n[retry]\nmin = \"1h\"\n[routes]\n\"*\" = \"127.0.0.1:25\"\n",
+        "spool_dir = {:?}\nlistener = []\n{extra}\n[retry]\nmin = \"1h\"\n[routes]\n\"*\" = \"127.0.0.1:25\"\n{more_routes}",
         dir.display().to_string()
     ))
     .unwrap();
     let (spool, _, _) = Spool::open(&cfg.spool_dir).unwrap();
-    let router = Router::new(&cfg.routes, &cfg.dns, 25).unwrap();
+    let router = Router::new(&cfg.routes, &cfg.dns, 25, Myself::default()).unwrap();
     let shaper = Shaper::load(None, &Limiters::local()).unwrap();
     let egress = Egress::from_config(None, "relay.test", None, shaper.providers()).unwrap();
     Queue::new(
@@ -159,13 +177,13 @@ fn queue(name: &str, dispatcher: Scripted) -> Arc<Queue> {
 }
 
 async fn submit(q: &Arc<Queue>, sender: &str, rcpts: &[&str]) -> u64 {
+    submit_body(q, sender, rcpts, b"Subject: t\r\n\r\nhello\r\n").await
+}
+
+async fn submit_body(q: &Arc<Queue>, sender: &str, rcpts: &[&str], body: &[u8]) -> u64 {
     let rcpts: Vec<String> = rcpts.iter().map(|r| (*r).to_owned()).collect();
     let id = q.spool().allocate_id();
-    let (id, received_ms, location) = q
-        .spool()
-        .store(id, sender, &rcpts, b"Subject: t\r\n\r\nhello\r\n")
-        .await
-        .unwrap();
+    let (id, received_ms, location) = q.spool().store(id, sender, &rcpts, body).await.unwrap();
     q.submit(QueuedMessage::new(
         id,
         sender.to_owned(),
@@ -205,6 +223,7 @@ async fn each_recipient_is_delivered_bounced_or_deferred_by_its_reply() {
                 ),
             ]),
             refuse: false,
+            hang: Vec::new(),
             seen: seen.clone(),
         },
     );
@@ -246,6 +265,7 @@ async fn a_destination_that_refuses_connections_defers_every_job() {
         Scripted {
             replies: HashMap::new(),
             refuse: true,
+            hang: Vec::new(),
             seen: seen.clone(),
         },
     );
@@ -265,4 +285,80 @@ async fn a_destination_that_refuses_connections_defers_every_job() {
     assert_eq!(q.bounce_now(id).await, 1);
     until("the message is gone", || q.show(id).is_none()).await;
     assert_eq!(m.total("bounced"), 2);
+}
+
+#[tokio::test]
+async fn a_dead_destination_holds_only_its_own_connections() {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let q = queue_with(
+        "dead-destination",
+        "[delivery]\nconnections_per_destination = 2\nconnections_per_queue = 4\n[routes]\n\"dead.test\" = \"127.0.0.2:25\"\n",
+        Scripted {
+            replies: HashMap::new(),
+            refuse: false,
+            hang: vec!["127.0.0.2".to_owned()],
+            seen: seen.clone(),
+        },
+    );
+    for i in 0..6 {
+        submit(&q, "s@y.test", &[&format!("r{i}@dead.test")]).await;
+    }
+    until("the dead destination holds its two slots", || {
+        seen.lock().unwrap().connects_to.get("127.0.0.2") == Some(&2)
+    })
+    .await;
+    // Same (source, provider) queue, another destination: served at once.
+    submit(&q, "s@y.test", &["a@live.test"]).await;
+    let m = q.metrics.clone();
+    until("the live destination's delivery", || {
+        m.total("delivered") == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(seen.lock().unwrap().connects_to["127.0.0.2"], 2);
+}
+
+#[tokio::test]
+async fn a_message_over_the_hop_limit_bounces_5_4_6_without_an_attempt() {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let q = queue_with(
+        "hops",
+        "[delivery]\nhop_limit = 3\n",
+        Scripted {
+            replies: HashMap::new(),
+            refuse: false,
+            hang: Vec::new(),
+            seen: seen.clone(),
+        },
+    );
+    let three = "Received: from a by b\r\n".repeat(3);
+    submit_body(
+        &q,
+        "s@y.test",
+        &["ok@x.test"],
+        format!("{three}Subject: t\r\n\r\nhi\r\n").as_bytes(),
+    )
+    .await;
+    let m = q.metrics.clone();
+    until("three hops: delivered", || m.total("delivered") == 1).await;
+    let four = "Received: from a by b\r\n".repeat(4);
+    let id = submit_body(
+        &q,
+        "s@y.test",
+        &["loop@x.test"],
+        format!("{four}Subject: t\r\n\r\nhi\r\n").as_bytes(),
+    )
+    .await;
+    until("four hops: bounced, its DSN delivered", || {
+        m.total("bounced") == 1 && m.total("delivered") == 2
+    })
+    .await;
+    assert!(q.show(id).is_none());
+    let seen = seen.lock().unwrap();
+    // Two transactions: the three-hop message and the DSN; none for the looping one.
+    assert_eq!(seen.transactions.len(), 2);
+    assert_eq!(
+        seen.transactions[1],
+        (String::new(), vec!["s@y.test".to_owned()])
+    );
 }

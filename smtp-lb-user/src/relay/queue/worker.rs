@@ -10,7 +10,7 @@ use super::{
     dispatch::Session,
     message::Job,
     outcome::{self, Action},
-    ready::{PairKey, ReadyJob},
+    ready::{PairKey, ReadyJob, destination},
     settle::AttemptContext,
 };
 use crate::{
@@ -34,7 +34,13 @@ impl Queue {
     pub(super) async fn worker(self: Arc<Self>, key: PairKey) {
         let source = &self.egress.sources[key.0];
         let labels = (key.1.clone(), source.name.clone());
-        while let Some(ReadyJob { job: first, hosts }) = self.ready.pop(&key, None, self.stopping())
+        while let Some(ReadyJob {
+            job: first,
+            hosts,
+            dest,
+        }) = self
+            .ready
+            .pop(&key, None, self.destination_connections, self.stopping())
         {
             let started = Instant::now();
             // Taken per connection (and per message below), so a reloaded
@@ -73,6 +79,7 @@ impl Queue {
                 }
                 _ => {}
             }
+            self.ready.release(&key, &dest);
         }
     }
 
@@ -101,7 +108,7 @@ impl Queue {
                     Err(e) if e.is_unplumbed() => {
                         // The source, not the destination, is broken: its
                         // jobs go to other sources without an attempt.
-                        let tenant = first.msg.tenant.get().and_then(Option::as_deref);
+                        let tenant = first.msg.headers.get().and_then(|h| h.tenant.as_deref());
                         let pool = self.egress.pool_for(&first.msg.sender, tenant);
                         self.egress.suspend_unplumbed(key.0, pool, &e);
                         if self.egress.has_usable(pool) {
@@ -173,6 +180,7 @@ impl Queue {
                     ReadyJob {
                         job: rest,
                         hosts: hosts.clone(),
+                        dest: destination(hosts),
                     },
                 );
             }
@@ -211,7 +219,14 @@ impl Queue {
                 }
             }
             let next = (session.messages_sent() < per_connection)
-                .then(|| self.ready.pop(key, Some(&domain), self.stopping()))
+                .then(|| {
+                    self.ready.pop(
+                        key,
+                        Some(&domain),
+                        self.destination_connections,
+                        self.stopping(),
+                    )
+                })
                 .flatten();
             let Some(next) = next else {
                 session.quit().await;
