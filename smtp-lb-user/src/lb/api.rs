@@ -29,8 +29,8 @@ use crate::{
         http::{Handler, Request, Response},
         prom::Exposition,
     },
-    balance::weights::unix,
-    dataplane::{read_stats, tracked_flows, where_to},
+    balance::weights::{Mode, service_id, unix},
+    dataplane::Dataplane,
     health::Health,
 };
 
@@ -68,7 +68,7 @@ pub fn token(file: &Path) -> anyhow::Result<String> {
     Ok(t)
 }
 
-pub fn handler(node: Arc<Mutex<Node>>, token: String) -> Handler {
+pub fn handler<D: Dataplane + Send + 'static>(node: Arc<Mutex<Node<D>>>, token: String) -> Handler {
     Arc::new(move |req: Request| {
         if !req.authorized(&token) {
             return Response::error(
@@ -83,7 +83,7 @@ pub fn handler(node: Arc<Mutex<Node>>, token: String) -> Handler {
     })
 }
 
-fn route(node: &mut Node, req: &Request) -> Response {
+pub(super) fn route<D: Dataplane>(node: &mut Node<D>, req: &Request) -> Response {
     let parts: Vec<&str> = req.path.trim_matches('/').split('/').collect();
     match (req.method.as_str(), parts.as_slice()) {
         ("GET", ["status"]) => status(node),
@@ -127,9 +127,9 @@ fn done(r: Result<(), String>) -> Response {
     }
 }
 
-fn status(node: &Node) -> Response {
-    let counters = crate::dataplane::read_global_stats(&node.pin_dir).map(|s| {
-        s.fields()
+fn status<D: Dataplane>(node: &Node<D>) -> Response {
+    let counters = node.dataplane().stats().map(|s| {
+        s.global
             .iter()
             .map(|(k, v)| ((*k).to_owned(), json!(v)))
             .collect::<serde_json::Map<_, _>>()
@@ -142,17 +142,20 @@ fn status(node: &Node) -> Response {
             "config": node.config_path,
             "started_unix": unix(node.started),
             "last_reload": node.last_reload,
-            "services": node.cfg.services.iter().map(|s| json!({"name": s.label(), "vip": s.vip, "ports": s.ports})).collect::<Vec<_>>(),
+            "services": node.cfg.services.iter().map(|s| {
+                let fs = node.failsafe.get(&service_id(s)).cloned().unwrap_or_default();
+                json!({"name": s.label(), "vip": s.vip, "ports": s.ports, "mode": fs.mode, "panics": fs.panics, "all_full": fs.all_full})
+            }).collect::<Vec<_>>(),
             "counters": counters.map_or_else(|e| json!({"error": e.to_string()}), Value::Object),
         }),
     )
 }
 
 /// Per relay address: everything an operator asks about.
-fn backend_rows(node: &Node) -> Vec<Value> {
+fn backend_rows<D: Dataplane>(node: &Node<D>) -> Vec<Value> {
     let now = SystemTime::now();
-    let stats = read_stats(&node.pin_dir).ok();
-    let flows = tracked_flows(&node.pin_dir).unwrap_or_default();
+    let stats = node.dataplane().stats().ok();
+    let flows = node.dataplane().flows().unwrap_or_default();
     let effective: BTreeMap<IpAddr, u32> = node
         .applied()
         .map(|c| {
@@ -209,11 +212,11 @@ fn backend_rows(node: &Node) -> Vec<Value> {
         .collect()
 }
 
-fn backends(node: &Node) -> Response {
+fn backends<D: Dataplane>(node: &Node<D>) -> Response {
     Response::json(200, &Value::Array(backend_rows(node)))
 }
 
-fn where_(node: &Node, req: &Request) -> Response {
+fn where_<D: Dataplane>(node: &Node<D>, req: &Request) -> Response {
     let get = |k: &str| req.query.get(k).ok_or_else(|| format!("missing ?{k}="));
     let parsed = (|| -> Result<(IpAddr, u16, IpAddr, u16), String> {
         let vip = get("vip")?
@@ -239,7 +242,7 @@ fn where_(node: &Node, req: &Request) -> Response {
             .get(&a)
             .and_then(|r| r.names.iter().next().cloned())
     };
-    match where_to(&node.pin_dir, vip, port, client, cport) {
+    match node.dataplane().where_to(vip, port, client, cport) {
         Ok(Some(w)) => Response::json(
             200,
             &json!({
@@ -255,9 +258,9 @@ fn where_(node: &Node, req: &Request) -> Response {
     }
 }
 
-fn metrics(node: &Node) -> Response {
+fn metrics<D: Dataplane>(node: &Node<D>) -> Response {
     let mut e = Exposition::default();
-    if let Ok(s) = read_stats(&node.pin_dir) {
+    if let Ok(s) = node.dataplane().stats() {
         e.family(
             "smtplb_xdp_packets_total",
             "counter",
@@ -358,6 +361,7 @@ fn metrics(node: &Node) -> Response {
             f64::from(r.runtime.share(now, &node.cfg.warmup)) / 1000.0,
         );
     }
+    failsafe_metrics(node, &mut e);
     e.family(
         "smtplb_config_reload_failed",
         "gauge",
@@ -374,5 +378,49 @@ fn metrics(node: &Node) -> Response {
         status: 200,
         content_type: "text/plain; version=0.0.4",
         body: e.finish(),
+    }
+}
+
+/// Per configured service (label `service`: its name): the fail-safes.
+fn failsafe_metrics<D>(node: &Node<D>, e: &mut Exposition) {
+    let rows: Vec<(String, super::Failsafe)> = node
+        .cfg
+        .services
+        .iter()
+        .map(|s| {
+            (
+                s.label(),
+                node.failsafe
+                    .get(&service_id(s))
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    for (name, kind, help, get) in [
+        (
+            "smtplb_service_panic",
+            "gauge",
+            "1 while too few relays are alive and the service keeps its last good relays.",
+            (|f: &super::Failsafe| f64::from(u8::from(f.mode == Some(Mode::Panic))))
+                as fn(&super::Failsafe) -> f64,
+        ),
+        (
+            "smtplb_service_panic_total",
+            "counter",
+            "Times the service entered panic (too few relays alive).",
+            |f| f.panics as f64,
+        ),
+        (
+            "smtplb_service_all_full",
+            "gauge",
+            "1 while every relay alive is full (421) and the full ones take new connections.",
+            |f| f64::from(u8::from(f.mode == Some(Mode::Full))),
+        ),
+    ] {
+        e.family(name, kind, help);
+        for (service, f) in &rows {
+            e.sample(name, &[("service", service)], get(f));
+        }
     }
 }
