@@ -6,6 +6,9 @@
 //! # Optional: where maps are pinned (the --pin-dir flag wins).
 //! pin_dir = "/sys/fs/bpf/smtp-lb"
 //!
+//! [health]
+//! panic_threshold = 0          # % of a service's weight that must be alive, else keep the last good table
+//!
 //! [[services]]
 //! name = "mx"                  # label for logs and stats
 //! vip = "203.0.113.10"         # IPv4 or IPv6
@@ -225,7 +228,8 @@ impl LbConfig {
 }
 
 /// One VIP with its ports and relays. Each port becomes one data-plane
-/// service with its own Maglev table.
+/// service with its own Maglev table. The same VIP may appear in several
+/// entries with different ports and relays (25 → relay1-2, 587 → relay3).
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
