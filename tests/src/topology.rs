@@ -163,13 +163,17 @@ impl DsrLab {
             .args(["0.0.0.0:25", "1024"]);
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
         let pid = self.lab.spawn(&r.name, cmd);
-        let name = r.name.clone();
         self.relays[i].sink = Some(pid);
-        let addr = self.relays[i].addr.clone();
-        wait_for(&format!("{name}'s sink"), Duration::from_secs(10), || {
+        self.wait_listening(i, Duration::from_secs(10));
+    }
+
+    /// Waits until relay `i` accepts TCP on its own address, port 25.
+    pub fn wait_listening(&self, i: usize, timeout: Duration) {
+        let (name, addr) = (&self.relays[i].name, &self.relays[i].addr);
+        wait_for(&format!("{name} listening on :25"), timeout, || {
             self.lab
                 .try_run(
-                    &name,
+                    name,
                     &[
                         "timeout",
                         "1",

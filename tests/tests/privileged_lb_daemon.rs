@@ -498,23 +498,8 @@ fn start_relays(dsr: &mut DsrLab, max_connections: usize) {
             .env("SMTP_LB_LOG", "error");
         dsr.lab.spawn(&r.name, relay);
     }
-    for r in &dsr.relays {
-        let (name, addr) = (r.name.clone(), r.addr.clone());
-        wait_for(&format!("{name}'s relay"), Duration::from_secs(20), || {
-            dsr.lab
-                .try_run(
-                    &name,
-                    &[
-                        "timeout",
-                        "1",
-                        "bash",
-                        "-c",
-                        &format!("</dev/tcp/{addr}/25"),
-                    ],
-                )
-                .status
-                .success()
-        });
+    for i in 0..dsr.relays.len() {
+        dsr.wait_listening(i, Duration::from_secs(20));
     }
 }
 
