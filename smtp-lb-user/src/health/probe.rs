@@ -64,6 +64,20 @@ pub enum ProbeError {
     Tls(std::io::Error),
 }
 
+impl ProbeError {
+    /// The relay greeted with `421`: alive but at capacity (or closing).
+    pub fn is_full(&self) -> bool {
+        matches!(
+            self,
+            Self::Rejected {
+                phase: Phase::Greeting,
+                code: 421,
+                ..
+            }
+        )
+    }
+}
+
 /// A complete SMTP reply: the code and the text of its last line.
 struct Reply {
     code: u16,
