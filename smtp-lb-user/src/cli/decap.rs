@@ -3,7 +3,10 @@
 //! program needs none). Runs until signalled; detaches on exit.
 use tracing::info;
 
-use crate::dataplane::{AttachMode, Decap};
+use crate::{
+    dataplane::{AttachMode, Decap, DecapAllow},
+    relay::config::Cidr,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -13,11 +16,26 @@ pub struct Options {
     /// XDP attach mode.
     #[arg(long, value_enum, default_value_t = AttachMode::Native)]
     pub mode: AttachMode,
+    /// Outer source (address or prefix) allowed to tunnel to this relay: the
+    /// LB nodes' encapsulation sources, whose low bits carry the flow hash —
+    /// `encap_source_v4` as a /16, `encap_source_v6` as a /96. Repeatable;
+    /// tunnels from anywhere else are dropped (counted `dropped_source`).
+    #[arg(long = "allow-source", required = true, value_parser = Cidr::parse)]
+    pub sources: Vec<Cidr>,
+    /// VIP (address or prefix) a tunnelled packet may be addressed to.
+    /// Repeatable; others are dropped (counted `dropped_vip`).
+    #[arg(long = "vip", required = true, value_parser = Cidr::parse)]
+    pub vips: Vec<Cidr>,
 }
 
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let decap = Decap::attach(&opts.iface, opts.mode)?;
-    info!(iface = %opts.iface, mode = ?opts.mode, "decap attached");
+    let prefixes = |list: &[Cidr]| list.iter().map(|c| (c.addr(), c.prefix())).collect();
+    let allow = DecapAllow {
+        sources: prefixes(&opts.sources),
+        vips: prefixes(&opts.vips),
+    };
+    let decap = Decap::attach(&opts.iface, opts.mode, &allow)?;
+    info!(iface = %opts.iface, mode = ?opts.mode, sources = ?allow.sources, vips = ?allow.vips, "decap attached");
     shutdown.await;
     drop(decap);
     info!("decap detached");

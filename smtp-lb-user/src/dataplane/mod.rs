@@ -9,11 +9,11 @@ mod pins;
 mod program;
 mod stats;
 
-pub use decap::Decap;
+pub use decap::{Decap, DecapAllow, write_decap_allow};
 pub use loader::{AttachMode, Dataplane, LoadError, LoadOptions, check_interface};
 pub use lookup::{Where, tracked_flows, where_to};
 pub use pins::ensure_bpffs;
-pub use program::{Applied, ApplyError, apply_config, read_existing};
+pub use program::{Applied, ApplyError, MovedFlows, apply_config, read_existing};
 pub use stats::{BackendRow, ServiceRow, Snapshot, read_global_stats, read_stats};
 
 /// The eBPF object built by `cargo xtask build` (empty when built without it).

@@ -7,7 +7,10 @@
 //!    update: a packet sees the whole old table or the whole new one);
 //! 3. services that are gone are removed, their ports unfiltered;
 //! 4. only then are removed backends marked invalid (no live table refers to
-//!    them any more; their tracked flows re-hash).
+//!    them any more; their tracked flows re-hash);
+//! 5. the tracked flows the new tables send elsewhere are copied into
+//!    `MOVED_FLOWS`, which no packet can insert into, so a later flood that
+//!    evicts them from `CONNTRACK` cannot move them (see [`MovedFlows`]).
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -18,13 +21,15 @@ use aya::{
     maps::{Array, DevMapHash, HashMap, MapData, MapError},
 };
 use smtp_lb_common::{
-    BACKEND_VALID, Backend, LbConfig as LbConfigMap, MAX_BACKENDS, SERVICE_INDEX_PROBES,
-    SERVICE_INDEX_SLOTS, SERVICE_VIP_MARKER, Service, ServiceKey, ServiceSlot, maps, service_slot,
+    BACKEND_VALID, Backend, CONNTRACK_SIZE, FLOW_CLOSING, Flow, FlowKey, LbConfig as LbConfigMap,
+    MAX_BACKENDS, MOVED_FLOWS_SIZE, PROTO_TCP, SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS,
+    SERVICE_STICKY, SERVICE_VIP_MARKER, Service, ServiceKey, ServiceSlot, flow_hash, maps,
+    service_slot,
 };
 use thiserror::Error;
 
 use crate::{
-    balance::plan::{self, Existing, Plan, addr_words, words_addr},
+    balance::plan::{self, Existing, Plan, PlannedService, addr_words, words_addr},
     config::lb::LbConfig,
 };
 
@@ -62,12 +67,7 @@ fn map_mut<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut aya::maps::Map, ApplyError> {
-    ebpf.map_mut(name).ok_or(ApplyError::Map {
-        name,
-        source: MapError::InvalidName {
-            name: name.to_owned(),
-        },
-    })
+    ebpf.map_mut(name).ok_or_else(|| missing_map(name))
 }
 
 fn services_map(ebpf: &mut Ebpf) -> Result<HashMap<&mut MapData, ServiceKey, Service>, ApplyError> {
@@ -87,6 +87,26 @@ pub struct Applied {
     pub removed_services: usize,
     /// Backends marked invalid because they left the config.
     pub removed_backends: usize,
+    /// What the walk over the tracked flows did.
+    pub moved: MovedFlows,
+}
+
+/// The walk that keeps moved flows safe from floods. A tracked flow only
+/// needs its entry while the live table would send it elsewhere; every other
+/// flow re-hashes to the same backend without one. So after each change the
+/// flows the new tables moved are copied out of `CONNTRACK` (which every SYN
+/// inserts into, and a flood churns) into `MOVED_FLOWS` (which the packet
+/// path never inserts into), and copies the tables no longer move are pruned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MovedFlows {
+    /// `CONNTRACK` entries looked at.
+    pub scanned: u64,
+    /// Tracked flows copied into `MOVED_FLOWS` (live, backend valid, the new
+    /// table names another backend).
+    pub copied: u64,
+    /// Copies removed from `MOVED_FLOWS`: closed, backend removed, service
+    /// gone, or the table names their backend again.
+    pub pruned: u64,
 }
 
 /// Ids in use, read back from the maps (after a restart they are the pinned ones).
@@ -275,11 +295,95 @@ pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyErr
             tracing::info!(backend = %addr, id, "backend removed; its flows re-hash");
         }
     }
+    // 5. Flows the new tables moved.
+    let moved = protect_moved_flows(ebpf, &plan)?;
+    if moved.copied + moved.pruned > 0 {
+        tracing::info!(
+            scanned = moved.scanned,
+            copied = moved.copied,
+            pruned = moved.pruned,
+            "tracked flows the table change moved kept in {}",
+            maps::MOVED_FLOWS
+        );
+    }
     Ok(Applied {
         plan,
         removed_services,
         removed_backends,
+        moved,
     })
+}
+
+/// Step 5 of [`apply_config`], see [`MovedFlows`].
+fn protect_moved_flows(ebpf: &mut Ebpf, plan: &Plan) -> Result<MovedFlows, ApplyError> {
+    let services: BTreeMap<u32, &PlannedService> =
+        plan.services.iter().map(|s| (s.id, s)).collect();
+    let valid: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();
+    // Whether the flow needs its entry: live, its backend still there, and
+    // the new table of its service sends it elsewhere.
+    let moved = |key: &FlowKey, flow: &Flow| {
+        let Some(svc) = services.get(&flow.service) else {
+            return false;
+        };
+        let skey = ServiceKey {
+            addr: key.dst,
+            port: key.dport,
+            proto: PROTO_TCP,
+            family: key.family,
+        };
+        if svc.key != skey || flow.flags & FLOW_CLOSING != 0 || !valid.contains(&flow.backend) {
+            return false;
+        }
+        let hash = flow_hash(key, svc.flags & SERVICE_STICKY != 0);
+        svc.ring.get((hash % svc.ring_size.max(1)) as usize) != Some(&flow.backend)
+    };
+    let mut out = MovedFlows::default();
+    let conntrack: HashMap<&MapData, FlowKey, Flow> = HashMap::try_from(
+        ebpf.map(maps::CONNTRACK)
+            .ok_or_else(|| missing_map(maps::CONNTRACK))?,
+    )
+    .map_err(map_err(maps::CONNTRACK))?;
+    // Bounded: a key evicted under the cursor restarts the kernel's walk.
+    let mut copies = Vec::new();
+    for entry in conntrack.iter().take(2 * CONNTRACK_SIZE as usize) {
+        let (key, flow) = entry.map_err(map_err(maps::CONNTRACK))?;
+        out.scanned += 1;
+        if moved(&key, &flow) {
+            copies.push((key, flow));
+        }
+    }
+    let mut moved_map: HashMap<&mut MapData, FlowKey, Flow> =
+        HashMap::try_from(map_mut(ebpf, maps::MOVED_FLOWS)?).map_err(map_err(maps::MOVED_FLOWS))?;
+    let stale: Vec<FlowKey> = moved_map
+        .iter()
+        .take(2 * MOVED_FLOWS_SIZE as usize)
+        .filter_map(Result::ok)
+        .filter(|(key, flow)| !moved(key, flow))
+        .map(|(key, _)| key)
+        .collect();
+    for key in &stale {
+        match moved_map.remove(key) {
+            Ok(()) => out.pruned += 1,
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(maps::MOVED_FLOWS)(e)),
+        }
+    }
+    for (key, flow) in &copies {
+        moved_map
+            .insert(key, flow, 0)
+            .map_err(map_err(maps::MOVED_FLOWS))?;
+        out.copied += 1;
+    }
+    Ok(out)
+}
+
+fn missing_map(name: &'static str) -> ApplyError {
+    ApplyError::Map {
+        name,
+        source: MapError::InvalidName {
+            name: name.to_owned(),
+        },
+    }
 }
 
 /// The packet path's direct-mapped service table, as last written.
