@@ -8,6 +8,7 @@ mod lookup;
 mod pins;
 mod program;
 mod stats;
+mod walk;
 
 pub use decap::{Decap, DecapAllow, write_decap_allow};
 pub use loader::{AttachMode, Dataplane, LoadError, LoadOptions, check_interface};

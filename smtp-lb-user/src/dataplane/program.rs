@@ -28,6 +28,7 @@ use smtp_lb_common::{
 };
 use thiserror::Error;
 
+use super::walk;
 use crate::{
     balance::plan::{self, Existing, Plan, PlannedService, addr_words, words_addr},
     config::lb::LbConfig,
@@ -61,6 +62,10 @@ pub enum ApplyError {
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> ApplyError {
     move |source| ApplyError::Map { name, source }
+}
+
+fn map_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map, ApplyError> {
+    ebpf.map(name).ok_or_else(|| missing_map(name))
 }
 
 fn map_mut<'a>(
@@ -338,29 +343,23 @@ fn protect_moved_flows(ebpf: &mut Ebpf, plan: &Plan) -> Result<MovedFlows, Apply
         svc.ring.get((hash % svc.ring_size.max(1)) as usize) != Some(&flow.backend)
     };
     let mut out = MovedFlows::default();
-    let conntrack: HashMap<&MapData, FlowKey, Flow> = HashMap::try_from(
-        ebpf.map(maps::CONNTRACK)
-            .ok_or_else(|| missing_map(maps::CONNTRACK))?,
+    // Bounded, in case the fallback iteration restarts (an entry evicted under its cursor).
+    let tracked: Vec<(FlowKey, Flow)> =
+        walk::entries(map_ref(ebpf, maps::CONNTRACK)?, 2 * CONNTRACK_SIZE as usize)
+            .map_err(map_err(maps::CONNTRACK))?;
+    out.scanned = tracked.len() as u64;
+    let copies: Vec<_> = tracked.into_iter().filter(|(k, f)| moved(k, f)).collect();
+    let stale: Vec<FlowKey> = walk::entries::<FlowKey, Flow>(
+        map_ref(ebpf, maps::MOVED_FLOWS)?,
+        2 * MOVED_FLOWS_SIZE as usize,
     )
-    .map_err(map_err(maps::CONNTRACK))?;
-    // Bounded: a key evicted under the cursor restarts the kernel's walk.
-    let mut copies = Vec::new();
-    for entry in conntrack.iter().take(2 * CONNTRACK_SIZE as usize) {
-        let (key, flow) = entry.map_err(map_err(maps::CONNTRACK))?;
-        out.scanned += 1;
-        if moved(&key, &flow) {
-            copies.push((key, flow));
-        }
-    }
+    .map_err(map_err(maps::MOVED_FLOWS))?
+    .into_iter()
+    .filter(|(key, flow)| !moved(key, flow))
+    .map(|(key, _)| key)
+    .collect();
     let mut moved_map: HashMap<&mut MapData, FlowKey, Flow> =
         HashMap::try_from(map_mut(ebpf, maps::MOVED_FLOWS)?).map_err(map_err(maps::MOVED_FLOWS))?;
-    let stale: Vec<FlowKey> = moved_map
-        .iter()
-        .take(2 * MOVED_FLOWS_SIZE as usize)
-        .filter_map(Result::ok)
-        .filter(|(key, flow)| !moved(key, flow))
-        .map(|(key, _)| key)
-        .collect();
     for key in &stale {
         match moved_map.remove(key) {
             Ok(()) => out.pruned += 1,
