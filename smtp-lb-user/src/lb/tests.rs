@@ -561,6 +561,25 @@ fn two_thousand_backend_and_service_adds_and_removes_across_reloads_never_exhaus
     assert_eq!(valid.len(), 2, "only the two configured relays are valid");
 }
 
+#[test]
+fn a_table_change_ends_with_the_moved_flows_walk_and_a_steady_state_walks_nothing() {
+    let mut lab = lab("moved-walk");
+    assert_eq!(
+        lab.dp().take_walks().len(),
+        1,
+        "the first reconcile walks once"
+    );
+    lab.node.reconcile().unwrap();
+    assert!(lab.dp().take_walks().is_empty(), "nothing changed: no walk");
+    lab.node.set_drained("relay3", true).unwrap();
+    assert_eq!(lab.take(), [lab.service(25, &[(1, 1000), (2, 1000)])]);
+    assert_eq!(
+        lab.dp().take_walks(),
+        [1],
+        "one walk, after the table write"
+    );
+}
+
 mod api {
     use axum::{body::Body, http::Request};
     use tower::ServiceExt;
