@@ -461,3 +461,175 @@ fn connect_from(client: &str, cport: u16) -> std::net::TcpStream {
         std::net::TcpStream::from_raw_fd(fd)
     }
 }
+
+/// Starts the real relay (`smtp-lb relay`) on each relay host of `dsr`, at
+/// most `max_connections` sessions each (one more is greeted with `421`),
+/// delivering everything to an `smtp-sink` on the relay host itself.
+fn start_relays(dsr: &mut DsrLab, max_connections: usize) {
+    for r in &dsr.relays {
+        let dir = dsr.work.join(format!("{}-relay", r.name));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = format!(
+            "hostname = \"{name}.lab.example\"\nspool_dir = \"{spool}\"\nrelay_networks = [\"198.51.100.0/24\"]\n\
+             admin = \"127.0.0.1:8025\"\n\n[[listener]]\naddress = \"0.0.0.0:25\"\n\n\
+             [limits]\nmax_connections = {max_connections}\n\n[routes]\n\"*\" = \"127.0.0.1:2525\"\n",
+            name = r.name,
+            spool = dir.join("spool").display(),
+        );
+        let path = dir.join("relay.toml");
+        std::fs::write(&path, cfg).unwrap();
+        let mut sink = dsr.lab.command(&r.name, "smtp-sink");
+        sink.args(["-u", "nobody", "127.0.0.1:2525", "64"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        dsr.lab.spawn(&r.name, sink);
+        let mut relay = dsr.lab.command(&r.name, smtp_lb_tests::env::smtp_lb_bin());
+        relay
+            .arg("relay")
+            .arg("--config")
+            .arg(&path)
+            .env("SMTP_LB_LOG", "error");
+        dsr.lab.spawn(&r.name, relay);
+    }
+    for i in 0..dsr.relays.len() {
+        dsr.wait_listening(i, "smtp-lb relay", Duration::from_secs(20));
+    }
+}
+
+#[test]
+fn when_every_relay_is_full_sessions_keep_being_accepted_and_none_is_dropped_at_the_lb() {
+    let mut dsr = DsrLab::bare(3);
+    // Two sessions per relay; a third is greeted with 421 (full).
+    start_relays(&mut dsr, 2);
+    let cfg = dsr.config(&[1, 1, 1], "");
+    dsr.start_lb(&cfg, &[]);
+    wait_for("every relay up", Duration::from_secs(10), || {
+        ["relay1", "relay2", "relay3"]
+            .iter()
+            .all(|r| health_of(&dsr, r) == "up")
+    });
+    // Twelve clients holding their sessions 2 s for six slots: every relay
+    // stays full, so its health checks are greeted with 421 too.
+    let load = Load::start(&client_netns(&dsr), target(), 12, Duration::from_secs(2));
+    let mut source = dsr.smtp_source(100_000, 4, "user@isp.example");
+    source
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut source = source.spawn().expect("run smtp-source");
+    wait_for("every relay full", Duration::from_secs(15), || {
+        ["relay1", "relay2", "relay3"]
+            .iter()
+            .all(|r| health_of(&dsr, r) == "full")
+    });
+    let t_full = load.now();
+    let mut all_full_seen = 0;
+    for _ in 0..20 {
+        thread::sleep(Duration::from_millis(500));
+        let backends = dsr.ctl(&["backends"]);
+        if backends
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["health"] == "full")
+        {
+            all_full_seen += 1;
+        }
+    }
+    let t_end = load.now();
+    let status = dsr.ctl(&["status"]);
+    let _ = source.kill();
+    let _ = source.wait();
+    let sessions = load.stop();
+    let accepted = sessions
+        .iter()
+        .filter(|s| s.error.is_none() && s.end > t_full && s.end <= t_end)
+        .count();
+    let greeted_full = sessions
+        .iter()
+        .filter(|s| s.error.as_deref().is_some_and(|e| e.contains("421")))
+        .count();
+    eprintln!(
+        "10 s with every relay full ({all_full_seen}/20 samples all full): {accepted} sessions accepted, {greeted_full} greeted 421; status {status}"
+    );
+    assert!(
+        all_full_seen >= 10,
+        "the relays were not full for most of the 10 s"
+    );
+    assert!(greeted_full > 0, "the relays turned clients away with 421");
+    assert!(
+        accepted >= 20,
+        "sessions were accepted as slots freed up: {accepted}"
+    );
+    assert_eq!(
+        status["counters"]["drop_no_backend"], 0,
+        "no SYN was dropped at the balancer"
+    );
+    assert!(status["services"][0]["all_full"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn when_every_relay_dies_the_last_good_table_stays_and_the_panic_is_counted() {
+    let mut dsr = DsrLab::new(3);
+    let cfg = dsr.config(&[1, 1, 1], "");
+    dsr.start_lb(&cfg, &[]);
+    dsr.send(30, 3);
+    let before = dsr.new_flows();
+    for i in 0..3 {
+        dsr.kill_sink(i);
+    }
+    wait_for("every relay down", Duration::from_secs(10), || {
+        ["relay1", "relay2", "relay3"]
+            .iter()
+            .all(|r| health_of(&dsr, r) == "down")
+    });
+    let status = dsr.ctl(&["status"]);
+    eprintln!("status with every relay down: {}", status["services"]);
+    assert_eq!(status["services"][0]["mode"], "panic");
+    assert_eq!(status["services"][0]["panics"], 1);
+    // New connections still go to a relay (whose kernel refuses them: the
+    // sink is dead), none is dropped at the balancer.
+    let client = smtp_lb_tests::topology::CLIENT;
+    let answer = dsr.ctl(&["where", &format!("{VIP}:25"), &format!("{client}:45000")]);
+    assert!(
+        answer["new_flow"]["backend"].is_string(),
+        "a new flow still has a relay: {answer}"
+    );
+    for _ in 0..10 {
+        let _ = dsr.lab.in_netns("client", || {
+            std::net::TcpStream::connect_timeout(&target(), Duration::from_secs(1))
+        });
+    }
+    let after: u64 = dsr.new_flows().iter().sum();
+    assert!(
+        after >= before.iter().sum::<u64>() + 10,
+        "the SYNs reached relays: {before:?} → {after}"
+    );
+    assert_eq!(dsr.ctl(&["status"])["counters"]["drop_no_backend"], 0);
+    // The metric counts it.
+    let token = std::fs::read_to_string(dsr.work.join("state/admin.token")).unwrap();
+    let metrics = dsr.lab.in_netns("lb", move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9700").expect("admin API reachable");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let request = format!(
+            "GET /metrics HTTP/1.1\r\nAuthorization: Bearer {}\r\n\r\n",
+            token.trim()
+        );
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    });
+    assert!(
+        metrics.contains("smtp_lb_balancer_service_panic_total{service=\"mx\"} 1")
+            && metrics.contains("smtp_lb_balancer_service_in_panic{service=\"mx\"} 1"),
+        "{metrics}"
+    );
+    // A relay back: out of panic, sessions complete again.
+    dsr.start_sink(0);
+    wait_for("relay1 up", Duration::from_secs(10), || {
+        health_of(&dsr, "relay1") == "up"
+    });
+    assert_eq!(dsr.ctl(&["status"])["services"][0]["mode"], "normal");
+    dsr.send(20, 2);
+}

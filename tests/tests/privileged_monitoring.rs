@@ -151,7 +151,7 @@ fn prometheus_scrapes_both_daemons_and_its_queries_match_their_counters() {
         .iter()
         .map(|g| g["rules"].as_array().unwrap().len())
         .sum();
-    assert_eq!(loaded, 10, "the shipped alert rules are loaded");
+    assert_eq!(loaded, 11, "the shipped alert rules are loaded");
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(deploy("grafana/smtp-lb.json")).unwrap())
             .unwrap();

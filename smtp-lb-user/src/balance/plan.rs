@@ -5,24 +5,47 @@
 //! balancer keeps every backend's id and its tracked flows stay put.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use smtp_lb_common::{
-    AF_INET, AF_INET6, BACKEND_VALID, Backend, MAX_BACKENDS, MAX_SERVICES, MODE_IPIP, MODE_L2,
-    PROTO_TCP, SERVICE_STICKY, ServiceKey,
+    AF_INET, AF_INET6, BACKEND_VALID, Backend, FlowKey, MAX_BACKENDS, MAX_SERVICES, MODE_IPIP,
+    MODE_L2, PROTO_TCP, SERVICE_STICKY, ServiceKey,
 };
+use thiserror::Error;
 
 use super::maglev;
 use crate::config::lb::{Forwarding, LbConfig};
 
-/// Ids already assigned in the maps.
-#[derive(Clone, Debug, Default)]
+/// What the maps hold already (after a restart: what the pinned maps hold).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Existing {
-    /// Backend address → id (valid or not: an id is reused for the same address).
+    /// Backend address → id, valid or retired: a relay that comes back gets
+    /// its old id, so flows still tracked on it find it again.
     pub backends: BTreeMap<IpAddr, u32>,
+    /// Ids of retired backends (removed from the config): free for reuse.
+    pub retired: BTreeSet<u32>,
     /// Service key → id.
     pub services: BTreeMap<ServiceKey, u32>,
+    /// VIP marker keys (`port == 0`).
+    pub vips: BTreeSet<ServiceKey>,
+}
+
+/// A configuration the data plane cannot hold. [`LbConfig::validate`]
+/// refuses such a config first; this is the second line, so no input can
+/// make the control loop panic.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum PlanError {
+    /// Every id is in use.
+    #[error("{field}: no free {what} id; the data plane holds at most {max}")]
+    NoFreeId {
+        field: String,
+        what: &'static str,
+        max: u32,
+    },
+    /// A table size Maglev cannot use.
+    #[error("{field}: {size} is not prime")]
+    TableSize { field: String, size: u32 },
 }
 
 /// One backend entry to write.
@@ -59,6 +82,8 @@ pub struct Plan {
     pub vip_markers: Vec<ServiceKey>,
     /// Ports some service uses (host order).
     pub ports: BTreeSet<u16>,
+    /// IPIP and IP6IP6 outer sources.
+    pub encap: Option<(Ipv4Addr, Ipv6Addr)>,
 }
 
 /// Key of the service for `vip:port` (network byte order fields).
@@ -69,6 +94,21 @@ pub fn service_key(vip: IpAddr, port: u16) -> ServiceKey {
         port: port.to_be(),
         proto: PROTO_TCP,
         family,
+    }
+}
+
+/// Key of the flow `client:cport` → `vip:port` (same family), as the data
+/// plane's conntrack and flow hash see it.
+pub fn flow_key(vip: IpAddr, port: u16, client: IpAddr, cport: u16) -> FlowKey {
+    let ((dst, family), (src, _)) = (addr_words(vip), addr_words(client));
+    FlowKey {
+        src,
+        dst,
+        sport: cport.to_be(),
+        dport: port.to_be(),
+        proto: PROTO_TCP,
+        family,
+        _pad: [0; 2],
     }
 }
 
@@ -97,31 +137,73 @@ pub fn words_addr(addr: [u32; 4], family: u8) -> IpAddr {
     }
 }
 
-/// Lowest id in `0..max` not in `used`.
-fn free_id(used: &BTreeSet<u32>, max: u32) -> Option<u32> {
-    (0..max).find(|i| !used.contains(i))
+/// Hands out ids below `max`: never-used ids first, then recycled ones
+/// (a recycled id's old owner is gone from every table; taking fresh ids
+/// first keeps whatever might still refer to it untouched the longest).
+struct Ids {
+    taken: BTreeSet<u32>,
+    recyclable: BTreeSet<u32>,
+    max: u32,
 }
 
-/// Builds the plan. `cfg` must be validated ([`LbConfig::validate`]).
-pub fn plan(cfg: &LbConfig, existing: &Existing) -> Plan {
-    let mut out = Plan::default();
-    // Backends: one per distinct address, keeping existing ids.
-    let mut used: BTreeSet<u32> = existing.backends.values().copied().collect();
+impl Ids {
+    fn take(&mut self, id: u32) {
+        self.taken.insert(id);
+        self.recyclable.remove(&id);
+    }
+
+    fn next(&mut self) -> Option<u32> {
+        let id = (0..self.max)
+            .find(|i| !self.taken.contains(i) && !self.recyclable.contains(i))
+            .or_else(|| self.recyclable.first().copied())?;
+        self.take(id);
+        Some(id)
+    }
+}
+
+/// Builds the plan. Ids stay with their address (backends) or key
+/// (services); new ones get free ids, and ids of backends and services that
+/// left the configuration are recycled, so any number of adds and removes
+/// over time fits. Fails only for a config [`LbConfig::validate`] refuses.
+pub fn plan(cfg: &LbConfig, existing: &Existing) -> Result<Plan, PlanError> {
+    let mut out = Plan {
+        encap: Some((cfg.encap_source_v4, cfg.encap_source_v6)),
+        ..Plan::default()
+    };
+    let wanted: BTreeSet<IpAddr> = cfg
+        .services
+        .iter()
+        .flat_map(|s| &s.backends)
+        .map(|b| b.address)
+        .collect();
+    // Backends: one per distinct address. An address keeps its id; the ids
+    // of addresses that left (or had left) the config can be reused.
+    let mut backend_ids = Ids {
+        taken: BTreeSet::new(),
+        recyclable: BTreeSet::new(),
+        max: MAX_BACKENDS,
+    };
+    for (addr, id) in &existing.backends {
+        if wanted.contains(addr) {
+            backend_ids.take(*id);
+        } else {
+            backend_ids.recyclable.insert(*id);
+        }
+    }
     let mut ids: BTreeMap<IpAddr, u32> = BTreeMap::new();
-    for svc in &cfg.services {
-        for b in &svc.backends {
+    for (i, svc) in cfg.services.iter().enumerate() {
+        for (j, b) in svc.backends.iter().enumerate() {
             if ids.contains_key(&b.address) {
                 continue;
             }
-            let id = existing
-                .backends
-                .get(&b.address)
-                .copied()
-                .unwrap_or_else(|| {
-                    let id = free_id(&used, MAX_BACKENDS).expect("validated: backends fit");
-                    used.insert(id);
-                    id
-                });
+            let id = match existing.backends.get(&b.address) {
+                Some(id) => *id,
+                None => backend_ids.next().ok_or_else(|| PlanError::NoFreeId {
+                    field: format!("services[{i}] ({}).backends[{j}] ({})", svc.label(), b.name),
+                    what: "backend",
+                    max: MAX_BACKENDS,
+                })?,
+            };
             ids.insert(b.address, id);
             let (addr, family) = addr_words(b.address);
             out.backends.push(PlannedBackend {
@@ -145,30 +227,57 @@ pub fn plan(cfg: &LbConfig, existing: &Existing) -> Plan {
             });
         }
     }
-    // Services: one per VIP × port, keeping existing ids.
-    let mut used_svc: BTreeSet<u32> = existing.services.values().copied().collect();
+    // Services: one per VIP × port, keeping existing ids; the ids of
+    // services that leave are reused (the data plane writes a reused id's
+    // table where its old owner does not read).
+    let keys: BTreeSet<ServiceKey> = cfg
+        .services
+        .iter()
+        .flat_map(|s| s.ports.iter().map(|p| service_key(s.vip, *p)))
+        .collect();
+    let mut service_ids = Ids {
+        taken: BTreeSet::new(),
+        recyclable: BTreeSet::new(),
+        max: MAX_SERVICES,
+    };
+    for (key, id) in &existing.services {
+        if keys.contains(key) {
+            service_ids.take(*id);
+        } else {
+            service_ids.recyclable.insert(*id);
+        }
+    }
     let mut markers = BTreeSet::new();
-    for svc in &cfg.services {
+    for (i, svc) in cfg.services.iter().enumerate() {
+        if !maglev::is_prime(svc.table_size) {
+            return Err(PlanError::TableSize {
+                field: format!("services[{i}] ({}).table_size", svc.label()),
+                size: svc.table_size,
+            });
+        }
         let entries: Vec<maglev::Entry<'_>> = svc
             .backends
             .iter()
-            .map(|b| maglev::Entry {
-                name: &b.name,
-                weight: b.weight,
-                id: ids[&b.address],
+            .filter_map(|b| {
+                ids.get(&b.address).map(|&id| maglev::Entry {
+                    name: &b.name,
+                    weight: b.weight,
+                    id,
+                })
             })
             .collect();
         let ring = maglev::build(&entries, svc.table_size);
-        let mut marker = service_key(svc.vip, 0);
-        marker.port = 0;
-        markers.insert(marker);
+        markers.insert(service_key(svc.vip, 0));
         for &port in &svc.ports {
             let key = service_key(svc.vip, port);
-            let id = existing.services.get(&key).copied().unwrap_or_else(|| {
-                let id = free_id(&used_svc, MAX_SERVICES).expect("validated: services fit");
-                used_svc.insert(id);
-                id
-            });
+            let id = match existing.services.get(&key) {
+                Some(id) => *id,
+                None => service_ids.next().ok_or_else(|| PlanError::NoFreeId {
+                    field: format!("services[{i}] ({}).ports", svc.label()),
+                    what: "service",
+                    max: MAX_SERVICES,
+                })?,
+            };
             out.ports.insert(port);
             out.services.push(PlannedService {
                 key,
@@ -183,7 +292,7 @@ pub fn plan(cfg: &LbConfig, existing: &Existing) -> Plan {
         }
     }
     out.vip_markers = markers.into_iter().collect();
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -216,7 +325,7 @@ mod tests {
     #[test]
     fn each_port_is_a_service_and_shared_relays_are_one_backend() {
         let cfg = LbConfig::parse(CFG).unwrap();
-        let p = plan(&cfg, &Existing::default());
+        let p = plan(&cfg, &Existing::default()).unwrap();
         assert_eq!(p.services.len(), 3);
         assert_eq!(p.backends.len(), 2);
         assert_eq!(p.vip_markers.len(), 2);
@@ -234,7 +343,7 @@ mod tests {
         existing
             .services
             .insert(service_key("203.0.113.10".parse().unwrap(), 587), 5);
-        let p = plan(&cfg, &existing);
+        let p = plan(&cfg, &existing).unwrap();
         assert_eq!(p.backends[1].id, 7);
         assert_eq!(p.backends[0].id, 0);
         assert_eq!(p.services[1].id, 5);

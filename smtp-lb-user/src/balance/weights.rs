@@ -1,10 +1,17 @@
 //! The weights the daemon programs: the configured weight of each relay,
-//! times its warmup share, zero when it is drained or down. Pure.
+//! times its warmup share, zero when it is drained, down or full. Pure.
 //!
 //! Zero keeps the relay in the data plane (its tracked flows finish) but
 //! gives it no Maglev slot, so no new connection reaches it.
+//!
+//! Per service, when no relay has room the fail-safes take over ([`Mode`]):
+//! if every relay that is alive is full, the full ones keep taking new
+//! connections (each admits them as its slots free up, and greets the rest
+//! with `421`, which senders retry); if too few are alive (the panic
+//! threshold, or none at all), the service keeps its last good relays.
+//! An empty table drops every SYN; neither case is worth that.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     time::{Duration, SystemTime},
 };
@@ -66,9 +73,14 @@ pub struct Runtime {
 impl Runtime {
     /// The multiplier for this relay's configured weight, in thousandths.
     pub fn share(&self, now: SystemTime, cfg: &WarmupConfig) -> u32 {
-        if self.drained || self.health == Health::Down {
+        if self.drained || self.health != Health::Up {
             return 0;
         }
+        self.ramp_share(now, cfg)
+    }
+
+    /// Its warmup share, whatever its health: the smaller of the two ramps.
+    pub fn ramp_share(&self, now: SystemTime, cfg: &WarmupConfig) -> u32 {
         let ramp = self.ramp.map_or(warmup::FULL, |r| r.share(now, cfg));
         let rejoin = self.rejoin.map_or(warmup::FULL, |r| r.share(now, cfg));
         ramp.min(rejoin)
@@ -98,29 +110,124 @@ impl Runtime {
     }
 }
 
+/// How a service's table was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// New connections go to the relays that are up.
+    Normal,
+    /// No relay has room and some are full: the full ones take new
+    /// connections as their slots free up.
+    Full,
+    /// Fewer relays are alive than the panic threshold allows (or none):
+    /// new connections keep going to the service's last good relays.
+    Panic,
+}
+
+/// One service's outcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceState {
+    /// [`service_id`] of the service.
+    pub id: String,
+    pub mode: Mode,
+    /// Relays alive (up or full) and not drained: the good set to keep
+    /// while the service is not in panic.
+    pub alive: BTreeSet<IpAddr>,
+}
+
+/// What [`effective`] decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Effective {
+    /// The configuration with effective weights.
+    pub cfg: LbConfig,
+    /// Per service, in configuration order.
+    pub services: Vec<ServiceState>,
+}
+
+/// A service's identity across reloads: its VIP and ports.
+pub fn service_id(svc: &crate::config::lb::ServiceConfig) -> String {
+    let ports: Vec<String> = svc.ports.iter().map(u16::to_string).collect();
+    match svc.vip {
+        IpAddr::V4(v4) => format!("{v4}:{}", ports.join(",")),
+        IpAddr::V6(v6) => format!("[{v6}]:{}", ports.join(",")),
+    }
+}
+
 /// `cfg` with every backend's weight replaced by its effective weight
-/// (configured or overridden weight × share in thousandths). A relay
-/// missing from `runtime` keeps its full weight.
+/// (configured or overridden weight × share in thousandths), and how each
+/// service chose it. A relay missing from `runtime` keeps its full weight.
+/// `last_good` holds, per [`service_id`], the relays a service had alive
+/// the last time it was not in panic.
 pub fn effective(
     cfg: &LbConfig,
     runtime: &BTreeMap<IpAddr, Runtime>,
     warmup: &WarmupConfig,
+    last_good: &BTreeMap<String, BTreeSet<IpAddr>>,
     now: SystemTime,
-) -> LbConfig {
+) -> Effective {
     let mut out = cfg.clone();
+    let threshold = u64::from(cfg.health.panic_threshold);
+    let mut states = Vec::with_capacity(out.services.len());
     for svc in &mut out.services {
-        for b in &mut svc.backends {
-            let (base, share) = match runtime.get(&b.address) {
+        let id = service_id(svc);
+        // (base weight, health, ramp share) of each relay that may take
+        // flows at all: not drained, weight above 0.
+        let relays: Vec<(u64, Health, u32)> = svc
+            .backends
+            .iter()
+            .map(|b| match runtime.get(&b.address) {
+                Some(rt) if rt.drained => (0, rt.health, 0),
                 Some(rt) => (
-                    rt.weight_override.unwrap_or(b.weight),
-                    rt.share(now, warmup),
+                    u64::from(rt.weight_override.unwrap_or(b.weight)),
+                    rt.health,
+                    rt.ramp_share(now, warmup),
                 ),
-                None => (b.weight, warmup::FULL),
+                None => (u64::from(b.weight), Health::Up, warmup::FULL),
+            })
+            .collect();
+        let weight_of = |h: &[Health]| -> u64 {
+            relays
+                .iter()
+                .filter(|(w, health, _)| *w > 0 && h.contains(health))
+                .map(|(w, ..)| w)
+                .sum()
+        };
+        let total = weight_of(&[Health::Up, Health::Full, Health::Down]);
+        let alive_weight = weight_of(&[Health::Up, Health::Full]);
+        let alive: BTreeSet<IpAddr> = svc
+            .backends
+            .iter()
+            .zip(&relays)
+            .filter(|(_, (w, h, _))| *w > 0 && *h != Health::Down)
+            .map(|(b, _)| b.address)
+            .collect();
+        let mode = if total > 0 && (alive_weight == 0 || alive_weight * 100 < threshold * total) {
+            Mode::Panic
+        } else if weight_of(&[Health::Up]) == 0 && alive_weight > 0 {
+            Mode::Full
+        } else {
+            Mode::Normal
+        };
+        let kept = last_good.get(&id);
+        for (b, (base, health, ramp)) in svc.backends.iter_mut().zip(&relays) {
+            let takes = match mode {
+                Mode::Normal => *health == Health::Up,
+                Mode::Full => *health == Health::Full,
+                Mode::Panic => kept.is_some_and(|k| k.contains(&b.address)),
             };
-            b.weight = base.saturating_mul(share);
+            // base ≤ MAX_WEIGHT and ramp ≤ 1000: the product fits a u32.
+            b.weight = if takes {
+                u32::try_from(base * u64::from(*ramp)).unwrap_or(u32::MAX)
+            } else {
+                0
+            };
         }
+        states.push(ServiceState { id, mode, alive });
     }
-    out
+    Effective {
+        cfg: out,
+        services: states,
+    }
 }
 
 #[cfg(test)]
@@ -157,6 +264,18 @@ mod tests {
         cfg.services[0].backends.iter().map(|b| b.weight).collect()
     }
 
+    /// Effective weights now, default warmup, no last good relays.
+    fn now_weights(cfg: &LbConfig, rt: &BTreeMap<IpAddr, Runtime>) -> Vec<u32> {
+        let e = effective(
+            cfg,
+            rt,
+            &WarmupConfig::default(),
+            &BTreeMap::new(),
+            SystemTime::now(),
+        );
+        weights(&e.cfg)
+    }
+
     #[test]
     fn healthy_relays_keep_their_proportions() {
         let cfg = LbConfig::parse(CONFIG).unwrap();
@@ -164,15 +283,7 @@ mod tests {
             ("198.51.100.3".parse().unwrap(), up()),
             ("198.51.100.4".parse().unwrap(), up()),
         ]);
-        assert_eq!(
-            weights(&effective(
-                &cfg,
-                &rt,
-                &WarmupConfig::default(),
-                SystemTime::now()
-            )),
-            [2000, 1000]
-        );
+        assert_eq!(now_weights(&cfg, &rt), [2000, 1000]);
     }
 
     #[test]
@@ -186,15 +297,7 @@ mod tests {
             ("198.51.100.3".parse().unwrap(), down),
             ("198.51.100.4".parse().unwrap(), drained),
         ]);
-        assert_eq!(
-            weights(&effective(
-                &cfg,
-                &rt,
-                &WarmupConfig::default(),
-                SystemTime::now()
-            )),
-            [0, 0]
-        );
+        assert_eq!(now_weights(&cfg, &rt), [0, 0]);
     }
 
     #[test]
@@ -217,7 +320,10 @@ mod tests {
             ("198.51.100.4".parse().unwrap(), up()),
         ]);
         // 10 % + 5/10 of the remaining 90 % = 55 % of weight 2.
-        assert_eq!(weights(&effective(&cfg, &rt, &warm, now)), [1100, 1000]);
+        assert_eq!(
+            weights(&effective(&cfg, &rt, &warm, &BTreeMap::new(), now).cfg),
+            [1100, 1000]
+        );
     }
 
     #[test]
@@ -255,14 +361,6 @@ mod tests {
         let mut o = up();
         o.weight_override = Some(5);
         let rt = BTreeMap::from([("198.51.100.3".parse().unwrap(), o)]);
-        assert_eq!(
-            weights(&effective(
-                &cfg,
-                &rt,
-                &WarmupConfig::default(),
-                SystemTime::now()
-            )),
-            [5000, 1000]
-        );
+        assert_eq!(now_weights(&cfg, &rt), [5000, 1000]);
     }
 }

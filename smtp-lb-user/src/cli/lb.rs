@@ -7,7 +7,7 @@ use tracing::info;
 
 use crate::{
     config::lb::LbConfig,
-    dataplane::{AttachMode, Dataplane, LoadOptions, check_interface, read_global_stats},
+    dataplane::{AttachMode, LoadOptions, XdpDataplane, check_interface, read_global_stats},
     lb::{self, Node},
 };
 
@@ -45,7 +45,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
         .or_else(|| config.as_ref().and_then(|c| c.pin_dir.clone()))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
     check_interface(&opts.iface)?;
-    let mut dp = Dataplane::load(&LoadOptions {
+    let mut dp = XdpDataplane::load(&LoadOptions {
         pin_dir: pin_dir.clone(),
     })?;
     // Maps first, then attach: the program never sees traffic with empty tables.
@@ -69,7 +69,8 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
             node.into_dataplane().discard();
             return Err(err);
         }
-        if let Err(err) = node.attach(opts.mode) {
+        let iface = opts.iface.clone();
+        if let Err(err) = node.dataplane_mut().attach(&iface, opts.mode) {
             node.into_dataplane().discard();
             return Err(err.into());
         }

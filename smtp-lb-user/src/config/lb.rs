@@ -6,6 +6,9 @@
 //! # Optional: where maps are pinned (the --pin-dir flag wins).
 //! pin_dir = "/sys/fs/bpf/smtp-lb"
 //!
+//! [health]
+//! panic_threshold = 0          # % of a service's weight that must be alive, else keep the last good table
+//!
 //! [[services]]
 //! name = "mx"                  # label for logs and stats
 //! vip = "203.0.113.10"         # IPv4 or IPv6
@@ -28,7 +31,7 @@ use std::{
 };
 
 use serde::Deserialize;
-use smtp_lb_common::{MAX_RING_SIZE, MAX_SERVICES};
+use smtp_lb_common::{MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES};
 use thiserror::Error;
 
 use crate::{balance::maglev::is_prime, balance::warmup::WarmupConfig, health::HealthCheckConfig};
@@ -266,7 +269,8 @@ impl LbConfig {
 }
 
 /// One VIP with its ports and relays. Each port becomes one data-plane
-/// service with its own Maglev table.
+/// service with its own Maglev table. The same VIP may appear in several
+/// entries with different ports and relays (25 → relay1-2, 587 → relay3).
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
@@ -427,6 +431,15 @@ impl LbConfig {
         if self.health.interval.is_zero() {
             return Err(invalid("health.interval", "must be longer than 0s"));
         }
+        if self.health.panic_threshold > 100 {
+            return Err(invalid(
+                "health.panic_threshold",
+                format!(
+                    "{} is not a percentage in 0..=100",
+                    self.health.panic_threshold
+                ),
+            ));
+        }
         if !self.admin.listen.ip().is_loopback() {
             return Err(invalid(
                 "admin.listen",
@@ -458,6 +471,15 @@ impl LbConfig {
                     ));
                 }
                 count += 1;
+                if count > MAX_SERVICES {
+                    return Err(invalid(
+                        format!("{at}.ports"),
+                        format!(
+                            "{}:{port} is VIP × port service number {count}; the data plane holds at most {MAX_SERVICES}",
+                            svc.vip
+                        ),
+                    ));
+                }
             }
             if svc.backends.is_empty() {
                 return Err(invalid(
@@ -555,20 +577,18 @@ impl LbConfig {
                     }
                 } else {
                     backends_by_addr.insert(b.address, (format!("{at}.backends[{j}]"), b));
+                    if backends_by_addr.len() > MAX_BACKENDS as usize {
+                        return Err(invalid(
+                            format!("{bat}.address"),
+                            format!(
+                                "{} is distinct backend address number {}; the data plane holds at most {MAX_BACKENDS}",
+                                b.address,
+                                backends_by_addr.len()
+                            ),
+                        ));
+                    }
                 }
             }
-        }
-        if count > MAX_SERVICES {
-            return Err(invalid(
-                "services",
-                format!("{count} VIP × port services; the data plane holds at most {MAX_SERVICES}"),
-            ));
-        }
-        if backends_by_addr.len() > smtp_lb_common::MAX_BACKENDS as usize {
-            return Err(invalid(
-                "services",
-                "more distinct backends than the data plane holds",
-            ));
         }
         Ok(())
     }
@@ -743,5 +763,46 @@ mod tests {
             e.contains("interval") && e.contains("`3x` is not a duration"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn more_backends_or_services_than_the_data_plane_holds_are_refused_by_field() {
+        // Two services of 520 relays each: 1040 distinct addresses > 1024.
+        let mut text = String::new();
+        for svc in 0..2u32 {
+            text += &format!(
+                "[[services]]\nname = \"s{svc}\"\nvip = \"203.0.113.{}\"\nports = [25]\n",
+                10 + svc
+            );
+            for j in 0..520u32 {
+                let n = svc * 520 + j;
+                text += &format!(
+                    "[[services.backends]]\nname = \"r{n}\"\naddress = \"198.18.{}.{}\"\nmac = \"02:00:00:00:00:01\"\n",
+                    n / 250,
+                    n % 250 + 1
+                );
+            }
+        }
+        let e = err(&text);
+        assert!(
+            e.contains("services[1] (s1).backends[504] (r1024).address")
+                && e.contains("at most 1024"),
+            "{e}"
+        );
+        let ports: Vec<String> = (1..=33).map(|p| p.to_string()).collect();
+        let e = err(&format!(
+            "[[services]]\nname = \"many\"\nvip = \"203.0.113.10\"\nports = [{}]\n[[services.backends]]\nname = \"a\"\naddress = \"198.51.100.3\"\nmac = \"02:00:00:00:00:03\"\n",
+            ports.join(", ")
+        ));
+        assert!(
+            e.contains("services[0] (many).ports") && e.contains("at most 32"),
+            "{e}"
+        );
+        let e = err(&GOOD.replacen(
+            "[[services]]",
+            "[health]\npanic_threshold = 101\n[[services]]",
+            1,
+        ));
+        assert!(e.contains("health.panic_threshold"), "{e}");
     }
 }

@@ -236,14 +236,6 @@ impl Dataplane {
         Ok(path)
     }
 
-    /// Writes a validated configuration into the maps (see [`super::apply_config`]).
-    pub fn apply(
-        &mut self,
-        cfg: &crate::config::lb::LbConfig,
-    ) -> Result<super::Applied, super::ApplyError> {
-        super::apply_config(&mut self.ebpf, cfg)
-    }
-
     /// Whether the maps were adopted from an earlier balancer rather than created.
     pub fn adopted(&self) -> bool {
         self.adopted
@@ -313,4 +305,70 @@ pub fn check_interface(iface: &str) -> Result<u32, LoadError> {
     // SAFETY: valid C string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
     if idx == 0 { Err(missing()) } else { Ok(idx) }
+}
+
+/// The map writes go to the loaded object's maps.
+impl super::MapWriter for Dataplane {
+    fn existing(&mut self) -> Result<crate::balance::plan::Existing, super::ApplyError> {
+        self.ebpf.existing()
+    }
+    fn set_node(
+        &mut self,
+        encap_v4: std::net::Ipv4Addr,
+        encap_v6: std::net::Ipv6Addr,
+    ) -> Result<(), super::ApplyError> {
+        self.ebpf.set_node(encap_v4, encap_v6)
+    }
+    fn set_backend(
+        &mut self,
+        backend: &crate::balance::plan::PlannedBackend,
+    ) -> Result<(), super::ApplyError> {
+        self.ebpf.set_backend(backend)
+    }
+    fn set_service(
+        &mut self,
+        service: &crate::balance::plan::PlannedService,
+    ) -> Result<(), super::ApplyError> {
+        self.ebpf.set_service(service)
+    }
+    fn set_vip(&mut self, marker: &smtp_lb_common::ServiceKey) -> Result<(), super::ApplyError> {
+        self.ebpf.set_vip(marker)
+    }
+    fn set_port(&mut self, port: u16, balanced: bool) -> Result<(), super::ApplyError> {
+        self.ebpf.set_port(port, balanced)
+    }
+    fn remove_service(
+        &mut self,
+        key: &smtp_lb_common::ServiceKey,
+    ) -> Result<(), super::ApplyError> {
+        self.ebpf.remove_service(key)
+    }
+    fn retire_backend(&mut self, id: u32) -> Result<(), super::ApplyError> {
+        self.ebpf.retire_backend(id)
+    }
+    fn keep_moved_flows(
+        &mut self,
+        plan: &crate::balance::plan::Plan,
+    ) -> Result<super::MovedFlows, super::ApplyError> {
+        self.ebpf.keep_moved_flows(plan)
+    }
+}
+
+/// Reads come from the pinned maps, as `ctl stats` reads them.
+impl super::Dataplane for Dataplane {
+    fn stats(&self) -> Result<super::Snapshot, LoadError> {
+        super::read_stats(&self.pin_dir)
+    }
+    fn flows(&self) -> Result<std::collections::BTreeMap<u32, (u64, u64)>, LoadError> {
+        super::tracked_flows(&self.pin_dir)
+    }
+    fn where_to(
+        &self,
+        vip: std::net::IpAddr,
+        port: u16,
+        client: std::net::IpAddr,
+        cport: u16,
+    ) -> Result<Option<super::Where>, LoadError> {
+        super::where_to(&self.pin_dir, vip, port, client, cport)
+    }
 }

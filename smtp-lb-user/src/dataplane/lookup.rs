@@ -12,7 +12,7 @@ use smtp_lb_common::{
 };
 
 use super::LoadError;
-use crate::balance::plan::{addr_words, words_addr};
+use crate::balance::plan::{addr_words, flow_key, words_addr};
 
 fn open(pin_dir: &Path, name: &'static str) -> Result<MapData, LoadError> {
     MapData::from_pin(pin_dir.join(name)).map_err(|source| LoadError::Map { name, source })
@@ -45,7 +45,7 @@ pub fn where_to(
     cport: u16,
 ) -> Result<Option<Where>, LoadError> {
     let (dst, family) = addr_words(vip);
-    let (src, cfamily) = addr_words(client);
+    let (_, cfamily) = addr_words(client);
     if family != cfamily {
         return Ok(None);
     }
@@ -61,15 +61,7 @@ pub fn where_to(
     let Ok(svc) = services.get(&skey, 0) else {
         return Ok(None);
     };
-    let key = FlowKey {
-        src,
-        dst,
-        sport: cport.to_be(),
-        dport: port.to_be(),
-        proto: PROTO_TCP,
-        family,
-        _pad: [0; 2],
-    };
+    let key = flow_key(vip, port, client, cport);
     let hash = flow_hash(&key, svc.flags & SERVICE_STICKY != 0);
     let slot = if svc.ring_size == 0 {
         0
@@ -98,7 +90,11 @@ pub fn where_to(
     let conntrack: HashMap<_, FlowKey, Flow> =
         HashMap::try_from(Map::LruHashMap(open(pin_dir, maps::CONNTRACK)?))
             .map_err(err(maps::CONNTRACK))?;
-    let tracked = match conntrack.get(&key, 0) {
+    let moved: HashMap<_, FlowKey, Flow> =
+        HashMap::try_from(Map::LruHashMap(open(pin_dir, maps::MOVED_FLOWS)?))
+            .map_err(err(maps::MOVED_FLOWS))?;
+    // As the packet path: `CONNTRACK`, then the copy a table change made.
+    let tracked = match conntrack.get(&key, 0).or_else(|_| moved.get(&key, 0)) {
         Ok(flow) => valid(flow.backend)?,
         Err(_) => None,
     };

@@ -1,30 +1,39 @@
 //! Writes a configuration into the balancer's maps, in an order that never
 //! lets a packet see a slot pointing at an invalid backend:
 //!
-//! 1. node settings, redirect ports, then every backend entry (valid);
+//! 1. node settings, then every backend entry (valid), with its redirect port;
 //! 2. per service, the table that is *not* live is written in full, then the
 //!    service entry is replaced with `active` pointing at it (one atomic map
 //!    update: a packet sees the whole old table or the whole new one);
-//! 3. services that are gone are removed, their ports unfiltered;
+//! 3. services that are gone are removed (a recycled service id's new table
+//!    went into the half its old owner did not read), their ports unfiltered;
 //! 4. only then are removed backends marked invalid (no live table refers to
-//!    them any more; their tracked flows re-hash).
+//!    them any more; their tracked flows re-hash);
+//! 5. the tracked flows the new tables send elsewhere are copied into
+//!    `MOVED_FLOWS`, which no packet can insert into, so a later flood that
+//!    evicts them from `CONNTRACK` cannot move them (see [`MovedFlows`]).
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use aya::{
     Ebpf,
-    maps::{Array, DevMapHash, HashMap, MapData, MapError},
+    maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use smtp_lb_common::{
-    BACKEND_VALID, Backend, LbConfig as LbConfigMap, MAX_BACKENDS, SERVICE_INDEX_PROBES,
-    SERVICE_INDEX_SLOTS, SERVICE_VIP_MARKER, Service, ServiceKey, ServiceSlot, maps, service_slot,
+    BACKEND_VALID, Backend, BackendStats, CONNTRACK_SIZE, FLOW_CLOSING, Flow, FlowKey,
+    LbConfig as LbConfigMap, MAX_BACKENDS, MOVED_FLOWS_SIZE, PROTO_TCP, SERVICE_INDEX_PROBES,
+    SERVICE_INDEX_SLOTS, SERVICE_STICKY, SERVICE_VIP_MARKER, Service, ServiceKey, ServiceSlot,
+    ServiceStats, flow_hash, maps, service_slot,
 };
 use thiserror::Error;
 
+use super::{MapWriter, walk};
 use crate::{
-    balance::plan::{self, Existing, Plan, addr_words, words_addr},
+    balance::plan::{
+        self, Existing, Plan, PlanError, PlannedBackend, PlannedService, addr_words, words_addr,
+    },
     config::lb::LbConfig,
 };
 
@@ -52,22 +61,24 @@ pub enum ApplyError {
     /// A backend's `interface` does not exist.
     #[error("backend `{backend}`: interface `{iface}` does not exist")]
     NoInterface { backend: String, iface: String },
+    /// The configuration does not fit the data plane.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> ApplyError {
     move |source| ApplyError::Map { name, source }
 }
 
+fn map_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map, ApplyError> {
+    ebpf.map(name).ok_or_else(|| missing_map(name))
+}
+
 fn map_mut<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut aya::maps::Map, ApplyError> {
-    ebpf.map_mut(name).ok_or(ApplyError::Map {
-        name,
-        source: MapError::InvalidName {
-            name: name.to_owned(),
-        },
-    })
+    ebpf.map_mut(name).ok_or_else(|| missing_map(name))
 }
 
 fn services_map(ebpf: &mut Ebpf) -> Result<HashMap<&mut MapData, ServiceKey, Service>, ApplyError> {
@@ -78,7 +89,7 @@ fn backends_map(ebpf: &mut Ebpf) -> Result<Array<&mut MapData, Backend>, ApplyEr
     Array::try_from(map_mut(ebpf, maps::BACKENDS)?).map_err(map_err(maps::BACKENDS))
 }
 
-/// What [`apply_config`] did.
+/// What [`apply`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
     /// The plan that was written (ids, tables).
@@ -87,58 +98,200 @@ pub struct Applied {
     pub removed_services: usize,
     /// Backends marked invalid because they left the config.
     pub removed_backends: usize,
+    /// What the walk over the tracked flows did.
+    pub moved: MovedFlows,
+}
+
+/// The walk that keeps moved flows safe from floods. A tracked flow only
+/// needs its entry while the live table would send it elsewhere; every other
+/// flow re-hashes to the same backend without one. So after each change the
+/// flows the new tables moved are copied out of `CONNTRACK` (which every SYN
+/// inserts into, and a flood churns) into `MOVED_FLOWS` (which the packet
+/// path never inserts into), and copies the tables no longer move are pruned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MovedFlows {
+    /// `CONNTRACK` entries looked at.
+    pub scanned: u64,
+    /// Tracked flows copied into `MOVED_FLOWS` (live, backend valid, the new
+    /// table names another backend).
+    pub copied: u64,
+    /// Copies removed from `MOVED_FLOWS`: closed, backend removed, service
+    /// gone, or the table names their backend again.
+    pub pruned: u64,
 }
 
 /// Ids in use, read back from the maps (after a restart they are the pinned ones).
 pub fn read_existing(ebpf: &mut Ebpf) -> Result<Existing, ApplyError> {
-    let mut existing = Existing::default();
-    let services = services_map(ebpf)?;
-    for item in &services {
-        let (key, svc) = item.map_err(map_err(maps::SERVICES))?;
-        if key.port != 0 {
-            existing.services.insert(key, svc.id);
-        }
-    }
-    let backends = backends_map(ebpf)?;
-    for id in 0..MAX_BACKENDS {
-        let b = backends.get(&id, 0).map_err(map_err(maps::BACKENDS))?;
-        if b.family != 0 {
-            existing.backends.insert(words_addr(b.addr, b.family), id);
-        }
-    }
-    Ok(existing)
+    ebpf.existing()
 }
 
-/// Writes `cfg` (validated) into the maps of `ebpf`, see the module docs for the order.
-pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyError> {
-    let existing = read_existing(ebpf)?;
-    let mut plan = plan::plan(cfg, &existing);
+/// Writes `cfg` (validated) in full; see [`apply`].
+pub fn apply_config<D: MapWriter + ?Sized>(
+    dp: &mut D,
+    cfg: &LbConfig,
+) -> Result<Applied, ApplyError> {
+    apply(dp, cfg, None)
+}
 
-    // 1. Node settings, redirect ports, backends.
-    let (v4, _) = addr_words(IpAddr::V4(cfg.encap_source_v4));
-    let (v6, _) = addr_words(IpAddr::V6(cfg.encap_source_v6));
-    let mut lb_config: Array<&mut MapData, LbConfigMap> =
-        Array::try_from(map_mut(ebpf, maps::LB_CONFIG)?).map_err(map_err(maps::LB_CONFIG))?;
-    lb_config
-        .set(
-            0,
-            LbConfigMap {
-                encap_src_v4: v4[0],
-                encap_src_v6: v6,
-            },
-            0,
-        )
-        .map_err(map_err(maps::LB_CONFIG))?;
-    for b in &mut plan.backends {
-        if let Some(iface) = &b.interface {
+/// Writes `cfg` (validated) into the data plane, see the module docs for
+/// the order. With `previous` (the plan the maps hold, as last applied),
+/// backends and tables that did not change are not written again: a weight
+/// change rewrites one table, not all of them.
+pub fn apply<D: MapWriter + ?Sized>(
+    dp: &mut D,
+    cfg: &LbConfig,
+    previous: Option<&Plan>,
+) -> Result<Applied, ApplyError> {
+    let existing = dp.existing()?;
+    let plan = plan::plan(cfg, &existing)?;
+    let unchanged_backend = |b: &PlannedBackend| {
+        !existing.retired.contains(&b.id)
+            && previous.is_some_and(|p| p.backends.iter().any(|o| o == b))
+    };
+    let unchanged_service = |s: &PlannedService| {
+        existing.services.get(&s.key) == Some(&s.id)
+            && previous.is_some_and(|p| p.services.iter().any(|o| o == s))
+    };
+
+    // 1. Node settings, then every backend (valid).
+    if previous.is_none_or(|p| p.encap != plan.encap) {
+        dp.set_node(cfg.encap_source_v4, cfg.encap_source_v6)?;
+    }
+    for b in plan.backends.iter().filter(|b| !unchanged_backend(b)) {
+        dp.set_backend(b)?;
+    }
+    // 2. Tables (each switched atomically), VIP markers, the port filter.
+    let mut written_tables = 0;
+    for s in plan.services.iter().filter(|s| !unchanged_service(s)) {
+        dp.set_service(s)?;
+        written_tables += 1;
+    }
+    for key in plan
+        .vip_markers
+        .iter()
+        .filter(|k| !existing.vips.contains(k))
+    {
+        dp.set_vip(key)?;
+    }
+    let old_ports: BTreeSet<u16> = existing
+        .services
+        .keys()
+        .map(|k| u16::from_be(k.port))
+        .collect();
+    for port in plan.ports.difference(&old_ports) {
+        dp.set_port(*port, true)?;
+    }
+
+    // 3. Services and VIPs that left the config, then their ports.
+    let keep: BTreeSet<ServiceKey> = plan
+        .services
+        .iter()
+        .map(|s| s.key)
+        .chain(plan.vip_markers.iter().copied())
+        .collect();
+    let mut removed_services = 0;
+    for key in existing.services.keys().chain(&existing.vips) {
+        if !keep.contains(key) {
+            dp.remove_service(key)?;
+            removed_services += usize::from(key.port != 0);
+        }
+    }
+    for port in old_ports.difference(&plan.ports) {
+        dp.set_port(*port, false)?;
+    }
+
+    // 4. Backends that left the config: invalid from now on (their flows
+    // re-hash), and their ids free for reuse.
+    let planned: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();
+    let mut removed_backends = 0;
+    for (addr, id) in &existing.backends {
+        if planned.contains(id) || existing.retired.contains(id) {
+            continue;
+        }
+        dp.retire_backend(*id)?;
+        removed_backends += 1;
+        tracing::info!(backend = %addr, id, "backend removed; its flows re-hash");
+    }
+
+    // 5. Flows the change moved; nothing moved when no table changed, no
+    // service left and no backend was retired.
+    let changed = written_tables + removed_services + removed_backends > 0;
+    let moved = if changed {
+        dp.keep_moved_flows(&plan)?
+    } else {
+        MovedFlows::default()
+    };
+    if moved.copied + moved.pruned > 0 {
+        tracing::info!(
+            scanned = moved.scanned,
+            copied = moved.copied,
+            pruned = moved.pruned,
+            "tracked flows the table change moved kept in {}",
+            maps::MOVED_FLOWS
+        );
+    }
+    Ok(Applied {
+        plan,
+        removed_services,
+        removed_backends,
+        moved,
+    })
+}
+
+/// The kernel's maps, written through aya.
+impl MapWriter for Ebpf {
+    fn existing(&mut self) -> Result<Existing, ApplyError> {
+        let mut existing = Existing::default();
+        let services = services_map(self)?;
+        for item in &services {
+            let (key, svc) = item.map_err(map_err(maps::SERVICES))?;
+            if key.port == 0 {
+                existing.vips.insert(key);
+            } else {
+                existing.services.insert(key, svc.id);
+            }
+        }
+        let backends = backends_map(self)?;
+        for id in 0..MAX_BACKENDS {
+            let b = backends.get(&id, 0).map_err(map_err(maps::BACKENDS))?;
+            if b.family != 0 {
+                existing.backends.insert(words_addr(b.addr, b.family), id);
+                if b.flags & BACKEND_VALID == 0 {
+                    existing.retired.insert(id);
+                }
+            }
+        }
+        Ok(existing)
+    }
+
+    fn set_node(&mut self, encap_v4: Ipv4Addr, encap_v6: Ipv6Addr) -> Result<(), ApplyError> {
+        let (v4, _) = addr_words(IpAddr::V4(encap_v4));
+        let (v6, _) = addr_words(IpAddr::V6(encap_v6));
+        let mut lb_config: Array<&mut MapData, LbConfigMap> =
+            Array::try_from(map_mut(self, maps::LB_CONFIG)?).map_err(map_err(maps::LB_CONFIG))?;
+        lb_config
+            .set(
+                0,
+                LbConfigMap {
+                    encap_src_v4: v4[0],
+                    encap_src_v6: v6,
+                },
+                0,
+            )
+            .map_err(map_err(maps::LB_CONFIG))
+    }
+
+    fn set_backend(&mut self, planned: &PlannedBackend) -> Result<(), ApplyError> {
+        let mut value = planned.value;
+        if let Some(iface) = &planned.interface {
             let (ifindex, mac) = interface(iface).ok_or_else(|| ApplyError::NoInterface {
-                backend: b.name.clone(),
+                backend: planned.name.clone(),
                 iface: iface.clone(),
             })?;
-            b.value.ifindex = ifindex;
-            b.value.src_mac = mac;
+            value.ifindex = ifindex;
+            value.src_mac = mac;
             let mut ports: DevMapHash<&mut MapData> =
-                DevMapHash::try_from(map_mut(ebpf, maps::TX_PORTS)?)
+                DevMapHash::try_from(map_mut(self, maps::TX_PORTS)?)
                     .map_err(map_err(maps::TX_PORTS))?;
             ports
                 .insert(ifindex, ifindex, None, 0)
@@ -147,31 +300,44 @@ pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyErr
                     message: e.to_string(),
                 })?;
         }
-    }
-    let mut backends = backends_map(ebpf)?;
-    for b in &plan.backends {
-        backends
-            .set(b.id, b.value, 0)
+        let mut backends = backends_map(self)?;
+        let old = backends
+            .get(&planned.id, 0)
             .map_err(map_err(maps::BACKENDS))?;
+        backends
+            .set(planned.id, value, 0)
+            .map_err(map_err(maps::BACKENDS))?;
+        if old.family != 0 && (old.addr, old.family) != (value.addr, value.family) {
+            // A recycled id: its counters belonged to the previous relay.
+            zero_per_cpu::<BackendStats>(self, maps::BACKEND_STATS, planned.id)?;
+        }
+        Ok(())
     }
 
-    // 2. Tables: write the standby half, then switch the service to it.
-    let current: BTreeMap<ServiceKey, Service> = {
-        let services = services_map(ebpf)?;
-        services
+    fn set_service(&mut self, svc: &PlannedService) -> Result<(), ApplyError> {
+        let current: BTreeMap<ServiceKey, Service> = services_map(self)?
             .iter()
             .collect::<Result<_, _>>()
-            .map_err(map_err(maps::SERVICES))?
-    };
-    let mut index = ServiceIndex::read(ebpf)?;
-    for svc in &plan.services {
-        let half = match current.get(&svc.key) {
-            Some(live) if live.id == svc.id => 1 - (live.active & 1),
-            _ => 0,
-        };
+            .map_err(map_err(maps::SERVICES))?;
+        // Write the table no packet reads: the standby half of this id,
+        // whichever service (this one, or one leaving whose id is recycled)
+        // holds the id now.
+        let live = current
+            .get(&svc.key)
+            .filter(|l| l.id == svc.id)
+            .or_else(|| {
+                current
+                    .iter()
+                    .find(|(k, l)| k.port != 0 && l.id == svc.id)
+                    .map(|(_, l)| l)
+            });
+        let half = live.map_or(0, |l| 1 - (l.active & 1));
+        if current.get(&svc.key).is_none_or(|l| l.id != svc.id) {
+            zero_per_cpu::<ServiceStats>(self, maps::SERVICE_STATS, svc.id)?;
+        }
         let base = Service::ring_base(svc.id, half);
         let mut rings: Array<&mut MapData, u32> =
-            Array::try_from(map_mut(ebpf, maps::RINGS)?).map_err(map_err(maps::RINGS))?;
+            Array::try_from(map_mut(self, maps::RINGS)?).map_err(map_err(maps::RINGS))?;
         for (i, id) in svc.ring.iter().enumerate() {
             rings
                 .set(base + i as u32, id, 0)
@@ -179,8 +345,9 @@ pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyErr
         }
         // The packet path's slot: first the standby table's size (unused
         // while the other table is live), then the switch itself.
+        let mut index = ServiceIndex::read(self, &svc.key)?;
         let at = index.place(&svc.key)?;
-        let mut slot = match index.slots[at as usize] {
+        let mut slot = match index.slot(at) {
             s if s.key == svc.key && s.id == svc.id => s,
             _ => ServiceSlot {
                 key: svc.key,
@@ -191,10 +358,10 @@ pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyErr
         };
         slot.ring_size[half as usize] = svc.ring_size;
         slot.flags = svc.flags;
-        index.write(ebpf, at, slot)?;
+        index.write(self, at, slot)?;
         slot.active = half;
-        index.write(ebpf, at, slot)?;
-        services_map(ebpf)?
+        index.write(self, at, slot)?;
+        services_map(self)?
             .insert(
                 svc.key,
                 Service {
@@ -205,114 +372,179 @@ pub fn apply_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<Applied, ApplyErr
                 },
                 0,
             )
-            .map_err(map_err(maps::SERVICES))?;
+            .map_err(map_err(maps::SERVICES))
     }
-    let mut services = services_map(ebpf)?;
-    for key in &plan.vip_markers {
-        services
+
+    fn set_vip(&mut self, marker: &ServiceKey) -> Result<(), ApplyError> {
+        services_map(self)?
             .insert(
-                key,
+                marker,
                 Service {
                     flags: SERVICE_VIP_MARKER,
                     ..Service::default()
                 },
                 0,
             )
-            .map_err(map_err(maps::SERVICES))?;
-    }
-    let mut vip_ports: Array<&mut MapData, u32> =
-        Array::try_from(map_mut(ebpf, maps::VIP_PORTS)?).map_err(map_err(maps::VIP_PORTS))?;
-    for port in &plan.ports {
-        vip_ports
-            .set(u32::from(*port), 1, 0)
-            .map_err(map_err(maps::VIP_PORTS))?;
+            .map_err(map_err(maps::SERVICES))
     }
 
-    // 3. Services that left the config.
-    let keep: BTreeSet<ServiceKey> = plan
-        .services
-        .iter()
-        .map(|s| s.key)
-        .chain(plan.vip_markers.iter().copied())
-        .collect();
-    let mut removed_services = 0;
-    for key in current.keys().filter(|k| !keep.contains(k)) {
+    fn set_port(&mut self, port: u16, balanced: bool) -> Result<(), ApplyError> {
+        let mut vip_ports: Array<&mut MapData, u32> =
+            Array::try_from(map_mut(self, maps::VIP_PORTS)?).map_err(map_err(maps::VIP_PORTS))?;
+        vip_ports
+            .set(u32::from(port), u32::from(balanced), 0)
+            .map_err(map_err(maps::VIP_PORTS))
+    }
+
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), ApplyError> {
+        let mut index = ServiceIndex::read(self, key)?;
         if let Some(at) = index.find(key) {
-            index.write(ebpf, at, ServiceSlot::default())?;
+            index.write(self, at, ServiceSlot::default())?;
         }
-        let mut services = services_map(ebpf)?;
-        services.remove(key).map_err(map_err(maps::SERVICES))?;
-        if key.port != 0 {
-            removed_services += 1;
-        }
-    }
-    let old_ports: BTreeSet<u16> = current
-        .keys()
-        .filter(|k| k.port != 0)
-        .map(|k| u16::from_be(k.port))
-        .collect();
-    let mut vip_ports: Array<&mut MapData, u32> =
-        Array::try_from(map_mut(ebpf, maps::VIP_PORTS)?).map_err(map_err(maps::VIP_PORTS))?;
-    for port in old_ports.difference(&plan.ports) {
-        vip_ports
-            .set(u32::from(*port), 0, 0)
-            .map_err(map_err(maps::VIP_PORTS))?;
+        services_map(self)?
+            .remove(key)
+            .map_err(map_err(maps::SERVICES))
     }
 
-    // 4. Backends that left the config: invalid from now on (their flows re-hash).
-    let planned: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();
-    let mut removed_backends = 0;
-    let mut backends = backends_map(ebpf)?;
-    for (addr, id) in &existing.backends {
-        if planned.contains(id) {
-            continue;
-        }
-        let mut b = backends.get(id, 0).map_err(map_err(maps::BACKENDS))?;
-        if b.flags & BACKEND_VALID != 0 {
-            b.flags &= !BACKEND_VALID;
-            backends.set(*id, b, 0).map_err(map_err(maps::BACKENDS))?;
-            removed_backends += 1;
-            tracing::info!(backend = %addr, id, "backend removed; its flows re-hash");
-        }
+    fn retire_backend(&mut self, id: u32) -> Result<(), ApplyError> {
+        let mut backends = backends_map(self)?;
+        let mut b = backends.get(&id, 0).map_err(map_err(maps::BACKENDS))?;
+        b.flags &= !BACKEND_VALID;
+        backends.set(id, b, 0).map_err(map_err(maps::BACKENDS))
     }
-    Ok(Applied {
-        plan,
-        removed_services,
-        removed_backends,
-    })
+
+    fn keep_moved_flows(&mut self, plan: &Plan) -> Result<MovedFlows, ApplyError> {
+        let services: BTreeMap<u32, &PlannedService> =
+            plan.services.iter().map(|s| (s.id, s)).collect();
+        let valid: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();
+        // Whether the flow needs its entry: live, its backend still there, and
+        // the new table of its service sends it elsewhere.
+        let moved = |key: &FlowKey, flow: &Flow| {
+            let Some(svc) = services.get(&flow.service) else {
+                return false;
+            };
+            let skey = ServiceKey {
+                addr: key.dst,
+                port: key.dport,
+                proto: PROTO_TCP,
+                family: key.family,
+            };
+            if svc.key != skey || flow.flags & FLOW_CLOSING != 0 || !valid.contains(&flow.backend) {
+                return false;
+            }
+            let hash = flow_hash(key, svc.flags & SERVICE_STICKY != 0);
+            svc.ring.get((hash % svc.ring_size.max(1)) as usize) != Some(&flow.backend)
+        };
+        let mut out = MovedFlows::default();
+        // Bounded, in case the fallback iteration restarts (an entry evicted under its cursor).
+        let tracked: Vec<(FlowKey, Flow)> =
+            walk::entries(map_ref(self, maps::CONNTRACK)?, 2 * CONNTRACK_SIZE as usize)
+                .map_err(map_err(maps::CONNTRACK))?;
+        out.scanned = tracked.len() as u64;
+        let copies: Vec<_> = tracked.into_iter().filter(|(k, f)| moved(k, f)).collect();
+        let stale: Vec<FlowKey> = walk::entries::<FlowKey, Flow>(
+            map_ref(self, maps::MOVED_FLOWS)?,
+            2 * MOVED_FLOWS_SIZE as usize,
+        )
+        .map_err(map_err(maps::MOVED_FLOWS))?
+        .into_iter()
+        .filter(|(key, flow)| !moved(key, flow))
+        .map(|(key, _)| key)
+        .collect();
+        let mut moved_map: HashMap<&mut MapData, FlowKey, Flow> =
+            HashMap::try_from(map_mut(self, maps::MOVED_FLOWS)?)
+                .map_err(map_err(maps::MOVED_FLOWS))?;
+        for key in &stale {
+            match moved_map.remove(key) {
+                Ok(()) => out.pruned += 1,
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::MOVED_FLOWS)(e)),
+            }
+        }
+        for (key, flow) in &copies {
+            moved_map
+                .insert(key, flow, 0)
+                .map_err(map_err(maps::MOVED_FLOWS))?;
+            out.copied += 1;
+        }
+        Ok(out)
+    }
 }
 
-/// The packet path's direct-mapped service table, as last written.
+fn missing_map(name: &'static str) -> ApplyError {
+    ApplyError::Map {
+        name,
+        source: MapError::InvalidName {
+            name: name.to_owned(),
+        },
+    }
+}
+
+/// Resets entry `id` of a per-CPU counter map on every CPU.
+fn zero_per_cpu<T: aya::Pod + Default>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    id: u32,
+) -> Result<(), ApplyError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| ApplyError::Map {
+        name,
+        source: MapError::IoError(e),
+    })?;
+    let mut map: PerCpuArray<&mut MapData, T> =
+        PerCpuArray::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    let zeros = PerCpuValues::try_from(vec![T::default(); cpus]).map_err(|e| ApplyError::Map {
+        name,
+        source: MapError::IoError(e),
+    })?;
+    map.set(id, zeros, 0).map_err(map_err(name))
+}
+
+/// The slots of the packet path's direct-mapped service table that a
+/// key's probe chain covers, as last written.
 struct ServiceIndex {
-    slots: Vec<ServiceSlot>,
+    /// `(slot index, value)` along the probe chain.
+    chain: Vec<(u32, ServiceSlot)>,
 }
 
 impl ServiceIndex {
-    fn read(ebpf: &mut Ebpf) -> Result<Self, ApplyError> {
+    fn read(ebpf: &mut Ebpf, key: &ServiceKey) -> Result<Self, ApplyError> {
         let map: Array<&mut MapData, ServiceSlot> =
             Array::try_from(map_mut(ebpf, maps::SERVICE_INDEX)?)
                 .map_err(map_err(maps::SERVICE_INDEX))?;
-        let slots = (0..SERVICE_INDEX_SLOTS)
-            .map(|i| map.get(&i, 0))
+        let first = service_slot(key);
+        let chain = (0..SERVICE_INDEX_PROBES)
+            .map(|i| (first + i) & (SERVICE_INDEX_SLOTS - 1))
+            .map(|at| map.get(&at, 0).map(|s| (at, s)))
             .collect::<Result<_, _>>()
             .map_err(map_err(maps::SERVICE_INDEX))?;
-        Ok(Self { slots })
+        Ok(Self { chain })
     }
 
-    fn probe(key: &ServiceKey) -> impl Iterator<Item = u32> {
-        let first = service_slot(key);
-        (0..SERVICE_INDEX_PROBES).map(move |i| (first + i) & (SERVICE_INDEX_SLOTS - 1))
+    fn slot(&self, at: u32) -> ServiceSlot {
+        self.chain
+            .iter()
+            .find(|(i, _)| *i == at)
+            .map(|(_, s)| *s)
+            .unwrap_or_default()
     }
 
     /// Where `key` is.
     fn find(&self, key: &ServiceKey) -> Option<u32> {
-        Self::probe(key).find(|&i| self.slots[i as usize].key == *key)
+        self.chain
+            .iter()
+            .find(|(_, s)| s.key == *key)
+            .map(|(at, _)| *at)
     }
 
     /// Where `key` is, else a free slot the packet path will probe.
     fn place(&self, key: &ServiceKey) -> Result<u32, ApplyError> {
         self.find(key)
-            .or_else(|| Self::probe(key).find(|&i| self.slots[i as usize].key.family == 0))
+            .or_else(|| {
+                self.chain
+                    .iter()
+                    .find(|(_, s)| s.key.family == 0)
+                    .map(|(at, _)| *at)
+            })
             .ok_or(ApplyError::IndexFull {
                 vip: words_addr(key.addr, key.family),
                 port: u16::from_be(key.port),
@@ -324,7 +556,9 @@ impl ServiceIndex {
             Array::try_from(map_mut(ebpf, maps::SERVICE_INDEX)?)
                 .map_err(map_err(maps::SERVICE_INDEX))?;
         map.set(at, slot, 0).map_err(map_err(maps::SERVICE_INDEX))?;
-        self.slots[at as usize] = slot;
+        if let Some(entry) = self.chain.iter_mut().find(|(i, _)| *i == at) {
+            entry.1 = slot;
+        }
         Ok(())
     }
 }

@@ -3,9 +3,10 @@
 //! handshake → `QUIT`, each phase with its own timeout ([`probe`]), and
 //! `rise`/`fall` hysteresis over the results ([`Tracker`]).
 //!
-//! A relay that accepts TCP but greets with `421` (shutting down, too busy)
-//! or `554` (refusing service) is down: it would not take mail, and RFC 5321
-//! §3.1 lets a server say so in its greeting.
+//! A relay that accepts TCP but greets with `421` is *full* (RFC 5321 §3.1:
+//! "service not available", what a relay at its connection limit answers):
+//! it is alive and keeps its sessions, but gets no new ones while another
+//! relay has room. One that greets with `554` (refusing service) is down.
 
 mod probe;
 mod tracker;
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 pub use probe::{Phase, ProbeError, probe};
 use serde::Deserialize;
-pub use tracker::{Health, ProbeRecord, Tracker, Transition};
+pub use tracker::{Health, Outcome, ProbeRecord, Tracker, Transition};
 
 use crate::config::duration;
 
@@ -46,6 +47,14 @@ pub struct HealthCheckConfig {
     /// balances; one probe per relay covers all its ports).
     #[serde(default = "HealthCheckConfig::default_port")]
     pub port: u16,
+    /// Panic threshold, in percent of a service's weight (0–100): when the
+    /// relays that are alive (up or full) hold less than this share, or
+    /// none is alive, the service keeps sending new connections by its
+    /// last good table instead of following the checks. Like Envoy's
+    /// `healthy_panic_threshold`; the default 0 panics only when no relay
+    /// is alive, because a full relay already says so itself (`421`).
+    #[serde(default)]
+    pub panic_threshold: u32,
 }
 
 impl HealthCheckConfig {
@@ -93,6 +102,7 @@ impl Default for HealthCheckConfig {
             starttls: false,
             helo_name: Self::default_helo(),
             port: Self::default_port(),
+            panic_threshold: 0,
         }
     }
 }

@@ -62,6 +62,20 @@ pub enum ProbeError {
     Tls(std::io::Error),
 }
 
+impl ProbeError {
+    /// The relay greeted with `421`: alive but at capacity (or closing).
+    pub fn is_full(&self) -> bool {
+        matches!(
+            self,
+            Self::Rejected {
+                phase: Phase::Greeting,
+                code: 421,
+                ..
+            }
+        )
+    }
+}
+
 /// Reads one reply within [`Limits::PROBE`] (512-octet lines, 100 lines).
 async fn read_reply<S: AsyncRead + Unpin>(
     s: &mut S,

@@ -13,7 +13,12 @@ const HISTORY: usize = 16;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
+    /// Passes its checks: takes new connections.
     Up,
+    /// Alive but at capacity: greets with `421`. Takes no new connections
+    /// while another relay has room; keeps the ones it has.
+    Full,
+    /// Fails its checks.
     Down,
 }
 
@@ -21,7 +26,35 @@ pub enum Health {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transition {
     WentUp,
+    WentFull,
     WentDown,
+}
+
+/// What one probe found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Passed,
+    /// The relay greeted with `421`: alive, but full.
+    Full(String),
+    Failed(String),
+}
+
+impl Outcome {
+    /// The health this outcome argues for.
+    fn health(&self) -> Health {
+        match self {
+            Self::Passed => Health::Up,
+            Self::Full(_) => Health::Full,
+            Self::Failed(_) => Health::Down,
+        }
+    }
+
+    fn error(self) -> Option<String> {
+        match self {
+            Self::Passed => None,
+            Self::Full(e) | Self::Failed(e) => Some(e),
+        }
+    }
 }
 
 /// One probe's result as kept in the history.
@@ -71,35 +104,39 @@ impl Tracker {
     }
 
     /// Records one probe; returns the transition it caused, if any.
-    pub fn record(&mut self, error: Option<String>, took: Duration) -> Option<Transition> {
-        let ok = error.is_none();
+    /// Consecutive probes that disagree with the current health count
+    /// towards a change; `rise` of them move a relay up, `fall` of them move
+    /// it to what the last one found (full or down).
+    pub fn record(&mut self, outcome: Outcome, took: Duration) -> Option<Transition> {
+        let found = outcome.health();
         if self.history.len() == HISTORY {
             self.history.pop_front();
         }
         self.history.push_back(ProbeRecord {
             at: SystemTime::now(),
             took_ms: took.as_millis() as u64,
-            error,
+            error: outcome.error(),
         });
-        let agrees = ok == (self.health == Health::Up);
-        if agrees {
+        if found == self.health {
             self.streak = 0;
             return None;
         }
         self.streak += 1;
-        match self.health {
-            Health::Down if self.streak >= self.rise => {
-                self.health = Health::Up;
-                self.streak = 0;
-                Some(Transition::WentUp)
-            }
-            Health::Up if self.streak >= self.fall => {
-                self.health = Health::Down;
-                self.streak = 0;
-                Some(Transition::WentDown)
-            }
-            _ => None,
+        let needed = if found == Health::Up {
+            self.rise
+        } else {
+            self.fall
+        };
+        if self.streak < needed {
+            return None;
         }
+        self.health = found;
+        self.streak = 0;
+        Some(match found {
+            Health::Up => Transition::WentUp,
+            Health::Full => Transition::WentFull,
+            Health::Down => Transition::WentDown,
+        })
     }
 }
 
@@ -116,10 +153,16 @@ mod tests {
     use super::*;
 
     fn ok(t: &mut Tracker) -> Option<Transition> {
-        t.record(None, Duration::from_millis(1))
+        t.record(Outcome::Passed, Duration::from_millis(1))
     }
     fn fail(t: &mut Tracker) -> Option<Transition> {
-        t.record(Some("refused".into()), Duration::from_millis(1))
+        t.record(Outcome::Failed("refused".into()), Duration::from_millis(1))
+    }
+    fn full(t: &mut Tracker) -> Option<Transition> {
+        t.record(
+            Outcome::Full("greeting: 421".into()),
+            Duration::from_millis(1),
+        )
     }
 
     #[test]
@@ -146,10 +189,28 @@ mod tests {
     fn history_keeps_the_newest_results_first() {
         let mut t = Tracker::new(1, 1, Health::Up);
         for i in 0..(HISTORY + 3) {
-            t.record(Some(format!("e{i}")), Duration::ZERO);
+            t.record(Outcome::Failed(format!("e{i}")), Duration::ZERO);
         }
         let h: Vec<_> = t.history().map(|r| r.error.clone().unwrap()).collect();
         assert_eq!(h.len(), HISTORY);
         assert_eq!(h[0], format!("e{}", HISTORY + 2));
+    }
+
+    #[test]
+    fn a_relay_greeting_421_is_full_not_down_and_comes_back_with_rise_passes() {
+        let mut t = Tracker::new(2, 2, Health::Up);
+        assert_eq!(full(&mut t), None);
+        assert_eq!(full(&mut t), Some(Transition::WentFull));
+        assert_eq!(t.health(), Health::Full);
+        assert_eq!(ok(&mut t), None);
+        assert_eq!(ok(&mut t), Some(Transition::WentUp));
+        // A full relay that then stops answering goes down.
+        full(&mut t);
+        full(&mut t);
+        assert_eq!(fail(&mut t), None);
+        assert_eq!(fail(&mut t), Some(Transition::WentDown));
+        // A down relay that answers 421 is alive again: full.
+        full(&mut t);
+        assert_eq!(full(&mut t), Some(Transition::WentFull));
     }
 }

@@ -12,7 +12,7 @@
 use std::{
     collections::BTreeMap,
     net::IpAddr,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex},
     time::SystemTime,
 };
 
@@ -31,48 +31,48 @@ use crate::{
         http::{blocking, error, json},
         prom,
     },
-    balance::weights::unix,
-    dataplane::{read_stats, tracked_flows, where_to},
+    balance::weights::{service_id, unix},
+    dataplane::Dataplane,
 };
 
-type Shared = Arc<Mutex<Node>>;
+type Shared<D> = Arc<Mutex<Node<D>>>;
 type Params = Query<BTreeMap<String, String>>;
 
 /// The admin API's routes (the caller adds the token and serves them).
-pub fn router(node: Shared) -> Router {
+pub fn router<D: Dataplane + Send + 'static>(node: Shared<D>) -> Router {
     Router::new()
         .route(
             "/status",
-            get(|State(n): State<Shared>| with(n, |n| json(status(n)))),
+            get(|State(n): State<Shared<D>>| with(n, |n| json(status(n)))),
         )
         .route(
             "/backends",
-            get(|State(n): State<Shared>| with(n, |n| json(Value::Array(backend_rows(n))))),
+            get(|State(n): State<Shared<D>>| with(n, |n| json(Value::Array(backend_rows(n))))),
         )
         .route(
             "/where",
-            get(|State(n): State<Shared>, Query(q): Params| with(n, move |n| where_(n, &q))),
+            get(|State(n): State<Shared<D>>, Query(q): Params| with(n, move |n| where_(n, &q))),
         )
         .route(
             "/metrics",
-            get(|State(n): State<Shared>| with(n, |n| metrics_page(n))),
+            get(|State(n): State<Shared<D>>| with(n, |n| metrics_page(n))),
         )
         .route(
             "/backends/{name}/drain",
-            post(|State(n): State<Shared>, Path(name): Path<String>| {
+            post(|State(n): State<Shared<D>>, Path(name): Path<String>| {
                 with(n, move |n| done(n.set_drained(&name, true)))
             }),
         )
         .route(
             "/backends/{name}/undrain",
-            post(|State(n): State<Shared>, Path(name): Path<String>| {
+            post(|State(n): State<Shared<D>>, Path(name): Path<String>| {
                 with(n, move |n| done(n.set_drained(&name, false)))
             }),
         )
         .route(
             "/backends/{name}/weight",
             post(
-                |State(n): State<Shared>, Path(name): Path<String>, Query(q): Params| {
+                |State(n): State<Shared<D>>, Path(name): Path<String>, Query(q): Params| {
                     with(n, move |n| {
                         weight(n, &name, q.get("value").map(String::as_str))
                     })
@@ -81,7 +81,7 @@ pub fn router(node: Shared) -> Router {
         )
         .route(
             "/reload",
-            post(|State(n): State<Shared>| {
+            post(|State(n): State<Shared<D>>| {
                 with(n, |n| match n.reload() {
                     Ok(()) => json(json!({ "ok": true })),
                     Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
@@ -93,18 +93,16 @@ pub fn router(node: Shared) -> Router {
 
 /// Runs `f` on the locked node off the runtime threads (map reads and
 /// writes are syscalls; the control loop holds the same lock).
-async fn with(node: Shared, f: impl FnOnce(&mut Node) -> Response + Send + 'static) -> Response {
-    blocking(move || f(&mut lock(&node)))
+async fn with<D: Dataplane + Send + 'static>(
+    node: Shared<D>,
+    f: impl FnOnce(&mut Node<D>) -> Response + Send + 'static,
+) -> Response {
+    blocking(move || f(&mut super::lock(&node)))
         .await
         .unwrap_or_else(|e| e)
 }
 
-fn lock(node: &Mutex<Node>) -> MutexGuard<'_, Node> {
-    node.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn weight(node: &mut Node, name: &str, value: Option<&str>) -> Response {
+fn weight<D: Dataplane>(node: &mut Node<D>, name: &str, value: Option<&str>) -> Response {
     match value {
         Some("config") => done(node.set_weight(name, None)),
         Some(v) => match v.parse() {
@@ -129,7 +127,7 @@ fn done(r: Result<(), String>) -> Response {
     }
 }
 
-fn metrics_page(node: &Node) -> Response {
+fn metrics_page<D: Dataplane>(node: &Node<D>) -> Response {
     (
         [(header::CONTENT_TYPE, prom::CONTENT_TYPE)],
         node.metrics.render(node),
@@ -137,9 +135,9 @@ fn metrics_page(node: &Node) -> Response {
         .into_response()
 }
 
-fn status(node: &Node) -> Value {
-    let counters = crate::dataplane::read_global_stats(&node.pin_dir).map(|s| {
-        s.fields()
+fn status<D: Dataplane>(node: &Node<D>) -> Value {
+    let counters = node.dataplane().stats().map(|s| {
+        s.global
             .iter()
             .map(|(k, v)| ((*k).to_owned(), json!(v)))
             .collect::<serde_json::Map<_, _>>()
@@ -150,16 +148,19 @@ fn status(node: &Node) -> Value {
             "config": node.config_path,
             "started_unix": unix(node.started),
             "last_reload": node.last_reload,
-            "services": node.cfg.services.iter().map(|s| json!({"name": s.label(), "vip": s.vip, "ports": s.ports})).collect::<Vec<_>>(),
+            "services": node.cfg.services.iter().map(|s| {
+                let fs = node.failsafe.get(&service_id(s)).cloned().unwrap_or_default();
+                json!({"name": s.label(), "vip": s.vip, "ports": s.ports, "mode": fs.mode, "panics": fs.panics, "all_full": fs.all_full})
+            }).collect::<Vec<_>>(),
             "counters": counters.map_or_else(|e| json!({"error": e.to_string()}), Value::Object),
     })
 }
 
 /// Per relay address: everything an operator asks about.
-pub(super) fn backend_rows(node: &Node) -> Vec<Value> {
+pub(super) fn backend_rows<D: Dataplane>(node: &Node<D>) -> Vec<Value> {
     let now = SystemTime::now();
-    let stats = read_stats(&node.pin_dir).ok();
-    let flows = tracked_flows(&node.pin_dir).unwrap_or_default();
+    let stats = node.dataplane().stats().ok();
+    let flows = node.dataplane().flows().unwrap_or_default();
     let effective: BTreeMap<IpAddr, u32> = node
         .applied()
         .map(|c| {
@@ -210,7 +211,7 @@ pub(super) fn backend_rows(node: &Node) -> Vec<Value> {
         .collect()
 }
 
-fn where_(node: &Node, query: &BTreeMap<String, String>) -> Response {
+fn where_<D: Dataplane>(node: &Node<D>, query: &BTreeMap<String, String>) -> Response {
     let get = |k: &str| query.get(k).ok_or_else(|| format!("missing ?{k}="));
     let parsed = (|| -> Result<(IpAddr, u16, IpAddr, u16), String> {
         let vip = get("vip")?
@@ -236,7 +237,7 @@ fn where_(node: &Node, query: &BTreeMap<String, String>) -> Response {
             .get(&a)
             .and_then(|r| r.names.iter().next().cloned())
     };
-    match where_to(&node.pin_dir, vip, port, client, cport) {
+    match node.dataplane().where_to(vip, port, client, cport) {
         Ok(Some(w)) => json(json!({
                 "service": format!("{vip}:{port}"),
                 "new_flow": w.new_flow.map(|(_, a)| json!({"backend": name(a), "address": a})),

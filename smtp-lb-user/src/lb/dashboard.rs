@@ -21,10 +21,10 @@ use axum::{Json, Router, http::header, response::IntoResponse, routing::get};
 use serde_json::{Value, json};
 use tracing::debug;
 
-use super::Node;
+use super::{Node, lock};
 use crate::{
     admin::{client::Client, http::blocking},
-    dataplane::read_stats,
+    dataplane::{Dataplane, read_stats},
 };
 
 /// Sampling period of the new-flow counters.
@@ -55,10 +55,10 @@ struct Samples {
     relays_answering: usize,
 }
 
-type Shared = Arc<Mutex<Node>>;
+type Shared<D> = Arc<Mutex<Node<D>>>;
 
 /// `/dashboard` and `/dashboard/state.json`; starts the sampler.
-pub fn router(node: Shared) -> Router {
+pub fn router<D: Dataplane + Send + 'static>(node: Shared<D>) -> Router {
     let samples = Arc::new(Mutex::new(Samples::default()));
     tokio::spawn(sample(Arc::downgrade(&node), samples.clone()));
     Router::new()
@@ -92,13 +92,9 @@ pub fn router(node: Shared) -> Router {
         )
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Samples until the node is gone. Map reads and HTTP run off the runtime
 /// threads; the node is locked only to copy what to read.
-async fn sample(node: Weak<Mutex<Node>>, samples: Arc<Mutex<Samples>>) {
+async fn sample<D: Send + 'static>(node: Weak<Mutex<Node<D>>>, samples: Arc<Mutex<Samples>>) {
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut relays_due = Instant::now();
@@ -181,7 +177,7 @@ fn relay_pages(addrs: &[SocketAddr]) -> Vec<String> {
 
 /// The page's state: the balancer's view of each relay (the same rows as
 /// `ctl backends`) with rates from the samples, and the per-ISP figures.
-fn state(node: &Shared, samples: &Mutex<Samples>) -> Value {
+fn state<D: Dataplane>(node: &Shared<D>, samples: &Mutex<Samples>) -> Value {
     let (rows, iface, services) = {
         let n = lock(node);
         (

@@ -8,25 +8,24 @@ use axum::Router;
 use super::Node;
 use crate::{
     admin::monitor::{self, Probe},
+    dataplane::Dataplane,
     health::Health,
 };
 
 /// Every route of the metrics listener.
-pub fn router(node: &Arc<Mutex<Node>>) -> Router {
+pub fn router<D: Dataplane + Send + 'static>(node: &Arc<Mutex<Node<D>>>) -> Router {
     monitor::router(Arc::new(Monitor(node.clone()))).merge(super::dashboard::router(node.clone()))
 }
 
-struct Monitor(Arc<Mutex<Node>>);
+struct Monitor<D>(Arc<Mutex<Node<D>>>);
 
-impl Monitor {
-    fn node(&self) -> std::sync::MutexGuard<'_, Node> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+impl<D> Monitor<D> {
+    fn node(&self) -> std::sync::MutexGuard<'_, Node<D>> {
+        super::lock(&self.0)
     }
 }
 
-impl Probe for Monitor {
+impl<D: Dataplane + Send + 'static> Probe for Monitor<D> {
     fn metrics(&self) -> String {
         let node = self.node();
         node.metrics.render(&node)

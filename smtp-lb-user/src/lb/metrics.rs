@@ -18,8 +18,9 @@ use prometheus_client::{
 use super::Node;
 use crate::{
     admin::prom::{self, Sampled, Text},
-    dataplane::{Snapshot, read_stats, tracked_flows},
-    health::Health,
+    balance::weights::{Mode, service_id},
+    dataplane::{Dataplane, Snapshot},
+    health::{self, Health, Transition},
 };
 
 pub struct Metrics {
@@ -68,6 +69,12 @@ struct Service {
     port: u16,
 }
 
+/// A configured service (all its ports): the fail-safe series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceName {
+    service: Text,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
     result: &'static str,
@@ -88,6 +95,7 @@ struct Event {
 struct RelayRow {
     labels: Backend,
     up: bool,
+    full: bool,
     drained: bool,
     weight: u32,
     share_permille: u32,
@@ -105,6 +113,8 @@ struct Sample {
     relays: Vec<RelayRow>,
     /// (service labels, backends with an effective weight above 0).
     services: Vec<(Service, usize)>,
+    /// Per configured service: its fail-safe state.
+    failsafe: Vec<(ServiceName, super::Failsafe)>,
     last_reload_ok: bool,
 }
 
@@ -178,7 +188,7 @@ impl Metrics {
         &self,
         names: &std::collections::BTreeSet<String>,
         address: IpAddr,
-        ok: bool,
+        outcome: &health::Outcome,
         took: Duration,
     ) {
         let b = backend(names, address);
@@ -189,24 +199,32 @@ impl Metrics {
             .get_or_create(&BackendResult {
                 backend: b.backend,
                 address: b.address,
-                result: if ok { "ok" } else { "failed" },
+                result: match outcome {
+                    health::Outcome::Passed => "ok",
+                    health::Outcome::Full(_) => "full",
+                    health::Outcome::Failed(_) => "failed",
+                },
             })
             .inc();
     }
 
-    /// The relay at `address` went up (`true`) or down.
+    /// The relay at `address` changed health.
     pub fn transition(
         &self,
         names: &std::collections::BTreeSet<String>,
         address: IpAddr,
-        up: bool,
+        to: Transition,
     ) {
         let b = backend(names, address);
         self.transitions
             .get_or_create(&BackendTo {
                 backend: b.backend,
                 address: b.address,
-                to: if up { "up" } else { "down" },
+                to: match to {
+                    Transition::WentUp => "up",
+                    Transition::WentFull => "full",
+                    Transition::WentDown => "down",
+                },
             })
             .inc();
     }
@@ -221,11 +239,11 @@ impl Metrics {
     }
 
     /// The whole page: counters, the maps' counters and every relay's state now.
-    pub fn render(&self, node: &Node) -> String {
+    pub fn render<D: Dataplane>(&self, node: &Node<D>) -> String {
         let _one = self.rendering.lock().expect("metrics lock");
         let now = SystemTime::now();
-        let stats = read_stats(&node.pin_dir).ok();
-        let flows = tracked_flows(&node.pin_dir).ok();
+        let stats = node.dataplane().stats().ok();
+        let flows = node.dataplane().flows().ok();
         let ids: BTreeMap<IpAddr, u32> = stats
             .iter()
             .flat_map(|s| &s.backends)
@@ -239,6 +257,7 @@ impl Metrics {
                 RelayRow {
                     labels: backend(&r.names, *addr),
                     up: r.tracker.health() == Health::Up,
+                    full: r.tracker.health() == Health::Full,
                     drained: r.runtime.drained,
                     weight: r.runtime.weight_override.unwrap_or(configured),
                     share_permille: r.runtime.share(now, &node.cfg.warmup),
@@ -286,6 +305,22 @@ impl Metrics {
                 .collect(),
             relays,
             services,
+            failsafe: node
+                .cfg
+                .services
+                .iter()
+                .map(|s| {
+                    (
+                        ServiceName {
+                            service: s.label().into(),
+                        },
+                        node.failsafe
+                            .get(&service_id(s))
+                            .cloned()
+                            .unwrap_or_default(),
+                    )
+                })
+                .collect(),
             last_reload_ok: node.last_reload.as_ref().is_none_or(|r| r.error.is_none()),
         };
         prom::render(&self.registry)
@@ -444,6 +479,14 @@ impl Collector for Sampler {
             s.relays.iter().map(|r| (r.labels.clone(), i64::from(r.up))),
         )?;
         out.gauges(
+            "backend_full",
+            "1 while the relay is alive but full: it greets health checks with 421.",
+            None,
+            s.relays
+                .iter()
+                .map(|r| (r.labels.clone(), i64::from(r.full))),
+        )?;
+        out.gauges(
             "backend_drained",
             "1 while the relay is drained by the operator.",
             None,
@@ -466,6 +509,34 @@ impl Collector for Sampler {
             s.relays
                 .iter()
                 .map(|r| (r.labels.clone(), f64::from(r.share_permille) / 1000.0)),
+        )?;
+        out.gauges(
+            "service_in_panic",
+            "1 while too few relays are alive and the service keeps its last good relays.",
+            None,
+            s.failsafe
+                .iter()
+                .map(|(l, f)| (l.clone(), i64::from(f.mode == Some(Mode::Panic)))),
+        )?;
+        out.counters(
+            "service_panic",
+            "Times the service entered panic (too few relays alive).",
+            None,
+            s.failsafe.iter().map(|(l, f)| (l.clone(), f.panics)),
+        )?;
+        out.gauges(
+            "service_all_full",
+            "1 while every relay alive is full (421) and the full ones take new connections.",
+            None,
+            s.failsafe
+                .iter()
+                .map(|(l, f)| (l.clone(), i64::from(f.mode == Some(Mode::Full)))),
+        )?;
+        out.counters(
+            "service_all_full_episodes",
+            "Times every relay alive of the service became full.",
+            None,
+            s.failsafe.iter().map(|(l, f)| (l.clone(), f.all_full)),
         )?;
         out.gauge(
             "config_last_reload_successful",

@@ -4,14 +4,21 @@
 //! SIGHUP or request, and answers the admin API.
 //!
 //! All state lives in one [`Node`] behind a mutex; the data plane is only
-//! written from [`Node::reconcile`], and only when the effective
-//! configuration changed, so a steady state costs no map writes.
+//! written from [`Node::reconcile`], and only what changed since the last
+//! write, so a steady state costs no map writes and a weight change
+//! rewrites one table. Nothing here panics while the node is locked: every
+//! failure is an error that leaves the running configuration serving.
+//!
+//! The node is generic over the [`Dataplane`]: the kernel's in production,
+//! an in-memory fake in the unit tests below.
 
 mod api;
 pub mod dashboard;
 mod listener;
 pub mod metrics;
 pub mod state;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -31,10 +38,13 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::http,
-    balance::weights::{self, Runtime},
+    balance::{
+        plan::Plan,
+        weights::{self, Mode, Runtime},
+    },
     config::lb::LbConfig,
-    dataplane::Dataplane,
-    health::{self, Health, Tracker, Transition},
+    dataplane::{self, Dataplane, XdpDataplane},
+    health::{self, Health, Outcome, Tracker, Transition},
 };
 
 /// How often warmup ramps are re-evaluated (a table rebuild happens only
@@ -42,6 +52,7 @@ use crate::{
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 
 /// One relay, by address (its identity across services).
+#[derive(Clone)]
 pub struct Relay {
     /// Its names in the configuration (normally one).
     pub names: BTreeSet<String>,
@@ -57,30 +68,48 @@ pub struct ReloadOutcome {
     pub error: Option<String>,
 }
 
+/// A service's fail-safe state, for the admin API and metrics.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Failsafe {
+    /// How its table is chosen now.
+    pub mode: Option<Mode>,
+    /// Times it entered panic since the daemon started.
+    pub panics: u64,
+    /// Times every relay it had alive was full, since the daemon started.
+    pub all_full: u64,
+}
+
 /// Everything the daemon knows.
-pub struct Node {
+pub struct Node<D = XdpDataplane> {
     pub cfg: LbConfig,
     pub config_path: Option<PathBuf>,
     pub pin_dir: PathBuf,
     pub iface: String,
-    dp: Dataplane,
+    dp: D,
     pub relays: BTreeMap<IpAddr, Relay>,
-    /// The effective configuration last written to the maps.
-    applied: Option<LbConfig>,
+    /// The effective configuration last written to the maps, and the plan
+    /// written for it (`None` after a failed write: the next one is full).
+    applied: Option<(LbConfig, Plan)>,
+    /// Per service id, the relays it had alive when last not in panic.
+    last_good: BTreeMap<String, BTreeSet<IpAddr>>,
+    /// Per service id.
+    pub failsafe: BTreeMap<String, Failsafe>,
     pub last_reload: Option<ReloadOutcome>,
     pub started: SystemTime,
     /// Bumped when the set of relays or the health settings change, so the
     /// control loop restarts the probes.
     probe_generation: u64,
     pub metrics: metrics::Metrics,
+    /// The wall clock (warmup ramps); a test sets its own.
+    clock: Box<dyn Fn() -> SystemTime + Send>,
 }
 
-impl Node {
+impl<D: Dataplane> Node<D> {
     /// Builds the node from `cfg` and the state saved by a previous run,
     /// and programs the data plane. A relay the previous run had up stays up
     /// (a restart must not empty the tables); a new one starts down.
     pub fn new(
-        dp: Dataplane,
+        dp: D,
         cfg: LbConfig,
         saved: &state::State,
         config_path: Option<PathBuf>,
@@ -95,13 +124,20 @@ impl Node {
             dp,
             relays: BTreeMap::new(),
             applied: None,
+            last_good: saved.last_good.clone(),
+            failsafe: BTreeMap::new(),
             last_reload: None,
             started: SystemTime::now(),
             probe_generation: 0,
             metrics: metrics::Metrics::new(),
+            clock: Box::new(SystemTime::now),
         };
         node.sync_relays(|addr| saved.backends.get(&addr).map(|s| s.runtime.clone()));
         node
+    }
+
+    fn now(&self) -> SystemTime {
+        (self.clock)()
     }
 
     /// First programming of the maps. Relays the saved state does not know
@@ -125,18 +161,31 @@ impl Node {
                 )
             });
         }
-        let now = SystemTime::now();
+        let now = self.now();
         while let Some(Ok((addr, result))) = round.join_next().await {
-            let relay = self.relays.get_mut(&addr).expect("probed relays are known");
+            let Some(relay) = self.relays.get_mut(&addr) else {
+                continue;
+            };
             match result {
                 Ok(took) => {
                     relay.tracker = Tracker::new(cfg.rise, cfg.fall, Health::Up);
-                    relay.tracker.record(None, took);
+                    relay.tracker.record(Outcome::Passed, took);
                     relay.runtime.came_up(now, &self.cfg.warmup);
                     info!(relay = %addr, "relay up at start");
                 }
+                Err(e) if e.is_full() => {
+                    relay.tracker = Tracker::new(cfg.rise, cfg.fall, Health::Full);
+                    relay
+                        .tracker
+                        .record(Outcome::Full(e.to_string()), Duration::ZERO);
+                    relay.runtime.came_up(now, &self.cfg.warmup);
+                    relay.runtime.health = Health::Full;
+                    warn!(relay = %addr, error = %e, "relay full at start");
+                }
                 Err(e) => {
-                    relay.tracker.record(Some(e.to_string()), Duration::ZERO);
+                    relay
+                        .tracker
+                        .record(Outcome::Failed(e.to_string()), Duration::ZERO);
                     warn!(relay = %addr, error = %e, "relay down at start");
                 }
             }
@@ -144,12 +193,14 @@ impl Node {
         self.reconcile()
     }
 
-    /// Attaches the program (or takes over a pinned attachment).
-    pub fn attach(
-        &mut self,
-        mode: crate::dataplane::AttachMode,
-    ) -> Result<(), crate::dataplane::LoadError> {
-        self.dp.attach(&self.iface, mode)
+    /// The data plane.
+    pub fn dataplane(&self) -> &D {
+        &self.dp
+    }
+
+    /// The data plane, to attach it.
+    pub fn dataplane_mut(&mut self) -> &mut D {
+        &mut self.dp
     }
 
     /// Makes `relays` match the configuration: new addresses get `initial`
@@ -179,23 +230,36 @@ impl Node {
     }
 
     /// Writes the effective configuration to the maps if it changed, and
-    /// saves the state.
+    /// saves the state. A failed write forgets what the maps hold, so the
+    /// next reconcile writes everything again.
     pub fn reconcile(&mut self) -> anyhow::Result<()> {
         let runtime: BTreeMap<IpAddr, Runtime> = self
             .relays
             .iter()
             .map(|(a, r)| (*a, r.runtime.clone()))
             .collect();
-        let effective =
-            weights::effective(&self.cfg, &runtime, &self.cfg.warmup, SystemTime::now());
-        if self.applied.as_ref() == Some(&effective) {
+        let effective = weights::effective(
+            &self.cfg,
+            &runtime,
+            &self.cfg.warmup,
+            &self.last_good,
+            self.now(),
+        );
+        let good_changed = self.track_failsafe(&effective.services);
+        if self
+            .applied
+            .as_ref()
+            .is_some_and(|(c, _)| *c == effective.cfg)
+        {
+            if good_changed {
+                self.save();
+            }
             return Ok(());
         }
-        let applied = self
-            .dp
-            .apply(&effective)
+        let previous = self.applied.take().map(|(_, plan)| plan);
+        let applied = dataplane::apply(&mut self.dp, &effective.cfg, previous.as_ref())
             .context("program the data plane")?;
-        for svc in &effective.services {
+        for svc in &effective.cfg.services {
             let weights: Vec<String> = svc
                 .backends
                 .iter()
@@ -203,9 +267,57 @@ impl Node {
                 .collect();
             info!(service = %svc.label(), weights = %weights.join(" "), removed = applied.removed_backends, "tables updated");
         }
-        self.applied = Some(effective);
+        self.applied = Some((effective.cfg, applied.plan));
         self.save();
         Ok(())
+    }
+
+    /// Follows each service's fail-safe mode: logs and counts each change,
+    /// and remembers the good relays of services not in panic. Returns
+    /// whether a good set changed.
+    fn track_failsafe(&mut self, states: &[weights::ServiceState]) -> bool {
+        let mut changed = false;
+        for st in states {
+            let fs = self.failsafe.entry(st.id.clone()).or_default();
+            let was = fs.mode.replace(st.mode);
+            if st.mode != Mode::Panic && self.last_good.get(&st.id) != Some(&st.alive) {
+                self.last_good.insert(st.id.clone(), st.alive.clone());
+                changed = true;
+            }
+            if was == Some(st.mode) {
+                continue;
+            }
+            match st.mode {
+                Mode::Panic => {
+                    fs.panics += 1;
+                    let kept: Vec<String> = self
+                        .last_good
+                        .get(&st.id)
+                        .into_iter()
+                        .flatten()
+                        .map(ToString::to_string)
+                        .collect();
+                    if kept.is_empty() {
+                        error!(service = %st.id, "panic: no relay is alive and none ever was; new connections are dropped");
+                    } else {
+                        warn!(service = %st.id, kept = %kept.join(" "), threshold_percent = self.cfg.health.panic_threshold, "panic: too few relays alive; new connections keep going to the last good relays");
+                    }
+                }
+                Mode::Full => {
+                    fs.all_full += 1;
+                    warn!(service = %st.id, "every relay alive is full (421): new connections go to the full relays, which take them as slots free up");
+                }
+                Mode::Normal if was.is_some() => {
+                    info!(service = %st.id, "relays with room again: new connections follow the health checks");
+                }
+                Mode::Normal => {}
+            }
+        }
+        self.failsafe
+            .retain(|id, _| states.iter().any(|s| s.id == *id));
+        self.last_good
+            .retain(|id, _| states.iter().any(|s| s.id == *id));
+        changed
     }
 
     fn save(&self) {
@@ -224,38 +336,54 @@ impl Node {
                     )
                 })
                 .collect(),
+            last_good: self.last_good.clone(),
         };
         if let Err(e) = state::save(&self.cfg.state_dir, &saved) {
             error!(dir = %self.cfg.state_dir.display(), error = %e, "cannot save state; warmup progress may be lost on restart");
         }
     }
 
-    /// Records a probe result and applies a resulting up/down change.
+    /// Records a probe result and applies a resulting health change.
     pub fn on_probe(
         &mut self,
         addr: IpAddr,
-        result: Result<Duration, String>,
+        outcome: Outcome,
         took: Duration,
     ) -> anyhow::Result<()> {
+        let now = self.now();
         let Some(relay) = self.relays.get_mut(&addr) else {
             return Ok(());
         };
-        let error = result.err();
-        let transition = relay.tracker.record(error.clone(), took);
-        self.metrics
-            .probe(&relay.names, addr, error.is_none(), took);
+        let error = match &outcome {
+            Outcome::Passed => String::new(),
+            Outcome::Full(e) | Outcome::Failed(e) => e.clone(),
+        };
+        let was = relay.runtime.health;
+        self.metrics.probe(&relay.names, addr, &outcome, took);
+        let transition = relay.tracker.record(outcome, took);
         if let Some(t) = transition {
-            self.metrics
-                .transition(&relay.names, addr, t == Transition::WentUp);
+            self.metrics.transition(&relay.names, addr, t);
         }
         match transition {
             Some(Transition::WentUp) => {
-                relay.runtime.came_up(SystemTime::now(), &self.cfg.warmup);
+                if was == Health::Full {
+                    // It was alive all along: no slow start.
+                    relay.runtime.health = Health::Up;
+                } else {
+                    relay.runtime.came_up(now, &self.cfg.warmup);
+                }
                 info!(relay = %addr, names = ?relay.names, "relay up: passed its health checks");
+            }
+            Some(Transition::WentFull) => {
+                if was == Health::Down {
+                    relay.runtime.came_up(now, &self.cfg.warmup);
+                }
+                relay.runtime.health = Health::Full;
+                warn!(relay = %addr, names = ?relay.names, error = %error, "relay full: no new connections while another relay has room; its own continue");
             }
             Some(Transition::WentDown) => {
                 relay.runtime.health = Health::Down;
-                warn!(relay = %addr, names = ?relay.names, error = error.as_deref().unwrap_or(""), "relay down: no new connections");
+                warn!(relay = %addr, names = ?relay.names, error = %error, "relay down: no new connections");
             }
             None => return Ok(()),
         }
@@ -304,11 +432,17 @@ impl Node {
             }
         }
         let previous = std::mem::replace(&mut self.cfg, new);
+        let relays = self.relays.clone();
         self.sync_relays(|_| None);
         if let Err(e) = self.reconcile() {
-            // Put the old configuration back; the maps still hold it.
+            // Put the old configuration back and write it again in full:
+            // the failed write may have changed part of the maps.
             self.cfg = previous;
-            self.sync_relays(|_| None);
+            self.relays = relays;
+            self.probe_generation += 1;
+            if let Err(again) = self.reconcile() {
+                error!(error = %format!("{again:#}"), "cannot write the running configuration back");
+            }
             return Err(format!("{e:#}"));
         }
         Ok(())
@@ -332,11 +466,9 @@ impl Node {
     /// Drain (`true`) or undrain a relay by name or address.
     pub fn set_drained(&mut self, name: &str, drained: bool) -> Result<(), String> {
         for addr in self.by_name(name)? {
-            self.relays
-                .get_mut(&addr)
-                .expect("by_name returns known relays")
-                .runtime
-                .drained = drained;
+            if let Some(relay) = self.relays.get_mut(&addr) {
+                relay.runtime.drained = drained;
+            }
         }
         info!(backend = name, drained, "drain state changed");
         self.reconcile().map_err(|e| format!("{e:#}"))
@@ -351,11 +483,9 @@ impl Node {
             ));
         }
         for addr in self.by_name(name)? {
-            self.relays
-                .get_mut(&addr)
-                .expect("by_name returns known relays")
-                .runtime
-                .weight_override = weight;
+            if let Some(relay) = self.relays.get_mut(&addr) {
+                relay.runtime.weight_override = weight;
+            }
         }
         info!(backend = name, ?weight, "operator weight changed");
         self.reconcile().map_err(|e| format!("{e:#}"))
@@ -373,10 +503,10 @@ impl Node {
 
     /// The effective configuration in the maps.
     pub fn applied(&self) -> Option<&LbConfig> {
-        self.applied.as_ref()
+        self.applied.as_ref().map(|(c, _)| c)
     }
 
-    pub fn into_dataplane(self) -> Dataplane {
+    pub fn into_dataplane(self) -> D {
         self.dp
     }
 }
@@ -385,11 +515,11 @@ impl Node {
 struct ProbeResult {
     generation: u64,
     addr: IpAddr,
-    result: Result<Duration, String>,
+    outcome: Outcome,
     took: Duration,
 }
 
-fn spawn_probes(node: &Node, tx: &mpsc::Sender<ProbeResult>) -> JoinSet<()> {
+fn spawn_probes<D>(node: &Node<D>, tx: &mpsc::Sender<ProbeResult>) -> JoinSet<()> {
     let mut set = JoinSet::new();
     for addr in node.relays.keys().copied() {
         let cfg = node.cfg.health.clone();
@@ -401,13 +531,15 @@ fn spawn_probes(node: &Node, tx: &mpsc::Sender<ProbeResult>) -> JoinSet<()> {
             loop {
                 tick.tick().await;
                 let started = std::time::Instant::now();
-                let result = health::probe(SocketAddr::new(addr, cfg.port), &cfg)
-                    .await
-                    .map_err(|e| e.to_string());
+                let outcome = match health::probe(SocketAddr::new(addr, cfg.port), &cfg).await {
+                    Ok(_) => Outcome::Passed,
+                    Err(e) if e.is_full() => Outcome::Full(e.to_string()),
+                    Err(e) => Outcome::Failed(e.to_string()),
+                };
                 let msg = ProbeResult {
                     generation,
                     addr,
-                    result,
+                    outcome,
                     took: started.elapsed(),
                 };
                 if tx.send(msg).await.is_err() {
@@ -421,10 +553,13 @@ fn spawn_probes(node: &Node, tx: &mpsc::Sender<ProbeResult>) -> JoinSet<()> {
 
 /// Runs the control loop until `shutdown` resolves; returns the node (and
 /// with it the data plane) for the caller to detach or keep pinned.
-pub async fn run(node: Node, shutdown: impl Future<Output = ()>) -> anyhow::Result<Node> {
+pub async fn run<D: Dataplane + Send + 'static>(
+    node: Node<D>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<Node<D>> {
     let node = Arc::new(Mutex::new(node));
     let (admin_addr, metrics_addr, token) = {
-        let n = node.lock().unwrap();
+        let n = lock(&node);
         (
             n.cfg.admin.listen,
             n.cfg.metrics.listen,
@@ -453,8 +588,8 @@ pub async fn run(node: Node, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     ];
 
     let (tx, mut rx) = mpsc::channel(256);
-    let mut generation = node.lock().unwrap().probe_generation;
-    let mut probes = spawn_probes(&node.lock().unwrap(), &tx);
+    let mut generation = lock(&node).probe_generation;
+    let mut probes = spawn_probes(&lock(&node), &tx);
     let mut tick = tokio::time::interval(RECONCILE_EVERY);
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     tokio::pin!(shutdown);
@@ -463,28 +598,28 @@ pub async fn run(node: Node, shutdown: impl Future<Output = ()>) -> anyhow::Resu
         tokio::select! {
             () = &mut shutdown => break,
             Some(msg) = rx.recv() => {
-                let mut n = node.lock().unwrap();
+                let mut n = lock(&node);
                 if msg.generation == n.probe_generation
-                    && let Err(e) = n.on_probe(msg.addr, msg.result, msg.took)
+                    && let Err(e) = n.on_probe(msg.addr, msg.outcome, msg.took)
                 {
                     error!(error = %format!("{e:#}"), "cannot apply a health change");
                 }
             }
             _ = tick.tick() => {
-                if let Err(e) = node.lock().unwrap().reconcile() {
+                if let Err(e) = lock(&node).reconcile() {
                     error!(error = %format!("{e:#}"), "cannot apply warmup progress");
                 }
             }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the configuration");
-                let _ = node.lock().unwrap().reload();
+                let _ = lock(&node).reload();
             }
         }
-        let current = node.lock().unwrap().probe_generation;
+        let current = lock(&node).probe_generation;
         if current != generation {
             generation = current;
             probes.abort_all();
-            probes = spawn_probes(&node.lock().unwrap(), &tx);
+            probes = spawn_probes(&lock(&node), &tx);
         }
     }
     crate::systemd::stopping();
@@ -504,7 +639,7 @@ pub async fn run(node: Node, shutdown: impl Future<Output = ()>) -> anyhow::Resu
 /// (a reload, a conntrack walk) to let go of the node.
 const RELEASE_WAIT: Duration = Duration::from_secs(30);
 
-async fn release(mut node: Arc<Mutex<Node>>) -> anyhow::Result<Node> {
+async fn release<D>(mut node: Arc<Mutex<Node<D>>>) -> anyhow::Result<Node<D>> {
     let deadline = std::time::Instant::now() + RELEASE_WAIT;
     loop {
         match Arc::try_unwrap(node) {
@@ -520,6 +655,12 @@ async fn release(mut node: Arc<Mutex<Node>>) -> anyhow::Result<Node> {
             Err(_) => anyhow::bail!("an admin request still holds the node after {RELEASE_WAIT:?}"),
         }
     }
+}
+
+/// Locks the node. A poisoned lock still holds a consistent node: nothing
+/// panics while it is held, and each change is whole before it is made.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Path of the state directory's token file (for `ctl`).

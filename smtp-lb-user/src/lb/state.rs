@@ -1,10 +1,10 @@
 //! What the balancer keeps across restarts, in `<state_dir>/lb-state.json`:
 //! per relay address, its name and [`Runtime`] (health, warmup ramps,
-//! drain, operator weight). Written atomically (temporary file, fsync,
+//! drain, operator weight), and each service's last good relays. Written atomically (temporary file, fsync,
 //! rename, fsync of the directory), so a crash leaves the old or the new
 //! file, never half of one.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs::{self, File},
     io::{self, Write},
     net::IpAddr,
@@ -29,6 +29,10 @@ pub struct Saved {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     pub backends: BTreeMap<IpAddr, Saved>,
+    /// Per service (VIP and ports), the relays it had alive the last time
+    /// it was not in panic: what a restart in panic keeps sending to.
+    #[serde(default)]
+    pub last_good: BTreeMap<String, BTreeSet<IpAddr>>,
 }
 
 fn path(dir: &Path) -> PathBuf {

@@ -11,9 +11,10 @@ use smtp_lb_tests::topology::{DsrLab, LB, VIP, wait_for};
 use super::Report;
 use crate::build::Artifacts;
 
-/// Sessions per measured run, and runs per path (the median counts).
+/// Sessions per measured run, and interleaved rounds per path (the median
+/// of each counts, so one noisy round on a shared machine does not).
 const SESSIONS: usize = 4000;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const PARALLEL: usize = 20;
 
 /// Busy CPU time of the whole machine, in seconds (`/proc/stat`, `USER_HZ` = 100).
