@@ -19,7 +19,12 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         opts.file.display(),
         cfg.services.len(),
         cfg.health.interval,
-        cfg.health.detection_bound()
+        cfg.services
+            .iter()
+            .flat_map(|s| s.ports.iter().map(|p| s.check(*p, &cfg.health).tls))
+            .map(|tls| cfg.health.detection_bound(tls))
+            .max()
+            .unwrap_or_default()
     );
     Ok(())
 }

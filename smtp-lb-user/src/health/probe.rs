@@ -1,4 +1,4 @@
-//! One SMTP health probe of one relay.
+//! One SMTP health probe of one relay port, in that port's dialect.
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
@@ -14,12 +14,14 @@ use tokio::{
     time::timeout,
 };
 
-use super::HealthCheckConfig;
+use super::{HealthCheckConfig, Tls};
 
 /// The step of a probe that failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
     Connect,
+    /// The TLS handshake of implicit TLS (465), before the greeting.
+    Handshake,
     Greeting,
     Ehlo,
     Starttls,
@@ -30,6 +32,7 @@ impl std::fmt::Display for Phase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Connect => "connect",
+            Self::Handshake => "TLS handshake",
             Self::Greeting => "greeting",
             Self::Ehlo => "EHLO",
             Self::Starttls => "STARTTLS",
@@ -60,8 +63,14 @@ pub enum ProbeError {
     Malformed { phase: Phase, line: String },
     #[error("STARTTLS: relay does not offer it in its EHLO reply")]
     NoStarttls,
-    #[error("STARTTLS: handshake failed: {0}")]
-    Tls(std::io::Error),
+    /// The TLS handshake failed (after `STARTTLS`, or first thing on an
+    /// implicit-TLS port).
+    #[error("{phase}: handshake failed: {source}")]
+    Tls {
+        phase: Phase,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ProbeError {
@@ -162,8 +171,12 @@ fn expect(reply: Reply, code: u16, phase: Phase) -> Result<Reply, ProbeError> {
     }
 }
 
-/// Probes the relay at `addr` as configured. Returns how long it took.
-pub async fn probe(addr: SocketAddr, cfg: &HealthCheckConfig) -> Result<Duration, ProbeError> {
+/// Probes the relay port at `addr` in dialect `tls`. Returns how long it took.
+pub async fn probe(
+    addr: SocketAddr,
+    tls: Tls,
+    cfg: &HealthCheckConfig,
+) -> Result<Duration, ProbeError> {
     let started = Instant::now();
     let t = &cfg.timeouts;
     let tcp = step(Phase::Connect, t.connect, async {
@@ -176,22 +189,22 @@ pub async fn probe(addr: SocketAddr, cfg: &HealthCheckConfig) -> Result<Duration
     })
     .await?;
     let _ = tcp.set_nodelay(true);
-    let mut s = BufReader::new(tcp);
-    // 421 (closing) and 554 (no service) greetings mean the relay is down.
-    step(Phase::Greeting, t.greeting, async {
-        expect(
-            read_reply(&mut s, Phase::Greeting).await?,
-            220,
-            Phase::Greeting,
-        )
-    })
-    .await?;
     let ehlo = format!("EHLO {}\r\n", cfg.helo_name);
-    let caps = step(Phase::Ehlo, t.ehlo, async {
-        expect(command(&mut s, &ehlo, Phase::Ehlo).await?, 250, Phase::Ehlo)
-    })
-    .await?;
-    if cfg.starttls {
+    if tls == Tls::Implicit {
+        let tls = step(
+            Phase::Handshake,
+            t.handshake,
+            handshake(tcp, addr, Phase::Handshake),
+        )
+        .await?;
+        let mut s = BufReader::new(tls);
+        greet(&mut s, &ehlo, cfg).await?;
+        quit(&mut s, t.quit).await;
+        return Ok(started.elapsed());
+    }
+    let mut s = BufReader::new(tcp);
+    let caps = greet(&mut s, &ehlo, cfg).await?;
+    if tls == Tls::Starttls {
         if !caps
             .lines
             .iter()
@@ -205,11 +218,7 @@ pub async fn probe(addr: SocketAddr, cfg: &HealthCheckConfig) -> Result<Duration
                 220,
                 Phase::Starttls,
             )?;
-            let tls = tls_connector()
-                .connect(server_name(addr), s.into_inner())
-                .await
-                .map_err(ProbeError::Tls)?;
-            let mut tls = BufReader::new(tls);
+            let mut tls = BufReader::new(handshake(s.into_inner(), addr, Phase::Starttls).await?);
             expect(
                 command(&mut tls, &ehlo, Phase::Starttls).await?,
                 250,
@@ -223,6 +232,36 @@ pub async fn probe(addr: SocketAddr, cfg: &HealthCheckConfig) -> Result<Duration
         quit(&mut s, t.quit).await;
     }
     Ok(started.elapsed())
+}
+
+/// The greeting (`220`; `421` and `554` mean full and down) and `EHLO`;
+/// returns the `EHLO` reply (its capabilities).
+async fn greet<S: AsyncBufRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    ehlo: &str,
+    cfg: &HealthCheckConfig,
+) -> Result<Reply, ProbeError> {
+    let t = &cfg.timeouts;
+    step(Phase::Greeting, t.greeting, async {
+        expect(read_reply(s, Phase::Greeting).await?, 220, Phase::Greeting)
+    })
+    .await?;
+    step(Phase::Ehlo, t.ehlo, async {
+        expect(command(s, ehlo, Phase::Ehlo).await?, 250, Phase::Ehlo)
+    })
+    .await
+}
+
+/// A TLS client handshake on `tcp` (certificate not verified).
+async fn handshake(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    phase: Phase,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ProbeError> {
+    tls_connector()
+        .connect(server_name(addr), tcp)
+        .await
+        .map_err(|source| ProbeError::Tls { phase, source })
 }
 
 /// Says goodbye. A relay that does not answer `QUIT` in time still passed:
