@@ -397,17 +397,26 @@ fn metrics<D: Dataplane>(node: &Node<D>) -> Response {
 
 /// Per configured service (label `service`: its name): the fail-safes.
 fn failsafe_metrics<D>(node: &Node<D>, e: &mut Exposition) {
-    let rows: Vec<(String, super::Failsafe)> = node
-        .cfg
-        .services
-        .iter()
-        .flat_map(|s| s.ports.iter().map(move |p| (s, *p)))
-        .map(|(s, port)| {
-            let id = service_id(s.vip, port);
-            let f = node.failsafe.get(&id).cloned().unwrap_or_default();
-            (id, f)
-        })
-        .collect();
+    // Per service name, its ports taken together: in panic (or all full)
+    // when one of them is, counting every port's episodes.
+    let mut rows: BTreeMap<String, super::Failsafe> = BTreeMap::new();
+    for s in &node.cfg.services {
+        let row = rows.entry(s.label()).or_default();
+        for port in &s.ports {
+            let f = node
+                .failsafe
+                .get(&service_id(s.vip, *port))
+                .cloned()
+                .unwrap_or_default();
+            row.panics += f.panics;
+            row.all_full += f.all_full;
+            row.mode = match (row.mode, f.mode) {
+                (Some(Mode::Panic), _) | (_, Some(Mode::Panic)) => Some(Mode::Panic),
+                (Some(Mode::Full), _) | (_, Some(Mode::Full)) => Some(Mode::Full),
+                (a, b) => a.or(b),
+            };
+        }
+    }
     for (name, kind, help, get) in [
         (
             "smtplb_service_panic",
