@@ -58,6 +58,11 @@ pub mod maps {
     pub const BACKENDS: &str = "BACKENDS";
     /// [`crate::FlowKey`] → [`crate::Flow`]: LRU connection table.
     pub const CONNTRACK: &str = "CONNTRACK";
+    /// [`crate::FlowKey`] → [`crate::Flow`]: the tracked flows a table change
+    /// moved (their backend is no longer the one the live table names),
+    /// copied out of [`CONNTRACK`] by user space at each table change. The
+    /// packet path never inserts here, so a flood cannot evict them.
+    pub const MOVED_FLOWS: &str = "MOVED_FLOWS";
     /// `u32` service id → per-CPU [`crate::ServiceStats`].
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     /// `u32` backend id → per-CPU [`crate::BackendStats`].
@@ -68,6 +73,9 @@ pub mod maps {
     pub const TX_PORTS: &str = "TX_PORTS";
     /// `u32 (always 0)` → per-CPU [`crate::DecapStats`] (relay side).
     pub const DECAP_STATS: &str = "DECAP_STATS";
+    /// LPM trie of [`crate::DecapPrefix`] → `u32` (relay side): the outer
+    /// sources (LB nodes) and inner destinations (VIPs) decap accepts.
+    pub const DECAP_ALLOW: &str = "DECAP_ALLOW";
 
     /// Every map of the balancer, so user space can pin (or re-open) each one by name.
     pub const ALL: &[&str] = &[
@@ -78,6 +86,7 @@ pub mod maps {
         RINGS,
         BACKENDS,
         CONNTRACK,
+        MOVED_FLOWS,
         SERVICE_STATS,
         BACKEND_STATS,
         LB_CONFIG,
@@ -101,6 +110,11 @@ pub const RING_SLOTS: u32 = MAX_SERVICES * 2 * MAX_RING_SIZE;
 /// Tracked flows. At 10k new SMTP sessions/s and sessions of up to ~20 s this
 /// is 1.3× the live set; an evicted flow is re-hashed (and counted), not lost.
 pub const CONNTRACK_SIZE: u32 = 262_144;
+/// Flows a table change moved ([`maps::MOVED_FLOWS`]). One change copies at
+/// most the flows [`maps::CONNTRACK`] holds that the new table sends
+/// elsewhere, so this many always fit the copies of one change; older copies
+/// (and flows of backends that came back) age out of the LRU or are pruned.
+pub const MOVED_FLOWS_SIZE: u32 = CONNTRACK_SIZE;
 /// Interfaces in the redirect devmap.
 pub const MAX_TX_PORTS: u32 = 64;
 
@@ -329,14 +343,22 @@ counters! {
         drop_no_backend,
         /// Dropped: no route to an IPIP backend, or encapsulation failed.
         drop_encap,
-        /// Event: a non-SYN packet of a VIP flow with no conntrack entry
-        /// (evicted, or the LB restarted): hashed through the table.
+        /// Event: a non-SYN packet of a VIP flow in neither `CONNTRACK` nor
+        /// `MOVED_FLOWS` (evicted, or the LB restarted): hashed through the table.
         lru_miss,
         /// Event: a tracked flow whose backend was removed, re-hashed.
         rehash,
+        /// Event: a non-SYN packet with no `CONNTRACK` entry (evicted, e.g.
+        /// by a flood) found in `MOVED_FLOWS`: sent to the backend it started
+        /// on although the live table names another.
+        moved_hit,
+        /// Event: an ICMP destination unreachable / `ICMPv6` packet too big or
+        /// unreachable quoting a packet of a balanced flow (VIP:port →
+        /// client), sent to the relay that owns the flow.
+        icmp_to_flow,
     }
 }
-const _: () = assert!(size_of::<GlobalStats>() == 14 * 8);
+const _: () = assert!(size_of::<GlobalStats>() == 16 * 8);
 
 counters! {
     /// Per-service, per-CPU counters.
@@ -375,8 +397,39 @@ counters! {
         passed,
         /// Encapsulated but malformed (truncated, options): dropped.
         dropped,
+        /// Encapsulated by a source not on the allow-list: dropped.
+        dropped_source,
+        /// Encapsulated to an inner destination that is not an allowed VIP: dropped.
+        dropped_vip,
     }
 }
+
+/// [`DecapPrefix::list`]: outer source addresses allowed to tunnel to this
+/// relay (the LB nodes' encapsulation sources).
+pub const DECAP_LIST_SOURCE: u8 = 1;
+/// [`DecapPrefix::list`]: inner destinations decap delivers (the VIPs).
+pub const DECAP_LIST_VIP: u8 = 2;
+/// Prefixes in [`maps::DECAP_ALLOW`], both lists together.
+pub const MAX_DECAP_PREFIXES: u32 = 256;
+/// Bits of [`DecapPrefix`] before the address: `list`, `family` and the
+/// padding always match in full, so a key's prefix length is this plus the
+/// address prefix.
+pub const DECAP_PREFIX_HEADER_BITS: u32 = 32;
+
+/// Data of a [`maps::DECAP_ALLOW`] key (after the LPM trie's prefix length).
+/// An IPv4 address fills the first 4 bytes of `addr`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct DecapPrefix {
+    /// [`DECAP_LIST_SOURCE`] or [`DECAP_LIST_VIP`].
+    pub list: u8,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u8,
+    pub _pad: [u8; 2],
+    /// Network byte order.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<DecapPrefix>() == 20);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -388,6 +441,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::LbConfig {}
+    unsafe impl aya::Pod for super::DecapPrefix {}
 }
 
 /// TCP ports that carry SMTP: relay (25), submission (587), submissions (465).

@@ -9,12 +9,14 @@ use smtp_lb_common::{
 
 use crate::{
     forward::{self, Inner},
+    icmp,
     maps::{BACKEND_STATS, GLOBAL_STATS, SERVICE_STATS},
     parse::{
-        ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, TCP_ACK,
-        TCP_FIN, TCP_HLEN, TCP_RST, TCP_SYN, TcpHdr, ethernet, is_ipv6_ext, read,
+        ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPV4_HLEN, IPV6_HLEN,
+        Ipv4Hdr, Ipv6Hdr, TCP_ACK, TCP_FIN, TCP_HLEN, TCP_RST, TCP_SYN, TcpHdr, ethernet,
+        is_ipv6_ext, read,
     },
-    select,
+    select::{self, Choice},
 };
 
 /// Runs the balancer on one packet.
@@ -40,20 +42,20 @@ pub fn run(ctx: &XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn pass_truncated(stats: &mut GlobalStats) -> u32 {
+pub fn pass_truncated(stats: &mut GlobalStats) -> u32 {
     stats.pass_truncated += 1;
     xdp_action::XDP_PASS
 }
 
 #[inline(always)]
-fn pass_non_vip(stats: &mut GlobalStats) -> u32 {
+pub fn pass_non_vip(stats: &mut GlobalStats) -> u32 {
     stats.pass_non_vip += 1;
     xdp_action::XDP_PASS
 }
 
 /// What the program refuses, by reason.
 #[derive(Clone, Copy)]
-enum Refuse {
+pub enum Refuse {
     Ipv4Options,
     Fragment,
     Ipv6Ext,
@@ -62,7 +64,7 @@ enum Refuse {
 
 /// Drops a packet the balancer refuses, counted by reason.
 #[inline(always)]
-fn drop(stats: &mut GlobalStats, why: Refuse) -> u32 {
+pub fn drop(stats: &mut GlobalStats, why: Refuse) -> u32 {
     match why {
         Refuse::Ipv4Options => stats.drop_ipv4_options += 1,
         Refuse::Fragment => stats.drop_fragment += 1,
@@ -89,6 +91,10 @@ fn ipv4(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
         return pass_truncated(stats);
     };
     if ip.proto != IPPROTO_TCP {
+        if ip.proto == IPPROTO_ICMP && ip.ver_ihl == 0x45 && u16::from_be(ip.frag_off) & 0x3fff == 0
+        {
+            return icmp::v4(ctx, l3, &ip, stats);
+        }
         return pass_non_vip(stats);
     }
     let dst = [ip.dst, 0, 0, 0];
@@ -143,6 +149,9 @@ fn ipv6(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
         return pass_truncated(stats);
     };
     if ip.next_header != IPPROTO_TCP {
+        if ip.next_header == IPPROTO_ICMPV6 {
+            return icmp::v6(ctx, l3, &ip, stats);
+        }
         if is_ipv6_ext(ip.next_header) {
             return slow_path(&ip.dst, AF_INET6, Refuse::Ipv6Ext, stats);
         }
@@ -198,10 +207,26 @@ fn balance(
         return drop(stats, Refuse::Malformed);
     }
     let syn = tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let closing = tcp.flags & (TCP_FIN | TCP_RST) != 0;
+    let choice = select::choose(key, svc, syn, closing, stats);
+    send(ctx, choice, key, svc, inner, syn, stats)
+}
+
+/// Counts the packet for its service and backend and forwards it there
+/// (`None`: no backend can take it, a counted drop).
+#[inline(always)]
+pub fn send(
+    ctx: &XdpContext,
+    choice: Option<Choice>,
+    key: &FlowKey,
+    svc: &Service,
+    inner: &Inner,
+    new_flow: bool,
+    stats: &mut GlobalStats,
+) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let svc_stats = SERVICE_STATS.get_ptr_mut(svc.id);
-    let closing = tcp.flags & (TCP_FIN | TCP_RST) != 0;
-    let Some(choice) = select::choose(key, svc, syn, closing, stats) else {
+    let Some(choice) = choice else {
         stats.drop_no_backend += 1;
         if let Some(s) = svc_stats {
             // SAFETY: this CPU's slot.
@@ -209,7 +234,7 @@ fn balance(
         }
         return xdp_action::XDP_DROP;
     };
-    let new_flow = u64::from(syn);
+    let new_flow = u64::from(new_flow);
     if let Some(s) = svc_stats {
         // SAFETY: this CPU's slot.
         unsafe {

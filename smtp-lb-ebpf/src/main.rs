@@ -1,7 +1,8 @@
 //! smtp-lb kernel side. Entry points only; each concern has its own module:
 //! [`parse`] (headers), [`select`] (service, conntrack, Maglev table),
 //! [`forward`] (L2 DSR, IPIP / IP6IP6), [`csum`], [`balance`] (the packet
-//! path that ties them together), [`decap`] (the relay side), [`maps`].
+//! path that ties them together), [`icmp`] (errors about balanced flows),
+//! [`decap`] (the relay side), [`maps`].
 #![no_std]
 #![no_main]
 
@@ -9,6 +10,7 @@ mod balance;
 mod csum;
 mod decap;
 mod forward;
+mod icmp;
 mod maps;
 mod parse;
 mod select;

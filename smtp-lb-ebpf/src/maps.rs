@@ -1,13 +1,13 @@
 //! Every map of the balancer and of the decap program, in one place. Names
 //! are in `smtp_lb_common::maps`, sizes (with their rationale) in `smtp_lb_common`.
 use aya_ebpf::{
-    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use smtp_lb_common::{
-    Backend, BackendStats, CONNTRACK_SIZE, DecapStats, Flow, FlowKey, GlobalStats, LbConfig,
-    MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, RING_SLOTS, SERVICE_INDEX_SLOTS, Service, ServiceKey,
-    ServiceSlot, ServiceStats,
+    Backend, BackendStats, CONNTRACK_SIZE, DecapPrefix, DecapStats, Flow, FlowKey, GlobalStats,
+    LbConfig, MAX_BACKENDS, MAX_DECAP_PREFIXES, MAX_SERVICES, MAX_TX_PORTS, MOVED_FLOWS_SIZE,
+    RING_SLOTS, SERVICE_INDEX_SLOTS, Service, ServiceKey, ServiceSlot, ServiceStats,
 };
 
 /// `0` → per-CPU global counters (one per pass/drop reason).
@@ -40,6 +40,13 @@ pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 #[btf_map]
 pub static CONNTRACK: LruHashMap<FlowKey, Flow, { CONNTRACK_SIZE as usize }> = LruHashMap::new();
 
+/// 5-tuple → backend, for the tracked flows a table change moved (user space
+/// copies them out of `CONNTRACK` at each change). Only read here (and the
+/// closing bit set): no packet can insert, so no flood can evict them.
+#[btf_map]
+pub static MOVED_FLOWS: LruHashMap<FlowKey, Flow, { MOVED_FLOWS_SIZE as usize }> =
+    LruHashMap::new();
+
 /// service id → per-CPU counters.
 #[btf_map]
 pub static SERVICE_STATS: PerCpuArray<ServiceStats, { MAX_SERVICES as usize }> = PerCpuArray::new();
@@ -59,3 +66,7 @@ pub static TX_PORTS: DevMapHash<{ MAX_TX_PORTS as usize }> = DevMapHash::new();
 /// `0` → per-CPU decap counters (relay side).
 #[btf_map]
 pub static DECAP_STATS: PerCpuArray<DecapStats, 1> = PerCpuArray::new();
+
+/// Relay side: the outer sources and inner destinations decap accepts.
+#[btf_map]
+pub static DECAP_ALLOW: LpmTrie<DecapPrefix, u32, { MAX_DECAP_PREFIXES as usize }> = LpmTrie::new();

@@ -6,7 +6,7 @@ use smtp_lb_common::{
     service_slot,
 };
 
-use crate::maps::{BACKENDS, CONNTRACK, RINGS, SERVICE_INDEX, SERVICES, VIP_PORTS};
+use crate::maps::{BACKENDS, CONNTRACK, MOVED_FLOWS, RINGS, SERVICE_INDEX, SERVICES, VIP_PORTS};
 
 /// Whether some service uses destination port `dport` (network order): an
 /// inlined array access, checked before anything else is built, so traffic
@@ -79,11 +79,41 @@ pub struct Choice {
     pub backend: &'static Backend,
 }
 
+/// The tracked flow of `key`: its `CONNTRACK` entry, else (evicted, e.g. by
+/// a flood) the copy user space made in `MOVED_FLOWS` when a table change
+/// sent it elsewhere. A FIN/RST marks the entry closing; the common path
+/// stays a read.
+#[inline(always)]
+fn tracked(key: &FlowKey, closing: bool, stats: &mut GlobalStats) -> Option<u32> {
+    // SAFETY: read once, copied.
+    if let Some(flow) = unsafe { CONNTRACK.get(key) }.copied() {
+        if closing && flow.flags & FLOW_CLOSING == 0 {
+            mark_closing(CONNTRACK.get_ptr_mut(key));
+        }
+        return Some(flow.backend);
+    }
+    // SAFETY: read once, copied.
+    let flow = unsafe { MOVED_FLOWS.get(key) }.copied()?;
+    stats.moved_hit += 1;
+    if closing && flow.flags & FLOW_CLOSING == 0 {
+        mark_closing(MOVED_FLOWS.get_ptr_mut(key));
+    }
+    Some(flow.backend)
+}
+
+#[inline(always)]
+fn mark_closing(entry: Option<*mut Flow>) {
+    if let Some(p) = entry {
+        // SAFETY: a live entry; a racing writer sets the same bit.
+        unsafe { (*p).flags |= FLOW_CLOSING };
+    }
+}
+
 /// Picks the backend for a packet of service `svc`. A SYN is always hashed
-/// through the live table (a new flow); any other packet follows its
-/// conntrack entry while that backend exists, else is hashed (and counted:
-/// `lru_miss` for no entry, `rehash` for a removed backend). Either way the
-/// entry is (re)written, so later packets of the flow stick.
+/// through the live table (a new flow); any other packet follows its tracked
+/// entry ([`tracked`]) while that backend exists, else is hashed (and
+/// counted: `lru_miss` for no entry, `rehash` for a removed backend). Either
+/// way the `CONNTRACK` entry is (re)written, so later packets of the flow stick.
 #[inline(always)]
 pub fn choose(
     key: &FlowKey,
@@ -93,17 +123,8 @@ pub fn choose(
     stats: &mut GlobalStats,
 ) -> Option<Choice> {
     if !syn {
-        // SAFETY: read once, copied.
-        match unsafe { CONNTRACK.get(key) } {
-            Some(flow) => {
-                let id = flow.backend;
-                // Only FIN/RST segments write: the common path stays a read.
-                if closing && flow.flags & FLOW_CLOSING == 0 {
-                    if let Some(p) = CONNTRACK.get_ptr_mut(key) {
-                        // SAFETY: a live entry; a racing writer sets the same bit.
-                        unsafe { (*p).flags |= FLOW_CLOSING };
-                    }
-                }
+        match tracked(key, closing, stats) {
+            Some(id) => {
                 if let Some(backend) = backend(id) {
                     return Some(Choice { id, backend });
                 }
@@ -112,16 +133,7 @@ pub fn choose(
             None => stats.lru_miss += 1,
         }
     }
-    if svc.ring_size == 0 {
-        return None;
-    }
-    let hash = flow_hash(key, svc.flags & SERVICE_STICKY != 0);
-    let slot = Service::ring_base(svc.id, svc.active) + hash % svc.ring_size;
-    let id = RINGS.get(slot).copied().unwrap_or(NO_BACKEND);
-    if id == NO_BACKEND {
-        return None;
-    }
-    let backend = backend(id)?;
+    let (id, backend) = table(key, svc)?;
     let flow = Flow {
         backend: id,
         service: svc.id,
@@ -131,4 +143,33 @@ pub fn choose(
     // packet is still forwarded correctly (the next one re-hashes the same way).
     let _ = CONNTRACK.insert(key, flow, 0);
     Some(Choice { id, backend })
+}
+
+/// The backend that owns the flow of `key` without creating state: its
+/// tracked entry, else the live table. For ICMP errors quoting the flow
+/// (anyone can send those, so they must not insert).
+#[inline(always)]
+pub fn owner(key: &FlowKey, svc: &Service, stats: &mut GlobalStats) -> Option<Choice> {
+    if let Some(id) = tracked(key, false, stats) {
+        if let Some(backend) = backend(id) {
+            return Some(Choice { id, backend });
+        }
+    }
+    let (id, backend) = table(key, svc)?;
+    Some(Choice { id, backend })
+}
+
+/// The backend the live Maglev table names for `key`.
+#[inline(always)]
+fn table(key: &FlowKey, svc: &Service) -> Option<(u32, &'static Backend)> {
+    if svc.ring_size == 0 {
+        return None;
+    }
+    let hash = flow_hash(key, svc.flags & SERVICE_STICKY != 0);
+    let slot = Service::ring_base(svc.id, svc.active) + hash % svc.ring_size;
+    let id = RINGS.get(slot).copied().unwrap_or(NO_BACKEND);
+    if id == NO_BACKEND {
+        return None;
+    }
+    Some((id, backend(id)?))
 }

@@ -13,6 +13,7 @@
 //! - [`admin`]: the small HTTP layer and Prometheus text both daemons serve.
 //! - [`cli`]: the `smtp-lb` command line (subcommands and their options).
 //! - [`relay`]: the delivery engine (SMTP ingress, spool, queues, delivery).
+//! - [`systemd`]: readiness notifications for `Type=notify` units.
 //!
 //! The binary in `main.rs` only parses arguments, sets up tracing and calls
 //! into this library.
@@ -25,4 +26,5 @@ pub mod dataplane;
 pub mod health;
 pub mod lb;
 pub mod relay;
+pub mod systemd;
 pub mod tls;

@@ -1,18 +1,13 @@
 //! `smtp-lb`: parses arguments, sets up tracing, and hands over to the library.
-use std::process::ExitCode;
+use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
-use smtp_lb_user::cli::{Cli, Command, check, ctl, decap, lb, relay};
+use smtp_lb_user::cli::{Cli, Command, LogFormat, check, ctl, decap, lb, relay};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("SMTP_LB_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_tracing(cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -20,6 +15,24 @@ fn main() -> ExitCode {
             eprintln!("smtp-lb: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("SMTP_LB_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr);
+    match format {
+        // No colour codes in journald or a file.
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).init(),
+        // Fields at the top level, next to `timestamp`, `level` and `message`.
+        LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
     }
 }
 

@@ -1,7 +1,8 @@
 //! Paths to the artifacts `cargo xtask build` produced.
 use std::path::PathBuf;
 
-fn workspace_root() -> PathBuf {
+/// The repository's root.
+pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ is inside the workspace")
@@ -22,6 +23,11 @@ pub fn smtp_lb_bin() -> PathBuf {
         || workspace_root().join("target/release/smtp-lb"),
         PathBuf::from,
     )
+}
+
+/// A file the project ships under `deploy/` (units, configs, rules, dashboard).
+pub fn deploy(file: &str) -> PathBuf {
+    workspace_root().join("deploy").join(file)
 }
 
 /// Panics with a clear message unless running as root.

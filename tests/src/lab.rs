@@ -261,6 +261,13 @@ impl Lab {
         terminate(&mut child, grace)
     }
 
+    /// Kills the spawned process `pid` with SIGKILL (a crash: no cleanup of
+    /// its own) and reaps it.
+    pub fn kill(&self, pid: u32) {
+        signal(pid, libc::SIGKILL);
+        self.stop(pid, Duration::from_secs(5));
+    }
+
     /// A directory for this lab's files (sink dumps, configs, spools);
     /// created on first use, removed on drop.
     pub fn scratch_dir(&self) -> PathBuf {
@@ -289,9 +296,14 @@ impl Lab {
         .unwrap_or_else(|e| std::panic::resume_unwind(e))
     }
 
-    /// The bpffs directory this lab's balancer pins into; removed on drop.
+    /// The bpffs directory this lab pins into, created on first use (with
+    /// bpffs mounted on `/sys/fs/bpf` when a fresh machine has none, as
+    /// `smtp-lb lb` does); removed on drop.
     pub fn pin_dir(&self) -> PathBuf {
-        Path::new(BPFFS).join(&self.id)
+        let dir = Path::new(BPFFS).join(&self.id);
+        smtp_lb_user::dataplane::ensure_bpffs(&dir)
+            .unwrap_or_else(|e| panic!("prepare the lab's pin dir {}: {e}", dir.display()));
+        dir
     }
 }
 
@@ -326,7 +338,7 @@ impl Drop for Lab {
         for ns in self.namespaces() {
             delete_netns(&ns);
         }
-        let _ = std::fs::remove_dir_all(self.pin_dir());
+        let _ = std::fs::remove_dir_all(Path::new(BPFFS).join(&self.id));
         let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&self.id));
     }
 }
@@ -349,7 +361,8 @@ fn terminate(child: &mut Child, grace: Duration) -> bool {
     false
 }
 
-fn signal(pid: u32, sig: i32) {
+/// Sends `sig` to `pid` (one of our own processes).
+pub fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) with a pid we own; failure (already gone) is harmless.
     unsafe {
         libc::kill(pid.cast_signed(), sig);

@@ -9,6 +9,7 @@
 //! - [`packet`]: a small packet builder (Ethernet, 802.1Q, IPv4, IPv6, TCP, UDP).
 //! - [`scenario`]: the lab story `cargo xtask lab` prints and tests assert on.
 //! - [`topology`]: the standard L2 DSR lab (client, LB, relays with sinks).
+//! - [`monitoring`]: that lab with `smtp-lb relay`s, ISPs and a real Prometheus.
 //! - [`env`]: where the built artifacts are (set by `cargo xtask`).
 //! - [`relay`], [`sink`], [`smtp`], [`dns`], [`postfix`], [`redis`], [`tmp`]: the
 //!   relay under test and its real peers (smtp-sink, swaks, Postfix, dnsmasq, Redis).
@@ -24,6 +25,7 @@ pub mod dns;
 pub mod env;
 pub mod lab;
 pub mod load;
+pub mod monitoring;
 pub mod packet;
 pub mod postfix;
 pub mod redis;

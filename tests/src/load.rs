@@ -2,7 +2,9 @@
 //! namespace (`setns` affects only the calling thread) and run complete
 //! SMTP sessions against an address, recording for each session when it
 //! ran, whether it completed, and which relay served it (each relay's sink
-//! greets with its own name, `smtp-sink -h NAME`).
+//! greets with its own name, `smtp-sink -h NAME`). A [`Pace`] turns it
+//! into an open-loop client: a fixed number of sessions started at a fixed
+//! interval, recipients taken in turn.
 use std::{
     fs::File,
     io::{BufRead, BufReader, Write},
@@ -10,7 +12,7 @@ use std::{
     os::fd::AsRawFd,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
@@ -24,8 +26,23 @@ pub struct Session {
     pub end: Duration,
     /// The relay named in the greeting (`None` when there was none).
     pub relay: Option<String>,
+    /// The recipient of its message.
+    pub rcpt: String,
+    /// The message got `250` after its data: the relay holds it now.
+    pub accepted: bool,
     /// `None` when the message was accepted and the session closed cleanly.
     pub error: Option<String>,
+}
+
+/// An open-loop load: `total` sessions, the n-th started `n × interval`
+/// after the start (as soon after as a worker is free), to `rcpts` in turn,
+/// each pausing `hold` after `MAIL FROM` (an application composing).
+#[derive(Clone, Debug)]
+pub struct Pace {
+    pub total: usize,
+    pub interval: Duration,
+    pub rcpts: Vec<String>,
+    pub hold: Duration,
 }
 
 /// A running load; [`Load::stop`] ends it and returns every session.
@@ -41,12 +58,32 @@ impl Load {
     /// sessions back to back to `target`; each session pauses `hold` after
     /// `MAIL FROM` (a long-lived session, for drains and restarts).
     pub fn start(netns: &str, target: SocketAddr, workers: usize, hold: Duration) -> Self {
+        Self::spawn(netns, target, workers, hold, None)
+    }
+
+    /// Starts `workers` threads in `netns` that run `pace`'s sessions to
+    /// `target`; [`Load::finish`] waits for the last one.
+    pub fn paced(netns: &str, target: SocketAddr, workers: usize, pace: Pace) -> Self {
+        let hold = pace.hold;
+        Self::spawn(netns, target, workers, hold, Some(pace))
+    }
+
+    fn spawn(
+        netns: &str,
+        target: SocketAddr,
+        workers: usize,
+        hold: Duration,
+        pace: Option<Pace>,
+    ) -> Self {
         let started = Instant::now();
+        let next = Arc::new(AtomicUsize::new(0));
+        let pace = Arc::new(pace);
         let stop = Arc::new(AtomicBool::new(false));
         let sessions = Arc::new(Mutex::new(Vec::new()));
         let threads = (0..workers)
             .map(|_| {
                 let (stop, sessions, netns) = (stop.clone(), sessions.clone(), netns.to_owned());
+                let (next, pace) = (next.clone(), pace.clone());
                 thread::spawn(move || {
                     let ns = File::open(format!("/var/run/netns/{netns}")).expect("open netns");
                     // SAFETY: setns on this thread only, with a valid fd.
@@ -58,12 +95,25 @@ impl Load {
                         std::io::Error::last_os_error()
                     );
                     while !stop.load(Ordering::Relaxed) {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        let rcpt = match &*pace {
+                            None => "user@isp.example",
+                            Some(p) if n >= p.total => break,
+                            Some(p) => {
+                                let at =
+                                    started + p.interval * u32::try_from(n).unwrap_or(u32::MAX);
+                                thread::sleep(at.saturating_duration_since(Instant::now()));
+                                &p.rcpts[n % p.rcpts.len()]
+                            }
+                        };
                         let start = started.elapsed();
-                        let (relay, error) = session(target, hold);
+                        let (relay, accepted, error) = session(target, hold, rcpt);
                         let record = Session {
                             start,
                             end: started.elapsed(),
                             relay,
+                            rcpt: rcpt.to_owned(),
+                            accepted,
                             error,
                         };
                         sessions.lock().unwrap().push(record);
@@ -92,6 +142,11 @@ impl Load {
     /// Stops the workers (each finishes its session) and returns every session.
     pub fn stop(self) -> Vec<Session> {
         self.stop.store(true, Ordering::Relaxed);
+        self.finish()
+    }
+
+    /// Waits until a paced load has run all its sessions; returns them.
+    pub fn finish(self) -> Vec<Session> {
         for t in self.threads {
             t.join().expect("load worker panicked");
         }
@@ -102,9 +157,15 @@ impl Load {
     }
 }
 
-/// One SMTP transaction. Returns the greeting's relay name and the error.
-fn session(target: SocketAddr, hold: Duration) -> (Option<String>, Option<String>) {
+/// One SMTP transaction. Returns the greeting's relay name, whether the
+/// message got its `250`, and the error.
+fn session(
+    target: SocketAddr,
+    hold: Duration,
+    rcpt: &str,
+) -> (Option<String>, bool, Option<String>) {
     let mut relay = None;
+    let mut accepted = false;
     let result = (|| -> Result<(), String> {
         let stream = TcpStream::connect_timeout(&target, Duration::from_secs(2))
             .map_err(|e| format!("connect: {e}"))?;
@@ -138,15 +199,16 @@ fn session(target: SocketAddr, hold: Duration) -> (Option<String>, Option<String
         send("MAIL FROM:<load@lab.example>\r\n")?;
         expect(&mut r, "250")?;
         thread::sleep(hold);
-        send("RCPT TO:<user@isp.example>\r\n")?;
+        send(&format!("RCPT TO:<{rcpt}>\r\n"))?;
         expect(&mut r, "250")?;
         send("DATA\r\n")?;
         expect(&mut r, "354")?;
         send("Subject: load\r\n\r\nhello\r\n.\r\n")?;
         expect(&mut r, "250")?;
+        accepted = true;
         send("QUIT\r\n")?;
         expect(&mut r, "221")?;
         Ok(())
     })();
-    (relay, result.err())
+    (relay, accepted, result.err())
 }

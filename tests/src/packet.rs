@@ -20,6 +20,7 @@ pub mod tcp {
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// A layer-4 header to put after the IP header.
 #[derive(Clone, Debug)]
@@ -97,7 +98,7 @@ impl PacketBuilder {
         let (proto, kind) = if src.is_ipv4() {
             (IPPROTO_ICMP, 8)
         } else {
-            (58, 128)
+            (IPPROTO_ICMPV6, 128)
         };
         Self::new(
             src,
@@ -264,6 +265,64 @@ impl PacketBuilder {
         }
         h
     }
+}
+
+/// An ICMP error (`ICMPv6` for IPv6 addresses) from `router` to `to`:
+/// `kind`, `code`, `rest` (the 4 bytes after the checksum: the next-hop MTU
+/// of "fragmentation needed", the MTU of "packet too big"), then `quoted`,
+/// the start of the IP packet the error is about. Checksum filled in.
+pub fn icmp_error(
+    router: IpAddr,
+    to: IpAddr,
+    kind: u8,
+    code: u8,
+    rest: u32,
+    quoted: &[u8],
+) -> PacketBuilder {
+    let mut bytes = vec![kind, code, 0, 0];
+    bytes.extend(rest.to_be_bytes());
+    bytes.extend(quoted);
+    let (proto, sum) = if router.is_ipv4() {
+        (IPPROTO_ICMP, ones_sum(&bytes))
+    } else {
+        let pseudo = pseudo_header_sum(router, to, IPPROTO_ICMPV6, bytes.len());
+        (IPPROTO_ICMPV6, pseudo + ones_sum(&bytes))
+    };
+    bytes[2..4].copy_from_slice(&fold(sum).to_be_bytes());
+    PacketBuilder::new(router, to, L4::Raw { proto, bytes })
+}
+
+/// The error a router on the way sends when it cannot forward the relay's
+/// reply `dst:dport → src:sport` (DSR: it leaves from the VIP): ICMP
+/// "fragmentation needed" (next-hop MTU 1400) quoting the IPv4 header and 8
+/// bytes, or `ICMPv6` "packet too big" (MTU 1280) quoting what fits in 1280.
+pub fn path_mtu_error(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<u8> {
+    let reply = PacketBuilder::tcp(dst, dport, src, sport, tcp::ACK | tcp::PSH)
+        .payload(&[b'x'; 1440])
+        .build();
+    if src.is_ipv4() {
+        let router = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 254));
+        icmp_error(router, dst, 3, 4, 1400, &reply[14..14 + 28]).build()
+    } else {
+        let router = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1));
+        icmp_error(router, dst, 2, 0, 1280, &reply[14..14 + 1280 - 48]).build()
+    }
+}
+
+/// `frame`'s IP packet in an outer IP header from `src` to `dst` (protocol
+/// 4 for an IPv4 inner packet, 41 for IPv6), as a balancer tunnels it.
+pub fn ipip(src: IpAddr, dst: IpAddr, frame: &[u8]) -> Vec<u8> {
+    let proto = if frame[12..14] == ETH_P_IP.to_be_bytes() {
+        4
+    } else {
+        41
+    };
+    let mut b = PacketBuilder::udp(src, 1, dst, 1);
+    b.l4 = L4::Raw {
+        proto,
+        bytes: frame[14..].to_vec(),
+    };
+    b.build()
 }
 
 /// An ARP request from `sender` for `target`.

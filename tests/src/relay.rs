@@ -3,12 +3,13 @@
 //! free ports on 127.0.0.1, kill on drop.
 use std::{
     fmt::Write as _,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
 };
+
+use smtp_lb_user::admin::client::Client;
 
 use crate::{
     env::smtp_lb_bin,
@@ -82,6 +83,8 @@ pub struct Relay {
     pub smtp: SocketAddr,
     pub submission: Option<SocketAddr>,
     pub admin: SocketAddr,
+    /// The metrics listener (`/metrics`, `/healthz`, `/readyz`, no token).
+    pub metrics: SocketAddr,
     pub config_path: PathBuf,
     child: ChildGuard,
     starts: u32,
@@ -98,6 +101,7 @@ impl Relay {
         let submission: Option<SocketAddr> =
             cfg.submission.then(|| ([127, 0, 0, 1], free_port()).into());
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let spool = cfg.spool_dir.clone().unwrap_or_else(|| dir.join("spool"));
         let mut t = String::new();
         let _ = writeln!(t, "hostname = \"relay.test\"");
@@ -108,6 +112,7 @@ impl Relay {
             q(&dir.join("delivery.log").display().to_string())
         );
         let _ = writeln!(t, "admin = \"{admin}\"");
+        let _ = writeln!(t, "metrics = \"{metrics}\"");
         if let Some(shaping) = &cfg.shaping {
             let path = dir.join("shaping.toml");
             std::fs::write(&path, shaping).expect("write shaping file");
@@ -203,6 +208,7 @@ impl Relay {
             smtp,
             submission,
             admin,
+            metrics,
             config_path,
             child: ChildGuard(None),
             starts: 0,
@@ -309,32 +315,26 @@ impl Relay {
         wait_for(what, timeout, || self.log().into_iter().find(|v| f(v)))
     }
 
-    /// One HTTP request to the admin listener: (status, body).
+    /// One request to the admin API, with the relay's token: (status, body).
     pub fn admin(&self, method: &str, path: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(self.admin).expect("connect admin");
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .expect("write admin");
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).expect("read admin");
-        let status = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        (
-            status,
-            resp.split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_owned())
-                .unwrap_or_default(),
-        )
+        let client = Client::with_token_file(self.admin, &self.admin_token_file())
+            .expect("the relay wrote its admin token");
+        let a = client
+            .raw(method, path, None)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e:#}"));
+        (a.status, a.body)
     }
 
-    /// The value of an unlabelled metric, or of a labelled one given as `name{labels}`.
+    /// The token file the relay created (`<spool_dir>/admin.token`).
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.spool_dir().join("admin.token")
+    }
+
+    /// The value of an unlabelled metric, or of a labelled one given as
+    /// `name{labels}`; 0 when the page does not have it.
     pub fn metric(&self, name: &str) -> u64 {
-        let (_, body) = self.admin("GET", "/metrics");
+        let (status, body) = self.admin("GET", "/metrics");
+        assert_eq!(status, 200, "GET /metrics: {body}");
         body.lines()
             .filter(|l| !l.starts_with('#'))
             .find_map(|l| {

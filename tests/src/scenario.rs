@@ -3,7 +3,8 @@
 //! the XDP balancer spreads the sessions over three relays by weight (2:1:1)
 //! with direct server return; each relay runs `smtp-lb relay`, spools the
 //! mail durably, finds each recipient domain's MX through the lab's DNS
-//! (dnsmasq) and delivers to that "ISP" (Postfix `smtp-sink`).
+//! (dnsmasq) and delivers to that "ISP" (Postfix `smtp-sink` for Outlook and
+//! Yahoo, the harness's scriptable fake MX for Gmail).
 //!
 //! ```text
 //! client 198.51.100.1 ─┐            ┌─ gmail  MX 198.51.100.21 (gmail-smtp-in.l.google.com)
@@ -12,15 +13,35 @@
 //!   VIP 203.0.113.10 on lo          └─ dns 198.51.100.53 (dnsmasq: MX and A records)
 //! ```
 //! The names exist only in the lab's dnsmasq; nothing leaves the namespaces.
+//!
+//! The story ([`Plan::story`]) has phases, all with real processes:
+//! 1. *steady*: Postfix `smtp-source` sends half the sessions; the relays
+//!    take them by weight.
+//! 2. A paced client sends the other half over [`LOAD_FOR`]; at [`KILL_AT`]
+//!    relay2's `smtp-lb relay` is killed (SIGKILL): the balancer's health
+//!    checks take it out within [`health_bound`], after which no session
+//!    fails; the mail it had accepted waits in its spool.
+//! 3. At [`RESTART_AT`] it starts again on the same spool, delivers what it
+//!    held, and rejoins through the balancer's slow start ([`REJOIN`]).
+//! 4. From [`THROTTLE_AT`] the Gmail MX answers `421 4.7.28` for
+//!    [`THROTTLE_FOR`]; the relays suspend Gmail by rule (the shipped rule
+//!    says 1 h; the lab's shaping file makes it [`GMAIL_SUSPEND`]) while
+//!    Outlook and Yahoo keep their pace; Gmail's mail is delivered after.
+//! 5. The client re-sends what failed while relay2 died, as an MTA would;
+//!    then every accepted message must be at its ISP: none lost.
 use std::{
     collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
     process::{Child, Stdio},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use crate::{
     env,
-    topology::{CLIENT, DsrLab, VIP, wait_for},
+    load::{Load, Pace, Session},
+    shaping_sink::ShapingSink,
+    topology::{CLIENT, DsrLab, LB, VIP, wait_for},
 };
 
 /// Relay weights in the story.
@@ -38,14 +59,100 @@ pub const ISPS: [(&str, &str, &str); 3] = [
 ];
 const DNS: &str = "198.51.100.53";
 
+/// The balancer's health checks in the lab: every `HEALTH_INTERVAL`, out
+/// after `FALL` failures, back after `RISE` successes.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(200);
+const FALL: u32 = 2;
+const RISE: u32 = 2;
+/// Per-phase timeouts of one health check (connect, greeting, EHLO).
+const PROBE_TIMEOUTS: [Duration; 3] = [
+    Duration::from_millis(200),
+    Duration::from_millis(300),
+    Duration::from_millis(300),
+];
+
+/// The longest a dead relay can keep getting new sessions: `FALL` checks,
+/// each taking at most the interval plus every phase's timeout.
+pub fn health_bound() -> Duration {
+    (HEALTH_INTERVAL + PROBE_TIMEOUTS.iter().sum::<Duration>()) * FALL
+}
+
+/// The relay that is killed and restarted (relay2, weight 1).
+pub const VICTIM: usize = 1;
+/// The timeline of the paced client, from its start.
+pub const KILL_AT: Duration = Duration::from_secs(5);
+pub const RESTART_AT: Duration = Duration::from_secs(10);
+pub const THROTTLE_AT: Duration = Duration::from_secs(17);
+pub const THROTTLE_FOR: Duration = Duration::from_secs(4);
+pub const LOAD_FOR: Duration = Duration::from_secs(24);
+/// How long a relay suspends Gmail after its `421 4.7.28` in the lab.
+pub const GMAIL_SUSPEND: Duration = Duration::from_secs(5);
+/// The balancer's slow start for a relay back from a failure.
+pub const REJOIN: Duration = Duration::from_secs(6);
+const REJOIN_START_PERCENT: u32 = 10;
+const REJOIN_STEPS: u32 = 3;
+
+/// What to run.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    /// SMTP sessions the clients send in all.
+    pub sessions: usize,
+    /// The whole story; `false`: only the steady phase.
+    pub story: bool,
+}
+
+/// What the run reports while it goes.
+pub enum Event<'a> {
+    /// A step happened (one line).
+    Step(&'a str),
+    /// Live progress: `done` of `total` in `phase`.
+    Progress {
+        phase: &'a str,
+        done: usize,
+        total: usize,
+    },
+    /// Everything is measured and the lab still runs; `commands` poke it.
+    /// The lab is torn down when the callback returns.
+    Ready {
+        outcome: &'a Outcome,
+        commands: &'a [String],
+    },
+}
+
+/// One phase of the run, by when its sessions started.
+#[derive(Clone, Debug)]
+pub struct Phase {
+    pub name: String,
+    /// On the paced client's clock (the steady phase is before 0).
+    pub from: f64,
+    pub to: f64,
+    /// Sessions started in it, and how many got no `250`.
+    pub sessions: usize,
+    pub failed: usize,
+    /// Sessions each relay took (by relay order).
+    pub per_relay: Vec<usize>,
+    /// Messages each ISP received in it (by [`ISPS`] order).
+    pub delivered: Vec<usize>,
+}
+
+/// One ISP's view.
+#[derive(Clone, Debug)]
+pub struct Isp {
+    pub domain: String,
+    /// Messages to it the relays accepted (`250` to the client).
+    pub accepted: usize,
+    /// Messages its MX received.
+    pub delivered: usize,
+}
+
 /// What the run saw.
 #[derive(Debug)]
 pub struct Outcome {
-    /// SMTP sessions the clients completed (each got `250` for its message).
+    /// SMTP sessions of the steady phase (each got `250` for its message).
     pub sessions: usize,
     pub elapsed: Duration,
-    /// Messages each relay accepted from the clients (by the XDP counters'
-    /// new flows) and delivered to the ISPs (by the ISP sinks' view).
+    /// Per relay: name, sessions the XDP program sent it (new flows), and
+    /// messages it delivered (by the ISPs' view of who connected).
     pub per_relay: Vec<(String, u64, usize)>,
     /// Messages each ISP received.
     pub per_isp: Vec<(String, usize)>,
@@ -53,43 +160,237 @@ pub struct Outcome {
     pub end_to_end: Duration,
     /// The XDP program's global counters.
     pub counters: BTreeMap<String, u64>,
-    /// `ctl backends` as the balancer reported it after the run.
+    /// `ctl backends --json` after the run.
     pub backends: serde_json::Value,
+    /// The story's figures (`None` for the steady phase alone).
+    pub story: Option<Story>,
 }
 
-fn dumps(dsr: &DsrLab, isp: &str) -> std::path::PathBuf {
-    dsr.work.join(format!("{isp}-mx"))
+/// The figures of the whole story.
+#[derive(Debug)]
+pub struct Story {
+    pub phases: Vec<Phase>,
+    pub isps: Vec<Isp>,
+    /// Accepted messages that never reached their ISP (must be 0), and
+    /// messages an ISP got more often than they were accepted.
+    pub lost: usize,
+    pub duplicated: usize,
+    /// Sessions that failed after relay2 died: within the health bound, and
+    /// after it (must be 0); sessions relay2 took after the bound until its
+    /// restart (must be 0).
+    pub failed_within_bound: usize,
+    pub failed_after_bound: usize,
+    pub victim_after_bound: usize,
+    /// Sessions the client re-sent at the end, and how many got `250`.
+    pub resent: usize,
+    pub resent_accepted: usize,
+    /// relay2's health and share of its weight (‰) as the balancer
+    /// reported it after the restart: (time, health, share).
+    pub rejoin: Vec<(f64, String, u64)>,
+    /// `421 4.7.28` replies the Gmail MX gave, when the first and last went
+    /// out, and Gmail messages relays delivered within `GMAIL_SUSPEND` after
+    /// their own first `421` (must be 0: the suspension holds).
+    pub gmail_421: usize,
+    pub gmail_421_span: Option<(f64, f64)>,
+    pub gmail_during_suspension: usize,
+    /// `smtp-lb ctl backends` at the end, and each relay's `smtp-lb ctl
+    /// relay queue` while Gmail was suspended (with the time) and at the end.
+    pub backends_text: String,
+    pub queues_while_suspended: Option<(f64, Vec<(String, String)>)>,
+    pub relay_queues: Vec<(String, String)>,
 }
 
-/// Builds the lab, starts DNS, ISPs, relays and the balancer, sends
-/// `sessions` SMTP sessions (split over the three ISPs' domains) and
-/// follows the mail to the ISPs. `say` receives one line per step.
+/// An ISP's MX: Postfix `smtp-sink` dumping to a directory, or the fake MX.
+enum Mx {
+    Sink(PathBuf),
+    Fake(ShapingSink),
+}
+
+/// One message at an ISP: which relay address sent it, and when.
+struct Arrival {
+    peer: String,
+    at: f64,
+}
+
+/// The paced client's clock: its start as both kinds of time.
+#[derive(Clone, Copy)]
+struct Clock(Instant, SystemTime);
+
+impl Clock {
+    fn now() -> Self {
+        Self(Instant::now(), SystemTime::now())
+    }
+    fn of_instant(self, t: Instant) -> f64 {
+        if t >= self.0 {
+            t.duration_since(self.0).as_secs_f64()
+        } else {
+            -self.0.duration_since(t).as_secs_f64()
+        }
+    }
+    fn of_system(self, t: SystemTime) -> f64 {
+        match t.duration_since(self.1) {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => -e.duration().as_secs_f64(),
+        }
+    }
+}
+
+impl Mx {
+    fn count(&self) -> usize {
+        match self {
+            Self::Sink(dir) => std::fs::read_dir(dir).map_or(0, Iterator::count),
+            Self::Fake(sink) => sink.count(),
+        }
+    }
+
+    fn arrivals(&self, clock: Clock) -> Vec<Arrival> {
+        match self {
+            Self::Sink(dir) => std::fs::read_dir(dir)
+                .unwrap()
+                .flatten()
+                .map(|e| {
+                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    let peer = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("X-Client-Addr:"))
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned();
+                    let at = e
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .map_or(f64::NAN, |t| clock.of_system(t));
+                    Arrival { peer, at }
+                })
+                .collect(),
+            Self::Fake(sink) => sink
+                .deliveries()
+                .into_iter()
+                .map(|d| Arrival {
+                    peer: d.peer.to_string(),
+                    at: clock.of_instant(d.at),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn isp_name(domain: &str) -> &str {
+    domain.split('.').next().unwrap_or(domain)
+}
+
+/// The steady phase alone (the shape of the first lab tests).
 pub fn smtp_through_lb(sessions: usize, say: &mut dyn FnMut(&str)) -> Outcome {
+    run(
+        Plan {
+            sessions,
+            story: false,
+        },
+        &mut |e| {
+            if let Event::Step(line) = e {
+                say(line);
+            }
+        },
+    )
+}
+
+/// The relay's config in the lab, and its shaping file.
+fn relay_config(dsr: &DsrLab, name: &str) -> PathBuf {
+    let dir = dsr.work.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let shaping = dir.join("shaping.toml");
+    std::fs::write(
+        &shaping,
+        format!(
+            "# Gmail's 421 4.7.28 suspends it for {GMAIL_SUSPEND:?} here (the shipped rule: 1h).\n\
+             [[google.rule]]\ncode = 421\nenhanced = \"4.7.28\"\naction = \"suspend\"\nduration = \"{}s\"\n",
+            GMAIL_SUSPEND.as_secs()
+        ),
+    )
+    .unwrap();
+    let cfg = format!(
+        "hostname = \"{name}.lab.example\"\nspool_dir = \"{spool}\"\nrelay_networks = [\"198.51.100.0/24\"]\n\
+         delivery_log = \"{log}\"\nadmin = \"127.0.0.1:8025\"\nshaping = \"{shaping}\"\n\n\
+         [[listener]]\naddress = \"0.0.0.0:25\"\n\n\
+         [dns]\nnameservers = [\"{DNS}:53\"]\n\n[retry]\nmin = \"1s\"\nmax = \"5s\"\n",
+        spool = dir.join("spool").display(),
+        log = dir.join("delivery.jsonl").display(),
+        shaping = shaping.display(),
+    );
+    let path = dir.join("relay.toml");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+/// Starts relay `i`'s `smtp-lb relay` and waits until it answers on :25.
+fn start_relay(dsr: &DsrLab, i: usize) -> u32 {
+    let r = &dsr.relays[i];
+    let mut relay = dsr.lab.command(&r.name, env::smtp_lb_bin());
+    relay
+        .arg("relay")
+        .arg("--config")
+        .arg(relay_config(dsr, &r.name))
+        .env("SMTP_LB_LOG", "error");
+    let pid = dsr.lab.spawn(&r.name, relay);
+    dsr.wait_listening(i, "smtp-lb relay", Duration::from_secs(20));
+    pid
+}
+
+/// `smtp-lb ctl ARGS` as an operator types it on `host`, its output as printed.
+fn ctl_text(dsr: &DsrLab, host: &str, args: &[&str]) -> String {
+    let mut cmd = dsr.lab.command(host, env::smtp_lb_bin());
+    cmd.arg("ctl").args(args);
+    let out = cmd.output().expect("run smtp-lb ctl");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+/// Each relay's `smtp-lb ctl relay queue`, as printed.
+fn relay_queues(dsr: &DsrLab) -> Vec<(String, String)> {
+    dsr.relays
+        .iter()
+        .map(|r| (r.name.clone(), ctl_text(dsr, &r.name, &["relay", "queue"])))
+        .collect()
+}
+
+/// Builds the lab, starts DNS, ISPs, relays and the balancer, and plays
+/// `plan`. `on` receives the steps and live progress.
+pub fn run(plan: Plan, on: &mut dyn FnMut(Event)) -> Outcome {
+    let mut say = |line: &str| on(Event::Step(line));
     let mut dsr = DsrLab::bare(3);
     say(&format!(
-        "lab {}: client {CLIENT}, lb 198.51.100.2, relay1-3 198.51.100.11-13, 3 ISP MX hosts and a DNS server on one bridge",
+        "lab {}: client {CLIENT}, lb {LB}, relay1-3 198.51.100.11-13, 3 ISP MX hosts and a DNS server on one bridge",
         dsr.lab.id()
     ));
 
-    // DNS: the ISPs' MX records.
+    // DNS and the ISPs: Gmail's MX is the scriptable fake, the others smtp-sink.
     let mut dnsmasq = format!(
         "--no-daemon --no-resolv --no-hosts --bind-interfaces --listen-address={DNS} --port=53 --user=root --log-facility=-"
     );
-    for (i, (domain, mx, addr)) in ISPS.iter().enumerate() {
-        let isp = domain.split('.').next().unwrap();
-        dsr.lab.host(&format!("{isp}-mx"), &[&format!("{addr}/24")]);
+    let mut mxs = Vec::new();
+    for (domain, mx, addr) in ISPS {
+        let host = format!("{}-mx", isp_name(domain));
+        dsr.lab.host(&host, &[&format!("{addr}/24")]);
         dnsmasq += &format!(" --mx-host={domain},{mx},10 --host-record={mx},{addr}");
-        let dir = dumps(&dsr, isp);
+        if domain == "gmail.com" {
+            let at: SocketAddr = format!("{addr}:25").parse().unwrap();
+            mxs.push(Mx::Fake(dsr.lab.in_netns(&host, move || {
+                ShapingSink::start_on(at, Duration::ZERO)
+            })));
+            continue;
+        }
+        let dir = dsr.work.join(&host);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
             .unwrap();
-        let mut sink = dsr.lab.command(&format!("{isp}-mx"), "smtp-sink");
+        let mut sink = dsr.lab.command(&host, "smtp-sink");
         sink.args(["-u", "nobody", "-h", mx, "-d"])
             .arg(dir.join("m"))
             .args(["0.0.0.0:25", "1024"]);
         sink.stdout(Stdio::null()).stderr(Stdio::null());
-        dsr.lab.spawn(&format!("{isp}-mx"), sink);
-        let _ = i;
+        dsr.lab.spawn(&host, sink);
+        mxs.push(Mx::Sink(dir));
     }
     dsr.lab.host("dns", &[&format!("{DNS}/24")]);
     let mut dns = dsr.lab.command("dns", "dnsmasq");
@@ -98,71 +399,49 @@ pub fn smtp_through_lb(sessions: usize, say: &mut dyn FnMut(&str)) -> Outcome {
         .stderr(Stdio::null());
     dsr.lab.spawn("dns", dns);
     say(
-        "ISPs: gmail.com, outlook.com, yahoo.com each have an MX host running Postfix smtp-sink; dnsmasq serves their MX records",
+        "ISPs: gmail.com (the harness's scriptable MX), outlook.com and yahoo.com (Postfix smtp-sink); dnsmasq serves their MX records",
     );
 
-    // Relays: smtp-lb relay on :25 (the VIP and their own address).
-    for r in &dsr.relays {
-        let dir = dsr.work.join(&r.name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let cfg = format!(
-            "hostname = \"{name}.lab.example\"\nspool_dir = \"{spool}\"\nrelay_networks = [\"198.51.100.0/24\"]\n\
-             delivery_log = \"{log}\"\nadmin = \"127.0.0.1:8025\"\n\n[[listener]]\naddress = \"0.0.0.0:25\"\n\n\
-             [dns]\nnameservers = [\"{DNS}:53\"]\n\n[retry]\nmin = \"1s\"\nmax = \"5s\"\n",
-            name = r.name,
-            spool = dir.join("spool").display(),
-            log = dir.join("delivery.jsonl").display(),
-        );
-        let path = dir.join("relay.toml");
-        std::fs::write(&path, cfg).unwrap();
-        let mut relay = dsr.lab.command(&r.name, env::smtp_lb_bin());
-        relay
-            .arg("relay")
-            .arg("--config")
-            .arg(&path)
-            .env("SMTP_LB_LOG", "warn");
-        dsr.lab.spawn(&r.name, relay);
-    }
-    for r in &dsr.relays {
-        let (name, addr) = (r.name.clone(), r.addr.clone());
-        wait_for(
-            &format!("{name}'s smtp-lb relay"),
-            Duration::from_secs(20),
-            || {
-                dsr.lab
-                    .try_run(
-                        &name,
-                        &[
-                            "timeout",
-                            "1",
-                            "bash",
-                            "-c",
-                            &format!("</dev/tcp/{addr}/25"),
-                        ],
-                    )
-                    .status
-                    .success()
-            },
-        );
-    }
-    say(
-        "relays: smtp-lb relay on :25 — durable spool, MX routing through the lab DNS, delivery to the ISPs",
-    );
+    let mut relay_pids: Vec<u32> = (0..dsr.relays.len())
+        .map(|i| start_relay(&dsr, i))
+        .collect();
+    say(&format!(
+        "relays: smtp-lb relay on :25 — durable spool, MX routing through the lab DNS, Gmail's 421 4.7.28 suspends Gmail for {}s (shaping file)",
+        GMAIL_SUSPEND.as_secs()
+    ));
 
-    let config = dsr.config(&WEIGHTS, "");
+    let [connect, greeting, ehlo] = PROBE_TIMEOUTS.map(|d| d.as_millis());
+    let config = dsr.config(
+        &WEIGHTS,
+        &format!(
+            "[health]\ninterval = \"{}ms\"\nrise = {RISE}\nfall = {FALL}\n\n\
+             [health.timeouts]\nconnect = \"{connect}ms\"\ngreeting = \"{greeting}ms\"\nehlo = \"{ehlo}ms\"\n\n\
+             [warmup]\nduration = \"0s\"\nrejoin = \"{}s\"\nstart_percent = {REJOIN_START_PERCENT}\nsteps = {REJOIN_STEPS}\n",
+            HEALTH_INTERVAL.as_millis(),
+            REJOIN.as_secs()
+        ),
+    );
     dsr.start_lb(&config, &[]);
     say(&format!(
-        "lb: smtp-lb lb attached in native XDP mode; relays health-checked over SMTP; weights {WEIGHTS:?}; maps pinned in {}",
+        "lb: smtp-lb lb attached in native XDP mode; relays health-checked over SMTP every {}ms (out after {FALL} failures: within {:.1}s); weights {WEIGHTS:?}; maps pinned in {}",
+        HEALTH_INTERVAL.as_millis(),
+        health_bound().as_secs_f64(),
         dsr.pin_dir.display()
     ));
 
-    let per_domain = sessions / ISPS.len();
+    // Phase 1, steady: Postfix smtp-source, split over the three domains.
+    let steady_total = if plan.story {
+        plan.sessions / 2
+    } else {
+        plan.sessions
+    };
+    let per_domain = steady_total / ISPS.len();
     let sessions = per_domain * ISPS.len();
     say(&format!(
-        "client: smtp-source sends {sessions} sessions to {VIP}:25, {per_domain} each to user@gmail.com, user@outlook.com, user@yahoo.com"
+        "steady: smtp-source sends {sessions} sessions to {VIP}:25, {per_domain} each to user@gmail.com, user@outlook.com, user@yahoo.com"
     ));
     let started = Instant::now();
-    let clients: Vec<(String, Child)> = ISPS
+    let mut clients: Vec<(String, Child)> = ISPS
         .iter()
         .map(|(domain, ..)| {
             let mut cmd = dsr.smtp_source(per_domain, 10, &format!("user@{domain}"));
@@ -173,6 +452,18 @@ pub fn smtp_through_lb(sessions: usize, say: &mut dyn FnMut(&str)) -> Outcome {
             )
         })
         .collect();
+    let total = || mxs.iter().map(Mx::count).sum::<usize>();
+    while clients
+        .iter_mut()
+        .any(|(_, c)| c.try_wait().unwrap().is_none())
+    {
+        on(Event::Progress {
+            phase: "steady: messages at the ISPs",
+            done: total(),
+            total: sessions,
+        });
+        std::thread::sleep(Duration::from_millis(100));
+    }
     for (domain, child) in clients {
         let out = child.wait_with_output().unwrap();
         assert!(
@@ -182,45 +473,52 @@ pub fn smtp_through_lb(sessions: usize, say: &mut dyn FnMut(&str)) -> Outcome {
         );
     }
     let elapsed = started.elapsed();
+    let mut say = |line: &str| on(Event::Step(line));
     say(&format!(
-        "client: {sessions} sessions accepted (250) in {:.2}s ({:.0}/s)",
+        "steady: {sessions} sessions accepted (250) in {:.2}s ({:.0}/s)",
         elapsed.as_secs_f64(),
         sessions as f64 / elapsed.as_secs_f64()
     ));
-
-    let count = |dir: &std::path::Path| std::fs::read_dir(dir).map_or(0, Iterator::count);
-    let total = || {
-        ISPS.iter()
-            .map(|(d, ..)| count(&dumps(&dsr, d.split('.').next().unwrap())))
-            .sum::<usize>()
-    };
     wait_for("every message at an ISP", Duration::from_mins(1), || {
         total() >= sessions
     });
     let end_to_end = started.elapsed();
-    let per_isp: Vec<(String, usize)> = ISPS
-        .iter()
-        .map(|(d, ..)| {
-            (
-                (*d).to_owned(),
-                count(&dumps(&dsr, d.split('.').next().unwrap())),
-            )
-        })
-        .collect();
-    // Which relay delivered each message: the ISP sink records its client.
+    let steady_flows = dsr.new_flows();
+    let weight_sum = f64::from(WEIGHTS.iter().sum::<u32>());
+    for ((r, f), w) in dsr.relays.iter().zip(&steady_flows).zip(WEIGHTS) {
+        say(&format!(
+            "steady: {} took {f} sessions ({:.1}% — weight share {:.1}%)",
+            r.name,
+            100.0 * *f as f64 / sessions as f64,
+            100.0 * f64::from(w) / weight_sum
+        ));
+    }
+    say(&format!(
+        "steady: every message reached its ISP {:.2}s after the first session started",
+        end_to_end.as_secs_f64()
+    ));
+
+    let story = plan.story.then(|| {
+        play(
+            &mut dsr,
+            &mxs,
+            &mut relay_pids,
+            plan.sessions - sessions,
+            (sessions, &steady_flows),
+            on,
+        )
+    });
+
+    // What each relay delivered, by the ISPs' view of who connected.
+    let clock = Clock::now();
     let mut delivered_by = BTreeMap::<String, usize>::new();
-    for (d, ..) in ISPS {
-        for e in std::fs::read_dir(dumps(&dsr, d.split('.').next().unwrap())).unwrap() {
-            let text = std::fs::read_to_string(e.unwrap().path()).unwrap_or_default();
-            if let Some(l) = text.lines().find(|l| l.starts_with("X-Client-Addr:")) {
-                *delivered_by
-                    .entry(l.trim_start_matches("X-Client-Addr:").trim().to_owned())
-                    .or_default() += 1;
-            }
+    for mx in &mxs {
+        for a in mx.arrivals(clock) {
+            *delivered_by.entry(a.peer).or_default() += 1;
         }
     }
     let flows = dsr.new_flows();
-    let per_relay: Vec<(String, u64, usize)> = dsr
+    let per_relay = dsr
         .relays
         .iter()
         .zip(&flows)
@@ -232,22 +530,11 @@ pub fn smtp_through_lb(sessions: usize, say: &mut dyn FnMut(&str)) -> Outcome {
             )
         })
         .collect();
-    let weight_sum = f64::from(WEIGHTS.iter().sum::<u32>());
-    for ((name, accepted, delivered), w) in per_relay.iter().zip(WEIGHTS) {
-        say(&format!(
-            "{name}: took {accepted} sessions ({:.1}% — weight share {:.1}%), delivered {delivered} messages to the ISPs",
-            100.0 * *accepted as f64 / sessions as f64,
-            100.0 * f64::from(w) / weight_sum
-        ));
-    }
-    for (isp, n) in &per_isp {
-        say(&format!("{isp}: its MX received {n} messages"));
-    }
-    say(&format!(
-        "every message reached its ISP {:.2}s after the first session started",
-        end_to_end.as_secs_f64()
-    ));
-
+    let per_isp = ISPS
+        .iter()
+        .zip(&mxs)
+        .map(|((d, ..), mx)| ((*d).to_owned(), mx.count()))
+        .collect();
     let stats = dsr.stats();
     let counters = stats["global"]
         .as_object()
@@ -256,12 +543,41 @@ pub fn smtp_through_lb(sessions: usize, say: &mut dyn FnMut(&str)) -> Outcome {
         .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
         .collect();
     let backends = dsr.ctl(&["backends"]);
-    assert!(
-        dsr.lab.stop(dsr.lb.take().unwrap(), Duration::from_secs(5)),
-        "smtp-lb lb exits cleanly on SIGTERM"
-    );
-    say("lb: smtp-lb lb stopped: program detached, pins removed; tearing the lab down");
-    Outcome {
+    let token = dsr.work.join("state/admin.token");
+    let ns = |h: &str| dsr.lab.get(h).netns.clone();
+    let bin = env::smtp_lb_bin();
+    let commands = vec![
+        format!(
+            "nsenter --net=/var/run/netns/{} {} ctl backends --token-file {}",
+            ns("lb"),
+            bin.display(),
+            token.display()
+        ),
+        format!(
+            "{} ctl stats --pin-dir {}",
+            bin.display(),
+            dsr.pin_dir.display()
+        ),
+        format!(
+            "nsenter --net=/var/run/netns/{} {} ctl relay queue     # relay1; relay2, relay3 alike",
+            ns("relay1"),
+            bin.display()
+        ),
+        format!(
+            "nsenter --net=/var/run/netns/{} {} ctl relay metrics",
+            ns("relay1"),
+            bin.display()
+        ),
+        format!(
+            "nsenter --net=/var/run/netns/{} swaks --server {VIP} --from app@lab.example --to user@yahoo.com",
+            ns("client")
+        ),
+        format!(
+            "bpftool map dump pinned {}/CONNTRACK",
+            dsr.pin_dir.display()
+        ),
+    ];
+    let outcome = Outcome {
         sessions,
         elapsed,
         per_relay,
@@ -269,5 +585,369 @@ pub fn smtp_through_lb(sessions: usize, say: &mut dyn FnMut(&str)) -> Outcome {
         end_to_end,
         counters,
         backends,
+        story,
+    };
+    on(Event::Ready {
+        outcome: &outcome,
+        commands: &commands,
+    });
+    assert!(
+        dsr.lab.stop(dsr.lb.take().unwrap(), Duration::from_secs(5)),
+        "smtp-lb lb exits cleanly on SIGTERM"
+    );
+    on(Event::Step(
+        "lb: smtp-lb lb stopped: program detached, pins removed; tearing the lab down",
+    ));
+    outcome
+}
+
+/// Phases 2–5 of the story (see the module docs): `total` paced sessions.
+/// `steady` holds the steady phase's sessions and new flows per relay.
+fn play(
+    dsr: &mut DsrLab,
+    mxs: &[Mx],
+    relay_pids: &mut [u32],
+    total: usize,
+    steady: (usize, &[u64]),
+    on: &mut dyn FnMut(Event),
+) -> Story {
+    let Mx::Fake(gmail) = &mxs[0] else {
+        unreachable!("Gmail's MX is the fake one")
+    };
+    let victim = dsr.relays[VICTIM].name.clone();
+    let rcpts: Vec<String> = ISPS.iter().map(|(d, ..)| format!("user@{d}")).collect();
+    let target: SocketAddr = format!("{VIP}:25").parse().unwrap();
+    let client_ns = dsr.lab.get("client").netns.clone();
+    // smtp-source succeeded: each of its sessions got its 250.
+    let accepted_before = steady.0 / ISPS.len();
+    on(Event::Step(&format!(
+        "story: a client sends {total} more sessions over {}s; {victim} is killed at {}s and restarted at {}s; Gmail's MX says 421 4.7.28 from {}s for {}s",
+        LOAD_FOR.as_secs(),
+        KILL_AT.as_secs(),
+        RESTART_AT.as_secs(),
+        THROTTLE_AT.as_secs(),
+        THROTTLE_FOR.as_secs()
+    )));
+    let clock = Clock::now();
+    let load = Load::paced(
+        &client_ns,
+        target,
+        16,
+        Pace {
+            total,
+            interval: LOAD_FOR / u32::try_from(total.max(1)).unwrap_or(u32::MAX),
+            rcpts: rcpts.clone(),
+            // Sessions that last a while, so some are in flight at the kill.
+            hold: Duration::from_millis(300),
+        },
+    );
+    let phase_names = [
+        "before the kill".to_owned(),
+        format!("{victim} down"),
+        format!("{victim} rejoining"),
+        "Gmail says 421 4.7.28".to_owned(),
+        "Gmail accepts again".to_owned(),
+    ];
+    let last_phase = phase_names.len() - 1;
+    let bounds = [
+        Duration::ZERO,
+        KILL_AT,
+        RESTART_AT,
+        THROTTLE_AT,
+        THROTTLE_AT + THROTTLE_FOR,
+        LOAD_FOR,
+    ];
+    let (mut killed, mut restarted, mut throttling, mut unthrottled) = (false, false, false, false);
+    let mut rejoin = Vec::new();
+    let mut queues_while_suspended = None;
+    let mut last_sample = Duration::ZERO;
+    loop {
+        let now = load.now();
+        let done = load.snapshot().len();
+        if done >= total {
+            break;
+        }
+        let phase = bounds
+            .windows(2)
+            .position(|w| now < w[1])
+            .unwrap_or(last_phase);
+        on(Event::Progress {
+            phase: &phase_names[phase],
+            done,
+            total,
+        });
+        if !killed && now >= KILL_AT {
+            killed = true;
+            dsr.lab.kill(relay_pids[VICTIM]);
+            on(Event::Step(&format!(
+                "t={:.1}s {victim}: smtp-lb relay killed (SIGKILL); what it accepted waits in its spool",
+                load.now().as_secs_f64()
+            )));
+        }
+        if !restarted && now >= RESTART_AT {
+            restarted = true;
+            relay_pids[VICTIM] = start_relay(dsr, VICTIM);
+            on(Event::Step(&format!(
+                "t={:.1}s {victim}: smtp-lb relay restarted on the same spool",
+                load.now().as_secs_f64()
+            )));
+        }
+        if restarted && rejoin.len() < 40 && now >= last_sample + Duration::from_millis(500) {
+            last_sample = now;
+            let b = dsr.ctl(&["backends"]);
+            if let Some(row) = b
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|row| row["address"] == dsr.relays[VICTIM].addr.as_str())
+            {
+                rejoin.push((
+                    now.as_secs_f64(),
+                    row["health"].as_str().unwrap_or_default().to_owned(),
+                    row["share_permille"].as_u64().unwrap_or(0),
+                ));
+            }
+        }
+        if !throttling && now >= THROTTLE_AT {
+            throttling = true;
+            gmail.set_throttle(true);
+            on(Event::Step(&format!(
+                "t={:.1}s gmail MX: answers MAIL with 421 4.7.28 for {}s",
+                load.now().as_secs_f64(),
+                THROTTLE_FOR.as_secs()
+            )));
+        }
+        if throttling && queues_while_suspended.is_none() && now >= THROTTLE_AT + THROTTLE_FOR / 2 {
+            queues_while_suspended = Some((now.as_secs_f64(), relay_queues(dsr)));
+        }
+        if throttling && !unthrottled && now >= THROTTLE_AT + THROTTLE_FOR {
+            unthrottled = true;
+            gmail.set_throttle(false);
+            on(Event::Step(&format!(
+                "t={:.1}s gmail MX: accepts mail again",
+                load.now().as_secs_f64()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    gmail.set_throttle(false);
+    let sessions = load.finish();
+
+    // Phase 5: the client re-sends what got no 250, as an MTA would.
+    let failed: Vec<&Session> = sessions.iter().filter(|s| !s.accepted).collect();
+    let resend = if failed.is_empty() {
+        Vec::new()
+    } else {
+        on(Event::Step(&format!(
+            "client: re-sends the {} sessions that got no 250",
+            failed.len()
+        )));
+        Load::paced(
+            &client_ns,
+            target,
+            4,
+            Pace {
+                total: failed.len(),
+                interval: Duration::from_millis(10),
+                rcpts: failed.iter().map(|s| s.rcpt.clone()).collect(),
+                hold: Duration::ZERO,
+            },
+        )
+        .finish()
+    };
+
+    // Every accepted message must reach its ISP.
+    let isps: Vec<Isp> = ISPS
+        .iter()
+        .map(|(domain, ..)| Isp {
+            domain: (*domain).to_owned(),
+            accepted: accepted_before
+                + sessions
+                    .iter()
+                    .chain(&resend)
+                    .filter(|s| s.accepted && s.rcpt.ends_with(&format!("@{domain}")))
+                    .count(),
+            delivered: 0,
+        })
+        .collect();
+    let want: usize = isps.iter().map(|i| i.accepted).sum();
+    let deadline = Instant::now() + Duration::from_mins(2);
+    loop {
+        let done: usize = mxs.iter().map(Mx::count).sum();
+        on(Event::Progress {
+            phase: "delivering what the relays hold",
+            done,
+            total: want,
+        });
+        if isps.iter().zip(mxs).all(|(i, mx)| mx.count() >= i.accepted) || Instant::now() > deadline
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let isps: Vec<Isp> = isps
+        .into_iter()
+        .zip(mxs)
+        .map(|(i, mx)| Isp {
+            delivered: mx.count(),
+            ..i
+        })
+        .collect();
+    let lost = isps
+        .iter()
+        .map(|i| i.accepted.saturating_sub(i.delivered))
+        .sum();
+    let duplicated = isps
+        .iter()
+        .map(|i| i.delivered.saturating_sub(i.accepted))
+        .sum();
+    on(Event::Step(&format!(
+        "t={:.1}s every ISP has its mail: {} accepted, {} delivered, {lost} lost",
+        clock.of_instant(Instant::now()),
+        want,
+        isps.iter().map(|i| i.delivered).sum::<usize>()
+    )));
+
+    // Phases: the client's sessions by start time, the ISPs' arrivals.
+    let arrivals: Vec<Vec<Arrival>> = mxs.iter().map(|mx| mx.arrivals(clock)).collect();
+    let relay_of = |s: &Session| {
+        s.relay.as_deref().and_then(|g| {
+            dsr.relays
+                .iter()
+                .position(|r| g.split('.').next() == Some(r.name.as_str()))
+        })
+    };
+    let end = arrivals
+        .iter()
+        .flatten()
+        .map(|a| a.at)
+        .fold(LOAD_FOR.as_secs_f64(), f64::max);
+    let delivered_in = |from: f64, to: f64| -> Vec<usize> {
+        arrivals
+            .iter()
+            .map(|a| a.iter().filter(|a| a.at >= from && a.at < to).count())
+            .collect()
+    };
+    let mut phases = vec![Phase {
+        name: "steady (smtp-source)".into(),
+        from: f64::NEG_INFINITY,
+        to: 0.0,
+        sessions: steady.0,
+        failed: 0,
+        per_relay: steady.1.iter().map(|f| *f as usize).collect(),
+        delivered: delivered_in(f64::NEG_INFINITY, 0.0),
+    }];
+    for (i, name) in phase_names.iter().enumerate() {
+        let (from, to) = (bounds[i].as_secs_f64(), bounds[i + 1].as_secs_f64());
+        // The last phase also holds the few sessions that started late.
+        let here: Vec<&Session> = sessions
+            .iter()
+            .filter(|s| {
+                let t = s.start.as_secs_f64();
+                t >= from && (t < to || i == last_phase)
+            })
+            .collect();
+        let mut per_relay = vec![0; dsr.relays.len()];
+        for s in &here {
+            if let Some(r) = relay_of(s) {
+                per_relay[r] += 1;
+            }
+        }
+        phases.push(Phase {
+            name: name.clone(),
+            from,
+            to,
+            sessions: here.len(),
+            failed: here.iter().filter(|s| !s.accepted).count(),
+            per_relay,
+            delivered: delivered_in(from, to),
+        });
+    }
+    let mut per_relay = vec![0; dsr.relays.len()];
+    for s in &resend {
+        if let Some(r) = relay_of(s) {
+            per_relay[r] += 1;
+        }
+    }
+    phases.push(Phase {
+        name: "after: re-sent, spooled".into(),
+        from: LOAD_FOR.as_secs_f64(),
+        to: end + 0.001,
+        sessions: resend.len(),
+        failed: resend.iter().filter(|s| !s.accepted).count(),
+        per_relay,
+        delivered: delivered_in(LOAD_FOR.as_secs_f64(), end + 0.001),
+    });
+
+    let bound = (KILL_AT + health_bound()).as_secs_f64();
+    let in_window = |s: &&Session, from: f64, to: f64| {
+        let t = s.start.as_secs_f64();
+        t >= from && t < to
+    };
+    let failed_within_bound = sessions
+        .iter()
+        .filter(|s| !s.accepted && in_window(s, KILL_AT.as_secs_f64() - 1.0, bound))
+        .count();
+    let failed_after_bound = sessions
+        .iter()
+        .filter(|s| !s.accepted && s.start.as_secs_f64() >= bound)
+        .count();
+    let victim_after_bound = sessions
+        .iter()
+        .filter(|s| in_window(s, bound, RESTART_AT.as_secs_f64()) && relay_of(s) == Some(VICTIM))
+        .count();
+    let throttled = gmail.throttled_from();
+    let gmail_421_span = throttled
+        .first()
+        .zip(throttled.last())
+        .map(|((_, a), (_, b))| (clock.of_instant(*a), clock.of_instant(*b)));
+    // Per relay: Gmail messages it delivered within the suspension that
+    // its first 421 started.
+    let gmail_during_suspension = dsr
+        .relays
+        .iter()
+        .filter_map(|r| {
+            let first = throttled
+                .iter()
+                .find(|(peer, _)| peer.to_string() == r.addr)
+                .map(|(_, t)| clock.of_instant(*t))?;
+            Some(
+                arrivals[0]
+                    .iter()
+                    .filter(|a| {
+                        a.peer == r.addr
+                            && a.at > first
+                            && a.at < first + GMAIL_SUSPEND.as_secs_f64()
+                    })
+                    .count(),
+            )
+        })
+        .sum();
+    let backends_text = ctl_text(
+        dsr,
+        "lb",
+        &[
+            "backends",
+            "--token-file",
+            dsr.work.join("state/admin.token").to_str().unwrap(),
+        ],
+    );
+    Story {
+        phases,
+        isps,
+        lost,
+        duplicated,
+        failed_within_bound,
+        failed_after_bound,
+        victim_after_bound,
+        resent: resend.len(),
+        resent_accepted: resend.iter().filter(|s| s.accepted).count(),
+        rejoin,
+        gmail_421: throttled.len(),
+        gmail_421_span,
+        gmail_during_suspension,
+        backends_text,
+        queues_while_suspended,
+        relay_queues: relay_queues(dsr),
     }
 }

@@ -8,6 +8,7 @@ use std::{
     collections::HashMap,
     io::{BufRead, BufReader, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -30,8 +31,8 @@ struct State {
     mail_reply: Option<String>,
     /// Answer `MAIL` with `421 4.7.28` only to this client address.
     throttle_peer: Option<IpAddr>,
-    /// When each scripted `MAIL` reply was sent.
-    throttled: Vec<Instant>,
+    /// When each scripted `MAIL` reply was sent, and to whom.
+    throttled: Vec<(IpAddr, Instant)>,
     /// Per accepted message: client address, `EHLO` argument, when.
     deliveries: Vec<Delivery>,
     /// Sessions open now and at most, per client address.
@@ -61,17 +62,36 @@ impl ShapingSink {
 
     /// On `ip`, any port (in the calling thread's network namespace).
     pub fn start_at(ip: IpAddr, data_delay: Duration) -> Self {
-        let listener = TcpListener::bind((ip, 0)).expect("bind sink");
+        Self::start_on(SocketAddr::new(ip, 0), data_delay)
+    }
+
+    /// On `addr` (e.g. port 25 of a lab MX host, from a thread in its namespace).
+    pub fn start_on(addr: SocketAddr, data_delay: Duration) -> Self {
+        let listener =
+            TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind sink on {addr}: {e}"));
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(Mutex::new(State::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let (st, sp) = (state.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
-            for conn in listener.incoming() {
+            loop {
+                // Wait for a connection or the stop flag: stopping needs no
+                // wake-up connection, which from another network namespace
+                // than the listener's could leave the machine.
+                let mut ready = libc::pollfd {
+                    fd: listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd; the listener outlives the call.
+                let n = unsafe { libc::poll(&raw mut ready, 1, 50) };
                 if sp.load(Ordering::Relaxed) {
                     return;
                 }
-                if let Ok(c) = conn {
+                if n <= 0 {
+                    continue;
+                }
+                if let Ok((c, _)) = listener.accept() {
                     let st = st.clone();
                     std::thread::spawn(move || {
                         let peer = c.peer_addr().map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
@@ -132,6 +152,11 @@ impl ShapingSink {
 
     /// When each scripted `MAIL` reply was sent.
     pub fn throttled(&self) -> Vec<Instant> {
+        self.throttled_from().into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// Each scripted `MAIL` reply: the client it went to, and when.
+    pub fn throttled_from(&self) -> Vec<(IpAddr, Instant)> {
         self.state.lock().expect("sink lock").throttled.clone()
     }
 
@@ -175,7 +200,6 @@ pub fn rate_of(t: &[Instant]) -> f64 {
 impl Drop for ShapingSink {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        let _ = TcpStream::connect(self.addr);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -220,7 +244,7 @@ fn session(
                     (st.throttle_peer == Some(peer)).then(|| GMAIL_THROTTLE.to_owned())
                 });
                 if r.is_some() {
-                    st.throttled.push(Instant::now());
+                    st.throttled.push((peer, Instant::now()));
                 }
                 r
             })

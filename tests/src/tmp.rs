@@ -83,6 +83,19 @@ pub fn wait_listening(addr: SocketAddr, timeout: Duration) {
     });
 }
 
+/// Sends `request` as raw bytes to an HTTP server at `addr`, half-closes,
+/// and returns everything it answered (for requests no client would send).
+pub fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(request);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// A child process killed (SIGKILL) and reaped on drop.
 pub struct ChildGuard(pub Option<Child>);
 

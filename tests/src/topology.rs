@@ -70,7 +70,6 @@ pub fn mac_str(m: [u8; 6]) -> String {
 /// native `XDP_TX` frames that host sends are received (DESIGN.md: veth).
 pub fn pass_on_switch_port(lab: &Lab, host: &str) {
     let dir = lab.pin_dir().join(format!("pass-{host}"));
-    std::fs::create_dir_all(lab.pin_dir()).unwrap();
     let out = Command::new("bpftool")
         .args(["prog", "loadall"])
         .arg(env::ebpf_object())
@@ -175,19 +174,21 @@ impl DsrLab {
             .args([&format!("0.0.0.0:{port}"), "1024"]);
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
         let pid = self.lab.spawn(&r.name, cmd);
-        self.wait_port(i, port, Duration::from_secs(10));
+        self.wait_port(i, port, "sink", Duration::from_secs(10));
         pid
     }
 
-    /// Waits until relay `i` accepts TCP on its own address, port 25.
-    pub fn wait_listening(&self, i: usize, timeout: Duration) {
-        self.wait_port(i, 25, timeout);
+    /// Waits until relay `i` accepts connections on its address, port 25;
+    /// panics after `timeout` naming `what` listens there.
+    pub fn wait_listening(&self, i: usize, what: &str, timeout: Duration) {
+        self.wait_port(i, 25, what, timeout);
     }
 
-    /// Waits until relay `i` accepts TCP on its own address at `port`.
-    pub fn wait_port(&self, i: usize, port: u16, timeout: Duration) {
-        let (name, addr) = (&self.relays[i].name, &self.relays[i].addr);
-        wait_for(&format!("{name} listening on :{port}"), timeout, || {
+    /// Waits until relay `i` accepts connections on its address at `port`;
+    /// panics after `timeout` naming `what` listens there.
+    pub fn wait_port(&self, i: usize, port: u16, what: &str, timeout: Duration) {
+        let Relay { name, addr, .. } = &self.relays[i];
+        wait_for(&format!("{name}'s {what} on :{port}"), timeout, || {
             self.lab
                 .try_run(
                     name,

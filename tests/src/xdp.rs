@@ -115,3 +115,17 @@ impl XdpHarness {
         &mut self.ebpf
     }
 }
+
+/// The counters that changed from `before` to `after` (both from a counter
+/// struct's `fields()`), with by how much.
+pub fn changed(
+    before: &[(&'static str, u64)],
+    after: &[(&'static str, u64)],
+) -> Vec<(&'static str, u64)> {
+    after
+        .iter()
+        .zip(before)
+        .filter(|((_, a), (_, b))| a != b)
+        .map(|((n, a), (_, b))| (*n, a - b))
+        .collect()
+}

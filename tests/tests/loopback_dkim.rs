@@ -245,8 +245,14 @@ fn rsa_and_ed25519_signatures_verify_with_dkimpy_and_tampering_fails() {
         "unconfigured domain got signed:\n{m_plain}"
     );
     assert!(has_signature(&m_rsa) && has_signature(&m_ed));
-    assert_eq!(relay.metric("smtp_lb_relay_dkim_signed_total"), 2);
-    assert_eq!(relay.metric("smtp_lb_relay_dkim_errors_total"), 0);
+    assert_eq!(
+        relay.metric("smtp_lb_relay_dkim_signatures_total{result=\"signed\"}"),
+        2
+    );
+    assert_eq!(
+        relay.metric("smtp_lb_relay_dkim_signatures_total{result=\"failed\"}"),
+        0
+    );
 }
 
 /// Starts the relay binary on a config with one `[[dkim]]` entry and returns

@@ -118,7 +118,7 @@ fn smtp_source_and_swaks_submit_and_smtp_sink_receives_all() {
             == 103)
             .then_some(())
     });
-    assert_eq!(relay.metric("smtp_lb_relay_accepted_total"), 102);
+    assert_eq!(relay.metric("smtp_lb_relay_messages_accepted_total"), 102);
 }
 
 #[test]
@@ -456,9 +456,16 @@ fn starttls_and_auth_on_submission_with_swaks() {
     );
 }
 
+/// `smtp-lb ctl relay ARGS` with the relay's admin address and token; `--json`.
 fn ctl(relay: &Relay, args: &[&str]) -> (bool, String) {
+    ctl_as(relay, &[&["--json"], args].concat())
+}
+
+fn ctl_as(relay: &Relay, args: &[&str]) -> (bool, String) {
     let out = Command::new(smtp_lb_tests::env::smtp_lb_bin())
         .args(["ctl", "relay", "--relay-admin", &relay.admin.to_string()])
+        .arg("--relay-token-file")
+        .arg(relay.admin_token_file())
         .args(args)
         .output()
         .expect("run smtp-lb ctl relay");
@@ -507,6 +514,18 @@ fn ctl_relay_shows_retries_bounces_and_deletes_queued_messages_and_metrics_count
     let q: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(q["messages"], 3);
     assert_eq!(q["domains"]["dead.test"]["scheduled"], 3);
+    // The table: one row per domain, no `null`.
+    let (ok, out) = ctl_as(&relay, &["queue"]);
+    assert!(ok, "{out}");
+    assert!(out.starts_with("3 messages"), "{out}");
+    let row: Vec<&str> = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("dead.test"))
+        .unwrap_or_else(|| panic!("no dead.test row: {out}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(row, ["dead.test", "0", "3", "0"], "{out}");
+    assert!(!out.contains("null"), "{out}");
     let (ok, out) = ctl(&relay, &["show", &ids[0]]);
     assert!(ok, "{out}");
     let m: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -563,7 +582,7 @@ fn ctl_relay_shows_retries_bounces_and_deletes_queued_messages_and_metrics_count
     );
     assert_eq!(relay.metric("smtp_lb_relay_queue_messages"), 1);
     assert_eq!(
-        relay.metric("smtp_lb_relay_accepted_total"),
+        relay.metric("smtp_lb_relay_messages_accepted_total"),
         4,
         "three messages and one DSN"
     );

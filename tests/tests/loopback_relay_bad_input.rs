@@ -222,7 +222,7 @@ fn client_that_never_reads_is_dropped_and_others_are_served() {
         .expect("the relay must drop a client that never reads");
     eprintln!("non-reading client cut off after {after:?}: {err}");
     wait_for("the stuck session to be gone", WAIT, || {
-        (f.relay.metric("smtp_lb_relay_ingress_connections") == 0).then_some(())
+        (f.relay.metric("smtp_lb_relay_ingress_connections_open") == 0).then_some(())
     });
     assert!(
         f.relay.stderr().contains("timed out") || f.relay.stderr().contains("write"),
@@ -277,7 +277,7 @@ fn connection_limit_refuses_extra_clients_with_421() {
     );
     drop(held);
     wait_for("slots to free", WAIT, || {
-        (f.relay.metric("smtp_lb_relay_ingress_connections") == 0).then_some(())
+        (f.relay.metric("smtp_lb_relay_ingress_connections_open") == 0).then_some(())
     });
     f.still_serving("connection limit");
 }
@@ -351,7 +351,7 @@ fn unwritable_spool_answers_451_instead_of_accepting() {
         "a full spool must answer 451: {codes:?}"
     );
     assert!(codes.iter().all(|c| *c == 250 || *c == 451), "{codes:?}");
-    assert!(f.relay.metric("smtp_lb_relay_spool_errors_total") >= 1);
+    assert!(f.relay.metric("smtp_lb_relay_spool_write_errors_total") >= 1);
     // Still serving SMTP (NOOP), though it cannot accept mail while full.
     let mut c = f.session();
     assert_eq!(c.cmd("NOOP").code, 250);

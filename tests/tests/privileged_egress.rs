@@ -106,7 +106,7 @@ fn a_2_1_1_pool_spreads_messages_by_weight_with_each_sources_helo() {
             assert_eq!(d.ehlo, want, "EHLO from {}", d.peer);
         }
         let a = relay.metric(
-            "smtp_lb_relay_delivery_total{provider=\"default\",source=\"a\",status=\"delivered\",code=\"2.0.0\"}",
+            "smtp_lb_relay_egress_recipients_total{provider=\"default\",source=\"a\",status=\"delivered\",code=\"2.0.0\"}",
         );
         assert_eq!(a as usize, counts[&ip("198.51.100.21")], "metric by source");
     });
@@ -152,7 +152,7 @@ fn an_unplumbed_source_is_suspended_once_and_the_pool_delivers_everything() {
             assert!(lines[0].contains(word), "{word} not in {}", lines[0]);
         }
         assert_eq!(
-            relay.metric("smtp_lb_relay_source_unplumbed{source=\"d\"}"),
+            relay.metric("smtp_lb_relay_egress_source_unplumbed{source=\"d\"}"),
             1
         );
         let deferred = relay
@@ -200,7 +200,9 @@ fn warmup_spill_caps_a_cold_source_per_day_and_the_excess_goes_to_a_warm_one() {
         assert_eq!(day0[&ip("198.51.100.22")], 30, "the excess spilled");
         assert!(progress.contains("\"daily_cap\":10") && progress.contains("\"sent_day\":10"));
         assert_eq!(
-            relay.metric("smtp_lb_relay_warmup_sent{provider=\"default\",source=\"a\"}"),
+            relay.metric(
+                "smtp_lb_relay_egress_warmup_sent_messages{provider=\"default\",source=\"a\"}"
+            ),
             10
         );
         // Day 1 (cap 15) starts 6 s after the relay did.
@@ -317,15 +319,17 @@ fn a_421_4_7_28_suspends_only_that_source_for_the_provider() {
             "no new attempt from a while suspended"
         );
         assert_eq!(
-            relay.metric("smtp_lb_relay_suspensions_total{provider=\"default\",source=\"a\"}"),
+            relay.metric(
+                "smtp_lb_relay_egress_suspensions_total{provider=\"default\",source=\"a\"}"
+            ),
             1
         );
         assert_eq!(
-            relay.metric("smtp_lb_relay_suspended{provider=\"default\",source=\"a\"}"),
+            relay.metric("smtp_lb_relay_egress_suspended{provider=\"default\",source=\"a\"}"),
             1
         );
         assert_eq!(
-            relay.metric("smtp_lb_relay_suspended{provider=\"default\",source=\"b\"}"),
+            relay.metric("smtp_lb_relay_egress_suspended{provider=\"default\",source=\"b\"}"),
             0
         );
     });

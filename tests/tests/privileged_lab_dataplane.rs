@@ -136,7 +136,12 @@ fn run_lab(mode: Mode) {
         }
         if mode == Mode::Ipip {
             let mut cmd = lab.command(&r.name, env::smtp_lb_bin());
+            // Tunnels only from the LB's encapsulation sources (the default
+            // prefixes, whose low bits carry the flow hash) to the VIPs.
             cmd.args(["decap", "--iface", "eth0", "--mode", "native"])
+                .args(["--allow-source", "172.16.0.0/16"])
+                .args(["--allow-source", "fd00:736d:7470::/96"])
+                .args(["--vip", VIP4, "--vip", VIP6])
                 .env("SMTP_LB_LOG", "warn");
             lab.spawn(&r.name, cmd);
             let name = r.name.clone();

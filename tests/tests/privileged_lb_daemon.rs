@@ -306,14 +306,7 @@ fn a_bad_config_on_reload_is_refused_by_line_and_traffic_continues() {
 /// Sends raw bytes to the admin API inside the LB node; returns the answer.
 fn admin_raw(dsr: &DsrLab, request: &'static [u8]) -> String {
     dsr.lab.in_netns("lb", move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect("127.0.0.1:9700").expect("admin API reachable");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let _ = s.write_all(request);
-        let _ = s.shutdown(std::net::Shutdown::Write);
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
+        smtp_lb_tests::tmp::raw_http("127.0.0.1:9700".parse().unwrap(), request)
     })
 }
 
@@ -485,7 +478,7 @@ fn start_relays(dsr: &mut DsrLab, max_connections: usize) {
         dsr.lab.spawn(&r.name, relay);
     }
     for i in 0..dsr.relays.len() {
-        dsr.wait_listening(i, Duration::from_secs(20));
+        dsr.wait_listening(i, "smtp-lb relay", Duration::from_secs(20));
     }
 }
 
@@ -614,8 +607,8 @@ fn when_every_relay_dies_the_last_good_table_stays_and_the_panic_is_counted() {
         out
     });
     assert!(
-        metrics.contains("smtplb_service_panic_total{service=\"mx\"} 1")
-            && metrics.contains("smtplb_service_panic{service=\"mx\"} 1"),
+        metrics.contains("smtp_lb_balancer_service_panic_total{service=\"mx\"} 1")
+            && metrics.contains("smtp_lb_balancer_service_in_panic{service=\"mx\"} 1"),
         "{metrics}"
     );
     // A relay back: out of panic, sessions complete again.

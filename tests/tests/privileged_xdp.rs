@@ -7,11 +7,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::{PerCpuArray, PerCpuValues};
 use smtp_lb_common::{
-    FlowKey, GlobalStats, NO_BACKEND, PROTO_TCP, SERVICE_STICKY, maps, programs::BALANCER,
+    Flow, FlowKey, GlobalStats, NO_BACKEND, PROTO_TCP, SERVICE_STICKY, maps, programs::BALANCER,
 };
 use smtp_lb_tests::{
-    packet::{CLIENT_MAC, LB_MAC, PacketBuilder, arp_request, tcp},
-    xdp::{Outcome, Verdict, XdpHarness},
+    packet::{CLIENT_MAC, LB_MAC, PacketBuilder, arp_request, path_mtu_error, tcp},
+    xdp::{Outcome, Verdict, XdpHarness, changed},
 };
 use smtp_lb_user::{
     balance::plan::{Plan, addr_words, service_key},
@@ -96,14 +96,7 @@ impl Fixture {
         let before = self.stats();
         let out = self.run(pkt);
         let after = self.stats();
-        let delta = after
-            .fields()
-            .iter()
-            .zip(before.fields())
-            .filter(|((_, a), (_, b))| a != b)
-            .map(|((n, a), (_, b))| (*n, a - b))
-            .collect();
-        (out, delta)
+        (out, changed(&before.fields(), &after.fields()))
     }
 
     /// The MAC of the backend Maglev picks for a new flow `src:sport → dst:dport`.
@@ -428,7 +421,7 @@ fn vip_options_fragments_and_extension_headers_are_counted_drops() {
 fn terminal(s: &GlobalStats) -> u64 {
     s.fields()
         .iter()
-        .filter(|(n, _)| *n != "lru_miss" && *n != "rehash")
+        .filter(|(n, _)| !matches!(*n, "lru_miss" | "rehash" | "moved_hit" | "icmp_to_flow"))
         .map(|(_, v)| v)
         .sum()
 }
@@ -608,4 +601,214 @@ fn table_size_change_and_removed_services_switch_whole_tables() {
     assert_eq!(delta, vec![("pass_non_vip", 1)]);
     let pkt = PacketBuilder::tcp(src, 20000, dst, 587, tcp::SYN).build();
     assert_eq!(f.run(&pkt).verdict, Verdict::Tx, "587 still balanced");
+}
+
+#[test]
+fn icmp_errors_quoting_a_flow_reach_the_relay_that_owns_it() {
+    let mut f = Fixture::new(&config([1, 1, 1], false));
+    let relay1 = [2, 0, 0, 0, 0, 3];
+    for (src, dst) in [
+        (IpAddr::V4(CLIENT4), IpAddr::V4(VIP4)),
+        (CLIENT6.into(), VIP6.into()),
+    ] {
+        // A tracked flow on relay1, then a drain: only its entry knows relay1.
+        let sport = (30000..40000)
+            .find(|p| f.expected_mac(src, *p, dst, 587) == Some(relay1))
+            .unwrap();
+        assert_tx_to(
+            &mut f,
+            &PacketBuilder::tcp(src, sport, dst, 587, tcp::SYN).build(),
+            relay1,
+            "SYN",
+        );
+        f.apply(&config([0, 1, 1], false));
+        assert_ne!(f.expected_mac(src, sport, dst, 587), Some(relay1));
+        let err = path_mtu_error(src, sport, dst, 587);
+        let (out, delta) = f.run_counted(&err);
+        assert_eq!(out.verdict, Verdict::Tx, "{src}: error to the flow's relay");
+        assert_eq!(out.output, rewritten(&err, relay1), "{src}: bytes");
+        assert_eq!(delta, vec![("tx", 1), ("icmp_to_flow", 1)], "{src}");
+
+        // An untracked flow: where the table sends it, and no entry is made
+        // (anyone can send an ICMP error).
+        let err = path_mtu_error(src, 45678, dst, 25);
+        let mac = f.expected_mac(src, 45678, dst, 25).unwrap();
+        let (out, delta) = f.run_counted(&err);
+        assert_eq!(out.output, rewritten(&err, mac), "{src}: untracked");
+        assert_eq!(delta, vec![("tx", 1), ("icmp_to_flow", 1)], "{src}");
+        let key = flow_key(src, 45678, dst, 25);
+        assert!(!tracked_in(&mut f, maps::CONNTRACK, &key));
+
+        // Errors about the node's own traffic, other ports, or other
+        // messages pass untouched.
+        let other = if src.is_ipv4() {
+            IpAddr::V4(Ipv4Addr::new(198, 51, 100, 2))
+        } else {
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2))
+        };
+        let echo = if src.is_ipv4() {
+            PacketBuilder::icmp_echo(CLIENT4, VIP4).build()
+        } else {
+            PacketBuilder::icmp_echo(CLIENT6, VIP6).build()
+        };
+        for (what, pkt) in [
+            ("node's own flow", path_mtu_error(src, 40000, other, 25)),
+            ("other port", path_mtu_error(src, 40000, dst, 80)),
+            ("echo", echo),
+        ] {
+            let (out, delta) = f.run_counted(&pkt);
+            assert_eq!(out.verdict, Verdict::Pass, "{src}: {what}");
+            assert_eq!(out.output, pkt, "{src}: {what}");
+            assert_eq!(delta, vec![("pass_non_vip", 1)], "{src}: {what}");
+        }
+        // Cut short: never forwarded.
+        let err = path_mtu_error(src, sport, dst, 587);
+        let l4 = if src.is_ipv4() { 34 } else { 54 };
+        for len in l4..l4 + 8 + if src.is_ipv4() { 24 } else { 44 } {
+            let out = f.run(&err[..len]);
+            assert_eq!(out.verdict, Verdict::Pass, "{src}: cut at {len}");
+        }
+        let mut bogus = err.clone();
+        if src.is_ipv4() {
+            bogus[16..18].copy_from_slice(&40u16.to_be_bytes());
+        } else {
+            bogus[18..20].copy_from_slice(&8u16.to_be_bytes());
+        }
+        let (out, delta) = f.run_counted(&bogus);
+        assert_eq!(out.verdict, Verdict::Drop, "{src}: length below the quote");
+        assert_eq!(delta, vec![("drop_malformed", 1)]);
+        f.apply(&config([1, 1, 1], false));
+    }
+}
+
+/// Spoofed tuples in each flood: over 10× `CONNTRACK_SIZE`.
+const FLOOD: u32 = 3_000_000;
+
+/// A tracked flow to relay1, then relay1 drained (weight 0: the table no
+/// longer names it), then [`FLOOD`] random spoofed tuples to the same VIP
+/// port — each a SYN followed by an ACK (`syn_first`), or an ACK alone. The
+/// flood must have evicted the flow from `CONNTRACK`, and its next packet
+/// must still reach relay1, through the copy the table change made.
+///
+/// With SYN+ACK pairs the flow is established (it sent an ACK, so the LRU
+/// counts it as used): the pairs' own ACKs mark them used too, which is what
+/// evicts it. Lone ACKs never hit an entry, so they only evict entries
+/// nobody used: there the flow is one whose handshake is under way (only
+/// its SYN seen), the worst case for that flood.
+fn tracked_flow_survives_a_spoofed_flood(src: IpAddr, dst: IpAddr, syn_first: bool) {
+    let mut f = Fixture::new(&config([1, 1, 1], false));
+    let relay1 = [2, 0, 0, 0, 0, 3];
+    let sport = (30000..40000)
+        .find(|p| f.expected_mac(src, *p, dst, 25) == Some(relay1))
+        .unwrap();
+    assert_tx_to(
+        &mut f,
+        &PacketBuilder::tcp(src, sport, dst, 25, tcp::SYN).build(),
+        relay1,
+        "SYN",
+    );
+    if syn_first {
+        let ack = PacketBuilder::tcp(src, sport, dst, 25, tcp::ACK).build();
+        assert_tx_to(&mut f, &ack, relay1, "handshake ACK");
+    }
+    let drained = apply_config(f.h.ebpf_mut(), &config([0, 1, 1], false)).expect("drain");
+    f.plan = drained.plan;
+    assert_ne!(
+        f.expected_mac(src, sport, dst, 25),
+        Some(relay1),
+        "the drain moved this flow"
+    );
+    assert_eq!(drained.moved.copied, 1, "{:?}", drained.moved);
+    let key = flow_key(src, sport, dst, 25);
+    assert!(tracked_in(&mut f, maps::MOVED_FLOWS, &key));
+
+    // The flood: random client addresses and ports, patched into one frame.
+    let mut pkt = PacketBuilder::tcp(src, 1, dst, 25, tcp::SYN).build();
+    let (addr_at, addr_len, sport_at) = if src.is_ipv4() {
+        (26, 4, 34)
+    } else {
+        (22, 16, 54)
+    };
+    let flags_at = sport_at + 13;
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64 ^ u64::from(syn_first);
+    let mut next = || {
+        // xorshift64*
+        rng ^= rng >> 12;
+        rng ^= rng << 25;
+        rng ^= rng >> 27;
+        rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let before = f.stats();
+    for _ in 0..FLOOD {
+        for chunk in pkt[addr_at..addr_at + addr_len].chunks_mut(8) {
+            let r = next().to_ne_bytes();
+            chunk.copy_from_slice(&r[..chunk.len()]);
+        }
+        pkt[sport_at..sport_at + 2].copy_from_slice(&(next() as u16).to_ne_bytes());
+        if syn_first {
+            pkt[flags_at] = tcp::SYN;
+            assert_eq!(f.run(&pkt).verdict, Verdict::Tx, "spoofed SYN");
+        }
+        pkt[flags_at] = tcp::ACK;
+        assert_eq!(f.run(&pkt).verdict, Verdict::Tx, "spoofed ACK");
+    }
+    let after = f.stats();
+    let sent = u64::from(FLOOD) * if syn_first { 2 } else { 1 };
+    assert_eq!(after.tx - before.tx, sent, "every spoofed packet forwarded");
+    if !syn_first {
+        assert_eq!(after.lru_miss - before.lru_miss, u64::from(FLOOD));
+    }
+    assert!(
+        !tracked_in(&mut f, maps::CONNTRACK, &key),
+        "the flood evicted the flow from CONNTRACK"
+    );
+
+    // The flow's next packet: still relay1.
+    let ack = PacketBuilder::tcp(src, sport, dst, 25, tcp::ACK)
+        .payload(b"DATA\r\n")
+        .build();
+    let (out, delta) = f.run_counted(&ack);
+    assert_eq!(out.verdict, Verdict::Tx);
+    assert_eq!(out.output, rewritten(&ack, relay1), "still on relay1");
+    assert_eq!(delta, vec![("tx", 1), ("moved_hit", 1)]);
+
+    // relay1 back at full weight: the table sends the flow there again, so
+    // the copy is no longer needed and goes.
+    let walk = std::time::Instant::now();
+    let restored = apply_config(f.h.ebpf_mut(), &config([1, 1, 1], false)).expect("restore");
+    eprintln!(
+        "apply with a full CONNTRACK ({} entries walked): {:?}",
+        restored.moved.scanned,
+        walk.elapsed()
+    );
+    assert_eq!(restored.moved.pruned, 1, "{:?}", restored.moved);
+    assert!(!tracked_in(&mut f, maps::MOVED_FLOWS, &key));
+}
+
+/// Whether map `name` (`CONNTRACK` or `MOVED_FLOWS`) holds `key`. A syscall
+/// lookup: it does not mark the entry as used, as a packet's would.
+fn tracked_in(f: &mut Fixture, name: &str, key: &FlowKey) -> bool {
+    let map = f.h.ebpf_mut().map(name).unwrap();
+    let m: aya::maps::HashMap<_, FlowKey, Flow> = aya::maps::HashMap::try_from(map).unwrap();
+    m.get(key, 0).is_ok()
+}
+
+#[test]
+fn tracked_flow_survives_a_flood_of_spoofed_syn_ack_pairs_v4() {
+    tracked_flow_survives_a_spoofed_flood(CLIENT4.into(), VIP4.into(), true);
+}
+
+#[test]
+fn tracked_flow_survives_a_flood_of_spoofed_syn_ack_pairs_v6() {
+    tracked_flow_survives_a_spoofed_flood(CLIENT6.into(), VIP6.into(), true);
+}
+
+#[test]
+fn tracked_flow_survives_a_flood_of_spoofed_acks_v4() {
+    tracked_flow_survives_a_spoofed_flood(CLIENT4.into(), VIP4.into(), false);
+}
+
+#[test]
+fn tracked_flow_survives_a_flood_of_spoofed_acks_v6() {
+    tracked_flow_survives_a_spoofed_flood(CLIENT6.into(), VIP6.into(), false);
 }

@@ -11,14 +11,19 @@ use std::{
     os::fd::AsRawFd,
 };
 
-use smtp_lb_common::{FlowKey, PROTO_TCP, flow_hash, programs};
+use aya::maps::PerCpuArray;
+use smtp_lb_common::{DecapStats, FlowKey, PROTO_TCP, flow_hash, maps, programs};
 use smtp_lb_tests::{
     lab::Lab,
-    packet::{PacketBuilder, fold, ipv4_checksum_ok, ones_sum, tcp},
+    packet::{PacketBuilder, fold, ipip, ipv4_checksum_ok, ones_sum, path_mtu_error, tcp},
     topology::mac_str,
-    xdp::{Verdict, XdpHarness},
+    xdp::{Verdict, XdpHarness, changed},
 };
-use smtp_lb_user::{balance::plan::addr_words, config::lb::LbConfig, dataplane::apply_config};
+use smtp_lb_user::{
+    balance::plan::addr_words,
+    config::lb::LbConfig,
+    dataplane::{DecapAllow, apply_config, write_decap_allow},
+};
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x10);
@@ -78,6 +83,31 @@ fn config(forwarding: &str, v4: &str, v6: &str, extra: &str) -> LbConfig {
     .unwrap()
 }
 
+/// Decap's allow-list as a relay behind these balancers runs it: the
+/// default encapsulation source prefixes, the two VIPs.
+fn allow_lbs(h: &mut XdpHarness) {
+    let allow = DecapAllow {
+        sources: vec![
+            ("172.16.0.0".parse().unwrap(), 16),
+            ("fd00:736d:7470::".parse().unwrap(), 96),
+        ],
+        vips: vec![(VIP4.into(), 32), (VIP6.into(), 128)],
+    };
+    write_decap_allow(h.ebpf_mut(), &allow).unwrap();
+}
+
+fn decap_stats(h: &mut XdpHarness) -> DecapStats {
+    let map = h.ebpf_mut().map(maps::DECAP_STATS).unwrap();
+    let a: PerCpuArray<_, DecapStats> = PerCpuArray::try_from(map).unwrap();
+    a.get(&0, 0)
+        .unwrap()
+        .iter()
+        .fold(DecapStats::default(), |mut s, x| {
+            s.add(x);
+            s
+        })
+}
+
 fn hash(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> u32 {
     let (s, family) = addr_words(src);
     let (d, _) = addr_words(dst);
@@ -108,6 +138,7 @@ fn ipip_and_ip6ip6_push_the_outer_header_and_decap_strips_it() {
         &config("ipip", "198.51.100.3", "2001:db8::3", ""),
     )
     .unwrap();
+    allow_lbs(&mut h);
 
     // IPv4 in IPv4.
     let inner = PacketBuilder::tcp(CLIENT4, 40000, VIP4, 25, tcp::SYN)
@@ -268,6 +299,13 @@ fn l2_backend_behind_another_interface_is_redirected_through_the_devmap() {
 #[test]
 fn decap_passes_other_traffic_untouched_and_drops_broken_tunnels() {
     let mut h = XdpHarness::load();
+    // The client's address may tunnel here, so the broken tunnels below are
+    // refused for being broken, not for their source.
+    let allow = DecapAllow {
+        sources: vec![(CLIENT4.into(), 32)],
+        vips: vec![(VIP4.into(), 32)],
+    };
+    write_decap_allow(h.ebpf_mut(), &allow).unwrap();
     for pkt in [
         PacketBuilder::tcp(CLIENT4, 1, VIP4, 25, tcp::SYN).build(),
         PacketBuilder::tcp(CLIENT6, 1, VIP6, 25, tcp::SYN).build(),
@@ -287,4 +325,123 @@ fn decap_passes_other_traffic_untouched_and_drops_broken_tunnels() {
     p[14 + 9] = 4;
     p.truncate(34);
     assert_eq!(h.run(programs::DECAP, &p).verdict, Verdict::Drop);
+    assert_eq!(decap_stats(&mut h).dropped, 2, "both counted as broken");
+}
+
+#[test]
+fn decap_opens_only_tunnels_from_the_lb_nodes_to_a_vip() {
+    let mut h = XdpHarness::load();
+    allow_lbs(&mut h);
+    let lb4: IpAddr = "172.16.12.34".parse().unwrap();
+    let lb6: IpAddr = "fd00:736d:7470::1234:5678".parse().unwrap();
+    let relay4: IpAddr = "198.51.100.3".parse().unwrap();
+    let relay6: IpAddr = "2001:db8::3".parse().unwrap();
+    let to_vip4 = PacketBuilder::tcp(CLIENT4, 40000, VIP4, 25, tcp::SYN).build();
+    let to_vip6 = PacketBuilder::tcp(CLIENT6, 40000, VIP6, 25, tcp::SYN).build();
+    let other4 = Ipv4Addr::new(198, 51, 100, 3);
+    let other6 = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 3);
+    let to_other4 = PacketBuilder::tcp(CLIENT4, 40000, other4, 22, tcp::SYN).build();
+    let to_other6 = PacketBuilder::tcp(CLIENT6, 40000, other6, 22, tcp::SYN).build();
+    let spoofer4: IpAddr = "192.0.2.66".parse().unwrap();
+    let spoofer6: IpAddr = "2001:db8:66::1".parse().unwrap();
+    // (what, tunnel, counter, the inner packet when it is delivered)
+    let cases = [
+        (
+            "v4 from an LB to the VIP",
+            ipip(lb4, relay4, &to_vip4),
+            "decapsulated",
+            Some(&to_vip4),
+        ),
+        (
+            "v6 from an LB to the VIP",
+            ipip(lb6, relay6, &to_vip6),
+            "decapsulated",
+            Some(&to_vip6),
+        ),
+        (
+            "6in4 from an LB",
+            ipip(lb4, relay4, &to_vip6),
+            "decapsulated",
+            Some(&to_vip6),
+        ),
+        (
+            "v4 from elsewhere",
+            ipip(spoofer4, relay4, &to_vip4),
+            "dropped_source",
+            None,
+        ),
+        (
+            "v6 from elsewhere",
+            ipip(spoofer6, relay6, &to_vip6),
+            "dropped_source",
+            None,
+        ),
+        (
+            "v4 from an LB to a non-VIP",
+            ipip(lb4, relay4, &to_other4),
+            "dropped_vip",
+            None,
+        ),
+        (
+            "v6 from an LB to a non-VIP",
+            ipip(lb6, relay6, &to_other6),
+            "dropped_vip",
+            None,
+        ),
+    ];
+    for (what, pkt, counter, inner) in cases {
+        let before = decap_stats(&mut h);
+        let out = h.run(programs::DECAP, &pkt);
+        let after = decap_stats(&mut h);
+        let delta = changed(&before.fields(), &after.fields());
+        assert_eq!(delta, vec![(counter, 1)], "{what}");
+        if let Some(inner) = inner {
+            assert_eq!(out.verdict, Verdict::Pass, "{what}");
+            assert_eq!(&out.output[14..], &inner[14..], "{what}: the inner packet");
+        } else {
+            assert_eq!(out.verdict, Verdict::Drop, "{what}");
+        }
+    }
+}
+
+#[test]
+fn icmp_errors_quoting_a_flow_are_encapsulated_to_its_relay() {
+    let (_lab, _lb_mac, relay_mac) = enter_lb();
+    let mut h = XdpHarness::load();
+    apply_config(
+        h.ebpf_mut(),
+        &config("ipip", "198.51.100.3", "2001:db8::3", ""),
+    )
+    .unwrap();
+    allow_lbs(&mut h);
+    for (src, dst, relay) in [
+        (IpAddr::V4(CLIENT4), IpAddr::V4(VIP4), "198.51.100.3"),
+        (CLIENT6.into(), VIP6.into(), "2001:db8::3"),
+    ] {
+        let err = path_mtu_error(src, 40000, dst, 25);
+        let out = h.run(programs::BALANCER, &err);
+        assert_eq!(out.verdict, Verdict::Redirect, "{src}");
+        let o = &out.output;
+        assert_eq!(&o[0..6], &relay_mac);
+        let relay: IpAddr = relay.parse().unwrap();
+        if let IpAddr::V4(r) = relay {
+            assert_eq!(o.len(), err.len() + 20);
+            assert_eq!(o[23], 4, "IPIP");
+            assert_eq!(&o[30..34], &r.octets());
+            assert!(ipv4_checksum_ok(o, 14));
+            assert_eq!(&o[34..], &err[14..], "the error, untouched, inside");
+        } else if let IpAddr::V6(r) = relay {
+            assert_eq!(o.len(), err.len() + 40);
+            assert_eq!(o[20], 41, "IP6IP6");
+            assert_eq!(&o[38..54], &r.octets());
+            assert_eq!(&o[54..], &err[14..], "the error, untouched, inside");
+        }
+        let d = h.run(programs::DECAP, o);
+        assert_eq!(d.verdict, Verdict::Pass);
+        assert_eq!(
+            &d.output[14..],
+            &err[14..],
+            "the relay's stack gets the error"
+        );
+    }
 }

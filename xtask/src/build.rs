@@ -20,7 +20,8 @@ pub struct Artifacts {
 }
 
 pub fn run(_opts: &Options) -> anyhow::Result<Artifacts> {
-    setup::ensure(&setup::quiet())?;
+    // A production node gets the toolchain and bpftool, never the test peers.
+    setup::ensure(setup::Role::Production, false)?;
     let ebpf_object = build_ebpf()?;
     let mut cmd = cargo();
     cmd.args([

@@ -3,6 +3,7 @@ mod bench;
 mod build;
 mod lab;
 mod load;
+mod package;
 mod setup;
 mod test;
 mod util;
@@ -20,7 +21,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Install what the build, the lab and the tests need (idempotent, quiet when all is present).
+    /// Install what the lab and tests need (`--production`: only what an LB node needs); idempotent.
     Setup(setup::Options),
     /// Build the eBPF object and the `smtp-lb` binary that embeds it.
     Build(build::Options),
@@ -32,6 +33,9 @@ enum Command {
     Test(test::Options),
     /// Run a benchmark; prints a table and writes target/bench/<name>.json.
     Bench(bench::Options),
+    /// Build the Debian package (target/package/smtp-lb_VERSION_ARCH.deb); --check installs,
+    /// verifies and purges it.
+    Package(package::Options),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
         Command::Lab(o) => lab::run(&o),
         Command::Test(o) => test::run(&o),
         Command::Bench(o) => bench::run(&o),
+        Command::Package(o) => package::run(&o),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

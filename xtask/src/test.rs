@@ -6,7 +6,7 @@
 use anyhow::bail;
 
 use crate::{
-    build,
+    build, setup,
     util::{cargo, require_root, run_cmd},
 };
 
@@ -29,6 +29,7 @@ enum Tier {
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     require_root("`cargo xtask test` (its privileged tier)")?;
+    setup::ensure(setup::Role::Lab, false)?;
     let artifacts = build::run(&build::Options {})?;
     let mut failed = Vec::new();
     for tier in [Tier::Unit, Tier::Loopback, Tier::Privileged] {

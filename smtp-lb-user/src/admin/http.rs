@@ -1,246 +1,231 @@
-//! A deliberately small HTTP/1.1 server and client for the admin API: one
-//! request per connection, bounded head and body, a timeout per request.
-//! Enough for `ctl` and Prometheus; nothing else talks to it.
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
-
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    time::timeout,
+//! The one HTTP server of both daemons (admin APIs and metrics listeners):
+//! axum routes served by hyper's HTTP/1 connection, every peer bounded —
+//! head size and read time, body size, handler time, open connections —
+//! and a shutdown that waits a bounded time for requests in flight.
+use std::{
+    fs,
+    future::Future,
+    io::Read,
+    net::SocketAddr,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::Path,
+    sync::Arc,
+    time::Duration,
 };
+
+use anyhow::Context;
+use axum::{
+    Json, Router,
+    body::Body,
+    extract::Request,
+    http::{StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+    service::TowerToHyperService,
+};
+use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet, time::timeout};
 use tracing::debug;
 
-/// Largest request head accepted.
-const MAX_HEAD: usize = 8 * 1024;
-/// Largest request body accepted.
-const MAX_BODY: usize = 64 * 1024;
-/// Time a client gets to send its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head (request line and headers); hyper answers 431 above.
+/// hyper's floor for this buffer is 8 KiB.
+const MAX_HEAD: usize = 16 * 1024;
+/// Largest request body; 413 above.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Time a client gets to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a client gets to send its body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a handler gets (a reload reprograms maps; a scrape walks conntrack).
+const HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections served at once; further ones wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 64;
+/// On shutdown, time requests in flight get to finish before they are cancelled.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
-/// A parsed request.
-#[derive(Debug, Default)]
-pub struct Request {
-    pub method: String,
-    /// The path without the query string.
-    pub path: String,
-    pub query: BTreeMap<String, String>,
-    /// Header names lower-cased.
-    pub headers: BTreeMap<String, String>,
-    pub body: Vec<u8>,
+/// A JSON error answer `{"error": message}`.
+pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
-impl Request {
-    /// True when the request carries `Authorization: Bearer <token>`.
-    pub fn authorized(&self, token: &str) -> bool {
-        self.headers
-            .get("authorization")
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), token.as_bytes()))
-    }
+/// A JSON answer with status 200.
+pub fn json(value: serde_json::Value) -> Response {
+    Json(value).into_response()
+}
+
+/// Runs blocking work (map reads, a reload, a lock shared with the control
+/// loop) off the runtime's threads.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Response> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))
+}
+
+/// Wraps `router` so that every request needs `Authorization: Bearer <token>`.
+pub fn require_token(router: Router, token: String) -> Router {
+    let token: Arc<str> = token.into();
+    router.layer(middleware::from_fn(move |req: Request, next: Next| {
+        let token = token.clone();
+        async move {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim);
+            if given.is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes())) {
+                next.run(req).await
+            } else {
+                error(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong bearer token (see the admin token file)",
+                )
+            }
+        }
+    }))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// A response.
-#[derive(Debug)]
-pub struct Response {
-    pub status: u16,
-    pub content_type: &'static str,
-    pub body: String,
-}
-
-impl Response {
-    pub fn json(status: u16, value: &serde_json::Value) -> Self {
-        Self {
-            status,
-            content_type: "application/json",
-            body: value.to_string() + "\n",
-        }
+/// The outermost layer: body size and read time, handler time. It runs
+/// before the token check, so an oversized request is refused unread.
+async fn bounded(req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
     }
-
-    pub fn text(status: u16, body: impl Into<String>) -> Self {
-        Self {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            body: body.into(),
+    let (parts, body) = req.into_parts();
+    let body = match timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) if too_large(&e) => {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
         }
-    }
-
-    /// A JSON error `{"error": message}`.
-    pub fn error(status: u16, message: impl Into<String>) -> Self {
-        Self::json(status, &serde_json::json!({ "error": message.into() }))
-    }
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        413 => "Payload Too Large",
-        422 => "Unprocessable Entity",
-        _ => "Error",
-    }
-}
-
-/// Why a request could not be parsed; answered with the status given.
-#[derive(Debug)]
-struct BadRequest(u16, &'static str);
-
-async fn read_request(socket: &mut TcpStream) -> Result<Request, BadRequest> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 2048];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i;
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(BadRequest(413, "request head too large"));
-        }
-        let n = socket
-            .read(&mut chunk)
-            .await
-            .map_err(|_| BadRequest(400, "read failed"))?;
-        if n == 0 {
-            return Err(BadRequest(400, "incomplete request"));
-        }
-        buf.extend_from_slice(&chunk[..n]);
+        Ok(Err(_)) => return error(StatusCode::BAD_REQUEST, "incomplete body"),
+        Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "request timed out"),
     };
-    let head = std::str::from_utf8(&buf[..head_end])
-        .map_err(|_| BadRequest(400, "request head is not UTF-8"))?;
-    let mut lines = head.split("\r\n");
-    let mut first = lines.next().unwrap_or_default().split(' ');
-    let (Some(method), Some(target), Some(version)) = (first.next(), first.next(), first.next())
-    else {
-        return Err(BadRequest(400, "malformed request line"));
-    };
-    if !version.starts_with("HTTP/1.") || !target.starts_with('/') {
-        return Err(BadRequest(400, "malformed request line"));
-    }
-    let mut req = Request {
-        method: method.to_owned(),
-        ..Request::default()
-    };
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    req.path = path.to_owned();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        req.query.insert(k.to_owned(), v.to_owned());
-    }
-    for line in lines {
-        let (name, value) = line
-            .split_once(':')
-            .ok_or(BadRequest(400, "malformed header"))?;
-        req.headers
-            .insert(name.trim().to_ascii_lowercase(), value.trim().to_owned());
-    }
-    let len: usize = match req.headers.get("content-length") {
-        Some(v) => v
-            .parse()
-            .map_err(|_| BadRequest(400, "bad Content-Length"))?,
-        None => 0,
-    };
-    if len > MAX_BODY {
-        return Err(BadRequest(413, "request body too large"));
-    }
-    let mut body = buf[head_end + 4..].to_vec();
-    while body.len() < len {
-        let n = socket
-            .read(&mut chunk)
-            .await
-            .map_err(|_| BadRequest(400, "read failed"))?;
-        if n == 0 {
-            return Err(BadRequest(400, "incomplete body"));
+    let req = Request::from_parts(parts, Body::from(body));
+    timeout(HANDLER_TIMEOUT, next.run(req))
+        .await
+        .unwrap_or_else(|_| error(StatusCode::SERVICE_UNAVAILABLE, "request took too long"))
+}
+
+fn too_large(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
         }
-        body.extend_from_slice(&chunk[..n]);
+        source = s.source();
     }
-    body.truncate(len);
-    req.body = body;
-    Ok(req)
+    false
 }
 
-async fn write_response(socket: &mut TcpStream, resp: &Response) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        resp.status,
-        reason(resp.status),
-        resp.content_type,
-        resp.body.len()
-    );
-    socket.write_all(head.as_bytes()).await?;
-    socket.write_all(resp.body.as_bytes()).await?;
-    socket.shutdown().await
+async fn not_found(req: Request) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint {}", req.uri().path()),
+    )
 }
 
-/// The function that answers a request.
-pub type Handler = Arc<dyn Fn(Request) -> Response + Send + Sync>;
+/// Binds `addr` for [`serve`], naming what failed.
+pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{what}: bind {addr}"))
+}
 
-/// Serves `listener` until the task is dropped. Malformed requests get a
-/// 4xx answer; nothing a client sends can stop the server.
-pub async fn serve(listener: TcpListener, handler: Handler) {
+/// Serves `router` on `listener` until `shutdown` resolves; then stops
+/// accepting, gives requests in flight [`SHUTDOWN_GRACE`] and cancels the
+/// rest. Malformed requests get a 4xx; nothing a client sends stops the server.
+pub async fn serve(listener: TcpListener, router: Router, shutdown: impl Future<Output = ()>) {
+    let router = router
+        .fallback(not_found)
+        .layer(middleware::from_fn(bounded));
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
     loop {
-        let Ok((mut socket, peer)) = listener.accept().await else {
-            continue;
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
         };
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let resp = match timeout(REQUEST_TIMEOUT, read_request(&mut socket)).await {
-                Ok(Ok(req)) => {
-                    // The handler may do blocking work (map reads, a reload).
-                    match tokio::task::spawn_blocking(move || handler(req)).await {
-                        Ok(resp) => resp,
-                        Err(_) => Response::error(500, "internal error"),
-                    }
+        let (socket, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    debug!(error = %e, "accept failed");
+                    continue;
                 }
-                Ok(Err(BadRequest(status, why))) => Response::error(status, why),
-                Err(_) => Response::error(408, "request timed out"),
-            };
-            if let Err(e) = write_response(&mut socket, &resp).await {
-                debug!(%peer, error = %e, "admin response not sent");
+            },
+        };
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEAD_TIMEOUT)
+            .max_buf_size(MAX_HEAD)
+            .serve_connection(
+                TokioIo::new(socket),
+                TowerToHyperService::new(router.clone()),
+            );
+        let conn = graceful.watch(conn);
+        connections.spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "HTTP connection ended with an error");
             }
+            drop(permit);
         });
+        // Reap finished connections so the set stays small.
+        while connections.try_join_next().is_some() {}
     }
+    drop(listener);
+    if timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+        debug!("HTTP requests still open after the grace period: cancelled");
+    }
+    connections.shutdown().await;
 }
 
-/// Sends one request and returns the status and body.
-pub async fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-) -> std::io::Result<(u16, String)> {
-    let mut socket = timeout(Duration::from_secs(5), TcpStream::connect(addr))
-        .await
-        .map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("connect to {addr} timed out"),
-            )
-        })??;
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+/// The token in `file`, created (random, mode 0600) when missing.
+pub fn token(file: &Path) -> anyhow::Result<String> {
+    if let Ok(t) = fs::read_to_string(file) {
+        let t = t.trim().to_owned();
+        anyhow::ensure!(
+            !t.is_empty(),
+            "admin token file {} is empty",
+            file.display()
+        );
+        return Ok(t);
     }
-    let body = body.unwrap_or_default();
-    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-    socket.write_all(head.as_bytes()).await?;
-    socket.write_all(body.as_bytes()).await?;
-    let mut raw = Vec::new();
-    timeout(Duration::from_secs(30), socket.read_to_end(&mut raw))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 30s"))??;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("malformed answer from {addr}")))?;
-    Ok((status, body.to_owned()))
+    let mut bytes = [0u8; 24];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("read /dev/urandom")?;
+    let t = bytes.iter().fold(String::with_capacity(48), |mut t, b| {
+        use std::fmt::Write;
+        let _ = write!(t, "{b:02x}");
+        t
+    });
+    if let Some(dir) = file.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, t.as_bytes()))
+        .with_context(|| format!("write admin token {}", file.display()))?;
+    fs::set_permissions(file, fs::Permissions::from_mode(0o600))?;
+    Ok(t)
 }

@@ -1,5 +1,8 @@
-//! Admin endpoints: a small HTTP/1.1 layer on loopback (bearer token) that
-//! the daemons serve and `smtp-lb ctl` calls, and Prometheus text output.
+//! The infrastructure both daemons share for talking to operators: one HTTP
+//! server (admin APIs with a bearer token, metrics listeners without), one
+//! HTTP client (`ctl`, tests), one Prometheus exposition.
 
+pub mod client;
 pub mod http;
+pub mod monitor;
 pub mod prom;

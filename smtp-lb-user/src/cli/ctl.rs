@@ -3,11 +3,12 @@
 //! maps directly and works without the daemon.
 use std::{net::SocketAddr, path::PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use serde_json::Value;
 use smtp_lb_common::DEFAULT_PIN_DIR;
 
-use crate::{admin::http, dataplane::read_stats};
+use super::table::{self, cell};
+use crate::{admin::client::Client, dataplane::read_stats};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -64,70 +65,61 @@ pub enum Command {
     reason = "main hands over the parsed options"
 )]
 pub fn run(opts: Options) -> anyhow::Result<()> {
+    let post = |segments: &[&str], query: &[(&str, &str)]| -> anyhow::Result<Value> {
+        call(&opts, "POST", segments, query)
+    };
     match &opts.command {
         Command::Stats { pin_dir } => stats(pin_dir, opts.json),
-        Command::Status => show(&opts, &call(&opts, "GET", "/status")?),
-        Command::Backends => backends(&opts, &call(&opts, "GET", "/backends")?),
-        Command::Drain { name } => ok(
-            &opts,
-            &call(&opts, "POST", &format!("/backends/{name}/drain"))?,
-        ),
-        Command::Undrain { name } => ok(
-            &opts,
-            &call(&opts, "POST", &format!("/backends/{name}/undrain"))?,
-        ),
+        Command::Status => show(&opts, &call(&opts, "GET", &["status"], &[])?),
+        Command::Backends => backends(&opts, &call(&opts, "GET", &["backends"], &[])?),
+        Command::Drain { name } => ok(&opts, &post(&["backends", name, "drain"], &[])?),
+        Command::Undrain { name } => ok(&opts, &post(&["backends", name, "undrain"], &[])?),
         Command::Weight { name, weight } => ok(
             &opts,
-            &call(
-                &opts,
-                "POST",
-                &format!("/backends/{name}/weight?value={weight}"),
-            )?,
+            &post(&["backends", name, "weight"], &[("value", weight)])?,
         ),
         Command::Where { service, client } => {
-            let path = format!(
-                "/where?vip={}&port={}&client={}&cport={}",
-                service.ip(),
-                service.port(),
-                client.ip(),
-                client.port()
-            );
-            show(&opts, &call(&opts, "GET", &path)?)
+            let values = [
+                service.ip().to_string(),
+                service.port().to_string(),
+                client.ip().to_string(),
+                client.port().to_string(),
+            ];
+            let query = [
+                ("vip", values[0].as_str()),
+                ("port", &values[1]),
+                ("client", &values[2]),
+                ("cport", &values[3]),
+            ];
+            show(&opts, &call(&opts, "GET", &["where"], &query)?)
         }
-        Command::Reload => ok(&opts, &call(&opts, "POST", "/reload")?),
-        Command::Relay(relay) => super::relay::ctl(relay),
+        Command::Reload => ok(&opts, &post(&["reload"], &[])?),
+        Command::Relay(relay) => super::relay::ctl(relay, opts.json),
     }
 }
 
 /// Calls the admin API; a non-2xx answer becomes an error with its message.
-fn call(opts: &Options, method: &str, path: &str) -> anyhow::Result<Value> {
-    let token = std::fs::read_to_string(&opts.token_file).with_context(|| {
-        format!(
-            "read the admin token {} (pass --token-file)",
-            opts.token_file.display()
-        )
-    })?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let (status, body) = rt
-        .block_on(http::request(
-            opts.admin,
-            method,
-            path,
-            Some(token.trim()),
-            None,
-        ))
-        .with_context(|| format!("admin API at {} (is `smtp-lb lb` running?)", opts.admin))?;
-    let value: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
-    if !(200..300).contains(&status) {
-        let msg = value
-            .get("error")
-            .and_then(Value::as_str)
-            .map_or_else(|| value.to_string(), str::to_owned);
-        bail!("{msg} (HTTP {status})");
+fn call(
+    opts: &Options,
+    method: &str,
+    segments: &[&str],
+    query: &[(&str, &str)],
+) -> anyhow::Result<Value> {
+    let client = Client::with_token_file(opts.admin, &opts.token_file)?;
+    let answer = match method {
+        "POST" => client.post(segments, query),
+        _ => client.get(segments, query),
     }
-    Ok(value)
+    .map_err(|e| {
+        e.context(format!(
+            "admin API at {} (is `smtp-lb lb` running?)",
+            opts.admin
+        ))
+    })?;
+    if !answer.ok() {
+        bail!("{} (HTTP {})", answer.message(), answer.status);
+    }
+    Ok(answer.json())
 }
 
 #[expect(
@@ -162,47 +154,50 @@ fn backends(opts: &Options, v: &Value) -> anyhow::Result<()> {
         println!("{v}");
         return Ok(());
     }
-    println!(
-        "{:<12} {:<26} {:<6} {:>6} {:>9} {:>7} {:<8} {:>9} {:>9}  last check",
-        "NAME",
-        "ADDRESS",
-        "HEALTH",
-        "WEIGHT",
-        "EFFECTIVE",
-        "SHARE",
-        "DRAINED",
-        "NEW FLOWS",
-        "TRACKED"
+    let mut t = table::new(
+        &[
+            "NAME",
+            "ADDRESS",
+            "HEALTH",
+            "WEIGHT",
+            "EFFECTIVE",
+            "SHARE",
+            "DRAINED",
+            "NEW FLOWS",
+            "LIVE",
+            "LAST CHECK",
+        ],
+        &["WEIGHT", "EFFECTIVE", "SHARE", "NEW FLOWS", "LIVE"],
     );
     for b in v.as_array().into_iter().flatten() {
-        let names: Vec<&str> = b["names"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
         let weight = b["weight_override"]
             .as_u64()
-            .map_or_else(|| b["configured_weight"].to_string(), |w| format!("{w}*"));
-        let last = b["health_history"].get(0).map_or_else(String::new, |h| {
-            h["error"]
-                .as_str()
-                .map_or_else(|| format!("ok {}ms", h["took_ms"]), str::to_owned)
-        });
-        println!(
-            "{:<12} {:<26} {:<6} {:>6} {:>9} {:>6.1}% {:<8} {:>9} {:>9}  {}",
-            names.join(","),
-            b["address"].as_str().unwrap_or_default(),
-            b["health"].as_str().unwrap_or_default(),
-            weight,
-            b["effective_weight"],
-            b["share_permille"].as_f64().unwrap_or(0.0) / 10.0,
-            b["drained"],
-            b["new_flows"],
-            b["live_flows"],
-            last
+            .map_or_else(|| cell(&b["configured_weight"]), |w| format!("{w}*"));
+        let last = b["health_history"].get(0).map_or_else(
+            || "-".to_owned(),
+            |h| {
+                h["error"]
+                    .as_str()
+                    .map_or_else(|| format!("ok {}ms", cell(&h["took_ms"])), str::to_owned)
+            },
         );
+        let share = b["share_permille"]
+            .as_f64()
+            .map_or_else(|| "-".to_owned(), |p| format!("{:.1}%", p / 10.0));
+        t.add_row([
+            cell(&b["names"]),
+            cell(&b["address"]),
+            cell(&b["health"]),
+            weight,
+            cell(&b["effective_weight"]),
+            share,
+            cell(&b["drained"]),
+            cell(&b["new_flows"]),
+            cell(&b["live_flows"]),
+            last,
+        ]);
     }
+    table::print(&t);
     Ok(())
 }
 
@@ -212,33 +207,53 @@ fn stats(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&snap)?);
         return Ok(());
     }
+    let mut t = table::new(&["COUNTER", "VALUE"], &["VALUE"]);
     for (k, v) in &snap.global {
-        println!("{k:<18} {v:>14}");
+        t.add_row([(*k).to_owned(), v.to_string()]);
     }
+    table::print(&t);
     if !snap.services.is_empty() {
-        println!(
-            "\n{:<4} {:<40} {:>12} {:>14} {:>10} {:>10}",
-            "ID", "SERVICE", "PACKETS", "BYTES", "NEW FLOWS", "NO BACKEND"
+        let mut t = table::new(
+            &[
+                "ID",
+                "SERVICE",
+                "PACKETS",
+                "BYTES",
+                "NEW FLOWS",
+                "NO BACKEND",
+            ],
+            &["ID", "PACKETS", "BYTES", "NEW FLOWS", "NO BACKEND"],
         );
         for s in &snap.services {
-            let svc = SocketAddr::new(s.vip, s.port).to_string();
-            println!(
-                "{:<4} {:<40} {:>12} {:>14} {:>10} {:>10}",
-                s.id, svc, s.packets, s.bytes, s.new_flows, s.no_backend
-            );
+            t.add_row([
+                s.id.to_string(),
+                SocketAddr::new(s.vip, s.port).to_string(),
+                s.packets.to_string(),
+                s.bytes.to_string(),
+                s.new_flows.to_string(),
+                s.no_backend.to_string(),
+            ]);
         }
+        println!();
+        table::print(&t);
     }
     if !snap.backends.is_empty() {
-        println!(
-            "\n{:<4} {:<40} {:<6} {:>12} {:>14} {:>10}",
-            "ID", "BACKEND", "VALID", "PACKETS", "BYTES", "NEW FLOWS"
+        let mut t = table::new(
+            &["ID", "BACKEND", "VALID", "PACKETS", "BYTES", "NEW FLOWS"],
+            &["ID", "PACKETS", "BYTES", "NEW FLOWS"],
         );
         for b in &snap.backends {
-            println!(
-                "{:<4} {:<40} {:<6} {:>12} {:>14} {:>10}",
-                b.id, b.address, b.valid, b.packets, b.bytes, b.new_flows
-            );
+            t.add_row([
+                b.id.to_string(),
+                b.address.to_string(),
+                if b.valid { "yes" } else { "no" }.to_owned(),
+                b.packets.to_string(),
+                b.bytes.to_string(),
+                b.new_flows.to_string(),
+            ]);
         }
+        println!();
+        table::print(&t);
     }
     Ok(())
 }

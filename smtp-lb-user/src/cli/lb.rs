@@ -32,15 +32,8 @@ pub struct Options {
     #[arg(long)]
     pub keep_pinned: bool,
     /// Log the global counters this often (0 = never).
-    #[arg(long, default_value = "10s", value_parser = parse_secs)]
+    #[arg(long, default_value = "10s", value_parser = crate::config::duration::parse)]
     pub stats_interval: Duration,
-}
-
-fn parse_secs(s: &str) -> Result<Duration, String> {
-    let n = s.strip_suffix('s').unwrap_or(s);
-    n.parse::<u64>()
-        .map(Duration::from_secs)
-        .map_err(|_| format!("`{s}` is not a number of seconds like `10s`"))
 }
 
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -89,6 +82,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
             return Err(err.into());
         }
         info!(iface = %opts.iface, mode = ?opts.mode, pin_dir = %pin_dir.display(), "balancer attached (no config: every packet passes)");
+        crate::systemd::ready();
         log_counters(&pin_dir, opts.stats_interval, shutdown).await?;
         dp
     };

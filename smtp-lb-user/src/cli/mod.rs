@@ -5,6 +5,7 @@ pub mod ctl;
 pub mod decap;
 pub mod lb;
 pub mod relay;
+mod table;
 
 use clap::{Parser, Subcommand};
 
@@ -13,8 +14,18 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "smtp-lb", version, propagate_version = true)]
 pub struct Cli {
+    /// Log lines on stderr: `text` for people, `json` (one object a line)
+    /// for log shippers.
+    #[arg(long, value_enum, global = true, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,14 +1,13 @@
 //! `smtp-lb relay` and `smtp-lb ctl relay …`.
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    path::PathBuf,
-    time::Duration,
+use std::{net::SocketAddr, path::PathBuf};
+
+use serde_json::Value;
+
+use super::table::{self, cell};
+use crate::{
+    admin::client::Client,
+    relay::{self, Config},
 };
-
-use anyhow::Context;
-
-use crate::relay::{self, Config};
 
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -64,12 +63,20 @@ async fn check_identity(opts: &CheckIdentityOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `smtp-lb ctl relay`: the relay's queues, through its admin listener.
+/// `smtp-lb ctl relay`: the relay's queues, through its admin API.
 #[derive(Debug, clap::Args)]
 pub struct CtlOptions {
-    /// The relay's admin listener (`admin` in its config).
+    /// The relay's admin API (`admin` in its config).
     #[arg(long, default_value = "127.0.0.1:8025", env = "SMTP_LB_RELAY_ADMIN")]
     pub relay_admin: SocketAddr,
+    /// File with the relay's admin token (`admin_token_file` in its config,
+    /// default `<spool_dir>/admin.token`).
+    #[arg(
+        long,
+        default_value = "/var/spool/smtp-lb/admin.token",
+        env = "SMTP_LB_RELAY_TOKEN_FILE"
+    )]
+    pub relay_token_file: PathBuf,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -94,42 +101,132 @@ pub enum CtlCommand {
     Reload,
 }
 
-fn http(admin: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(5))
-        .with_context(|| format!("connect to relay admin listener {admin}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+/// Runs one `ctl relay` command; `json` prints the API's JSON as it came.
+pub fn ctl(opts: &CtlOptions, json: bool) -> anyhow::Result<()> {
+    let client = Client::with_token_file(opts.relay_admin, &opts.relay_token_file)?;
+    let (post, segments): (bool, Vec<&str>) = match &opts.command {
+        CtlCommand::Queue => (false, vec!["queue"]),
+        CtlCommand::Show { id } => (false, vec!["queue", id]),
+        CtlCommand::Retry { id: None } => (true, vec!["queue", "retry"]),
+        CtlCommand::Retry { id: Some(id) } => (true, vec!["queue", id, "retry"]),
+        CtlCommand::Bounce { id } => (true, vec!["queue", id, "bounce"]),
+        CtlCommand::Delete { id } => (true, vec!["queue", id, "delete"]),
+        CtlCommand::Metrics => (false, vec!["metrics"]),
+        CtlCommand::Sources => (false, vec!["sources"]),
+        CtlCommand::Reload => (true, vec!["reload"]),
+    };
+    let answer = if post {
+        client.post(&segments, &[])
+    } else {
+        client.get(&segments, &[])
+    }
+    .map_err(|e| {
+        e.context(format!(
+            "relay admin API at {} (is `smtp-lb relay` running with `admin` set?)",
+            opts.relay_admin
+        ))
+    })?;
+    anyhow::ensure!(
+        answer.ok(),
+        "relay answered {}: {}",
+        answer.status,
+        answer.message()
+    );
+    if json || matches!(opts.command, CtlCommand::Metrics) {
+        println!("{}", answer.body.trim_end());
+        return Ok(());
+    }
+    let v = answer.json();
+    match &opts.command {
+        CtlCommand::Queue => queue(&v),
+        CtlCommand::Sources => sources(&v),
+        CtlCommand::Show { .. } => println!("{}", serde_json::to_string_pretty(&v)?),
+        CtlCommand::Reload => println!("ok"),
+        _ => println!("ok: {} jobs", cell(&v["jobs"])),
+    }
+    Ok(())
 }
 
-pub fn ctl(opts: &CtlOptions) -> anyhow::Result<()> {
-    let (method, path) = match &opts.command {
-        CtlCommand::Queue => ("GET", "/queue".to_owned()),
-        CtlCommand::Show { id } => ("GET", format!("/queue/{id}")),
-        CtlCommand::Retry { id: None } => ("POST", "/queue/retry".to_owned()),
-        CtlCommand::Retry { id: Some(id) } => ("POST", format!("/queue/{id}/retry")),
-        CtlCommand::Bounce { id } => ("POST", format!("/queue/{id}/bounce")),
-        CtlCommand::Delete { id } => ("POST", format!("/queue/{id}/delete")),
-        CtlCommand::Metrics => ("GET", "/metrics".to_owned()),
-        CtlCommand::Sources => ("GET", "/sources".to_owned()),
-        CtlCommand::Reload => ("POST", "/reload".to_owned()),
-    };
-    let (status, body) = http(opts.relay_admin, method, &path)?;
-    anyhow::ensure!(status == 200, "relay answered {status}: {}", body.trim());
-    println!("{}", body.trim_end());
-    Ok(())
+fn queue(v: &Value) {
+    println!(
+        "{} messages, oldest {}s",
+        cell(&v["messages"]),
+        cell(&v["oldest_secs"])
+    );
+    let mut t = table::new(
+        &["DOMAIN", "READY", "SCHEDULED", "CONNECTIONS"],
+        &["READY", "SCHEDULED", "CONNECTIONS"],
+    );
+    for (domain, d) in v["domains"].as_object().into_iter().flatten() {
+        t.add_row([
+            domain.clone(),
+            cell(&d["ready"]),
+            cell(&d["scheduled"]),
+            cell(&d["connections"]),
+        ]);
+    }
+    table::print(&t);
+}
+
+fn sources(v: &Value) {
+    let mut t = table::new(
+        &[
+            "SOURCE",
+            "ADDRESS",
+            "HELO",
+            "POOLS",
+            "UNPLUMBED",
+            "READY",
+            "SUSPENDED",
+            "WARMUP",
+        ],
+        &["UNPLUMBED"],
+    );
+    for s in v["sources"].as_array().into_iter().flatten() {
+        let ready: Vec<String> = s["ready"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| format!("{}={}", cell(&r["provider"]), cell(&r["jobs"])))
+            .collect();
+        let warmup: Vec<String> = s["warmup"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|w| {
+                format!(
+                    "{} day {}: {}/{}",
+                    cell(&w["provider"]),
+                    cell(&w["day"]),
+                    cell(&w["sent_day"]),
+                    cell(&w["daily_cap"])
+                )
+            })
+            .collect();
+        let or_dash = |v: Vec<String>| {
+            if v.is_empty() {
+                "-".to_owned()
+            } else {
+                v.join(" ")
+            }
+        };
+        t.add_row([
+            cell(&s["name"]),
+            cell(&s["address"]),
+            cell(&s["helo"]),
+            cell(&s["pools"]),
+            format!("{}s", cell(&s["unplumbed_secs"])),
+            or_dash(ready),
+            or_dash(
+                s["suspended"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(cell)
+                    .collect(),
+            ),
+            or_dash(warmup),
+        ]);
+    }
+    table::print(&t);
 }

@@ -187,6 +187,12 @@ pub struct LbConfig {
     /// The admin API (`[admin]`).
     #[serde(default)]
     pub admin: AdminConfig,
+    /// The metrics listener (`[metrics]`).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// The dashboard on the metrics listener (`[dashboard]`).
+    #[serde(default)]
+    pub dashboard: DashboardConfig,
     /// Directory for what must survive restarts: warmup start times, drains,
     /// operator weights, the admin token.
     #[serde(default = "LbConfig::default_state_dir")]
@@ -219,6 +225,41 @@ impl Default for AdminConfig {
             token_file: None,
         }
     }
+}
+
+/// `[metrics]`: the listener Prometheus scrapes, without a token:
+/// `/metrics`, `/healthz`, `/readyz` (see docs/metrics.md).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address and port; any address (`0.0.0.0:9701` for a Prometheus server elsewhere).
+    #[serde(default = "MetricsConfig::default_listen")]
+    pub listen: std::net::SocketAddr,
+}
+
+impl MetricsConfig {
+    fn default_listen() -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], 9701))
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: Self::default_listen(),
+        }
+    }
+}
+
+/// `[dashboard]`: the live page at `/dashboard` on the metrics listener.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DashboardConfig {
+    /// Relays' metrics listeners (`metrics` in their config): the page adds
+    /// delivery and deferral rates per recipient domain from them. Empty:
+    /// the balancer's own view only.
+    #[serde(default)]
+    pub relay_metrics: Vec<std::net::SocketAddr>,
 }
 
 impl LbConfig {
@@ -836,6 +877,20 @@ mod tests {
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn durations_read_the_relays_grammar_and_errors_name_the_field() {
+        let cfg = LbConfig::parse("[warmup]\nduration = \"1w\"\nrejoin = \"1h 30m\"\n").unwrap();
+        assert_eq!(cfg.warmup.duration, std::time::Duration::from_hours(168));
+        assert_eq!(cfg.warmup.rejoin, std::time::Duration::from_mins(90));
+        let e = LbConfig::parse("[health]\ninterval = \"3x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("interval") && e.contains("`3x` is not a duration"),
+            "{e}"
+        );
     }
 
     #[test]

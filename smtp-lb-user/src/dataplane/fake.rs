@@ -10,8 +10,11 @@ use std::{
 
 use smtp_lb_common::{BACKEND_VALID, Backend, NO_BACKEND, SERVICE_STICKY, ServiceKey, flow_hash};
 
-use super::{ApplyError, BackendRow, Dataplane, LoadError, MapWriter, ServiceRow, Snapshot, Where};
-use crate::balance::plan::{Existing, PlannedBackend, PlannedService, flow_key, words_addr};
+use super::{
+    ApplyError, BackendRow, Dataplane, LoadError, MapWriter, MovedFlows, ServiceRow, Snapshot,
+    Where,
+};
+use crate::balance::plan::{Existing, Plan, PlannedBackend, PlannedService, flow_key, words_addr};
 
 /// One recorded write.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,6 +63,9 @@ pub struct Fake {
     services: BTreeMap<ServiceKey, PlannedService>,
     vips: BTreeSet<ServiceKey>,
     ports: BTreeSet<u16>,
+    /// Each moved-flows walk, as the number of writes recorded (since the
+    /// last [`Fake::take`]) when it ran: it must come after them all.
+    walks: Vec<usize>,
     /// Writes that succeed before the next one fails, once (a map write
     /// refused by the kernel).
     pub fail_after: Option<usize>,
@@ -69,6 +75,11 @@ impl Fake {
     /// The writes since the last call, in order.
     pub fn take(&mut self) -> Vec<Write> {
         std::mem::take(&mut self.writes)
+    }
+
+    /// The moved-flows walks since the last call (see [`Fake::walks`]).
+    pub fn take_walks(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.walks)
     }
 
     /// The live table of `vip:port`.
@@ -186,6 +197,12 @@ impl MapWriter for Fake {
             b.flags &= !BACKEND_VALID;
         }
         Ok(())
+    }
+
+    /// The fake tracks no flows: the walk is recorded, nothing is copied.
+    fn keep_moved_flows(&mut self, _: &Plan) -> Result<MovedFlows, ApplyError> {
+        self.walks.push(self.writes.len());
+        Ok(MovedFlows::default())
     }
 }
 

@@ -346,6 +346,12 @@ impl super::MapWriter for Dataplane {
     fn retire_backend(&mut self, id: u32) -> Result<(), super::ApplyError> {
         self.ebpf.retire_backend(id)
     }
+    fn keep_moved_flows(
+        &mut self,
+        plan: &crate::balance::plan::Plan,
+    ) -> Result<super::MovedFlows, super::ApplyError> {
+        self.ebpf.keep_moved_flows(plan)
+    }
 }
 
 /// Reads come from the pinned maps, as `ctl stats` reads them.

@@ -90,7 +90,11 @@ pub fn where_to(
     let conntrack: HashMap<_, FlowKey, Flow> =
         HashMap::try_from(Map::LruHashMap(open(pin_dir, maps::CONNTRACK)?))
             .map_err(err(maps::CONNTRACK))?;
-    let tracked = match conntrack.get(&key, 0) {
+    let moved: HashMap<_, FlowKey, Flow> =
+        HashMap::try_from(Map::LruHashMap(open(pin_dir, maps::MOVED_FLOWS)?))
+            .map_err(err(maps::MOVED_FLOWS))?;
+    // As the packet path: `CONNTRACK`, then the copy a table change made.
+    let tracked = match conntrack.get(&key, 0).or_else(|_| moved.get(&key, 0)) {
         Ok(flow) => valid(flow.backend)?,
         Err(_) => None,
     };

@@ -17,21 +17,22 @@ mod lookup;
 mod pins;
 mod program;
 mod stats;
+mod walk;
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-pub use decap::Decap;
+pub use decap::{Decap, DecapAllow, write_decap_allow};
 pub use loader::{AttachMode, Dataplane as XdpDataplane, LoadError, LoadOptions, check_interface};
 pub use lookup::{Where, tracked_flows, where_to};
 pub use pins::ensure_bpffs;
-pub use program::{Applied, ApplyError, apply, apply_config, read_existing};
+pub use program::{Applied, ApplyError, MovedFlows, apply, apply_config, read_existing};
 use smtp_lb_common::ServiceKey;
 pub use stats::{BackendRow, ServiceRow, Snapshot, read_global_stats, read_stats};
 
-use crate::balance::plan::{Existing, PlannedBackend, PlannedService};
+use crate::balance::plan::{Existing, Plan, PlannedBackend, PlannedService};
 
 /// The eBPF object built by `cargo xtask build` (empty when built without it).
 pub static EBPF_OBJECT: &[u8] =
@@ -60,6 +61,10 @@ pub trait MapWriter {
     /// Marks a backend invalid: flows tracked on it re-hash; its id may be
     /// recycled later.
     fn retire_backend(&mut self, id: u32) -> Result<(), ApplyError>;
+    /// After a change, with `plan` what the maps now hold: copies the
+    /// tracked flows its tables send elsewhere into `MOVED_FLOWS` (where no
+    /// flood can evict them) and prunes copies no longer needed.
+    fn keep_moved_flows(&mut self, plan: &Plan) -> Result<MovedFlows, ApplyError>;
 }
 
 /// The data plane as the control loop sees it: the writes, and the counters

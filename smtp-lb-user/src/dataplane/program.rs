@@ -8,7 +8,10 @@
 //! 3. services that are gone are removed (a recycled service id's new table
 //!    went into the half its old owner did not read), their ports unfiltered;
 //! 4. only then are removed backends marked invalid (no live table refers to
-//!    them any more; their tracked flows re-hash).
+//!    them any more; their tracked flows re-hash);
+//! 5. the tracked flows the new tables send elsewhere are copied into
+//!    `MOVED_FLOWS`, which no packet can insert into, so a later flood that
+//!    evicts them from `CONNTRACK` cannot move them (see [`MovedFlows`]).
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -19,13 +22,14 @@ use aya::{
     maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use smtp_lb_common::{
-    BACKEND_VALID, Backend, BackendStats, LbConfig as LbConfigMap, MAX_BACKENDS,
-    SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS, SERVICE_VIP_MARKER, Service, ServiceKey,
-    ServiceSlot, ServiceStats, maps, service_slot,
+    BACKEND_VALID, Backend, BackendStats, CONNTRACK_SIZE, FLOW_CLOSING, Flow, FlowKey,
+    LbConfig as LbConfigMap, MAX_BACKENDS, MOVED_FLOWS_SIZE, PROTO_TCP, SERVICE_INDEX_PROBES,
+    SERVICE_INDEX_SLOTS, SERVICE_STICKY, SERVICE_VIP_MARKER, Service, ServiceKey, ServiceSlot,
+    ServiceStats, flow_hash, maps, service_slot,
 };
 use thiserror::Error;
 
-use super::MapWriter;
+use super::{MapWriter, walk};
 use crate::{
     balance::plan::{
         self, Existing, Plan, PlanError, PlannedBackend, PlannedService, addr_words, words_addr,
@@ -66,16 +70,15 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> ApplyError {
     move |source| ApplyError::Map { name, source }
 }
 
+fn map_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map, ApplyError> {
+    ebpf.map(name).ok_or_else(|| missing_map(name))
+}
+
 fn map_mut<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut aya::maps::Map, ApplyError> {
-    ebpf.map_mut(name).ok_or(ApplyError::Map {
-        name,
-        source: MapError::InvalidName {
-            name: name.to_owned(),
-        },
-    })
+    ebpf.map_mut(name).ok_or_else(|| missing_map(name))
 }
 
 fn services_map(ebpf: &mut Ebpf) -> Result<HashMap<&mut MapData, ServiceKey, Service>, ApplyError> {
@@ -95,6 +98,26 @@ pub struct Applied {
     pub removed_services: usize,
     /// Backends marked invalid because they left the config.
     pub removed_backends: usize,
+    /// What the walk over the tracked flows did.
+    pub moved: MovedFlows,
+}
+
+/// The walk that keeps moved flows safe from floods. A tracked flow only
+/// needs its entry while the live table would send it elsewhere; every other
+/// flow re-hashes to the same backend without one. So after each change the
+/// flows the new tables moved are copied out of `CONNTRACK` (which every SYN
+/// inserts into, and a flood churns) into `MOVED_FLOWS` (which the packet
+/// path never inserts into), and copies the tables no longer move are pruned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MovedFlows {
+    /// `CONNTRACK` entries looked at.
+    pub scanned: u64,
+    /// Tracked flows copied into `MOVED_FLOWS` (live, backend valid, the new
+    /// table names another backend).
+    pub copied: u64,
+    /// Copies removed from `MOVED_FLOWS`: closed, backend removed, service
+    /// gone, or the table names their backend again.
+    pub pruned: u64,
 }
 
 /// Ids in use, read back from the maps (after a restart they are the pinned ones).
@@ -138,8 +161,10 @@ pub fn apply<D: MapWriter + ?Sized>(
         dp.set_backend(b)?;
     }
     // 2. Tables (each switched atomically), VIP markers, the port filter.
+    let mut written_tables = 0;
     for s in plan.services.iter().filter(|s| !unchanged_service(s)) {
         dp.set_service(s)?;
+        written_tables += 1;
     }
     for key in plan
         .vip_markers
@@ -187,10 +212,29 @@ pub fn apply<D: MapWriter + ?Sized>(
         removed_backends += 1;
         tracing::info!(backend = %addr, id, "backend removed; its flows re-hash");
     }
+
+    // 5. Flows the change moved; nothing moved when no table changed, no
+    // service left and no backend was retired.
+    let changed = written_tables + removed_services + removed_backends > 0;
+    let moved = if changed {
+        dp.keep_moved_flows(&plan)?
+    } else {
+        MovedFlows::default()
+    };
+    if moved.copied + moved.pruned > 0 {
+        tracing::info!(
+            scanned = moved.scanned,
+            copied = moved.copied,
+            pruned = moved.pruned,
+            "tracked flows the table change moved kept in {}",
+            maps::MOVED_FLOWS
+        );
+    }
     Ok(Applied {
         plan,
         removed_services,
         removed_backends,
+        moved,
     })
 }
 
@@ -367,6 +411,72 @@ impl MapWriter for Ebpf {
         let mut b = backends.get(&id, 0).map_err(map_err(maps::BACKENDS))?;
         b.flags &= !BACKEND_VALID;
         backends.set(id, b, 0).map_err(map_err(maps::BACKENDS))
+    }
+
+    fn keep_moved_flows(&mut self, plan: &Plan) -> Result<MovedFlows, ApplyError> {
+        let services: BTreeMap<u32, &PlannedService> =
+            plan.services.iter().map(|s| (s.id, s)).collect();
+        let valid: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();
+        // Whether the flow needs its entry: live, its backend still there, and
+        // the new table of its service sends it elsewhere.
+        let moved = |key: &FlowKey, flow: &Flow| {
+            let Some(svc) = services.get(&flow.service) else {
+                return false;
+            };
+            let skey = ServiceKey {
+                addr: key.dst,
+                port: key.dport,
+                proto: PROTO_TCP,
+                family: key.family,
+            };
+            if svc.key != skey || flow.flags & FLOW_CLOSING != 0 || !valid.contains(&flow.backend) {
+                return false;
+            }
+            let hash = flow_hash(key, svc.flags & SERVICE_STICKY != 0);
+            svc.ring.get((hash % svc.ring_size.max(1)) as usize) != Some(&flow.backend)
+        };
+        let mut out = MovedFlows::default();
+        // Bounded, in case the fallback iteration restarts (an entry evicted under its cursor).
+        let tracked: Vec<(FlowKey, Flow)> =
+            walk::entries(map_ref(self, maps::CONNTRACK)?, 2 * CONNTRACK_SIZE as usize)
+                .map_err(map_err(maps::CONNTRACK))?;
+        out.scanned = tracked.len() as u64;
+        let copies: Vec<_> = tracked.into_iter().filter(|(k, f)| moved(k, f)).collect();
+        let stale: Vec<FlowKey> = walk::entries::<FlowKey, Flow>(
+            map_ref(self, maps::MOVED_FLOWS)?,
+            2 * MOVED_FLOWS_SIZE as usize,
+        )
+        .map_err(map_err(maps::MOVED_FLOWS))?
+        .into_iter()
+        .filter(|(key, flow)| !moved(key, flow))
+        .map(|(key, _)| key)
+        .collect();
+        let mut moved_map: HashMap<&mut MapData, FlowKey, Flow> =
+            HashMap::try_from(map_mut(self, maps::MOVED_FLOWS)?)
+                .map_err(map_err(maps::MOVED_FLOWS))?;
+        for key in &stale {
+            match moved_map.remove(key) {
+                Ok(()) => out.pruned += 1,
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::MOVED_FLOWS)(e)),
+            }
+        }
+        for (key, flow) in &copies {
+            moved_map
+                .insert(key, flow, 0)
+                .map_err(map_err(maps::MOVED_FLOWS))?;
+            out.copied += 1;
+        }
+        Ok(out)
+    }
+}
+
+fn missing_map(name: &'static str) -> ApplyError {
+    ApplyError::Map {
+        name,
+        source: MapError::InvalidName {
+            name: name.to_owned(),
+        },
     }
 }
 

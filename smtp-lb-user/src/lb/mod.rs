@@ -15,6 +15,9 @@
 //! an in-memory fake in the unit tests below.
 
 mod api;
+pub mod dashboard;
+mod listener;
+pub mod metrics;
 pub mod state;
 #[cfg(test)]
 mod tests;
@@ -29,10 +32,14 @@ use std::{
 
 use anyhow::Context;
 use serde::Serialize;
-use tokio::{net::TcpListener, sync::mpsc, task::JoinSet};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinSet,
+};
 use tracing::{error, info, warn};
 
 use crate::{
+    admin::http,
     balance::{
         plan::Plan,
         weights::{self, Mode, Runtime},
@@ -123,6 +130,7 @@ pub struct Node<D = XdpDataplane> {
     /// Bumped when the set of relays or the health settings change, so the
     /// control loop restarts the probes.
     probe_generation: u64,
+    pub metrics: metrics::Metrics,
     /// The wall clock (warmup ramps); a test sets its own.
     clock: Box<dyn Fn() -> SystemTime + Send>,
 }
@@ -152,6 +160,7 @@ impl<D: Dataplane> Node<D> {
             last_reload: None,
             started: SystemTime::now(),
             probe_generation: 0,
+            metrics: metrics::Metrics::new(),
             clock: Box::new(SystemTime::now),
         };
         node.sync_relays(|addr| saved.backends.get(&addr).map(|s| s.runtime.clone()));
@@ -411,7 +420,12 @@ impl<D: Dataplane> Node<D> {
         };
         let rt = &mut relay.runtime;
         let was = rt.health(check);
-        match tracker.record(outcome, took) {
+        self.metrics.probe(&relay.names, addr, &outcome, took);
+        let transition = tracker.record(outcome, took);
+        if let Some(t) = transition {
+            self.metrics.transition(&relay.names, addr, t);
+        }
+        match transition {
             Some(Transition::WentUp) => {
                 if was == Health::Full {
                     // It was alive all along: no slow start.
@@ -441,6 +455,7 @@ impl<D: Dataplane> Node<D> {
     /// running configuration stays.
     pub fn reload(&mut self) -> Result<(), String> {
         let outcome = self.try_reload();
+        self.metrics.reload(outcome.is_ok());
         self.last_reload = Some(ReloadOutcome {
             at_unix: weights::unix(SystemTime::now()),
             error: outcome.as_ref().err().cloned(),
@@ -537,6 +552,40 @@ impl<D: Dataplane> Node<D> {
         self.reconcile().map_err(|e| format!("{e:#}"))
     }
 
+    /// The configured weight of the relay at `addr` (0 when not configured).
+    pub fn configured_weight(&self, addr: IpAddr) -> u32 {
+        self.cfg
+            .services
+            .iter()
+            .flat_map(|s| &s.backends)
+            .find(|b| b.address == addr)
+            .map_or(0, |b| b.weight)
+    }
+
+    /// Per service name, the fail-safe state of its ports taken together:
+    /// in panic (else all full) when one of its ports is, episodes summed.
+    pub fn failsafe_by_name(&self) -> BTreeMap<String, Failsafe> {
+        let mut rows: BTreeMap<String, Failsafe> = BTreeMap::new();
+        for s in &self.cfg.services {
+            let row = rows.entry(s.label()).or_default();
+            for port in &s.ports {
+                let f = self
+                    .failsafe
+                    .get(&weights::service_id(s.vip, *port))
+                    .cloned()
+                    .unwrap_or_default();
+                row.panics += f.panics;
+                row.all_full += f.all_full;
+                row.mode = match (row.mode, f.mode) {
+                    (Some(Mode::Panic), _) | (_, Some(Mode::Panic)) => Some(Mode::Panic),
+                    (Some(Mode::Full), _) | (_, Some(Mode::Full)) => Some(Mode::Full),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        rows
+    }
+
     /// The effective configuration in the maps.
     pub fn applied(&self) -> Option<&LbConfig> {
         self.applied.as_ref().map(|(c, _)| c)
@@ -602,18 +651,34 @@ pub async fn run<D: Dataplane + Send + 'static>(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Node<D>> {
     let node = Arc::new(Mutex::new(node));
-    let (admin_addr, token) = {
+    let (admin_addr, metrics_addr, token) = {
         let n = lock(&node);
-        (n.cfg.admin.listen, api::token(&n.cfg.token_file())?)
+        (
+            n.cfg.admin.listen,
+            n.cfg.metrics.listen,
+            http::token(&n.cfg.token_file())?,
+        )
     };
-    let listener = TcpListener::bind(admin_addr)
-        .await
-        .with_context(|| format!("admin API: bind {admin_addr}"))?;
+    let admin_listener = http::bind(admin_addr, "admin API").await?;
+    let metrics_listener = http::bind(metrics_addr, "metrics listener").await?;
     info!(listen = %admin_addr, "admin API listening");
-    let admin = tokio::spawn(crate::admin::http::serve(
-        listener,
-        api::handler(node.clone(), token),
-    ));
+    info!(listen = %metrics_addr, "metrics listener: /metrics /healthz /readyz");
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let servers = [
+        tokio::spawn(http::serve(
+            admin_listener,
+            http::require_token(api::router(node.clone()), token),
+            until_stopped(stopped.clone()),
+        )),
+        tokio::spawn(http::serve(
+            metrics_listener,
+            listener::router(&node),
+            until_stopped(stopped),
+        )),
+    ];
 
     let (tx, mut rx) = mpsc::channel(256);
     let mut generation = lock(&node).probe_generation;
@@ -621,6 +686,7 @@ pub async fn run<D: Dataplane + Send + 'static>(
     let mut tick = tokio::time::interval(RECONCILE_EVERY);
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     tokio::pin!(shutdown);
+    crate::systemd::ready();
     loop {
         tokio::select! {
             () = &mut shutdown => break,
@@ -649,16 +715,39 @@ pub async fn run<D: Dataplane + Send + 'static>(
             probes = spawn_probes(&lock(&node), &tx);
         }
     }
+    crate::systemd::stopping();
     probes.abort_all();
-    admin.abort();
-    let _ = admin.await;
+    // The HTTP servers finish what is in flight (bounded) and drop their
+    // handles on the node; an open admin connection must not keep the
+    // caller from keeping the data plane pinned.
+    let _ = stop.send(true);
+    for server in servers {
+        let _ = server.await;
+    }
     drop(tx);
-    Arc::try_unwrap(node)
-        .map_err(|_| anyhow::anyhow!("admin API still holds the node"))
-        .map(|m| {
-            m.into_inner()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        })
+    release(node).await
+}
+
+/// How long shutdown waits for handlers still running on the blocking pool
+/// (a reload, a conntrack walk) to let go of the node.
+const RELEASE_WAIT: Duration = Duration::from_secs(30);
+
+async fn release<D>(mut node: Arc<Mutex<Node<D>>>) -> anyhow::Result<Node<D>> {
+    let deadline = std::time::Instant::now() + RELEASE_WAIT;
+    loop {
+        match Arc::try_unwrap(node) {
+            Ok(m) => {
+                return Ok(m
+                    .into_inner()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner));
+            }
+            Err(shared) if std::time::Instant::now() < deadline => {
+                node = shared;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(_) => anyhow::bail!("an admin request still holds the node after {RELEASE_WAIT:?}"),
+        }
+    }
 }
 
 /// Locks the node. A poisoned lock still holds a consistent node: nothing

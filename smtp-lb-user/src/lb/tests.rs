@@ -76,8 +76,24 @@ const SMTP: Check = Check {
 /// A node on the fake data plane with its own state directory and clock.
 struct Lab {
     node: Node<Fake>,
-    dir: PathBuf,
+    dir: Dir,
     clock: Arc<Mutex<SystemTime>>,
+}
+
+/// A lab's directory, removed when the lab is dropped.
+struct Dir(PathBuf);
+
+impl std::ops::Deref for Dir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Lab {
@@ -160,12 +176,6 @@ impl Lab {
     }
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn t0() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_hours(500_000)
 }
@@ -225,7 +235,11 @@ fn lab_with(name: &str, text: &str, up_relays: &[u8]) -> Lab {
     let shared = clock.clone();
     node.clock = Box::new(move || *shared.lock().unwrap());
     node.reconcile().unwrap();
-    Lab { node, dir, clock }
+    Lab {
+        node,
+        dir: Dir(dir),
+        clock,
+    }
 }
 
 fn lab(name: &str) -> Lab {
@@ -650,49 +664,84 @@ fn two_thousand_backend_and_service_adds_and_removes_across_reloads_never_exhaus
     assert_eq!(valid.len(), 2, "only the two configured relays are valid");
 }
 
-mod api {
-    use super::*;
-    use crate::admin::http::Request;
+#[test]
+fn a_table_change_ends_with_the_moved_flows_walk_and_a_steady_state_walks_nothing() {
+    let mut lab = lab("moved-walk");
+    assert_eq!(
+        lab.dp().take_walks().len(),
+        1,
+        "the first reconcile walks once"
+    );
+    lab.node.reconcile().unwrap();
+    assert!(lab.dp().take_walks().is_empty(), "nothing changed: no walk");
+    lab.node.set_drained("relay3", true).unwrap();
+    assert_eq!(lab.take(), [lab.service(25, &[(1, 1000), (2, 1000)])]);
+    assert_eq!(
+        lab.dp().take_walks(),
+        [1],
+        "one walk, after the table write"
+    );
+}
 
-    fn post(path: &str) -> Request {
-        Request {
-            method: "POST".into(),
-            path: path.into(),
-            ..Request::default()
-        }
+mod api {
+    use axum::{body::Body, http::Request};
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// Sends `method path` through the admin API's router (as the server
+    /// does, minus the token layer) and returns the lab with its node back,
+    /// the status and the body.
+    fn call(lab: Lab, method: &str, path: &str) -> (Lab, u16, String) {
+        let Lab { node, dir, clock } = lab;
+        let shared = Arc::new(Mutex::new(node));
+        let router = super::super::api::router(shared.clone());
+        let (status, body) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let request = Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .body(Body::empty())
+                    .unwrap();
+                let r = router.oneshot(request).await.unwrap();
+                let status = r.status().as_u16();
+                let body = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+                (status, String::from_utf8(body.to_vec()).unwrap())
+            });
+        let node = Arc::try_unwrap(shared)
+            .unwrap_or_else(|_| panic!("the router let go of the node"))
+            .into_inner()
+            .unwrap();
+        (Lab { node, dir, clock }, status, body)
     }
 
     #[test]
     fn drain_through_the_admin_api_writes_the_table() {
-        let mut lab = lab("api-drain");
-        let r = super::super::api::route(&mut lab.node, &post("/backends/relay3/drain"));
-        assert_eq!(r.status, 200, "{}", r.body);
+        let lab = lab("api-drain");
+        let (mut lab, status, body) = call(lab, "POST", "/backends/relay3/drain");
+        assert_eq!(status, 200, "{body}");
         assert_eq!(lab.take(), [lab.service(25, &[(1, 1000), (2, 1000)])]);
-        let r = super::super::api::route(&mut lab.node, &post("/backends/nosuch/drain"));
-        assert_eq!(r.status, 404, "{}", r.body);
-        let mut weight = post("/backends/relay1/weight");
-        weight.query.insert("value".into(), "lots".into());
-        assert_eq!(super::super::api::route(&mut lab.node, &weight).status, 400);
+        let (lab, status, body) = call(lab, "POST", "/backends/nosuch/drain");
+        assert_eq!(status, 404, "{body}");
+        let (mut lab, status, _) = call(lab, "POST", "/backends/relay1/weight?value=lots");
+        assert_eq!(status, 400);
         assert_eq!(lab.take(), []);
     }
 
     #[test]
     fn a_refused_reload_through_the_admin_api_is_422_and_status_shows_modes() {
-        let mut lab = lab("api-reload");
+        let lab = lab("api-reload");
         lab.write_config("[[services]]\nvip = \"nope\"\n");
-        let r = super::super::api::route(&mut lab.node, &post("/reload"));
-        assert_eq!(r.status, 422, "{}", r.body);
-        assert!(r.body.contains("lb.toml"), "{}", r.body);
+        let (mut lab, status, body) = call(lab, "POST", "/reload");
+        assert_eq!(status, 422, "{body}");
+        assert!(body.contains("lb.toml"), "{body}");
         assert_eq!(lab.take(), []);
-        let status = super::super::api::route(
-            &mut lab.node,
-            &Request {
-                method: "GET".into(),
-                path: "/status".into(),
-                ..Request::default()
-            },
-        );
-        let v: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+        let (_lab, status, body) = call(lab, "GET", "/status");
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["services"][0]["mode"], "normal");
         assert_eq!(v["services"][0]["panics"], 0);
     }

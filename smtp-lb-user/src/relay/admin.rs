@@ -1,5 +1,5 @@
-//! The admin listener: a minimal HTTP/1.1 server (one request per
-//! connection) for `/metrics` and the queue API that `smtp-lb ctl relay` uses.
+//! The relay's admin API (bearer token, loopback by default) and the routes
+//! of its metrics listener; both served by [`crate::admin::http`].
 //!
 //! | method | path                   | answer                              |
 //! |--------|------------------------|-------------------------------------|
@@ -11,115 +11,184 @@
 //! | POST   | `/queue/ID/retry`      | one message's jobs ready now        |
 //! | POST   | `/queue/ID/bounce`     | bounce its pending recipients (DSN) |
 //! | POST   | `/queue/ID/delete`     | drop it without a DSN               |
-use std::{sync::Arc, time::Duration};
-
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    time::timeout,
+//! | POST   | `/reload`              | re-read the shaping file            |
+use std::sync::{
+    Arc, OnceLock,
+    atomic::{AtomicU8, Ordering},
 };
-use tracing::debug;
 
-use super::queue::Queue;
+use axum::{
+    Router,
+    extract::{Path, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde_json::json;
 
-pub async fn serve(listener: TcpListener, queue: Arc<Queue>) {
-    loop {
-        let Ok((socket, _)) = listener.accept().await else {
-            continue;
-        };
-        let queue = queue.clone();
-        tokio::spawn(async move {
-            if let Err(e) = handle(socket, &queue).await {
-                debug!(error = %e, "admin request failed");
-            }
-        });
+use super::{
+    metrics::{EgressSample, Metrics},
+    queue::Queue,
+};
+use crate::admin::{
+    http::{blocking, error, json},
+    monitor::{self, Probe},
+    prom,
+};
+
+type Shared = Arc<Queue>;
+
+/// The admin API's routes (the caller adds the token and serves them).
+pub fn router(queue: Shared) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route(
+            "/sources",
+            get(|State(q): State<Shared>| async move { json(q.sources_view()) }),
+        )
+        .route("/reload", post(reload))
+        .route("/queue", get(summary))
+        .route(
+            "/queue/retry",
+            post(
+                |State(q): State<Shared>| async move { json(json!({ "jobs": q.retry_now(None) })) },
+            ),
+        )
+        .route("/queue/{id}", get(show))
+        .route("/queue/{id}/{action}", post(act))
+        .with_state(queue)
+}
+
+async fn metrics(State(q): State<Shared>) -> Response {
+    match blocking(move || q.render_metrics()).await {
+        Ok(page) => ([(header::CONTENT_TYPE, prom::CONTENT_TYPE)], page).into_response(),
+        Err(e) => e,
     }
 }
 
-async fn handle(mut socket: TcpStream, queue: &Arc<Queue>) -> std::io::Result<()> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-        let n = timeout(Duration::from_secs(5), socket.read(&mut chunk))
-            .await
-            .map_err(std::io::Error::other)??;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
+async fn reload(State(q): State<Shared>) -> Response {
+    match blocking(move || q.reload_shaping()).await {
+        Ok(Ok(())) => json(json!({ "reloaded": "shaping" })),
+        Ok(Err(e)) => error(
+            StatusCode::BAD_REQUEST,
+            format!("reload refused, the running shaping stays: {e:#}"),
+        ),
+        Err(e) => e,
     }
-    let head = String::from_utf8_lossy(&buf);
-    let mut words = head.split_whitespace();
-    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let (status, ctype, body) = route(method, path, queue).await;
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    socket.write_all(resp.as_bytes()).await?;
-    socket.shutdown().await
 }
 
-fn json(v: &serde_json::Value) -> (&'static str, &'static str, String) {
-    ("200 OK", "application/json", v.to_string())
+async fn summary(State(q): State<Shared>) -> Response {
+    let (depth, oldest) = q.depth();
+    json(json!({
+        "messages": depth,
+        "oldest_secs": oldest,
+        "domains": q.summary(),
+    }))
 }
 
-fn not_found() -> (&'static str, &'static str, String) {
-    (
-        "404 Not Found",
-        "application/json",
-        r#"{"error":"not found"}"#.to_owned(),
+/// A message id as `ctl relay queue` prints it (16 hex digits).
+fn id(s: &str) -> Result<u64, Box<Response>> {
+    u64::from_str_radix(s, 16).map_err(|_| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("`{s}` is not a message id (hex, as `ctl relay queue` prints it)"),
+        ))
+    })
+}
+
+fn no_message(id: u64) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no message {id:016x} in the queue"),
     )
 }
 
-async fn route(
-    method: &str,
-    path: &str,
-    queue: &Arc<Queue>,
-) -> (&'static str, &'static str, String) {
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let id = |s: &str| u64::from_str_radix(s, 16).ok();
-    match (method, parts.as_slice()) {
-        ("GET", ["metrics"]) => (
-            "200 OK",
-            "text/plain; version=0.0.4",
-            queue.render_metrics(),
-        ),
-        ("GET", ["sources"]) => json(&queue.sources_view()),
-        ("POST", ["reload"]) => match queue.reload_shaping() {
-            Ok(()) => json(&serde_json::json!({ "reloaded": "shaping" })),
-            Err(e) => (
-                "400 Bad Request",
-                "text/plain",
-                format!("reload refused, the running shaping stays: {e:#}\n"),
-            ),
-        },
-        ("GET", ["queue"]) => {
-            let (depth, oldest) = queue.depth();
-            json(&serde_json::json!({
-                "messages": depth,
-                "oldest_secs": oldest,
-                "domains": queue.summary(),
-            }))
+async fn show(State(q): State<Shared>, Path(i): Path<String>) -> Response {
+    let i = match id(&i) {
+        Ok(i) => i,
+        Err(e) => return *e,
+    };
+    match q.show(i) {
+        Some(v) => json(serde_json::to_value(v).unwrap_or_default()),
+        None => no_message(i),
+    }
+}
+
+async fn act(State(q): State<Shared>, Path((i, action)): Path<(String, String)>) -> Response {
+    let i = match id(&i) {
+        Ok(i) => i,
+        Err(e) => return *e,
+    };
+    if !matches!(action.as_str(), "retry" | "bounce" | "delete") {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no action `{action}`: retry, bounce or delete"),
+        );
+    }
+    if q.show(i).is_none() {
+        return no_message(i);
+    }
+    let jobs = match action.as_str() {
+        "retry" => q.retry_now(Some(i)),
+        "bounce" => q.bounce_now(i).await,
+        _ => q.delete(i),
+    };
+    json(json!({ "jobs": jobs }))
+}
+
+/// The relay's readiness, as `/readyz` reports it.
+#[derive(Debug, Default)]
+pub struct Readiness(AtomicU8);
+
+impl Readiness {
+    const STARTING: u8 = 0;
+    const READY: u8 = 1;
+    const STOPPING: u8 = 2;
+
+    /// The spool is open and every listener bound.
+    pub fn ready(&self) {
+        self.0.store(Self::READY, Ordering::Relaxed);
+    }
+
+    /// Shutdown began: listeners closed, open transactions finishing.
+    pub fn stopping(&self) {
+        self.0.store(Self::STOPPING, Ordering::Relaxed);
+    }
+}
+
+/// The metrics listener's routes: `/metrics`, `/healthz`, `/readyz`.
+/// It starts before the spool is open; `queue` is set once it is.
+pub fn listener(
+    metrics: Arc<Metrics>,
+    queue: Arc<OnceLock<Shared>>,
+    readiness: Arc<Readiness>,
+) -> Router {
+    monitor::router(Arc::new(Monitor {
+        metrics,
+        queue,
+        readiness,
+    }))
+}
+
+struct Monitor {
+    metrics: Arc<Metrics>,
+    queue: Arc<OnceLock<Shared>>,
+    readiness: Arc<Readiness>,
+}
+
+impl Probe for Monitor {
+    fn metrics(&self) -> String {
+        match self.queue.get() {
+            Some(q) => q.render_metrics(),
+            None => self.metrics.render(0, 0, EgressSample::default()),
         }
-        ("POST", ["queue", "retry"]) => json(&serde_json::json!({ "jobs": queue.retry_now(None) })),
-        ("GET", ["queue", i]) => match id(i).and_then(|i| queue.show(i)) {
-            Some(v) => json(&serde_json::to_value(v).unwrap_or_default()),
-            None => not_found(),
-        },
-        ("POST", ["queue", i, action]) => {
-            let Some(i) = id(i) else { return not_found() };
-            if queue.show(i).is_none() {
-                return not_found();
-            }
-            let n = match *action {
-                "retry" => queue.retry_now(Some(i)),
-                "bounce" => queue.bounce_now(i).await,
-                "delete" => queue.delete(i),
-                _ => return not_found(),
-            };
-            json(&serde_json::json!({ "jobs": n }))
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        match self.readiness.0.load(Ordering::Relaxed) {
+            Readiness::READY => Ok(()),
+            Readiness::STARTING => Err("starting: spool or listeners not ready yet".into()),
+            _ => Err("shutting down".into()),
         }
-        _ => not_found(),
     }
 }

@@ -57,9 +57,22 @@ pub struct Config {
     /// DKIM signing keys, one per sending domain (see `relay::dkim`).
     #[serde(default)]
     pub dkim: Vec<super::dkim::DkimConfig>,
-    /// Admin listener: `/metrics` (Prometheus text) and the queue API used by `smtp-lb ctl relay`.
+    /// Admin API (bearer token): the queue API used by `smtp-lb ctl relay`,
+    /// `/metrics`, reload. Loopback only unless `admin_allow_remote`.
     #[serde(default)]
     pub admin: Option<SocketAddr>,
+    /// File with the admin API's bearer token; created (random, mode 0600)
+    /// when missing. Default: `<spool_dir>/admin.token`.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Allow `admin` on a non-loopback address (plain HTTP: the token
+    /// crosses the network in clear).
+    #[serde(default)]
+    pub admin_allow_remote: bool,
+    /// Metrics listener, no token: `/metrics`, `/healthz`, `/readyz`
+    /// (docs/metrics.md). Any address; none = off.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
     /// Egress sources, pools and warmup (see `relay::egress`); none = one
     /// source from `delivery.source_ip` / `helo_name`.
     #[serde(default)]
@@ -371,7 +384,23 @@ impl Config {
         for n in &cfg.relay_networks {
             Cidr::parse(n).with_context(|| format!("relay_networks entry {n:?}"))?;
         }
+        if let Some(a) = cfg.admin
+            && !a.ip().is_loopback()
+            && !cfg.admin_allow_remote
+        {
+            anyhow::bail!(
+                "relay config {}: admin: {a} is not a loopback address; set admin_allow_remote = true to serve the admin API beyond this host",
+                path.display()
+            );
+        }
         Ok(cfg)
+    }
+
+    /// The admin API's token file.
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.admin_token_file
+            .clone()
+            .unwrap_or_else(|| self.spool_dir.join("admin.token"))
     }
 }
 
@@ -394,6 +423,16 @@ impl Cidr {
         };
         anyhow::ensure!(prefix <= max, "prefix /{prefix} too long");
         Ok(Self { addr, prefix })
+    }
+
+    /// The network address as written.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The prefix length in bits.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -439,5 +478,32 @@ mod tests {
                 .unwrap()
                 .contains("2001:db8::1".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn a_non_loopback_admin_needs_admin_allow_remote() {
+        let dir = std::env::temp_dir().join(format!("relay-config-admin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let load = |extra: &str| {
+            let path = dir.join("relay.toml");
+            std::fs::write(
+                &path,
+                format!(
+                    "spool_dir = \"/tmp/x\"\n{extra}\n[[listener]]\naddress = \"127.0.0.1:2525\"\n"
+                ),
+            )
+            .unwrap();
+            Config::load(&path).map_err(|e| format!("{e:#}"))
+        };
+        let e = load("admin = \"192.0.2.1:8025\"").unwrap_err();
+        assert!(
+            e.contains("admin: 192.0.2.1:8025") && e.contains("admin_allow_remote"),
+            "{e}"
+        );
+        let cfg = load("admin = \"192.0.2.1:8025\"\nadmin_allow_remote = true").unwrap();
+        assert_eq!(cfg.admin, Some("192.0.2.1:8025".parse().unwrap()));
+        let cfg = load("admin = \"[::1]:8025\"").unwrap();
+        assert_eq!(cfg.admin_token_file(), Path::new("/tmp/x/admin.token"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -535,8 +535,9 @@ impl Session {
         self.reply("220 2.0.0 Ready to start TLS");
         self.flush().await?;
         let tcp = self.stream.take_plain().ok_or(End::Closed)?;
-        let tls = timeout(self.shared.tls_timeout, acceptor.accept(tcp))
-            .await
+        let tls = timeout(self.shared.tls_timeout, acceptor.accept(tcp)).await;
+        self.shared.metrics.tls("ingress", matches!(tls, Ok(Ok(_))));
+        let tls = tls
             .map_err(|_| End::Timeout("TLS handshake"))?
             .map_err(End::Io)?;
         self.stream = Stream::ServerTls(Box::new(tls));

@@ -1,14 +1,16 @@
 //! The delivery log: one JSON object per line for every attempt and
 //! recipient, written by a thread of its own so delivery never waits on it.
 use std::{
+    fs::File,
     io::{BufWriter, Write},
     net::IpAddr,
     path::Path,
     sync::mpsc,
 };
 
+use anyhow::Context;
 use serde::Serialize;
-use tracing::warn;
+use tracing::{info, warn};
 
 /// One attempt for one recipient.
 #[derive(Serialize)]
@@ -30,32 +32,39 @@ pub struct Attempt<'a> {
     pub attempt: u32,
 }
 
+/// What the writer thread receives.
+enum Entry {
+    Line(String),
+    /// Close the file and open the path again (logrotate renamed it).
+    Reopen,
+}
+
 #[derive(Clone)]
 pub struct DeliveryLog {
-    tx: Option<mpsc::Sender<String>>,
+    tx: Option<mpsc::Sender<Entry>>,
 }
 
 impl DeliveryLog {
     /// A log appending to `path`, or one that drops everything.
     pub fn open(path: Option<&Path>) -> anyhow::Result<Self> {
-        use anyhow::Context;
         let Some(path) = path else {
             return Ok(Self { tx: None });
         };
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("open delivery log {}", path.display()))?;
-        let (tx, rx) = mpsc::channel::<String>();
+        let path = path.to_owned();
+        let mut w = BufWriter::new(append(&path)?);
+        let (tx, rx) = mpsc::channel::<Entry>();
         std::thread::Builder::new()
             .name("delivery-log".into())
             .spawn(move || {
-                let mut w = BufWriter::new(file);
-                while let Ok(line) = rx.recv() {
-                    let _ = w.write_all(line.as_bytes());
-                    while let Ok(line) = rx.try_recv() {
-                        let _ = w.write_all(line.as_bytes());
+                while let Ok(first) = rx.recv() {
+                    // Drain what is queued, then flush once.
+                    for entry in std::iter::once(first).chain(rx.try_iter()) {
+                        match entry {
+                            Entry::Line(line) => {
+                                let _ = w.write_all(line.as_bytes());
+                            }
+                            Entry::Reopen => reopen(&mut w, &path),
+                        }
                     }
                     if let Err(e) = w.flush() {
                         warn!(error = %e, "delivery log write failed");
@@ -63,6 +72,14 @@ impl DeliveryLog {
                 }
             })?;
         Ok(Self { tx: Some(tx) })
+    }
+
+    /// Lines written after this call go to a file opened anew at the
+    /// configured path; those before it stay in the old one (SIGUSR1).
+    pub fn reopen(&self) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Entry::Reopen);
+        }
     }
 
     pub fn write(&self, a: &Attempt<'_>) {
@@ -74,6 +91,31 @@ impl DeliveryLog {
                 .unwrap_or_default();
             o.insert("ts".into(), serde_json::json!(now.as_secs_f64()));
         }
-        let _ = tx.send(v.to_string() + "\n");
+        let _ = tx.send(Entry::Line(v.to_string() + "\n"));
+    }
+}
+
+fn append(path: &Path) -> anyhow::Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("open delivery log {}", path.display()))
+}
+
+/// Flushes the old file and swaps in a new one; when the path cannot be
+/// opened the old file stays, so no line is lost.
+fn reopen(w: &mut BufWriter<File>, path: &Path) {
+    if let Err(e) = w.flush() {
+        warn!(error = %e, "delivery log write failed");
+    }
+    match append(path) {
+        Ok(file) => {
+            *w = BufWriter::new(file);
+            info!(path = %path.display(), "delivery log reopened");
+        }
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "delivery log not reopened; writing on to the old file");
+        }
     }
 }

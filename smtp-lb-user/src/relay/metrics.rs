@@ -1,14 +1,30 @@
-//! Relay counters, rendered as Prometheus text on the admin listener.
+//! The relay's metrics (names in docs/metrics.md): the counters the
+//! subsystems bump, and one registry that renders them with the values
+//! sampled at scrape time (queue depth, egress state, cluster).
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
+    time::{Duration, SystemTime},
 };
 
-#[derive(Default)]
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::{Registry, Unit},
+};
+
+use super::client::{Client, ClientError};
+use crate::admin::prom::{self, Bounded, Sampled, Text};
+
+/// Recipient domains with a label of their own; later ones count as `other`.
+const DOMAIN_LABELS: usize = 100;
+/// Distinct reply codes with a label of their own.
+const CODE_LABELS: usize = 200;
+
 pub struct Metrics {
     /// Messages accepted with `250` after being spooled (DSNs included).
     pub accepted: AtomicU64,
@@ -24,7 +40,7 @@ pub struct Metrics {
     pub ingress_connections_active: AtomicI64,
     /// Connections refused over the connection limit.
     pub ingress_connections_refused: AtomicU64,
-    /// `[cluster]` is set: the cluster lines below are rendered.
+    /// `[cluster]` is set: the cluster series are rendered.
     pub cluster_configured: AtomicBool,
     /// The cluster's Redis answers (limits shared) or not (limits local).
     pub cluster_redis_up: AtomicBool,
@@ -32,21 +48,62 @@ pub struct Metrics {
     pub cluster_outages: AtomicU64,
     /// Limit operations decided locally because Redis was down.
     pub cluster_local: AtomicU64,
-    /// (domain, status) → recipients.
-    by_domain: Mutex<BTreeMap<(String, &'static str), u64>>,
-    /// (provider, source, status, enhanced code) → recipients.
-    by_pair: Mutex<BTreeMap<PairOutcome, u64>>,
-    /// (provider, source) → connections open now, seconds waited for shaping.
-    pair_gauges: Mutex<BTreeMap<(String, String), PairGauges>>,
+    recipients: Family<DomainOutcome, Counter>,
+    egress_recipients: Family<PairOutcome, Counter>,
+    egress_connections: Family<Pair, Gauge>,
+    throttle_wait: Family<Pair, Counter<f64, AtomicU64>>,
+    tls: Family<TlsOutcome, Counter>,
+    handshake: Family<Provider, Histogram, fn() -> Histogram>,
+    transaction: Family<Provider, Histogram, fn() -> Histogram>,
+    delivery_delay: Family<Provider, Histogram, fn() -> Histogram>,
+    domains: Bounded,
+    codes: Bounded,
+    /// Values sampled when `/metrics` is served, read by the registry's collector.
+    sample: Arc<Mutex<Sample>>,
+    /// One render at a time, so two scrapes cannot mix their samples.
+    rendering: Mutex<()>,
+    registry: Registry,
 }
 
-/// (provider, source, status, enhanced code).
-type PairOutcome = (String, String, &'static str, String);
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DomainOutcome {
+    domain: Text,
+    status: &'static str,
+}
 
-#[derive(Default)]
-struct PairGauges {
-    connections: i64,
-    throttle_secs: f64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PairOutcome {
+    provider: Text,
+    source: Text,
+    status: &'static str,
+    code: Text,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Pair {
+    provider: Text,
+    source: Text,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Provider {
+    provider: Text,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TlsOutcome {
+    direction: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Source {
+    source: Text,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    result: &'static str,
 }
 
 /// Egress state sampled when `/metrics` is served.
@@ -61,318 +118,471 @@ pub struct EgressSample {
     pub warmup: Vec<super::egress::WarmupProgress>,
 }
 
-fn esc(s: &str) -> String {
-    s.replace(['"', '\\', '\n'], "_")
+/// Everything rendered from values rather than from counters.
+#[derive(Default)]
+struct Sample {
+    started: f64,
+    ingress_total: u64,
+    ingress_open: i64,
+    ingress_refused: u64,
+    accepted: u64,
+    spool_errors: u64,
+    spool_corrupt: u64,
+    dkim_signed: u64,
+    dkim_errors: u64,
+    queue_messages: usize,
+    queue_oldest_secs: u64,
+    /// (redis up, outages, local decisions) with `[cluster]`.
+    cluster: Option<(bool, u64, u64)>,
+    egress: EgressSample,
+}
+
+/// Histogram of SMTP exchange times: 5 ms … ~82 s.
+fn smtp_times() -> Histogram {
+    prom::histogram(0.005, 2.0, 15)
+}
+
+/// Histogram of queueing delays: 1 s … ~6 days.
+fn queue_delays() -> Histogram {
+    prom::histogram(1.0, 3.0, 13)
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("smtp_lb_relay");
+        let recipients = Family::default();
+        registry.register(
+            "recipients",
+            "Recipient outcomes by destination domain (the first 100 domains, then `other`)",
+            recipients.clone(),
+        );
+        let egress_recipients = Family::default();
+        registry.register(
+            "egress_recipients",
+            "Recipient outcomes by provider, egress source and enhanced status code",
+            egress_recipients.clone(),
+        );
+        let egress_connections = Family::default();
+        registry.register(
+            "egress_connections_open",
+            "Delivery connections open now by provider and egress source",
+            egress_connections.clone(),
+        );
+        let throttle_wait = Family::default();
+        registry.register_with_unit(
+            "egress_throttle_wait",
+            "Time connections and messages waited for shaping limits",
+            Unit::Seconds,
+            throttle_wait.clone(),
+        );
+        let tls = Family::default();
+        registry.register(
+            "tls_handshakes",
+            "STARTTLS handshakes by direction (ingress, egress) and result (ok, failed)",
+            tls.clone(),
+        );
+        let handshake = Family::new_with_constructor(smtp_times as fn() -> Histogram);
+        registry.register_with_unit(
+            "egress_handshake",
+            "Time to open a delivery connection: connect, greeting, EHLO, STARTTLS",
+            Unit::Seconds,
+            handshake.clone(),
+        );
+        let transaction = Family::new_with_constructor(smtp_times as fn() -> Histogram);
+        registry.register_with_unit(
+            "egress_transaction",
+            "Time of one SMTP transaction, MAIL FROM to the reply after the final dot",
+            Unit::Seconds,
+            transaction.clone(),
+        );
+        let delivery_delay = Family::new_with_constructor(queue_delays as fn() -> Histogram);
+        registry.register_with_unit(
+            "delivery_delay",
+            "Time from spooling to delivery, per delivered recipient",
+            Unit::Seconds,
+            delivery_delay.clone(),
+        );
+        let sample = Arc::new(Mutex::new(Sample {
+            started: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            ..Sample::default()
+        }));
+        registry.register_collector(Box::new(Sampler(sample.clone())));
+        Self {
+            accepted: AtomicU64::new(0),
+            spool_errors: AtomicU64::new(0),
+            spool_corrupt: AtomicU64::new(0),
+            dkim_signed: AtomicU64::new(0),
+            dkim_errors: AtomicU64::new(0),
+            ingress_connections_total: AtomicU64::new(0),
+            ingress_connections_active: AtomicI64::new(0),
+            ingress_connections_refused: AtomicU64::new(0),
+            cluster_configured: AtomicBool::new(false),
+            cluster_redis_up: AtomicBool::new(false),
+            cluster_outages: AtomicU64::new(0),
+            cluster_local: AtomicU64::new(0),
+            recipients,
+            egress_recipients,
+            egress_connections,
+            throttle_wait,
+            tls,
+            handshake,
+            transaction,
+            delivery_delay,
+            domains: Bounded::new(DOMAIN_LABELS),
+            codes: Bounded::new(CODE_LABELS),
+            sample,
+            rendering: Mutex::new(()),
+            registry,
+        }
+    }
+
     /// Counts one recipient outcome (`delivered`, `deferred`, `bounced`, `expired`).
     pub fn count(&self, domain: &str, status: &'static str) {
-        *self
-            .by_domain
-            .lock()
-            .expect("metrics lock")
-            .entry((domain.to_owned(), status))
-            .or_default() += 1;
+        self.recipients
+            .get_or_create(&DomainOutcome {
+                domain: self.domains.label(domain),
+                status,
+            })
+            .inc();
     }
 
     /// Counts one recipient outcome per (provider, source, enhanced code).
-    pub fn count_pair(&self, provider: &str, source: &str, status: &'static str, code: String) {
-        *self
-            .by_pair
-            .lock()
-            .expect("metrics lock")
-            .entry((provider.to_owned(), source.to_owned(), status, code))
-            .or_default() += 1;
+    pub fn count_pair(&self, provider: &str, source: &str, status: &'static str, code: &str) {
+        self.egress_recipients
+            .get_or_create(&PairOutcome {
+                provider: provider.into(),
+                source: source.into(),
+                status,
+                code: self.codes.label(code),
+            })
+            .inc();
+    }
+
+    /// A recipient of `provider` delivered `age` after it was spooled.
+    pub fn delivered_after(&self, provider: &str, age: Duration) {
+        self.delivery_delay
+            .get_or_create(&Provider {
+                provider: provider.into(),
+            })
+            .observe(age.as_secs_f64());
     }
 
     /// A delivery connection of (provider, source) opened or closed.
     pub fn connection(&self, pair: &(String, String), open: bool) {
-        let mut g = self.pair_gauges.lock().expect("metrics lock");
-        g.entry(pair.clone()).or_default().connections += if open { 1 } else { -1 };
+        let g = self.egress_connections.get_or_create(&Pair {
+            provider: pair.0.as_str().into(),
+            source: pair.1.as_str().into(),
+        });
+        if open {
+            g.inc();
+        } else {
+            g.dec();
+        }
     }
 
     /// Time a (provider, source) connection or message waited for its limits.
-    pub fn throttled(&self, pair: &(String, String), waited: std::time::Duration) {
+    pub fn throttled(&self, pair: &(String, String), waited: Duration) {
         if waited.is_zero() {
             return;
         }
-        let mut g = self.pair_gauges.lock().expect("metrics lock");
-        g.entry(pair.clone()).or_default().throttle_secs += waited.as_secs_f64();
+        self.throttle_wait
+            .get_or_create(&Pair {
+                provider: pair.0.as_str().into(),
+                source: pair.1.as_str().into(),
+            })
+            .inc_by(waited.as_secs_f64());
     }
 
-    /// The egress series (issue 6), appended to [`Self::render`].
-    pub fn render_egress(&self, e: &EgressSample) -> String {
-        let mut out = String::new();
-        let head = |out: &mut String, name: &str, help: &str, kind: &str| {
-            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
-        };
-        head(
-            &mut out,
-            "smtp_lb_relay_delivery_total",
-            "Recipient outcomes by provider, egress source and enhanced status code.",
-            "counter",
-        );
-        for ((p, s, status, code), n) in self.by_pair.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "smtp_lb_relay_delivery_total{{provider=\"{}\",source=\"{}\",status=\"{status}\",code=\"{}\"}} {n}",
-                esc(p),
-                esc(s),
-                esc(code)
-            );
-        }
-        let gauges = self.pair_gauges.lock().expect("metrics lock");
-        head(
-            &mut out,
-            "smtp_lb_relay_connections",
-            "Delivery connections open now by provider and egress source.",
-            "gauge",
-        );
-        for ((p, s), g) in gauges.iter() {
-            let _ = writeln!(
-                out,
-                "smtp_lb_relay_connections{{provider=\"{}\",source=\"{}\"}} {}",
-                esc(p),
-                esc(s),
-                g.connections
-            );
-        }
-        head(
-            &mut out,
-            "smtp_lb_relay_throttle_seconds_total",
-            "Seconds connections and messages waited for shaping limits.",
-            "counter",
-        );
-        for ((p, s), g) in gauges.iter() {
-            let _ = writeln!(
-                out,
-                "smtp_lb_relay_throttle_seconds_total{{provider=\"{}\",source=\"{}\"}} {:.3}",
-                esc(p),
-                esc(s),
-                g.throttle_secs
-            );
-        }
-        drop(gauges);
-        head(
-            &mut out,
-            "smtp_lb_relay_ready_jobs",
-            "Jobs waiting in the ready queue of (egress source, provider).",
-            "gauge",
-        );
-        for (p, s, n) in &e.ready {
-            let _ = writeln!(
-                out,
-                "smtp_lb_relay_ready_jobs{{provider=\"{}\",source=\"{}\"}} {n}",
-                esc(p),
-                esc(s)
-            );
-        }
-        head(
-            &mut out,
-            "smtp_lb_relay_suspensions_total",
-            "Suspensions of (provider, egress source) by 421 4.7.28.",
-            "counter",
-        );
-        for (p, s, n, _) in &e.suspensions {
-            let _ = writeln!(
-                out,
-                "smtp_lb_relay_suspensions_total{{provider=\"{}\",source=\"{}\"}} {n}",
-                esc(p),
-                esc(s)
-            );
-        }
-        head(
-            &mut out,
-            "smtp_lb_relay_suspended",
-            "1 while (provider, egress source) is suspended.",
-            "gauge",
-        );
-        for (p, s, _, now) in &e.suspensions {
-            let _ = writeln!(
-                out,
-                "smtp_lb_relay_suspended{{provider=\"{}\",source=\"{}\"}} {}",
-                esc(p),
-                esc(s),
-                u8::from(*now)
-            );
-        }
-        head(
-            &mut out,
-            "smtp_lb_relay_source_unplumbed",
-            "1 while an egress source is out of its pools because its address is not on this host.",
-            "gauge",
-        );
-        for (s, now) in &e.unplumbed {
-            let _ = writeln!(
-                out,
-                "smtp_lb_relay_source_unplumbed{{source=\"{}\"}} {}",
-                esc(s),
-                u8::from(*now)
-            );
-        }
-        head(
-            &mut out,
-            "smtp_lb_relay_warmup_sent",
-            "Messages a warming source sent to a provider in the current warmup day.",
-            "gauge",
-        );
-        for w in &e.warmup {
-            let _ = writeln!(
-                out,
-                "smtp_lb_relay_warmup_sent{{provider=\"{}\",source=\"{}\"}} {}",
-                esc(&w.provider),
-                esc(&w.source),
-                w.sent_day
-            );
-        }
-        head(
-            &mut out,
-            "smtp_lb_relay_warmup_cap",
-            "Daily cap of a warming source for a provider on its current warmup day.",
-            "gauge",
-        );
-        for w in &e.warmup {
-            let _ = writeln!(
-                out,
-                "smtp_lb_relay_warmup_cap{{provider=\"{}\",source=\"{}\"}} {}",
-                esc(&w.provider),
-                esc(&w.source),
-                w.daily_cap
-            );
-        }
-        out
+    /// A STARTTLS handshake with a client (`ingress`) or an MX (`egress`).
+    pub fn tls(&self, direction: &'static str, ok: bool) {
+        self.tls
+            .get_or_create(&TlsOutcome {
+                direction,
+                result: if ok { "ok" } else { "failed" },
+            })
+            .inc();
     }
 
-    /// Total over all domains for one status.
-    pub fn total(&self, status: &str) -> u64 {
-        self.by_domain
-            .lock()
-            .expect("metrics lock")
-            .iter()
-            .filter(|((_, s), _)| *s == status)
-            .map(|(_, n)| n)
-            .sum()
+    /// One attempt to open a delivery connection to `provider`, which took `took`.
+    pub fn connect_attempt(
+        &self,
+        provider: &str,
+        took: Duration,
+        attempt: &Result<Client, ClientError>,
+    ) {
+        match attempt {
+            Ok(client) => {
+                self.handshake
+                    .get_or_create(&Provider {
+                        provider: provider.into(),
+                    })
+                    .observe(took.as_secs_f64());
+                if client.is_tls() {
+                    self.tls("egress", true);
+                }
+            }
+            Err(
+                ClientError::TimedOut {
+                    phase: "TLS handshake",
+                    ..
+                }
+                | ClientError::Io {
+                    phase: "TLS handshake",
+                    ..
+                },
+            ) => self.tls("egress", false),
+            Err(_) => {}
+        }
     }
 
-    pub fn render(&self, queue_depth: usize, oldest_secs: u64) -> String {
-        let mut out = String::new();
-        let c = |out: &mut String, name: &str, help: &str, kind: &str, v: String| {
-            let _ = write!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
-            );
-        };
-        c(
-            &mut out,
-            "smtp_lb_relay_accepted_total",
-            "Messages accepted after spooling.",
-            "counter",
-            self.accepted.load(Ordering::Relaxed).to_string(),
-        );
-        c(
-            &mut out,
-            "smtp_lb_relay_spool_errors_total",
-            "Transactions refused with 451 because the spool failed.",
-            "counter",
-            self.spool_errors.load(Ordering::Relaxed).to_string(),
-        );
-        c(
-            &mut out,
-            "smtp_lb_relay_dkim_signed_total",
-            "Messages signed with DKIM at ingress.",
-            "counter",
-            self.dkim_signed.load(Ordering::Relaxed).to_string(),
-        );
-        c(
-            &mut out,
-            "smtp_lb_relay_dkim_errors_total",
-            "Messages whose DKIM signing failed; they were spooled unsigned.",
-            "counter",
-            self.dkim_errors.load(Ordering::Relaxed).to_string(),
-        );
-        c(
-            &mut out,
-            "smtp_lb_relay_spool_corrupt_segments",
+    /// One SMTP transaction to `provider` took `took`.
+    pub fn transaction(&self, provider: &str, took: Duration) {
+        self.transaction
+            .get_or_create(&Provider {
+                provider: provider.into(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// The whole page: counters, and the values sampled now.
+    pub fn render(&self, queue_depth: usize, oldest_secs: u64, egress: EgressSample) -> String {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _one = self.rendering.lock().expect("metrics lock");
+        let mut s = self.sample.lock().expect("metrics lock");
+        s.ingress_total = load(&self.ingress_connections_total);
+        s.ingress_open = self.ingress_connections_active.load(Ordering::Relaxed);
+        s.ingress_refused = load(&self.ingress_connections_refused);
+        s.accepted = load(&self.accepted);
+        s.spool_errors = load(&self.spool_errors);
+        s.spool_corrupt = load(&self.spool_corrupt);
+        s.dkim_signed = load(&self.dkim_signed);
+        s.dkim_errors = load(&self.dkim_errors);
+        s.queue_messages = queue_depth;
+        s.queue_oldest_secs = oldest_secs;
+        s.cluster = self.cluster_configured.load(Ordering::Relaxed).then(|| {
+            (
+                self.cluster_redis_up.load(Ordering::Relaxed),
+                load(&self.cluster_outages),
+                load(&self.cluster_local),
+            )
+        });
+        s.egress = egress;
+        drop(s);
+        prom::render(&self.registry)
+    }
+}
+
+/// Writes the [`Sample`] taken by [`Metrics::render`].
+#[derive(Debug)]
+struct Sampler(Arc<Mutex<Sample>>);
+
+impl std::fmt::Debug for Sample {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sample").finish_non_exhaustive()
+    }
+}
+
+impl Collector for Sampler {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let s = self.0.lock().map_err(|_| std::fmt::Error)?;
+        let mut out = Sampled::new(&mut encoder);
+        out.identity(s.started)?;
+        out.counter(
+            "ingress_connections",
+            "SMTP connections accepted.",
+            s.ingress_total,
+        )?;
+        out.gauge(
+            "ingress_connections_open",
+            "SMTP connections open now.",
+            None,
+            s.ingress_open,
+        )?;
+        out.counter(
+            "ingress_connections_refused",
+            "SMTP connections refused over the connection limit.",
+            s.ingress_refused,
+        )?;
+        out.counter(
+            "messages_accepted",
+            "Messages spooled and acknowledged with 250, plus the DSNs the relay generated.",
+            s.accepted,
+        )?;
+        out.counter(
+            "spool_write_errors",
+            "Transactions refused with 451 because the spool write failed.",
+            s.spool_errors,
+        )?;
+        out.gauge(
+            "spool_corrupt_segments",
             "Corrupt spool segments found at start-up.",
-            "gauge",
-            self.spool_corrupt.load(Ordering::Relaxed).to_string(),
-        );
-        c(
-            &mut out,
-            "smtp_lb_relay_ingress_connections_total",
-            "Ingress connections accepted.",
-            "counter",
-            self.ingress_connections_total
-                .load(Ordering::Relaxed)
-                .to_string(),
-        );
-        c(
-            &mut out,
-            "smtp_lb_relay_ingress_connections",
-            "Ingress connections open now.",
-            "gauge",
-            self.ingress_connections_active
-                .load(Ordering::Relaxed)
-                .to_string(),
-        );
-        c(
-            &mut out,
-            "smtp_lb_relay_ingress_connections_refused_total",
-            "Ingress connections refused over the limit.",
-            "counter",
-            self.ingress_connections_refused
-                .load(Ordering::Relaxed)
-                .to_string(),
-        );
-        c(
-            &mut out,
-            "smtp_lb_relay_queue_messages",
+            None,
+            s.spool_corrupt,
+        )?;
+        out.counters(
+            "dkim_signatures",
+            "DKIM signing at ingress: signed, or failed (spooled unsigned).",
+            None,
+            [
+                (Outcome { result: "signed" }, s.dkim_signed),
+                (Outcome { result: "failed" }, s.dkim_errors),
+            ],
+        )?;
+        out.gauge(
+            "queue_messages",
             "Messages in the queue.",
-            "gauge",
-            queue_depth.to_string(),
-        );
-        c(
-            &mut out,
-            "smtp_lb_relay_queue_oldest_seconds",
-            "Age of the oldest queued message.",
-            "gauge",
-            oldest_secs.to_string(),
-        );
-        if self.cluster_configured.load(Ordering::Relaxed) {
-            c(
-                &mut out,
-                "smtp_lb_relay_cluster_redis_up",
+            None,
+            s.queue_messages,
+        )?;
+        out.gauge(
+            "queue_oldest_message_age",
+            "Age of the oldest queued message (0 when empty).",
+            Some(&Unit::Seconds),
+            s.queue_oldest_secs,
+        )?;
+        if let Some((up, outages, local)) = s.cluster {
+            out.gauge(
+                "cluster_redis_up",
                 "1 while the cluster's Redis answers (shared limits), 0 while limits are local.",
-                "gauge",
-                u8::from(self.cluster_redis_up.load(Ordering::Relaxed)).to_string(),
-            );
-            c(
-                &mut out,
-                "smtp_lb_relay_cluster_outages_total",
+                None,
+                i64::from(up),
+            )?;
+            out.counter(
+                "cluster_outages",
                 "Times the cluster's Redis was lost.",
-                "counter",
-                self.cluster_outages.load(Ordering::Relaxed).to_string(),
-            );
-            c(
-                &mut out,
-                "smtp_lb_relay_cluster_local_decisions_total",
+                outages,
+            )?;
+            out.counter(
+                "cluster_local_decisions",
                 "Limit operations decided locally because Redis was down.",
-                "counter",
-                self.cluster_local.load(Ordering::Relaxed).to_string(),
-            );
+                local,
+            )?;
         }
-        let _ = write!(
-            out,
-            "# HELP smtp_lb_relay_recipients_total Recipient outcomes by destination domain.\n# TYPE smtp_lb_relay_recipients_total counter\n"
+        let pair = |p: &str, s: &str| Pair {
+            provider: p.into(),
+            source: s.into(),
+        };
+        let e = &s.egress;
+        out.gauges(
+            "egress_ready_jobs",
+            "Jobs waiting in the ready queue of (egress source, provider).",
+            None,
+            e.ready.iter().map(|(p, s, n)| (pair(p, s), *n)),
+        )?;
+        out.counters(
+            "egress_suspensions",
+            "Suspensions of (provider, egress source) by reply rules.",
+            None,
+            e.suspensions.iter().map(|(p, s, n, _)| (pair(p, s), *n)),
+        )?;
+        out.gauges(
+            "egress_suspended",
+            "1 while (provider, egress source) is suspended.",
+            None,
+            e.suspensions
+                .iter()
+                .map(|(p, s, _, now)| (pair(p, s), i64::from(*now))),
+        )?;
+        out.gauges(
+            "egress_source_unplumbed",
+            "1 while an egress source is out of its pools because its address is not on this host.",
+            None,
+            e.unplumbed.iter().map(|(s, now)| {
+                (
+                    Source {
+                        source: s.as_str().into(),
+                    },
+                    i64::from(*now),
+                )
+            }),
+        )?;
+        // Keyed so a pair is written once even if sampled twice.
+        let warm: BTreeMap<(&str, &str), (u64, u64)> = e
+            .warmup
+            .iter()
+            .map(|w| {
+                (
+                    (w.provider.as_str(), w.source.as_str()),
+                    (w.sent_day, w.daily_cap),
+                )
+            })
+            .collect();
+        out.gauges(
+            "egress_warmup_sent_messages",
+            "Messages a warming source sent to a provider on its current warmup day.",
+            None,
+            warm.iter().map(|((p, s), (sent, _))| (pair(p, s), *sent)),
+        )?;
+        out.gauges(
+            "egress_warmup_cap_messages",
+            "Daily cap of a warming source for a provider on its current warmup day.",
+            None,
+            warm.iter().map(|((p, s), (_, cap))| (pair(p, s), *cap)),
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_names_every_family_once_and_escapes_labels() {
+        let m = Metrics::new();
+        m.count("gmail.test", "delivered");
+        m.count_pair("gmail", "a\"b", "deferred", "4.7.28");
+        m.accepted.fetch_add(2, Ordering::Relaxed);
+        let page = m.render(3, 7, EgressSample::default());
+        assert!(
+            page.contains(
+                "smtp_lb_relay_recipients_total{domain=\"gmail.test\",status=\"delivered\"} 1\n"
+            ),
+            "{page}"
         );
-        for ((domain, status), n) in self.by_domain.lock().expect("metrics lock").iter() {
-            let domain = domain.replace(['"', '\\', '\n'], "_");
-            let _ = writeln!(
-                out,
-                "smtp_lb_relay_recipients_total{{domain=\"{domain}\",status=\"{status}\"}} {n}"
-            );
+        assert!(page.contains("smtp_lb_relay_egress_recipients_total{provider=\"gmail\",source=\"a\\\"b\",status=\"deferred\",code=\"4.7.28\"} 1\n"), "{page}");
+        assert!(
+            page.contains("smtp_lb_relay_messages_accepted_total 2\n"),
+            "{page}"
+        );
+        assert!(page.contains("smtp_lb_relay_queue_messages 3\n"), "{page}");
+        assert!(
+            page.contains("smtp_lb_relay_queue_oldest_message_age_seconds 7\n"),
+            "{page}"
+        );
+        assert!(!page.contains("cluster"), "no [cluster], no cluster series");
+        let types: Vec<&str> = page.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+        let mut unique = types.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(types.len(), unique.len(), "{page}");
+    }
+
+    #[test]
+    fn domains_past_the_bound_count_as_other() {
+        let m = Metrics::new();
+        for i in 0..DOMAIN_LABELS + 5 {
+            m.count(&format!("d{i}.test"), "delivered");
         }
-        out
+        let page = m.render(0, 0, EgressSample::default());
+        assert!(
+            page.contains(
+                "smtp_lb_relay_recipients_total{domain=\"other\",status=\"delivered\"} 5\n"
+            ),
+            "{page}"
+        );
+        assert_eq!(
+            page.matches("smtp_lb_relay_recipients_total{").count(),
+            DOMAIN_LABELS + 1
+        );
     }
 }

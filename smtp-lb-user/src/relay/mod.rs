@@ -52,10 +52,29 @@ use tracing::{info, warn};
 
 pub use config::Config;
 
+use crate::admin::http;
+
 /// Runs the relay until `shutdown` resolves, then stops accepting, lets
 /// sessions finish their transaction (up to `timeouts.shutdown_grace`) and returns.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::Metrics::default());
+    let (stop_http, http_stopped) = watch::channel(false);
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut servers = Vec::new();
+    // The metrics listener answers /healthz while the spool is recovered.
+    let readiness = Arc::new(admin::Readiness::default());
+    let serving = Arc::new(std::sync::OnceLock::new());
+    if let Some(addr) = cfg.metrics {
+        let listener = http::bind(addr, "metrics listener").await?;
+        info!(address = %addr, "metrics listener ready: /metrics /healthz /readyz");
+        servers.push(tokio::spawn(http::serve(
+            listener,
+            admin::listener(metrics.clone(), serving.clone(), readiness.clone()),
+            until_stopped(http_stopped.clone()),
+        )));
+    }
     let (spool, recovered, corrupt) = spool::Spool::open(&cfg.spool_dir)?;
     for c in &corrupt {
         warn!(segment = %c.segment.display(), moved_to = %c.moved_to.display(), bad_bytes = c.bad_bytes, "corrupt spool data reported");
@@ -65,6 +84,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .store(corrupt.len() as u64, Ordering::Relaxed);
     let router = route::Router::new(&cfg.routes, &cfg.dns, cfg.delivery.port)?;
     let log = log::DeliveryLog::open(cfg.delivery_log.as_deref())?;
+    tokio::spawn(reopen_on_sigusr1(log.clone()));
     let limiters = match &cfg.cluster {
         Some(c) => limiter::Limiters::shared(cluster::Cluster::start(c, metrics.clone()).await?),
         None => limiter::Limiters::local(),
@@ -107,14 +127,22 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         ));
     }
     if let Some(addr) = cfg.admin {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("bind admin listener {addr}"))?;
-        info!(address = %addr, "admin listener ready");
-        tokio::spawn(admin::serve(listener, queue.clone()));
+        let token = http::token(&cfg.admin_token_file())?;
+        let listener = http::bind(addr, "admin API").await?;
+        info!(address = %addr, "admin API ready");
+        servers.push(tokio::spawn(http::serve(
+            listener,
+            http::require_token(admin::router(queue.clone()), token),
+            until_stopped(http_stopped),
+        )));
     }
+    let _ = serving.set(queue.clone());
+    readiness.ready();
+    crate::systemd::ready();
 
     shutdown.await;
+    readiness.stopping();
+    crate::systemd::stopping();
     info!("shutting down: no new connections; open transactions may finish");
     let _ = shutdown_tx.send(true);
     drop(done_tx);
@@ -126,7 +154,24 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     {
         warn!("shutdown grace period over; closing remaining sessions");
     }
+    let _ = stop_http.send(true);
+    for server in servers {
+        let _ = server.await;
+    }
     Ok(())
+}
+
+/// SIGUSR1 reopens the delivery log (after logrotate renamed it).
+async fn reopen_on_sigusr1(log: log::DeliveryLog) {
+    let Ok(mut usr1) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+    else {
+        warn!("cannot listen for SIGUSR1: the delivery log is not reopened on rotation");
+        return;
+    };
+    while usr1.recv().await.is_some() {
+        log.reopen();
+    }
 }
 
 /// SIGHUP reloads the shaping file; a bad one is logged and the running one stays.

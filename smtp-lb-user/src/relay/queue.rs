@@ -454,7 +454,8 @@ impl Queue {
             let mut client = None;
             'hosts: for host in hosts.iter() {
                 for addr in &host.addrs {
-                    match Client::connect(
+                    let tried = Instant::now();
+                    let attempt = Client::connect(
                         &host.name,
                         *addr,
                         source.address,
@@ -462,8 +463,10 @@ impl Queue {
                         self.tls.as_ref(),
                         &self.timeouts,
                     )
-                    .await
-                    {
+                    .await;
+                    self.metrics
+                        .connect_attempt(provider, tried.elapsed(), &attempt);
+                    match attempt {
                         Ok(c) => {
                             client = Some(c);
                             break 'hosts;
@@ -567,7 +570,10 @@ impl Queue {
                     .for_pair(&source.name, source.address, provider);
                 shaper.message().await;
                 self.metrics.throttled(&labels, waited.elapsed());
-                match client.send(&job.msg.sender, &rcpts, &body).await {
+                let sending = Instant::now();
+                let sent = client.send(&job.msg.sender, &rcpts, &body).await;
+                self.metrics.transaction(provider, sending.elapsed());
+                match sent {
                     Ok(tx) => {
                         let results: Vec<(u32, Reply)> = job
                             .rcpts
@@ -668,11 +674,14 @@ impl Queue {
             };
             self.metrics.count(&job.domain, status);
             if let Some((provider, source)) = &ctx.provider {
+                if status == "delivered" {
+                    self.metrics.delivered_after(provider, msg.age());
+                }
                 self.metrics.count_pair(
                     provider,
                     source,
                     status,
-                    reply
+                    &reply
                         .enhanced
                         .map_or_else(|| reply.code.to_string(), |e| e.to_string()),
                 );
@@ -827,9 +836,7 @@ impl Queue {
     /// Prometheus text: the relay's counters and the egress series.
     pub fn render_metrics(&self) -> String {
         let (depth, oldest) = self.depth();
-        let mut out = self.metrics.render(depth, oldest);
-        out.push_str(&self.metrics.render_egress(&self.egress_sample()));
-        out
+        self.metrics.render(depth, oldest, self.egress_sample())
     }
 
     fn egress_sample(&self) -> EgressSample {

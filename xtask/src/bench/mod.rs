@@ -12,7 +12,7 @@ mod xdp;
 use anyhow::Context;
 pub use report::Report;
 
-use crate::{build, util::workspace_root};
+use crate::{build, setup, util::workspace_root};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -36,6 +36,7 @@ enum Name {
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
+    setup::ensure(setup::Role::Lab, false)?;
     let (name, report) = match opts.name {
         Name::Xdp => ("xdp", xdp::run(&build::run(&build::Options {})?)?),
         Name::Maglev => ("maglev", maglev::run()),

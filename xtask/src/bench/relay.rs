@@ -145,7 +145,7 @@ pub fn run(artifacts: &Artifacts) -> anyhow::Result<Report> {
             .status()
             .context("run smtp-source")?;
         anyhow::ensure!(status.success(), "smtp-source failed");
-        let accepted = relay.metric("smtp_lb_relay_accepted_total");
+        let accepted = relay.metric("smtp_lb_relay_messages_accepted_total");
         let (_, q) = relay.admin("GET", "/queue");
         println!(
             "  accepted {accepted} in {:.2?}; queue: {q}",

@@ -5,11 +5,15 @@
 //! - `nonvip`: TCP to a port no service uses (the common case on an LB node).
 //! - `syn`: a SYN to the VIP: service lookup, Maglev slot, conntrack write, L2 rewrite.
 //! - `established`: an ACK of a tracked flow: service lookup, conntrack hit, L2 rewrite.
+//! - `moved`: an ACK of a flow a table change moved whose `CONNTRACK` entry is
+//!   gone (a flood evicted it): conntrack miss, `MOVED_FLOWS` hit, L2 rewrite.
+//! - `icmp`: "fragmentation needed" quoting a tracked flow, sent to its relay.
 use std::net::Ipv4Addr;
 
-use smtp_lb_common::programs;
+use aya::maps::HashMap;
+use smtp_lb_common::{Flow, FlowKey, maps, programs};
 use smtp_lb_tests::{
-    packet::{PacketBuilder, tcp},
+    packet::{PacketBuilder, path_mtu_error, tcp},
     xdp::{Verdict, XdpHarness},
 };
 use smtp_lb_user::{config::lb::LbConfig, dataplane::apply_config};
@@ -23,23 +27,18 @@ const REPEAT: u32 = 1_000_000;
 /// floor, and the median round is reported.
 const ROUNDS: usize = 5;
 
-const CONFIG: &str = r#"
-[[services]]
-vip = "203.0.113.10"
-ports = [25, 587, 465]
-[[services.backends]]
-name = "relay1"
-address = "198.51.100.3"
-mac = "02:00:00:00:00:03"
-[[services.backends]]
-name = "relay2"
-address = "198.51.100.4"
-mac = "02:00:00:00:00:04"
-[[services.backends]]
-name = "relay3"
-address = "198.51.100.5"
-mac = "02:00:00:00:00:05"
-"#;
+/// Three relays; `relay1_weight` 0 drains the first.
+fn config(relay1_weight: u32) -> anyhow::Result<LbConfig> {
+    let mut text = String::from("[[services]]\nvip = \"203.0.113.10\"\nports = [25, 587, 465]\n");
+    for (i, weight) in [relay1_weight, 1, 1].into_iter().enumerate() {
+        text += &format!(
+            "[[services.backends]]\nname = \"relay{n}\"\naddress = \"198.51.100.{a}\"\nmac = \"02:00:00:00:00:0{a}\"\nweight = {weight}\n",
+            n = i + 1,
+            a = i + 3
+        );
+    }
+    Ok(LbConfig::parse(&text)?)
+}
 
 fn ns(xdp: &mut XdpHarness, prog: &str, pkt: &[u8]) -> f64 {
     xdp.run_repeat(prog, pkt, REPEAT).mean.as_secs_f64() * 1e9
@@ -49,8 +48,7 @@ pub fn run(artifacts: &Artifacts) -> anyhow::Result<Report> {
     // SAFETY: setting a variable before any thread reads the environment.
     unsafe { std::env::set_var("SMTP_LB_EBPF_OBJ", &artifacts.ebpf_object) };
     let mut xdp = XdpHarness::load();
-    let cfg = LbConfig::parse(CONFIG)?;
-    apply_config(xdp.ebpf_mut(), &cfg)?;
+    apply_config(xdp.ebpf_mut(), &config(1)?)?;
     let client = Ipv4Addr::new(198, 51, 100, 1);
     let vip = Ipv4Addr::new(203, 0, 113, 10);
     let nonvip =
@@ -63,25 +61,53 @@ pub fn run(artifacts: &Artifacts) -> anyhow::Result<Report> {
     anyhow::ensure!(xdp.run(programs::BALANCER, &nonvip).verdict == Verdict::Pass);
     anyhow::ensure!(xdp.run(programs::BALANCER, &syn).verdict == Verdict::Tx);
     anyhow::ensure!(xdp.run(programs::BALANCER, &ack).verdict == Verdict::Tx);
+    let icmp = path_mtu_error(client.into(), 40002, vip.into(), 25);
+    anyhow::ensure!(xdp.run(programs::BALANCER, &icmp).verdict == Verdict::Tx);
+
+    // A moved flow: tracked on the relay a drain then takes out of the
+    // table, its CONNTRACK entry gone as a flood would leave it.
+    let moved_sport = (41000..42000)
+        .find(|p| {
+            let syn = PacketBuilder::tcp(client, *p, vip, 25, tcp::SYN).build();
+            xdp.run(programs::BALANCER, &syn).output[0..6] == [2, 0, 0, 0, 0, 3]
+        })
+        .ok_or_else(|| anyhow::anyhow!("no flow on relay1"))?;
+    apply_config(xdp.ebpf_mut(), &config(0)?)?;
+    let moved = PacketBuilder::tcp(client, moved_sport, vip, 25, tcp::ACK).build();
+    let mut conntrack: HashMap<_, FlowKey, Flow> =
+        HashMap::try_from(xdp.ebpf_mut().map_mut(maps::CONNTRACK).expect("CONNTRACK"))?;
+    let key = conntrack
+        .keys()
+        .filter_map(Result::ok)
+        .find(|k| u16::from_be(k.sport) == moved_sport)
+        .ok_or_else(|| anyhow::anyhow!("moved flow not tracked"))?;
+    conntrack.remove(&key)?;
+    let out = xdp.run(programs::BALANCER, &moved);
+    anyhow::ensure!(out.verdict == Verdict::Tx && out.output[0..6] == [2, 0, 0, 0, 0, 3]);
 
     // Interleave floor and subject runs so drift hits both alike.
-    let mut rounds: Vec<[f64; 4]> = Vec::new();
+    let mut rounds: Vec<[f64; 6]> = Vec::new();
     for _ in 0..ROUNDS {
         rounds.push([
             ns(&mut xdp, programs::PASS, &nonvip),
             ns(&mut xdp, programs::BALANCER, &nonvip),
             ns(&mut xdp, programs::BALANCER, &syn),
             ns(&mut xdp, programs::BALANCER, &ack),
+            ns(&mut xdp, programs::BALANCER, &moved),
+            ns(&mut xdp, programs::BALANCER, &icmp),
         ]);
     }
     let col = |i: usize| median(&mut rounds.iter().map(|r| r[i]).collect::<Vec<_>>());
     let (floor_ns, nonvip_ns, syn_ns, established_ns) = (col(0), col(1), col(2), col(3));
+    let (moved_ns, icmp_ns) = (col(4), col(5));
     let mut report = Report::default();
     report
         .add("floor_ns", floor_ns, "ns")
         .add("nonvip_ns", nonvip_ns, "ns")
         .add("syn_ns", syn_ns, "ns")
         .add("established_ns", established_ns, "ns")
+        .add("moved_ns", moved_ns, "ns")
+        .add("icmp_ns", icmp_ns, "ns")
         .add(
             "nonvip_ratio",
             nonvip_ns / floor_ns,
@@ -92,7 +118,9 @@ pub fn run(artifacts: &Artifacts) -> anyhow::Result<Report> {
             "established_ratio",
             established_ns / floor_ns,
             "x floor (target <= 2.0)",
-        );
+        )
+        .add("moved_ratio", moved_ns / floor_ns, "x floor")
+        .add("icmp_ratio", icmp_ns / floor_ns, "x floor");
     Ok(report)
 }
 
