@@ -7,6 +7,50 @@ use std::{fmt::Write as _, net::SocketAddr, path::PathBuf, process::Command, tim
 
 use crate::tmp::{TempDir, free_port, wait_listening};
 
+/// Where an instance's `smtpd` listens: an address (`0.0.0.0:465`: every
+/// interface) and, on a lab host, its network namespace.
+#[derive(Clone, Copy, Debug)]
+pub struct At<'a> {
+    pub listen: SocketAddr,
+    pub netns: Option<&'a str>,
+}
+
+/// main.cf lines naming a throwaway certificate and key made in `dir`.
+fn tls_files(dir: &std::path::Path) -> String {
+    let (cert, key) = crate::tmp::self_signed_cert(dir, "pf", "mx.test");
+    format!(
+        "smtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\nsmtpd_tls_received_header = yes\n",
+        cert.display(),
+        key.display()
+    )
+}
+
+/// Waits until `addr` accepts TCP inside network namespace `ns`.
+fn wait_listening_in(ns: &str, addr: SocketAddr, timeout: Duration) {
+    let target = if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let ok = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{ns}"))
+            .args(["--", "timeout", "1", "bash", "-c"])
+            .arg(format!("</dev/tcp/{}/{}", target.ip(), target.port()))
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "postfix did not listen on {addr} in {ns} within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub struct Postfix {
     pub dir: TempDir,
     pub addr: SocketAddr,
@@ -76,14 +120,25 @@ impl Postfix {
 
     /// Destination MX that offers STARTTLS with a throwaway certificate made in `dir`.
     pub fn destination_tls(domain: &str, dir: &std::path::Path) -> Self {
-        let (cert, key) = crate::tmp::self_signed_cert(dir, "pf", "mx.test");
         Self::destination_with(
             domain,
+            &format!("smtpd_tls_security_level = may\n{}", tls_files(dir)),
+        )
+    }
+
+    /// Destination MX speaking implicit TLS (`smtpd_tls_wrappermode`, as
+    /// on port 465) with a throwaway certificate made in `dir`, listening
+    /// on `at`.
+    pub fn destination_implicit_tls(domain: &str, dir: &std::path::Path, at: At<'_>) -> Self {
+        let (uid, gid) = postfix_ids();
+        Self::start_at(
             &format!(
-                "smtpd_tls_security_level = may\nsmtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\nsmtpd_tls_received_header = yes\n",
-                cert.display(),
-                key.display()
+                "mydestination =\nvirtual_mailbox_domains = {domain}\nvirtual_mailbox_base = {{DIR}}/mail\n\
+                 virtual_mailbox_maps = static:inbox/\nvirtual_uid_maps = static:{uid}\nvirtual_gid_maps = static:{gid}\n\
+                 smtpd_tls_wrappermode = yes\nsmtpd_tls_security_level = encrypt\n{}",
+                tls_files(dir)
             ),
+            at,
         )
     }
 
@@ -96,8 +151,20 @@ impl Postfix {
         ))
     }
 
-    /// Starts an instance with `extra` main.cf lines (`{DIR}` is the instance directory).
+    /// Starts an instance with `extra` main.cf lines (`{DIR}` is the
+    /// instance directory) on a free loopback port.
     pub fn start(extra: &str) -> Self {
+        Self::start_at(
+            extra,
+            At {
+                listen: ([127, 0, 0, 1], free_port()).into(),
+                netns: None,
+            },
+        )
+    }
+
+    /// Starts an instance with `extra` main.cf lines on `at`.
+    pub fn start_at(extra: &str, at: At<'_>) -> Self {
         let dir = TempDir::new("postfix");
         let d = dir.path().display().to_string();
         let (uid, gid) = postfix_ids();
@@ -108,14 +175,20 @@ impl Postfix {
         for sub in ["data", "mail"] {
             std::os::unix::fs::chown(dir.join(sub), Some(uid), Some(gid)).expect("chown");
         }
-        let port = free_port();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let (addr, port) = (at.listen, at.listen.port());
+        // An unspecified address listens on every interface (a lab host:
+        // its own address and the VIP on lo).
+        let (interfaces, service) = if addr.ip().is_unspecified() {
+            ("all".to_owned(), port.to_string())
+        } else {
+            (addr.ip().to_string(), addr.to_string())
+        };
         let mut main = String::new();
         let _ = write!(
             main,
             "compatibility_level = 3.6\nqueue_directory = {d}/queue\ndata_directory = {d}/data\n\
              mail_owner = postfix\nsetgid_group = postdrop\nmyhostname = postfix-{port}.test\n\
-             inet_interfaces = 127.0.0.1\ninet_protocols = ipv4\nmynetworks = 127.0.0.0/8\n\
+             inet_interfaces = {interfaces}\ninet_protocols = ipv4\nmynetworks = 127.0.0.0/8\n\
              maillog_file = {d}/maillog\nmaillog_file_prefixes = {d}\nsmtputf8_enable = no\nalias_maps =\nalias_database =\nbiff = no\n\
              smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n\
              smtp_tls_security_level = none\n\
@@ -123,10 +196,19 @@ impl Postfix {
         );
         main.push_str(&extra.replace("{DIR}", &d));
         std::fs::write(dir.join("etc/main.cf"), main).expect("write main.cf");
-        let master = format!("{addr} inet n - n - - smtpd\n{MASTER_CF}");
+        let master = format!("{service} inet n - n - - smtpd\n{MASTER_CF}");
         std::fs::write(dir.join("etc/master.cf"), master).expect("write master.cf");
         let config = dir.join("etc");
-        let out = Command::new("postfix")
+        let mut start = match at.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}"))
+                    .args(["--", "postfix"]);
+                c
+            }
+            None => Command::new("postfix"),
+        };
+        let out = start
             .arg("-c")
             .arg(&config)
             .arg("start")
@@ -139,7 +221,10 @@ impl Postfix {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        wait_listening(addr, Duration::from_secs(15));
+        match at.netns {
+            Some(ns) => wait_listening_in(ns, addr, Duration::from_secs(15)),
+            None => wait_listening(addr, Duration::from_secs(15)),
+        }
         Self { dir, addr, config }
     }
 

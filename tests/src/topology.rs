@@ -154,23 +154,41 @@ impl DsrLab {
 
     /// Starts relay `i`'s sink on `0.0.0.0:25`.
     pub fn start_sink(&mut self, i: usize) {
+        let dump = self.relays[i].dump.clone();
+        let pid = self.spawn_sink(i, 25, &dump);
+        self.relays[i].sink = Some(pid);
+    }
+
+    /// Starts a sink on relay `i` at `0.0.0.0:port` that dumps what it
+    /// receives into `dump`; waits until it listens. Returns its pid.
+    pub fn spawn_sink(&self, i: usize, port: u16, dump: &Path) -> u32 {
         let r = &self.relays[i];
+        std::fs::create_dir_all(dump).unwrap();
+        // smtp-sink drops privileges to nobody before writing.
+        std::fs::set_permissions(dump, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
         let mut cmd = self.lab.command(&r.name, "smtp-sink");
         // -h: the sink greets with the relay's name, so clients can tell who answered.
         cmd.args(["-u", "nobody", "-h", &r.name, "-d"])
-            .arg(r.dump.join("m"))
-            .args(["0.0.0.0:25", "1024"]);
+            .arg(dump.join("m"))
+            .args([&format!("0.0.0.0:{port}"), "1024"]);
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
         let pid = self.lab.spawn(&r.name, cmd);
-        self.relays[i].sink = Some(pid);
-        self.wait_listening(i, "sink", Duration::from_secs(10));
+        self.wait_port(i, port, "sink", Duration::from_secs(10));
+        pid
     }
 
     /// Waits until relay `i` accepts connections on its address, port 25;
     /// panics after `timeout` naming `what` listens there.
     pub fn wait_listening(&self, i: usize, what: &str, timeout: Duration) {
+        self.wait_port(i, 25, what, timeout);
+    }
+
+    /// Waits until relay `i` accepts connections on its address at `port`;
+    /// panics after `timeout` naming `what` listens there.
+    pub fn wait_port(&self, i: usize, port: u16, what: &str, timeout: Duration) {
         let Relay { name, addr, .. } = &self.relays[i];
-        wait_for(&format!("{name}'s {what}"), timeout, || {
+        wait_for(&format!("{name}'s {what} on :{port}"), timeout, || {
             self.lab
                 .try_run(
                     name,
@@ -179,7 +197,7 @@ impl DsrLab {
                         "1",
                         "bash",
                         "-c",
-                        &format!("</dev/tcp/{addr}/25"),
+                        &format!("</dev/tcp/{addr}/{port}"),
                     ],
                 )
                 .status
@@ -220,15 +238,20 @@ impl DsrLab {
             cfg,
             "[[services]]\nname = \"mx\"\nvip = \"{VIP}\"\nports = [25]\n"
         );
-        for (r, w) in self.relays.iter().zip(weights) {
-            let mac = mac_str(self.lab.get(&r.name).mac);
-            let _ = write!(
-                cfg,
-                "\n[[services.backends]]\nname = \"{}\"\naddress = \"{}\"\nweight = {w}\nforwarding = \"l2\"\nmac = \"{mac}\"\n",
-                r.name, r.addr
-            );
+        for (i, w) in weights.iter().enumerate() {
+            cfg += &self.backend(i, *w);
         }
         cfg
+    }
+
+    /// Relay `i` as a `[[services.backends]]` entry (L2 DSR) at `weight`.
+    pub fn backend(&self, i: usize, weight: u32) -> String {
+        let r = &self.relays[i];
+        let mac = mac_str(self.lab.get(&r.name).mac);
+        format!(
+            "\n[[services.backends]]\nname = \"{}\"\naddress = \"{}\"\nweight = {weight}\nforwarding = \"l2\"\nmac = \"{mac}\"\n",
+            r.name, r.addr
+        )
     }
 
     /// Writes `config` and starts `smtp-lb lb` with it; waits until the
@@ -273,6 +296,16 @@ impl DsrLab {
         let text = String::from_utf8_lossy(&out.stdout);
         serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("ctl {args:?} printed no JSON ({e}): {text}"))
+    }
+
+    /// The `ctl backends` row of the relay called `name`.
+    pub fn backend_row(&self, name: &str) -> serde_json::Value {
+        let backends = self.ctl(&["backends"]);
+        backends
+            .as_array()
+            .and_then(|rows| rows.iter().find(|b| b["names"][0] == name))
+            .unwrap_or_else(|| panic!("no {name} in ctl backends: {backends}"))
+            .clone()
     }
 
     /// `smtp-lb ctl ARGS --json`, whatever its outcome.
@@ -325,10 +358,21 @@ impl DsrLab {
     /// A `smtp-source` command on the client: `sessions` sessions,
     /// `parallel` at a time, one message each to `rcpt`, to VIP:25.
     pub fn smtp_source(&self, sessions: usize, parallel: usize, rcpt: &str) -> Command {
+        self.smtp_source_to(25, sessions, parallel, rcpt)
+    }
+
+    /// [`DsrLab::smtp_source`] to VIP:`port`.
+    pub fn smtp_source_to(
+        &self,
+        port: u16,
+        sessions: usize,
+        parallel: usize,
+        rcpt: &str,
+    ) -> Command {
         let mut cmd = self.lab.command("client", "smtp-source");
         cmd.args(["-s", &parallel.to_string(), "-m", &sessions.to_string()])
             .args(["-f", "app@lab.example", "-t", rcpt])
-            .arg(format!("{VIP}:25"));
+            .arg(format!("{VIP}:{port}"));
         cmd
     }
 
@@ -354,6 +398,7 @@ impl DsrLab {
     }
 }
 
-fn count(dir: &Path) -> usize {
+/// Files in a sink's dump directory: one per message received.
+pub fn count(dir: &Path) -> usize {
     std::fs::read_dir(dir).map_or(0, Iterator::count)
 }

@@ -23,25 +23,11 @@ fn client_netns(dsr: &DsrLab) -> String {
 }
 
 fn health_of(dsr: &DsrLab, name: &str) -> String {
-    let backends = dsr.ctl(&["backends"]);
-    let b = backends
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["names"][0] == name)
-        .unwrap_or_else(|| panic!("no {name}"));
-    b["health"].as_str().unwrap().to_owned()
+    dsr.backend_row(name)["health"].as_str().unwrap().to_owned()
 }
 
 fn live_flows(dsr: &DsrLab, name: &str) -> u64 {
-    let backends = dsr.ctl(&["backends"]);
-    let b = backends
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["names"][0] == name)
-        .unwrap_or_else(|| panic!("no {name}"));
-    b["live_flows"].as_u64().unwrap()
+    dsr.backend_row(name)["live_flows"].as_u64().unwrap()
 }
 
 fn share(sessions: &[&Session], relay: &str) -> f64 {

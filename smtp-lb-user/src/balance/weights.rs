@@ -19,7 +19,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::warmup::{self, WarmupConfig};
-use crate::{config::lb::LbConfig, health::Health};
+use crate::{
+    config::lb::{LbConfig, ServiceConfig},
+    health::{Check, Health},
+};
 
 /// A warmup ramp in progress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,15 +53,30 @@ pub fn unix(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// What the daemon knows about one of a relay's checks (one balanced port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckState {
+    pub health: Health,
+    /// The slow start after this check failed (shorter than the reputation
+    /// ramp; the smaller share wins). Only this port's tables follow it.
+    #[serde(default)]
+    pub rejoin: Option<Ramp>,
+}
+
 /// What the daemon knows about a relay beyond its configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Runtime {
-    pub health: Health,
-    /// The reputation ramp: starts the first time the relay comes up.
-    pub ramp: Option<Ramp>,
-    /// The slow start after a health failure (shorter; the smaller share wins).
+    /// Per check (port and dialect): its health and slow start. A relay can
+    /// be up on 25 and down on 465.
     #[serde(default)]
-    pub rejoin: Option<Ramp>,
+    pub checks: BTreeMap<Check, CheckState>,
+    /// One health for every port, as state files written before per-port
+    /// checks hold it: the starting health of checks not saved yet, so an
+    /// upgrade restarts with the relays that were up.
+    #[serde(default, rename = "health", skip_serializing)]
+    pub legacy_health: Option<Health>,
+    /// The reputation ramp: starts the first time the relay comes up on any port.
+    pub ramp: Option<Ramp>,
     /// The relay has not been up since it was added: its first `up` starts
     /// the reputation ramp.
     #[serde(default)]
@@ -71,18 +89,29 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// The multiplier for this relay's configured weight, in thousandths.
-    pub fn share(&self, now: SystemTime, cfg: &WarmupConfig) -> u32 {
-        if self.drained || self.health != Health::Up {
-            return 0;
-        }
-        self.ramp_share(now, cfg)
+    /// Its health on `check`: down when never checked.
+    pub fn health(&self, check: Check) -> Health {
+        self.checks.get(&check).map_or(Health::Down, |c| c.health)
     }
 
-    /// Its warmup share, whatever its health: the smaller of the two ramps.
-    pub fn ramp_share(&self, now: SystemTime, cfg: &WarmupConfig) -> u32 {
+    /// The multiplier for this relay's configured weight on the port of
+    /// `check`, in thousandths.
+    pub fn share(&self, check: Check, now: SystemTime, cfg: &WarmupConfig) -> u32 {
+        if self.drained || self.health(check) != Health::Up {
+            return 0;
+        }
+        self.ramp_share(check, now, cfg)
+    }
+
+    /// Its warmup share on `check`, whatever its health: the smaller of the
+    /// relay's reputation ramp and the check's slow start.
+    pub fn ramp_share(&self, check: Check, now: SystemTime, cfg: &WarmupConfig) -> u32 {
         let ramp = self.ramp.map_or(warmup::FULL, |r| r.share(now, cfg));
-        let rejoin = self.rejoin.map_or(warmup::FULL, |r| r.share(now, cfg));
+        let rejoin = self
+            .checks
+            .get(&check)
+            .and_then(|c| c.rejoin)
+            .map_or(warmup::FULL, |r| r.share(now, cfg));
         ramp.min(rejoin)
     }
 
@@ -90,22 +119,35 @@ impl Runtime {
     /// checks, then ramping.
     pub fn added() -> Self {
         Self {
-            health: Health::Down,
+            checks: BTreeMap::new(),
+            legacy_health: None,
             ramp: None,
-            rejoin: None,
             never_up: true,
             drained: false,
             weight_override: None,
         }
     }
 
-    /// Marks the relay up at `now` and starts the ramp that applies.
-    pub fn came_up(&mut self, now: SystemTime, cfg: &WarmupConfig) {
-        self.health = Health::Up;
+    /// Sets the health of `check` (a change that starts no ramp).
+    pub fn set_health(&mut self, check: Check, health: Health) {
+        self.checks
+            .entry(check)
+            .or_insert(CheckState {
+                health,
+                rejoin: None,
+            })
+            .health = health;
+    }
+
+    /// Marks `check` up at `now` and starts the ramp that applies: the
+    /// relay's reputation ramp on its first `up` on any port, else this
+    /// check's slow start.
+    pub fn came_up(&mut self, check: Check, now: SystemTime, cfg: &WarmupConfig) {
+        self.set_health(check, Health::Up);
         if std::mem::take(&mut self.never_up) {
             self.ramp = (!cfg.duration.is_zero()).then(|| Ramp::starting(now, cfg.duration));
-        } else {
-            self.rejoin = (!cfg.rejoin.is_zero()).then(|| Ramp::starting(now, cfg.rejoin));
+        } else if let Some(c) = self.checks.get_mut(&check) {
+            c.rejoin = (!cfg.rejoin.is_zero()).then(|| Ramp::starting(now, cfg.rejoin));
         }
     }
 }
@@ -124,10 +166,10 @@ pub enum Mode {
     Panic,
 }
 
-/// One service's outcome.
+/// One service's (VIP × port's) outcome.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceState {
-    /// [`service_id`] of the service.
+    /// [`service_id`] of the VIP and port.
     pub id: String,
     pub mode: Mode,
     /// Relays alive (up or full) and not drained: the good set to keep
@@ -144,20 +186,18 @@ pub struct Effective {
     pub services: Vec<ServiceState>,
 }
 
-/// A service's identity across reloads: its VIP and ports.
-pub fn service_id(svc: &crate::config::lb::ServiceConfig) -> String {
-    let ports: Vec<String> = svc.ports.iter().map(u16::to_string).collect();
-    match svc.vip {
-        IpAddr::V4(v4) => format!("{v4}:{}", ports.join(",")),
-        IpAddr::V6(v6) => format!("[{v6}]:{}", ports.join(",")),
-    }
+/// A data-plane service's identity across reloads: its VIP and port.
+pub fn service_id(vip: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(vip, port).to_string()
 }
 
 /// `cfg` with every backend's weight replaced by its effective weight
 /// (configured or overridden weight × share in thousandths), and how each
-/// service chose it. A relay missing from `runtime` keeps its full weight.
-/// `last_good` holds, per [`service_id`], the relays a service had alive
-/// the last time it was not in panic.
+/// VIP × port chose it. Health is per port (each port has its own check),
+/// so each port gets its own entry; ports that come out the same share one
+/// (one Maglev build). A relay missing from `runtime` keeps its full weight.
+/// `last_good` holds, per [`service_id`], the relays a port had alive the
+/// last time it was not in panic.
 pub fn effective(
     cfg: &LbConfig,
     runtime: &BTreeMap<IpAddr, Runtime>,
@@ -166,68 +206,100 @@ pub fn effective(
     now: SystemTime,
 ) -> Effective {
     let mut out = cfg.clone();
+    out.services.clear();
     let threshold = u64::from(cfg.health.panic_threshold);
-    let mut states = Vec::with_capacity(out.services.len());
-    for svc in &mut out.services {
-        let id = service_id(svc);
-        // (base weight, health, ramp share) of each relay that may take
-        // flows at all: not drained, weight above 0.
-        let relays: Vec<(u64, Health, u32)> = svc
-            .backends
-            .iter()
-            .map(|b| match runtime.get(&b.address) {
-                Some(rt) if rt.drained => (0, rt.health, 0),
-                Some(rt) => (
-                    u64::from(rt.weight_override.unwrap_or(b.weight)),
-                    rt.health,
-                    rt.ramp_share(now, warmup),
-                ),
-                None => (u64::from(b.weight), Health::Up, warmup::FULL),
-            })
-            .collect();
-        let weight_of = |h: &[Health]| -> u64 {
-            relays
-                .iter()
-                .filter(|(w, health, _)| *w > 0 && h.contains(health))
-                .map(|(w, ..)| w)
-                .sum()
-        };
-        let total = weight_of(&[Health::Up, Health::Full, Health::Down]);
-        let alive_weight = weight_of(&[Health::Up, Health::Full]);
-        let alive: BTreeSet<IpAddr> = svc
-            .backends
-            .iter()
-            .zip(&relays)
-            .filter(|(_, (w, h, _))| *w > 0 && *h != Health::Down)
-            .map(|(b, _)| b.address)
-            .collect();
-        let mode = if total > 0 && (alive_weight == 0 || alive_weight * 100 < threshold * total) {
-            Mode::Panic
-        } else if weight_of(&[Health::Up]) == 0 && alive_weight > 0 {
-            Mode::Full
-        } else {
-            Mode::Normal
-        };
-        let kept = last_good.get(&id);
-        for (b, (base, health, ramp)) in svc.backends.iter_mut().zip(&relays) {
-            let takes = match mode {
-                Mode::Normal => *health == Health::Up,
-                Mode::Full => *health == Health::Full,
-                Mode::Panic => kept.is_some_and(|k| k.contains(&b.address)),
-            };
-            // base ≤ MAX_WEIGHT and ramp ≤ 1000: the product fits a u32.
-            b.weight = if takes {
-                u32::try_from(base * u64::from(*ramp)).unwrap_or(u32::MAX)
-            } else {
-                0
-            };
+    let mut states = Vec::new();
+    for svc in &cfg.services {
+        let first = out.services.len();
+        for &port in &svc.ports {
+            let check = svc.check(port, &cfg.health);
+            let (one, state) =
+                port_weights(svc, port, check, runtime, warmup, last_good, threshold, now);
+            match out.services[first..]
+                .iter_mut()
+                .find(|s| s.backends == one.backends)
+            {
+                Some(same) => same.ports.push(port),
+                None => out.services.push(one),
+            }
+            states.push(state);
         }
-        states.push(ServiceState { id, mode, alive });
     }
     Effective {
         cfg: out,
         services: states,
     }
+}
+
+/// One port of `svc`: its backends at their effective weights, and how
+/// the port chose them.
+#[expect(clippy::too_many_arguments, reason = "the inputs of one pure decision")]
+fn port_weights(
+    svc: &ServiceConfig,
+    port: u16,
+    check: Check,
+    runtime: &BTreeMap<IpAddr, Runtime>,
+    warmup: &WarmupConfig,
+    last_good: &BTreeMap<String, BTreeSet<IpAddr>>,
+    threshold: u64,
+    now: SystemTime,
+) -> (ServiceConfig, ServiceState) {
+    let id = service_id(svc.vip, port);
+    // (base weight, health, ramp share) of each relay that may take
+    // flows at all: not drained, weight above 0.
+    let relays: Vec<(u64, Health, u32)> = svc
+        .backends
+        .iter()
+        .map(|b| match runtime.get(&b.address) {
+            Some(rt) if rt.drained => (0, rt.health(check), 0),
+            Some(rt) => (
+                u64::from(rt.weight_override.unwrap_or(b.weight)),
+                rt.health(check),
+                rt.ramp_share(check, now, warmup),
+            ),
+            None => (u64::from(b.weight), Health::Up, warmup::FULL),
+        })
+        .collect();
+    let weight_of = |h: &[Health]| -> u64 {
+        relays
+            .iter()
+            .filter(|(w, health, _)| *w > 0 && h.contains(health))
+            .map(|(w, ..)| w)
+            .sum()
+    };
+    let total = weight_of(&[Health::Up, Health::Full, Health::Down]);
+    let alive_weight = weight_of(&[Health::Up, Health::Full]);
+    let alive: BTreeSet<IpAddr> = svc
+        .backends
+        .iter()
+        .zip(&relays)
+        .filter(|(_, (w, h, _))| *w > 0 && *h != Health::Down)
+        .map(|(b, _)| b.address)
+        .collect();
+    let mode = if total > 0 && (alive_weight == 0 || alive_weight * 100 < threshold * total) {
+        Mode::Panic
+    } else if weight_of(&[Health::Up]) == 0 && alive_weight > 0 {
+        Mode::Full
+    } else {
+        Mode::Normal
+    };
+    let kept = last_good.get(&id);
+    let mut one = svc.clone();
+    one.ports = vec![port];
+    for (b, (base, health, ramp)) in one.backends.iter_mut().zip(&relays) {
+        let takes = match mode {
+            Mode::Normal => *health == Health::Up,
+            Mode::Full => *health == Health::Full,
+            Mode::Panic => kept.is_some_and(|k| k.contains(&b.address)),
+        };
+        // base ≤ MAX_WEIGHT and ramp ≤ 1000: the product fits a u32.
+        b.weight = if takes {
+            u32::try_from(base * u64::from(*ramp)).unwrap_or(u32::MAX)
+        } else {
+            0
+        };
+    }
+    (one, ServiceState { id, mode, alive })
 }
 
 #[cfg(test)]
@@ -249,31 +321,43 @@ mod tests {
         mac = "02:00:00:00:00:04"
     "#;
 
+    const SMTP: Check = Check {
+        port: 25,
+        tls: crate::health::Tls::None,
+    };
+    const SMTPS: Check = Check {
+        port: 465,
+        tls: crate::health::Tls::Implicit,
+    };
+
+    /// Up on 25 and 465.
     fn up() -> Runtime {
-        Runtime {
-            health: Health::Up,
-            ramp: None,
-            rejoin: None,
+        let mut rt = Runtime {
             never_up: false,
-            drained: false,
-            weight_override: None,
-        }
+            ..Runtime::added()
+        };
+        rt.set_health(SMTP, Health::Up);
+        rt.set_health(SMTPS, Health::Up);
+        rt
     }
 
     fn weights(cfg: &LbConfig) -> Vec<u32> {
         cfg.services[0].backends.iter().map(|b| b.weight).collect()
     }
 
-    /// Effective weights now, default warmup, no last good relays.
-    fn now_weights(cfg: &LbConfig, rt: &BTreeMap<IpAddr, Runtime>) -> Vec<u32> {
-        let e = effective(
+    /// Effective configuration now, default warmup, no last good relays.
+    fn now_effective(cfg: &LbConfig, rt: &BTreeMap<IpAddr, Runtime>) -> Effective {
+        effective(
             cfg,
             rt,
             &WarmupConfig::default(),
             &BTreeMap::new(),
             SystemTime::now(),
-        );
-        weights(&e.cfg)
+        )
+    }
+
+    fn now_weights(cfg: &LbConfig, rt: &BTreeMap<IpAddr, Runtime>) -> Vec<u32> {
+        weights(&now_effective(cfg, rt).cfg)
     }
 
     #[test]
@@ -290,7 +374,7 @@ mod tests {
     fn down_or_drained_relays_get_weight_zero() {
         let cfg = LbConfig::parse(CONFIG).unwrap();
         let mut down = up();
-        down.health = Health::Down;
+        down.set_health(SMTP, Health::Down);
         let mut drained = up();
         drained.drained = true;
         let rt = BTreeMap::from([
@@ -337,22 +421,90 @@ mod tests {
         let t0 = SystemTime::now();
         let mut rt = Runtime::added();
         assert_eq!(
-            rt.share(t0, &warm),
+            rt.share(SMTP, t0, &warm),
             0,
             "down until its first successful checks"
         );
-        rt.came_up(t0, &warm);
-        assert_eq!(rt.share(t0, &warm), 100);
-        let t1 = t0 + Duration::from_hours(50);
-        assert_eq!(rt.share(t1, &warm), 550);
-        rt.health = Health::Down;
-        rt.came_up(t1, &warm);
-        assert_eq!(rt.share(t1, &warm), 100, "slow start after a failure");
+        rt.came_up(SMTP, t0, &warm);
+        assert_eq!(rt.share(SMTP, t0, &warm), 100);
+        rt.came_up(SMTPS, t0, &warm);
         assert_eq!(
-            rt.share(t1 + Duration::from_mins(10), &warm),
+            rt.share(SMTPS, t0, &warm),
+            100,
+            "a second port joins the relay's ramp"
+        );
+        let t1 = t0 + Duration::from_hours(50);
+        assert_eq!(rt.share(SMTP, t1, &warm), 550);
+        rt.set_health(SMTPS, Health::Down);
+        rt.came_up(SMTPS, t1, &warm);
+        assert_eq!(
+            rt.share(SMTPS, t1, &warm),
+            100,
+            "slow start after a failure"
+        );
+        assert_eq!(
+            rt.share(SMTP, t1, &warm),
+            550,
+            "only on the port that failed"
+        );
+        assert_eq!(
+            rt.share(SMTPS, t1 + Duration::from_mins(10), &warm),
             550,
             "then back on the long ramp"
         );
+    }
+
+    #[test]
+    fn a_relay_down_on_one_port_keeps_its_weight_on_the_others() {
+        let cfg = LbConfig::parse(&CONFIG.replace("[25]", "[25, 587, 465]")).unwrap();
+        let mut broken_tls = up();
+        broken_tls.set_health(SMTPS, Health::Down);
+        let rt = BTreeMap::from([
+            ("198.51.100.3".parse().unwrap(), broken_tls),
+            ("198.51.100.4".parse().unwrap(), up()),
+        ]);
+        let e = now_effective(&cfg, &rt);
+        // 587 was never checked on either relay: down, and no last good
+        // relays yet, so its table is empty (panic with nothing to keep).
+        let by_port: Vec<(Vec<u16>, Vec<u32>)> = e
+            .cfg
+            .services
+            .iter()
+            .map(|s| {
+                (
+                    s.ports.clone(),
+                    s.backends.iter().map(|b| b.weight).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            by_port,
+            [
+                (vec![25], vec![2000, 1000]),
+                (vec![587], vec![0, 0]),
+                (vec![465], vec![0, 1000]),
+            ]
+        );
+        let ids: Vec<&str> = e.services.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["203.0.113.10:25", "203.0.113.10:587", "203.0.113.10:465"]
+        );
+        assert_eq!(e.services[2].mode, Mode::Normal);
+        assert_eq!(e.services[1].mode, Mode::Panic);
+    }
+
+    #[test]
+    fn ports_whose_tables_agree_share_one_entry() {
+        let cfg = LbConfig::parse(&CONFIG.replace("[25]", "[25, 465]")).unwrap();
+        let rt = BTreeMap::from([
+            ("198.51.100.3".parse().unwrap(), up()),
+            ("198.51.100.4".parse().unwrap(), up()),
+        ]);
+        let e = now_effective(&cfg, &rt);
+        assert_eq!(e.cfg.services.len(), 1);
+        assert_eq!(e.cfg.services[0].ports, [25, 465]);
+        assert_eq!(e.services.len(), 2, "one state per port all the same");
     }
 
     #[test]

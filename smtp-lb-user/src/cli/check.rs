@@ -80,7 +80,12 @@ fn check_lb(path: &Path) -> anyhow::Result<String> {
         "balancer: {} services on {ports} ports, {backends} backends; health every {:?}, out after {:?} at most",
         cfg.services.len(),
         cfg.health.interval,
-        cfg.health.detection_bound()
+        cfg.services
+            .iter()
+            .flat_map(|s| s.ports.iter().map(|p| s.check(*p, &cfg.health).tls))
+            .map(|tls| cfg.health.detection_bound(tls))
+            .max()
+            .unwrap_or_default()
     ))
 }
 

@@ -16,6 +16,9 @@
 //! table_size = 65537           # Maglev M: prime, > 100 × backends (default 65537)
 //! sticky = false               # true: hash the client address only
 //!
+//! [services.checks.587]        # how relays are checked on one balanced port
+//! tls = "starttls"             # "none", "starttls" or "implicit" (default: implicit on 465)
+//!
 //! [[services.backends]]
 //! name = "relay1"              # stable name: orders the table
 //! address = "198.51.100.3"
@@ -34,7 +37,10 @@ use serde::Deserialize;
 use smtp_lb_common::{MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES};
 use thiserror::Error;
 
-use crate::{balance::maglev::is_prime, balance::warmup::WarmupConfig, health::HealthCheckConfig};
+use crate::{
+    balance::{maglev::is_prime, warmup::WarmupConfig},
+    health::{Check, HealthCheckConfig, Tls},
+};
 
 /// Largest configured weight: × 1000 (warmup's resolution) still fits a u32.
 pub const MAX_WEIGHT: u32 = 1_000_000;
@@ -91,7 +97,9 @@ pub fn locate(text: &str, field: &str) -> Option<usize> {
             _ => {}
         }
     }
-    for seg in bare.split('.') {
+    let segs: Vec<&str> = bare.split('.').collect();
+    for (n, seg) in segs.iter().enumerate() {
+        let seg = *seg;
         // "services[1]" → key "services", index 1; "health" → no index.
         let (key, index) = match seg.split_once('[') {
             Some((k, i)) => (k, i.trim_end_matches(']').parse::<usize>().ok()),
@@ -120,6 +128,14 @@ pub fn locate(text: &str, field: &str) -> Option<usize> {
             .find(|(_, l)| l.trim() == format!("[{name}]"))
         {
             from = at;
+            table = name;
+        } else if n + 1 < segs.len()
+            && lines
+                .iter()
+                .skip(from)
+                .any(|l| l.trim().starts_with(&format!("[{name}.")))
+        {
+            // Only a prefix of a dotted header (`[services.checks.465]`).
             table = name;
         } else {
             // A key of the current table: between its header and the next one.
@@ -287,14 +303,44 @@ pub struct ServiceConfig {
     /// Hash the client address only, so a client always reaches the same relay.
     #[serde(default)]
     pub sticky: bool,
+    /// Per balanced port, how its relays are checked there
+    /// (`[services.checks.465]`). A port not listed gets the default for
+    /// its number: implicit TLS on 465, else plain SMTP, with `STARTTLS`
+    /// when `health.starttls` is set.
+    #[serde(default)]
+    pub checks: BTreeMap<String, PortCheckConfig>,
     /// The relays behind the VIP.
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
 }
 
+/// `[services.checks.<port>]`: how relays are checked on one balanced port.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PortCheckConfig {
+    /// `"none"` (plain SMTP), `"starttls"` (plain, then `STARTTLS` and
+    /// `EHLO` again over TLS) or `"implicit"` (TLS first, as on 465).
+    #[serde(default)]
+    pub tls: Option<Tls>,
+    /// The port probed on each relay's own address, when the relay serves
+    /// this balanced port elsewhere too (default: the balanced port).
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
 impl ServiceConfig {
     fn default_table_size() -> u32 {
         DEFAULT_TABLE_SIZE
+    }
+
+    /// How this service's relays are checked for balanced `port`.
+    pub fn check(&self, port: u16, health: &HealthCheckConfig) -> Check {
+        let set = self.checks.get(&port.to_string());
+        let default = Check::default_for(port, health.starttls);
+        Check {
+            port: set.and_then(|c| c.port).unwrap_or(port),
+            tls: set.and_then(|c| c.tls).unwrap_or(default.tls),
+        }
     }
 
     /// The label: `name`, else the VIP.
@@ -479,6 +525,18 @@ impl LbConfig {
                             svc.vip
                         ),
                     ));
+                }
+            }
+            for (key, check) in &svc.checks {
+                let field = format!("{at}.checks.{key}");
+                if !key.parse::<u16>().is_ok_and(|p| svc.ports.contains(&p)) {
+                    return Err(invalid(
+                        field,
+                        format!("`{key}` is not one of this service's ports {:?}", svc.ports),
+                    ));
+                }
+                if check.port == Some(0) {
+                    return Err(invalid(format!("{field}.port"), "port 0 is not a TCP port"));
                 }
             }
             if svc.backends.is_empty() {
@@ -749,6 +807,76 @@ mod tests {
     fn same_port_twice_is_refused() {
         let e = err(&GOOD.replace("[25, 587]", "[25, 25]"));
         assert!(e.contains("configured twice"), "{e}");
+    }
+
+    #[test]
+    fn checks_default_by_port_and_follow_the_service() {
+        let cfg = LbConfig::parse(&GOOD.replace(
+            "table_size = 1009",
+            "table_size = 1009\nchecks.587 = { tls = \"starttls\", port = 10587 }",
+        ))
+        .unwrap();
+        let svc = &cfg.services[0];
+        assert_eq!(svc.check(25, &cfg.health).to_string(), "25/none");
+        assert_eq!(svc.check(587, &cfg.health).to_string(), "10587/starttls");
+        assert_eq!(svc.check(465, &cfg.health).to_string(), "465/implicit");
+        let mut tls = cfg.health.clone();
+        tls.starttls = true;
+        assert_eq!(svc.check(25, &tls).to_string(), "25/starttls");
+        assert_eq!(svc.check(465, &tls).to_string(), "465/implicit");
+    }
+
+    #[test]
+    fn bad_checks_are_refused_naming_line_and_field() {
+        let text = GOOD.replace(
+            "        [[services.backends]]\n        name = \"relay1\"",
+            "        [services.checks.465]\n        tls = \"implicit\"\n\n        [[services.backends]]\n        name = \"relay1\"",
+        );
+        let dir = std::env::temp_dir().join(format!("slb-cfg-checks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lb.toml");
+        let line_of =
+            |text: &str, needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+        // A port the service does not balance.
+        std::fs::write(&path, &text).unwrap();
+        let e = LbConfig::load(&path).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}:{}: services[0] (mx).checks.465: `465` is not one of this service's ports [25, 587]",
+                path.display(),
+                line_of(&text, "[services.checks.465]")
+            )
+        );
+        // Port 0.
+        let zero = text.replace(
+            "[services.checks.465]\n        tls = \"implicit\"",
+            "[services.checks.587]\n        port = 0",
+        );
+        std::fs::write(&path, &zero).unwrap();
+        let e = LbConfig::load(&path).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}:{}: services[0] (mx).checks.587.port: port 0 is not a TCP port",
+                path.display(),
+                line_of(&zero, "port = 0")
+            )
+        );
+        // A dialect that does not exist: serde names it, with its line.
+        let bad = text.replace(
+            "[services.checks.465]\n        tls = \"implicit\"",
+            "[services.checks.587]\n        tls = \"ssl\"",
+        );
+        std::fs::write(&path, &bad).unwrap();
+        let e = LbConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("line {}", line_of(&bad, "\"ssl\"")))
+                && e.contains("unknown variant `ssl`")
+                && e.contains("`none`, `starttls`, `implicit`"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! One SMTP health probe of one relay.
+//! One SMTP health probe of one relay port, in that port's dialect.
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
@@ -11,13 +11,15 @@ use tokio::{
     time::timeout,
 };
 
-use super::HealthCheckConfig;
+use super::{HealthCheckConfig, Tls};
 use crate::smtp::reply::{Limits, ReadError, Reply, ReplyError, ReplyReader};
 
 /// The step of a probe that failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
     Connect,
+    /// The TLS handshake of implicit TLS (465), before the greeting.
+    Handshake,
     Greeting,
     Ehlo,
     Starttls,
@@ -28,6 +30,7 @@ impl std::fmt::Display for Phase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Connect => "connect",
+            Self::Handshake => "TLS handshake",
             Self::Greeting => "greeting",
             Self::Ehlo => "EHLO",
             Self::Starttls => "STARTTLS",
@@ -58,8 +61,14 @@ pub enum ProbeError {
     Malformed { phase: Phase, line: String },
     #[error("STARTTLS: relay does not offer it in its EHLO reply")]
     NoStarttls,
-    #[error("STARTTLS: handshake failed: {0}")]
-    Tls(std::io::Error),
+    /// The TLS handshake failed (after `STARTTLS`, or first thing on an
+    /// implicit-TLS port).
+    #[error("{phase}: handshake failed: {source}")]
+    Tls {
+        phase: Phase,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ProbeError {
@@ -134,8 +143,12 @@ fn expect(reply: Reply, code: u16, phase: Phase) -> Result<Reply, ProbeError> {
     }
 }
 
-/// Probes the relay at `addr` as configured. Returns how long it took.
-pub async fn probe(addr: SocketAddr, cfg: &HealthCheckConfig) -> Result<Duration, ProbeError> {
+/// Probes the relay port at `addr` in dialect `tls`. Returns how long it took.
+pub async fn probe(
+    addr: SocketAddr,
+    tls: Tls,
+    cfg: &HealthCheckConfig,
+) -> Result<Duration, ProbeError> {
     let started = Instant::now();
     let t = &cfg.timeouts;
     let tcp = step(Phase::Connect, t.connect, async {
@@ -148,27 +161,22 @@ pub async fn probe(addr: SocketAddr, cfg: &HealthCheckConfig) -> Result<Duration
     })
     .await?;
     let _ = tcp.set_nodelay(true);
-    let mut s = tcp;
-    let mut replies = ReplyReader::new(Limits::PROBE);
-    // 421 (closing) and 554 (no service) greetings mean the relay is down.
-    step(Phase::Greeting, t.greeting, async {
-        expect(
-            read_reply(&mut s, &mut replies, Phase::Greeting).await?,
-            220,
-            Phase::Greeting,
-        )
-    })
-    .await?;
     let ehlo = format!("EHLO {}\r\n", cfg.helo_name);
-    let caps = step(Phase::Ehlo, t.ehlo, async {
-        expect(
-            command(&mut s, &mut replies, &ehlo, Phase::Ehlo).await?,
-            250,
-            Phase::Ehlo,
+    let mut replies = ReplyReader::new(Limits::PROBE);
+    if tls == Tls::Implicit {
+        let mut s = step(
+            Phase::Handshake,
+            t.handshake,
+            handshake(tcp, addr, Phase::Handshake),
         )
-    })
-    .await?;
-    if cfg.starttls {
+        .await?;
+        greet(&mut s, &mut replies, &ehlo, cfg).await?;
+        quit(&mut s, &mut replies, t.quit).await;
+        return Ok(started.elapsed());
+    }
+    let mut s = tcp;
+    let caps = greet(&mut s, &mut replies, &ehlo, cfg).await?;
+    if tls == Tls::Starttls {
         if !caps
             .lines
             .iter()
@@ -184,10 +192,7 @@ pub async fn probe(addr: SocketAddr, cfg: &HealthCheckConfig) -> Result<Duration
             )?;
             // Bytes sent in the clear before the handshake are not replies.
             replies.clear();
-            let mut tls = tls_connector()
-                .connect(server_name(addr), s)
-                .await
-                .map_err(ProbeError::Tls)?;
+            let mut tls = handshake(s, addr, Phase::Starttls).await?;
             expect(
                 command(&mut tls, &mut replies, &ehlo, Phase::Starttls).await?,
                 250,
@@ -201,6 +206,45 @@ pub async fn probe(addr: SocketAddr, cfg: &HealthCheckConfig) -> Result<Duration
         quit(&mut s, &mut replies, t.quit).await;
     }
     Ok(started.elapsed())
+}
+
+/// The greeting (`220`; `421` and `554` mean full and down) and `EHLO`;
+/// returns the `EHLO` reply (its capabilities).
+async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    replies: &mut ReplyReader,
+    ehlo: &str,
+    cfg: &HealthCheckConfig,
+) -> Result<Reply, ProbeError> {
+    let t = &cfg.timeouts;
+    step(Phase::Greeting, t.greeting, async {
+        expect(
+            read_reply(s, replies, Phase::Greeting).await?,
+            220,
+            Phase::Greeting,
+        )
+    })
+    .await?;
+    step(Phase::Ehlo, t.ehlo, async {
+        expect(
+            command(s, replies, ehlo, Phase::Ehlo).await?,
+            250,
+            Phase::Ehlo,
+        )
+    })
+    .await
+}
+
+/// A TLS client handshake on `tcp` (certificate not verified).
+async fn handshake(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    phase: Phase,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ProbeError> {
+    tls_connector()
+        .connect(server_name(addr), tcp)
+        .await
+        .map_err(|source| ProbeError::Tls { phase, source })
 }
 
 /// Says goodbye. A relay that does not answer `QUIT` in time still passed:

@@ -148,9 +148,9 @@ fn status<D: Dataplane>(node: &Node<D>) -> Value {
             "config": node.config_path,
             "started_unix": unix(node.started),
             "last_reload": node.last_reload,
-            "services": node.cfg.services.iter().map(|s| {
-                let fs = node.failsafe.get(&service_id(s)).cloned().unwrap_or_default();
-                json!({"name": s.label(), "vip": s.vip, "ports": s.ports, "mode": fs.mode, "panics": fs.panics, "all_full": fs.all_full})
+            "services": node.cfg.services.iter().flat_map(|s| s.ports.iter().map(move |p| (s, *p))).map(|(s, port)| {
+                let fs = node.failsafe.get(&service_id(s.vip, port)).cloned().unwrap_or_default();
+                json!({"name": s.label(), "vip": s.vip, "port": port, "check": s.check(port, &node.cfg.health), "mode": fs.mode, "panics": fs.panics, "all_full": fs.all_full})
             }).collect::<Vec<_>>(),
             "counters": counters.map_or_else(|e| json!({"error": e.to_string()}), Value::Object),
     })
@@ -161,16 +161,15 @@ pub(super) fn backend_rows<D: Dataplane>(node: &Node<D>) -> Vec<Value> {
     let now = SystemTime::now();
     let stats = node.dataplane().stats().ok();
     let flows = node.dataplane().flows().unwrap_or_default();
-    let effective: BTreeMap<IpAddr, u32> = node
-        .applied()
-        .map(|c| {
-            c.services
-                .iter()
-                .flat_map(|s| &s.backends)
-                .map(|b| (b.address, b.weight))
-                .collect()
-        })
-        .unwrap_or_default();
+    // Per relay, its effective weight on each balanced port.
+    let mut effective: BTreeMap<IpAddr, BTreeMap<u16, u32>> = BTreeMap::new();
+    for s in node.applied().iter().flat_map(|c| &c.services) {
+        for b in &s.backends {
+            for p in &s.ports {
+                effective.entry(b.address).or_default().insert(*p, b.weight);
+            }
+        }
+    }
     node.relays
         .iter()
         .map(|(addr, relay)| {
@@ -188,19 +187,34 @@ pub(super) fn backend_rows<D: Dataplane>(node: &Node<D>) -> Vec<Value> {
                     })
                 })
             };
+            let checks: Vec<Value> = relay
+                .trackers
+                .iter()
+                .map(|(check, t)| {
+                    json!({
+                        "check": check,
+                        "port": check.port,
+                        "tls": check.tls,
+                        "health": t.health(),
+                        "share_permille": rt.share(*check, now, &node.cfg.warmup),
+                        "rejoin": warmup(rt.checks.get(check).and_then(|c| c.rejoin)),
+                        "history": t.history().collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
             json!({
                 "names": relay.names,
                 "address": addr,
-                "health": relay.tracker.health(),
+                "health": relay.health(),
                 "drained": rt.drained,
                 "configured_weight": configured,
                 "weight_override": rt.weight_override,
-                "share_permille": rt.share(now, &node.cfg.warmup),
-                "effective_weight": effective.get(addr),
+                "share_permille": relay.share(now, &node.cfg.warmup),
+                "effective_weight": effective.get(addr).and_then(|w| w.values().max()),
+                "effective_weights": effective.get(addr),
                 "warmup": warmup(rt.ramp),
-                "rejoin": warmup(rt.rejoin),
                 "never_up": rt.never_up,
-                "health_history": relay.tracker.history().collect::<Vec<_>>(),
+                "checks": checks,
                 "packets": row.map(|r| r.packets),
                 "bytes": row.map(|r| r.bytes),
                 "new_flows": row.map(|r| r.new_flows),

@@ -31,14 +31,15 @@ impl<D: Dataplane + Send + 'static> Probe for Monitor<D> {
         node.metrics.render(&node)
     }
 
-    /// Attached (the listener starts after attach) and at least one relay up:
-    /// with none, every new SYN to a VIP is dropped.
+    /// Attached (the listener starts after attach) and at least one relay up
+    /// on some port: with none, every new SYN to a VIP is dropped.
     fn ready(&self) -> Result<(), String> {
         let node = self.node();
         if node
             .relays
             .values()
-            .any(|r| r.tracker.health() == Health::Up)
+            .flat_map(|r| r.trackers.values())
+            .any(|t| t.health() == Health::Up)
         {
             Ok(())
         } else {

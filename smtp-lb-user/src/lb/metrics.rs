@@ -18,7 +18,7 @@ use prometheus_client::{
 use super::Node;
 use crate::{
     admin::prom::{self, Sampled, Text},
-    balance::weights::{Mode, service_id},
+    balance::weights::Mode,
     dataplane::{Dataplane, Snapshot},
     health::{self, Health, Transition},
 };
@@ -256,11 +256,11 @@ impl Metrics {
                 let configured = node.configured_weight(*addr);
                 RelayRow {
                     labels: backend(&r.names, *addr),
-                    up: r.tracker.health() == Health::Up,
-                    full: r.tracker.health() == Health::Full,
+                    up: r.health() == Health::Up,
+                    full: r.health() == Health::Full,
                     drained: r.runtime.drained,
                     weight: r.runtime.weight_override.unwrap_or(configured),
-                    share_permille: r.runtime.share(now, &node.cfg.warmup),
+                    share_permille: r.share(now, &node.cfg.warmup),
                     flows: flows.as_ref().map(|f| {
                         ids.get(addr)
                             .and_then(|id| f.get(id))
@@ -306,18 +306,14 @@ impl Metrics {
             relays,
             services,
             failsafe: node
-                .cfg
-                .services
-                .iter()
-                .map(|s| {
+                .failsafe_by_name()
+                .into_iter()
+                .map(|(name, f)| {
                     (
                         ServiceName {
-                            service: s.label().into(),
+                            service: name.into(),
                         },
-                        node.failsafe
-                            .get(&service_id(s))
-                            .cloned()
-                            .unwrap_or_default(),
+                        f,
                     )
                 })
                 .collect(),

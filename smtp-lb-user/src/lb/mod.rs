@@ -1,5 +1,7 @@
-//! The balancer daemon's control loop: health-checks every relay, turns
-//! health, warmup, drains and operator weights into effective weights,
+//! The balancer daemon's control loop: health-checks every relay on every
+//! port it serves (each port in its own dialect: plain SMTP, `STARTTLS`,
+//! implicit TLS), turns health per port, warmup, drains and operator
+//! weights into effective weights per VIP × port,
 //! programs the data plane with the result, reloads its configuration on
 //! SIGHUP or request, and answers the admin API.
 //!
@@ -44,7 +46,7 @@ use crate::{
     },
     config::lb::LbConfig,
     dataplane::{self, Dataplane, XdpDataplane},
-    health::{self, Health, Outcome, Tracker, Transition},
+    health::{self, Check, Health, Outcome, Tracker, Transition},
 };
 
 /// How often warmup ramps are re-evaluated (a table rebuild happens only
@@ -57,7 +59,36 @@ pub struct Relay {
     /// Its names in the configuration (normally one).
     pub names: BTreeSet<String>,
     pub runtime: Runtime,
-    pub tracker: Tracker,
+    /// One per check the configuration asks of it (one per balanced port
+    /// and dialect): a relay can be up on one port and down on another.
+    pub trackers: BTreeMap<Check, Tracker>,
+}
+
+impl Relay {
+    /// Its health on all its ports taken together: the worst of its checks
+    /// (down, then full, then up), so one broken port shows.
+    pub fn health(&self) -> Health {
+        let rank = |h: Health| match h {
+            Health::Up => 0,
+            Health::Full => 1,
+            Health::Down => 2,
+        };
+        self.trackers
+            .values()
+            .map(Tracker::health)
+            .max_by_key(|h| rank(*h))
+            .unwrap_or(Health::Down)
+    }
+
+    /// Its share of configured weight on all its ports taken together, in
+    /// thousandths: the smallest of its checks' (0 when one is down).
+    pub fn share(&self, now: SystemTime, cfg: &crate::balance::warmup::WarmupConfig) -> u32 {
+        self.trackers
+            .keys()
+            .map(|c| self.runtime.share(*c, now, cfg))
+            .min()
+            .unwrap_or(0)
+    }
 }
 
 /// The outcome of the last reload.
@@ -140,54 +171,56 @@ impl<D: Dataplane> Node<D> {
         (self.clock)()
     }
 
-    /// First programming of the maps. Relays the saved state does not know
-    /// get one probe round first, so a fresh balancer starts with the relays
-    /// that answer (instead of none, or all of them).
+    /// First programming of the maps. Checks the saved state does not know
+    /// (new relays, new ports) get one probe round first, so a fresh
+    /// balancer starts with the relays that answer (instead of none, or all
+    /// of them).
     pub async fn start(&mut self) -> anyhow::Result<()> {
-        let fresh: Vec<IpAddr> = self
+        let fresh: Vec<(IpAddr, Check)> = self
             .relays
             .iter()
-            .filter(|(_, r)| r.runtime.never_up && r.runtime.health == Health::Down)
-            .map(|(a, _)| *a)
+            .flat_map(|(a, r)| {
+                r.trackers
+                    .keys()
+                    .filter(|c| !r.runtime.checks.contains_key(c))
+                    .map(|c| (*a, *c))
+            })
             .collect();
         let cfg = self.cfg.health.clone();
         let mut round = JoinSet::new();
-        for addr in fresh {
+        for (addr, check) in fresh {
             let cfg = cfg.clone();
             round.spawn(async move {
-                (
-                    addr,
-                    health::probe(SocketAddr::new(addr, cfg.port), &cfg).await,
-                )
+                let result =
+                    health::probe(SocketAddr::new(addr, check.port), check.tls, &cfg).await;
+                (addr, check, result)
             });
         }
         let now = self.now();
-        while let Some(Ok((addr, result))) = round.join_next().await {
+        while let Some(Ok((addr, check, result))) = round.join_next().await {
             let Some(relay) = self.relays.get_mut(&addr) else {
                 continue;
             };
-            match result {
-                Ok(took) => {
-                    relay.tracker = Tracker::new(cfg.rise, cfg.fall, Health::Up);
-                    relay.tracker.record(Outcome::Passed, took);
-                    relay.runtime.came_up(now, &self.cfg.warmup);
-                    info!(relay = %addr, "relay up at start");
+            let (health, outcome) = match result {
+                Ok(_) => (Health::Up, Outcome::Passed),
+                Err(e) if e.is_full() => (Health::Full, Outcome::Full(e.to_string())),
+                Err(e) => (Health::Down, Outcome::Failed(e.to_string())),
+            };
+            let mut tracker = Tracker::new(cfg.rise, cfg.fall, health);
+            match &outcome {
+                Outcome::Passed => info!(relay = %addr, %check, "relay up at start"),
+                Outcome::Full(e) => warn!(relay = %addr, %check, error = %e, "relay full at start"),
+                Outcome::Failed(e) => {
+                    warn!(relay = %addr, %check, error = %e, "relay down at start");
                 }
-                Err(e) if e.is_full() => {
-                    relay.tracker = Tracker::new(cfg.rise, cfg.fall, Health::Full);
-                    relay
-                        .tracker
-                        .record(Outcome::Full(e.to_string()), Duration::ZERO);
-                    relay.runtime.came_up(now, &self.cfg.warmup);
-                    relay.runtime.health = Health::Full;
-                    warn!(relay = %addr, error = %e, "relay full at start");
-                }
-                Err(e) => {
-                    relay
-                        .tracker
-                        .record(Outcome::Failed(e.to_string()), Duration::ZERO);
-                    warn!(relay = %addr, error = %e, "relay down at start");
-                }
+            }
+            tracker.record(outcome, Duration::ZERO);
+            relay.trackers.insert(check, tracker);
+            if health == Health::Down {
+                relay.runtime.set_health(check, Health::Down);
+            } else {
+                relay.runtime.came_up(check, now, &self.cfg.warmup);
+                relay.runtime.set_health(check, health);
             }
         }
         self.reconcile()
@@ -204,27 +237,49 @@ impl<D: Dataplane> Node<D> {
     }
 
     /// Makes `relays` match the configuration: new addresses get `initial`
-    /// (or [`Runtime::added`]), removed ones are dropped, names refreshed.
+    /// (or [`Runtime::added`]), removed ones are dropped, names refreshed,
+    /// and each relay gets a tracker per check its services ask of it. A
+    /// check starts in the health it was saved with (a restart must not
+    /// empty the tables), else down: it must pass `rise` probes.
     fn sync_relays(&mut self, initial: impl Fn(IpAddr) -> Option<Runtime>) {
-        let mut wanted: BTreeMap<IpAddr, BTreeSet<String>> = BTreeMap::new();
+        let mut wanted: BTreeMap<IpAddr, (BTreeSet<String>, BTreeSet<Check>)> = BTreeMap::new();
         for svc in &self.cfg.services {
+            let checks: Vec<Check> = svc
+                .ports
+                .iter()
+                .map(|p| svc.check(*p, &self.cfg.health))
+                .collect();
             for b in &svc.backends {
-                wanted.entry(b.address).or_default().insert(b.name.clone());
+                let (names, c) = wanted.entry(b.address).or_default();
+                names.insert(b.name.clone());
+                c.extend(&checks);
             }
         }
         self.relays.retain(|addr, _| wanted.contains_key(addr));
         let (rise, fall) = (self.cfg.health.rise, self.cfg.health.fall);
-        for (addr, names) in wanted {
-            let relay = self.relays.entry(addr).or_insert_with(|| {
-                let runtime = initial(addr).unwrap_or_else(Runtime::added);
-                let tracker = Tracker::new(rise, fall, runtime.health);
-                Relay {
-                    names: BTreeSet::new(),
-                    runtime,
-                    tracker,
-                }
+        for (addr, (names, checks)) in wanted {
+            let relay = self.relays.entry(addr).or_insert_with(|| Relay {
+                names: BTreeSet::new(),
+                runtime: initial(addr).unwrap_or_else(Runtime::added),
+                trackers: BTreeMap::new(),
             });
             relay.names = names;
+            let rt = &mut relay.runtime;
+            relay.trackers.retain(|c, _| checks.contains(c));
+            rt.checks.retain(|c, _| checks.contains(c));
+            for check in checks {
+                if let Some(legacy) = rt.legacy_health
+                    && !rt.checks.contains_key(&check)
+                {
+                    rt.set_health(check, legacy);
+                }
+                let health = rt.health(check);
+                relay
+                    .trackers
+                    .entry(check)
+                    .or_insert_with(|| Tracker::new(rise, fall, health));
+            }
+            rt.legacy_health = None;
         }
         self.probe_generation += 1;
     }
@@ -343,10 +398,12 @@ impl<D: Dataplane> Node<D> {
         }
     }
 
-    /// Records a probe result and applies a resulting health change.
+    /// Records a probe result of one check and applies a resulting health
+    /// change.
     pub fn on_probe(
         &mut self,
         addr: IpAddr,
+        check: Check,
         outcome: Outcome,
         took: Duration,
     ) -> anyhow::Result<()> {
@@ -354,13 +411,17 @@ impl<D: Dataplane> Node<D> {
         let Some(relay) = self.relays.get_mut(&addr) else {
             return Ok(());
         };
+        let Some(tracker) = relay.trackers.get_mut(&check) else {
+            return Ok(());
+        };
         let error = match &outcome {
             Outcome::Passed => String::new(),
             Outcome::Full(e) | Outcome::Failed(e) => e.clone(),
         };
-        let was = relay.runtime.health;
+        let rt = &mut relay.runtime;
+        let was = rt.health(check);
         self.metrics.probe(&relay.names, addr, &outcome, took);
-        let transition = relay.tracker.record(outcome, took);
+        let transition = tracker.record(outcome, took);
         if let Some(t) = transition {
             self.metrics.transition(&relay.names, addr, t);
         }
@@ -368,22 +429,22 @@ impl<D: Dataplane> Node<D> {
             Some(Transition::WentUp) => {
                 if was == Health::Full {
                     // It was alive all along: no slow start.
-                    relay.runtime.health = Health::Up;
+                    rt.set_health(check, Health::Up);
                 } else {
-                    relay.runtime.came_up(now, &self.cfg.warmup);
+                    rt.came_up(check, now, &self.cfg.warmup);
                 }
-                info!(relay = %addr, names = ?relay.names, "relay up: passed its health checks");
+                info!(relay = %addr, %check, names = ?relay.names, "relay up: passed its health checks");
             }
             Some(Transition::WentFull) => {
                 if was == Health::Down {
-                    relay.runtime.came_up(now, &self.cfg.warmup);
+                    rt.came_up(check, now, &self.cfg.warmup);
                 }
-                relay.runtime.health = Health::Full;
-                warn!(relay = %addr, names = ?relay.names, error = %error, "relay full: no new connections while another relay has room; its own continue");
+                rt.set_health(check, Health::Full);
+                warn!(relay = %addr, %check, names = ?relay.names, error = %error, "relay full: no new connections while another relay has room; its own continue");
             }
             Some(Transition::WentDown) => {
-                relay.runtime.health = Health::Down;
-                warn!(relay = %addr, names = ?relay.names, error = %error, "relay down: no new connections");
+                rt.set_health(check, Health::Down);
+                warn!(relay = %addr, %check, names = ?relay.names, error = %error, "relay down: no new connections");
             }
             None => return Ok(()),
         }
@@ -501,6 +562,30 @@ impl<D: Dataplane> Node<D> {
             .map_or(0, |b| b.weight)
     }
 
+    /// Per service name, the fail-safe state of its ports taken together:
+    /// in panic (else all full) when one of its ports is, episodes summed.
+    pub fn failsafe_by_name(&self) -> BTreeMap<String, Failsafe> {
+        let mut rows: BTreeMap<String, Failsafe> = BTreeMap::new();
+        for s in &self.cfg.services {
+            let row = rows.entry(s.label()).or_default();
+            for port in &s.ports {
+                let f = self
+                    .failsafe
+                    .get(&weights::service_id(s.vip, *port))
+                    .cloned()
+                    .unwrap_or_default();
+                row.panics += f.panics;
+                row.all_full += f.all_full;
+                row.mode = match (row.mode, f.mode) {
+                    (Some(Mode::Panic), _) | (_, Some(Mode::Panic)) => Some(Mode::Panic),
+                    (Some(Mode::Full), _) | (_, Some(Mode::Full)) => Some(Mode::Full),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        rows
+    }
+
     /// The effective configuration in the maps.
     pub fn applied(&self) -> Option<&LbConfig> {
         self.applied.as_ref().map(|(c, _)| c)
@@ -515,23 +600,30 @@ impl<D: Dataplane> Node<D> {
 struct ProbeResult {
     generation: u64,
     addr: IpAddr,
+    check: Check,
     outcome: Outcome,
     took: Duration,
 }
 
+/// One task per relay and check, each probing every `interval`.
 fn spawn_probes<D>(node: &Node<D>, tx: &mpsc::Sender<ProbeResult>) -> JoinSet<()> {
     let mut set = JoinSet::new();
-    for addr in node.relays.keys().copied() {
+    let checks = node
+        .relays
+        .iter()
+        .flat_map(|(a, r)| r.trackers.keys().map(|c| (*a, *c)));
+    for (addr, check) in checks {
         let cfg = node.cfg.health.clone();
         let tx = tx.clone();
         let generation = node.probe_generation;
         set.spawn(async move {
             let mut tick = tokio::time::interval(cfg.interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let target = SocketAddr::new(addr, check.port);
             loop {
                 tick.tick().await;
                 let started = std::time::Instant::now();
-                let outcome = match health::probe(SocketAddr::new(addr, cfg.port), &cfg).await {
+                let outcome = match health::probe(target, check.tls, &cfg).await {
                     Ok(_) => Outcome::Passed,
                     Err(e) if e.is_full() => Outcome::Full(e.to_string()),
                     Err(e) => Outcome::Failed(e.to_string()),
@@ -539,6 +631,7 @@ fn spawn_probes<D>(node: &Node<D>, tx: &mpsc::Sender<ProbeResult>) -> JoinSet<()
                 let msg = ProbeResult {
                     generation,
                     addr,
+                    check,
                     outcome,
                     took: started.elapsed(),
                 };
@@ -600,7 +693,7 @@ pub async fn run<D: Dataplane + Send + 'static>(
             Some(msg) = rx.recv() => {
                 let mut n = lock(&node);
                 if msg.generation == n.probe_generation
-                    && let Err(e) = n.on_probe(msg.addr, msg.outcome, msg.took)
+                    && let Err(e) = n.on_probe(msg.addr, msg.check, msg.outcome, msg.took)
                 {
                     error!(error = %format!("{e:#}"), "cannot apply a health change");
                 }

@@ -21,7 +21,7 @@ use crate::{
         Dataplane,
         fake::{Fake, Write, slots},
     },
-    health::{Health, Outcome},
+    health::{Check, Health, Outcome, Tls},
 };
 
 const VIP: &str = "203.0.113.10";
@@ -66,6 +66,12 @@ fn vip() -> IpAddr {
 fn relay(i: u8) -> IpAddr {
     IpAddr::from([198, 51, 100, 10 + i])
 }
+
+/// The check of port 25 (plain SMTP, the default).
+const SMTP: Check = Check {
+    port: 25,
+    tls: Tls::None,
+};
 
 /// A node on the fake data plane with its own state directory and clock.
 struct Lab {
@@ -118,9 +124,13 @@ impl Lab {
     }
 
     fn probe(&mut self, i: u8, outcome: &Outcome, times: usize) {
+        self.probe_check(i, SMTP, outcome, times);
+    }
+
+    fn probe_check(&mut self, i: u8, check: Check, outcome: &Outcome, times: usize) {
         for _ in 0..times {
             self.node
-                .on_probe(relay(i), outcome.clone(), Duration::from_millis(1))
+                .on_probe(relay(i), check, outcome.clone(), Duration::from_millis(1))
                 .unwrap();
         }
     }
@@ -170,12 +180,17 @@ fn t0() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_hours(500_000)
 }
 
+/// Up on 25, 587 and 465 in their default dialects (what a relay saved
+/// up on every port holds; checks no service asks for are dropped).
 fn up() -> Runtime {
-    Runtime {
-        health: Health::Up,
+    let mut rt = Runtime {
         never_up: false,
         ..Runtime::added()
+    };
+    for port in [25, 587, 465] {
+        rt.set_health(Check::default_for(port, false), Health::Up);
     }
+    rt
 }
 
 /// The backend writes of relays 1–3, ids 0–2.
@@ -305,6 +320,94 @@ fn a_weight_change_rewrites_only_the_table_of_its_port() {
 }
 
 #[test]
+fn each_relay_is_checked_only_on_the_ports_its_services_balance() {
+    let text = CFG.replace(
+        "[[services.backends]]\nname = \"relay3\"",
+        "[[services]]\nname = \"submission\"\nvip = \"203.0.113.10\"\nports = [587, 465]\ntable_size = 1009\n[services.checks.587]\ntls = \"starttls\"\n\n[[services.backends]]\nname = \"relay3\"",
+    );
+    let lab = lab_with("checks", &text, &[1, 2, 3]);
+    let checks = |i: u8| -> Vec<String> {
+        lab.node.relays[&relay(i)]
+            .trackers
+            .keys()
+            .map(ToString::to_string)
+            .collect()
+    };
+    assert_eq!(checks(1), ["25/none"]);
+    assert_eq!(checks(2), ["25/none"]);
+    assert_eq!(checks(3), ["465/implicit", "587/starttls"]);
+}
+
+#[test]
+fn a_relay_down_on_one_port_leaves_only_that_ports_table() {
+    let text = CFG.replace("ports = [25]", "ports = [25, 465]");
+    let mut lab = lab_with("port-down", &text, &[1, 2, 3]);
+    let first = lab.take();
+    let all = [(1, 1000), (2, 1000), (3, 1000)];
+    assert!(first.contains(&lab.service(25, &all)));
+    assert!(first.contains(&lab.service(465, &all)));
+    let smtps = Check::default_for(465, false);
+    assert_eq!(smtps.tls, Tls::Implicit);
+    let broken =
+        Outcome::Failed("TLS handshake: handshake failed: received corrupt message".into());
+    lab.probe_check(2, smtps, &broken, 2);
+    assert_eq!(
+        lab.take(),
+        [lab.service(465, &[(1, 1000), (3, 1000)])],
+        "465 loses relay2; 25 is not written"
+    );
+    let r2 = &lab.node.relays[&relay(2)];
+    assert_eq!(r2.runtime.health(SMTP), Health::Up);
+    assert_eq!(r2.runtime.health(smtps), Health::Down);
+    assert_eq!(r2.health(), Health::Down, "the worst port shows");
+    // Port 25 failing too takes relay2 out of 25; 465 coming back puts it
+    // back in 465 only.
+    lab.probe(2, &Outcome::Failed("connect: refused".into()), 2);
+    assert_eq!(lab.take(), [lab.service(25, &[(1, 1000), (3, 1000)])]);
+    lab.probe_check(2, smtps, &Outcome::Passed, 2);
+    assert_eq!(lab.take(), [lab.service(465, &all)]);
+}
+
+#[test]
+fn a_state_file_from_before_per_port_checks_restarts_with_the_relays_that_were_up() {
+    let dir = std::env::temp_dir().join(format!("slb-lb-legacy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let legacy = r#"{"backends": {
+        "198.51.100.11": {"name": "relay1", "runtime": {"health": "up", "ramp": null, "rejoin": null, "never_up": false, "drained": false, "weight_override": null}},
+        "198.51.100.12": {"name": "relay2", "runtime": {"health": "down", "ramp": null, "rejoin": null, "never_up": false, "drained": false, "weight_override": null}}
+    }}"#;
+    std::fs::write(dir.join("lb-state.json"), legacy).unwrap();
+    let saved = state::load(&dir).unwrap();
+    let text = CFG
+        .replace("ports = [25]", "ports = [25, 465]")
+        .replace("STATE", dir.to_str().unwrap());
+    let mut node = Node::new(
+        Fake::default(),
+        LbConfig::parse(&text).unwrap(),
+        &saved,
+        None,
+        dir.join("pins"),
+        "eth0".into(),
+    );
+    node.reconcile().unwrap();
+    let id1 = node.dp.id_of(relay(1)).unwrap();
+    for port in [25, 465] {
+        let ring = node.dp.ring(vip(), port).unwrap();
+        assert!(
+            ring.iter().all(|&id| id == id1),
+            "port {port}: relay1 was up, relay2 down, relay3 new"
+        );
+    }
+    // Saved again in the new form, one health per check.
+    let again = state::load(&dir).unwrap();
+    let rt = &again.backends[&relay(1)].runtime;
+    assert_eq!(rt.health(Check::default_for(465, false)), Health::Up);
+    assert_eq!(rt.legacy_health, None);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn an_accepted_reload_writes_the_diff_and_keeps_ids() {
     let mut lab = lab("reload");
     // relay3 leaves, relay4 joins (new: down until it passes its checks).
@@ -378,7 +481,7 @@ fn a_reload_whose_map_write_fails_puts_the_running_config_back_in_full() {
         .concat()
     );
     assert_eq!(lab.dp().ring(vip(), 25).unwrap(), ring);
-    assert_eq!(lab.node.relays[&relay(3)].runtime.health, Health::Up);
+    assert_eq!(lab.node.relays[&relay(3)].runtime.health(SMTP), Health::Up);
 }
 
 #[test]
