@@ -1,6 +1,7 @@
 //! smtp-lb kernel side. Entry points only; each concern has its own module:
 //! [`parse`] (headers), [`select`] (service, conntrack, Maglev table),
-//! [`forward`] (L2 DSR, IPIP / IP6IP6), [`csum`], [`balance`] (the packet
+//! [`forward`] (L2 DSR, IPIP / IP6IP6), [`too_big`] (ICMP for packets the
+//! tunnel cannot carry), [`csum`], [`balance`] (the packet
 //! path that ties them together), [`icmp`] (errors about balanced flows),
 //! [`decap`] (the relay side), [`maps`].
 #![no_std]
@@ -13,7 +14,10 @@ mod forward;
 mod icmp;
 mod maps;
 mod parse;
+#[cfg(feature = "probes")]
+mod probes;
 mod select;
+mod too_big;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 
