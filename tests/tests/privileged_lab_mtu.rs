@@ -22,7 +22,7 @@ use std::{
 use smtp_lb_tests::{
     env,
     lab::Lab,
-    topology::{pass_on_switch_port, wait_for},
+    topology::{ctl_stats, ipip_router, pass_on_switch_port, wait_for},
 };
 
 const VIP4: &str = "203.0.113.10";
@@ -40,33 +40,16 @@ fn oversized_packets_both_ways_get_icmp_that_reaches_the_right_host() {
     lab.host("client", &["198.51.100.1/24", "2001:db8::1/64"]);
     lab.host("lb", &["198.51.100.2/24", "2001:db8::2/64"]);
     lab.host("relay", &["192.0.2.11/24", "2001:db8:2::11/64"]);
-    lab.host(
-        "router",
-        &[
-            "198.51.100.254/24",
-            "192.0.2.254/24",
-            "2001:db8::fe/64",
-            "2001:db8:2::fe/64",
-        ],
-    );
-    // The router forwards between the two subnets, carries only 1400 bytes
-    // towards the client, and sends its ICMP errors for the VIP to the LB.
+    ipip_router(&mut lab);
+    // The router carries only 1400 bytes towards the client, and sends its
+    // ICMP errors for the VIP to the LB.
     lab.sh(
         "router",
         &format!(
-            "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 \
-               net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.eth0.send_redirects=0 && \
-             ip route replace 198.51.100.0/24 dev eth0 mtu lock 1400 && \
+            "ip route replace 198.51.100.0/24 dev eth0 mtu lock 1400 && \
              ip -6 route replace 2001:db8::/64 dev eth0 mtu lock 1400 && \
              ip route add {VIP4}/32 via 198.51.100.2 && ip -6 route add {VIP6}/128 via 2001:db8::2"
         ),
-    );
-    lab.sh(
-        "lb",
-        "ip route add 192.0.2.0/24 via 198.51.100.254 && \
-         ip -6 route add 2001:db8:2::/64 via 2001:db8::fe && \
-         sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 \
-           net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.eth0.send_redirects=0",
     );
     lab.sh(
         "client",
@@ -170,20 +153,9 @@ fn oversized_packets_both_ways_get_icmp_that_reaches_the_right_host() {
     }
 
     // Both kinds of error were at work, and nothing went missing.
-    let stats = lab.try_run(
-        "lb",
-        &[
-            env::smtp_lb_bin().to_str().unwrap(),
-            "ctl",
-            "stats",
-            "--json",
-            "--pin-dir",
-            pin_dir.to_str().unwrap(),
-        ],
-    );
-    let text = String::from_utf8_lossy(&stats.stdout).into_owned();
+    let json = ctl_stats(&pin_dir);
+    let text = json.to_string();
     eprintln!("stats: {text}");
-    let json: serde_json::Value = serde_json::from_str(&text).expect("ctl stats --json");
     let counter =
         |name: &str| find_u64(&json, name).unwrap_or_else(|| panic!("no counter {name} in {text}"));
     assert!(
