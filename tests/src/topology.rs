@@ -345,8 +345,8 @@ fn count(dir: &Path) -> usize {
 }
 
 /// The routed part of the IPIP lab: a "router" host forwarding between the
-/// client segment (198.51.100.0/24, 2001:db8::/64; it is .254 / ::fe) and
-/// the relays' (192.0.2.0/24, 2001:db8:2::/64; .254 / 2::fe), and the "lb"
+/// client segment (`198.51.100.0/24`, `2001:db8::/64`; it is `.254` / `::fe`)
+/// and the relays' (`192.0.2.0/24`, `2001:db8:2::/64`; `.254` / `2::fe`), and the "lb"
 /// host (which must exist) routing to the relays through it and forwarding,
 /// which the kernel's FIB helper requires.
 pub fn ipip_router(lab: &mut Lab) {

@@ -103,11 +103,10 @@ fn counters_pinned_with_an_older_layout_are_replaced_not_refused() {
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.split_whitespace()
-            .skip_while(|w| *w != "value")
-            .nth(1)
-            .map(|v| v.trim_end_matches('B').to_owned())
-            .unwrap_or_else(|| panic!("no value size in {text}"))
+        let size = text.split_whitespace().skip_while(|w| *w != "value").nth(1);
+        size.unwrap_or_else(|| panic!("no value size in {text}"))
+            .trim_end_matches('B')
+            .to_owned()
     };
     assert_eq!(value_size("GLOBAL_STATS"), "128");
     let mut cmd = lab.command("lb", smtp_lb_bin());
@@ -119,7 +118,7 @@ fn counters_pinned_with_an_older_layout_are_replaced_not_refused() {
     });
     assert_eq!(
         value_size("GLOBAL_STATS"),
-        (std::mem::size_of::<smtp_lb_common::GlobalStats>()).to_string(),
+        size_of::<smtp_lb_common::GlobalStats>().to_string(),
         "replaced by the current layout"
     );
     assert!(lab.stop(pid, Duration::from_secs(5)));
