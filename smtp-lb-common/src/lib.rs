@@ -343,6 +343,16 @@ counters! {
         drop_no_backend,
         /// Dropped: no route to an IPIP backend, or encapsulation failed.
         drop_encap,
+        /// Answered: an IPIP / IP6IP6 packet the path to the relay cannot
+        /// carry (over the route's MTU once encapsulated) went back to the
+        /// client as ICMP "fragmentation needed" (IPv4 with DF) or `ICMPv6`
+        /// "packet too big", with the MTU left inside the tunnel (`XDP_TX`).
+        tx_too_big,
+        /// Dropped: over the path MTU once encapsulated and no ICMP may answer
+        /// it: IPv4 without DF (XDP cannot fragment, and RFC 1191 sends
+        /// "fragmentation needed" only for DF), an ICMP error itself (RFC 1122),
+        /// or a route MTU below the family's minimum once the tunnel header is taken.
+        drop_too_big,
         /// Event: a non-SYN packet of a VIP flow in neither `CONNTRACK` nor
         /// `MOVED_FLOWS` (evicted, or the LB restarted): hashed through the table.
         lru_miss,
@@ -358,7 +368,7 @@ counters! {
         icmp_to_flow,
     }
 }
-const _: () = assert!(size_of::<GlobalStats>() == 16 * 8);
+const _: () = assert!(size_of::<GlobalStats>() == 18 * 8);
 
 counters! {
     /// Per-service, per-CPU counters.

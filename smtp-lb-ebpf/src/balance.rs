@@ -17,6 +17,7 @@ use crate::{
         is_ipv6_ext, read,
     },
     select::{self, Choice},
+    too_big,
 };
 
 /// Runs the balancer on one packet.
@@ -90,27 +91,36 @@ fn ipv4(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
     let Some(ip) = read::<Ipv4Hdr>(ctx, l3) else {
         return pass_truncated(stats);
     };
+    // The common case first, tested on three fields: plain TCP (no options,
+    // not a fragment), whose port decides before anything else is built.
+    if ip.proto == IPPROTO_TCP && ip.ver_ihl == 0x45 && ip.frag_off & FRAGMENT_BITS == 0 {
+        return ipv4_tcp(ctx, l3, &ip, stats);
+    }
     if ip.proto != IPPROTO_TCP {
-        if ip.proto == IPPROTO_ICMP && ip.ver_ihl == 0x45 && u16::from_be(ip.frag_off) & 0x3fff == 0
-        {
+        if ip.proto == IPPROTO_ICMP && ip.ver_ihl == 0x45 && ip.frag_off & FRAGMENT_BITS == 0 {
             return icmp::v4(ctx, l3, &ip, stats);
         }
         return pass_non_vip(stats);
     }
     let dst = [ip.dst, 0, 0, 0];
-    if ip.ver_ihl != 0x45 {
-        let why = if ip.ver_ihl >> 4 != 4 || ip.ver_ihl & 0x0f < 5 {
-            Refuse::Malformed
-        } else {
-            Refuse::Ipv4Options
-        };
-        return slow_path(&dst, AF_INET, why, stats);
-    }
-    // MF flag or a fragment offset: a fragment (the first one has ports but
-    // the rest do not, so none of them can be balanced consistently).
-    if u16::from_be(ip.frag_off) & 0x3fff != 0 {
-        return slow_path(&dst, AF_INET, Refuse::Fragment, stats);
-    }
+    let why = if ip.ver_ihl >> 4 != 4 || ip.ver_ihl & 0x0f < 5 {
+        Refuse::Malformed
+    } else if ip.ver_ihl != 0x45 {
+        Refuse::Ipv4Options
+    } else {
+        // MF flag or a fragment offset: a fragment (the first one has ports
+        // but the rest do not, so none of them can be balanced consistently).
+        Refuse::Fragment
+    };
+    slow_path(&dst, AF_INET, why, stats)
+}
+
+/// MF and the fragment offset of `frag_off`, as it sits in the packet
+/// (network order): nonzero for any fragment.
+const FRAGMENT_BITS: u16 = 0x3fffu16.to_be();
+
+#[inline(always)]
+fn ipv4_tcp(ctx: &XdpContext, l3: usize, ip: &Ipv4Hdr, stats: &mut GlobalStats) -> u32 {
     let l4 = l3 + IPV4_HLEN;
     let Some(tcp) = read::<TcpHdr>(ctx, l4) else {
         return pass_truncated(stats);
@@ -120,7 +130,7 @@ fn ipv4(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
     }
     let key = FlowKey {
         src: [ip.src, 0, 0, 0],
-        dst,
+        dst: [ip.dst, 0, 0, 0],
         sport: tcp.sport,
         dport: tcp.dport,
         proto: PROTO_TCP,
@@ -139,6 +149,7 @@ fn ipv4(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
         l3,
         ip_len,
         tos: ip.tos,
+        answer_too_big: u16::from_be(ip.frag_off) & too_big::IP_DF != 0,
     };
     balance(ctx, &key, &svc, &tcp, &inner, stats)
 }
@@ -189,6 +200,7 @@ fn ipv6(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
         l3,
         ip_len: payload + IPV6_HLEN as u16,
         tos: tc,
+        answer_too_big: true,
     };
     balance(ctx, &key, &svc, &tcp, &inner, stats)
 }

@@ -20,3 +20,16 @@ pub fn ipv4_header(words: &[u16; 10]) -> u16 {
     }
     fold(sum)
 }
+
+/// Folds a one's-complement sum of 32-bit words taken as they sit in the
+/// packet (native order) and complements it: the checksum, to be stored in
+/// native order too (RFC 1071's byte-order independence).
+#[inline(always)]
+pub fn fold64(mut sum: u64) -> u16 {
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    let mut s = (sum & 0xffff) + (sum >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}

@@ -8,17 +8,19 @@ use aya_ebpf::{
 use smtp_lb_common::{AF_INET, AF_INET6, Backend, GlobalStats, LbConfig};
 
 use crate::{
-    csum,
     maps::{LB_CONFIG, TX_PORTS},
     parse::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN,
         Ipv4Hdr, Ipv6Hdr, VLAN_HLEN, ptr_at_mut, read,
     },
+    too_big,
 };
 
-/// `BPF_FIB_LKUP_RET_SUCCESS` / `BPF_FIB_LKUP_RET_NO_NEIGH` (include/uapi/linux/bpf.h).
+/// `bpf_fib_lookup` return codes (include/uapi/linux/bpf.h).
 const FIB_SUCCESS: i64 = 0;
 const FIB_NO_NEIGH: i64 = 7;
+/// `BPF_FIB_LKUP_RET_FRAG_NEEDED`: over the route's MTU (in `mtu_result`).
+const FIB_FRAG_NEEDED: i64 = 8;
 
 /// L2 DSR: the frame keeps its IP packet; the destination MAC becomes the
 /// relay's and the source the LB's. Out the same interface with `XDP_TX`,
@@ -80,11 +82,18 @@ pub struct Inner {
     pub ip_len: u16,
     /// IPv4 TOS / IPv6 traffic class, carried to the outer header.
     pub tos: u8,
+    /// Whether an ICMP error may answer it when it is too big for the
+    /// tunnel: TCP with DF set (IPv6: always), never an ICMP error itself.
+    pub answer_too_big: bool,
 }
 
 /// IPIP (IPv4 backend) or IP6IP6 (IPv6 backend) to the relay's address,
 /// whose own decap program strips the outer header. The outer source carries
 /// the flow hash so the relay's NIC spreads flows over its queues (RSS).
+///
+/// The route to the relay is looked up before anything is written: a packet
+/// that would exceed its MTU once encapsulated is answered with ICMP
+/// ([`too_big`]), as a router on the path would, instead of vanishing.
 #[inline(always)]
 pub fn encap(
     ctx: &XdpContext,
@@ -94,26 +103,73 @@ pub fn encap(
     stats: &mut GlobalStats,
 ) -> u32 {
     let cfg = LB_CONFIG.get(0).copied().unwrap_or_default();
-    let ok = if b.family == AF_INET {
-        push_ipv4(ctx, b, inner, hash, &cfg)
+    let outer = if b.family == AF_INET {
+        outer_ipv4(b, inner, hash, &cfg)
     } else if b.family == AF_INET6 {
-        push_ipv6(ctx, b, inner, hash, &cfg)
+        outer_ipv6(b, inner, hash, &cfg)
     } else {
         None
     };
-    let Some(ok) = ok else {
+    let Some(outer) = outer else {
         stats.drop_encap += 1;
         return xdp_action::XDP_DROP;
     };
-    next_hop(ctx, ok, stats)
+    let mut fib = fib_lookup(ctx, &outer);
+    if fib.rc == FIB_FRAG_NEEDED {
+        // SAFETY: the kernel wrote the route's MTU into the union's output member.
+        let mtu = unsafe { fib.params.__bindgen_anon_1.mtu_result };
+        return too_big::answer(ctx, inner, mtu.saturating_sub(outer.hlen), stats);
+    }
+    if fib.rc != FIB_SUCCESS && fib.rc != FIB_NO_NEIGH {
+        stats.drop_encap += 1;
+        return xdp_action::XDP_DROP;
+    }
+    if push(ctx, inner, &outer).is_none() {
+        stats.drop_encap += 1;
+        return xdp_action::XDP_DROP;
+    }
+    if fib.rc == FIB_NO_NEIGH {
+        // The stack resolves the neighbour and forwards the packet.
+        stats.pass_no_neigh += 1;
+        return xdp_action::XDP_PASS;
+    }
+    next_hop(ctx, &mut fib.params, stats)
 }
 
-/// Where the outer header went: its family, addresses and total length, for the FIB lookup.
+/// The outer header to push: family, addresses, its own and the total length.
 pub struct Outer {
     family: u8,
     src: [u32; 4],
     dst: [u32; 4],
     tot_len: u16,
+    /// The outer header's length: what the tunnel takes from the route's MTU.
+    hlen: u16,
+}
+
+#[inline(always)]
+fn outer_ipv4(b: &Backend, inner: &Inner, hash: u32, cfg: &LbConfig) -> Option<Outer> {
+    let tot_len = inner.ip_len.checked_add(IPV4_HLEN as u16)?;
+    let src = ((u32::from_be(cfg.encap_src_v4) & 0xffff_0000) | (hash & 0xffff)).to_be();
+    Some(Outer {
+        family: AF_INET,
+        src: [src, 0, 0, 0],
+        dst: b.addr,
+        tot_len,
+        hlen: IPV4_HLEN as u16,
+    })
+}
+
+#[inline(always)]
+fn outer_ipv6(b: &Backend, inner: &Inner, hash: u32, cfg: &LbConfig) -> Option<Outer> {
+    let mut src = cfg.encap_src_v6;
+    src[3] = hash.to_be();
+    Some(Outer {
+        family: AF_INET6,
+        src,
+        dst: b.addr,
+        tot_len: inner.ip_len.checked_add(IPV6_HLEN as u16)?,
+        hlen: IPV6_HLEN as u16,
+    })
 }
 
 /// Moves the L2 header (with its VLAN tag, if any) `grow` bytes towards the
@@ -146,92 +202,47 @@ fn grow_head(ctx: &XdpContext, l3: usize, grow: usize, ether_type: u16) -> Optio
     Some(())
 }
 
+/// Grows the head and writes the outer header `o` in front of the inner packet.
 #[inline(always)]
-fn push_ipv4(
-    ctx: &XdpContext,
-    b: &Backend,
-    inner: &Inner,
-    hash: u32,
-    cfg: &LbConfig,
-) -> Option<Outer> {
+fn push(ctx: &XdpContext, inner: &Inner, o: &Outer) -> Option<()> {
     let l3 = inner.l3;
-    grow_head(ctx, l3, IPV4_HLEN, ETH_P_IP)?;
-    let tot_len = inner.ip_len.checked_add(IPV4_HLEN as u16)?;
-    let src = (u32::from_be(cfg.encap_src_v4) & 0xffff_0000) | (hash & 0xffff);
-    let dst = u32::from_be(b.addr[0]);
-    let proto = IPPROTO_IPIP;
-    let words = [
-        0x4500 | u16::from(inner.tos),
-        tot_len,
-        0,
-        0,
-        (64 << 8) | u16::from(proto),
-        0,
-        (src >> 16) as u16,
-        src as u16,
-        (dst >> 16) as u16,
-        dst as u16,
-    ];
-    let hdr = Ipv4Hdr {
-        ver_ihl: 0x45,
-        tos: inner.tos,
-        tot_len: tot_len.to_be(),
-        id: 0,
-        frag_off: 0,
-        ttl: 64,
-        proto,
-        check: csum::ipv4_header(&words).to_be(),
-        src: src.to_be(),
-        dst: b.addr[0],
-    };
-    let p = ptr_at_mut::<Ipv4Hdr>(ctx, l3)?;
-    // SAFETY: bounds checked.
-    unsafe { p.write(hdr) };
-    Some(Outer {
-        family: AF_INET,
-        src: [src.to_be(), 0, 0, 0],
-        dst: b.addr,
-        tot_len,
-    })
+    if o.family == AF_INET {
+        grow_head(ctx, l3, IPV4_HLEN, ETH_P_IP)?;
+        let hdr = Ipv4Hdr::new(inner.tos, o.tot_len, IPPROTO_IPIP, o.src[0], o.dst[0]);
+        let p = ptr_at_mut::<Ipv4Hdr>(ctx, l3)?;
+        // SAFETY: bounds checked.
+        unsafe { p.write(hdr) };
+    } else {
+        grow_head(ctx, l3, IPV6_HLEN, ETH_P_IPV6)?;
+        let hdr = Ipv6Hdr {
+            // Version 6, the inner traffic class, the flow hash as flow label.
+            ver_tc_flow: ((6 << 28)
+                | (u32::from(inner.tos) << 20)
+                | (u32::from_be(o.src[3]) & 0x000f_ffff))
+                .to_be(),
+            payload_len: inner.ip_len.to_be(),
+            next_header: IPPROTO_IPV6,
+            hop_limit: 64,
+            src: o.src,
+            dst: o.dst,
+        };
+        let p = ptr_at_mut::<Ipv6Hdr>(ctx, l3)?;
+        // SAFETY: bounds checked.
+        unsafe { p.write(hdr) };
+    }
+    Some(())
 }
 
-#[inline(always)]
-fn push_ipv6(
-    ctx: &XdpContext,
-    b: &Backend,
-    inner: &Inner,
-    hash: u32,
-    cfg: &LbConfig,
-) -> Option<Outer> {
-    let l3 = inner.l3;
-    grow_head(ctx, l3, IPV6_HLEN, ETH_P_IPV6)?;
-    let mut src = cfg.encap_src_v6;
-    src[3] = hash.to_be();
-    let hdr = Ipv6Hdr {
-        // Version 6, the inner traffic class, the flow hash as flow label.
-        ver_tc_flow: ((6 << 28) | (u32::from(inner.tos) << 20) | (hash & 0x000f_ffff)).to_be(),
-        payload_len: inner.ip_len.to_be(),
-        next_header: IPPROTO_IPV6,
-        hop_limit: 64,
-        src,
-        dst: b.addr,
-    };
-    let p = ptr_at_mut::<Ipv6Hdr>(ctx, l3)?;
-    // SAFETY: bounds checked.
-    unsafe { p.write(hdr) };
-    Some(Outer {
-        family: AF_INET6,
-        src,
-        dst: b.addr,
-        tot_len: inner.ip_len.checked_add(IPV6_HLEN as u16)?,
-    })
+/// A FIB lookup's parameters (its result written back in) and return code.
+struct Fib {
+    params: FibParams,
+    rc: i64,
 }
 
-/// Fills the MACs from the FIB and sends: `XDP_TX` when the next hop is out
-/// the interface the packet came in on, else a redirect. A next hop without a
-/// neighbour entry is passed to the stack, which resolves it.
+/// The route to the outer destination, with the kernel's MTU check: the
+/// outer packet's length is given, so an oversized one is `FIB_FRAG_NEEDED`.
 #[inline(always)]
-fn next_hop(ctx: &XdpContext, outer: Outer, stats: &mut GlobalStats) -> u32 {
+fn fib_lookup(ctx: &XdpContext, outer: &Outer) -> Fib {
     // SAFETY: all-zero is a valid bpf_fib_lookup.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = outer.family;
@@ -247,14 +258,13 @@ fn next_hop(ctx: &XdpContext, outer: Outer, stats: &mut GlobalStats) -> u32 {
     // SAFETY: helper call with a valid params struct of the right size.
     let rc =
         unsafe { bpf_fib_lookup(ctx.ctx.cast(), &raw mut p, size_of::<FibParams>() as i32, 0) };
-    if rc == FIB_NO_NEIGH {
-        stats.pass_no_neigh += 1;
-        return xdp_action::XDP_PASS;
-    }
-    if rc != FIB_SUCCESS {
-        stats.drop_encap += 1;
-        return xdp_action::XDP_DROP;
-    }
+    Fib { params: p, rc }
+}
+
+/// Fills the MACs from the FIB result and sends: `XDP_TX` when the next hop
+/// is out the interface the packet came in on, else a redirect.
+#[inline(always)]
+fn next_hop(ctx: &XdpContext, p: &mut FibParams, stats: &mut GlobalStats) -> u32 {
     let Some(eth) = ptr_at_mut::<EthHdr>(ctx, 0) else {
         stats.drop_encap += 1;
         return xdp_action::XDP_DROP;

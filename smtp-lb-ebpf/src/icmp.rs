@@ -115,6 +115,12 @@ fn to_owner(
     }
     stats.icmp_to_flow += 1;
     let choice = select::owner(key, &svc, stats);
-    let inner = Inner { l3, ip_len, tos };
+    // An ICMP error is never answered with one (RFC 1122 §3.2.2).
+    let inner = Inner {
+        l3,
+        ip_len,
+        tos,
+        answer_too_big: false,
+    };
     balance::send(ctx, choice, key, &svc, &inner, false, stats)
 }

@@ -1,6 +1,7 @@
 //! smtp-lb kernel side. Entry points only; each concern has its own module:
 //! [`parse`] (headers), [`select`] (service, conntrack, Maglev table),
-//! [`forward`] (L2 DSR, IPIP / IP6IP6), [`csum`], [`balance`] (the packet
+//! [`forward`] (L2 DSR, IPIP / IP6IP6), [`too_big`] (ICMP for packets the
+//! tunnel cannot carry), [`csum`], [`balance`] (the packet
 //! path that ties them together), [`icmp`] (errors about balanced flows),
 //! [`decap`] (the relay side), [`maps`].
 #![no_std]
@@ -13,14 +14,20 @@ mod forward;
 mod icmp;
 mod maps;
 mod parse;
+#[cfg(feature = "probes")]
+mod probes;
 mod select;
+mod too_big;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 
 /// The balancer. Every path ends in a counted verdict; anything it cannot
 /// parse is passed (`XDP_PASS`), never aborted, so non-SMTP traffic of the
-/// node always reaches its stack.
+/// node always reaches its stack. Inlined into the entry point: left to
+/// itself, LLVM makes the whole path a bpf-to-bpf call (on every packet)
+/// once the program is large enough.
 #[xdp]
+#[inline(always)]
 pub fn smtp_lb(ctx: XdpContext) -> u32 {
     balance::run(&ctx)
 }

@@ -51,6 +51,39 @@ pub struct Ipv4Hdr {
     pub dst: u32,
 }
 
+impl Ipv4Hdr {
+    /// A header the program writes itself: no options, not a fragment, TTL
+    /// 64, id 0, checksum filled in. Addresses in network byte order.
+    #[inline(always)]
+    pub fn new(tos: u8, tot_len: u16, proto: u8, src: u32, dst: u32) -> Self {
+        let (s, d) = (u32::from_be(src), u32::from_be(dst));
+        let words = [
+            0x4500 | u16::from(tos),
+            tot_len,
+            0,
+            0,
+            (64 << 8) | u16::from(proto),
+            0,
+            (s >> 16) as u16,
+            s as u16,
+            (d >> 16) as u16,
+            d as u16,
+        ];
+        Self {
+            ver_ihl: 0x45,
+            tos,
+            tot_len: tot_len.to_be(),
+            id: 0,
+            frag_off: 0,
+            ttl: 64,
+            proto,
+            check: crate::csum::ipv4_header(&words).to_be(),
+            src,
+            dst,
+        }
+    }
+}
+
 /// IPv6 fixed header. Multi-byte fields in network byte order.
 #[repr(C)]
 #[derive(Clone, Copy)]

@@ -325,17 +325,7 @@ impl DsrLab {
 
     /// The data plane's counters (`ctl stats --json`).
     pub fn stats(&self) -> serde_json::Value {
-        let out = Command::new(env::smtp_lb_bin())
-            .args(["ctl", "stats", "--json", "--pin-dir"])
-            .arg(&self.pin_dir)
-            .output()
-            .expect("run smtp-lb ctl stats");
-        assert!(
-            out.status.success(),
-            "ctl stats: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("ctl stats --json prints JSON")
+        ctl_stats(&self.pin_dir)
     }
 
     /// New flows the data plane sent to each relay (by relay order).
@@ -401,4 +391,46 @@ impl DsrLab {
 /// Files in a sink's dump directory: one per message received.
 pub fn count(dir: &Path) -> usize {
     std::fs::read_dir(dir).map_or(0, Iterator::count)
+}
+
+/// The routed part of the IPIP lab: a "router" host forwarding between the
+/// client segment (`198.51.100.0/24`, `2001:db8::/64`; it is `.254` / `::fe`)
+/// and the relays' (`192.0.2.0/24`, `2001:db8:2::/64`; `.254` / `2::fe`), and the "lb"
+/// host (which must exist) routing to the relays through it and forwarding,
+/// which the kernel's FIB helper requires.
+pub fn ipip_router(lab: &mut Lab) {
+    lab.host(
+        "router",
+        &[
+            "198.51.100.254/24",
+            "192.0.2.254/24",
+            "2001:db8::fe/64",
+            "2001:db8:2::fe/64",
+        ],
+    );
+    let forward = "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 \
+                   net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.eth0.send_redirects=0";
+    lab.sh("router", forward);
+    lab.sh(
+        "lb",
+        &format!(
+            "ip route add 192.0.2.0/24 via 198.51.100.254 && \
+             ip -6 route add 2001:db8:2::/64 via 2001:db8::fe && {forward}"
+        ),
+    );
+}
+
+/// The counters of the data plane pinned in `pin_dir` (`ctl stats --json`).
+pub fn ctl_stats(pin_dir: &Path) -> serde_json::Value {
+    let out = Command::new(env::smtp_lb_bin())
+        .args(["ctl", "stats", "--json", "--pin-dir"])
+        .arg(pin_dir)
+        .output()
+        .expect("run smtp-lb ctl stats");
+    assert!(
+        out.status.success(),
+        "ctl stats: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("ctl stats --json prints JSON")
 }

@@ -52,9 +52,13 @@ impl XdpHarness {
     /// Loads every XDP program of the object. Panics if the object is
     /// missing or empty (build it with `cargo xtask build`).
     pub fn load() -> Self {
+        Self::load_from(&env::ebpf_object())
+    }
+
+    /// Like [`Self::load`], from the object at `path`.
+    pub fn load_from(path: &std::path::Path) -> Self {
         env::require_root();
-        let path = env::ebpf_object();
-        let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| {
             panic!(
                 "read eBPF object {}: {e}; run `cargo xtask build`",
                 path.display()

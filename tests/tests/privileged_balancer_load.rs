@@ -78,6 +78,53 @@ fn loads_pins_with_btf_and_cleans_up_on_sigterm() {
 }
 
 #[test]
+fn counters_pinned_with_an_older_layout_are_replaced_not_refused() {
+    let mut lab = Lab::new();
+    lab.host("lb", &["198.51.100.2/24"]);
+    let pin_dir = lab.pin_dir();
+    std::fs::create_dir_all(&pin_dir).unwrap();
+    // What a build with two counters fewer left pinned (16 × 8 bytes).
+    let old = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(pin_dir.join("GLOBAL_STATS"))
+        .args(["type", "percpu_array", "key", "4", "value", "128"])
+        .args(["entries", "1", "name", "GLOBAL_STATS"])
+        .output()
+        .unwrap();
+    assert!(
+        old.status.success(),
+        "{}",
+        String::from_utf8_lossy(&old.stderr)
+    );
+    let value_size = |name: &str| {
+        let out = Command::new("bpftool")
+            .args(["map", "show", "pinned"])
+            .arg(pin_dir.join(name))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let size = text.split_whitespace().skip_while(|w| *w != "value").nth(1);
+        size.unwrap_or_else(|| panic!("no value size in {text}"))
+            .trim_end_matches('B')
+            .to_owned()
+    };
+    assert_eq!(value_size("GLOBAL_STATS"), "128");
+    let mut cmd = lab.command("lb", smtp_lb_bin());
+    cmd.args(["lb", "--iface", "eth0", "--mode", "skb", "--pin-dir"])
+        .arg(&pin_dir);
+    let pid = lab.spawn("lb", cmd);
+    wait_for("the XDP attachment", Duration::from_secs(10), || {
+        xdp_attached(&lab, "lb")
+    });
+    assert_eq!(
+        value_size("GLOBAL_STATS"),
+        size_of::<smtp_lb_common::GlobalStats>().to_string(),
+        "replaced by the current layout"
+    );
+    assert!(lab.stop(pid, Duration::from_secs(5)));
+}
+
+#[test]
 fn keep_pinned_leaves_the_program_attached() {
     let mut lab = Lab::new();
     lab.host("lb", &["198.51.100.2/24"]);

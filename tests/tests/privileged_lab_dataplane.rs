@@ -21,7 +21,7 @@ use std::{
 use smtp_lb_tests::{
     env,
     lab::Lab,
-    topology::{mac_str, pass_on_switch_port, wait_for},
+    topology::{ipip_router, mac_str, pass_on_switch_port, wait_for},
 };
 
 const VIP4: &str = "203.0.113.10";
@@ -64,29 +64,7 @@ fn run_lab(mode: Mode) {
         relays.push(Relay { name, v4, v6 });
     }
     if mode == Mode::Ipip {
-        lab.host(
-            "router",
-            &[
-                "198.51.100.254/24",
-                "192.0.2.254/24",
-                "2001:db8::fe/64",
-                "2001:db8:2::fe/64",
-            ],
-        );
-        lab.sh(
-            "router",
-            "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 \
-             net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.eth0.send_redirects=0",
-        );
-        // The LB routes to the relays' subnet through the router, and must
-        // forward: the kernel's FIB helper refuses lookups otherwise.
-        lab.sh(
-            "lb",
-            "ip route add 192.0.2.0/24 via 198.51.100.254 && \
-             ip -6 route add 2001:db8:2::/64 via 2001:db8::fe && \
-             sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 \
-               net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.eth0.send_redirects=0",
-        );
+        ipip_router(&mut lab);
         lab.sh("client", "ip route add 192.0.2.0/24 via 198.51.100.254 && ip -6 route add 2001:db8:2::/64 via 2001:db8::fe");
         // Tunnelled packets are 20/40 bytes longer: keep the client's below the path MTU.
         lab.sh("client", "ip link set eth0 mtu 1400");

@@ -12,10 +12,13 @@ use std::{
 };
 
 use aya::maps::PerCpuArray;
-use smtp_lb_common::{DecapStats, FlowKey, PROTO_TCP, flow_hash, maps, programs};
+use smtp_lb_common::{DecapStats, FlowKey, GlobalStats, PROTO_TCP, flow_hash, maps, programs};
 use smtp_lb_tests::{
     lab::Lab,
-    packet::{PacketBuilder, fold, ipip, ipv4_checksum_ok, ones_sum, path_mtu_error, tcp},
+    packet::{
+        CLIENT_MAC, LB_MAC, PacketBuilder, fold, icmp_error, ipip, ipv4_checksum_ok, ones_sum,
+        path_mtu_error, tcp,
+    },
     topology::mac_str,
     xdp::{Verdict, XdpHarness, changed},
 };
@@ -444,4 +447,156 @@ fn icmp_errors_quoting_a_flow_are_encapsulated_to_its_relay() {
             "the relay's stack gets the error"
         );
     }
+}
+
+fn global_stats(h: &mut XdpHarness) -> GlobalStats {
+    let map = h.ebpf_mut().map(maps::GLOBAL_STATS).unwrap();
+    let a: PerCpuArray<_, GlobalStats> = PerCpuArray::try_from(map).unwrap();
+    a.get(&0, 0)
+        .unwrap()
+        .iter()
+        .fold(GlobalStats::default(), |mut s, x| {
+            s.add(x);
+            s
+        })
+}
+
+/// Runs the balancer on `pkt`, with the counters it changed.
+fn run_counted(
+    h: &mut XdpHarness,
+    pkt: &[u8],
+) -> (smtp_lb_tests::xdp::Outcome, Vec<(&'static str, u64)>) {
+    let before = global_stats(h);
+    let out = h.run(programs::BALANCER, pkt);
+    (out, changed(&before.fields(), &global_stats(h).fields()))
+}
+
+/// A client's TCP segment of `ip_len` bytes (IP header included) to the VIP,
+/// IPv4 with DF set.
+fn segment(src: IpAddr, dst: IpAddr, ip_len: usize) -> PacketBuilder {
+    let hlen = if src.is_ipv4() { 20 } else { 40 };
+    let mut b =
+        PacketBuilder::tcp(src, 40000, dst, 25, tcp::ACK).payload(&vec![b'x'; ip_len - hlen - 20]);
+    b.ipv4_frag = 0x4000;
+    b
+}
+
+/// The ICMP error a router sends for `pkt` (as the fixture expects it, built
+/// here independently of the program): from the VIP back to the client's MAC
+/// and address, "fragmentation needed" / "packet too big" with `mtu`,
+/// quoting the first 64 (IPv4) / 128 (IPv6) bytes of the IP packet; IPv4
+/// header with TOS 0xc0 and id 0, as Linux sends ICMP errors.
+fn too_big_reply(pkt: &[u8], l3: usize, vip: IpAddr, client: IpAddr, mtu: u32) -> Vec<u8> {
+    let (kind, code, quote) = if vip.is_ipv4() {
+        (3, 4, 64)
+    } else {
+        (2, 0, 128)
+    };
+    let mut b =
+        icmp_error(vip, client, kind, code, mtu, &pkt[l3..l3 + quote]).macs(LB_MAC, CLIENT_MAC);
+    if l3 == 18 {
+        b = b.vlan(u16::from_be_bytes([pkt[14], pkt[15]]));
+    }
+    let mut want = b.build();
+    if vip.is_ipv4() {
+        want[l3 + 1] = 0xc0;
+        want[l3 + 4..l3 + 6].copy_from_slice(&[0, 0]);
+        want[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+        let csum = fold(ones_sum(&want[l3..l3 + 20]));
+        want[l3 + 10..l3 + 12].copy_from_slice(&csum.to_be_bytes());
+    }
+    want
+}
+
+#[test]
+fn ipip_packets_over_the_route_mtu_are_answered_with_icmp_too_big() {
+    let (lab, _lb_mac, relay_mac) = enter_lb();
+    // The route to the relay carries 1400 bytes: 1380 inside IPIP, 1360
+    // inside IP6IP6 ("lock": the FIB reports a route's own MTU only then).
+    lab.sh(
+        "lb",
+        "ip route replace 198.51.100.3/32 dev eth0 mtu lock 1400 && \
+         ip -6 route replace 2001:db8::3/128 dev eth0 mtu lock 1400",
+    );
+    let mut h = XdpHarness::load();
+    apply_config(
+        h.ebpf_mut(),
+        &config("ipip", "198.51.100.3", "2001:db8::3", ""),
+    )
+    .unwrap();
+    for (src, dst, fits) in [
+        (IpAddr::V4(CLIENT4), IpAddr::V4(VIP4), 1380),
+        (CLIENT6.into(), VIP6.into(), 1360),
+    ] {
+        // A tracked flow, then its segments: the largest that fits goes
+        // through; one byte more comes back as the error, byte for byte.
+        let syn = PacketBuilder::tcp(src, 40000, dst, 25, tcp::SYN).build();
+        assert_eq!(h.run(programs::BALANCER, &syn).verdict, Verdict::Redirect);
+        let pkt = segment(src, dst, fits).build();
+        let (out, delta) = run_counted(&mut h, &pkt);
+        assert_eq!(out.verdict, Verdict::Redirect, "{src}: {fits} bytes fit");
+        assert_eq!(&out.output[0..6], &relay_mac);
+        assert_eq!(delta, vec![("redirect", 1)], "{src}");
+
+        for vlan in [None, Some(7)] {
+            let mut b = segment(src, dst, fits + 1);
+            if let Some(id) = vlan {
+                b = b.vlan(id);
+            }
+            let pkt = b.build();
+            let l3 = if vlan.is_some() { 18 } else { 14 };
+            let (out, delta) = run_counted(&mut h, &pkt);
+            assert_eq!(
+                out.verdict,
+                Verdict::Tx,
+                "{src} {vlan:?}: back to the client"
+            );
+            let want = too_big_reply(&pkt, l3, dst, src, fits as u32);
+            assert_eq!(
+                out.output, want,
+                "{src} {vlan:?}: the ICMP error, byte for byte"
+            );
+            if src.is_ipv4() {
+                assert!(ipv4_checksum_ok(&out.output, l3));
+            }
+            assert_eq!(delta, vec![("tx_too_big", 1)], "{src} {vlan:?}");
+        }
+    }
+
+    // IPv4 without DF may be fragmented, which XDP cannot do: a counted
+    // drop, never an ICMP that the sender did not ask for.
+    let mut b = segment(CLIENT4.into(), VIP4.into(), 1381);
+    b.ipv4_frag = 0;
+    let (out, delta) = run_counted(&mut h, &b.build());
+    assert_eq!(out.verdict, Verdict::Drop);
+    assert_eq!(delta, vec![("drop_too_big", 1)]);
+
+    // An ICMP error about a flow, too big for the tunnel: never answered
+    // with another error (RFC 1122), dropped and counted.
+    let reply = PacketBuilder::tcp(VIP4, 25, CLIENT4, 40000, tcp::ACK)
+        .payload(&[b'x'; 1400])
+        .build();
+    let err = icmp_error(
+        Ipv4Addr::new(192, 0, 2, 254).into(),
+        VIP4.into(),
+        3,
+        4,
+        1280,
+        &reply[14..14 + 1381 - 28],
+    )
+    .build();
+    assert_eq!(err.len(), 14 + 1381);
+    let (out, delta) = run_counted(&mut h, &err);
+    assert_eq!(out.verdict, Verdict::Drop);
+    assert_eq!(delta, vec![("drop_too_big", 1), ("icmp_to_flow", 1)]);
+
+    // A route that leaves less than IPv6's minimum MTU inside the tunnel:
+    // no client could obey the error, so none is sent.
+    lab.sh(
+        "lb",
+        "ip -6 route replace 2001:db8::3/128 dev eth0 mtu lock 1300",
+    );
+    let (out, delta) = run_counted(&mut h, &segment(CLIENT6.into(), VIP6.into(), 1300).build());
+    assert_eq!(out.verdict, Verdict::Drop);
+    assert_eq!(delta, vec![("drop_too_big", 1)]);
 }

@@ -43,7 +43,17 @@ pub fn run(_opts: &Options) -> anyhow::Result<Artifacts> {
 /// Builds `smtp-lb-ebpf` with nightly for `bpfel-unknown-none`; its own
 /// target dir keeps nightly artifacts apart from the stable ones.
 pub fn build_ebpf() -> anyhow::Result<PathBuf> {
-    let target_dir = workspace_root().join("target/ebpf");
+    build_ebpf_variant("ebpf", &[])
+}
+
+/// The object with the cost probes `bench xdp` measures (feature `probes`),
+/// in a target dir of its own so it never replaces the shipped object.
+pub fn build_ebpf_probes() -> anyhow::Result<PathBuf> {
+    build_ebpf_variant("ebpf-probes", &["--features", "probes"])
+}
+
+fn build_ebpf_variant(dir: &str, extra: &[&str]) -> anyhow::Result<PathBuf> {
+    let target_dir = workspace_root().join("target").join(dir);
     let mut cmd = cargo();
     cmd.args([
         "+nightly",
@@ -52,6 +62,7 @@ pub fn build_ebpf() -> anyhow::Result<PathBuf> {
         "smtp-lb-ebpf",
         "--release",
     ])
+    .args(extra)
     .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
     .arg("--target-dir")
     .arg(&target_dir)

@@ -10,12 +10,13 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::MapInfo,
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
     },
 };
-use smtp_lb_common::{maps, programs};
+use smtp_lb_common::{BackendStats, GlobalStats, ServiceStats, maps, programs};
 use thiserror::Error;
 
 use super::{EBPF_OBJECT, pins::ensure_bpffs};
@@ -96,6 +97,35 @@ pub struct Dataplane {
     took_over: bool,
 }
 
+/// Counter maps pinned by a build whose counters had another layout (a
+/// release that added one) cannot be re-used: the program would not load.
+/// They are unpinned so fresh ones are made; the counters restart, the flow
+/// maps (and the flows they hold) are kept.
+fn drop_outgrown_counters(pin_dir: &Path) {
+    let counters = [
+        (maps::GLOBAL_STATS, size_of::<GlobalStats>()),
+        (maps::SERVICE_STATS, size_of::<ServiceStats>()),
+        (maps::BACKEND_STATS, size_of::<BackendStats>()),
+    ];
+    for (name, size) in counters {
+        let path = pin_dir.join(name);
+        let Ok(info) = MapInfo::from_pin(&path) else {
+            continue;
+        };
+        if info.value_size() as usize != size {
+            tracing::warn!(
+                map = name,
+                pinned = info.value_size(),
+                now = size,
+                "pinned counters have another layout; replaced, they restart from 0"
+            );
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(map = name, error = %e, "cannot unpin outgrown counters");
+            }
+        }
+    }
+}
+
 impl Dataplane {
     /// Loads the embedded object, re-using maps already pinned in `pin_dir`.
     pub fn load(opts: &LoadOptions) -> Result<Self, LoadError> {
@@ -110,6 +140,7 @@ impl Dataplane {
             path: opts.pin_dir.clone(),
             source,
         })?;
+        drop_outgrown_counters(&opts.pin_dir);
         // Maps already pinned there belong to a running (or restarting) balancer.
         let adopted = maps::ALL
             .iter()

@@ -38,7 +38,10 @@ enum Name {
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     setup::ensure(setup::Role::Lab, false)?;
     let (name, report) = match opts.name {
-        Name::Xdp => ("xdp", xdp::run(&build::run(&build::Options {})?)?),
+        Name::Xdp => (
+            "xdp",
+            xdp::run(&build::build_ebpf()?, &build::build_ebpf_probes()?)?,
+        ),
         Name::Maglev => ("maglev", maglev::run()),
         Name::Lb => ("lb", lb::run(&build::run(&build::Options {})?)?),
         Name::Relay => ("relay", relay::run(&build::run(&build::Options {})?)?),

@@ -8,7 +8,15 @@
 //! - `moved`: an ACK of a flow a table change moved whose `CONNTRACK` entry is
 //!   gone (a flood evicted it): conntrack miss, `MOVED_FLOWS` hit, L2 rewrite.
 //! - `icmp`: "fragmentation needed" quoting a tracked flow, sent to its relay.
-use std::net::Ipv4Addr;
+//!
+//! Then where the nanoseconds go: the cost probes (`smtp-lb-ebpf` feature
+//! `probes`, an object of their own that never ships), each one map
+//! operation the balancer does (or could do instead) on a key read from the
+//! packet, as ns above reading that key alone. They bound what any packet
+//! path built on these maps can reach on this machine: a `CONNTRACK` hit,
+//! a miss in `MOVED_FLOWS`, an LRU insert, and the alternatives (a 12-byte
+//! IPv4-only key, a plain or per-CPU hash, per-CPU LRU lists).
+use std::{net::Ipv4Addr, path::Path};
 
 use aya::maps::HashMap;
 use smtp_lb_common::{Flow, FlowKey, maps, programs};
@@ -19,7 +27,6 @@ use smtp_lb_tests::{
 use smtp_lb_user::{config::lb::LbConfig, dataplane::apply_config};
 
 use super::Report;
-use crate::build::Artifacts;
 
 /// Repeats per measurement: enough that the kernel's mean is stable.
 const REPEAT: u32 = 1_000_000;
@@ -44,9 +51,28 @@ fn ns(xdp: &mut XdpHarness, prog: &str, pkt: &[u8]) -> f64 {
     xdp.run_repeat(prog, pkt, REPEAT).mean.as_secs_f64() * 1e9
 }
 
-pub fn run(artifacts: &Artifacts) -> anyhow::Result<Report> {
+/// The cost probes (`smtp-lb-ebpf` feature `probes`), each one map operation
+/// on a key read from the packet; reported as ns above `probe_key40` (the
+/// same packet read with no map operation).
+const PROBES: &[&str] = &[
+    "probe_key40",
+    "probe_stats",
+    "probe_ct_lookup",
+    "probe_ct_update",
+    "probe_moved_miss",
+    "probe_lru12_lookup",
+    "probe_lru12_update",
+    "probe_hash40_lookup",
+    "probe_hash40_update",
+    "probe_pcpu_update",
+    "probe_lru_pcpu_lists_update",
+];
+
+/// Measures the balancer in `ebpf_object` (only the object is needed, not
+/// the binary) and the probes in `probes_object`.
+pub fn run(ebpf_object: &Path, probes_object: &Path) -> anyhow::Result<Report> {
     // SAFETY: setting a variable before any thread reads the environment.
-    unsafe { std::env::set_var("SMTP_LB_EBPF_OBJ", &artifacts.ebpf_object) };
+    unsafe { std::env::set_var("SMTP_LB_EBPF_OBJ", ebpf_object) };
     let mut xdp = XdpHarness::load();
     apply_config(xdp.ebpf_mut(), &config(1)?)?;
     let client = Ipv4Addr::new(198, 51, 100, 1);
@@ -98,6 +124,7 @@ pub fn run(artifacts: &Artifacts) -> anyhow::Result<Report> {
         ]);
     }
     let col = |i: usize| median(&mut rounds.iter().map(|r| r[i]).collect::<Vec<_>>());
+    let probes = measure_probes(probes_object, &syn)?;
     let (floor_ns, nonvip_ns, syn_ns, established_ns) = (col(0), col(1), col(2), col(3));
     let (moved_ns, icmp_ns) = (col(4), col(5));
     let mut report = Report::default();
@@ -121,7 +148,29 @@ pub fn run(artifacts: &Artifacts) -> anyhow::Result<Report> {
         )
         .add("moved_ratio", moved_ns / floor_ns, "x floor")
         .add("icmp_ratio", icmp_ns / floor_ns, "x floor");
+    let base = probes[0];
+    for (name, ns) in PROBES.iter().zip(&probes).skip(1) {
+        report.add(&format!("{name}_ns"), ns - base, "ns above probe_key40");
+    }
+    report.add("probe_key40_ns", base, "ns");
     Ok(report)
+}
+
+/// Median ns of each of [`PROBES`] over [`ROUNDS`] interleaved rounds. Each
+/// update probe runs before its lookup, so the lookups are hits.
+fn measure_probes(probes_object: &Path, pkt: &[u8]) -> anyhow::Result<Vec<f64>> {
+    let mut xdp = XdpHarness::load_from(probes_object);
+    for probe in PROBES {
+        xdp.run(probe, pkt);
+    }
+    anyhow::ensure!(xdp.run("probe_ct_lookup", pkt).verdict == Verdict::Tx);
+    let mut rounds: Vec<Vec<f64>> = Vec::new();
+    for _ in 0..ROUNDS {
+        rounds.push(PROBES.iter().map(|p| ns(&mut xdp, p, pkt)).collect());
+    }
+    Ok((0..PROBES.len())
+        .map(|i| median(&mut rounds.iter().map(|r| r[i]).collect::<Vec<_>>()))
+        .collect())
 }
 
 fn median(v: &mut [f64]) -> f64 {
