@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use smtp_lb_user::relay::config::{Config, ListenerConfig, TlsConfig, UserConfig};
+use smtp_lb_user::relay::config::{Config, ListenerConfig, ListenerTls, TlsConfig, UserConfig};
 
 use crate::{
     env::smtp_lb_bin,
@@ -33,6 +33,8 @@ pub struct RelayConfig {
     pub submission: bool,
     /// Generate a certificate and offer STARTTLS.
     pub tls: bool,
+    /// Also listen with implicit TLS (port 465 style; implies `tls`).
+    pub implicit_tls: bool,
     pub users: Vec<(String, String)>,
     pub max_message_size: u64,
     pub max_connections: usize,
@@ -63,6 +65,7 @@ impl Default for RelayConfig {
             relay_networks: vec!["127.0.0.0/8".into()],
             submission: false,
             tls: false,
+            implicit_tls: false,
             users: Vec::new(),
             max_message_size: 10 * 1024 * 1024,
             max_connections: 200,
@@ -82,6 +85,8 @@ pub struct Relay {
     pub dir: TempDir,
     pub smtp: SocketAddr,
     pub submission: Option<SocketAddr>,
+    /// The implicit-TLS listener, with `implicit_tls`.
+    pub implicit: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub config_path: PathBuf,
     child: ChildGuard,
@@ -112,6 +117,9 @@ impl Relay {
         let smtp: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let submission: Option<SocketAddr> =
             cfg.submission.then(|| ([127, 0, 0, 1], free_port()).into());
+        let implicit: Option<SocketAddr> = cfg
+            .implicit_tls
+            .then(|| ([127, 0, 0, 1], free_port()).into());
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let spool = cfg.spool_dir.clone().unwrap_or_else(|| dir.join("spool"));
         let mut c: Config =
@@ -129,11 +137,20 @@ impl Relay {
         c.listeners.push(ListenerConfig {
             address: smtp,
             submission: false,
+            tls: ListenerTls::Starttls,
         });
         if let Some(address) = submission {
             c.listeners.push(ListenerConfig {
                 address,
                 submission: true,
+                tls: ListenerTls::Starttls,
+            });
+        }
+        if let Some(address) = implicit {
+            c.listeners.push(ListenerConfig {
+                address,
+                submission: false,
+                tls: ListenerTls::Implicit,
             });
         }
         c.users = cfg
@@ -144,7 +161,7 @@ impl Relay {
                 password: password.clone(),
             })
             .collect();
-        if cfg.tls {
+        if cfg.tls || cfg.implicit_tls {
             let (cert, key) = self_signed_cert(dir.path(), "relay", "relay.test");
             c.tls = Some(TlsConfig { cert, key });
         }
@@ -178,6 +195,7 @@ impl Relay {
             dir,
             smtp,
             submission,
+            implicit,
             admin,
             config_path,
             child: ChildGuard(None),

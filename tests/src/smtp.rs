@@ -21,6 +21,19 @@ pub fn smtp_source(server: SocketAddr, rcpt: &str, n: usize, sessions: usize) {
     );
 }
 
+/// Runs `swaks` with `args`: (success, stdout and stderr).
+pub fn swaks(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("swaks")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run swaks");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
 pub struct RawSmtp {
     pub stream: TcpStream,
     buf: Vec<u8>,

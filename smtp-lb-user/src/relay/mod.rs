@@ -50,7 +50,8 @@ use policy::{cluster::Cluster, limiter::Limiters, shaping::Shaper};
 /// sessions finish their transaction (up to `timeouts.shutdown_grace`) and returns.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::Metrics::default());
-    let (spool, recovered, corrupt) = spool::Spool::open(&cfg.spool_dir)?;
+    let (spool, recovered, corrupt) =
+        spool::Spool::open(&cfg.spool_dir, cfg.spool.compact_interval)?;
     for c in &corrupt {
         warn!(segment = %c.segment.display(), moved_to = %c.moved_to.display(), bad_bytes = c.bad_bytes, "corrupt spool data reported");
     }
@@ -83,14 +84,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     );
     let n = recovered.len();
     for r in recovered {
-        queue.submit(queue::QueuedMessage::new(
-            r.id,
-            r.sender,
-            r.rcpts,
-            r.received_ms,
-            r.location,
-            r.done,
-        ));
+        queue.submit(
+            queue::QueuedMessage::new(r.id, r.sender, r.rcpts, r.received_ms, r.size, r.done)
+                .resume(r.retry),
+        );
     }
     if n > 0 {
         info!(messages = n, "recovered messages queued again");
@@ -105,10 +102,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         let listener = TcpListener::bind(l.address)
             .await
             .with_context(|| format!("bind SMTP listener {}", l.address))?;
-        info!(address = %l.address, submission = l.submission, "SMTP listener ready");
+        info!(address = %l.address, submission = l.submission, tls = ?l.tls, "SMTP listener ready");
         tokio::spawn(ingress::serve(
             listener,
             l.submission,
+            l.tls,
             shared.clone(),
             shutdown_rx.clone(),
             done_tx.clone(),

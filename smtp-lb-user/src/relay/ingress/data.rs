@@ -155,8 +155,9 @@ impl Session {
             self.reply("451 4.3.0 Error: local error in processing");
             return;
         };
+        let size = body.len() as u64;
         match queue.spool().store(id, &sender, &rcpts, &body).await {
-            Ok((id, received_ms, location)) => {
+            Ok(received_ms) => {
                 drop(body);
                 self.shared.metrics.accepted.fetch_add(1, Ordering::Relaxed);
                 queue.submit(QueuedMessage::new(
@@ -164,7 +165,7 @@ impl Session {
                     sender,
                     rcpts,
                     received_ms,
-                    location,
+                    size,
                     HashSet::default(),
                 ));
                 let r = format!("250 2.0.0 Ok: queued as {id:016x}");

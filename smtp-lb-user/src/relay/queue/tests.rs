@@ -138,7 +138,7 @@ fn queue(name: &str, dispatcher: Scripted) -> Arc<Queue> {
         dir.display().to_string()
     ))
     .unwrap();
-    let (spool, _, _) = Spool::open(&cfg.spool_dir).unwrap();
+    let (spool, _, _) = Spool::open(&cfg.spool_dir, cfg.spool.compact_interval).unwrap();
     let router = Router::new(&cfg.routes, &cfg.dns, 25).unwrap();
     let shaper = Shaper::load(None, &Limiters::local()).unwrap();
     let egress = Egress::from_config(None, "relay.test", None, shaper.providers()).unwrap();
@@ -157,17 +157,14 @@ fn queue(name: &str, dispatcher: Scripted) -> Arc<Queue> {
 async fn submit(q: &Arc<Queue>, sender: &str, rcpts: &[&str]) -> u64 {
     let rcpts: Vec<String> = rcpts.iter().map(|r| (*r).to_owned()).collect();
     let id = q.spool().allocate_id();
-    let (id, received_ms, location) = q
-        .spool()
-        .store(id, sender, &rcpts, b"Subject: t\r\n\r\nhello\r\n")
-        .await
-        .unwrap();
+    let body = b"Subject: t\r\n\r\nhello\r\n";
+    let received_ms = q.spool().store(id, sender, &rcpts, body).await.unwrap();
     q.submit(QueuedMessage::new(
         id,
         sender.to_owned(),
         rcpts,
         received_ms,
-        location,
+        body.len() as u64,
         std::collections::HashSet::new(),
     ));
     id
