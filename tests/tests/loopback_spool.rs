@@ -161,6 +161,9 @@ fn compaction_leaves_under_one_mib_beside_a_deferred_message_after_ten_thousand_
     relay.restart();
     assert_eq!(attempts_of(&relay, &id), 1);
     let (_, body) = relay.admin("GET", "/queue");
-    assert!(body.contains("\"messages\":1"), "only the deferred one: {body}");
+    assert!(
+        body.contains("\"messages\":1"),
+        "only the deferred one: {body}"
+    );
     assert!(spool_bytes(&relay) < 1024 * 1024);
 }

@@ -12,6 +12,7 @@
 //! - [`route`]: static routes and MX resolution.
 //! - [`policy`]: throttles, limiters (local or through Redis), providers,
 //!   reply rules, shaping.
+//! - [`fdlimit`]: the open-file limit, raised and checked at start.
 //! - leaves: [`spool`] (the durable log with group commit and recovery),
 //!   [`dsn`] (RFC 3464 bounces, pure), [`dkim`] (signing at ingress),
 //!   [`log`] (the JSON-lines delivery log).
@@ -24,6 +25,7 @@ pub mod config;
 pub mod dkim;
 pub mod dsn;
 pub mod egress;
+pub mod fdlimit;
 pub mod ingress;
 #[cfg(test)]
 mod layers;
@@ -49,6 +51,7 @@ use policy::{cluster::Cluster, limiter::Limiters, shaping::Shaper};
 /// Runs the relay until `shutdown` resolves, then stops accepting, lets
 /// sessions finish their transaction (up to `timeouts.shutdown_grace`) and returns.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    fdlimit::raise(cfg.limits.max_connections)?;
     let metrics = Arc::new(metrics::Metrics::default());
     let (spool, recovered, corrupt) =
         spool::Spool::open(&cfg.spool_dir, cfg.spool.compact_interval)?;
