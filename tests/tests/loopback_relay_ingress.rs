@@ -1,12 +1,14 @@
 //! Ingress against clients that hold on to what they get: a TLS client
 //! that pipelines and never reads, many connections from one address,
-//! sessions that never end; and the implicit-TLS (465) listener with swaks.
+//! sessions that never end; twenty large messages at once (memory per
+//! session is bounded); and the implicit-TLS (465) listener with swaks.
 //! Real processes: the relay binary and `swaks`; the client that never
 //! reads is written here with rustls (`openssl s_client` stops sending
 //! once its own output backs up, so it never blocks the relay's writes).
 use std::{
     io::{Read, Write},
     net::TcpStream,
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -247,4 +249,68 @@ fn implicit_tls_listener_takes_mail_from_swaks_tlsc() {
     // A plaintext client gets no SMTP greeting on that port.
     let plain = first_line(port465);
     assert!(!plain.starts_with("220"), "{plain}");
+}
+
+/// The relay's peak resident memory so far (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .expect("VmHWM")
+        * 1024
+}
+
+#[test]
+fn twenty_concurrent_20_mib_messages_keep_the_relay_under_200_mib() {
+    // Nothing listens at the destination: every message is deferred at
+    // connect, so what is measured is ingress and the spool.
+    let closed = smtp_lb_tests::tmp::free_port();
+    let relay = Relay::start(&RelayConfig {
+        routes: vec![("*".into(), format!("127.0.0.1:{closed}"))],
+        max_message_size: 25 * 1024 * 1024,
+        retry_min: "1h".into(),
+        retry_max: "1h".into(),
+        ..RelayConfig::default()
+    });
+    let before = peak_rss(relay.pid());
+    let started = Instant::now();
+    let out = Command::new("smtp-source")
+        .args([
+            "-s",
+            "20",
+            "-m",
+            "20",
+            "-l",
+            &(20 * 1024 * 1024).to_string(),
+        ])
+        .args(["-f", "sender@src.test", "-t", "r@dst.test"])
+        .arg(relay.smtp.to_string())
+        .output()
+        .expect("run smtp-source (package postfix)");
+    assert!(
+        out.status.success(),
+        "smtp-source: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let took = started.elapsed();
+    relay.wait_log_count("deferred", 20, WAIT);
+    let peak = peak_rss(relay.pid());
+    let spooled: u64 = std::fs::read_dir(relay.spool_dir())
+        .expect("spool dir")
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .filter(std::fs::Metadata::is_file)
+        .map(|m| m.len())
+        .sum();
+    assert!(
+        spooled >= 400 * 1024 * 1024,
+        "all 400 MiB spooled: {spooled}"
+    );
+    println!(
+        "20 × 20 MiB accepted in {took:?}; relay RSS peak {} MiB (at start {} MiB)",
+        peak >> 20,
+        before >> 20
+    );
+    assert!(peak < 200 * 1024 * 1024, "RSS peak {} MiB", peak >> 20);
 }

@@ -13,9 +13,12 @@ use tokio::{
     time::timeout,
 };
 
-use crate::smtp::{
-    command::{Command, MAX_COMMAND_LINE, parse_command},
-    stream::Stream,
+use crate::{
+    relay::spool::Incoming,
+    smtp::{
+        command::{Command, MAX_COMMAND_LINE, parse_command},
+        stream::Stream,
+    },
 };
 
 use super::Shared;
@@ -34,13 +37,15 @@ pub(super) enum Line {
 }
 
 /// Result of reading DATA.
-#[derive(Default)]
 #[expect(
     clippy::struct_excessive_bools,
     reason = "independent reasons to refuse one message"
 )]
 pub(super) struct Data {
-    pub(super) body: Vec<u8>,
+    /// Streamed towards the spool: at most a bounded part is in memory.
+    pub(super) body: Incoming,
+    /// The body could not be written out (disk full, I/O error).
+    pub(super) spool_error: Option<std::io::Error>,
     pub(super) bare: bool,
     pub(super) nul: bool,
     pub(super) long_line: bool,

@@ -104,7 +104,30 @@ pub(super) fn message_record(
     rcpts: &[String],
     body: &[u8],
 ) -> (Vec<u8>, u64) {
-    let mut p = Vec::with_capacity(64 + body.len());
+    message_record_head(
+        id,
+        received_ms,
+        sender,
+        rcpts,
+        body,
+        0,
+        &crc32fast::Hasher::new(),
+    )
+}
+
+/// Encodes the start of a message record whose body is `head` followed by
+/// `rest_len` more bytes with CRC state `rest_crc` (streamed from
+/// [`super::Incoming`]); the writer appends those bytes after it.
+pub(super) fn message_record_head(
+    id: MsgId,
+    received_ms: u64,
+    sender: &str,
+    rcpts: &[String],
+    head: &[u8],
+    rest_len: u64,
+    rest_crc: &crc32fast::Hasher,
+) -> (Vec<u8>, u64) {
+    let mut p = Vec::with_capacity(64 + head.len());
     p.extend_from_slice(&id.to_le_bytes());
     p.extend_from_slice(&received_ms.to_le_bytes());
     put_str(&mut p, sender);
@@ -116,10 +139,22 @@ pub(super) fn message_record(
     for r in rcpts {
         put_str(&mut p, r);
     }
-    p.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    p.extend_from_slice(&(head.len() as u64 + rest_len).to_le_bytes());
     let body_at = (HEADER + p.len()) as u64;
-    p.extend_from_slice(body);
-    (record(KIND_MESSAGE, &p), body_at)
+    p.extend_from_slice(head);
+    let len = u32::try_from(p.len() as u64 + rest_len).expect("record under 4 GiB");
+    let mut h = crc32fast::Hasher::new();
+    h.update(&[KIND_MESSAGE]);
+    h.update(&len.to_le_bytes());
+    h.update(&p);
+    h.combine(rest_crc);
+    let mut out = Vec::with_capacity(HEADER + p.len());
+    out.extend_from_slice(&MAGIC.to_le_bytes());
+    out.push(KIND_MESSAGE);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&h.finalize().to_le_bytes());
+    out.extend_from_slice(&p);
+    (out, body_at)
 }
 
 pub(super) struct Cursor<'a>(&'a [u8]);

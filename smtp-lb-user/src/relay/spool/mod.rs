@@ -36,6 +36,7 @@
 //! `corrupt/` and reported, parsing resumes at the next valid record, and a
 //! torn tail (a write cut by a crash, never acknowledged) is truncated.
 mod format;
+mod incoming;
 mod writer;
 
 use std::{
@@ -56,9 +57,10 @@ use tokio::sync::oneshot;
 use tracing::info;
 
 pub use self::format::{CorruptReport, MsgId, Recovered, RetryState, now_ms};
+pub use self::incoming::Incoming;
 pub use self::writer::SpoolError;
 use self::{
-    format::{Event, message_record, recover_segment, segment_path, sync_dir},
+    format::{Event, message_record, message_record_head, recover_segment, segment_path, sync_dir},
     writer::{Entry, Index, Op, SegmentState, Shared, Writer},
 };
 
@@ -89,6 +91,11 @@ impl Spool {
         use anyhow::Context;
         std::fs::create_dir_all(dir)
             .with_context(|| format!("create spool dir {}", dir.display()))?;
+        // Bodies being received; anything here is from a crash and was never acknowledged.
+        let incoming = dir.join("incoming");
+        let _ = std::fs::remove_dir_all(&incoming);
+        std::fs::create_dir_all(&incoming)
+            .with_context(|| format!("create {}", incoming.display()))?;
         let mut numbers: Vec<u64> = std::fs::read_dir(dir)
             .with_context(|| format!("read spool dir {}", dir.display()))?
             .filter_map(|e| {
@@ -230,8 +237,48 @@ impl Spool {
             .send(Op::Append {
                 id,
                 bytes,
+                rest: None,
                 body_at,
                 body_len: body.len() as u64,
+                reply,
+            })
+            .map_err(|_| SpoolError::Closed)?;
+        rx.await.map_err(|_| SpoolError::Closed)??;
+        Ok(received_ms)
+    }
+
+    /// A body to receive into (memory up to a bound, then a file).
+    pub fn incoming(&self) -> Incoming {
+        Incoming::new(
+            self.shared
+                .dir
+                .join("incoming")
+                .join(format!("{:016x}", self.allocate_id())),
+        )
+    }
+
+    /// Like [`Self::store`] for a body of `head` (our headers) followed by
+    /// what was received into `body`, which never has to be in memory whole.
+    pub async fn store_incoming(
+        &self,
+        id: MsgId,
+        sender: &str,
+        rcpts: &[String],
+        head: &[u8],
+        body: Incoming,
+    ) -> Result<u64, SpoolError> {
+        let received_ms = now_ms();
+        let (rest, crc, rest_len) = body.into_parts();
+        let (bytes, body_at) =
+            message_record_head(id, received_ms, sender, rcpts, head, rest_len, &crc);
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Op::Append {
+                id,
+                bytes,
+                rest: Some(rest),
+                body_at,
+                body_len: head.len() as u64 + rest_len,
                 reply,
             })
             .map_err(|_| SpoolError::Closed)?;
@@ -355,6 +402,39 @@ mod tests {
         assert_eq!(two.done, HashSet::from([0]));
         assert_eq!(two.sender, "");
         assert_eq!(two.size, 10);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_is_stored_whole_and_read_back() {
+        let dir = tmpdir("incoming");
+        let (spool, _, _) = Spool::open(&dir, HOUR).unwrap();
+        let mut body = spool.incoming();
+        let mut expect = b"X-Head: 1\r\n".to_vec();
+        for i in 0..3000u32 {
+            let line = format!("line {i} {}\r\n", "y".repeat(200));
+            body.extend(line.as_bytes());
+            expect.extend_from_slice(line.as_bytes());
+            body.spill_if_full().await.unwrap();
+        }
+        assert!(body.len() > incoming::SPILL as u64 * 2);
+        let id = spool.allocate_id();
+        let r = vec!["a@x.example".to_owned()];
+        spool
+            .store_incoming(id, "s@z.example", &r, b"X-Head: 1\r\n", body)
+            .await
+            .unwrap();
+        assert_eq!(spool.read_body(id).await.unwrap(), expect);
+        assert_eq!(
+            std::fs::read_dir(dir.join("incoming")).unwrap().count(),
+            0,
+            "nothing left behind"
+        );
+        drop(spool);
+        let (spool, rec, corrupt) = Spool::open(&dir, HOUR).unwrap();
+        assert!(corrupt.is_empty(), "the CRC covers the streamed body");
+        assert_eq!(rec.len(), 1);
+        assert_eq!(spool.read_body(id).await.unwrap(), expect);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

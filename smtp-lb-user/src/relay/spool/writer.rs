@@ -18,8 +18,9 @@ use std::{
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
-use super::format::{
-    Location, MsgId, RetryState, done_record, retry_record, segment_path, sync_dir,
+use super::{
+    format::{Location, MsgId, RetryState, done_record, retry_record, segment_path, sync_dir},
+    incoming::Spilled,
 };
 
 /// A segment is closed for new messages once it is this large.
@@ -48,7 +49,9 @@ pub enum SpoolError {
 pub(super) enum Op {
     Append {
         id: MsgId,
+        /// The record, or its start when `rest` holds the body's remainder.
         bytes: Vec<u8>,
+        rest: Option<Spilled>,
         body_at: u64,
         body_len: u64,
         reply: oneshot::Sender<Result<(), SpoolError>>,
@@ -200,24 +203,37 @@ impl Writer {
         }
         let mut buf = Vec::new();
         let mut waiters = Vec::new();
+        // Bytes of this batch already written straight to the file (streamed bodies).
+        let mut direct = 0u64;
+        let mut failed: Option<io::Error> = None;
         for op in batch {
             match op {
                 Op::Append {
                     id,
                     bytes,
+                    rest,
                     body_at,
                     body_len,
                     reply,
                 } => {
+                    let record_at = self.len + direct + buf.len() as u64;
+                    buf.extend_from_slice(&bytes);
+                    if let Some(rest) = rest
+                        && failed.is_none()
+                    {
+                        match self.write_spilled(&mut buf, rest) {
+                            Ok(n) => direct += n,
+                            Err(e) => failed = Some(e),
+                        }
+                    }
                     let location = Location {
                         segment: self.current,
-                        record_at: self.len + buf.len() as u64,
-                        record_len: bytes.len() as u64,
+                        record_at,
+                        record_len: self.len + direct + buf.len() as u64 - record_at,
                         body_at,
                         body_len,
                     };
                     waiters.push((reply, id, location));
-                    buf.extend_from_slice(&bytes);
                 }
                 Op::Done { id, rcpts, all } => {
                     let Some(segment) = self.note_done(id, &rcpts, all) else {
@@ -252,13 +268,15 @@ impl Writer {
                 }
             }
         }
-        if buf.is_empty() {
+        if buf.is_empty() && direct == 0 && failed.is_none() {
             return;
         }
         let result = if self.broken {
             Err(io::Error::other(
                 "spool segment unusable after an earlier error",
             ))
+        } else if let Some(e) = failed {
+            Err(e)
         } else {
             self.file.write_all(&buf).and_then(|()| {
                 if waiters.is_empty() {
@@ -270,7 +288,7 @@ impl Writer {
         };
         match result {
             Ok(()) => {
-                self.len += buf.len() as u64;
+                self.len += direct + buf.len() as u64;
                 let mut index = self.shared.index();
                 let Index { segments, messages } = &mut *index;
                 if let Some(s) = segments.get_mut(&self.current) {
@@ -304,6 +322,29 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Writes `buf` (the record's start), then the streamed body's file
+    /// part, leaving its in-memory tail in `buf`; returns the bytes written.
+    fn write_spilled(&mut self, buf: &mut Vec<u8>, rest: Spilled) -> io::Result<u64> {
+        let mut n = 0;
+        if let Some((file, len)) = rest.file {
+            self.file.write_all(buf)?;
+            n += buf.len() as u64;
+            buf.clear();
+            let mut src = &*file;
+            src.seek(SeekFrom::Start(0))?;
+            let copied = io::copy(&mut src.take(len), &mut self.file)?;
+            if copied != len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "streamed message body shorter than received",
+                ));
+            }
+            n += copied;
+        }
+        buf.extend_from_slice(&rest.tail);
+        Ok(n)
     }
 
     /// Applies a done record to the index; returns the message's segment
