@@ -8,7 +8,6 @@
 use std::{
     io::{Read, Write},
     net::TcpStream,
-    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -21,7 +20,7 @@ use rustls::pki_types::ServerName;
 use smtp_lb_tests::{
     fake_mx::FakeMx,
     relay::{Relay, RelayConfig},
-    smtp::{RawSmtp, swaks},
+    smtp::{RawSmtp, smtp_source_with, swaks},
     tmp::wait_for,
 };
 
@@ -276,24 +275,8 @@ fn twenty_concurrent_20_mib_messages_keep_the_relay_under_200_mib() {
     });
     let before = peak_rss(relay.pid());
     let started = Instant::now();
-    let out = Command::new("smtp-source")
-        .args([
-            "-s",
-            "20",
-            "-m",
-            "20",
-            "-l",
-            &(20 * 1024 * 1024).to_string(),
-        ])
-        .args(["-f", "sender@src.test", "-t", "r@dst.test"])
-        .arg(relay.smtp.to_string())
-        .output()
-        .expect("run smtp-source (package postfix)");
-    assert!(
-        out.status.success(),
-        "smtp-source: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let length = (20 * 1024 * 1024).to_string();
+    smtp_source_with(relay.smtp, "r@dst.test", 20, 20, &["-l", &length]);
     let took = started.elapsed();
     relay.wait_log_count("deferred", 20, WAIT);
     let peak = peak_rss(relay.pid());

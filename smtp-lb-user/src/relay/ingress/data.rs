@@ -124,12 +124,7 @@ impl Session {
             return;
         }
         if let Some(e) = data.spool_error {
-            self.shared
-                .metrics
-                .spool_errors
-                .fetch_add(1, Ordering::Relaxed);
-            error!(peer = %self.peer, error = %e, "message not accepted: spool write failed");
-            self.reply("451 4.3.0 Error: queue file write error");
+            self.spool_failed(&e);
             return;
         }
         let with = match (self.esmtp, self.stream.is_tls(), self.authed.is_some()) {
@@ -195,14 +190,17 @@ impl Session {
                 let r = format!("250 2.0.0 Ok: queued as {id:016x}");
                 self.reply(&r);
             }
-            Err(e) => {
-                self.shared
-                    .metrics
-                    .spool_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                error!(peer = %self.peer, error = %e, "message not accepted: spool write failed");
-                self.reply("451 4.3.0 Error: queue file write error");
-            }
+            Err(e) => self.spool_failed(&e),
         }
+    }
+
+    /// The spool could not take the message: `451`, logged and counted.
+    fn spool_failed(&mut self, e: &dyn std::fmt::Display) {
+        self.shared
+            .metrics
+            .spool_errors
+            .fetch_add(1, Ordering::Relaxed);
+        error!(peer = %self.peer, error = %e, "message not accepted: spool write failed");
+        self.reply("451 4.3.0 Error: queue file write error");
     }
 }
