@@ -2,12 +2,13 @@
 //!
 //! # Format
 //! The spool directory holds segment files `NNNNNNNNNNNNNNNN.seg` (16 hex
-//! digits, increasing) and `corrupt/` for anything that failed to parse at
-//! start-up. A segment is a sequence of records:
+//! digits, increasing), `corrupt/` for anything that failed to parse at
+//! start-up, and `incoming/` for bodies being received ([`Incoming`]). A
+//! segment is a sequence of records:
 //!
 //! ```text
 //! magic  u32 LE  0x3152_4C53 ("SLR1")
-//! kind   u8      1 = message, 2 = recipients done
+//! kind   u8      1 = message, 2 = recipients done, 3 = retry state
 //! len    u32 LE  payload length
 //! crc    u32 LE  CRC-32 of kind, len and payload
 //! payload
@@ -15,7 +16,8 @@
 //!
 //! A message payload is `id u64, received_ms u64, sender (u16 len + bytes),
 //! rcpt count u32, each rcpt (u16 len + bytes), body_len u64, body`. A done
-//! payload is `id u64, count u32, rcpt indexes u32…` (count `u32::MAX` = all).
+//! payload is `id u64, count u32, rcpt indexes u32…` (count `u32::MAX` = all);
+//! a retry payload `id u64, attempts u32, next attempt (Unix ms) u64`.
 //!
 //! # Durability
 //! One writer thread owns the current segment. Ingress sends it message
@@ -27,8 +29,13 @@
 //! synced on their own: losing one after a crash means a duplicate delivery,
 //! never a lost message (at-least-once).
 //!
-//! A done record goes to the segment that holds its message, so each segment
-//! is self-contained; a segment none of whose messages is live is deleted.
+//! A done or retry record goes to the segment that holds its message; a
+//! segment none of whose messages is live is deleted. The writer thread owns
+//! the index of live messages (id → record) and compacts: a segment of at
+//! least 1 MiB whose live records take at most a quarter of it has them
+//! copied forward (with their done and retry state), synced, re-indexed, and
+//! only then is it unlinked. A crash in between leaves two copies; recovery
+//! applies segments in order, so the later copy wins.
 //!
 //! # Recovery
 //! At start-up every segment is parsed. A record whose header or CRC is
