@@ -10,7 +10,7 @@ use std::{
 
 use smtp_lb_user::{
     admin::client::Client,
-    relay::config::{Config, ListenerConfig, TlsConfig, UserConfig},
+    relay::config::{Config, ListenerConfig, ListenerTls, TlsConfig, UserConfig},
 };
 
 use crate::{
@@ -37,6 +37,8 @@ pub struct RelayConfig {
     pub submission: bool,
     /// Generate a certificate and offer STARTTLS.
     pub tls: bool,
+    /// Also listen with implicit TLS (port 465 style; implies `tls`).
+    pub implicit_tls: bool,
     pub users: Vec<(String, String)>,
     pub max_message_size: u64,
     pub max_connections: usize,
@@ -68,6 +70,7 @@ impl Default for RelayConfig {
             relay_networks: vec!["127.0.0.0/8".into()],
             submission: false,
             tls: false,
+            implicit_tls: false,
             users: Vec::new(),
             max_message_size: 10 * 1024 * 1024,
             max_connections: 200,
@@ -87,6 +90,8 @@ pub struct Relay {
     pub dir: TempDir,
     pub smtp: SocketAddr,
     pub submission: Option<SocketAddr>,
+    /// The implicit-TLS listener, with `implicit_tls`.
+    pub implicit: Option<SocketAddr>,
     pub admin: SocketAddr,
     /// The metrics listener (`/metrics`, `/healthz`, `/readyz`, no token).
     pub metrics: SocketAddr,
@@ -121,6 +126,9 @@ impl Relay {
         let smtp: SocketAddr = ([127, 0, 0, 1], cfg.smtp_port.unwrap_or_else(free_port)).into();
         let submission: Option<SocketAddr> =
             cfg.submission.then(|| ([127, 0, 0, 1], free_port()).into());
+        let implicit: Option<SocketAddr> = cfg
+            .implicit_tls
+            .then(|| ([127, 0, 0, 1], free_port()).into());
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let spool = cfg.spool_dir.clone().unwrap_or_else(|| dir.join("spool"));
@@ -140,11 +148,20 @@ impl Relay {
         c.listeners.push(ListenerConfig {
             address: smtp,
             submission: false,
+            tls: ListenerTls::Starttls,
         });
         if let Some(address) = submission {
             c.listeners.push(ListenerConfig {
                 address,
                 submission: true,
+                tls: ListenerTls::Starttls,
+            });
+        }
+        if let Some(address) = implicit {
+            c.listeners.push(ListenerConfig {
+                address,
+                submission: false,
+                tls: ListenerTls::Implicit,
             });
         }
         c.users = cfg
@@ -155,7 +172,7 @@ impl Relay {
                 password: password.clone(),
             })
             .collect();
-        if cfg.tls {
+        if cfg.tls || cfg.implicit_tls {
             let (cert, key) = self_signed_cert(dir.path(), "relay", "relay.test");
             c.tls = Some(TlsConfig { cert, key });
         }
@@ -189,6 +206,7 @@ impl Relay {
             dir,
             smtp,
             submission,
+            implicit,
             admin,
             metrics,
             config_path,

@@ -8,8 +8,14 @@ use std::{
 /// Postfix `smtp-source`: `n` messages from `sender@src.test` to `rcpt`
 /// over `sessions` parallel sessions; panics when it fails.
 pub fn smtp_source(server: SocketAddr, rcpt: &str, n: usize, sessions: usize) {
+    smtp_source_with(server, rcpt, n, sessions, &[]);
+}
+
+/// [`smtp_source`] with more of its options (`-l LENGTH` …).
+pub fn smtp_source_with(server: SocketAddr, rcpt: &str, n: usize, sessions: usize, extra: &[&str]) {
     let out = std::process::Command::new("smtp-source")
         .args(["-s", &sessions.to_string(), "-m", &n.to_string()])
+        .args(extra)
         .args(["-f", "sender@src.test", "-t", rcpt])
         .arg(server.to_string())
         .output()
@@ -19,6 +25,19 @@ pub fn smtp_source(server: SocketAddr, rcpt: &str, n: usize, sessions: usize) {
         "smtp-source: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Runs `swaks` with `args`: (success, stdout and stderr).
+pub fn swaks(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("swaks")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run swaks");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 pub struct RawSmtp {

@@ -1,10 +1,7 @@
 //! The relay against real peers on 127.0.0.1: `smtp-source` and `swaks`
 //! submit; Postfix `smtp-sink`, a real Postfix (found through dnsmasq MX
 //! records) and a scriptable sink receive.
-use std::{
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use smtp_lb_tests::{
     dns::Dnsmasq,
@@ -12,23 +9,11 @@ use smtp_lb_tests::{
     postfix::Postfix,
     relay::{Relay, RelayConfig},
     sink::SmtpSink,
-    smtp::RawSmtp,
+    smtp::{RawSmtp, swaks},
     tmp::{TempDir, wait_for},
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn swaks(args: &[&str]) -> (bool, String) {
-    let out = Command::new("swaks")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run swaks");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
 
 fn route_all_to(addr: std::net::SocketAddr) -> RelayConfig {
     RelayConfig {

@@ -179,6 +179,10 @@ fn corrupt_spool_at_startup_is_moved_aside_reported_and_not_delivered() {
 
     let sink = FakeMx::builder().port(port).start();
     relay.restart();
+    // Each message was tried once before the kill (nothing listened) and
+    // keeps its 1 h retry time across the restart: ask for the retry now.
+    let (status, body) = relay.admin("POST", "/queue/retry");
+    assert_eq!(status, 200, "{body}");
     let got = wait_for("the two intact messages", Duration::from_secs(20), || {
         let r = sink.received();
         (r.len() >= 2).then_some(r)

@@ -23,6 +23,9 @@ pub struct Config {
     pub hostname: String,
     /// Directory of the durable spool (segments, `corrupt/`).
     pub spool_dir: PathBuf,
+    /// Spool maintenance.
+    #[serde(default)]
+    pub spool: SpoolConfig,
     /// SMTP listeners.
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
@@ -86,12 +89,54 @@ pub struct Config {
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// How often mostly finished segments (≥ 1 MiB, ≤ ¼ live) are
+    /// compacted: their live messages are copied forward, durably, and the
+    /// segment is removed, so one long-deferred message cannot pin a
+    /// segment of finished mail.
+    #[serde(
+        default = "SpoolConfig::default_compact_interval",
+        with = "humantime_serde"
+    )]
+    pub compact_interval: Duration,
+}
+
+impl SpoolConfig {
+    fn default_compact_interval() -> Duration {
+        Duration::from_mins(1)
+    }
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            compact_interval: Self::default_compact_interval(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub address: SocketAddr,
-    /// A submission listener (587): offers AUTH after STARTTLS and relays
-    /// only for authenticated users.
+    /// A submission listener (587, or 465 with `tls = "implicit"`): offers
+    /// AUTH over TLS and relays only for authenticated users.
     #[serde(default)]
     pub submission: bool,
+    /// `"starttls"` (default): plaintext, `STARTTLS` offered when `[tls]` is
+    /// set. `"implicit"`: TLS from the first byte (port 465, RFC 8314 §3.3);
+    /// needs `[tls]`.
+    #[serde(default)]
+    pub tls: ListenerTls,
+}
+
+/// How a listener starts TLS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerTls {
+    #[default]
+    Starttls,
+    Implicit,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -122,6 +167,11 @@ pub struct Limits {
     /// Concurrent ingress connections, all listeners together.
     #[serde(default = "Limits::default_max_connections")]
     pub max_connections: usize,
+    /// Concurrent ingress connections from one client address (like Postfix
+    /// `smtpd_client_connection_count_limit`), so one client cannot take
+    /// every slot; 0 = no limit.
+    #[serde(default = "Limits::default_max_connections_per_client")]
+    pub max_connections_per_client: usize,
     /// Protocol errors before the session is closed.
     #[serde(default = "Limits::default_max_errors")]
     pub max_errors: u32,
@@ -137,6 +187,9 @@ impl Limits {
     fn default_max_connections() -> usize {
         1000
     }
+    fn default_max_connections_per_client() -> usize {
+        50
+    }
     fn default_max_errors() -> u32 {
         20
     }
@@ -148,6 +201,7 @@ impl Default for Limits {
             max_message_size: Self::default_max_message_size(),
             max_recipients: Self::default_max_recipients(),
             max_connections: Self::default_max_connections(),
+            max_connections_per_client: Self::default_max_connections_per_client(),
             max_errors: Self::default_max_errors(),
         }
     }
@@ -166,9 +220,14 @@ pub struct IngressTimeouts {
     /// Writing a reply (a client that never reads).
     #[serde(default = "IngressTimeouts::default_write", with = "humantime_serde")]
     pub write: Duration,
-    /// The TLS handshake after `STARTTLS`.
+    /// The TLS handshake (after `STARTTLS`, or at connect on an implicit-TLS listener).
     #[serde(default = "IngressTimeouts::default_tls", with = "humantime_serde")]
     pub tls_handshake: Duration,
+    /// Longest a session may last, however busy: at the next command or
+    /// data read after it, the client gets `421 4.4.2` and is disconnected
+    /// (a transaction already answered is never cut off).
+    #[serde(default = "IngressTimeouts::default_session", with = "humantime_serde")]
+    pub session: Duration,
     /// On shutdown, how long a session in the middle of a transaction may take to finish.
     #[serde(
         default = "IngressTimeouts::default_shutdown_grace",
@@ -190,6 +249,9 @@ impl IngressTimeouts {
     fn default_tls() -> Duration {
         Duration::from_secs(30)
     }
+    fn default_session() -> Duration {
+        Duration::from_hours(1)
+    }
     fn default_shutdown_grace() -> Duration {
         Duration::from_secs(30)
     }
@@ -202,6 +264,7 @@ impl Default for IngressTimeouts {
             data: Self::default_data(),
             write: Self::default_write(),
             tls_handshake: Self::default_tls(),
+            session: Self::default_session(),
             shutdown_grace: Self::default_shutdown_grace(),
         }
     }
@@ -402,6 +465,17 @@ impl Config {
                 path.display()
             );
         }
+        if let Some(l) = cfg
+            .listeners
+            .iter()
+            .find(|l| l.tls == ListenerTls::Implicit && cfg.tls.is_none())
+        {
+            anyhow::bail!(
+                "relay config {}: listener {}: tls = \"implicit\" needs a [tls] certificate and key",
+                path.display(),
+                l.address
+            );
+        }
         Ok(cfg)
     }
 
@@ -541,6 +615,28 @@ mod tests {
         assert_eq!(cfg.admin, Some("192.0.2.1:8025".parse().unwrap()));
         let cfg = load("admin = \"[::1]:8025\"").unwrap();
         assert_eq!(cfg.admin_token_file(), Path::new("/tmp/x/admin.token"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_implicit_tls_listener_needs_a_certificate() {
+        let dir = std::env::temp_dir().join(format!("relay-config-465-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("relay.toml");
+        let listener = "[[listener]]\naddress = \"127.0.0.1:465\"\ntls = \"implicit\"\n";
+        std::fs::write(&path, format!("spool_dir = \"/tmp/x\"\n{listener}")).unwrap();
+        let e = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(
+            e.contains("listener 127.0.0.1:465") && e.contains("[tls]"),
+            "{e}"
+        );
+        std::fs::write(
+            &path,
+            format!("spool_dir = \"/tmp/x\"\n[tls]\ncert = \"c\"\nkey = \"k\"\n{listener}"),
+        )
+        .unwrap();
+        let cfg = Config::load(&path).unwrap();
+        assert_eq!(cfg.listeners[0].tls, ListenerTls::Implicit);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

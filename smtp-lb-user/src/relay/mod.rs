@@ -12,6 +12,7 @@
 //! - [`route`]: static routes and MX resolution.
 //! - [`policy`]: throttles, limiters (local or through Redis), providers,
 //!   reply rules, shaping.
+//! - [`fdlimit`]: the open-file limit, raised and checked at start.
 //! - leaves: [`spool`] (the durable log with group commit and recovery),
 //!   [`dsn`] (RFC 3464 bounces, pure), [`dkim`] (signing at ingress),
 //!   [`log`] (the JSON-lines delivery log).
@@ -24,6 +25,7 @@ pub mod config;
 pub mod dkim;
 pub mod dsn;
 pub mod egress;
+pub mod fdlimit;
 pub mod ingress;
 #[cfg(test)]
 mod layers;
@@ -51,6 +53,7 @@ use crate::admin::http;
 /// Runs the relay until `shutdown` resolves, then stops accepting, lets
 /// sessions finish their transaction (up to `timeouts.shutdown_grace`) and returns.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    fdlimit::raise(cfg.limits.max_connections)?;
     let metrics = Arc::new(metrics::Metrics::default());
     let (stop_http, http_stopped) = watch::channel(false);
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -69,7 +72,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             until_stopped(http_stopped.clone()),
         )));
     }
-    let (spool, recovered, corrupt) = spool::Spool::open(&cfg.spool_dir)?;
+    let (spool, recovered, corrupt) =
+        spool::Spool::open(&cfg.spool_dir, cfg.spool.compact_interval)?;
     for c in &corrupt {
         warn!(segment = %c.segment.display(), moved_to = %c.moved_to.display(), bad_bytes = c.bad_bytes, "corrupt spool data reported");
     }
@@ -104,14 +108,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     );
     let n = recovered.len();
     for r in recovered {
-        queue.submit(queue::QueuedMessage::new(
-            r.id,
-            r.sender,
-            r.rcpts,
-            r.received_ms,
-            r.location,
-            r.done,
-        ));
+        queue.submit(
+            queue::QueuedMessage::new(r.id, r.sender, r.rcpts, r.received_ms, r.size, r.done)
+                .resume(r.retry),
+        );
     }
     if n > 0 {
         info!(messages = n, "recovered messages queued again");
@@ -126,10 +126,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         let listener = TcpListener::bind(l.address)
             .await
             .with_context(|| format!("bind SMTP listener {}", l.address))?;
-        info!(address = %l.address, submission = l.submission, "SMTP listener ready");
+        info!(address = %l.address, submission = l.submission, tls = ?l.tls, "SMTP listener ready");
         tokio::spawn(ingress::serve(
             listener,
             l.submission,
+            l.tls,
             shared.clone(),
             shutdown_rx.clone(),
             done_tx.clone(),

@@ -17,8 +17,15 @@ use super::session::{Data, End, Session};
 
 impl Session {
     pub(super) async fn read_data(&mut self) -> Result<Data, End> {
-        let max = usize::try_from(self.shared.max_size).unwrap_or(usize::MAX);
-        let mut d = Data::default();
+        let max = self.shared.max_size;
+        let mut d = Data {
+            body: self.shared.queue.spool().incoming(),
+            spool_error: None,
+            bare: false,
+            nul: false,
+            long_line: false,
+            too_big: false,
+        };
         let mut prev_crlf = true;
         let mut in_long = false;
         loop {
@@ -40,13 +47,18 @@ impl Session {
                 d.nul |= content.contains(&0);
                 d.long_line |= line.len() > MAX_TEXT_LINE;
                 let content = content.strip_prefix(b".").unwrap_or(content);
-                if d.body.len() + content.len() + 2 > max {
+                if d.body.len() + content.len() as u64 + 2 > max {
                     d.too_big = true;
                 }
-                if !(d.bare || d.nul || d.long_line || d.too_big) {
-                    d.body.extend_from_slice(content);
-                    d.body.extend_from_slice(b"\r\n");
+                if !(d.bare || d.nul || d.long_line || d.too_big || d.spool_error.is_some()) {
+                    d.body.extend(content);
+                    d.body.extend(b"\r\n");
                 }
+            }
+            if d.spool_error.is_none()
+                && let Err(e) = d.body.spill_if_full().await
+            {
+                d.spool_error = Some(e);
             }
             if self.rbuf.len() - self.rpos > MAX_TEXT_LINE {
                 in_long = true;
@@ -56,23 +68,16 @@ impl Session {
         }
     }
 
-    /// Prepends a `DKIM-Signature` when a key covers the `From:` domain. A
-    /// signing failure is logged and counted, and the message goes on
-    /// unsigned: refusing it would only move the problem to the client.
-    /// `None` only if the signing task panicked (the caller answers `451`).
-    pub(super) async fn dkim_sign(&self, id: u64, message: Vec<u8>) -> Option<Vec<u8>> {
-        if self.shared.dkim.is_empty() {
-            return Some(message);
-        }
+    /// The `DKIM-Signature` header for `message` when a key covers its
+    /// `From:` domain, else `""`. A signing failure is logged and counted,
+    /// and the message goes on unsigned: refusing it would only move the
+    /// problem to the client. `None` only if the signing task panicked (the
+    /// caller answers `451`).
+    pub(super) async fn dkim_header(&self, id: u64, message: Vec<u8>) -> Option<String> {
         let signers = self.shared.dkim.clone();
         // Hashing a large body and an RSA signature are CPU work: keep them
         // off the session tasks' threads.
-        let signed = tokio::task::spawn_blocking(move || {
-            let outcome = signers.sign(&message);
-            (outcome, message)
-        })
-        .await;
-        let Ok((outcome, message)) = signed else {
+        let Ok(outcome) = tokio::task::spawn_blocking(move || signers.sign(&message)).await else {
             error!(id = format_args!("{id:016x}"), "DKIM signing task panicked");
             return None;
         };
@@ -83,19 +88,16 @@ impl Session {
                     .metrics
                     .dkim_signed
                     .fetch_add(1, Ordering::Relaxed);
-                let mut out = Vec::with_capacity(header.len() + message.len());
-                out.extend_from_slice(header.as_bytes());
-                out.extend_from_slice(&message);
-                out
+                header
             }
-            dkim::Outcome::NoKey => message,
+            dkim::Outcome::NoKey => String::new(),
             dkim::Outcome::Failed(e) => {
                 warn!(id = format_args!("{id:016x}"), error = %e, "DKIM signing failed; sending unsigned");
                 self.shared
                     .metrics
                     .dkim_errors
                     .fetch_add(1, Ordering::Relaxed);
-                message
+                String::new()
             }
         })
     }
@@ -119,6 +121,10 @@ impl Session {
         }
         if data.long_line {
             self.error("554 5.6.0 Error: message line longer than 1000 octets");
+            return;
+        }
+        if let Some(e) = data.spool_error {
+            self.spool_failed(&e);
             return;
         }
         let with = match (self.esmtp, self.stream.is_tls(), self.authed.is_some()) {
@@ -147,37 +153,54 @@ impl Session {
                     .as_millis() as u64
             ),
         );
-        let mut body = Vec::with_capacity(received.len() + data.body.len());
-        body.extend_from_slice(received.as_bytes());
-        body.extend_from_slice(&data.body);
-        drop(data);
-        let Some(body) = self.dkim_sign(id, body).await else {
-            self.reply("451 4.3.0 Error: local error in processing");
-            return;
-        };
-        match queue.spool().store(id, &sender, &rcpts, &body).await {
-            Ok((id, received_ms, location)) => {
-                drop(body);
+        // Signing needs the whole message at once: only then is it in memory.
+        let mut head = received.into_bytes();
+        if !self.shared.dkim.is_empty() {
+            let mut whole = head.clone();
+            match data.body.to_vec().await {
+                Ok(b) => whole.extend_from_slice(&b),
+                Err(e) => {
+                    error!(peer = %self.peer, error = %e, "message not accepted: spooled body unreadable");
+                    self.reply("451 4.3.0 Error: queue file write error");
+                    return;
+                }
+            }
+            let Some(header) = self.dkim_header(id, whole).await else {
+                self.reply("451 4.3.0 Error: local error in processing");
+                return;
+            };
+            head.splice(0..0, header.into_bytes());
+        }
+        let size = head.len() as u64 + data.body.len();
+        match queue
+            .spool()
+            .store_incoming(id, &sender, &rcpts, &head, data.body)
+            .await
+        {
+            Ok(received_ms) => {
                 self.shared.metrics.accepted.fetch_add(1, Ordering::Relaxed);
                 queue.submit(QueuedMessage::new(
                     id,
                     sender,
                     rcpts,
                     received_ms,
-                    location,
+                    size,
                     HashSet::default(),
                 ));
                 let r = format!("250 2.0.0 Ok: queued as {id:016x}");
                 self.reply(&r);
             }
-            Err(e) => {
-                self.shared
-                    .metrics
-                    .spool_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                error!(peer = %self.peer, error = %e, "message not accepted: spool write failed");
-                self.reply("451 4.3.0 Error: queue file write error");
-            }
+            Err(e) => self.spool_failed(&e),
         }
+    }
+
+    /// The spool could not take the message: `451`, logged and counted.
+    fn spool_failed(&mut self, e: &dyn std::fmt::Display) {
+        self.shared
+            .metrics
+            .spool_errors
+            .fetch_add(1, Ordering::Relaxed);
+        error!(peer = %self.peer, error = %e, "message not accepted: spool write failed");
+        self.reply("451 4.3.0 Error: queue file write error");
     }
 }

@@ -1,7 +1,12 @@
 //! SMTP ingress: accept loop with a connection limit, and one session per
 //! connection (RFC 5321 server side, PIPELINING RFC 2920, SIZE RFC 1870,
 //! 8BITMIME RFC 6152, ENHANCEDSTATUSCODES RFC 2034, STARTTLS RFC 3207,
-//! AUTH RFC 4954).
+//! AUTH RFC 4954), and implicit-TLS listeners (port 465, RFC 8314 §3.3).
+//!
+//! Every client is bounded: a connection slot out of `max_connections`, at
+//! most `max_connections_per_client` of them per address, a deadline on
+//! every read, write and TLS handshake or shutdown, and a maximum session
+//! duration.
 //!
 //! Only `<CRLF>.<CRLF>` ends the data; a bare CR or LF anywhere in the
 //! data makes the whole message refused once the real end arrives, so
@@ -12,7 +17,8 @@ mod data;
 mod session;
 use std::{
     collections::HashMap,
-    sync::{Arc, atomic::Ordering},
+    net::IpAddr,
+    sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
 };
 
@@ -25,7 +31,7 @@ use tokio::{
 use tracing::{debug, error};
 
 use crate::relay::{
-    config::{Cidr, Config},
+    config::{Cidr, Config, ListenerTls},
     dkim::Signers,
     metrics::Metrics,
     queue::Queue,
@@ -43,6 +49,10 @@ pub struct Shared {
     data_timeout: Duration,
     write_timeout: Duration,
     tls_timeout: Duration,
+    session_timeout: Duration,
+    per_client: usize,
+    /// Open connections per client address.
+    clients: Mutex<HashMap<IpAddr, usize>>,
     networks: Vec<Cidr>,
     users: HashMap<String, String>,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -83,6 +93,9 @@ impl Shared {
             data_timeout: cfg.timeouts.data,
             write_timeout: cfg.timeouts.write,
             tls_timeout: cfg.timeouts.tls_handshake,
+            session_timeout: cfg.timeouts.session,
+            per_client: cfg.limits.max_connections_per_client,
+            clients: Mutex::new(HashMap::new()),
             networks: cfg
                 .relay_networks
                 .iter()
@@ -102,11 +115,64 @@ impl Shared {
     }
 }
 
+/// A client address's share of the connection slots; released on drop.
+struct ClientSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl ClientSlot {
+    /// Takes one of `ip`'s slots; `None` when it has `per_client` already.
+    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<Self> {
+        // An IPv4 client on a dual-stack socket is one client either way.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            IpAddr::V4(_) => ip,
+        };
+        let mut clients = shared.clients.lock().expect("ingress clients lock");
+        let n = clients.entry(ip).or_default();
+        if shared.per_client > 0 && *n >= shared.per_client {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            shared: shared.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut clients = self.shared.clients.lock().expect("ingress clients lock");
+        if let Some(n) = clients.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                clients.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Answers a connection over a limit with `421` and closes it, off the
+/// accept loop and bounded by the write timeout.
+fn refuse(shared: &Shared, mut socket: tokio::net::TcpStream, reply: String) {
+    shared
+        .metrics
+        .ingress_connections_refused
+        .fetch_add(1, Ordering::Relaxed);
+    let t = shared.write_timeout;
+    tokio::spawn(async move {
+        let _ = timeout(t, socket.write_all(reply.as_bytes())).await;
+    });
+}
+
 /// Accepts connections until `shutdown` flips; every session holds a clone
 /// of `done` so the caller can wait for all of them (mini-redis pattern).
 pub async fn serve(
     listener: TcpListener,
     submission: bool,
+    tls: ListenerTls,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
@@ -116,7 +182,7 @@ pub async fn serve(
             r = listener.accept() => r,
             _ = shutdown.changed() => return,
         };
-        let (mut socket, peer) = match accepted {
+        let (socket, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 error!(cause = %e, "failed to accept");
@@ -130,15 +196,23 @@ pub async fn serve(
             .ingress_connections_total
             .fetch_add(1, Ordering::Relaxed);
         let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
-            shared
-                .metrics
-                .ingress_connections_refused
-                .fetch_add(1, Ordering::Relaxed);
-            let _ = timeout(
-                Duration::from_secs(1),
-                socket.write_all(b"421 4.7.0 Error: too many connections\r\n"),
-            )
-            .await;
+            refuse(
+                &shared,
+                socket,
+                "421 4.7.0 Error: too many connections\r\n".to_owned(),
+            );
+            continue;
+        };
+        let Some(slot) = ClientSlot::take(&shared, peer.ip()) else {
+            debug!(%peer, "refused: too many connections from this address");
+            refuse(
+                &shared,
+                socket,
+                format!(
+                    "421 4.7.0 Error: too many connections from {}\r\n",
+                    peer.ip()
+                ),
+            );
             continue;
         };
         let shared = shared.clone();
@@ -150,16 +224,36 @@ pub async fn serve(
                 .ingress_connections_active
                 .fetch_add(1, Ordering::Relaxed);
             let mut session = Session::new(socket, peer, submission, shared.clone(), shutdown);
-            match session.run().await {
-                Ok(()) | Err(End::Closed) => {}
-                Err(End::Timeout(phase)) => debug!(%peer, phase, "session timed out"),
-                Err(End::Io(e)) => debug!(%peer, error = %e, "session i/o error"),
+            let end = if tls == ListenerTls::Implicit {
+                session.implicit_tls().await
+            } else {
+                Ok(())
+            };
+            let end = match end {
+                Ok(()) => session.run().await,
+                Err(e) => Err(e),
+            };
+            let close = match end {
+                Ok(()) | Err(End::Closed) => true,
+                Err(End::Timeout(phase)) => {
+                    debug!(%peer, phase, "session timed out");
+                    // A client that does not read gets no goodbye: a TLS
+                    // close_notify would only wait on it again.
+                    phase != "write"
+                }
+                Err(End::Io(e)) => {
+                    debug!(%peer, error = %e, "session i/o error");
+                    false
+                }
+            };
+            if close {
+                let _ = timeout(shared.write_timeout, session.stream.shutdown()).await;
             }
-            let _ = session.stream.shutdown().await;
             shared
                 .metrics
                 .ingress_connections_active
                 .fetch_sub(1, Ordering::Relaxed);
+            drop(slot);
             drop(permit);
             drop(done);
         });

@@ -1,6 +1,10 @@
 //! One SMTP server session: reading lines, the command loop, EHLO and
 //! STARTTLS. AUTH is in [`super::auth`], DATA in [`super::data`].
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -9,9 +13,12 @@ use tokio::{
     time::timeout,
 };
 
-use crate::smtp::{
-    command::{Command, MAX_COMMAND_LINE, parse_command},
-    stream::Stream,
+use crate::{
+    relay::spool::Incoming,
+    smtp::{
+        command::{Command, MAX_COMMAND_LINE, parse_command},
+        stream::Stream,
+    },
 };
 
 use super::Shared;
@@ -30,13 +37,15 @@ pub(super) enum Line {
 }
 
 /// Result of reading DATA.
-#[derive(Default)]
 #[expect(
     clippy::struct_excessive_bools,
     reason = "independent reasons to refuse one message"
 )]
 pub(super) struct Data {
-    pub(super) body: Vec<u8>,
+    /// Streamed towards the spool: at most a bounded part is in memory.
+    pub(super) body: Incoming,
+    /// The body could not be written out (disk full, I/O error).
+    pub(super) spool_error: Option<std::io::Error>,
     pub(super) bare: bool,
     pub(super) nul: bool,
     pub(super) long_line: bool,
@@ -59,6 +68,8 @@ pub(super) struct Session {
     pub(super) rcpts: Vec<String>,
     pub(super) errors: u32,
     pub(super) discarding: bool,
+    /// When the session must end (`timeouts.session`), checked at every read.
+    pub(super) deadline: Instant,
 }
 
 impl Session {
@@ -76,7 +87,6 @@ impl Session {
             wbuf: Vec::with_capacity(1024),
             peer,
             submission,
-            shared,
             shutdown,
             helo: None,
             esmtp: false,
@@ -85,6 +95,8 @@ impl Session {
             rcpts: Vec::new(),
             errors: 0,
             discarding: false,
+            deadline: Instant::now() + shared.session_timeout,
+            shared,
         }
     }
 
@@ -134,9 +146,15 @@ impl Session {
             self.rbuf.drain(..self.rpos);
             self.rpos = 0;
         }
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            self.reply("421 4.4.2 Error: maximum session time exceeded");
+            let _ = self.flush().await;
+            return Err(End::Timeout("session"));
+        }
         let old = self.rbuf.len();
         self.rbuf.resize(old + 16 * 1024, 0);
-        let read = async { timeout(t, self.stream.read(&mut self.rbuf[old..])).await };
+        let read = async { timeout(t.min(left), self.stream.read(&mut self.rbuf[old..])).await };
         let n = if interruptible {
             let mut shutdown = self.shutdown.clone();
             let r = tokio::select! {
@@ -163,7 +181,12 @@ impl Session {
             }
             Err(_) => {
                 self.rbuf.truncate(old);
-                self.reply("421 4.4.2 Error: timeout exceeded");
+                let (text, phase) = if t < left {
+                    ("421 4.4.2 Error: timeout exceeded", phase)
+                } else {
+                    ("421 4.4.2 Error: maximum session time exceeded", "session")
+                };
+                self.reply(text);
                 let _ = self.flush().await;
                 return Err(End::Timeout(phase));
             }
@@ -384,13 +407,7 @@ impl Session {
         }
         self.reply("220 2.0.0 Ready to start TLS");
         self.flush().await?;
-        let tcp = self.stream.take_plain().ok_or(End::Closed)?;
-        let tls = timeout(self.shared.tls_timeout, acceptor.accept(tcp)).await;
-        self.shared.metrics.tls("ingress", matches!(tls, Ok(Ok(_))));
-        let tls = tls
-            .map_err(|_| End::Timeout("TLS handshake"))?
-            .map_err(End::Io)?;
-        self.stream = Stream::ServerTls(Box::new(tls));
+        self.handshake(acceptor).await?;
         // RFC 3207 §4.2: forget everything learned before TLS.
         self.rbuf.clear();
         self.rpos = 0;
@@ -398,5 +415,23 @@ impl Session {
         self.esmtp = false;
         self.reset();
         Ok(true)
+    }
+
+    /// On an implicit-TLS listener: the handshake before the greeting.
+    pub(super) async fn implicit_tls(&mut self) -> Result<(), End> {
+        let acceptor = self.shared.tls.clone().ok_or(End::Closed)?;
+        self.handshake(acceptor).await
+    }
+
+    /// The server side of a TLS handshake, bounded by `timeouts.tls_handshake`.
+    async fn handshake(&mut self, acceptor: tokio_rustls::TlsAcceptor) -> Result<(), End> {
+        let tcp = self.stream.take_plain().ok_or(End::Closed)?;
+        let tls = timeout(self.shared.tls_timeout, acceptor.accept(tcp)).await;
+        self.shared.metrics.tls("ingress", matches!(tls, Ok(Ok(_))));
+        let tls = tls
+            .map_err(|_| End::Timeout("TLS handshake"))?
+            .map_err(End::Io)?;
+        self.stream = Stream::ServerTls(Box::new(tls));
+        Ok(())
     }
 }

@@ -144,7 +144,7 @@ impl Queue {
             age_secs: msg.age().as_secs(),
             attempts: st.attempts,
             last_error: st.last_error.clone(),
-            size: msg.location.body_len,
+            size: msg.size,
         })
     }
 

@@ -8,7 +8,7 @@ use std::{
 
 use super::super::{
     egress::SourceId,
-    spool::{Location, MsgId},
+    spool::{MsgId, RetryState},
 };
 
 /// A message the relay is responsible for.
@@ -17,7 +17,10 @@ pub struct QueuedMessage {
     pub sender: String,
     pub rcpts: Vec<String>,
     pub received_ms: u64,
-    pub location: Location,
+    /// Body size in bytes.
+    pub size: u64,
+    /// When a message recovered from the spool was due for its next attempt (Unix ms).
+    pub(super) resume_at_ms: Option<u64>,
     pub(super) state: Mutex<MessageState>,
     /// What routing needs from the header section, read from the spool on first need.
     pub(super) headers: tokio::sync::OnceCell<HeaderFacts>,
@@ -56,7 +59,7 @@ impl QueuedMessage {
         sender: String,
         rcpts: Vec<String>,
         received_ms: u64,
-        location: Location,
+        size: u64,
         done: HashSet<u32>,
     ) -> Self {
         Self {
@@ -64,13 +67,24 @@ impl QueuedMessage {
             sender,
             rcpts,
             received_ms,
-            location,
+            size,
+            resume_at_ms: None,
             state: Mutex::new(MessageState {
                 done,
                 ..Default::default()
             }),
             headers: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// A message recovered from the spool resumes its retry schedule:
+    /// its attempt count, and its next attempt not before it was due.
+    pub fn resume(mut self, retry: Option<RetryState>) -> Self {
+        if let Some(r) = retry {
+            self.state.get_mut().expect("msg lock").attempts = r.attempts;
+            self.resume_at_ms = Some(r.next_ms);
+        }
+        self
     }
 
     pub(super) fn age(&self) -> Duration {

@@ -172,7 +172,14 @@ impl Queue {
             .lock()
             .expect("queue lock")
             .insert(msg.id, msg.clone());
-        let done = msg.state.lock().expect("msg lock").done.clone();
+        let (done, attempts) = {
+            let st = msg.state.lock().expect("msg lock");
+            (st.done.clone(), st.attempts)
+        };
+        // Recovered with a retry pending: not before it was due.
+        let wait = msg.resume_at_ms.map_or(Duration::ZERO, |at| {
+            Duration::from_millis(at.saturating_sub(super::spool::now_ms()))
+        });
         let mut by_domain: HashMap<String, Vec<u32>> = HashMap::new();
         for (i, r) in msg.rcpts.iter().enumerate() {
             let i = i as u32;
@@ -181,13 +188,18 @@ impl Queue {
             }
         }
         for (domain, rcpts) in by_domain {
-            self.push_ready(Job {
+            let job = Job {
                 msg: msg.clone(),
                 domain,
                 rcpts,
-                attempts: 0,
+                attempts,
                 pinned: None,
-            });
+            };
+            if wait.is_zero() {
+                self.push_ready(job);
+            } else {
+                self.schedule(job, wait);
+            }
         }
     }
 
@@ -202,7 +214,7 @@ impl Queue {
         let headers = msg
             .headers
             .get_or_init(|| async {
-                let body = self.spool.read_body(msg.location).await;
+                let body = self.spool.read_body(msg.id).await;
                 body.map(|b| HeaderFacts::read(&b, self.egress.tenant_header.as_deref()))
                     .unwrap_or_default()
             })

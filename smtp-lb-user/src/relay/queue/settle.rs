@@ -4,7 +4,7 @@ use std::{
     collections::HashSet,
     net::IpAddr,
     sync::{Arc, atomic::Ordering},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use tracing::warn;
@@ -15,7 +15,7 @@ use super::{
     outcome::{self, Action, Outcome},
 };
 use crate::{
-    relay::{dsn, log::Attempt},
+    relay::{dsn, log::Attempt, spool::now_ms},
     smtp::reply::Reply,
 };
 
@@ -128,6 +128,12 @@ impl Queue {
         self.mark_done(msg, &done);
         if !retry.is_empty() {
             msg.state.lock().expect("msg lock").attempts = job.attempts + 1;
+            // Persisted, so a restart resumes the schedule rather than retry at once.
+            self.spool.record_retry(
+                msg.id,
+                job.attempts + 1,
+                now_ms().saturating_add(retry_after.as_millis() as u64),
+            );
             self.schedule(
                 Job {
                     msg: job.msg.clone(),
@@ -144,14 +150,11 @@ impl Queue {
     /// Spools and queues a DSN to the sender for the `failed` recipients;
     /// `false` if it could not be spooled.
     async fn bounce(self: &Arc<Self>, msg: &QueuedMessage, failed: &[(u32, Reply)]) -> bool {
-        let original = self.spool.read_body(msg.location).await.unwrap_or_default();
+        let original = self.spool.read_body(msg.id).await.unwrap_or_default();
         let failures: Vec<(&str, &Reply)> = failed
             .iter()
             .map(|(i, r)| (msg.rcpts[*i as usize].as_str(), r))
             .collect();
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
         let report = dsn::build(
             &self.hostname,
             &dsn::Envelope {
@@ -161,26 +164,22 @@ impl Queue {
             },
             dsn::headers_of(&original),
             &failures,
-            now_ms,
+            now_ms(),
         );
+        let id = self.spool.allocate_id();
         let stored = self
             .spool
-            .store(
-                self.spool.allocate_id(),
-                "",
-                std::slice::from_ref(&msg.sender),
-                &report,
-            )
+            .store(id, "", std::slice::from_ref(&msg.sender), &report)
             .await;
         match stored {
-            Ok((id, received_ms, location)) => {
+            Ok(received_ms) => {
                 self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
                 self.submit(QueuedMessage::new(
                     id,
                     String::new(),
                     vec![msg.sender.clone()],
                     received_ms,
-                    location,
+                    report.len() as u64,
                     HashSet::new(),
                 ));
                 true
@@ -201,7 +200,7 @@ impl Queue {
             st.done.extend(rcpts);
             st.done.len() >= msg.rcpts.len()
         };
-        self.spool.mark_done(msg.id, &msg.location, rcpts, all);
+        self.spool.mark_done(msg.id, rcpts, all);
         if all {
             self.messages.lock().expect("queue lock").remove(&msg.id);
         }

@@ -160,7 +160,7 @@ fn queue_with(name: &str, extra: &str, dispatcher: Scripted) -> Arc<Queue> {
         dir.display().to_string()
     ))
     .unwrap();
-    let (spool, _, _) = Spool::open(&cfg.spool_dir).unwrap();
+    let (spool, _, _) = Spool::open(&cfg.spool_dir, cfg.spool.compact_interval).unwrap();
     let router = Router::new(&cfg.routes, &cfg.dns, 25, Myself::default()).unwrap();
     let shaper = Shaper::load(None, &Limiters::local()).unwrap();
     let egress = Egress::from_config(None, "relay.test", None, shaper.providers()).unwrap();
@@ -183,13 +183,13 @@ async fn submit(q: &Arc<Queue>, sender: &str, rcpts: &[&str]) -> u64 {
 async fn submit_body(q: &Arc<Queue>, sender: &str, rcpts: &[&str], body: &[u8]) -> u64 {
     let rcpts: Vec<String> = rcpts.iter().map(|r| (*r).to_owned()).collect();
     let id = q.spool().allocate_id();
-    let (id, received_ms, location) = q.spool().store(id, sender, &rcpts, body).await.unwrap();
+    let received_ms = q.spool().store(id, sender, &rcpts, body).await.unwrap();
     q.submit(QueuedMessage::new(
         id,
         sender.to_owned(),
         rcpts,
         received_ms,
-        location,
+        body.len() as u64,
         std::collections::HashSet::new(),
     ));
     id

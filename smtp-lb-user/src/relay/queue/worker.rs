@@ -158,7 +158,7 @@ impl Queue {
                 provider: Some(labels.clone()),
                 started: Instant::now(),
             };
-            let body = match self.spool.read_body(job.msg.location).await {
+            let body = match self.spool.read_body(job.msg.id).await {
                 Ok(b) => b,
                 Err(e) => {
                     warn!(id = %job.msg.hex_id(), error = %e, "cannot read spooled body");

@@ -1,7 +1,7 @@
 //! The on-disk format: records (header, CRC, payload), their parsing, and
 //! the recovery of one segment at start-up (see the module docs of [`super`]).
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     fs::{File, OpenOptions},
     io,
     path::{Path, PathBuf},
@@ -14,16 +14,29 @@ pub(super) const MAGIC: u32 = 0x3152_4C53;
 pub(super) const HEADER: usize = 13;
 pub(super) const KIND_MESSAGE: u8 = 1;
 pub(super) const KIND_DONE: u8 = 2;
+pub(super) const KIND_RETRY: u8 = 3;
 pub(super) const ALL: u32 = u32::MAX;
 
 pub type MsgId = u64;
 
-/// Where a spooled message lives.
-#[derive(Clone, Copy, Debug)]
-pub struct Location {
-    pub segment: u64,
-    pub body_offset: u64,
-    pub body_len: u64,
+/// Where a message record lives: its segment, the record's place in it,
+/// and its body's place inside the record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Location {
+    pub(super) segment: u64,
+    pub(super) record_at: u64,
+    pub(super) record_len: u64,
+    /// Offset of the body from the start of the record.
+    pub(super) body_at: u64,
+    pub(super) body_len: u64,
+}
+
+/// Retry state as last recorded: attempts made, and when the next is due.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetryState {
+    pub attempts: u32,
+    /// Unix time in milliseconds.
+    pub next_ms: u64,
 }
 
 /// A message as found in the spool at start-up.
@@ -35,7 +48,11 @@ pub struct Recovered {
     pub rcpts: Vec<String>,
     /// Indexes of recipients already delivered or bounced.
     pub done: HashSet<u32>,
-    pub location: Location,
+    /// Attempts so far and the next one's time; `None` if never deferred.
+    pub retry: Option<RetryState>,
+    /// Body length in bytes.
+    pub size: u64,
+    pub(super) location: Location,
 }
 
 /// Damage found at start-up.
@@ -47,7 +64,8 @@ pub struct CorruptReport {
     pub truncated: bool,
 }
 
-pub(super) fn now_ms() -> u64 {
+/// The wall clock in Unix milliseconds (the spool's and the queue's time base).
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -86,7 +104,30 @@ pub(super) fn message_record(
     rcpts: &[String],
     body: &[u8],
 ) -> (Vec<u8>, u64) {
-    let mut p = Vec::with_capacity(64 + body.len());
+    message_record_head(
+        id,
+        received_ms,
+        sender,
+        rcpts,
+        body,
+        0,
+        &crc32fast::Hasher::new(),
+    )
+}
+
+/// Encodes the start of a message record whose body is `head` followed by
+/// `rest_len` more bytes with CRC state `rest_crc` (streamed from
+/// [`super::Incoming`]); the writer appends those bytes after it.
+pub(super) fn message_record_head(
+    id: MsgId,
+    received_ms: u64,
+    sender: &str,
+    rcpts: &[String],
+    head: &[u8],
+    rest_len: u64,
+    rest_crc: &crc32fast::Hasher,
+) -> (Vec<u8>, u64) {
+    let mut p = Vec::with_capacity(64 + head.len());
     p.extend_from_slice(&id.to_le_bytes());
     p.extend_from_slice(&received_ms.to_le_bytes());
     put_str(&mut p, sender);
@@ -98,10 +139,22 @@ pub(super) fn message_record(
     for r in rcpts {
         put_str(&mut p, r);
     }
-    p.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    p.extend_from_slice(&(head.len() as u64 + rest_len).to_le_bytes());
     let body_at = (HEADER + p.len()) as u64;
-    p.extend_from_slice(body);
-    (record(KIND_MESSAGE, &p), body_at)
+    p.extend_from_slice(head);
+    let len = u32::try_from(p.len() as u64 + rest_len).expect("record under 4 GiB");
+    let mut h = crc32fast::Hasher::new();
+    h.update(&[KIND_MESSAGE]);
+    h.update(&len.to_le_bytes());
+    h.update(&p);
+    h.combine(rest_crc);
+    let mut out = Vec::with_capacity(HEADER + p.len());
+    out.extend_from_slice(&MAGIC.to_le_bytes());
+    out.push(KIND_MESSAGE);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&h.finalize().to_le_bytes());
+    out.extend_from_slice(&p);
+    (out, body_at)
 }
 
 pub(super) struct Cursor<'a>(&'a [u8]);
@@ -130,6 +183,29 @@ impl Cursor<'_> {
     }
 }
 
+/// The payload of a done record: `count = ALL` means the whole message.
+pub(super) fn done_record(id: MsgId, rcpts: &[u32], all: bool) -> Vec<u8> {
+    let mut p = Vec::with_capacity(12 + 4 * rcpts.len());
+    p.extend_from_slice(&id.to_le_bytes());
+    if all {
+        p.extend_from_slice(&ALL.to_le_bytes());
+    } else {
+        p.extend_from_slice(&(rcpts.len() as u32).to_le_bytes());
+        for r in rcpts {
+            p.extend_from_slice(&r.to_le_bytes());
+        }
+    }
+    record(KIND_DONE, &p)
+}
+
+pub(super) fn retry_record(id: MsgId, retry: RetryState) -> Vec<u8> {
+    let mut p = Vec::with_capacity(20);
+    p.extend_from_slice(&id.to_le_bytes());
+    p.extend_from_slice(&retry.attempts.to_le_bytes());
+    p.extend_from_slice(&retry.next_ms.to_le_bytes());
+    record(KIND_RETRY, &p)
+}
+
 /// A record that passed its header and CRC checks.
 pub(super) enum Parsed {
     Message {
@@ -143,6 +219,10 @@ pub(super) enum Parsed {
     Done {
         id: MsgId,
         rcpts: Vec<u32>,
+    },
+    Retry {
+        id: MsgId,
+        retry: RetryState,
     },
 }
 
@@ -195,6 +275,13 @@ pub(super) fn parse_record(data: &[u8], pos: usize) -> Option<(Parsed, usize)> {
             };
             Parsed::Done { id, rcpts }
         }
+        KIND_RETRY => Parsed::Retry {
+            id: c.u64()?,
+            retry: RetryState {
+                attempts: c.u32()?,
+                next_ms: c.u64()?,
+            },
+        },
         _ => return None,
     };
     Some((parsed, pos + HEADER + len as usize))
@@ -204,25 +291,29 @@ pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// What one segment says, record by record, in order; [`super::Spool::open`]
+/// applies the segments in order, so a later copy (compaction) wins.
+pub(super) enum Event {
+    Message(Recovered),
+    Done { id: MsgId, rcpts: Vec<u32> },
+    Retry { id: MsgId, retry: RetryState },
+}
+
+/// Reads one segment: its records as events, and the damage found (the
+/// segment is then copied to `corrupt/` and a torn tail cut off).
 pub(super) fn recover_segment(
     dir: &Path,
     path: &Path,
-) -> io::Result<(Vec<Recovered>, Option<CorruptReport>)> {
+    segment: u64,
+) -> io::Result<(Vec<Event>, Option<CorruptReport>)> {
     let data = std::fs::read(path)?;
-    let segment = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .and_then(|s| u64::from_str_radix(s, 16).ok())
-        .unwrap_or_default();
-    let mut msgs: Vec<Recovered> = Vec::new();
-    let mut index: HashMap<MsgId, usize> = HashMap::new();
-    let mut done_all = HashSet::new();
+    let mut events = Vec::new();
     let mut bad_bytes = 0u64;
     let mut good_end = 0;
     let mut pos = 0;
     while pos < data.len() {
         if let Some((rec, next)) = parse_record(&data, pos) {
-            match rec {
+            events.push(match rec {
                 Parsed::Message {
                     id,
                     received_ms,
@@ -230,29 +321,25 @@ pub(super) fn recover_segment(
                     rcpts,
                     body_offset,
                     body_len,
-                } => {
-                    index.insert(id, msgs.len());
-                    msgs.push(Recovered {
-                        id,
-                        received_ms,
-                        sender,
-                        rcpts,
-                        done: HashSet::new(),
-                        location: Location {
-                            segment,
-                            body_offset,
-                            body_len,
-                        },
-                    });
-                }
-                Parsed::Done { id, rcpts } => {
-                    if rcpts == [ALL] {
-                        done_all.insert(id);
-                    } else if let Some(&i) = index.get(&id) {
-                        msgs[i].done.extend(rcpts);
-                    }
-                }
-            }
+                } => Event::Message(Recovered {
+                    id,
+                    received_ms,
+                    sender,
+                    rcpts,
+                    done: HashSet::new(),
+                    retry: None,
+                    size: body_len,
+                    location: Location {
+                        segment,
+                        record_at: pos as u64,
+                        record_len: (next - pos) as u64,
+                        body_at: body_offset - pos as u64,
+                        body_len,
+                    },
+                }),
+                Parsed::Done { id, rcpts } => Event::Done { id, rcpts },
+                Parsed::Retry { id, retry } => Event::Retry { id, retry },
+            });
             pos = next;
             good_end = pos;
             continue;
@@ -295,8 +382,5 @@ pub(super) fn recover_segment(
             truncated,
         });
     }
-    msgs.retain(|m| {
-        !done_all.contains(&m.id) && (0..m.rcpts.len() as u32).any(|i| !m.done.contains(&i))
-    });
-    Ok((msgs, report))
+    Ok((events, report))
 }

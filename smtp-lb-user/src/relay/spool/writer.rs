@@ -1,26 +1,42 @@
-//! The writer thread: the only writer of segment files, committing queued
-//! appends in groups (one `fdatasync` per batch) before acknowledging them.
+//! The writer thread: the only writer of segment files. It commits queued
+//! appends in groups (one `fdatasync` per batch) before acknowledging them,
+//! keeps the index of live messages, removes finished segments and compacts
+//! mostly finished ones.
 use std::{
     collections::HashMap,
     fs::{File, OpenOptions},
-    io::{self, Write},
+    io::{self, Read, Seek, SeekFrom, Write},
     path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
         mpsc,
     },
+    time::{Duration, Instant},
 };
 
 use tokio::sync::oneshot;
-use tracing::error;
+use tracing::{error, info, warn};
 
-use super::format::{segment_path, sync_dir};
+use super::{
+    format::{Location, MsgId, RetryState, done_record, retry_record, segment_path, sync_dir},
+    incoming::Spilled,
+};
 
 /// A segment is closed for new messages once it is this large.
 pub(super) const SEGMENT_MAX: u64 = 64 * 1024 * 1024;
 /// Upper bound on records written per group commit.
 pub(super) const BATCH_MAX: usize = 4096;
+/// Segments smaller than this are not worth compacting: they cost less
+/// disk than the copy would cost writes.
+pub(super) const COMPACT_MIN_SIZE: u64 = 1024 * 1024;
+
+/// Whether a segment of `size` bytes, `live` of them in live messages, is
+/// mostly finished: at least 1 MiB and three quarters dead. Copying the
+/// live quarter forward then frees at least three times what it writes.
+pub(super) fn worth_compacting(size: u64, live: u64) -> bool {
+    size >= COMPACT_MIN_SIZE && live.saturating_mul(4) <= size
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -32,24 +48,61 @@ pub enum SpoolError {
 
 pub(super) enum Op {
     Append {
+        id: MsgId,
+        /// The record, or its start when `rest` holds the body's remainder.
         bytes: Vec<u8>,
-        reply: oneshot::Sender<Result<(u64, u64), SpoolError>>,
+        rest: Option<Spilled>,
+        body_at: u64,
+        body_len: u64,
+        reply: oneshot::Sender<Result<(), SpoolError>>,
     },
     Done {
-        segment: u64,
-        bytes: Vec<u8>,
+        id: MsgId,
+        rcpts: Vec<u32>,
+        all: bool,
     },
+    Retry {
+        id: MsgId,
+        retry: RetryState,
+    },
+    /// Compact now rather than at the next interval.
+    Compact(oneshot::Sender<()>),
 }
 
 pub(super) struct SegmentState {
     pub(super) reader: Arc<File>,
+    /// Live messages in it.
     pub(super) live: usize,
+    /// Bytes of their records.
+    pub(super) live_bytes: u64,
+    /// Bytes written to it.
+    pub(super) size: u64,
+}
+
+/// A live message: where its record is, and what compaction must carry
+/// along with it (recipients done, retry state).
+pub(super) struct Entry {
+    pub(super) location: Location,
+    pub(super) done: Vec<u32>,
+    pub(super) retry: Option<RetryState>,
+}
+
+#[derive(Default)]
+pub(super) struct Index {
+    pub(super) segments: HashMap<u64, SegmentState>,
+    pub(super) messages: HashMap<MsgId, Entry>,
 }
 
 pub(super) struct Shared {
     pub(super) dir: PathBuf,
-    pub(super) segments: Mutex<HashMap<u64, SegmentState>>,
+    pub(super) index: Mutex<Index>,
     pub(super) current: AtomicU64,
+}
+
+impl Shared {
+    pub(super) fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().expect("spool lock")
+    }
 }
 
 /// The writer thread's state: the current segment and append handles to older ones.
@@ -60,10 +113,13 @@ pub(super) struct Writer {
     pub(super) len: u64,
     pub(super) old: HashMap<u64, File>,
     pub(super) broken: bool,
+    pub(super) compact_every: Duration,
+    /// Callers of [`super::Spool::compact`] waiting for the next compaction.
+    pub(super) asked: Vec<oneshot::Sender<()>>,
 }
 
 impl Writer {
-    pub(super) fn create(shared: Arc<Shared>, n: u64) -> io::Result<Self> {
+    pub(super) fn create(shared: Arc<Shared>, n: u64, compact_every: Duration) -> io::Result<Self> {
         let path = segment_path(&shared.dir, n);
         let file = OpenOptions::new()
             .create_new(true)
@@ -72,11 +128,15 @@ impl Writer {
         file.sync_all()?;
         sync_dir(&shared.dir)?;
         let reader = Arc::new(File::open(&path)?);
-        shared
-            .segments
-            .lock()
-            .expect("spool lock")
-            .insert(n, SegmentState { reader, live: 0 });
+        shared.index().segments.insert(
+            n,
+            SegmentState {
+                reader,
+                live: 0,
+                live_bytes: 0,
+                size: 0,
+            },
+        );
         shared.current.store(n, Ordering::Release);
         Ok(Self {
             shared,
@@ -85,35 +145,52 @@ impl Writer {
             len: 0,
             old: HashMap::new(),
             broken: false,
+            compact_every,
+            asked: Vec::new(),
         })
     }
 
     pub(super) fn rotate(&mut self) -> io::Result<()> {
-        let next = Self::create(self.shared.clone(), self.current + 1)?;
+        let next = Self::create(self.shared.clone(), self.current + 1, self.compact_every)?;
         let prev = self.current;
         let old = std::mem::replace(self, next);
         self.old = old.old;
+        self.asked = old.asked;
+        self.old.insert(prev, old.file);
         // The previous segment may already be finished.
-        let mut segs = self.shared.segments.lock().expect("spool lock");
-        if segs.get(&prev).is_some_and(|s| s.live == 0) {
-            segs.remove(&prev);
-            let _ = std::fs::remove_file(segment_path(&self.shared.dir, prev));
-        } else {
-            self.old.insert(prev, old.file);
-        }
+        self.remove_if_finished(prev);
         Ok(())
     }
 
     pub(super) fn run(mut self, rx: &mpsc::Receiver<Op>) {
-        while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
-            while batch.len() < BATCH_MAX {
-                match rx.try_recv() {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
+        let mut last_compaction = Instant::now();
+        loop {
+            let wait = self.compact_every.saturating_sub(last_compaction.elapsed());
+            match rx.recv_timeout(wait) {
+                Ok(first) => {
+                    let mut batch = vec![first];
+                    while batch.len() < BATCH_MAX {
+                        match rx.try_recv() {
+                            Ok(op) => batch.push(op),
+                            Err(_) => break,
+                        }
+                    }
+                    self.commit(batch);
+                    if !self.asked.is_empty() {
+                        self.compact();
+                        last_compaction = Instant::now();
+                        for done in self.asked.drain(..) {
+                            let _ = done.send(());
+                        }
+                    }
                 }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
-            self.commit(batch);
+            if last_compaction.elapsed() >= self.compact_every {
+                self.compact();
+                last_compaction = Instant::now();
+            }
         }
     }
 
@@ -126,25 +203,80 @@ impl Writer {
         }
         let mut buf = Vec::new();
         let mut waiters = Vec::new();
+        // Bytes of this batch already written straight to the file (streamed bodies).
+        let mut direct = 0u64;
+        let mut failed: Option<io::Error> = None;
         for op in batch {
             match op {
-                Op::Append { bytes, reply } => {
-                    waiters.push((reply, self.len + buf.len() as u64));
+                Op::Append {
+                    id,
+                    bytes,
+                    rest,
+                    body_at,
+                    body_len,
+                    reply,
+                } => {
+                    let record_at = self.len + direct + buf.len() as u64;
                     buf.extend_from_slice(&bytes);
+                    if let Some(rest) = rest
+                        && failed.is_none()
+                    {
+                        match self.write_spilled(&mut buf, rest) {
+                            Ok(n) => direct += n,
+                            Err(e) => failed = Some(e),
+                        }
+                    }
+                    let location = Location {
+                        segment: self.current,
+                        record_at,
+                        record_len: self.len + direct + buf.len() as u64 - record_at,
+                        body_at,
+                        body_len,
+                    };
+                    waiters.push((reply, id, location));
                 }
-                Op::Done { segment, bytes } if segment == self.current => {
-                    buf.extend_from_slice(&bytes);
+                Op::Done { id, rcpts, all } => {
+                    let Some(segment) = self.note_done(id, &rcpts, all) else {
+                        continue;
+                    };
+                    let bytes = done_record(id, &rcpts, all);
+                    if segment == self.current {
+                        buf.extend_from_slice(&bytes);
+                    } else {
+                        self.append_old(segment, &bytes);
+                        if all {
+                            self.remove_if_finished(segment);
+                        }
+                    }
                 }
-                Op::Done { segment, bytes } => self.append_old(segment, &bytes),
+                Op::Compact(done) => self.asked.push(done),
+                Op::Retry { id, retry } => {
+                    let segment = {
+                        let mut index = self.shared.index();
+                        let Some(e) = index.messages.get_mut(&id) else {
+                            continue;
+                        };
+                        e.retry = Some(retry);
+                        e.location.segment
+                    };
+                    let bytes = retry_record(id, retry);
+                    if segment == self.current {
+                        buf.extend_from_slice(&bytes);
+                    } else {
+                        self.append_old(segment, &bytes);
+                    }
+                }
             }
         }
-        if buf.is_empty() {
+        if buf.is_empty() && direct == 0 && failed.is_none() {
             return;
         }
         let result = if self.broken {
             Err(io::Error::other(
                 "spool segment unusable after an earlier error",
             ))
+        } else if let Some(e) = failed {
+            Err(e)
         } else {
             self.file.write_all(&buf).and_then(|()| {
                 if waiters.is_empty() {
@@ -156,15 +288,24 @@ impl Writer {
         };
         match result {
             Ok(()) => {
-                self.len += buf.len() as u64;
-                if !waiters.is_empty() {
-                    let mut segs = self.shared.segments.lock().expect("spool lock");
-                    if let Some(s) = segs.get_mut(&self.current) {
-                        s.live += waiters.len();
-                    }
+                self.len += direct + buf.len() as u64;
+                let mut index = self.shared.index();
+                let Index { segments, messages } = &mut *index;
+                if let Some(s) = segments.get_mut(&self.current) {
+                    s.size = self.len;
+                    s.live += waiters.len();
+                    s.live_bytes += waiters.iter().map(|w| w.2.record_len).sum::<u64>();
                 }
-                for (reply, off) in waiters {
-                    let _ = reply.send(Ok((self.current, off)));
+                for (reply, id, location) in waiters {
+                    messages.insert(
+                        id,
+                        Entry {
+                            location,
+                            done: Vec::new(),
+                            retry: None,
+                        },
+                    );
+                    let _ = reply.send(Ok(()));
                 }
             }
             Err(e) => {
@@ -176,10 +317,72 @@ impl Writer {
                 }
                 let kind = e.kind();
                 let msg = e.to_string();
-                for (reply, _) in waiters {
+                for (reply, _, _) in waiters {
                     let _ = reply.send(Err(SpoolError::Io(io::Error::new(kind, msg.clone()))));
                 }
             }
+        }
+    }
+
+    /// Writes `buf` (the record's start), then the streamed body's file
+    /// part, leaving its in-memory tail in `buf`; returns the bytes written.
+    fn write_spilled(&mut self, buf: &mut Vec<u8>, rest: Spilled) -> io::Result<u64> {
+        let mut n = 0;
+        if let Some((file, len)) = rest.file {
+            self.file.write_all(buf)?;
+            n += buf.len() as u64;
+            buf.clear();
+            let mut src = &*file;
+            src.seek(SeekFrom::Start(0))?;
+            let copied = io::copy(&mut src.take(len), &mut self.file)?;
+            if copied != len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "streamed message body shorter than received",
+                ));
+            }
+            n += copied;
+        }
+        buf.extend_from_slice(&rest.tail);
+        Ok(n)
+    }
+
+    /// Applies a done record to the index; returns the message's segment
+    /// (`None` if it is not live, e.g. a second done for it).
+    fn note_done(&self, id: MsgId, rcpts: &[u32], all: bool) -> Option<u64> {
+        let mut index = self.shared.index();
+        let Index { segments, messages } = &mut *index;
+        let e = messages.get_mut(&id)?;
+        let location = e.location;
+        if all {
+            messages.remove(&id);
+            if let Some(s) = segments.get_mut(&location.segment) {
+                s.live = s.live.saturating_sub(1);
+                s.live_bytes = s.live_bytes.saturating_sub(location.record_len);
+            }
+        } else {
+            e.done.extend_from_slice(rcpts);
+        }
+        Some(location.segment)
+    }
+
+    /// Deletes segment `n` if it is not the current one and no message in it is live.
+    fn remove_if_finished(&mut self, n: u64) {
+        if n == self.current {
+            return;
+        }
+        {
+            let mut index = self.shared.index();
+            if index.segments.get(&n).is_none_or(|s| s.live > 0) {
+                return;
+            }
+            index.segments.remove(&n);
+        }
+        self.old.remove(&n);
+        let path = segment_path(&self.shared.dir, n);
+        // A reader that still holds the file keeps reading it after the unlink.
+        if let Err(e) = std::fs::remove_file(&path) {
+            warn!(path = %path.display(), error = %e, "could not remove finished spool segment");
         }
     }
 
@@ -195,15 +398,143 @@ impl Writer {
                 Err(_) => return, // finished and removed already
             }
         }
-        if let Some(f) = self.old.get_mut(&segment)
-            && f.write_all(bytes).is_err()
+        if let Some(f) = self.old.get_mut(&segment) {
+            if f.write_all(bytes).is_err() {
+                self.old.remove(&segment);
+            } else if let Some(s) = self.shared.index().segments.get_mut(&segment) {
+                s.size += bytes.len() as u64;
+            }
+        }
+    }
+
+    /// Compaction: the current segment, once mostly finished, is closed;
+    /// every mostly finished older segment has its live messages copied
+    /// forward and is removed.
+    pub(super) fn compact(&mut self) {
+        loop {
+            let (current_worth, victims) = {
+                let index = self.shared.index();
+                let current_worth = index
+                    .segments
+                    .get(&self.current)
+                    .is_some_and(|s| s.live > 0 && worth_compacting(self.len, s.live_bytes));
+                let mut victims: Vec<u64> = index
+                    .segments
+                    .iter()
+                    .filter(|(n, s)| **n != self.current && worth_compacting(s.size, s.live_bytes))
+                    .map(|(n, _)| *n)
+                    .collect();
+                victims.sort_unstable();
+                (current_worth, victims)
+            };
+            if current_worth {
+                // Closed, it is compacted on the next turn like any other.
+                if let Err(e) = self.rotate() {
+                    error!(error = %e, "cannot start a new spool segment for compaction");
+                    return;
+                }
+                continue;
+            }
+            for n in victims {
+                if let Err(e) = self.move_forward(n) {
+                    // The old segment stays whole; nothing was lost, only space.
+                    error!(segment = format_args!("{n:016x}"), error = %e, "spool compaction failed");
+                    self.broken = true;
+                    return;
+                }
+            }
+            return;
+        }
+    }
+
+    /// Copies the live messages of segment `n` (with their done and retry
+    /// records) to the current segment, makes the copy durable, points the
+    /// index at it, and only then removes `n`. A crash in between leaves
+    /// both copies; recovery keeps the later one.
+    fn move_forward(&mut self, n: u64) -> io::Result<()> {
+        let moving: Vec<(MsgId, Location, Vec<u32>, Option<RetryState>)> = {
+            let index = self.shared.index();
+            let mut m: Vec<_> = index
+                .messages
+                .iter()
+                .filter(|(_, e)| e.location.segment == n)
+                .map(|(id, e)| (*id, e.location, e.done.clone(), e.retry))
+                .collect();
+            m.sort_unstable_by_key(|(_, l, _, _)| l.record_at);
+            m
+        };
+        let source = File::open(segment_path(&self.shared.dir, n))?;
+        let start = self.len;
+        let mut moved = Vec::with_capacity(moving.len());
+        let mut copied = 0;
+        let result = (|| {
+            for (id, location, done, retry) in &moving {
+                (&source).seek(SeekFrom::Start(location.record_at))?;
+                // Kernel to kernel (copy_file_range) where it can, a small
+                // buffer otherwise: a large body never sits in memory whole.
+                let n = io::copy(&mut (&source).take(location.record_len), &mut self.file)?;
+                if n != location.record_len {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "spool record shorter than indexed",
+                    ));
+                }
+                let record_at = self.len + copied;
+                copied += n;
+                let mut extra = Vec::new();
+                if !done.is_empty() {
+                    extra.extend_from_slice(&done_record(*id, done, false));
+                }
+                if let Some(r) = retry {
+                    extra.extend_from_slice(&retry_record(*id, *r));
+                }
+                self.file.write_all(&extra)?;
+                copied += extra.len() as u64;
+                moved.push((
+                    *id,
+                    Location {
+                        segment: self.current,
+                        record_at,
+                        ..*location
+                    },
+                ));
+            }
+            self.file.sync_data()
+        })();
+        if let Err(e) = result {
+            let _ = self.file.set_len(start);
+            return Err(e);
+        }
+        self.len += copied;
         {
-            self.old.remove(&segment);
+            let mut index = self.shared.index();
+            let Index { segments, messages } = &mut *index;
+            for (id, location) in &moved {
+                // A message finished while it was being copied stays finished.
+                if let Some(e) = messages.get_mut(id) {
+                    e.location = *location;
+                    if let Some(s) = segments.get_mut(&self.current) {
+                        s.live += 1;
+                        s.live_bytes += location.record_len;
+                    }
+                }
+            }
+            if let Some(s) = segments.get_mut(&self.current) {
+                s.size = self.len;
+            }
+            if let Some(s) = segments.get_mut(&n) {
+                s.live = 0;
+                s.live_bytes = 0;
+            }
         }
-        // Forget handles of removed segments now and then.
-        if self.old.len() > 64 {
-            let segs = self.shared.segments.lock().expect("spool lock");
-            self.old.retain(|n, _| segs.contains_key(n));
-        }
+        self.remove_if_finished(n);
+        sync_dir(&self.shared.dir)?;
+        info!(
+            segment = format_args!("{n:016x}"),
+            messages = moved.len(),
+            bytes = copied,
+            "spool segment compacted"
+        );
+        Ok(())
     }
 }
