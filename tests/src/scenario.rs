@@ -58,6 +58,9 @@ pub const ISPS: [(&str, &str, &str); 3] = [
     ("yahoo.com", "mta5.am0.yahoodns.net", "198.51.100.23"),
 ];
 const DNS: &str = "198.51.100.53";
+/// Where each relay's metrics listener and the balancer's (with the dashboard) listen.
+const RELAY_METRICS_PORT: u16 = 9702;
+const LB_METRICS_PORT: u16 = 9701;
 
 /// The balancer's health checks in the lab: every `HEALTH_INTERVAL`, out
 /// after `FALL` failures, back after `RISE` successes.
@@ -310,7 +313,7 @@ fn relay_config(dsr: &DsrLab, name: &str) -> PathBuf {
     .unwrap();
     let cfg = format!(
         "hostname = \"{name}.lab.example\"\nspool_dir = \"{spool}\"\nrelay_networks = [\"198.51.100.0/24\"]\n\
-         delivery_log = \"{log}\"\nadmin = \"127.0.0.1:8025\"\nshaping = \"{shaping}\"\n\n\
+         delivery_log = \"{log}\"\nadmin = \"127.0.0.1:8025\"\nmetrics = \"0.0.0.0:{RELAY_METRICS_PORT}\"\nshaping = \"{shaping}\"\n\n\
          [[listener]]\naddress = \"0.0.0.0:25\"\n\n\
          [dns]\nnameservers = [\"{DNS}:53\"]\n\n[retry]\nmin = \"1s\"\nmax = \"5s\"\n",
         spool = dir.join("spool").display(),
@@ -350,8 +353,18 @@ fn ctl_text(dsr: &DsrLab, host: &str, args: &[&str]) -> String {
 fn relay_queues(dsr: &DsrLab) -> Vec<(String, String)> {
     dsr.relays
         .iter()
-        .map(|r| (r.name.clone(), ctl_text(dsr, &r.name, &["relay", "queue"])))
+        .map(|r| {
+            let token = relay_token(dsr, &r.name);
+            let token = token.to_str().expect("a UTF-8 lab path");
+            let args = ["relay", "--relay-token-file", token, "queue"];
+            (r.name.clone(), ctl_text(dsr, &r.name, &args))
+        })
         .collect()
+}
+
+/// The relay's admin token file (`<spool_dir>/admin.token`, the default).
+fn relay_token(dsr: &DsrLab, name: &str) -> PathBuf {
+    dsr.work.join(name).join("spool/admin.token")
 }
 
 /// Builds the lab, starts DNS, ISPs, relays and the balancer, and plays
@@ -412,12 +425,19 @@ pub fn run(plan: Plan, on: &mut dyn FnMut(Event)) -> Outcome {
     ));
 
     let [connect, greeting, ehlo] = PROBE_TIMEOUTS.map(|d| d.as_millis());
+    let relay_metrics: Vec<String> = dsr
+        .relays
+        .iter()
+        .map(|r| format!("\"{}:{RELAY_METRICS_PORT}\"", r.addr))
+        .collect();
     let config = dsr.config(
         &WEIGHTS,
         &format!(
-            "[health]\ninterval = \"{}ms\"\nrise = {RISE}\nfall = {FALL}\n\n\
+            "[metrics]\nlisten = \"0.0.0.0:{LB_METRICS_PORT}\"\n\n[dashboard]\nrelay_metrics = [{}]\n\n\
+             [health]\ninterval = \"{}ms\"\nrise = {RISE}\nfall = {FALL}\n\n\
              [health.timeouts]\nconnect = \"{connect}ms\"\ngreeting = \"{greeting}ms\"\nehlo = \"{ehlo}ms\"\n\n\
              [warmup]\nduration = \"0s\"\nrejoin = \"{}s\"\nstart_percent = {REJOIN_START_PERCENT}\nsteps = {REJOIN_STEPS}\n",
+            relay_metrics.join(", "),
             HEALTH_INTERVAL.as_millis(),
             REJOIN.as_secs()
         ),
@@ -560,14 +580,22 @@ pub fn run(plan: Plan, on: &mut dyn FnMut(Event)) -> Outcome {
             dsr.pin_dir.display()
         ),
         format!(
-            "nsenter --net=/var/run/netns/{} {} ctl relay queue     # relay1; relay2, relay3 alike",
+            "nsenter --net=/var/run/netns/{} {} ctl relay --relay-token-file {} queue     # relay1; relay2, relay3 alike",
             ns("relay1"),
-            bin.display()
+            bin.display(),
+            relay_token(&dsr, "relay1").display()
         ),
         format!(
-            "nsenter --net=/var/run/netns/{} {} ctl relay metrics",
+            "nsenter --net=/var/run/netns/{} curl -s http://127.0.0.1:{RELAY_METRICS_PORT}/metrics     # relay1's metrics listener",
             ns("relay1"),
-            bin.display()
+        ),
+        format!(
+            "nsenter --net=/var/run/netns/{} curl -s http://127.0.0.1:{LB_METRICS_PORT}/metrics     # the balancer's; /healthz, /readyz alike",
+            ns("lb"),
+        ),
+        format!(
+            "socat TCP-LISTEN:{LB_METRICS_PORT},bind=127.0.0.1,reuseaddr,fork EXEC:'nsenter --net=/var/run/netns/{} socat STDIO TCP\\:127.0.0.1\\:{LB_METRICS_PORT}' &     # then open http://127.0.0.1:{LB_METRICS_PORT}/dashboard here",
+            ns("lb"),
         ),
         format!(
             "nsenter --net=/var/run/netns/{} swaks --server {VIP} --from app@lab.example --to user@yahoo.com",

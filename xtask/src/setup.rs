@@ -69,6 +69,8 @@ const LAB_PACKAGES: &[(&str, &str)] = &[
     ("logrotate", "logrotate"),
     // Queries Prometheus' HTTP API and the metrics listeners inside the lab.
     ("curl", "curl"),
+    // `lab --keep` prints a socat forward that brings the dashboard to this host.
+    ("socat", "socat"),
 ];
 
 /// (Perl module that must load, Debian package that provides it): swaks
