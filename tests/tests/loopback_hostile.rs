@@ -38,7 +38,7 @@ use smtp_lb_tests::{
 static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Healthy messages per rate measurement.
-const RATE_MESSAGES: u64 = 600;
+const RATE_MESSAGES: u64 = 1500;
 
 /// Short client timeouts, so a scenario takes seconds (the defaults are
 /// RFC 5321's minutes).
