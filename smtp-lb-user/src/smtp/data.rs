@@ -41,6 +41,8 @@ pub struct DataReader {
     prev_crlf: bool,
     /// The rest of an over-long line is being skipped.
     skipping: bool,
+    /// The last octet skipped was a CR (its LF comes in the next read).
+    skipped_cr: bool,
     refusal: Option<Refusal>,
 }
 
@@ -53,6 +55,7 @@ impl DataReader {
             len: 0,
             prev_crlf: true,
             skipping: false,
+            skipped_cr: false,
             refusal: None,
         }
     }
@@ -67,7 +70,10 @@ impl DataReader {
         while let Some(i) = buf[pos..].iter().position(|&b| b == b'\n') {
             let line = &buf[pos..=pos + i];
             pos += i + 1;
-            let crlf = line.len() >= 2 && line[line.len() - 2] == b'\r';
+            let crlf = match line.len() {
+                1 => self.skipping && self.skipped_cr,
+                n => line[n - 2] == b'\r',
+            };
             // A long line is refused for its length alone, as when it was
             // skipped in parts: the reply must not depend on how it arrived.
             if std::mem::take(&mut self.skipping) || too_long(line) {
@@ -100,6 +106,7 @@ impl DataReader {
         if buf.len() - pos > MAX_TEXT_LINE {
             self.refuse(Refusal::LongLine);
             self.skipping = true;
+            self.skipped_cr = buf.ends_with(b"\r");
             pos = buf.len();
         }
         (pos, false)
@@ -192,6 +199,21 @@ mod tests {
         assert!(end && whole.2);
         assert_eq!(r.refusal(), Some(Refusal::LongLine));
         assert_eq!(whole.3, Some(Refusal::LongLine));
+    }
+
+    /// Found by the `data_reader` fuzz target (whole against pieces): when
+    /// the skipped part of a long line ended in its CR, the LF that came next
+    /// counted as bare, so the `.` after it did not end the message and the
+    /// session waited for more instead of refusing it.
+    #[test]
+    fn a_long_line_skipped_up_to_its_cr_still_ends_in_crlf() {
+        let mut r = DataReader::new(1 << 20);
+        let head = [&[b'x'; 1016], b"\r".as_slice()].concat();
+        let (used, end) = r.read(&head, |_| panic!("no line is complete"));
+        assert_eq!((used, end), (head.len(), false));
+        let (used, end) = r.read(b"\n.\r\n", |_| panic!("the long line's end is skipped"));
+        assert_eq!((used, end), (4, true));
+        assert_eq!(r.refusal(), Some(Refusal::LongLine));
     }
 
     #[test]
