@@ -269,6 +269,15 @@ impl Relay {
         self.child = ChildGuard(Some(child));
         wait_listening(self.smtp, Duration::from_secs(10));
         wait_listening(self.admin, Duration::from_secs(10));
+        // The relay notices the probe above closing a moment later; until then
+        // it holds a connection slot a test with tight limits would miss.
+        // (Best effort: a test's own clients may already be connecting.)
+        let settle = std::time::Instant::now() + Duration::from_secs(5);
+        while self.metric("smtp_lb_relay_ingress_connections_open") > 0
+            && std::time::Instant::now() < settle
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn pid(&self) -> u32 {
