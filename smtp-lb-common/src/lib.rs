@@ -76,6 +76,10 @@ pub mod maps {
     /// LPM trie of [`crate::DecapPrefix`] → `u32` (relay side): the outer
     /// sources (LB nodes) and inner destinations (VIPs) decap accepts.
     pub const DECAP_ALLOW: &str = "DECAP_ALLOW";
+    /// `u32` service id → `u32` (1 = refuse new flows): admission under
+    /// back-pressure, set while every relay of the service is over its
+    /// queue high-water mark (the control plane's `feedback`).
+    pub const ADMISSION: &str = "ADMISSION";
 
     /// Every map of the balancer, so user space can pin (or re-open) each one by name.
     pub const ALL: &[&str] = &[
@@ -91,6 +95,7 @@ pub mod maps {
         BACKEND_STATS,
         LB_CONFIG,
         TX_PORTS,
+        ADMISSION,
     ];
 }
 
@@ -366,9 +371,12 @@ counters! {
         /// unreachable quoting a packet of a balanced flow (VIP:port →
         /// client), sent to the relay that owns the flow.
         icmp_to_flow,
+        /// Dropped: a SYN to a service whose admission is closed (every
+        /// relay over its queue high-water mark): the client retries it.
+        drop_admission,
     }
 }
-const _: () = assert!(size_of::<GlobalStats>() == 18 * 8);
+const _: () = assert!(size_of::<GlobalStats>() == 19 * 8);
 
 counters! {
     /// Per-service, per-CPU counters.

@@ -8,6 +8,7 @@ use smtp_lb_common::{
 };
 
 use crate::{
+    admission,
     forward::{self, Inner},
     icmp,
     maps::{BACKEND_STATS, GLOBAL_STATS, SERVICE_STATS},
@@ -219,6 +220,10 @@ fn balance(
         return drop(stats, Refuse::Malformed);
     }
     let syn = tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if syn && admission::refuses(key, svc) {
+        stats.drop_admission += 1;
+        return xdp_action::XDP_DROP;
+    }
     let closing = tcp.flags & (TCP_FIN | TCP_RST) != 0;
     let choice = select::choose(key, svc, syn, closing, stats);
     send(ctx, choice, key, svc, inner, syn, stats)

@@ -3,10 +3,12 @@
 //! [`forward`] (L2 DSR, IPIP / IP6IP6), [`too_big`] (ICMP for packets the
 //! tunnel cannot carry), [`csum`], [`balance`] (the packet
 //! path that ties them together), [`icmp`] (errors about balanced flows),
-//! [`decap`] (the relay side), [`maps`].
+//! [`decap`] (the relay side), [`admission`] (new flows refused under
+//! back-pressure), [`maps`].
 #![no_std]
 #![no_main]
 
+mod admission;
 mod balance;
 mod csum;
 mod decap;

@@ -70,3 +70,8 @@ pub static DECAP_STATS: PerCpuArray<DecapStats, 1> = PerCpuArray::new();
 /// Relay side: the outer sources and inner destinations decap accepts.
 #[btf_map]
 pub static DECAP_ALLOW: LpmTrie<DecapPrefix, u32, { MAX_DECAP_PREFIXES as usize }> = LpmTrie::new();
+
+/// service id → 1 while new flows are refused (every relay of the service
+/// is over its queue high-water mark; written by user space's `feedback`).
+#[btf_map]
+pub static ADMISSION: Array<u32, { MAX_SERVICES as usize }> = Array::new();

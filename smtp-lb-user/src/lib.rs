@@ -8,6 +8,8 @@
 //! - [`health`]: SMTP-aware health checks of relays (probe + rise/fall).
 //! - [`config`]: configuration files (`config::lb` for the balancer) and
 //!   shared value types (durations).
+//! - [`feedback`]: relay feedback: queue depth and deferral rate polled from
+//!   the relays move their weights and close admission under back-pressure.
 //! - [`lb`]: the balancer daemon's control loop (health, warmup, drain,
 //!   reload) and its admin API.
 //! - [`admin`]: the small HTTP layer and Prometheus text both daemons serve.
@@ -25,6 +27,7 @@ pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod feedback;
 pub mod health;
 pub mod lb;
 pub mod relay;

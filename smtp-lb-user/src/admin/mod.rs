@@ -6,3 +6,4 @@ pub mod client;
 pub mod http;
 pub mod monitor;
 pub mod prom;
+pub mod scrape;

@@ -86,6 +86,15 @@ pub struct Runtime {
     /// Operator's weight, replacing the configured one until the next reload
     /// that changes this relay's configured weight.
     pub weight_override: Option<u32>,
+    /// The share of its weight the relay's own feedback (queue depth,
+    /// deferrals; `feedback/`) leaves it, in thousandths. Not saved: a
+    /// restarted balancer reads the relays again within one poll.
+    #[serde(skip, default = "full_share")]
+    pub feedback: u32,
+}
+
+fn full_share() -> u32 {
+    warmup::FULL
 }
 
 impl Runtime {
@@ -103,8 +112,9 @@ impl Runtime {
         self.ramp_share(check, now, cfg)
     }
 
-    /// Its warmup share on `check`, whatever its health: the smaller of the
-    /// relay's reputation ramp and the check's slow start.
+    /// Its share on `check`, whatever its health: the smaller of the
+    /// relay's reputation ramp and the check's slow start, times what its
+    /// feedback leaves it.
     pub fn ramp_share(&self, check: Check, now: SystemTime, cfg: &WarmupConfig) -> u32 {
         let ramp = self.ramp.map_or(warmup::FULL, |r| r.share(now, cfg));
         let rejoin = self
@@ -112,7 +122,9 @@ impl Runtime {
             .get(&check)
             .and_then(|c| c.rejoin)
             .map_or(warmup::FULL, |r| r.share(now, cfg));
-        ramp.min(rejoin)
+        let warm = ramp.min(rejoin);
+        // Both ≤ FULL; a relay with any share keeps at least a thousandth.
+        (warm * self.feedback.min(warmup::FULL) / warmup::FULL).max(u32::from(warm > 0))
     }
 
     /// A relay just added to the configuration: down until it passes its
@@ -125,6 +137,7 @@ impl Runtime {
             never_up: true,
             drained: false,
             weight_override: None,
+            feedback: warmup::FULL,
         }
     }
 
@@ -505,6 +518,33 @@ mod tests {
         assert_eq!(e.cfg.services.len(), 1);
         assert_eq!(e.cfg.services[0].ports, [25, 465]);
         assert_eq!(e.services.len(), 2, "one state per port all the same");
+    }
+
+    #[test]
+    fn feedback_multiplies_the_warmup_share() {
+        let cfg = LbConfig::parse(CONFIG).unwrap();
+        let now = SystemTime::now();
+        let warm = WarmupConfig {
+            duration: Duration::from_hours(10),
+            start_percent: 50,
+            steps: 0,
+            ..Default::default()
+        };
+        let mut held_back = up();
+        held_back.ramp = Some(Ramp::starting(now, Duration::from_hours(10)));
+        held_back.feedback = 300;
+        let mut drained = up();
+        drained.feedback = 300;
+        drained.drained = true;
+        let rt = BTreeMap::from([
+            ("198.51.100.3".parse().unwrap(), held_back),
+            ("198.51.100.4".parse().unwrap(), drained),
+        ]);
+        // Weight 2 × 50 % warmup × 30 % feedback; a drain still wins.
+        assert_eq!(
+            weights(&effective(&cfg, &rt, &warm, &BTreeMap::new(), now).cfg),
+            [300, 0]
+        );
     }
 
     #[test]

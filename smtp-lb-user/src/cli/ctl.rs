@@ -184,6 +184,7 @@ fn backends(opts: &Options, v: &Value) -> anyhow::Result<()> {
             "EFFECTIVE",
             "SHARE",
             "DRAINED",
+            "FEEDBACK",
             "NEW FLOWS",
             "LIVE",
             "LAST CHECK",
@@ -198,6 +199,16 @@ fn backends(opts: &Options, v: &Value) -> anyhow::Result<()> {
         let share = b["share_permille"]
             .as_f64()
             .map_or_else(|| "-".to_owned(), |p| format!("{:.1}%", p / 10.0));
+        let fb = &b["feedback"];
+        let feedback = fb["share_permille"].as_f64().map_or_else(
+            || "-".to_owned(),
+            |p| {
+                let deferred = fb["deferral_permille"]
+                    .as_f64()
+                    .map_or_else(|| "-".to_owned(), |d| format!("{:.0}%", d / 10.0));
+                format!("{:.0}% q={} def={deferred}", p / 10.0, cell(&fb["queue"]))
+            },
+        );
         t.add_row([
             cell(&b["names"]),
             cell(&b["address"]),
@@ -206,6 +217,7 @@ fn backends(opts: &Options, v: &Value) -> anyhow::Result<()> {
             cell(&b["effective_weight"]),
             share,
             cell(&b["drained"]),
+            feedback,
             cell(&b["new_flows"]),
             cell(&b["live_flows"]),
             last,

@@ -193,6 +193,9 @@ pub struct LbConfig {
     /// The dashboard on the metrics listener (`[dashboard]`).
     #[serde(default)]
     pub dashboard: DashboardConfig,
+    /// Relay feedback into weights, and admission (`[feedback]`).
+    #[serde(default)]
+    pub feedback: crate::feedback::FeedbackConfig,
     /// Directory for what must survive restarts: warmup start times, drains,
     /// operator weights, the admin token.
     #[serde(default = "LbConfig::default_state_dir")]
@@ -469,6 +472,9 @@ impl LbConfig {
     /// services, missing MACs, families, limits. The first problem wins.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.warmup
+            .validate()
+            .map_err(|(field, problem)| invalid(field, problem))?;
+        self.feedback
             .validate()
             .map_err(|(field, problem)| invalid(field, problem))?;
         if self.health.rise == 0 || self.health.fall == 0 {

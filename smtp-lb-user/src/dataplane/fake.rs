@@ -69,6 +69,8 @@ pub struct Fake {
     /// Writes that succeed before the next one fails, once (a map write
     /// refused by the kernel).
     pub fail_after: Option<usize>,
+    /// Service id → refused (admission); not among the recorded writes.
+    pub admission: BTreeMap<u32, bool>,
 }
 
 impl Fake {
@@ -196,6 +198,11 @@ impl MapWriter for Fake {
         if let Some(b) = self.backends.get_mut(&id) {
             b.flags &= !BACKEND_VALID;
         }
+        Ok(())
+    }
+
+    fn set_admission(&mut self, id: u32, refuse: bool) -> Result<(), ApplyError> {
+        self.admission.insert(id, refuse);
         Ok(())
     }
 

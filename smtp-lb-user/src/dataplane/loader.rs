@@ -383,6 +383,9 @@ impl super::MapWriter for Dataplane {
     ) -> Result<super::MovedFlows, super::ApplyError> {
         self.ebpf.keep_moved_flows(plan)
     }
+    fn set_admission(&mut self, id: u32, refuse: bool) -> Result<(), super::ApplyError> {
+        self.ebpf.set_admission(id, refuse)
+    }
 }
 
 /// Reads come from the pinned maps, as `ctl stats` reads them.

@@ -65,6 +65,9 @@ pub trait MapWriter {
     /// tracked flows its tables send elsewhere into `MOVED_FLOWS` (where no
     /// flood can evict them) and prunes copies no longer needed.
     fn keep_moved_flows(&mut self, plan: &Plan) -> Result<MovedFlows, ApplyError>;
+    /// Refuses (`true`) or admits new connections to service `id`
+    /// (admission under back-pressure; established flows are untouched).
+    fn set_admission(&mut self, id: u32, refuse: bool) -> Result<(), ApplyError>;
 }
 
 /// The data plane as the control loop sees it: the writes, and the counters

@@ -413,6 +413,14 @@ impl MapWriter for Ebpf {
         backends.set(id, b, 0).map_err(map_err(maps::BACKENDS))
     }
 
+    fn set_admission(&mut self, id: u32, refuse: bool) -> Result<(), ApplyError> {
+        let mut admission: Array<&mut MapData, u32> =
+            Array::try_from(map_mut(self, maps::ADMISSION)?).map_err(map_err(maps::ADMISSION))?;
+        admission
+            .set(id, u32::from(refuse), 0)
+            .map_err(map_err(maps::ADMISSION))
+    }
+
     fn keep_moved_flows(&mut self, plan: &Plan) -> Result<MovedFlows, ApplyError> {
         let services: BTreeMap<u32, &PlannedService> =
             plan.services.iter().map(|s| (s.id, s)).collect();

@@ -150,7 +150,10 @@ fn status<D: Dataplane>(node: &Node<D>) -> Value {
             "last_reload": node.last_reload,
             "services": node.cfg.services.iter().flat_map(|s| s.ports.iter().map(move |p| (s, *p))).map(|(s, port)| {
                 let fs = node.failsafe.get(&service_id(s.vip, port)).cloned().unwrap_or_default();
-                json!({"name": s.label(), "vip": s.vip, "port": port, "check": s.check(port, &node.cfg.health), "mode": fs.mode, "panics": fs.panics, "all_full": fs.all_full})
+                let admission = node.cfg.feedback.admission.filter(|_| node.cfg.feedback.enabled).map(|_| {
+                    if node.admission.get(&service_id(s.vip, port)).is_some_and(|g| g.closed) { "closed" } else { "open" }
+                });
+                json!({"name": s.label(), "vip": s.vip, "port": port, "check": s.check(port, &node.cfg.health), "mode": fs.mode, "panics": fs.panics, "all_full": fs.all_full, "admission": admission})
             }).collect::<Vec<_>>(),
             "counters": counters.map_or_else(|e| json!({"error": e.to_string()}), Value::Object),
     })
@@ -202,6 +205,18 @@ pub(super) fn backend_rows<D: Dataplane>(node: &Node<D>) -> Vec<Value> {
                     })
                 })
                 .collect();
+            let feedback = node.cfg.feedback.enabled.then(|| {
+                let fb = node.feedback.get(addr);
+                json!({
+                    "share_permille": rt.feedback,
+                    "pressure_permille": fb.map(|f| f.pressure),
+                    "queue": fb.and_then(|f| f.last).map(|l| l.queue),
+                    "deferral_permille": fb.and_then(|f| f.deferral),
+                    "reason": fb.and_then(|f| f.reason.clone()),
+                    "failures": fb.map(|f| f.failures),
+                    "error": fb.and_then(|f| f.error.clone()),
+                })
+            });
             json!({
                 "names": relay.names,
                 "address": addr,
@@ -213,6 +228,7 @@ pub(super) fn backend_rows<D: Dataplane>(node: &Node<D>) -> Vec<Value> {
                 "effective_weight": effective.get(addr).and_then(|w| w.values().max()),
                 "effective_weights": effective.get(addr),
                 "warmup": warmup(rt.ramp),
+                "feedback": feedback,
                 "never_up": rt.never_up,
                 "checks": checks,
                 "packets": row.map(|r| r.packets),

@@ -23,7 +23,7 @@ use tracing::debug;
 
 use super::{Node, lock};
 use crate::{
-    admin::{client::Client, http::blocking},
+    admin::{client::Client, http::blocking, scrape},
     dataplane::{Dataplane, read_stats},
 };
 
@@ -328,57 +328,12 @@ fn increase(a: u64, b: u64) -> u64 {
 /// a relay's page is input like any other.
 pub fn recipients_by_domain(page: &str) -> BTreeMap<(String, String), u64> {
     let mut out = BTreeMap::new();
-    for line in page.lines() {
-        let Some(rest) = line.strip_prefix("smtp_lb_relay_recipients_total{") else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once('}') else {
-            continue;
-        };
-        // The value may be followed by a timestamp; counters may print as floats.
-        let Some(value) = value
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-            .filter(|v| v.is_finite() && *v >= 0.0)
-        else {
-            continue;
-        };
-        let labels = parse_labels(labels);
+    for (labels, value) in scrape::samples(page, "smtp_lb_relay_recipients_total") {
         if let (Some(domain), Some(status)) = (labels.get("domain"), labels.get("status")) {
-            #[expect(clippy::cast_sign_loss, reason = "filtered to finite and >= 0 above")]
+            #[expect(clippy::cast_sign_loss, reason = "scrape keeps finite values >= 0")]
             let value = value as u64;
             *out.entry((domain.clone(), status.clone())).or_default() += value;
         }
-    }
-    out
-}
-
-/// `a="x",b="y \"q\""` → {a: x, b: y "q"}.
-fn parse_labels(s: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut rest = s;
-    while let Some((name, after)) = rest.split_once("=\"") {
-        let name = name.trim_start_matches(',').trim().to_owned();
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let mut end = after.len();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => match chars.next() {
-                    Some((_, 'n')) => value.push('\n'),
-                    Some((_, other)) => value.push(other),
-                    None => {}
-                },
-                '"' => {
-                    end = i + 1;
-                    break;
-                }
-                c => value.push(c),
-            }
-        }
-        out.insert(name, value);
-        rest = &after[end..];
     }
     out
 }

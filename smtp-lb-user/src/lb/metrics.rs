@@ -28,6 +28,9 @@ pub struct Metrics {
     health_duration: Family<Backend, Histogram, fn() -> Histogram>,
     transitions: Family<BackendTo, Counter>,
     reloads: Family<Outcome, Counter>,
+    feedback_polls: Family<BackendResult, Counter>,
+    feedback_changes: Family<BackendDirection, Counter>,
+    admission_closures: Family<Service, Counter>,
     sample: Arc<Mutex<Sample>>,
     /// One render at a time, so two scrapes cannot mix their samples.
     rendering: Mutex<()>,
@@ -52,6 +55,13 @@ struct BackendTo {
     backend: Text,
     address: Text,
     to: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendDirection {
+    backend: Text,
+    address: Text,
+    direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -101,6 +111,9 @@ struct RelayRow {
     share_permille: u32,
     /// (live, closing) conntrack entries; `None` when the maps are unreadable.
     flows: Option<(u64, u64)>,
+    /// With `[feedback]`: (share in thousandths, last queue depth, deferred
+    /// thousandths over the window).
+    feedback: Option<(u32, Option<u64>, Option<u32>)>,
 }
 
 /// What a scrape reads from the node and the maps.
@@ -115,6 +128,8 @@ struct Sample {
     services: Vec<(Service, usize)>,
     /// Per configured service: its fail-safe state.
     failsafe: Vec<(ServiceName, super::Failsafe)>,
+    /// With `[feedback.admission]`: per VIP × port, 1 while closed.
+    admission: Vec<(Service, i64)>,
     last_reload_ok: bool,
 }
 
@@ -170,6 +185,24 @@ impl Metrics {
             "Configuration reloads (SIGHUP, ctl reload) by result (applied, refused)",
             reloads.clone(),
         );
+        let feedback_polls = Family::default();
+        registry.register(
+            "backend_feedback_polls",
+            "Polls of a relay's metrics for feedback, by result (ok, failed)",
+            feedback_polls.clone(),
+        );
+        let feedback_changes = Family::default();
+        registry.register(
+            "backend_feedback_changes",
+            "Changes of a relay's feedback share, by direction (down, up)",
+            feedback_changes.clone(),
+        );
+        let admission_closures = Family::default();
+        registry.register(
+            "service_admission_closures",
+            "Times a service closed admission: every relay over its queue high-water mark",
+            admission_closures.clone(),
+        );
         let sample = Arc::new(Mutex::new(Sample::default()));
         registry.register_collector(Box::new(Sampler(sample.clone())));
         Self {
@@ -177,6 +210,9 @@ impl Metrics {
             health_duration,
             transitions,
             reloads,
+            feedback_polls,
+            feedback_changes,
+            admission_closures,
             sample,
             rendering: Mutex::new(()),
             registry,
@@ -229,6 +265,53 @@ impl Metrics {
             .inc();
     }
 
+    /// A feedback poll of the relay at `address` succeeded (`true`) or failed.
+    pub fn feedback_poll(
+        &self,
+        names: &std::collections::BTreeSet<String>,
+        address: IpAddr,
+        ok: bool,
+    ) {
+        let b = backend(names, address);
+        self.feedback_polls
+            .get_or_create(&BackendResult {
+                backend: b.backend,
+                address: b.address,
+                result: if ok { "ok" } else { "failed" },
+            })
+            .inc();
+    }
+
+    /// The feedback share of the relay at `address` went up (`true`) or down.
+    pub fn feedback_change(
+        &self,
+        names: &std::collections::BTreeSet<String>,
+        address: IpAddr,
+        up: bool,
+    ) {
+        let b = backend(names, address);
+        self.feedback_changes
+            .get_or_create(&BackendDirection {
+                backend: b.backend,
+                address: b.address,
+                direction: if up { "up" } else { "down" },
+            })
+            .inc();
+    }
+
+    /// A service's admission closed (`true`) or opened.
+    pub fn admission_change(&self, service: &str, vip: IpAddr, port: u16, closed: bool) {
+        if closed {
+            self.admission_closures
+                .get_or_create(&Service {
+                    service: service.into(),
+                    vip: vip.to_string().into(),
+                    port,
+                })
+                .inc();
+        }
+    }
+
     /// A reload was applied (`true`) or refused.
     pub fn reload(&self, applied: bool) {
         self.reloads
@@ -265,6 +348,14 @@ impl Metrics {
                         ids.get(addr)
                             .and_then(|id| f.get(id))
                             .map_or((0, 0), |(live, all)| (*live, all - live))
+                    }),
+                    feedback: node.cfg.feedback.enabled.then(|| {
+                        let fb = node.feedback.get(addr);
+                        (
+                            r.runtime.feedback,
+                            fb.and_then(|f| f.last).map(|l| l.queue),
+                            fb.and_then(|f| f.deferral),
+                        )
                     }),
                 }
             })
@@ -317,6 +408,29 @@ impl Metrics {
                     )
                 })
                 .collect(),
+            admission: if node.cfg.feedback.enabled && node.cfg.feedback.admission.is_some() {
+                node.cfg
+                    .services
+                    .iter()
+                    .flat_map(|s| s.ports.iter().map(move |p| (s, *p)))
+                    .map(|(s, port)| {
+                        let closed = node
+                            .admission
+                            .get(&crate::balance::weights::service_id(s.vip, port))
+                            .is_some_and(|g| g.closed);
+                        (
+                            Service {
+                                service: s.label().into(),
+                                vip: s.vip.to_string().into(),
+                                port,
+                            },
+                            i64::from(closed),
+                        )
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
             last_reload_ok: node.last_reload.as_ref().is_none_or(|r| r.error.is_none()),
         };
         prom::render(&self.registry)
@@ -534,6 +648,32 @@ impl Collector for Sampler {
             None,
             s.failsafe.iter().map(|(l, f)| (l.clone(), f.all_full)),
         )?;
+        let feedback = || s.relays.iter().filter_map(|r| r.feedback.map(|f| (r, f)));
+        out.gauges(
+            "backend_feedback_share",
+            "Share of its weight a relay's feedback (queue depth, deferrals) leaves it, 0..1.",
+            None,
+            feedback().map(|(r, (share, ..))| (r.labels.clone(), f64::from(share) / 1000.0)),
+        )?;
+        out.gauges(
+            "backend_queue_messages",
+            "Messages in a relay's queue at its last feedback poll.",
+            None,
+            feedback().filter_map(|(r, (_, q, _))| q.map(|q| (r.labels.clone(), q as f64))),
+        )?;
+        out.gauges(
+            "backend_deferral_ratio",
+            "Share of a relay's delivery outcomes deferred over the feedback window, 0..1.",
+            None,
+            feedback()
+                .filter_map(|(r, (.., d))| d.map(|d| (r.labels.clone(), f64::from(d) / 1000.0))),
+        )?;
+        out.gauges(
+            "service_admission_closed",
+            "1 while new connections to a service are refused (every relay over its queue high-water mark).",
+            None,
+            s.admission.iter().cloned(),
+        )?;
         out.gauge(
             "config_last_reload_successful",
             "0 after a refused reload until one is applied, else 1.",
@@ -555,6 +695,7 @@ mod tests {
         assert_eq!(v("redirect"), Some(("redirect", "forwarded")));
         assert_eq!(v("pass_non_vip"), Some(("pass", "non_vip")));
         assert_eq!(v("drop_no_backend"), Some(("drop", "no_backend")));
+        assert_eq!(v("drop_admission"), Some(("drop", "admission")));
         assert_eq!(v("lru_miss"), None);
         assert_eq!(v("rehash"), None);
     }

@@ -27,7 +27,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context;
@@ -46,6 +46,7 @@ use crate::{
     },
     config::lb::LbConfig,
     dataplane::{self, Dataplane, XdpDataplane},
+    feedback::{self, Gate, Reading, RelayFeedback},
     health::{self, Check, Health, Outcome, Tracker, Transition},
 };
 
@@ -131,6 +132,13 @@ pub struct Node<D = XdpDataplane> {
     /// control loop restarts the probes.
     probe_generation: u64,
     pub metrics: metrics::Metrics,
+    /// Per relay address, what its feedback says (`[feedback]` enabled).
+    pub feedback: BTreeMap<IpAddr, RelayFeedback>,
+    /// Per service id, its admission (`[feedback.admission]`).
+    pub admission: BTreeMap<String, Gate>,
+    /// Per data-plane service id, whether the admission map refuses its new
+    /// connections, as last written (`None`: write every entry next time).
+    admission_written: Option<BTreeMap<u32, bool>>,
     /// The wall clock (warmup ramps); a test sets its own.
     clock: Box<dyn Fn() -> SystemTime + Send>,
 }
@@ -161,6 +169,9 @@ impl<D: Dataplane> Node<D> {
             started: SystemTime::now(),
             probe_generation: 0,
             metrics: metrics::Metrics::new(),
+            feedback: BTreeMap::new(),
+            admission: BTreeMap::new(),
+            admission_written: None,
             clock: Box::new(SystemTime::now),
         };
         node.sync_relays(|addr| saved.backends.get(&addr).map(|s| s.runtime.clone()));
@@ -281,7 +292,28 @@ impl<D: Dataplane> Node<D> {
             }
             rt.legacy_health = None;
         }
+        self.sync_feedback();
         self.probe_generation += 1;
+    }
+
+    /// Keeps feedback state to the configured relays; with `[feedback]` off
+    /// every relay has its full share and every service admits.
+    fn sync_feedback(&mut self) {
+        let fb = &self.cfg.feedback;
+        if fb.enabled {
+            self.feedback.retain(|a, _| self.relays.contains_key(a));
+        } else {
+            self.feedback.clear();
+        }
+        if !fb.enabled || fb.admission.is_none() {
+            self.admission.clear();
+        }
+        for (addr, relay) in &mut self.relays {
+            relay.runtime.feedback = self
+                .feedback
+                .get(addr)
+                .map_or(feedback::policy::FULL, |f| f.share);
+        }
     }
 
     /// Writes the effective configuration to the maps if it changed, and
@@ -309,9 +341,12 @@ impl<D: Dataplane> Node<D> {
             if good_changed {
                 self.save();
             }
-            return Ok(());
+            return self.write_admission();
         }
         let previous = self.applied.take().map(|(_, plan)| plan);
+        if previous.is_none() {
+            self.admission_written = None;
+        }
         let applied = dataplane::apply(&mut self.dp, &effective.cfg, previous.as_ref())
             .context("program the data plane")?;
         for svc in &effective.cfg.services {
@@ -324,7 +359,138 @@ impl<D: Dataplane> Node<D> {
         }
         self.applied = Some((effective.cfg, applied.plan));
         self.save();
+        self.write_admission()
+    }
+
+    /// Writes each data-plane service's admission flag where it differs
+    /// from what the map holds (every one after a start or a failed write:
+    /// a pinned map may hold a previous run's flags).
+    fn write_admission(&mut self) -> anyhow::Result<()> {
+        let Some((_, plan)) = &self.applied else {
+            return Ok(());
+        };
+        let wanted: BTreeMap<u32, bool> = plan
+            .services
+            .iter()
+            .map(|s| {
+                let closed = self
+                    .admission
+                    .get(&weights::service_id(s.vip, s.port))
+                    .is_some_and(|g| g.closed);
+                (s.id, closed)
+            })
+            .collect();
+        let written = self.admission_written.take();
+        for (id, closed) in &wanted {
+            if written.as_ref().and_then(|w| w.get(id)) != Some(closed) {
+                self.dp
+                    .set_admission(*id, *closed)
+                    .context("write the admission map")?;
+            }
+        }
+        // Ids no service uses any more admit (a recycled id starts open).
+        for id in written.iter().flat_map(BTreeMap::keys) {
+            if !wanted.contains_key(id) {
+                self.dp
+                    .set_admission(*id, false)
+                    .context("write the admission map")?;
+            }
+        }
+        self.admission_written = Some(wanted);
         Ok(())
+    }
+
+    /// Takes one round of feedback polls (relay address → reading or
+    /// error) at `now`: moves shares and admission, logs each change with
+    /// its reason, and writes what changed to the data plane.
+    pub fn on_feedback(
+        &mut self,
+        polls: Vec<(IpAddr, Result<Reading, String>)>,
+        now: Instant,
+    ) -> anyhow::Result<()> {
+        let cfg = self.cfg.feedback.clone();
+        if !cfg.enabled {
+            return Ok(());
+        }
+        for (addr, polled) in polls {
+            let Some(relay) = self.relays.get_mut(&addr) else {
+                continue;
+            };
+            self.metrics
+                .feedback_poll(&relay.names, addr, polled.is_ok());
+            if let Err(e) = &polled {
+                warn!(relay = %addr, names = ?relay.names, error = %e, "feedback: cannot read the relay's metrics");
+            }
+            let fb = self.feedback.entry(addr).or_default();
+            let Some(change) = fb.update(&cfg, now, polled) else {
+                continue;
+            };
+            relay.runtime.feedback = change.to;
+            self.metrics
+                .feedback_change(&relay.names, addr, change.to > change.from);
+            let (from, to) = (
+                format!("{}%", f64::from(change.from) / 10.0),
+                format!("{}%", f64::from(change.to) / 10.0),
+            );
+            if change.to < change.from {
+                warn!(relay = %addr, names = ?relay.names, %from, %to, reason = %change.reason, "feedback: relay share lowered");
+            } else {
+                info!(relay = %addr, names = ?relay.names, %from, %to, reason = %change.reason, "feedback: relay share raised");
+            }
+        }
+        if let Some(adm) = cfg.admission {
+            self.update_admission(&adm);
+        }
+        self.reconcile()
+    }
+
+    /// Follows each service's admission: closed while every relay that may
+    /// take its new connections is at or over the high-water mark.
+    fn update_admission(&mut self, adm: &feedback::AdmissionConfig) {
+        for svc in &self.cfg.services {
+            for &port in &svc.ports {
+                let check = svc.check(port, &self.cfg.health);
+                let depths: Vec<(String, Option<u64>)> = svc
+                    .backends
+                    .iter()
+                    .filter_map(|b| {
+                        let rt = &self.relays.get(&b.address)?.runtime;
+                        let takes = !rt.drained
+                            && rt.weight_override.unwrap_or(b.weight) > 0
+                            && rt.health(check) != Health::Down;
+                        let depth = self
+                            .feedback
+                            .get(&b.address)
+                            .and_then(RelayFeedback::queue_now);
+                        takes.then(|| (b.name.clone(), depth))
+                    })
+                    .collect();
+                let id = weights::service_id(svc.vip, port);
+                let gate = self.admission.entry(id.clone()).or_default();
+                let only: Vec<Option<u64>> = depths.iter().map(|(_, d)| *d).collect();
+                let Some(closed) = gate.update(adm, &only) else {
+                    continue;
+                };
+                let queues: Vec<String> = depths
+                    .iter()
+                    .map(|(n, d)| format!("{n}={}", d.map_or("?".into(), |d| d.to_string())))
+                    .collect();
+                self.metrics
+                    .admission_change(&svc.label(), svc.vip, port, closed);
+                if closed {
+                    warn!(service = %id, queues = %queues.join(" "), high_water = adm.high_water, "admission closed: every relay's queue is over its high-water mark; new SYNs are dropped (senders retry), open sessions continue");
+                } else {
+                    info!(service = %id, queues = %queues.join(" "), low_water = adm.low_water, "admission open: a relay's queue drained below its low-water mark (or cannot be read)");
+                }
+            }
+        }
+        self.admission.retain(|id, _| {
+            self.cfg.services.iter().any(|s| {
+                s.ports
+                    .iter()
+                    .any(|p| weights::service_id(s.vip, *p) == *id)
+            })
+        });
     }
 
     /// Follows each service's fail-safe mode: logs and counts each change,
@@ -622,7 +788,7 @@ fn spawn_probes<D>(node: &Node<D>, tx: &mpsc::Sender<ProbeResult>) -> JoinSet<()
             let target = SocketAddr::new(addr, check.port);
             loop {
                 tick.tick().await;
-                let started = std::time::Instant::now();
+                let started = Instant::now();
                 let outcome = match health::probe(target, check.tls, &cfg).await {
                     Ok(_) => Outcome::Passed,
                     Err(e) if e.is_full() => Outcome::Full(e.to_string()),
@@ -642,6 +808,70 @@ fn spawn_probes<D>(node: &Node<D>, tx: &mpsc::Sender<ProbeResult>) -> JoinSet<()
         });
     }
     set
+}
+
+/// Relays polled at once by the feedback task.
+const POLL_THREADS: usize = 64;
+
+/// One round of feedback polls, on its way to the control loop.
+struct FeedbackRound {
+    generation: u64,
+    polls: Vec<(IpAddr, Result<Reading, String>)>,
+}
+
+/// With `[feedback]` enabled, one task that polls every relay each
+/// `interval` (in parallel, each poll bounded by `timeout`, off the runtime
+/// threads) and sends the round to the control loop.
+fn spawn_feedback<D>(
+    node: &Node<D>,
+    tx: &mpsc::Sender<FeedbackRound>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let cfg = node.cfg.feedback.clone();
+    if !cfg.enabled {
+        return None;
+    }
+    let targets: Vec<IpAddr> = node.relays.keys().copied().collect();
+    let generation = node.probe_generation;
+    let tx = tx.clone();
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(cfg.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let (c, t) = (cfg.clone(), targets.clone());
+            let Ok(polls) = tokio::task::spawn_blocking(move || {
+                // At most POLL_THREADS polls at once, so a large fleet costs
+                // a bounded number of threads (a round then takes longer).
+                t.chunks(POLL_THREADS)
+                    .flat_map(|chunk| {
+                        std::thread::scope(|scope| {
+                            let handles: Vec<_> = chunk
+                                .iter()
+                                .map(|a| {
+                                    let c = &c;
+                                    let at = SocketAddr::new(*a, c.port);
+                                    (*a, scope.spawn(move || feedback::poll::poll(at, c)))
+                                })
+                                .collect();
+                            handles
+                                .into_iter()
+                                .map(|(a, h)| {
+                                    (a, h.join().unwrap_or_else(|_| Err("poll panicked".into())))
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            else {
+                return;
+            };
+            if tx.send(FeedbackRound { generation, polls }).await.is_err() {
+                return;
+            }
+        }
+    }))
 }
 
 /// Runs the control loop until `shutdown` resolves; returns the node (and
@@ -683,6 +913,8 @@ pub async fn run<D: Dataplane + Send + 'static>(
     let (tx, mut rx) = mpsc::channel(256);
     let mut generation = lock(&node).probe_generation;
     let mut probes = spawn_probes(&lock(&node), &tx);
+    let (fb_tx, mut fb_rx) = mpsc::channel(4);
+    let mut feedback = spawn_feedback(&lock(&node), &fb_tx);
     let mut tick = tokio::time::interval(RECONCILE_EVERY);
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     tokio::pin!(shutdown);
@@ -696,6 +928,14 @@ pub async fn run<D: Dataplane + Send + 'static>(
                     && let Err(e) = n.on_probe(msg.addr, msg.check, msg.outcome, msg.took)
                 {
                     error!(error = %format!("{e:#}"), "cannot apply a health change");
+                }
+            }
+            Some(round) = fb_rx.recv() => {
+                let mut n = lock(&node);
+                if round.generation == n.probe_generation
+                    && let Err(e) = n.on_feedback(round.polls, Instant::now())
+                {
+                    error!(error = %format!("{e:#}"), "cannot apply relay feedback");
                 }
             }
             _ = tick.tick() => {
@@ -713,10 +953,17 @@ pub async fn run<D: Dataplane + Send + 'static>(
             generation = current;
             probes.abort_all();
             probes = spawn_probes(&lock(&node), &tx);
+            if let Some(f) = feedback.take() {
+                f.abort();
+            }
+            feedback = spawn_feedback(&lock(&node), &fb_tx);
         }
     }
     crate::systemd::stopping();
     probes.abort_all();
+    if let Some(f) = feedback.take() {
+        f.abort();
+    }
     // The HTTP servers finish what is in flight (bounded) and drop their
     // handles on the node; an open admin connection must not keep the
     // caller from keeping the data plane pinned.
@@ -733,7 +980,7 @@ pub async fn run<D: Dataplane + Send + 'static>(
 const RELEASE_WAIT: Duration = Duration::from_secs(30);
 
 async fn release<D>(mut node: Arc<Mutex<Node<D>>>) -> anyhow::Result<Node<D>> {
-    let deadline = std::time::Instant::now() + RELEASE_WAIT;
+    let deadline = Instant::now() + RELEASE_WAIT;
     loop {
         match Arc::try_unwrap(node) {
             Ok(m) => {
@@ -741,7 +988,7 @@ async fn release<D>(mut node: Arc<Mutex<Node<D>>>) -> anyhow::Result<Node<D>> {
                     .into_inner()
                     .unwrap_or_else(std::sync::PoisonError::into_inner));
             }
-            Err(shared) if std::time::Instant::now() < deadline => {
+            Err(shared) if Instant::now() < deadline => {
                 node = shared;
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }

@@ -746,3 +746,106 @@ mod api {
         assert_eq!(v["services"][0]["panics"], 0);
     }
 }
+
+/// `CFG` with `[feedback]` on: queue 100 → 1100 takes a relay from full to
+/// 20 %, rises after 2 readings; admission closes at 500 messages each.
+fn with_feedback() -> String {
+    CFG.replace(
+        "[[services]]",
+        "[feedback]\nenabled = true\nqueue_low = 100\nqueue_high = 1100\nrise = 2\n\
+         [feedback.admission]\nhigh_water = 500\nlow_water = 200\n\n[[services]]",
+    )
+}
+
+fn queues(q: [u64; 3]) -> Vec<(IpAddr, Result<crate::feedback::Reading, String>)> {
+    (1..=3u8)
+        .zip(q)
+        .map(|(i, queue)| {
+            (
+                relay(i),
+                Ok(crate::feedback::Reading {
+                    queue,
+                    deferred: 0,
+                    outcomes: 0,
+                }),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn feedback_lowers_a_relays_weight_in_its_table_and_gives_it_back_after_rise_readings() {
+    let mut lab = lab_with("feedback", &with_feedback(), &[1, 2, 3]);
+    lab.take();
+    let t = std::time::Instant::now();
+    let s = |i: u64| t + Duration::from_secs(i);
+    lab.node.on_feedback(queues([0, 1100, 0]), s(0)).unwrap();
+    assert_eq!(
+        lab.take(),
+        [lab.service(25, &[(1, 1000), (2, 200), (3, 1000)])],
+        "one table, relay2 at the floor"
+    );
+    assert_eq!(lab.node.relays[&relay(2)].runtime.feedback, 200);
+    lab.node.on_feedback(queues([0, 1100, 0]), s(1)).unwrap();
+    assert_eq!(lab.take(), [], "steady: no write");
+    lab.node.on_feedback(queues([0, 0, 0]), s(2)).unwrap();
+    assert_eq!(lab.take(), [], "one reading is not enough to rise");
+    lab.node.on_feedback(queues([0, 0, 0]), s(3)).unwrap();
+    assert_eq!(
+        lab.take(),
+        [lab.service(25, &[(1, 1000), (2, 1000), (3, 1000)])]
+    );
+    // A drain still wins over feedback, and feedback survives it.
+    lab.node.on_feedback(queues([0, 600, 0]), s(4)).unwrap();
+    lab.node.set_drained("relay2", true).unwrap();
+    lab.take();
+    lab.node.set_drained("relay2", false).unwrap();
+    assert_eq!(
+        lab.take(),
+        [lab.service(25, &[(1, 1000), (2, 600), (3, 1000)])]
+    );
+}
+
+#[test]
+fn admission_closes_when_every_relay_is_over_high_water_and_a_reload_without_feedback_opens_it() {
+    let mut lab = lab_with("admission", &with_feedback(), &[1, 2, 3]);
+    let id = lab.node.applied.as_ref().unwrap().1.services[0].id;
+    assert_eq!(
+        lab.dp().admission.get(&id),
+        Some(&false),
+        "written at start"
+    );
+    let t = std::time::Instant::now();
+    let s = |i: u64| t + Duration::from_secs(i);
+    lab.node.on_feedback(queues([600, 600, 400]), s(0)).unwrap();
+    assert!(!lab.dp().admission[&id], "relay3 has room");
+    lab.node.on_feedback(queues([600, 600, 500]), s(1)).unwrap();
+    assert!(lab.dp().admission[&id]);
+    // Hysteresis: 300 is under high water but not under low water.
+    lab.node.on_feedback(queues([600, 600, 300]), s(2)).unwrap();
+    assert!(lab.dp().admission[&id]);
+    // A down relay takes no new flows: the others decide.
+    lab.probe(3, &Outcome::Failed("refused".into()), 2);
+    lab.node.on_feedback(queues([600, 600, 0]), s(3)).unwrap();
+    assert!(lab.dp().admission[&id], "relay3 is down");
+    lab.node.on_feedback(queues([600, 100, 0]), s(4)).unwrap();
+    assert!(!lab.dp().admission[&id]);
+    lab.node.on_feedback(queues([600, 600, 0]), s(5)).unwrap();
+    assert!(lab.dp().admission[&id]);
+    // Feedback turned off by a reload: every service admits, full shares.
+    lab.write_config(CFG);
+    lab.node.reload().unwrap();
+    assert!(!lab.dp().admission[&id]);
+    assert!(lab.node.relays.values().all(|r| r.runtime.feedback == 1000));
+}
+
+#[test]
+fn a_bad_feedback_section_is_refused_with_its_line_and_field() {
+    let mut lab = lab("feedback-bad");
+    lab.write_config(&with_feedback().replace("low_water = 200", "low_water = 900"));
+    let e = lab.node.reload().unwrap_err();
+    assert!(
+        e.contains("lb.toml:17: feedback.admission.low_water") && e.contains("below high_water"),
+        "{e}"
+    );
+}
