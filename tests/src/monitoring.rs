@@ -31,7 +31,8 @@ pub const ISPS: [(&str, &str); 3] = [
 ];
 /// The balancer's metrics listener (and dashboard).
 pub const LB_METRICS: &str = "198.51.100.2:9701";
-const RELAY_METRICS_PORT: u16 = 9702;
+/// The port of each relay's metrics listener (on its lab address).
+pub const RELAY_METRICS_PORT: u16 = 9702;
 const PROMETHEUS: &str = "198.51.100.60:9090";
 
 pub struct MonitoredLab {
@@ -39,6 +40,17 @@ pub struct MonitoredLab {
     /// Each relay's `smtp-lb relay` process.
     relays: Vec<u32>,
     prometheus: bool,
+}
+
+/// What a test changes in the standard lab.
+#[derive(Clone, Debug, Default)]
+pub struct Setup {
+    /// Appended to the balancer's config (`[feedback]` …).
+    pub lb_extra: String,
+    /// Routes every relay has on top of the ISPs' (domain → `ADDR:PORT`).
+    pub routes: Vec<(String, String)>,
+    /// Per relay index, routes that replace the shared ones for it.
+    pub relay_routes: Vec<(usize, String, String)>,
 }
 
 /// A relay's metrics listener.
@@ -49,31 +61,30 @@ pub fn relay_metrics(addr: &str) -> String {
 impl MonitoredLab {
     /// ISPs, relays and the balancer, all running; no traffic yet.
     pub fn start() -> Self {
+        Self::start_with(&Setup::default())
+    }
+
+    /// [`MonitoredLab::start`] with what `setup` changes.
+    pub fn start_with(setup: &Setup) -> Self {
         let mut dsr = DsrLab::bare(3);
         let mut routes = std::collections::HashMap::new();
         for (domain, addr) in ISPS {
-            let isp = isp_name(domain);
-            dsr.lab.host(&format!("{isp}-mx"), &[&format!("{addr}/24")]);
-            let dir = dsr.work.join(format!("{isp}-mx"));
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-                .unwrap();
-            let mut sink = dsr.lab.command(&format!("{isp}-mx"), "smtp-sink");
-            sink.args(["-u", "nobody", "-d"])
-                .arg(dir.join("m"))
-                .args(["0.0.0.0:25", "1024"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            dsr.lab.spawn(&format!("{isp}-mx"), sink);
+            let isp = format!("{}-mx", isp_name(domain));
+            dsr.lab.host(&isp, &[&format!("{addr}/24")]);
+            spawn_sink(&dsr, &isp, &[]);
             routes.insert(domain.to_owned(), format!("{addr}:25"));
         }
+        routes.extend(setup.routes.iter().cloned());
         let mut relays = Vec::new();
-        for r in &dsr.relays {
+        for (i, r) in dsr.relays.iter().enumerate() {
             let dir = dsr.work.join(&r.name);
             std::fs::create_dir_all(&dir).unwrap();
             let mut cfg = relay::lab_config(&r.name, &dir);
             cfg.metrics = Some(relay_metrics(&r.addr).parse().expect("a socket address"));
             cfg.routes.clone_from(&routes);
+            for (_, domain, to) in setup.relay_routes.iter().filter(|(j, ..)| *j == i) {
+                cfg.routes.insert(domain.clone(), to.clone());
+            }
             let path = dir.join("relay.toml");
             relay::write_config(&cfg, &path);
             let mut relay = dsr.lab.command(&r.name, env::smtp_lb_bin());
@@ -106,8 +117,9 @@ impl MonitoredLab {
         let config = this.dsr.config(
             &WEIGHTS,
             &format!(
-                "[metrics]\nlisten = \"{LB_METRICS}\"\n\n[dashboard]\nrelay_metrics = [{}]\n",
-                relay_metrics.join(", ")
+                "[metrics]\nlisten = \"{LB_METRICS}\"\n\n[dashboard]\nrelay_metrics = [{}]\n\n{}",
+                relay_metrics.join(", "),
+                setup.lb_extra
             ),
         );
         let mut this = this;
@@ -266,6 +278,23 @@ impl MonitoredLab {
             })
             .collect()
     }
+}
+
+/// Runs Postfix `smtp-sink` on lab host `host` (port 25), dumping each
+/// message into `<work>/<host>/`, with `extra` options (`-r RCPT`: answer
+/// RCPT with a 4xx, an ISP deferring); returns its pid.
+pub fn spawn_sink(dsr: &DsrLab, host: &str, extra: &[&str]) -> u32 {
+    let dir = dsr.work.join(host);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let mut sink = dsr.lab.command(host, "smtp-sink");
+    sink.args(["-u", "nobody", "-d"])
+        .arg(dir.join("m"))
+        .args(extra)
+        .args(["0.0.0.0:25", "1024"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    dsr.lab.spawn(host, sink)
 }
 
 fn isp_name(domain: &str) -> &str {
