@@ -16,7 +16,7 @@ use smtp_lb_tests::{
 use smtp_lb_user::{
     balance::plan::{Plan, addr_words, service_key},
     config::lb::LbConfig,
-    dataplane::apply_config,
+    dataplane::{MapWriter, apply_config},
 };
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -251,6 +251,42 @@ fn weight_zero_backend_gets_no_new_flows_but_keeps_existing_ones() {
         relay2,
         "existing flow stays on the weight-0 relay",
     );
+}
+
+#[test]
+fn a_service_whose_admission_is_closed_drops_new_syns_and_keeps_its_flows() {
+    let mut f = Fixture::new(&config([1, 1, 1], false));
+    let src = IpAddr::V4(CLIENT4);
+    let dst = IpAddr::V4(VIP4);
+    let syn = |p| PacketBuilder::tcp(src, p, dst, 25, tcp::SYN).build();
+    let admitted = f.expected_mac(src, 40000, dst, 25).unwrap();
+    assert_tx_to(&mut f, &syn(40000), admitted, "SYN while admission is open");
+    let id = f
+        .plan
+        .services
+        .iter()
+        .find(|s| s.vip == dst && s.port == 25)
+        .unwrap()
+        .id;
+    f.h.ebpf_mut().set_admission(id, true).unwrap();
+    let (out, delta) = f.run_counted(&syn(40001));
+    assert_eq!(out.verdict, Verdict::Drop);
+    assert_eq!(delta, [("drop_admission", 1)]);
+    // The flow admitted before: its retransmitted SYN and its ACKs go on.
+    assert_tx_to(
+        &mut f,
+        &syn(40000),
+        admitted,
+        "retransmitted SYN of a tracked flow",
+    );
+    let ack = PacketBuilder::tcp(src, 40000, dst, 25, tcp::ACK).build();
+    assert_tx_to(&mut f, &ack, admitted, "ACK of a tracked flow");
+    // Other VIP × ports admit.
+    let other = f.run(&PacketBuilder::tcp(src, 40001, dst, 587, tcp::SYN).build());
+    assert_eq!(other.verdict, Verdict::Tx);
+    f.h.ebpf_mut().set_admission(id, false).unwrap();
+    let mac = f.expected_mac(src, 40001, dst, 25).unwrap();
+    assert_tx_to(&mut f, &syn(40001), mac, "SYN once admission is open again");
 }
 
 #[test]
