@@ -10,7 +10,6 @@
 //!                                   prometheus .60 (:9090) scrapes lb and relays
 //! ```
 use std::{
-    fmt::Write as _,
     process::{Child, Stdio},
     time::Duration,
 };
@@ -18,7 +17,7 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    env,
+    env, relay,
     topology::{DsrLab, wait_for},
 };
 
@@ -51,7 +50,7 @@ impl MonitoredLab {
     /// ISPs, relays and the balancer, all running; no traffic yet.
     pub fn start() -> Self {
         let mut dsr = DsrLab::bare(3);
-        let mut routes = String::new();
+        let mut routes = std::collections::HashMap::new();
         for (domain, addr) in ISPS {
             let isp = isp_name(domain);
             dsr.lab.host(&format!("{isp}-mx"), &[&format!("{addr}/24")]);
@@ -66,22 +65,17 @@ impl MonitoredLab {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
             dsr.lab.spawn(&format!("{isp}-mx"), sink);
-            let _ = writeln!(routes, "{domain:?} = \"{addr}:25\"");
+            routes.insert(domain.to_owned(), format!("{addr}:25"));
         }
         let mut relays = Vec::new();
         for r in &dsr.relays {
             let dir = dsr.work.join(&r.name);
             std::fs::create_dir_all(&dir).unwrap();
-            let cfg = format!(
-                "hostname = \"{name}.lab.example\"\nspool_dir = \"{spool}\"\nrelay_networks = [\"198.51.100.0/24\"]\n\
-                 admin = \"127.0.0.1:8025\"\nmetrics = \"{metrics}\"\n\n[[listener]]\naddress = \"0.0.0.0:25\"\n\n\
-                 [retry]\nmin = \"1s\"\nmax = \"5s\"\n\n[routes]\n{routes}",
-                name = r.name,
-                spool = dir.join("spool").display(),
-                metrics = relay_metrics(&r.addr),
-            );
+            let mut cfg = relay::lab_config(&r.name, &dir);
+            cfg.metrics = Some(relay_metrics(&r.addr).parse().expect("a socket address"));
+            cfg.routes.clone_from(&routes);
             let path = dir.join("relay.toml");
-            std::fs::write(&path, cfg).unwrap();
+            relay::write_config(&cfg, &path);
             let mut relay = dsr.lab.command(&r.name, env::smtp_lb_bin());
             relay
                 .arg("relay")

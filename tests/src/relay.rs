@@ -108,6 +108,34 @@ fn duration(s: &str) -> Duration {
         .unwrap_or_else(|e| panic!("duration {s:?}: {e}"))
 }
 
+/// The relay config of lab host `name` (`hostname = "<name>.lab.example"`):
+/// SMTP on `0.0.0.0:25` relaying for the lab network, spool in `dir/spool`,
+/// admin API on loopback, retries after 1–5 s. Adjust fields, then
+/// [`write_config`].
+pub fn lab_config(name: &str, dir: &std::path::Path) -> Config {
+    let mut c: Config =
+        toml::from_str("spool_dir = \"\"\nlistener = []").expect("the relay config's defaults");
+    c.hostname = format!("{name}.lab.example");
+    c.spool_dir = dir.join("spool");
+    c.relay_networks = vec!["198.51.100.0/24".into()];
+    c.admin = Some(([127, 0, 0, 1], 8025).into());
+    c.listeners.push(ListenerConfig {
+        address: ([0, 0, 0, 0], 25).into(),
+        submission: false,
+        tls: ListenerTls::Starttls,
+    });
+    c.retry.min = Duration::from_secs(1);
+    c.retry.max = Duration::from_secs(5);
+    c
+}
+
+/// Writes `c` to `path` as the real config type serialises (no second schema).
+pub fn write_config(c: &Config, path: &std::path::Path) {
+    let table = toml::Table::try_from(c).expect("serialise the relay config");
+    let text = toml::to_string(&table).expect("serialise the relay config");
+    std::fs::write(path, text).expect("write the relay config");
+}
+
 /// `extra` over `base`, table by table (a key in both: `extra`'s wins).
 fn merge(base: &mut toml::Table, extra: toml::Table) {
     for (k, v) in extra {
@@ -241,6 +269,15 @@ impl Relay {
         self.child = ChildGuard(Some(child));
         wait_listening(self.smtp, Duration::from_secs(10));
         wait_listening(self.admin, Duration::from_secs(10));
+        // The relay notices the probe above closing a moment later; until then
+        // it holds a connection slot a test with tight limits would miss.
+        // (Best effort: a test's own clients may already be connecting.)
+        let settle = std::time::Instant::now() + Duration::from_secs(5);
+        while self.metric("smtp_lb_relay_ingress_connections_open") > 0
+            && std::time::Instant::now() < settle
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -41,6 +41,7 @@ use crate::{
     env,
     fake_mx::FakeMx,
     load::{Load, Pace, Session},
+    relay,
     topology::{CLIENT, DsrLab, LB, VIP, wait_for},
 };
 
@@ -311,17 +312,13 @@ fn relay_config(dsr: &DsrLab, name: &str) -> PathBuf {
         ),
     )
     .unwrap();
-    let cfg = format!(
-        "hostname = \"{name}.lab.example\"\nspool_dir = \"{spool}\"\nrelay_networks = [\"198.51.100.0/24\"]\n\
-         delivery_log = \"{log}\"\nadmin = \"127.0.0.1:8025\"\nmetrics = \"0.0.0.0:{RELAY_METRICS_PORT}\"\nshaping = \"{shaping}\"\n\n\
-         [[listener]]\naddress = \"0.0.0.0:25\"\n\n\
-         [dns]\nnameservers = [\"{DNS}:53\"]\n\n[retry]\nmin = \"1s\"\nmax = \"5s\"\n",
-        spool = dir.join("spool").display(),
-        log = dir.join("delivery.jsonl").display(),
-        shaping = shaping.display(),
-    );
+    let mut cfg = relay::lab_config(name, &dir);
+    cfg.delivery_log = Some(dir.join("delivery.jsonl"));
+    cfg.metrics = Some(([0, 0, 0, 0], RELAY_METRICS_PORT).into());
+    cfg.shaping = Some(shaping);
+    cfg.dns.nameservers = vec![format!("{DNS}:53")];
     let path = dir.join("relay.toml");
-    std::fs::write(&path, cfg).unwrap();
+    relay::write_config(&cfg, &path);
     path
 }
 

@@ -38,7 +38,7 @@ use smtp_lb_tests::{
 static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Healthy messages per rate measurement.
-const RATE_MESSAGES: u64 = 600;
+const RATE_MESSAGES: u64 = 1500;
 
 /// Short client timeouts, so a scenario takes seconds (the defaults are
 /// RFC 5321's minutes).
@@ -249,7 +249,16 @@ fn hostile_scenario(kind: Hostile, delivered_while_hostile: bool) -> (Figures, R
     healthy_rate(&relay, &sink, 200); // warm-up
     let rss_before = rss(pid);
     let (mut ratios, mut latencies, mut peak) = (Vec::new(), Vec::new(), 0);
-    let mut base = healthy_rate(&relay, &sink, RATE_MESSAGES);
+    // The probe runs while the baseline is measured too, so its own load
+    // falls on both sides of the ratio; only its samples with the hostile
+    // peer active count.
+    let baseline_rate = |relay: &Relay| {
+        let probe = Probe::start(relay.smtp, pid);
+        let rate = healthy_rate(relay, &sink, RATE_MESSAGES);
+        drop(probe.stop(Duration::ZERO));
+        rate
+    };
+    let mut base = baseline_rate(&relay);
     let (mut base_sum, mut during_sum) = (base, 0.0);
     let mut reason = String::new();
     let hostile_lines = |relay: &Relay| {
@@ -290,7 +299,7 @@ fn hostile_scenario(kind: Hostile, delivered_while_hostile: bool) -> (Figures, R
             Duration::from_secs(15),
             || (mx.count() >= usize::try_from(4 * round).expect("small")).then_some(()),
         );
-        let after = healthy_rate(&relay, &sink, RATE_MESSAGES);
+        let after = baseline_rate(&relay);
         ratios.push(during / f64::midpoint(base, after));
         base = after;
         base_sum += after;

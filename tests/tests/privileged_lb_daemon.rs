@@ -11,6 +11,7 @@ use std::{net::SocketAddr, thread, time::Duration};
 
 use smtp_lb_tests::{
     load::{Load, Session},
+    relay,
     topology::{DsrLab, VIP, wait_for},
 };
 
@@ -455,15 +456,11 @@ fn start_relays(dsr: &mut DsrLab, max_connections: usize) {
     for r in &dsr.relays {
         let dir = dsr.work.join(format!("{}-relay", r.name));
         std::fs::create_dir_all(&dir).unwrap();
-        let cfg = format!(
-            "hostname = \"{name}.lab.example\"\nspool_dir = \"{spool}\"\nrelay_networks = [\"198.51.100.0/24\"]\n\
-             admin = \"127.0.0.1:8025\"\n\n[[listener]]\naddress = \"0.0.0.0:25\"\n\n\
-             [limits]\nmax_connections = {max_connections}\n\n[routes]\n\"*\" = \"127.0.0.1:2525\"\n",
-            name = r.name,
-            spool = dir.join("spool").display(),
-        );
+        let mut cfg = relay::lab_config(&r.name, &dir);
+        cfg.limits.max_connections = max_connections;
+        cfg.routes = [("*".to_owned(), "127.0.0.1:2525".to_owned())].into();
         let path = dir.join("relay.toml");
-        std::fs::write(&path, cfg).unwrap();
+        relay::write_config(&cfg, &path);
         let mut sink = dsr.lab.command(&r.name, "smtp-sink");
         sink.args(["-u", "nobody", "127.0.0.1:2525", "64"])
             .stdout(std::process::Stdio::null())
