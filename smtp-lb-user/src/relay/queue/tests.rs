@@ -362,3 +362,56 @@ async fn a_message_over_the_hop_limit_bounces_5_4_6_without_an_attempt() {
         (String::new(), vec!["s@y.test".to_owned()])
     );
 }
+
+/// A scripted destination that answers `250` to everyone.
+fn accepting(seen: &Arc<Mutex<Seen>>) -> Scripted {
+    Scripted {
+        replies: HashMap::new(),
+        refuse: false,
+        hang: Vec::new(),
+        seen: seen.clone(),
+    }
+}
+
+#[tokio::test]
+async fn a_message_arriving_while_the_connection_is_idle_goes_over_it() {
+    for (idle, connects) in [("2s", 1), ("0s", 2)] {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let q = queue_with(
+            &format!("idle-{idle}"),
+            &format!("[delivery]\nconnection_idle = \"{idle}\"\n"),
+            accepting(&seen),
+        );
+        let m = q.metrics.clone();
+        submit(&q, "s@y.test", &["a@x.test"]).await;
+        until("the first delivery", || m.total("delivered") == 1).await;
+        // The first message is done and its connection has nothing to send.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        submit(&q, "s@y.test", &["b@x.test"]).await;
+        until("the second delivery", || m.total("delivered") == 2).await;
+        assert_eq!(seen.lock().unwrap().connects, connects, "idle {idle}");
+    }
+}
+
+#[tokio::test]
+async fn an_idle_connection_gives_way_to_another_destination_at_once() {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    // One worker for the queue, and idle connections kept for an hour.
+    let q = queue_with(
+        "idle-gives-way",
+        "[delivery]\nconnections_per_queue = 1\nconnection_idle = \"1h\"\n[routes]\n\"other.test\" = \"127.0.0.3:25\"\n",
+        accepting(&seen),
+    );
+    let m = q.metrics.clone();
+    submit(&q, "s@y.test", &["a@x.test"]).await;
+    until("the first delivery", || m.total("delivered") == 1).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The only worker is parked on x.test: it must close that connection
+    // and take this one (`until` gives up after about 5 s, not an hour).
+    submit(&q, "s@y.test", &["b@other.test"]).await;
+    until("the other destination's delivery", || {
+        m.total("delivered") == 2
+    })
+    .await;
+    assert_eq!(seen.lock().unwrap().connects_to["127.0.0.3"], 1);
+}
