@@ -75,6 +75,8 @@ struct ReadyQueue {
     active: usize,
     /// Connections (workers) per destination.
     busy: HashMap<Arc<str>, usize>,
+    /// Workers with a job, waiting for a connection slot (shaping).
+    connecting: usize,
     /// Workers with an idle connection, per domain, longest idle first.
     parked: HashMap<String, VecDeque<(u64, oneshot::Sender<Wake>)>>,
     next_park: u64,
@@ -101,6 +103,16 @@ impl ReadyQueue {
             self.parked.remove(domain);
         }
         handed
+    }
+
+    /// Asks one parked worker, of any domain, to close its connection.
+    fn evict_one(&mut self) {
+        let idle: Vec<String> = self.parked.keys().cloned().collect();
+        for domain in idle {
+            if self.hand_to_parked(&domain, Wake::Leave).is_ok() {
+                return;
+            }
+        }
     }
 
     /// Whether a queued job waits for a worker that the queue may not
@@ -145,20 +157,31 @@ impl ReadyQueues {
             return true;
         }
         if q.starved(per_destination, max_workers) {
-            let idle: Vec<String> = q.parked.keys().cloned().collect();
-            for d in idle {
-                if q.hand_to_parked(&d, Wake::Leave).is_ok() {
-                    break;
-                }
-            }
+            q.evict_one();
         }
         false
     }
 
+    /// A worker given a job by [`Self::pop`] has to wait for a connection
+    /// slot: one parked worker of `key` gives its slot up.
+    pub fn evict_parked(&self, key: &PairKey) {
+        if let Some(q) = self.queues.lock().expect("queue lock").get_mut(key) {
+            q.evict_one();
+        }
+    }
+
+    /// A worker given a job by [`Self::pop`] has its connection slot.
+    pub fn connecting_done(&self, key: &PairKey) {
+        if let Some(q) = self.queues.lock().expect("queue lock").get_mut(key) {
+            q.connecting = q.connecting.saturating_sub(1);
+        }
+    }
+
     /// For a worker whose connection to `domain` has nothing to send: the
     /// next job to `domain`; else, if `park`, a ticket to wait for one;
-    /// else (or when the queue is stopping, or the worker is needed for
-    /// another destination) leave.
+    /// else (or when the queue is stopping, or another worker waits for a
+    /// connection slot, or a job for another destination waits for a
+    /// worker) leave.
     pub fn next_or_park(
         &self,
         key: &PairKey,
@@ -178,7 +201,7 @@ impl ReadyQueues {
         if let Some(at) = q.jobs.iter().position(|r| r.job.domain == domain) {
             return q.jobs.remove(at).map_or(Next::Leave, Next::Job);
         }
-        if !park || q.starved(per_destination, max_workers) {
+        if !park || q.connecting > 0 || q.starved(per_destination, max_workers) {
             return Next::Leave;
         }
         let (tx, wake) = oneshot::channel();
@@ -219,7 +242,8 @@ impl ReadyQueues {
 
     /// The next job of `key` for a worker without a connection: the first
     /// one whose destination has fewer than `per_destination` connections,
-    /// whose slot the caller then holds until [`Self::release`]. `None`
+    /// whose slot the caller then holds until [`Self::release`] (and then
+    /// waits for a connection slot, until [`Self::connecting_done`]). `None`
     /// also retires the calling worker (in the same critical section, so no
     /// job is left without a worker: a destination at its limit has
     /// workers that come back for it). A stopping queue hands out nothing.
@@ -237,6 +261,7 @@ impl ReadyQueues {
             let job = at.and_then(|at| q.jobs.remove(at));
             if let Some(j) = &job {
                 *q.busy.entry(j.dest.clone()).or_default() += 1;
+                q.connecting += 1;
             }
             job
         };

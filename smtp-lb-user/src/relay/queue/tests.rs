@@ -17,7 +17,10 @@ use crate::{
         egress::{Egress, Source},
         log::DeliveryLog,
         metrics::Metrics,
-        policy::{limiter::Limiters, shaping::Shaper},
+        policy::{
+            limiter::Limiters,
+            shaping::{Shaper, ShapingConfig},
+        },
         route::{Host, Myself, Router},
         spool::Spool,
     },
@@ -152,6 +155,11 @@ fn queue(name: &str, dispatcher: Scripted) -> Arc<Queue> {
 /// [`queue`] with more config: `extra` goes before `[retry]` (top-level
 /// keys and tables) and more `[routes]` may follow the default route.
 fn queue_with(name: &str, extra: &str, dispatcher: Scripted) -> Arc<Queue> {
+    queue_shaped(name, extra, "", dispatcher)
+}
+
+/// [`queue_with`] under the shaping file `shaping`.
+fn queue_shaped(name: &str, extra: &str, shaping: &str, dispatcher: Scripted) -> Arc<Queue> {
     let dir = std::env::temp_dir().join(format!("smtp-lb-queue-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (extra, more_routes) = extra.split_once("[routes]\n").unwrap_or((extra, ""));
@@ -162,7 +170,7 @@ fn queue_with(name: &str, extra: &str, dispatcher: Scripted) -> Arc<Queue> {
     .unwrap();
     let (spool, _, _) = Spool::open(&cfg.spool_dir, cfg.spool.compact_interval).unwrap();
     let router = Router::new(&cfg.routes, &cfg.dns, 25, Myself::default()).unwrap();
-    let shaper = Shaper::load(None, &Limiters::local()).unwrap();
+    let shaper = Shaper::new(&ShapingConfig::parse(shaping).unwrap(), &Limiters::local());
     let egress = Egress::from_config(None, "relay.test", None, shaper.providers()).unwrap();
     Queue::new(
         &cfg,
@@ -414,4 +422,28 @@ async fn an_idle_connection_gives_way_to_another_destination_at_once() {
     })
     .await;
     assert_eq!(seen.lock().unwrap().connects_to["127.0.0.3"], 1);
+}
+
+#[tokio::test]
+async fn an_idle_connection_gives_its_slot_to_a_worker_waiting_for_one() {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    // One connection slot for the provider, idle connections kept for an hour.
+    let q = queue_shaped(
+        "idle-slot",
+        "[delivery]\nconnection_idle = \"1h\"\n[routes]\n\"other.test\" = \"127.0.0.3:25\"\n",
+        "[default]\nconnection_limit = 1\n",
+        accepting(&seen),
+    );
+    let m = q.metrics.clone();
+    submit(&q, "s@y.test", &["a@x.test"]).await;
+    until("the first delivery", || m.total("delivered") == 1).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The parked connection holds the only slot; these wait for it.
+    for i in 0..3 {
+        submit(&q, "s@y.test", &[&format!("r{i}@other.test")]).await;
+    }
+    until("the other destination's deliveries", || {
+        m.total("delivered") == 4
+    })
+    .await;
 }

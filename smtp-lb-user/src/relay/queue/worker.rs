@@ -47,7 +47,18 @@ impl Queue {
             // shaping file applies without waiting for this worker to end.
             let shaper = self.shaper().for_pair(&source.name, source.address, &key.1);
             // Held for the whole connection; dropped when the worker leaves it.
-            let _slots = shaper.connection().await;
+            let slots = shaper.connection();
+            tokio::pin!(slots);
+            let _slots = tokio::select! {
+                biased;
+                slots = &mut slots => slots,
+                () = std::future::ready(()) => {
+                    // Every slot is taken: an idle connection gives its up.
+                    self.ready.evict_parked(&key);
+                    slots.await
+                }
+            };
+            self.ready.connecting_done(&key);
             self.metrics.throttled(&labels, started.elapsed());
             match self.connect(&key, &hosts, first).await {
                 (Connect::Open(session), Some(first)) => {
