@@ -15,7 +15,7 @@ use smtp_lb_user::{
 
 use crate::{
     env::smtp_lb_bin,
-    tmp::{ChildGuard, TempDir, free_port, self_signed_cert, wait_for, wait_listening},
+    tmp::{ChildGuard, TempDir, free_port, self_signed_cert, wait_for},
 };
 
 /// What a test can vary; `Default` is a plain relay for 127.0.0.0/8.
@@ -267,8 +267,19 @@ impl Relay {
                 )
             });
         self.child = ChildGuard(Some(child));
-        wait_listening(self.smtp, Duration::from_secs(10));
-        wait_listening(self.admin, Duration::from_secs(10));
+        // Up to 20 s: a loaded CI machine starts processes slowly. A relay
+        // that does not come up says why in its stderr.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        for addr in [self.smtp, self.admin] {
+            while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the relay is not listening on {addr} after 20s; its stderr:\n{}",
+                    self.stderr()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         // The relay notices the probe above closing a moment later; until then
         // it holds a connection slot a test with tight limits would miss.
         // (Best effort: a test's own clients may already be connecting.)

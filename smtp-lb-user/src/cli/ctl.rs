@@ -145,6 +145,27 @@ fn show(opts: &Options, v: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Each port's last health check, `PORT: ok 3ms` or `PORT: <error>`; `-` before the first.
+fn last_checks(backend: &Value) -> String {
+    let checks: Vec<String> = backend["checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| {
+            let h = c["history"].get(0)?;
+            let result = h["error"]
+                .as_str()
+                .map_or_else(|| format!("ok {}ms", cell(&h["took_ms"])), str::to_owned);
+            Some(format!("{}: {result}", cell(&c["port"])))
+        })
+        .collect();
+    if checks.is_empty() {
+        "-".to_owned()
+    } else {
+        checks.join(", ")
+    }
+}
+
 #[expect(
     clippy::unnecessary_wraps,
     reason = "every ctl printer has the same signature"
@@ -173,14 +194,7 @@ fn backends(opts: &Options, v: &Value) -> anyhow::Result<()> {
         let weight = b["weight_override"]
             .as_u64()
             .map_or_else(|| cell(&b["configured_weight"]), |w| format!("{w}*"));
-        let last = b["health_history"].get(0).map_or_else(
-            || "-".to_owned(),
-            |h| {
-                h["error"]
-                    .as_str()
-                    .map_or_else(|| format!("ok {}ms", cell(&h["took_ms"])), str::to_owned)
-            },
-        );
+        let last = last_checks(b);
         let share = b["share_permille"]
             .as_f64()
             .map_or_else(|| "-".to_owned(), |p| format!("{:.1}%", p / 10.0));
