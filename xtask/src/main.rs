@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's workflows, one module per subcommand.
 mod bench;
 mod build;
+mod fuzz;
 mod lab;
 mod load;
 mod package;
@@ -33,6 +34,8 @@ enum Command {
     Test(test::Options),
     /// Run a benchmark; prints a table and writes target/bench/<name>.json.
     Bench(bench::Options),
+    /// Run the fuzz targets (libFuzzer, nightly), one or all, N seconds each; fails on a crash.
+    Fuzz(fuzz::Options),
     /// Build the Debian package (target/package/smtp-lb_VERSION_ARCH.deb); --check installs,
     /// verifies and purges it.
     Package(package::Options),
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Command::Lab(o) => lab::run(&o),
         Command::Test(o) => test::run(&o),
         Command::Bench(o) => bench::run(&o),
+        Command::Fuzz(o) => fuzz::run(&o),
         Command::Package(o) => package::run(&o),
     };
     match result {

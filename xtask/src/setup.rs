@@ -39,6 +39,9 @@ pub enum Role {
 /// system LLVM >= 21 that Debian 12 lacks.
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
+/// cargo-fuzz, which builds and runs the libFuzzer targets of `cargo xtask fuzz`.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 /// (command that must exist, Debian package that provides it) on every node.
 const PRODUCTION_PACKAGES: &[(&str, &str)] = &[("bpftool", "bpftool")];
 
@@ -231,11 +234,12 @@ fn nightly_rust_src_present() -> bool {
     .is_ok_and(|out| out.lines().any(|l| l.starts_with("rust-src")))
 }
 
-fn rust_src(verbose: bool) -> anyhow::Result<()> {
+/// The nightly toolchain: it builds the eBPF crate and the fuzz targets.
+fn nightly() -> anyhow::Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         install(
-            "the nightly toolchain (builds the eBPF crate)",
+            "the nightly toolchain (builds the eBPF crate and the fuzz targets)",
             Command::new("rustup").args([
                 "toolchain",
                 "install",
@@ -245,6 +249,11 @@ fn rust_src(verbose: bool) -> anyhow::Result<()> {
             ]),
         )?;
     }
+    Ok(())
+}
+
+fn rust_src(verbose: bool) -> anyhow::Result<()> {
+    nightly()?;
     if nightly_rust_src_present() {
         if verbose {
             eprintln!("setup: nightly rust-src present");
@@ -254,6 +263,26 @@ fn rust_src(verbose: bool) -> anyhow::Result<()> {
     install(
         "nightly rust-src",
         Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+    )
+}
+
+/// What `cargo xtask fuzz` needs: the nightly toolchain and cargo-fuzz.
+pub fn ensure_fuzz() -> anyhow::Result<()> {
+    nightly()?;
+    let present = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(CARGO_FUZZ_VERSION));
+    if present {
+        return Ok(());
+    }
+    install(
+        &format!("cargo-fuzz {CARGO_FUZZ_VERSION}"),
+        Command::new("cargo").args([
+            "install",
+            &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+            "--locked",
+        ]),
     )
 }
 

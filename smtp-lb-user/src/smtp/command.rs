@@ -145,7 +145,10 @@ fn parse_path_args(rest: &str, prefix: &str) -> Result<(String, Vec<Param>), Com
         Some(i) if path.starts_with('@') => &path[i + 1..],
         _ => path,
     };
-    if path.len() > MAX_PATH || (!path.is_empty() && !valid_mailbox(path)) {
+    // A mailbox starts with its local part; one that still starts with '@'
+    // would be read as a source route by the next hop, to another mailbox.
+    if path.len() > MAX_PATH || path.starts_with('@') || (!path.is_empty() && !valid_mailbox(path))
+    {
         return Err(CommandError::BadAddress);
     }
     let params = after
@@ -252,6 +255,21 @@ mod tests {
     fn source_route_is_ignored() {
         let c = parse_command(b"RCPT TO:<@relay.example:u@d.example>").unwrap();
         assert!(matches!(c, Command::Rcpt { to, .. } if to == "u@d.example"));
+    }
+
+    /// Found by the `smtp_command` fuzz target (round trip): after its route
+    /// was stripped, `@:s@e.s@e.m` was accepted, and the next hop would strip
+    /// `@:` again and deliver to `s@e.s@e.m`, a mailbox the relay never saw.
+    #[test]
+    fn a_mailbox_left_starting_with_at_after_the_route_is_refused() {
+        assert_eq!(
+            parse_command(b"RCPT TO:<@:@:s@e.s@e.m>"),
+            Err(CommandError::BadAddress)
+        );
+        assert_eq!(
+            parse_command(b"MAIL FROM:<@a.example:@b.example:u@d.example>"),
+            Err(CommandError::BadAddress)
+        );
     }
 
     proptest! {

@@ -1,5 +1,6 @@
-//! DATA: reading the message (only `<CRLF>.<CRLF>` ends it), signing,
-//! spooling, and the reply that makes the relay responsible for it.
+//! DATA: reading the message (framed by [`crate::smtp::data`]: only
+//! `<CRLF>.<CRLF>` ends it), signing, spooling, and the reply that makes the
+//! relay responsible for it.
 use std::{collections::HashSet, sync::atomic::Ordering};
 
 use tracing::{debug, error, warn};
@@ -10,59 +11,34 @@ use crate::{
         dsn::rfc5322_date,
         queue::QueuedMessage,
     },
-    smtp::command::MAX_TEXT_LINE,
+    smtp::data::DataReader,
 };
 
 use super::session::{Data, End, Session};
 
 impl Session {
     pub(super) async fn read_data(&mut self) -> Result<Data, End> {
-        let max = self.shared.max_size;
-        let mut d = Data {
-            body: self.shared.queue.spool().incoming(),
-            spool_error: None,
-            bare: false,
-            nul: false,
-            long_line: false,
-            too_big: false,
-        };
-        let mut prev_crlf = true;
-        let mut in_long = false;
+        let mut reader = DataReader::new(self.shared.max_size);
+        let mut body = self.shared.queue.spool().incoming();
+        let mut spool_error = None;
         loop {
-            while let Some(i) = self.rbuf[self.rpos..].iter().position(|&b| b == b'\n') {
-                let line = &self.rbuf[self.rpos..=self.rpos + i];
-                self.rpos += i + 1;
-                let crlf = line.len() >= 2 && line[line.len() - 2] == b'\r';
-                if std::mem::take(&mut in_long) {
-                    d.long_line = true;
-                    prev_crlf = crlf;
-                    continue;
+            let (used, end) = reader.read(&self.rbuf[self.rpos..], |b| {
+                if spool_error.is_none() {
+                    body.extend(b);
                 }
-                let content = &line[..line.len() - if crlf { 2 } else { 1 }];
-                if crlf && prev_crlf && content == b"." {
-                    return Ok(d);
-                }
-                prev_crlf = crlf;
-                d.bare |= !crlf || content.contains(&b'\r');
-                d.nul |= content.contains(&0);
-                d.long_line |= line.len() > MAX_TEXT_LINE;
-                let content = content.strip_prefix(b".").unwrap_or(content);
-                if d.body.len() + content.len() as u64 + 2 > max {
-                    d.too_big = true;
-                }
-                if !(d.bare || d.nul || d.long_line || d.too_big || d.spool_error.is_some()) {
-                    d.body.extend(content);
-                    d.body.extend(b"\r\n");
-                }
+            });
+            self.rpos += used;
+            if end {
+                return Ok(Data {
+                    body,
+                    spool_error,
+                    refusal: reader.refusal(),
+                });
             }
-            if d.spool_error.is_none()
-                && let Err(e) = d.body.spill_if_full().await
+            if spool_error.is_none()
+                && let Err(e) = body.spill_if_full().await
             {
-                d.spool_error = Some(e);
-            }
-            if self.rbuf.len() - self.rpos > MAX_TEXT_LINE {
-                in_long = true;
-                self.rpos = self.rbuf.len();
+                spool_error = Some(e);
             }
             self.fill(self.shared.data_timeout, "data", false).await?;
         }
@@ -105,22 +81,8 @@ impl Session {
     pub(super) async fn finish_data(&mut self, data: Data) {
         let sender = self.mail.take().unwrap_or_default();
         let rcpts = std::mem::take(&mut self.rcpts);
-        if data.too_big {
-            self.error("552 5.3.4 Error: message too large");
-            return;
-        }
-        if data.bare {
-            self.error(
-                "554 5.6.0 Error: bare <CR> or <LF> in message data (only <CR><LF> allowed)",
-            );
-            return;
-        }
-        if data.nul {
-            self.error("554 5.6.0 Error: NUL character in message data");
-            return;
-        }
-        if data.long_line {
-            self.error("554 5.6.0 Error: message line longer than 1000 octets");
+        if let Some(refusal) = data.refusal {
+            self.error(refusal.reply());
             return;
         }
         if let Some(e) = data.spool_error {

@@ -17,6 +17,7 @@ use crate::{
     relay::spool::Incoming,
     smtp::{
         command::{Command, MAX_COMMAND_LINE, parse_command},
+        data::Refusal,
         stream::Stream,
     },
 };
@@ -37,19 +38,12 @@ pub(super) enum Line {
 }
 
 /// Result of reading DATA.
-#[expect(
-    clippy::struct_excessive_bools,
-    reason = "independent reasons to refuse one message"
-)]
 pub(super) struct Data {
     /// Streamed towards the spool: at most a bounded part is in memory.
     pub(super) body: Incoming,
     /// The body could not be written out (disk full, I/O error).
     pub(super) spool_error: Option<std::io::Error>,
-    pub(super) bare: bool,
-    pub(super) nul: bool,
-    pub(super) long_line: bool,
-    pub(super) too_big: bool,
+    pub(super) refusal: Option<Refusal>,
 }
 
 pub(super) struct Session {

@@ -11,11 +11,11 @@ use std::{
 use tracing::error;
 
 pub(super) const MAGIC: u32 = 0x3152_4C53;
-pub(super) const HEADER: usize = 13;
+pub const HEADER: usize = 13;
 pub(super) const KIND_MESSAGE: u8 = 1;
 pub(super) const KIND_DONE: u8 = 2;
 pub(super) const KIND_RETRY: u8 = 3;
-pub(super) const ALL: u32 = u32::MAX;
+pub const ALL: u32 = u32::MAX;
 
 pub type MsgId = u64;
 
@@ -75,7 +75,7 @@ pub(super) fn segment_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("{n:016x}.seg"))
 }
 
-pub(super) fn record(kind: u8, payload: &[u8]) -> Vec<u8> {
+pub fn record(kind: u8, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + payload.len());
     out.extend_from_slice(&MAGIC.to_le_bytes());
     out.push(kind);
@@ -97,7 +97,7 @@ pub(super) fn put_str(out: &mut Vec<u8>, s: &str) {
 }
 
 /// Encodes a message record; returns it and the body's offset inside it.
-pub(super) fn message_record(
+pub fn message_record(
     id: MsgId,
     received_ms: u64,
     sender: &str,
@@ -184,7 +184,7 @@ impl Cursor<'_> {
 }
 
 /// The payload of a done record: `count = ALL` means the whole message.
-pub(super) fn done_record(id: MsgId, rcpts: &[u32], all: bool) -> Vec<u8> {
+pub fn done_record(id: MsgId, rcpts: &[u32], all: bool) -> Vec<u8> {
     let mut p = Vec::with_capacity(12 + 4 * rcpts.len());
     p.extend_from_slice(&id.to_le_bytes());
     if all {
@@ -198,7 +198,7 @@ pub(super) fn done_record(id: MsgId, rcpts: &[u32], all: bool) -> Vec<u8> {
     record(KIND_DONE, &p)
 }
 
-pub(super) fn retry_record(id: MsgId, retry: RetryState) -> Vec<u8> {
+pub fn retry_record(id: MsgId, retry: RetryState) -> Vec<u8> {
     let mut p = Vec::with_capacity(20);
     p.extend_from_slice(&id.to_le_bytes());
     p.extend_from_slice(&retry.attempts.to_le_bytes());
@@ -207,7 +207,8 @@ pub(super) fn retry_record(id: MsgId, retry: RetryState) -> Vec<u8> {
 }
 
 /// A record that passed its header and CRC checks.
-pub(super) enum Parsed {
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
     Message {
         id: MsgId,
         received_ms: u64,
@@ -227,7 +228,7 @@ pub(super) enum Parsed {
 }
 
 /// Parses the record at `pos`; `None` if it is torn, corrupt or unknown.
-pub(super) fn parse_record(data: &[u8], pos: usize) -> Option<(Parsed, usize)> {
+pub fn parse_record(data: &[u8], pos: usize) -> Option<(Parsed, usize)> {
     let h = data.get(pos..pos + HEADER)?;
     if u32::from_le_bytes(h[0..4].try_into().ok()?) != MAGIC {
         return None;

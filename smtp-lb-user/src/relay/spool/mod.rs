@@ -66,6 +66,15 @@ use tracing::info;
 pub use self::format::{CorruptReport, MsgId, Recovered, RetryState, now_ms};
 pub use self::incoming::Incoming;
 pub use self::writer::SpoolError;
+
+/// The record decoder and its encoders, for the fuzz target `spool_record`
+/// (`fuzz/`); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::format::{
+        ALL, HEADER, Parsed, done_record, message_record, parse_record, record, retry_record,
+    };
+}
 use self::{
     format::{Event, message_record, message_record_head, recover_segment, segment_path, sync_dir},
     writer::{Entry, Index, Op, SegmentState, Shared, Writer},
