@@ -1,5 +1,6 @@
 //! One SMTP server session: reading lines, the command loop, EHLO and
-//! STARTTLS. AUTH is in [`super::auth`], DATA in [`super::data`].
+//! STARTTLS. AUTH and DATA are methods of the same `Session`, in `auth.rs`
+//! and `data.rs` beside this file.
 use std::{
     net::SocketAddr,
     sync::Arc,
