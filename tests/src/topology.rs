@@ -162,6 +162,12 @@ impl DsrLab {
     /// Starts a sink on relay `i` at `0.0.0.0:port` that dumps what it
     /// receives into `dump`; waits until it listens. Returns its pid.
     pub fn spawn_sink(&self, i: usize, port: u16, dump: &Path) -> u32 {
+        self.spawn_sink_with(i, port, dump, &[])
+    }
+
+    /// [`DsrLab::spawn_sink`] with more `smtp-sink` options (`-w 1`: a
+    /// relay slow to answer `DATA`).
+    pub fn spawn_sink_with(&self, i: usize, port: u16, dump: &Path, options: &[&str]) -> u32 {
         let r = &self.relays[i];
         std::fs::create_dir_all(dump).unwrap();
         // smtp-sink drops privileges to nobody before writing.
@@ -171,6 +177,7 @@ impl DsrLab {
         // -h: the sink greets with the relay's name, so clients can tell who answered.
         cmd.args(["-u", "nobody", "-h", &r.name, "-d"])
             .arg(dump.join("m"))
+            .args(options)
             .args([&format!("0.0.0.0:{port}"), "1024"]);
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
         let pid = self.lab.spawn(&r.name, cmd);

@@ -1,7 +1,11 @@
 //! `smtp-lb ctl`: the operator's view. Balancer commands talk to the
 //! daemon's admin API (loopback, bearer token); `stats` reads the pinned
 //! maps directly and works without the daemon.
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
 
 use anyhow::bail;
 use serde_json::Value;
@@ -58,6 +62,10 @@ pub enum Command {
     Reload,
     /// The relay: queues by destination, show, retry, bounce, delete (via the relay's admin listener).
     Relay(super::relay::CtlOptions),
+    /// Follow one client connection (`CLIENT_IP:PORT`) or message id: its
+    /// relay, the messages the session submitted, each one's provider
+    /// queue, egress source and delivery replies.
+    Trace(super::trace::Options),
 }
 
 #[expect(
@@ -95,7 +103,24 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         }
         Command::Reload => ok(&opts, &post(&["reload"], &[])?),
         Command::Relay(relay) => super::relay::ctl(relay, opts.json),
+        Command::Trace(trace) => super::trace::run(trace, &relay_names(&opts), opts.json),
     }
+}
+
+/// The relays' names by address, from the daemon (empty when it does not
+/// answer: `ctl trace` works from the pinned maps alone, naming addresses).
+fn relay_names(opts: &Options) -> BTreeMap<IpAddr, String> {
+    let Ok(v) = call(opts, "GET", &["backends"], &[]) else {
+        return BTreeMap::new();
+    };
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| {
+            let addr = b["address"].as_str()?.parse().ok()?;
+            Some((addr, b["names"][0].as_str()?.to_owned()))
+        })
+        .collect()
 }
 
 /// Calls the admin API; a non-2xx answer becomes an error with its message.

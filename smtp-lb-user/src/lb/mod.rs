@@ -36,7 +36,7 @@ use tokio::{
     sync::{mpsc, watch},
     task::JoinSet,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     admin::http,
@@ -52,6 +52,10 @@ use crate::{
 /// How often warmup ramps are re-evaluated (a table rebuild happens only
 /// when a ramp reaches its next step).
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// How often, with power of two choices on (`p2c`), the flows sent to their
+/// second candidate are copied where no flood can evict them and the live
+/// flow counts are reset from `CONNTRACK` (one walk of it).
+const FLOW_SYNC_EVERY: Duration = Duration::from_secs(5);
 
 /// One relay, by address (its identity across services).
 #[derive(Clone)]
@@ -324,6 +328,31 @@ impl<D: Dataplane> Node<D> {
         }
         self.applied = Some((effective.cfg, applied.plan));
         self.save();
+        Ok(())
+    }
+
+    /// With `p2c` on some service: a flow a SYN sent to its second candidate
+    /// is one the table does not name, so it is kept in `MOVED_FLOWS` like a
+    /// flow a table change moved (a flood that evicts its `CONNTRACK` entry
+    /// cannot send it to Maglev's relay), and the live flow counts are reset
+    /// from the walk (which takes back silent LRU evictions).
+    pub fn sync_flows(&mut self) -> anyhow::Result<()> {
+        let Some((cfg, plan)) = &self.applied else {
+            return Ok(());
+        };
+        if !cfg.services.iter().any(|s| s.p2c) {
+            return Ok(());
+        }
+        let moved = self
+            .dp
+            .keep_moved_flows(plan)
+            .context("keep the flows power of two choices placed")?;
+        debug!(
+            scanned = moved.scanned,
+            copied = moved.copied,
+            pruned = moved.pruned,
+            "flows synced"
+        );
         Ok(())
     }
 
@@ -684,6 +713,7 @@ pub async fn run<D: Dataplane + Send + 'static>(
     let mut generation = lock(&node).probe_generation;
     let mut probes = spawn_probes(&lock(&node), &tx);
     let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    let mut flow_sync = tokio::time::interval(FLOW_SYNC_EVERY);
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     tokio::pin!(shutdown);
     crate::systemd::ready();
@@ -701,6 +731,11 @@ pub async fn run<D: Dataplane + Send + 'static>(
             _ = tick.tick() => {
                 if let Err(e) = lock(&node).reconcile() {
                     error!(error = %format!("{e:#}"), "cannot apply warmup progress");
+                }
+            }
+            _ = flow_sync.tick() => {
+                if let Err(e) = lock(&node).sync_flows() {
+                    error!(error = %format!("{e:#}"), "cannot sync flow state");
                 }
             }
             _ = hup.recv() => {
