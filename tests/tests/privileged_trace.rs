@@ -81,6 +81,7 @@ fn trace_follows_a_session_through_the_vip_to_its_delivery_reply() {
     for i in 0..dsr.relays.len() {
         let (name, addr) = (dsr.relays[i].name.clone(), dsr.relays[i].addr.clone());
         let dir = dsr.work.join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
         let mut cfg = lab_config(&name, &dir);
         cfg.admin = Some(SocketAddr::new(addr.parse().unwrap(), RELAY_ADMIN_PORT));
         cfg.admin_allow_remote = true;
