@@ -343,6 +343,14 @@ fn slow_relay_gets_fewer_sessions_with_p2c() {
     }
     let maglev_cfg = lab.config(&[1, 1, 1], "");
     lab.start_lb(&maglev_cfg, &[]);
+    // Relays come up one by one (`rise` probes each): sessions sent before
+    // the last is up would skew the Maglev share this test compares.
+    wait_for("every relay up", Duration::from_secs(30), || {
+        lab.ctl(&["backends"])
+            .as_array()
+            .map_or(0, |b| b.iter().filter(|b| b["health"] == "up").count())
+            == lab.relays.len()
+    });
     let maglev = phase(&lab, "maglev");
 
     // The same balancer, switched to power of two choices.
