@@ -247,3 +247,34 @@ fn nix_kill(pid: u32) -> i32 {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(pid.cast_signed(), libc::SIGTERM) }
 }
+
+#[test]
+fn every_node_withdraws_while_no_relay_is_up_and_announces_again_when_one_is() {
+    let mut lab = EcmpLab::new(2, 1);
+    all_up(&mut lab);
+    lab.dsr.kill_sink(0);
+    // Health checks take it down within 2 × (200 ms + 800 ms of timeouts).
+    let withdrawn = lab
+        .wait_next_hops(&[], Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("routes stayed with no relay up: {:?}", lab.next_hops()));
+    eprintln!("ecmp: the only relay's sink killed; both nodes withdrawn after {withdrawn:?}");
+    let status = lab.dsr.ctl_on(&lab.nodes[0].0, &["status"]);
+    assert_eq!(
+        status["node"]["announce"]["reason"], "no_relay_up",
+        "{status}"
+    );
+    for i in 0..2 {
+        assert!(
+            lab.metrics(i).contains(
+                "smtp_lb_balancer_vip_announce_changes_total{action=\"withdraw\",reason=\"no_relay_up\"} 1"
+            ),
+            "node {i} did not count its withdrawal"
+        );
+    }
+    lab.dsr.start_sink(0);
+    let back = lab
+        .wait_next_hops(&[0, 1], Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("routes never came back: {:?}", lab.next_hops()));
+    eprintln!("ecmp: the relay back; both nodes announced again after {back:?}");
+    lab.dsr.send(20, 4);
+}

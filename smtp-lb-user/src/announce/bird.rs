@@ -346,7 +346,9 @@ fn supervise(
         if first {
             // Ready when its control socket is: the announcer talks to it next.
             let deadline = Instant::now() + STOP_GRACE;
-            while !paths.socket.exists() && Instant::now() < deadline {
+            while std::os::unix::net::UnixStream::connect(&paths.socket).is_err()
+                && Instant::now() < deadline
+            {
                 if let Ok(Some(status)) = child.try_wait() {
                     let _ = started.send(Err(anyhow::anyhow!(
                         "{} exited at start ({status}); its log is on stderr",

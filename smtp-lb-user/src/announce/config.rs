@@ -202,7 +202,10 @@ mod tests {
         assert_eq!(field, "announce.peers[1].address", "{problem}");
         assert_eq!(locate(text, &field), Some(10));
         let unknown = LbConfig::parse("[announce]\nenable = true\n").unwrap_err();
-        assert!(unknown.to_string().contains("unknown field `enable`"), "{unknown}");
+        assert!(
+            unknown.to_string().contains("unknown field `enable`"),
+            "{unknown}"
+        );
     }
 
     #[test]
