@@ -547,13 +547,15 @@ impl<D: Dataplane> Node<D> {
     }
 
     /// Whether the VIPs should be announced now, and why: the node runs
-    /// (its data plane attached), is not drained, and a relay is up.
+    /// (its data plane attached), is not drained, and a relay is up on one
+    /// of its ports. A full relay (`421`) counts: it is alive and takes
+    /// sessions as its slots free (the fail-safe sends them there).
     pub fn announcement(&self) -> announce::Want {
         use announce::{Reason, Want};
         let up = self
             .relays
             .values()
-            .filter(|r| r.trackers.values().any(|t| t.health() == Health::Up))
+            .filter(|r| r.trackers.values().any(|t| t.health() != Health::Down))
             .count();
         let detail = format!("{up} of {} relays up", self.relays.len());
         if self.node_drained {
