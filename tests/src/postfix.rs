@@ -1,8 +1,9 @@
 //! A private Postfix instance for tests and benchmarks: its own
 //! `config_directory`, queue and data directories under a temporary
-//! directory, `smtpd` on a loopback port of our choosing, no chroot.
-//! Used as the destination MX (virtual mailboxes in a Maildir) and as the
-//! reference relay in `cargo xtask bench relay`.
+//! directory, `smtpd` on a loopback port of our choosing. Used as the
+//! destination MX (virtual mailboxes in a Maildir, no chroot) and as the
+//! reference relay in `cargo xtask bench relay` (as Debian ships it:
+//! packaged `master.cf`, chrooted services).
 use std::{fmt::Write as _, net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
 use crate::tmp::{TempDir, free_port, wait_listening};
@@ -57,7 +58,24 @@ pub struct Postfix {
     config: PathBuf,
 }
 
-/// The Postfix services we need, all unchrooted.
+/// Files of the Debian package: its `master.cf`, the `main.cf` parts its
+/// installer assembles, and the helper its service unit runs before start.
+const DEBIAN_MASTER_CF: &str = "/usr/share/postfix/master.cf.dist";
+const DEBIAN_MAIN_CF: &str = "/usr/share/postfix/main.cf.debian";
+const DEBIAN_MAIN_CF_TLS: &str = "/usr/share/postfix/main.cf.tls";
+const CONFIGURE_INSTANCE: &str = "/usr/lib/postfix/configure-instance.sh";
+
+/// The `master.cf` service name of an `smtpd` listening on `addr`
+/// (unspecified: every interface, by port alone).
+fn service(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        addr.port().to_string()
+    } else {
+        addr.to_string()
+    }
+}
+
+/// The Postfix services our test instances need, all unchrooted.
 const MASTER_CF: &str = "\
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
@@ -82,6 +100,19 @@ anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 ";
+
+/// Runs `cmd` to completion; panics with `what` and its output if it fails.
+fn run_ok(cmd: &mut Command, what: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("run {what} (package postfix): {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
 
 fn postfix_ids() -> (u32, u32) {
     let out = Command::new("id")
@@ -142,13 +173,52 @@ impl Postfix {
         )
     }
 
-    /// A relay that sends everything to `next_hop` (like the relay under test with a `*` route).
+    /// A relay that sends everything to `next_hop` (like the relay under
+    /// test with a `*` route), run as Debian ships Postfix: the packaged
+    /// `master.cf` (most services chrooted) and `main.cf` defaults, the
+    /// chroot prepared by Debian's own start-up helper. Only what makes it
+    /// a private instance on a free loopback port, and the relay route,
+    /// are set.
     pub fn relay_to(next_hop: SocketAddr) -> Self {
-        Self::start(&format!(
-            "mydestination =\nrelayhost = [{}]:{}\n",
+        let listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let mut main = String::new();
+        for shipped in [DEBIAN_MAIN_CF, DEBIAN_MAIN_CF_TLS] {
+            // The TLS part is absent when the package was built without it.
+            if let Ok(text) = std::fs::read_to_string(shipped) {
+                main.push_str(&text);
+            }
+        }
+        let _ = write!(
+            main,
+            "mydestination =\nmynetworks = 127.0.0.0/8\nrelayhost = [{}]:{}\n",
             next_hop.ip(),
             next_hop.port()
-        ))
+        );
+        let packaged = std::fs::read_to_string(DEBIAN_MASTER_CF)
+            .unwrap_or_else(|e| panic!("read {DEBIAN_MASTER_CF} (package postfix): {e}"));
+        // Only the smtpd listener moves: from port 25 to ours.
+        let svc = service(listen);
+        let master: String = packaged
+            .lines()
+            .map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+                ["smtp", "inet", private, unpriv, chroot, ..] => {
+                    format!("{svc} inet {private} {unpriv} {chroot} - - smtpd\n")
+                }
+                _ => format!("{l}\n"),
+            })
+            .collect();
+        assert!(
+            master.contains(&format!("{svc} inet")),
+            "no `smtp inet` service in {DEBIAN_MASTER_CF}"
+        );
+        Self::launch(
+            &main,
+            &master,
+            At {
+                listen,
+                netns: None,
+            },
+        )
     }
 
     /// Starts an instance with `extra` main.cf lines (`{DIR}` is the
@@ -165,6 +235,22 @@ impl Postfix {
 
     /// Starts an instance with `extra` main.cf lines on `at`.
     pub fn start_at(extra: &str, at: At<'_>) -> Self {
+        let main = format!(
+            "compatibility_level = 3.6\nmynetworks = 127.0.0.0/8\n\
+             smtputf8_enable = no\nalias_maps =\nalias_database =\nbiff = no\n\
+             smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n\
+             smtp_tls_security_level = none\n\
+             default_process_limit = 100\n{extra}"
+        );
+        let master = format!("{} inet n - n - - smtpd\n{MASTER_CF}", service(at.listen));
+        Self::launch(&main, &master, at)
+    }
+
+    /// Starts an instance from `main` (its `{DIR}` is the instance
+    /// directory) and `master` on `at`. The lines that make it a private
+    /// instance go last in main.cf, so they win; a chrooted `master` gets
+    /// its chroot as Debian's start-up prepares it.
+    fn launch(main: &str, master: &str, at: At<'_>) -> Self {
         let dir = TempDir::new("postfix");
         let d = dir.path().display().to_string();
         let (uid, gid) = postfix_ids();
@@ -178,27 +264,31 @@ impl Postfix {
         let (addr, port) = (at.listen, at.listen.port());
         // An unspecified address listens on every interface (a lab host:
         // its own address and the VIP on lo).
-        let (interfaces, service) = if addr.ip().is_unspecified() {
-            ("all".to_owned(), port.to_string())
+        let interfaces = if addr.ip().is_unspecified() {
+            "all".to_owned()
         } else {
-            (addr.ip().to_string(), addr.to_string())
+            addr.ip().to_string()
         };
-        let mut main = String::new();
+        let mut main = main.replace("{DIR}", &d);
         let _ = write!(
             main,
-            "compatibility_level = 3.6\nqueue_directory = {d}/queue\ndata_directory = {d}/data\n\
+            "\nqueue_directory = {d}/queue\ndata_directory = {d}/data\n\
              mail_owner = postfix\nsetgid_group = postdrop\nmyhostname = postfix-{port}.test\n\
-             inet_interfaces = {interfaces}\ninet_protocols = ipv4\nmynetworks = 127.0.0.0/8\n\
-             maillog_file = {d}/maillog\nmaillog_file_prefixes = {d}\nsmtputf8_enable = no\nalias_maps =\nalias_database =\nbiff = no\n\
-             smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n\
-             smtp_tls_security_level = none\n\
-             default_process_limit = 100\n"
+             inet_interfaces = {interfaces}\ninet_protocols = ipv4\n\
+             maillog_file = {d}/maillog\nmaillog_file_prefixes = {d}\n"
         );
-        main.push_str(&extra.replace("{DIR}", &d));
         std::fs::write(dir.join("etc/main.cf"), main).expect("write main.cf");
-        let master = format!("{service} inet n - n - - smtpd\n{MASTER_CF}");
         std::fs::write(dir.join("etc/master.cf"), master).expect("write master.cf");
         let config = dir.join("etc");
+        // What Debian's postfix.service runs before `postfix start`: copies
+        // resolver files, CA certificates and NSS libraries into the
+        // chroot (the queue directory) when a service is chrooted.
+        run_ok(
+            Command::new(CONFIGURE_INSTANCE)
+                .arg("-")
+                .env("MAIL_CONFIG", &config),
+            &format!("{CONFIGURE_INSTANCE} for {}", config.display()),
+        );
         let mut start = match at.netns {
             Some(ns) => {
                 let mut c = Command::new("nsenter");
@@ -208,18 +298,12 @@ impl Postfix {
             }
             None => Command::new("postfix"),
         };
-        let out = start
-            .arg("-c")
-            .arg(&config)
-            .arg("start")
-            .output()
-            .expect("run postfix start");
-        assert!(
-            out.status.success(),
-            "postfix -c {} start failed (it reports to syslog only; run it under `script` to see why): {}{}",
-            config.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            start.arg("-c").arg(&config).arg("start"),
+            &format!(
+                "postfix -c {} start (it reports to syslog only; run it under `script` to see why)",
+                config.display()
+            ),
         );
         match at.netns {
             Some(ns) => wait_listening_in(ns, addr, Duration::from_secs(15)),

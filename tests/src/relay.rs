@@ -46,6 +46,8 @@ pub struct RelayConfig {
     pub data_timeout: String,
     pub write_timeout: String,
     pub connections_per_destination: usize,
+    /// `delivery.connection_idle` (none: the relay's default).
+    pub connection_idle: Option<String>,
     /// Egress source address for delivery (`delivery.source_ip`).
     pub source_ip: Option<String>,
     /// Use an existing spool directory instead of a fresh one.
@@ -78,6 +80,7 @@ impl Default for RelayConfig {
             data_timeout: "30s".into(),
             write_timeout: "10s".into(),
             connections_per_destination: 8,
+            connection_idle: None,
             source_ip: None,
             spool_dir: None,
             shaping: None,
@@ -212,6 +215,9 @@ impl Relay {
         c.timeouts.shutdown_grace = Duration::from_secs(5);
         c.delivery.port = cfg.mx_port;
         c.delivery.connections_per_destination = cfg.connections_per_destination;
+        if let Some(idle) = &cfg.connection_idle {
+            c.delivery.connection_idle = duration(idle);
+        }
         c.delivery.source_ip = cfg
             .source_ip
             .as_ref()

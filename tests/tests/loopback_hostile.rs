@@ -204,6 +204,10 @@ fn relay_config(routes: &[(&str, String)], extra: &str) -> RelayConfig {
             .collect(),
         retry_min: "300ms".into(),
         retry_max: "1s".into(),
+        // No idle connections: the fake MX turns hostile for new
+        // connections only, and each round's mail to it must meet the
+        // hostile server, not a connection kept from while it behaved.
+        connection_idle: Some("0s".into()),
         extra_toml: format!("{SHORT_TIMEOUTS}\n{extra}"),
         ..RelayConfig::default()
     }

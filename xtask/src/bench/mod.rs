@@ -10,7 +10,7 @@ mod shaping;
 mod xdp;
 
 use anyhow::Context;
-pub use report::Report;
+pub use report::{Report, median};
 
 use crate::{build, setup, util::workspace_root};
 
@@ -29,7 +29,7 @@ enum Name {
     Maglev,
     /// End to end through the lab: direct, `HAProxy`, smtp-lb.
     Lb,
-    /// smtp-source → relay → smtp-sink against Postfix as a relay.
+    /// smtp-source → relay → smtp-sink against Postfix as a relay and smtp-source → smtp-sink.
     Relay,
     /// Configured vs delivered rates per provider, and isolation.
     Shaping,

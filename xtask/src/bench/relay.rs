@@ -1,12 +1,20 @@
 //! `bench relay`: `smtp-source` → relay → `smtp-sink`, end to end, with the
-//! relay's spool durable, against Postfix configured as a relay to the same
-//! kind of sink on the same machine (its queue on the same disk, default
-//! durability), in one run. Also the relay's resident memory with 100k
-//! messages queued for an unreachable destination.
+//! relay's spool durable, against two peers measured in the same run:
+//! Postfix as a relay to the same kind of sink on the same machine (as
+//! Debian ships it: packaged `master.cf`, chroot, default durability, its
+//! queue on the same disk), and the floor, `smtp-source` straight to
+//! `smtp-sink` (one SMTP session per message where a relay has two). The
+//! three paths run interleaved, round after round (raw, Postfix, relay,
+//! raw, …), each against a fresh sink and a fresh instance, and each is
+//! reported as the median of its rounds: on a shared machine one path's
+//! figure moves by half between runs. Also the relay's resident memory
+//! with 100k messages queued for an unreachable destination, and the spool
+//! disk's flush time, which bounds the relay path where CPU does not.
 //!
 //! `SMTP_LB_BENCH_RELAY_MESSAGES` (default 10000) and
-//! `SMTP_LB_BENCH_RELAY_SESSIONS` (default 20) size the runs;
-//! `SMTP_LB_BENCH_RELAY_QUEUED` (default 100000) the memory run.
+//! `SMTP_LB_BENCH_RELAY_SESSIONS` (default 20) size each run,
+//! `SMTP_LB_BENCH_RELAY_ROUNDS` (default 3) counts the rounds;
+//! `SMTP_LB_BENCH_RELAY_QUEUED` (default 100000) sizes the memory run.
 use std::{
     net::SocketAddr,
     process::Command,
@@ -18,9 +26,10 @@ use smtp_lb_tests::{
     postfix::Postfix,
     relay::{Relay, RelayConfig},
     sink::CountingSink,
+    tmp::TempDir,
 };
 
-use super::Report;
+use super::{Report, median};
 use crate::build::Artifacts;
 
 #[expect(
@@ -78,6 +87,26 @@ fn measure(
     Ok(env_f64(n) / total.as_secs_f64())
 }
 
+/// The spool disk's group-commit cost: the median of 200 appends of one
+/// 2 KB message record, each followed by `fdatasync`, in a file beside the
+/// relay's spool (the same filesystem). Every `250` waits for one such
+/// flush that began after its record was written, so with `sessions`
+/// clients this, not CPU, bounds the relay path on a fast machine.
+fn disk_flush_ms() -> anyhow::Result<f64> {
+    use std::io::Write;
+    let dir = TempDir::new("bench-flush");
+    let mut file = std::fs::File::create(dir.join("flush")).context("create flush probe")?;
+    let record = [b'x'; 2048];
+    let mut ms = Vec::with_capacity(200);
+    for _ in 0..200 {
+        let start = Instant::now();
+        file.write_all(&record)?;
+        file.sync_data().context("fdatasync")?;
+        ms.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(median(&ms))
+}
+
 fn rss_mib(pid: u32) -> anyhow::Result<f64> {
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).context("read /proc/PID/status")?;
@@ -90,35 +119,75 @@ fn rss_mib(pid: u32) -> anyhow::Result<f64> {
     Ok(kib / 1024.0)
 }
 
+/// The ways a message goes from `smtp-source` to `smtp-sink`, in the order
+/// each round runs them.
+#[derive(Clone, Copy)]
+enum Path {
+    /// Straight to the sink: the floor.
+    Raw,
+    Postfix,
+    Relay,
+}
+
+impl Path {
+    const ALL: [Self; 3] = [Self::Raw, Self::Postfix, Self::Relay];
+
+    /// The report's key for this path's median.
+    fn key(self) -> &'static str {
+        match self {
+            Self::Raw => "raw_mps",
+            Self::Postfix => "postfix_mps",
+            Self::Relay => "smtplb_mps",
+        }
+    }
+
+    /// One run against a fresh sink (and a fresh Postfix or relay): msg/s.
+    fn measure(self, n: usize, sessions: usize) -> anyhow::Result<f64> {
+        let sink = CountingSink::start();
+        match self {
+            Self::Raw => measure(sink.addr, &sink, n, sessions),
+            Self::Postfix => {
+                let postfix = Postfix::relay_to(sink.addr);
+                measure(postfix.addr, &sink, n, sessions)
+            }
+            Self::Relay => {
+                let relay = Relay::start(&RelayConfig {
+                    routes: vec![("*".into(), sink.addr.to_string())],
+                    // Postfix's default_destination_concurrency_limit.
+                    connections_per_destination: 20,
+                    ..RelayConfig::default()
+                });
+                let mps = measure(relay.smtp, &sink, n, sessions)?;
+                println!(
+                    "  relay RSS after the run: {:.1} MiB",
+                    rss_mib(relay.pid())?
+                );
+                Ok(mps)
+            }
+        }
+    }
+}
+
 pub fn run(artifacts: &Artifacts) -> anyhow::Result<Report> {
     // SAFETY: set before any thread reads the environment.
     unsafe { std::env::set_var("SMTP_LB_BIN", &artifacts.binary) };
     let n = env_usize("SMTP_LB_BENCH_RELAY_MESSAGES", 10_000);
     let sessions = env_usize("SMTP_LB_BENCH_RELAY_SESSIONS", 20);
+    let rounds = env_usize("SMTP_LB_BENCH_RELAY_ROUNDS", 3).max(1);
     let queued = env_usize("SMTP_LB_BENCH_RELAY_QUEUED", 100_000);
 
-    println!("Postfix as a relay:");
-    let postfix_mps = {
-        let sink = CountingSink::start();
-        let postfix = Postfix::relay_to(sink.addr);
-        measure(postfix.addr, &sink, n, sessions)?
-    };
-    println!("smtp-lb relay:");
-    let smtplb_mps = {
-        let sink = CountingSink::start();
-        let relay = Relay::start(&RelayConfig {
-            routes: vec![("*".into(), sink.addr.to_string())],
-            // Postfix's default_destination_concurrency_limit.
-            connections_per_destination: 20,
-            ..RelayConfig::default()
-        });
-        let mps = measure(relay.smtp, &sink, n, sessions)?;
-        println!(
-            "  relay RSS after the run: {:.1} MiB",
-            rss_mib(relay.pid())?
-        );
-        mps
-    };
+    let mut figures = [const { Vec::new() }; Path::ALL.len()];
+    for round in 1..=rounds {
+        for (path, figures) in Path::ALL.iter().zip(&mut figures) {
+            println!("round {round}/{rounds}, {}:", path.key());
+            let mps = path.measure(n, sessions)?;
+            println!("  {mps:.1} msg/s");
+            figures.push(mps);
+        }
+    }
+    let [raw_mps, postfix_mps, smtplb_mps] = figures.each_ref().map(|f| median(f));
+    let flush_ms = disk_flush_ms()?;
+    println!("spool disk: append + fdatasync takes {flush_ms:.2} ms (median of 200)");
 
     println!("smtp-lb relay with {queued} messages queued for an unreachable destination:");
     let rss = {
@@ -163,9 +232,19 @@ pub fn run(artifacts: &Artifacts) -> anyhow::Result<Report> {
     report
         .add("messages", env_f64(n), "msg")
         .add("sessions", env_f64(sessions), "")
+        .add("rounds", env_f64(rounds), "");
+    for (path, figures) in Path::ALL.iter().zip(&figures) {
+        for (round, mps) in figures.iter().enumerate() {
+            report.add(&format!("{}_round{}", path.key(), round + 1), *mps, "msg/s");
+        }
+    }
+    report
+        .add("raw_mps", raw_mps, "msg/s")
         .add("postfix_mps", postfix_mps, "msg/s")
         .add("smtplb_mps", smtplb_mps, "msg/s")
         .add("ratio_vs_postfix", smtplb_mps / postfix_mps, "x")
+        .add("ratio_vs_raw", smtplb_mps / raw_mps, "x")
+        .add("disk_flush_ms", flush_ms, "ms")
         .add("rss_mib_100k_queued", rss, "MiB");
     Ok(report)
 }

@@ -36,3 +36,16 @@ impl Report {
             + "\n"
     }
 }
+
+/// The median of `values` (the mean of the middle two for an even count):
+/// the figure of interleaved rounds that one noisy round cannot move.
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len().is_multiple_of(2) {
+        f64::midpoint(v[mid - 1], v[mid])
+    } else {
+        v[mid]
+    }
+}

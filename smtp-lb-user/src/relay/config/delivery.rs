@@ -32,6 +32,17 @@ pub struct DeliveryConfig {
     /// Messages sent over one connection before it is closed.
     #[serde(default = "DeliveryConfig::default_messages_per_connection")]
     pub messages_per_connection: usize,
+    /// How long a connection with nothing more to send stays open for the
+    /// next message to its domain (Postfix `smtp_connection_cache_time_limit`):
+    /// mail that trickles in then reuses connections instead of opening
+    /// one per message. It holds its destination's connection slot while it
+    /// waits, but gives way at once when the queue needs the worker for
+    /// another destination. `0s` closes it at once.
+    #[serde(
+        default = "DeliveryConfig::default_connection_idle",
+        with = "humantime_serde"
+    )]
+    pub connection_idle: Duration,
     /// Use STARTTLS when the server offers it (opportunistic: the certificate is not verified).
     #[serde(default = "DeliveryConfig::default_starttls")]
     pub starttls: bool,
@@ -99,6 +110,9 @@ impl DeliveryConfig {
     fn default_messages_per_connection() -> usize {
         1000
     }
+    fn default_connection_idle() -> Duration {
+        Duration::from_secs(2)
+    }
     fn default_starttls() -> bool {
         true
     }
@@ -113,6 +127,7 @@ impl Default for DeliveryConfig {
             connections_per_destination: Self::default_connections(),
             connections_per_queue: Self::default_connections_per_queue(),
             messages_per_connection: Self::default_messages_per_connection(),
+            connection_idle: Self::default_connection_idle(),
             starttls: Self::default_starttls(),
             plaintext_fallback: Self::default_plaintext_fallback(),
             require_tls: Vec::new(),

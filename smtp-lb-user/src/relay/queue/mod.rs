@@ -5,7 +5,8 @@
 //! (MX hosts, provider, egress source) into the ready queue of its (source,
 //! provider), where a worker (at most `connections_per_destination` per
 //! queue) takes it; a worker holds one connection and keeps taking jobs of
-//! its domain over it (connection reuse). Temporary failures go to the
+//! its domain over it (connection reuse), waiting `connection_idle` for the
+//! next one before it closes the connection. Temporary failures go to the
 //! scheduled queue with an exponential backoff; permanent ones and expired
 //! ones become a DSN to the sender.
 //!
@@ -81,6 +82,8 @@ pub struct Queue {
     destination_connections: usize,
     pair_connections: usize,
     per_connection: usize,
+    /// How long a connection with nothing to send waits for its next message.
+    connection_idle: Duration,
     hop_limit: usize,
     /// Replaced whole by [`Self::reload_shaping`]; a worker keeps the one it started with.
     shaper: RwLock<Arc<Shaper>>,
@@ -123,6 +126,7 @@ impl Queue {
             destination_connections: d.connections_per_destination.max(1),
             pair_connections: d.connections_per_queue.max(1),
             per_connection: d.messages_per_connection.max(1),
+            connection_idle: d.connection_idle,
             hop_limit: d.hop_limit,
             shaper: RwLock::new(Arc::new(shaper)),
             shaping_path: cfg.shaping.clone(),
@@ -274,10 +278,12 @@ impl Queue {
 
     fn enqueue(self: &Arc<Self>, key: PairKey, job: Job, hosts: Arc<Vec<Host>>) {
         let dest = ready::destination(&hosts);
-        if self
-            .ready
-            .push(&key, ReadyJob { job, hosts, dest }, self.pair_connections)
-        {
+        if self.ready.push(
+            &key,
+            ReadyJob { job, hosts, dest },
+            self.destination_connections,
+            self.pair_connections,
+        ) {
             tokio::spawn(self.clone().worker(key));
         }
     }
@@ -322,6 +328,7 @@ impl Queue {
     /// Stops taking jobs; in-flight deliveries finish on their own.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Relaxed);
+        self.ready.unpark_all();
         self.wake.notify_one();
     }
 }

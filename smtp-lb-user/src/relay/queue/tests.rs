@@ -17,7 +17,10 @@ use crate::{
         egress::{Egress, Source},
         log::DeliveryLog,
         metrics::Metrics,
-        policy::{limiter::Limiters, shaping::Shaper},
+        policy::{
+            limiter::Limiters,
+            shaping::{Shaper, ShapingConfig},
+        },
         route::{Host, Myself, Router},
         spool::Spool,
     },
@@ -152,6 +155,11 @@ fn queue(name: &str, dispatcher: Scripted) -> Arc<Queue> {
 /// [`queue`] with more config: `extra` goes before `[retry]` (top-level
 /// keys and tables) and more `[routes]` may follow the default route.
 fn queue_with(name: &str, extra: &str, dispatcher: Scripted) -> Arc<Queue> {
+    queue_shaped(name, extra, "", dispatcher)
+}
+
+/// [`queue_with`] under the shaping file `shaping`.
+fn queue_shaped(name: &str, extra: &str, shaping: &str, dispatcher: Scripted) -> Arc<Queue> {
     let dir = std::env::temp_dir().join(format!("smtp-lb-queue-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (extra, more_routes) = extra.split_once("[routes]\n").unwrap_or((extra, ""));
@@ -162,7 +170,7 @@ fn queue_with(name: &str, extra: &str, dispatcher: Scripted) -> Arc<Queue> {
     .unwrap();
     let (spool, _, _) = Spool::open(&cfg.spool_dir, cfg.spool.compact_interval).unwrap();
     let router = Router::new(&cfg.routes, &cfg.dns, 25, Myself::default()).unwrap();
-    let shaper = Shaper::load(None, &Limiters::local()).unwrap();
+    let shaper = Shaper::new(&ShapingConfig::parse(shaping).unwrap(), &Limiters::local());
     let egress = Egress::from_config(None, "relay.test", None, shaper.providers()).unwrap();
     Queue::new(
         &cfg,
@@ -361,4 +369,81 @@ async fn a_message_over_the_hop_limit_bounces_5_4_6_without_an_attempt() {
         seen.transactions[1],
         (String::new(), vec!["s@y.test".to_owned()])
     );
+}
+
+/// A scripted destination that answers `250` to everyone.
+fn accepting(seen: &Arc<Mutex<Seen>>) -> Scripted {
+    Scripted {
+        replies: HashMap::new(),
+        refuse: false,
+        hang: Vec::new(),
+        seen: seen.clone(),
+    }
+}
+
+#[tokio::test]
+async fn a_message_arriving_while_the_connection_is_idle_goes_over_it() {
+    for (idle, connects) in [("2s", 1), ("0s", 2)] {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let q = queue_with(
+            &format!("idle-{idle}"),
+            &format!("[delivery]\nconnection_idle = \"{idle}\"\n"),
+            accepting(&seen),
+        );
+        let m = q.metrics.clone();
+        submit(&q, "s@y.test", &["a@x.test"]).await;
+        until("the first delivery", || m.total("delivered") == 1).await;
+        // The first message is done and its connection has nothing to send.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        submit(&q, "s@y.test", &["b@x.test"]).await;
+        until("the second delivery", || m.total("delivered") == 2).await;
+        assert_eq!(seen.lock().unwrap().connects, connects, "idle {idle}");
+    }
+}
+
+#[tokio::test]
+async fn an_idle_connection_gives_way_to_another_destination_at_once() {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    // One worker for the queue, and idle connections kept for an hour.
+    let q = queue_with(
+        "idle-gives-way",
+        "[delivery]\nconnections_per_queue = 1\nconnection_idle = \"1h\"\n[routes]\n\"other.test\" = \"127.0.0.3:25\"\n",
+        accepting(&seen),
+    );
+    let m = q.metrics.clone();
+    submit(&q, "s@y.test", &["a@x.test"]).await;
+    until("the first delivery", || m.total("delivered") == 1).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The only worker is parked on x.test: it must close that connection
+    // and take this one (`until` gives up after about 5 s, not an hour).
+    submit(&q, "s@y.test", &["b@other.test"]).await;
+    until("the other destination's delivery", || {
+        m.total("delivered") == 2
+    })
+    .await;
+    assert_eq!(seen.lock().unwrap().connects_to["127.0.0.3"], 1);
+}
+
+#[tokio::test]
+async fn an_idle_connection_gives_its_slot_to_a_worker_waiting_for_one() {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    // One connection slot for the provider, idle connections kept for an hour.
+    let q = queue_shaped(
+        "idle-slot",
+        "[delivery]\nconnection_idle = \"1h\"\n[routes]\n\"other.test\" = \"127.0.0.3:25\"\n",
+        "[default]\nconnection_limit = 1\n",
+        accepting(&seen),
+    );
+    let m = q.metrics.clone();
+    submit(&q, "s@y.test", &["a@x.test"]).await;
+    until("the first delivery", || m.total("delivered") == 1).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The parked connection holds the only slot; these wait for it.
+    for i in 0..3 {
+        submit(&q, "s@y.test", &[&format!("r{i}@other.test")]).await;
+    }
+    until("the other destination's deliveries", || {
+        m.total("delivered") == 4
+    })
+    .await;
 }

@@ -10,7 +10,7 @@ use super::{
     dispatch::Session,
     message::Job,
     outcome::{self, Action},
-    ready::{PairKey, ReadyJob, destination},
+    ready::{Next, PairKey, ReadyJob, Wake, destination},
     settle::AttemptContext,
 };
 use crate::{
@@ -40,14 +40,25 @@ impl Queue {
             dest,
         }) = self
             .ready
-            .pop(&key, None, self.destination_connections, self.stopping())
+            .pop(&key, self.destination_connections, self.stopping())
         {
             let started = Instant::now();
             // Taken per connection (and per message below), so a reloaded
             // shaping file applies without waiting for this worker to end.
             let shaper = self.shaper().for_pair(&source.name, source.address, &key.1);
             // Held for the whole connection; dropped when the worker leaves it.
-            let _slots = shaper.connection().await;
+            let slots = shaper.connection();
+            tokio::pin!(slots);
+            let _slots = tokio::select! {
+                biased;
+                slots = &mut slots => slots,
+                () = std::future::ready(()) => {
+                    // Every slot is taken: an idle connection gives its up.
+                    self.ready.evict_parked(&key);
+                    slots.await
+                }
+            };
+            self.ready.connecting_done(&key);
             self.metrics.throttled(&labels, started.elapsed());
             match self.connect(&key, &hosts, first).await {
                 (Connect::Open(session), Some(first)) => {
@@ -218,16 +229,11 @@ impl Queue {
                     break;
                 }
             }
-            let next = (session.messages_sent() < per_connection)
-                .then(|| {
-                    self.ready.pop(
-                        key,
-                        Some(&domain),
-                        self.destination_connections,
-                        self.stopping(),
-                    )
-                })
-                .flatten();
+            let next = if session.messages_sent() < per_connection {
+                self.next_job(key, &domain).await
+            } else {
+                None
+            };
             let Some(next) = next else {
                 session.quit().await;
                 break;
@@ -235,5 +241,34 @@ impl Queue {
             job = next.job;
         }
         self.connection_count(labels, &domain, false);
+    }
+
+    /// The next job for an open connection to `domain`: one queued now,
+    /// or one pushed while the connection waits parked for up to
+    /// `connection_idle` (Postfix's connection cache).
+    async fn next_job(&self, key: &PairKey, domain: &str) -> Option<ReadyJob> {
+        let next = self.ready.next_or_park(
+            key,
+            domain,
+            !self.connection_idle.is_zero(),
+            self.destination_connections,
+            self.pair_connections,
+            self.stopping(),
+        );
+        let wake = match next {
+            Next::Job(job) => return Some(job),
+            Next::Leave => return None,
+            Next::Parked(mut parked) => {
+                match tokio::time::timeout(self.connection_idle, &mut parked.wake).await {
+                    Ok(Ok(wake)) => Some(wake),
+                    // Idle time over: whatever was handed over meanwhile is still ours.
+                    _ => self.ready.unpark(key, domain, parked),
+                }
+            }
+        };
+        match wake {
+            Some(Wake::Job(job)) => Some(job),
+            Some(Wake::Leave) | None => None,
+        }
     }
 }

@@ -50,7 +50,7 @@ use std::{
     collections::HashMap,
     fs::File,
     io,
-    os::unix::fs::FileExt,
+    os::{fd::AsRawFd, unix::fs::FileExt},
     path::Path,
     sync::{
         Arc, Mutex,
@@ -94,6 +94,34 @@ pub struct Usage {
     pub segments: usize,
     pub bytes: u64,
     pub messages: usize,
+}
+
+/// Largest body [`Spool::read_body`] copies on the caller's thread.
+const INLINE_READ_MAX: usize = 256 * 1024;
+
+/// Fills `buf` from `offset` of `file` only as far as the page cache
+/// serves it (`preadv2` with `RWF_NOWAIT`, Linux 4.14): `false` as soon as
+/// a part would wait for the disk, or the kernel cannot say.
+fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> bool {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        let iov = libc::iovec {
+            iov_base: rest.as_mut_ptr().cast(),
+            iov_len: rest.len(),
+        };
+        let Ok(at) = libc::off_t::try_from(offset + done as u64) else {
+            return false;
+        };
+        // SAFETY: one iovec over `rest`, writable for its length during the call.
+        let n = unsafe { libc::preadv2(file.as_raw_fd(), &raw const iov, 1, at, libc::RWF_NOWAIT) };
+        // -1: EAGAIN (not cached), EOPNOTSUPP, EINTR…; 0: end of file.
+        let Ok(n @ 1..) = usize::try_from(n) else {
+            return false;
+        };
+        done += n;
+    }
+    true
 }
 
 impl Spool {
@@ -350,8 +378,14 @@ impl Spool {
                 }
             }
         };
+        let mut buf = vec![0; usize::try_from(len).map_err(io::Error::other)?];
+        // A message just spooled is in the page cache: copying it here costs
+        // less than the two thread switches of a blocking read, which stays
+        // for what would wait on the disk and for large bodies.
+        if buf.len() <= INLINE_READ_MAX && read_cached(&file, &mut buf, offset) {
+            return Ok(buf);
+        }
         tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0; usize::try_from(len).map_err(io::Error::other)?];
             file.read_exact_at(&mut buf, offset)?;
             Ok(buf)
         })
@@ -418,6 +452,37 @@ mod tests {
         assert_eq!(two.done, HashSet::from([0]));
         assert_eq!(two.sender, "");
         assert_eq!(two.size, 10);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_read_from_the_page_cache_only_succeeds_when_it_is_cached() {
+        let dir = tmpdir("nowait");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = File::open(&path).unwrap();
+        let mut buf = vec![0; 1000];
+        // Just written: cached, read at once.
+        assert!(read_cached(&file, &mut buf, 5000));
+        assert_eq!(buf, data[5000..6000]);
+        // Past the end: short, refused (the caller reads it the slow way and fails).
+        assert!(!read_cached(&file, &mut buf, 64 * 1024 - 10));
+        // Written back and dropped from the cache: it would wait for the
+        // disk. (tmpfs has no disk behind its cache: nothing to drop.)
+        // SAFETY: statfs fills a zeroed struct for our own open file.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::fstatfs(file.as_raw_fd(), &raw mut fs) }, 0);
+        if fs.f_type == libc::TMPFS_MAGIC {
+            return;
+        }
+        file.sync_all().unwrap();
+        // SAFETY: advice on our own open file.
+        let dropped =
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(dropped, 0);
+        assert!(!read_cached(&file, &mut buf, 40_000));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
