@@ -278,3 +278,35 @@ fn every_node_withdraws_while_no_relay_is_up_and_announces_again_when_one_is() {
     eprintln!("ecmp: the relay back; both nodes announced again after {back:?}");
     lab.dsr.send(20, 4);
 }
+
+#[test]
+fn a_silent_node_is_withdrawn_after_the_hold_time() {
+    let mut lab = EcmpLab::new(2, 1);
+    all_up(&mut lab);
+    // bird frozen (SIGSTOP): no keepalive and no Cease, as from a node
+    // whose machine or link is gone; only the router's hold timer notices.
+    let daemon = lab.pids[1].expect("lb2 running");
+    let out = lab
+        .dsr
+        .lab
+        .run("lb2", &["pgrep", "-P", &daemon.to_string(), "bird"]);
+    let bird: i32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("lb2's daemon has one bird child");
+    // SAFETY: kill(2) on a process of this test's lab.
+    unsafe { libc::kill(bird, libc::SIGSTOP) };
+    let withdrawn = lab
+        .wait_next_hops(&[0], HOLD_TIME * 3)
+        .unwrap_or_else(|| panic!("the silent node's route stayed: {:?}", lab.next_hops()));
+    // SAFETY: as above.
+    unsafe { libc::kill(bird, libc::SIGCONT) };
+    eprintln!(
+        "ecmp: lb2's bird frozen; its route left the router after {withdrawn:?} (hold time {HOLD_TIME:?})"
+    );
+    assert!(
+        withdrawn <= HOLD_TIME + Duration::from_secs(1),
+        "withdrawn after {withdrawn:?}, beyond the hold time {HOLD_TIME:?} (+1 s of timer granularity)"
+    );
+    lab.dsr.send(20, 4);
+}
