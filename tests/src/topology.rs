@@ -287,6 +287,16 @@ impl DsrLab {
         }
     }
 
+    /// The config file of the LB node `host` (`lb`: [`DsrLab::config_path`],
+    /// others `<host>.toml`).
+    pub fn config_path_on(&self, host: &str) -> PathBuf {
+        if host == "lb" {
+            self.config_path.clone()
+        } else {
+            self.work.join(format!("{host}.toml"))
+        }
+    }
+
     /// Adds another LB node `host` at `addr` on the bridge, its switch port
     /// ready for native `XDP_TX` (as `lb`'s).
     pub fn add_lb(&mut self, host: &str, addr: &str) {
@@ -297,11 +307,7 @@ impl DsrLab {
     /// [`DsrLab::start_lb`] on the LB node `host` (config file
     /// `<host>.toml`, its own pin directory); does not set [`DsrLab::lb`].
     pub fn start_lb_on(&self, host: &str, config: &str, extra_args: &[&str]) -> u32 {
-        let config_path = if host == "lb" {
-            self.config_path.clone()
-        } else {
-            self.work.join(format!("{host}.toml"))
-        };
+        let config_path = self.config_path_on(host);
         std::fs::write(&config_path, config).unwrap();
         let mut cmd = self.lab.command(host, env::smtp_lb_bin());
         cmd.args([
@@ -582,6 +588,14 @@ impl EcmpLab {
     pub fn start(&mut self, i: usize) {
         let pid = self.dsr.start_lb_on(&self.nodes[i].0, &self.config(i), &[]);
         self.pids[i] = Some(pid);
+    }
+
+    /// Writes `config` as node `i`'s config file and has it reload
+    /// (`ctl reload`); panics when refused.
+    pub fn reload(&self, i: usize, config: &str) {
+        let host = &self.nodes[i].0;
+        std::fs::write(self.dsr.config_path_on(host), config).unwrap();
+        self.dsr.ctl_on(host, &["reload"]);
     }
 
     /// SIGKILLs node `i`'s daemon: no cleanup of its own.

@@ -310,3 +310,29 @@ fn a_silent_node_is_withdrawn_after_the_hold_time() {
     );
     lab.dsr.send(20, 4);
 }
+
+#[test]
+fn a_reload_turns_the_announcement_off_and_on() {
+    let mut lab = EcmpLab::new(2, 1);
+    all_up(&mut lab);
+    let with = lab.config(1);
+    let without = with.replace("enabled = true", "enabled = false");
+    lab.reload(1, &without);
+    // The control loop applies [announce] from a reload within its 1 s tick.
+    let off = lab
+        .wait_next_hops(&[0], Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("[announce] off, route stayed: {:?}", lab.next_hops()));
+    assert!(
+        lab.metrics(1).contains(
+            "smtp_lb_balancer_vip_announce_changes_total{action=\"withdraw\",reason=\"stopping\"} 1"
+        ),
+        "the withdrawal was not counted as stopping"
+    );
+    lab.reload(1, &with);
+    let on = lab
+        .wait_next_hops(&[0, 1], Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("[announce] on again, no route: {:?}", lab.next_hops()));
+    eprintln!(
+        "ecmp: reload with [announce] off: withdrawn after {off:?}; on again: announced after {on:?}"
+    );
+}
