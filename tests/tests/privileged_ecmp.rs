@@ -312,7 +312,7 @@ fn a_silent_node_is_withdrawn_after_the_hold_time() {
 }
 
 #[test]
-fn a_reload_turns_the_announcement_off_and_on() {
+fn a_reload_turns_the_announcement_off_and_on_and_changes_its_session() {
     let mut lab = EcmpLab::new(2, 1);
     all_up(&mut lab);
     let with = lab.config(1);
@@ -334,5 +334,25 @@ fn a_reload_turns_the_announcement_off_and_on() {
         .unwrap_or_else(|| panic!("[announce] on again, no route: {:?}", lab.next_hops()));
     eprintln!(
         "ecmp: reload with [announce] off: withdrawn after {off:?}; on again: announced after {on:?}"
+    );
+
+    // A changed session setting while on: bird's config rewritten and
+    // applied (`configure`); bird restarts that session, so the node is
+    // withdrawn for a moment and must come back.
+    lab.reload(1, &with.replace("hold_time = \"3s\"", "hold_time = \"4s\""));
+    let conf = lab.dsr.state_dir("lb2").join("bird/bird.conf");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&conf)
+        .unwrap_or_default()
+        .contains("hold time 4;")
+    {
+        assert!(Instant::now() < deadline, "bird.conf was not rewritten");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let back = lab
+        .wait_next_hops(&[0, 1], Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("no route after the reconfiguration: {:?}", lab.next_hops()));
+    eprintln!(
+        "ecmp: hold_time changed by reload: bird reconfigured, the route back {back:?} after"
     );
 }

@@ -41,7 +41,7 @@ pub struct AnnounceConfig {
         with = "crate::config::duration"
     )]
     pub hold_time: Duration,
-    /// BGP keepalive interval, below the hold time.
+    /// BGP keepalive interval, at most half the hold time.
     #[serde(
         default = "AnnounceConfig::default_keepalive",
         with = "crate::config::duration"
@@ -113,11 +113,11 @@ impl AnnounceConfig {
             );
         }
         let keep = self.keepalive;
-        if keep.subsec_nanos() != 0 || keep.is_zero() || keep >= hold {
+        if keep.subsec_nanos() != 0 || keep.is_zero() || keep * 2 > hold {
             return bad(
                 "keepalive",
                 format!(
-                    "{keep:?} is not whole seconds, at least 1s and below hold_time ({hold:?})"
+                    "{keep:?} is not whole seconds, at least 1s and at most half the hold_time ({hold:?})"
                 ),
             );
         }
@@ -217,7 +217,7 @@ mod tests {
         c.hold_time = Duration::from_secs(2);
         assert!(err(&c).starts_with("announce.hold_time: "), "{}", err(&c));
         let mut c = cfg();
-        c.keepalive = Duration::from_secs(3);
+        c.keepalive = Duration::from_secs(2);
         assert!(err(&c).starts_with("announce.keepalive: "), "{}", err(&c));
         let mut c = cfg();
         c.peers.push(c.peers[0].clone());
