@@ -198,6 +198,9 @@ pub struct LbConfig {
     /// operator weights, the admin token.
     #[serde(default = "LbConfig::default_state_dir")]
     pub state_dir: PathBuf,
+    /// The VIPs announced over BGP to ECMP routers (`[announce]`; off by default).
+    #[serde(default)]
+    pub announce: crate::announce::AnnounceConfig,
 }
 
 /// `[admin]`: the HTTP admin API and metrics endpoint.
@@ -266,6 +269,14 @@ pub struct DashboardConfig {
 impl LbConfig {
     fn default_state_dir() -> PathBuf {
         PathBuf::from("/var/lib/smtp-lb")
+    }
+
+    /// Every VIP of the services, once each, in order.
+    pub fn vips(&self) -> Vec<IpAddr> {
+        let mut vips: Vec<IpAddr> = self.services.iter().map(|s| s.vip).collect();
+        vips.sort();
+        vips.dedup();
+        vips
     }
 
     /// The admin token file.
@@ -502,6 +513,10 @@ impl LbConfig {
                 ),
             ));
         }
+        let vips: Vec<IpAddr> = self.vips();
+        self.announce
+            .validate(&vips)
+            .map_err(|(field, problem)| invalid(field, problem))?;
         let mut seen_services = BTreeSet::new();
         let mut backends_by_addr: BTreeMap<IpAddr, (String, &BackendConfig)> = BTreeMap::new();
         let mut count = 0u32;

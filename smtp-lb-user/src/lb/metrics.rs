@@ -28,6 +28,8 @@ pub struct Metrics {
     health_duration: Family<Backend, Histogram, fn() -> Histogram>,
     transitions: Family<BackendTo, Counter>,
     reloads: Family<Outcome, Counter>,
+    /// The VIP announcement's series (`[announce]`).
+    pub announce: crate::announce::Metrics,
     sample: Arc<Mutex<Sample>>,
     /// One render at a time, so two scrapes cannot mix their samples.
     rendering: Mutex<()>,
@@ -170,6 +172,7 @@ impl Metrics {
             "Configuration reloads (SIGHUP, ctl reload) by result (applied, refused)",
             reloads.clone(),
         );
+        let announce = crate::announce::Metrics::register(&mut registry);
         let sample = Arc::new(Mutex::new(Sample::default()));
         registry.register_collector(Box::new(Sampler(sample.clone())));
         Self {
@@ -177,6 +180,7 @@ impl Metrics {
             health_duration,
             transitions,
             reloads,
+            announce,
             sample,
             rendering: Mutex::new(()),
             registry,

@@ -40,6 +40,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     admin::http,
+    announce::{self, Announcer},
     balance::{
         plan::Plan,
         weights::{self, Mode, Runtime},
@@ -137,6 +138,12 @@ pub struct Node<D = XdpDataplane> {
     pub metrics: metrics::Metrics,
     /// The wall clock (warmup ramps); a test sets its own.
     clock: Box<dyn Fn() -> SystemTime + Send>,
+    /// `ctl node drain`: the VIPs are withdrawn from the routers while the
+    /// relays keep serving the sessions already here.
+    pub node_drained: bool,
+    /// Where the node publishes whether its VIPs should be announced
+    /// (`[announce]`; `None` when off).
+    announce_tx: Option<watch::Sender<announce::Want>>,
 }
 
 impl<D: Dataplane> Node<D> {
@@ -166,6 +173,8 @@ impl<D: Dataplane> Node<D> {
             probe_generation: 0,
             metrics: metrics::Metrics::new(),
             clock: Box::new(SystemTime::now),
+            node_drained: saved.node_drained,
+            announce_tx: None,
         };
         node.sync_relays(|addr| saved.backends.get(&addr).map(|s| s.runtime.clone()));
         node
@@ -292,6 +301,7 @@ impl<D: Dataplane> Node<D> {
     /// saves the state. A failed write forgets what the maps hold, so the
     /// next reconcile writes everything again.
     pub fn reconcile(&mut self) -> anyhow::Result<()> {
+        self.publish_announcement();
         let runtime: BTreeMap<IpAddr, Runtime> = self
             .relays
             .iter()
@@ -421,6 +431,7 @@ impl<D: Dataplane> Node<D> {
                 })
                 .collect(),
             last_good: self.last_good.clone(),
+            node_drained: self.node_drained,
         };
         if let Err(e) = state::save(&self.cfg.state_dir, &saved) {
             error!(dir = %self.cfg.state_dir.display(), error = %e, "cannot save state; warmup progress may be lost on restart");
@@ -562,6 +573,75 @@ impl<D: Dataplane> Node<D> {
         }
         info!(backend = name, drained, "drain state changed");
         self.reconcile().map_err(|e| format!("{e:#}"))
+    }
+
+    /// Whether the VIPs should be announced now, and why: the node runs
+    /// (its data plane attached), is not drained, and a relay is up on one
+    /// of its ports. A full relay (`421`) counts: it is alive and takes
+    /// sessions as its slots free (the fail-safe sends them there).
+    pub fn announcement(&self) -> announce::Want {
+        use announce::{Reason, Want};
+        let up = self
+            .relays
+            .values()
+            .filter(|r| r.trackers.values().any(|t| t.health() != Health::Down))
+            .count();
+        let detail = format!("{up} of {} relays up", self.relays.len());
+        if self.node_drained {
+            Want {
+                announce: false,
+                reason: Reason::NodeDrained,
+                detail: format!("drained by the operator (ctl node drain); {detail}"),
+            }
+        } else if up == 0 {
+            Want {
+                announce: false,
+                reason: Reason::NoRelayUp,
+                detail,
+            }
+        } else {
+            Want {
+                announce: true,
+                reason: Reason::Healthy,
+                detail,
+            }
+        }
+    }
+
+    /// Sends [`Node::announcement`] to the announcer when it changed.
+    fn publish_announcement(&self) {
+        if let Some(tx) = &self.announce_tx {
+            let want = self.announcement();
+            tx.send_if_modified(|w| {
+                let changed = !w.same(&want);
+                if changed {
+                    *w = want;
+                }
+                changed
+            });
+        }
+    }
+
+    /// Connects (or with `None` disconnects) the announcer.
+    pub fn set_announcer(&mut self, tx: Option<watch::Sender<announce::Want>>) {
+        self.announce_tx = tx;
+        self.publish_announcement();
+    }
+
+    /// `ctl node drain` (`true`) or `undrain`: withdraw the VIPs from the
+    /// routers (new sessions go to the other nodes; those here continue), or
+    /// announce them again. Kept across restarts.
+    pub fn set_node_drained(&mut self, drained: bool) -> Result<(), String> {
+        if drained && !self.cfg.announce.enabled {
+            return Err(
+                "[announce] is off in the config: this node announces nothing to drain".into(),
+            );
+        }
+        self.node_drained = drained;
+        info!(drained, "node drain state changed");
+        self.save();
+        self.publish_announcement();
+        Ok(())
     }
 
     /// Sets (or with `None` clears) an operator weight.
@@ -709,6 +789,9 @@ pub async fn run<D: Dataplane + Send + 'static>(
         )),
     ];
 
+    let mut announcer = None;
+    sync_announcer(&node, &mut announcer).await?;
+
     let (tx, mut rx) = mpsc::channel(256);
     let mut generation = lock(&node).probe_generation;
     let mut probes = spawn_probes(&lock(&node), &tx);
@@ -743,6 +826,9 @@ pub async fn run<D: Dataplane + Send + 'static>(
                 let _ = lock(&node).reload();
             }
         }
+        if let Err(e) = sync_announcer(&node, &mut announcer).await {
+            error!(error = %format!("{e:#}"), "cannot apply [announce] from the reloaded configuration");
+        }
         let current = lock(&node).probe_generation;
         if current != generation {
             generation = current;
@@ -751,6 +837,12 @@ pub async fn run<D: Dataplane + Send + 'static>(
         }
     }
     crate::systemd::stopping();
+    // Withdraw first: routers move new sessions to the other nodes while
+    // this one still forwards what reaches it.
+    lock(&node).set_announcer(None);
+    if let Some(a) = announcer {
+        a.stop("the daemon is stopping").await;
+    }
     probes.abort_all();
     // The HTTP servers finish what is in flight (bounded) and drop their
     // handles on the node; an open admin connection must not keep the
@@ -761,6 +853,42 @@ pub async fn run<D: Dataplane + Send + 'static>(
     }
     drop(tx);
     release(node).await
+}
+
+/// Starts, reconfigures or stops the announcer so it follows the running
+/// configuration's `[announce]` and VIPs (after a reload). Only the start
+/// fails the caller: a daemon told to announce must not run silently.
+async fn sync_announcer<D: Dataplane>(
+    node: &Arc<Mutex<Node<D>>>,
+    announcer: &mut Option<Announcer>,
+) -> anyhow::Result<()> {
+    let (cfg, vips, state_dir, metrics, want) = {
+        let n = lock(node);
+        (
+            n.cfg.announce.clone(),
+            n.cfg.vips(),
+            n.cfg.state_dir.clone(),
+            n.metrics.announce.clone(),
+            n.announcement(),
+        )
+    };
+    match announcer {
+        Some(_) if !cfg.enabled => {
+            lock(node).set_announcer(None);
+            if let Some(a) = announcer.take() {
+                a.stop("[announce] turned off by a reload").await;
+            }
+        }
+        Some(a) if !a.runs(&cfg, &vips) => a.reconfigure(&cfg, vips).await?,
+        None if cfg.enabled => {
+            let a = Announcer::start(&cfg, vips, &state_dir, &metrics, want)
+                .context("[announce]: start bird")?;
+            lock(node).set_announcer(Some(a.sender()));
+            *announcer = Some(a);
+        }
+        Some(_) | None => {}
+    }
+    Ok(())
 }
 
 /// How long shutdown waits for handlers still running on the blocking pool
