@@ -80,6 +80,10 @@ pub mod maps {
     /// back-pressure, set while every relay of the service is over its
     /// queue high-water mark (the control plane's `feedback`).
     pub const ADMISSION: &str = "ADMISSION";
+    /// `u32` backend id → per-CPU `i64`: live flows the SYN path counted
+    /// onto the backend, less those it saw end (FIN/RST), on this CPU; the
+    /// sum over CPUs is the backend's live flows (power of two choices).
+    pub const FLOW_COUNTS: &str = "FLOW_COUNTS";
 
     /// Every map of the balancer, so user space can pin (or re-open) each one by name.
     pub const ALL: &[&str] = &[
@@ -96,6 +100,7 @@ pub mod maps {
         LB_CONFIG,
         TX_PORTS,
         ADMISSION,
+        FLOW_COUNTS,
     ];
 }
 
@@ -153,6 +158,15 @@ const _: () = assert!(size_of::<ServiceKey>() == 20);
 pub const SERVICE_STICKY: u32 = 1;
 /// Service flag: marker entry (`port == 0`), no table.
 pub const SERVICE_VIP_MARKER: u32 = 2;
+/// Service flag: power of two choices for new flows. A SYN goes to the one
+/// of two table entries — Maglev's ([`flow_hash`]) and a second
+/// ([`second_hash`]) — whose backend has fewer live flows
+/// ([`maps::FLOW_COUNTS`]); a tie goes to Maglev's.
+pub const SERVICE_P2C: u32 = 4;
+/// CPUs whose [`maps::FLOW_COUNTS`] a SYN sums, at most (a bounded loop
+/// for the verifier). On a larger machine the first 64 CPUs' counts are a
+/// sample: RSS spreads flows over CPUs by hash, so relays keep their order.
+pub const P2C_MAX_CPUS: u32 = 64;
 
 /// Value of [`maps::SERVICES`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -478,6 +492,14 @@ pub const fn fmix32(mut h: u32) -> u32 {
 #[inline(always)]
 const fn mix(h: u32, w: u32) -> u32 {
     (h ^ w).wrapping_mul(0x9e37_79b1).rotate_left(13)
+}
+
+/// The hash that picks a SYN's second candidate slot under
+/// [`SERVICE_P2C`]: the flow hash, mixed again (independent of the first
+/// slot for any table size).
+#[inline(always)]
+pub const fn second_hash(flow_hash: u32) -> u32 {
+    fmix32(flow_hash ^ 0x7032_6332)
 }
 
 /// The flow hash that picks a Maglev slot: the client address and port, the

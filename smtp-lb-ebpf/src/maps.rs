@@ -67,6 +67,13 @@ pub static TX_PORTS: DevMapHash<{ MAX_TX_PORTS as usize }> = DevMapHash::new();
 #[btf_map]
 pub static DECAP_STATS: PerCpuArray<DecapStats, 1> = PerCpuArray::new();
 
+/// backend id → live flows counted on this CPU (+1 per SYN tracked to it,
+/// −1 when its entry first sees FIN/RST; a flow may end on another CPU,
+/// hence signed). User space resets it to the `CONNTRACK` count at each
+/// walk, which takes back what silent LRU evictions leaked.
+#[btf_map]
+pub static FLOW_COUNTS: PerCpuArray<i64, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+
 /// Relay side: the outer sources and inner destinations decap accepts.
 #[btf_map]
 pub static DECAP_ALLOW: LpmTrie<DecapPrefix, u32, { MAX_DECAP_PREFIXES as usize }> = LpmTrie::new();

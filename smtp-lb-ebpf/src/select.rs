@@ -1,12 +1,15 @@
 //! Which backend a packet goes to: the service lookup, connection tracking,
 //! and the Maglev table (built by user space, `balance::maglev`).
+use aya_ebpf::helpers::generated::bpf_map_lookup_percpu_elem;
 use smtp_lb_common::{
-    BACKEND_VALID, Backend, FLOW_CLOSING, Flow, FlowKey, GlobalStats, NO_BACKEND, PROTO_TCP,
-    SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS, SERVICE_STICKY, Service, ServiceKey, flow_hash,
-    service_slot,
+    BACKEND_VALID, Backend, FLOW_CLOSING, Flow, FlowKey, GlobalStats, NO_BACKEND, P2C_MAX_CPUS,
+    PROTO_TCP, SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS, SERVICE_P2C, SERVICE_STICKY, Service,
+    ServiceKey, flow_hash, second_hash, service_slot,
 };
 
-use crate::maps::{BACKENDS, CONNTRACK, MOVED_FLOWS, RINGS, SERVICE_INDEX, SERVICES, VIP_PORTS};
+use crate::maps::{
+    BACKENDS, CONNTRACK, FLOW_COUNTS, MOVED_FLOWS, RINGS, SERVICE_INDEX, SERVICES, VIP_PORTS,
+};
 
 /// Whether some service uses destination port `dport` (network order): an
 /// inlined array access, checked before anything else is built, so traffic
@@ -89,6 +92,7 @@ fn tracked(key: &FlowKey, closing: bool, stats: &mut GlobalStats) -> Option<u32>
     if let Some(flow) = unsafe { CONNTRACK.get(key) }.copied() {
         if closing && flow.flags & FLOW_CLOSING == 0 {
             mark_closing(CONNTRACK.get_ptr_mut(key));
+            count_flow(flow.backend, -1);
         }
         return Some(flow.backend);
     }
@@ -97,6 +101,7 @@ fn tracked(key: &FlowKey, closing: bool, stats: &mut GlobalStats) -> Option<u32>
     stats.moved_hit += 1;
     if closing && flow.flags & FLOW_CLOSING == 0 {
         mark_closing(MOVED_FLOWS.get_ptr_mut(key));
+        count_flow(flow.backend, -1);
     }
     Some(flow.backend)
 }
@@ -107,6 +112,35 @@ fn mark_closing(entry: Option<*mut Flow>) {
         // SAFETY: a live entry; a racing writer sets the same bit.
         unsafe { (*p).flags |= FLOW_CLOSING };
     }
+}
+
+/// Adds `delta` to this CPU's live-flow count of backend `id`.
+#[inline(always)]
+fn count_flow(id: u32, delta: i64) {
+    if let Some(c) = FLOW_COUNTS.get_ptr_mut(id) {
+        // SAFETY: this CPU's slot.
+        unsafe { *c = (*c).wrapping_add(delta) };
+    }
+}
+
+/// Live flows of backend `id`: its count summed over the CPUs (at most
+/// [`P2C_MAX_CPUS`]; the lookup fails past the last possible CPU).
+#[inline(always)]
+fn live_flows(id: u32) -> i64 {
+    let map = core::ptr::from_ref(&FLOW_COUNTS).cast_mut().cast();
+    let mut sum = 0i64;
+    let mut cpu = 0;
+    while cpu < P2C_MAX_CPUS {
+        // SAFETY: the map and a key on the stack; the value is an i64.
+        let p = unsafe { bpf_map_lookup_percpu_elem(map, (&raw const id).cast(), cpu) };
+        if p.is_null() {
+            break;
+        }
+        // SAFETY: non-null: CPU `cpu`'s slot of a live map value.
+        sum = sum.wrapping_add(unsafe { *p.cast::<i64>() });
+        cpu += 1;
+    }
+    sum
 }
 
 /// Picks the backend for a packet of service `svc`. A SYN is always hashed
@@ -133,7 +167,11 @@ pub fn choose(
             None => stats.lru_miss += 1,
         }
     }
-    let (id, backend) = table(key, svc)?;
+    let (id, backend) = if syn && svc.flags & SERVICE_P2C != 0 {
+        two_choices(key, svc)?
+    } else {
+        table(key, svc)?
+    };
     let flow = Flow {
         backend: id,
         service: svc.id,
@@ -142,6 +180,11 @@ pub fn choose(
     // A full LRU evicts; an insert can only fail on memory pressure, and the
     // packet is still forwarded correctly (the next one re-hashes the same way).
     let _ = CONNTRACK.insert(key, flow, 0);
+    // Only a SYN starts a flow; an untracked packet's flow was counted at
+    // its SYN (a silent eviction leaks that count until user space resets it).
+    if syn && !closing {
+        count_flow(id, 1);
+    }
     Some(Choice { id, backend })
 }
 
@@ -172,4 +215,37 @@ fn table(key: &FlowKey, svc: &Service) -> Option<(u32, &'static Backend)> {
         return None;
     }
     Some((id, backend(id)?))
+}
+
+/// Power of two choices ([`SERVICE_P2C`]): of the backends at the flow's
+/// slot and at its second slot ([`second_hash`]) in the live table, the one
+/// with fewer live flows; a tie, the same backend twice or an unusable
+/// second one gives Maglev's. Both draws come from the weighted table, so a
+/// backend's share is at most twice its table share (a warming relay with
+/// no flows yet gets no more than that).
+#[inline(always)]
+fn two_choices(key: &FlowKey, svc: &Service) -> Option<(u32, &'static Backend)> {
+    if svc.ring_size == 0 {
+        return None;
+    }
+    let hash = flow_hash(key, false);
+    let base = Service::ring_base(svc.id, svc.active);
+    let first = RINGS.get(base + hash % svc.ring_size).copied()?;
+    if first == NO_BACKEND {
+        return None;
+    }
+    let maglev = backend(first)?;
+    let second = RINGS
+        .get(base + second_hash(hash) % svc.ring_size)
+        .copied()
+        .unwrap_or(NO_BACKEND);
+    if second == first || second == NO_BACKEND {
+        return Some((first, maglev));
+    }
+    if let Some(other) = backend(second)
+        && live_flows(second) < live_flows(first)
+    {
+        return Some((second, other));
+    }
+    Some((first, maglev))
 }

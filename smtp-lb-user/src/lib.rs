@@ -12,6 +12,8 @@
 //!   the relays move their weights and close admission under back-pressure.
 //! - [`lb`]: the balancer daemon's control loop (health, warmup, drain,
 //!   reload) and its admin API.
+//! - [`announce`]: the VIPs announced over BGP (a bird child) while the
+//!   node is healthy, for ECMP routers in front of several LB nodes.
 //! - [`admin`]: the small HTTP layer and Prometheus text both daemons serve.
 //! - [`cli`]: the `smtp-lb` command line (subcommands and their options).
 //! - [`relay`]: the delivery engine (SMTP ingress, spool, queues, delivery).
@@ -23,6 +25,7 @@
 //! into this library.
 
 pub mod admin;
+pub mod announce;
 pub mod balance;
 pub mod cli;
 pub mod config;

@@ -162,6 +162,12 @@ impl DsrLab {
     /// Starts a sink on relay `i` at `0.0.0.0:port` that dumps what it
     /// receives into `dump`; waits until it listens. Returns its pid.
     pub fn spawn_sink(&self, i: usize, port: u16, dump: &Path) -> u32 {
+        self.spawn_sink_with(i, port, dump, &[])
+    }
+
+    /// [`DsrLab::spawn_sink`] with more `smtp-sink` options (`-w 1`: a
+    /// relay slow to answer `DATA`).
+    pub fn spawn_sink_with(&self, i: usize, port: u16, dump: &Path, options: &[&str]) -> u32 {
         let r = &self.relays[i];
         std::fs::create_dir_all(dump).unwrap();
         // smtp-sink drops privileges to nobody before writing.
@@ -171,6 +177,7 @@ impl DsrLab {
         // -h: the sink greets with the relay's name, so clients can tell who answered.
         cmd.args(["-u", "nobody", "-h", &r.name, "-d"])
             .arg(dump.join("m"))
+            .args(options)
             .args([&format!("0.0.0.0:{port}"), "1024"]);
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
         let pid = self.lab.spawn(&r.name, cmd);
@@ -217,6 +224,12 @@ impl DsrLab {
     /// token in the lab's scratch directory. `extra` holds whole tables
     /// (`[warmup]`, `[health]`, …) that replace the defaults here.
     pub fn config(&self, weights: &[u32], extra: &str) -> String {
+        self.config_on("lb", weights, extra)
+    }
+
+    /// [`DsrLab::config`] for the LB node `host`, with its own state
+    /// directory ([`DsrLab::state_dir`]).
+    pub fn config_on(&self, host: &str, weights: &[u32], extra: &str) -> String {
         let defaults = [
             ("[health]", "interval = \"200ms\"\nrise = 2\nfall = 2"),
             (
@@ -227,7 +240,7 @@ impl DsrLab {
         ];
         let mut cfg = format!(
             "state_dir = \"{}\"\n\n{extra}\n",
-            self.work.join("state").display()
+            self.state_dir(host).display()
         );
         for (header, body) in defaults {
             if !extra.lines().any(|l| l.trim() == header) {
@@ -257,8 +270,53 @@ impl DsrLab {
     /// Writes `config` and starts `smtp-lb lb` with it; waits until the
     /// program is attached. Returns the daemon's pid.
     pub fn start_lb(&mut self, config: &str, extra_args: &[&str]) -> u32 {
-        std::fs::write(&self.config_path, config).unwrap();
-        let mut cmd = self.lab.command("lb", env::smtp_lb_bin());
+        let pid = self.start_lb_on("lb", config, extra_args);
+        self.lb = Some(pid);
+        pid
+    }
+
+    /// The state directory of the LB node `host` (`lb`: `state`, others
+    /// `state-<host>`): its admin token, saved state, bird's files.
+    pub fn state_dir(&self, host: &str) -> PathBuf {
+        self.work.join(if host == "lb" {
+            "state".to_owned()
+        } else {
+            format!("state-{host}")
+        })
+    }
+
+    /// The pin directory of the LB node `host`.
+    pub fn pin_dir_on(&self, host: &str) -> PathBuf {
+        if host == "lb" {
+            self.pin_dir.clone()
+        } else {
+            self.lab.pin_dir().join(host)
+        }
+    }
+
+    /// The config file of the LB node `host` (`lb`: [`DsrLab::config_path`],
+    /// others `<host>.toml`).
+    pub fn config_path_on(&self, host: &str) -> PathBuf {
+        if host == "lb" {
+            self.config_path.clone()
+        } else {
+            self.work.join(format!("{host}.toml"))
+        }
+    }
+
+    /// Adds another LB node `host` at `addr` on the bridge, its switch port
+    /// ready for native `XDP_TX` (as `lb`'s).
+    pub fn add_lb(&mut self, host: &str, addr: &str) {
+        self.lab.host(host, &[&format!("{addr}/24")]);
+        pass_on_switch_port(&self.lab, host);
+    }
+
+    /// [`DsrLab::start_lb`] on the LB node `host` (config file
+    /// `<host>.toml`, its own pin directory); does not set [`DsrLab::lb`].
+    pub fn start_lb_on(&self, host: &str, config: &str, extra_args: &[&str]) -> u32 {
+        let config_path = self.config_path_on(host);
+        std::fs::write(&config_path, config).unwrap();
+        let mut cmd = self.lab.command(host, env::smtp_lb_bin());
         cmd.args([
             "lb",
             "--iface",
@@ -269,25 +327,31 @@ impl DsrLab {
             "0",
             "--config",
         ])
-        .arg(&self.config_path)
+        .arg(&config_path)
         .arg("--pin-dir")
-        .arg(&self.pin_dir)
+        .arg(self.pin_dir_on(host))
         .args(extra_args)
         .env(
             "SMTP_LB_LOG",
             std::env::var("SMTP_LB_LOG").unwrap_or_else(|_| "warn".into()),
         );
-        let pid = self.lab.spawn("lb", cmd);
-        wait_for("the balancer's admin API", Duration::from_secs(30), || {
-            self.ctl_ok(&["status"])
-        });
-        self.lb = Some(pid);
+        let pid = self.lab.spawn(host, cmd);
+        wait_for(
+            &format!("{host}'s balancer admin API"),
+            Duration::from_secs(30),
+            || self.ctl_raw_on(host, &["status"]).status.success(),
+        );
         pid
     }
 
     /// Runs `smtp-lb ctl ARGS --json` against the balancer; panics on failure.
     pub fn ctl(&self, args: &[&str]) -> serde_json::Value {
-        let out = self.ctl_raw(args);
+        self.ctl_on("lb", args)
+    }
+
+    /// [`DsrLab::ctl`] against the balancer on the LB node `host`.
+    pub fn ctl_on(&self, host: &str, args: &[&str]) -> serde_json::Value {
+        let out = self.ctl_raw_on(host, args);
         assert!(
             out.status.success(),
             "ctl {args:?}: {}",
@@ -310,17 +374,18 @@ impl DsrLab {
 
     /// `smtp-lb ctl ARGS --json`, whatever its outcome.
     pub fn ctl_raw(&self, args: &[&str]) -> Output {
-        let mut cmd = self.lab.command("lb", env::smtp_lb_bin());
+        self.ctl_raw_on("lb", args)
+    }
+
+    /// [`DsrLab::ctl_raw`] against the balancer on the LB node `host`.
+    pub fn ctl_raw_on(&self, host: &str, args: &[&str]) -> Output {
+        let mut cmd = self.lab.command(host, env::smtp_lb_bin());
         cmd.arg("ctl")
             .args(args)
             .arg("--json")
             .arg("--token-file")
-            .arg(self.work.join("state/admin.token"));
+            .arg(self.state_dir(host).join("admin.token"));
         cmd.output().expect("run smtp-lb ctl")
-    }
-
-    fn ctl_ok(&self, args: &[&str]) -> bool {
-        self.ctl_raw(args).status.success()
     }
 
     /// The data plane's counters (`ctl stats --json`).
@@ -433,4 +498,189 @@ pub fn ctl_stats(pin_dir: &Path) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("ctl stats --json prints JSON")
+}
+
+/// The ECMP router's address, on the lab's one segment.
+pub const ROUTER: &str = "198.51.100.254";
+/// The router's AS and the LB nodes' (one AS for all nodes, so the router
+/// sees equal paths and merges them).
+pub const ROUTER_AS: u32 = 64512;
+pub const NODE_AS: u32 = 64513;
+/// The BGP hold time of the lab's sessions (the smallest BGP allows).
+pub const HOLD_TIME: Duration = Duration::from_secs(3);
+
+/// Several LB nodes behind an ECMP router (issue 14):
+///
+/// ```text
+/// client 198.51.100.1  ─┐   VIP 203.0.113.10 via the router
+/// router 198.51.100.254 ┤   bird2: BGP from every node, ECMP (merge paths), L4 hash
+/// lb, lb2, lb3  .2–.4  ─┼─ br0   each: smtp-lb lb + XDP + its own bird announcing the VIP
+/// relayN 198.51.100.1N ─┘   VIP on lo; replies go straight to the client (L2 DSR)
+/// ```
+///
+/// Every node has the same relays and weights, so every node builds the
+/// same Maglev tables: a flow the router moves to another node (one left,
+/// one came back) reaches the same relay there.
+pub struct EcmpLab {
+    pub dsr: DsrLab,
+    /// The LB nodes' host names and addresses.
+    pub nodes: Vec<(String, String)>,
+    /// Their running daemons (by node).
+    pub pids: Vec<Option<u32>>,
+}
+
+impl EcmpLab {
+    /// `nodes` LB nodes (at least 1), `relays` relays with sinks, and the
+    /// router running bird with a BGP session to every node.
+    pub fn new(nodes: usize, relays: usize) -> Self {
+        let mut dsr = DsrLab::new(relays);
+        let mut list = vec![("lb".to_owned(), LB.to_owned())];
+        for i in 2..=nodes {
+            let (host, addr) = (format!("lb{i}"), format!("198.51.100.{}", i + 1));
+            dsr.add_lb(&host, &addr);
+            list.push((host, addr));
+        }
+        dsr.lab.host("router", &[&format!("{ROUTER}/24")]);
+        dsr.lab.sh(
+            "router",
+            "sysctl -qw net.ipv4.ip_forward=1 net.ipv4.fib_multipath_hash_policy=1 \
+             net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.eth0.send_redirects=0",
+        );
+        let mut conf = format!(
+            "log \"{}\" all;\nrouter id {ROUTER};\nprotocol device {{ scan time 1; }}\n\
+             protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
+             template bgp node {{ local {ROUTER} as {ROUTER_AS}; hold time {}; keepalive time 1; \
+             connect retry time 1; ipv4 {{ import all; export none; }}; }}\n",
+            dsr.work.join("router-bird.log").display(),
+            HOLD_TIME.as_secs()
+        );
+        for (host, addr) in &list {
+            let _ = writeln!(
+                conf,
+                "protocol bgp {host} from node {{ neighbor {addr} as {NODE_AS}; }}"
+            );
+        }
+        let conf_path = dsr.work.join("router-bird.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let mut cmd = dsr.lab.command("router", "bird");
+        cmd.arg("-f")
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-s")
+            .arg(dsr.work.join("router-bird.ctl"));
+        dsr.lab.spawn("router", cmd);
+        dsr.lab
+            .sh("client", &format!("ip route replace {VIP}/32 via {ROUTER}"));
+        let pids = vec![None; list.len()];
+        Self {
+            dsr,
+            nodes: list,
+            pids,
+        }
+    }
+
+    /// Node `i`'s config: every relay at weight 1 and `[announce]` to the router.
+    pub fn config(&self, i: usize) -> String {
+        let (host, addr) = &self.nodes[i];
+        let announce = format!(
+            "[announce]\nenabled = true\nlocal_as = {NODE_AS}\nrouter_id = \"{addr}\"\n\
+             hold_time = \"{}s\"\nkeepalive = \"1s\"\n\n[[announce.peers]]\naddress = \"{ROUTER}\"\nas = {ROUTER_AS}\n",
+            HOLD_TIME.as_secs()
+        );
+        let weights = vec![1; self.dsr.relays.len()];
+        self.dsr.config_on(host, &weights, &announce)
+    }
+
+    /// Starts node `i`'s daemon (which starts its bird).
+    pub fn start(&mut self, i: usize) {
+        let pid = self.dsr.start_lb_on(&self.nodes[i].0, &self.config(i), &[]);
+        self.pids[i] = Some(pid);
+    }
+
+    /// Writes `config` as node `i`'s config file and has it reload
+    /// (`ctl reload`); panics when refused.
+    pub fn reload(&self, i: usize, config: &str) {
+        let host = &self.nodes[i].0;
+        std::fs::write(self.dsr.config_path_on(host), config).unwrap();
+        self.dsr.ctl_on(host, &["reload"]);
+    }
+
+    /// SIGKILLs node `i`'s daemon: no cleanup of its own.
+    pub fn kill(&mut self, i: usize) {
+        let pid = self.pids[i].take().expect("node running");
+        self.dsr.lab.kill(pid);
+    }
+
+    /// The addresses the router's kernel sends the VIP to (sorted; empty
+    /// without a route).
+    pub fn next_hops(&self) -> Vec<String> {
+        let out = self.dsr.lab.run(
+            "router",
+            &["ip", "-j", "route", "show", &format!("{VIP}/32")],
+        );
+        let routes: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let mut hops: Vec<String> = routes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|r| {
+                r["nexthops"].as_array().map_or_else(
+                    || vec![r["gateway"].clone()],
+                    |n| n.iter().map(|h| h["gateway"].clone()).collect(),
+                )
+            })
+            .filter_map(|g| g.as_str().map(str::to_owned))
+            .collect();
+        hops.sort();
+        hops
+    }
+
+    /// The addresses of nodes `which`, sorted (as [`EcmpLab::next_hops`]).
+    pub fn addrs(&self, which: &[usize]) -> Vec<String> {
+        let mut a: Vec<String> = which.iter().map(|i| self.nodes[*i].1.clone()).collect();
+        a.sort();
+        a
+    }
+
+    /// Polls the router every 10 ms until its next hops for the VIP are
+    /// exactly nodes `which`; returns how long that took, or `None` after
+    /// `timeout`.
+    pub fn wait_next_hops(&self, which: &[usize], timeout: Duration) -> Option<Duration> {
+        let want = self.addrs(which);
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.next_hops() == want {
+                return Some(start.elapsed());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// New flows node `i`'s data plane sent to the relays so far.
+    pub fn new_flows(&self, i: usize) -> u64 {
+        let stats = ctl_stats(&self.dsr.pin_dir_on(&self.nodes[i].0));
+        stats["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b["new_flows"].as_u64())
+            .sum()
+    }
+
+    /// Node `i`'s Prometheus page (its metrics listener, inside its namespace).
+    pub fn metrics(&self, i: usize) -> String {
+        let out = self.dsr.lab.run(
+            &self.nodes[i].0,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "http://127.0.0.1:9701/metrics",
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }

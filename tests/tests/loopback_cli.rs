@@ -66,3 +66,35 @@ fn ctl_stats_without_a_running_balancer_fails_clearly() {
         "error should name the map: {err}"
     );
 }
+
+#[test]
+fn ctl_with_several_admins_runs_on_each_and_names_those_that_failed() {
+    let token = std::env::temp_dir().join(format!("slb-cli-token-{}", std::process::id()));
+    std::fs::write(&token, "t0ken\n").unwrap();
+    // Nothing listens on these loopback ports: both calls fail, each named.
+    let out = smtp_lb(&[
+        "ctl",
+        "--admin",
+        "127.0.0.1:1,127.0.0.1:2",
+        "--token-file",
+        token.to_str().unwrap(),
+        "node",
+        "drain",
+    ]);
+    let _ = std::fs::remove_file(&token);
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains("== 127.0.0.1:1") && stdout.contains("== 127.0.0.1:2"),
+        "each target is named before its answer: {stdout}"
+    );
+    assert!(
+        err.contains("smtp-lb: 127.0.0.1:1: ") && err.contains("smtp-lb: 127.0.0.1:2: "),
+        "{err}"
+    );
+    assert!(
+        err.contains("failed on 2 of 2 balancers: 127.0.0.1:1, 127.0.0.1:2"),
+        "{err}"
+    );
+}

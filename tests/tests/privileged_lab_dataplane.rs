@@ -190,6 +190,30 @@ fn run_lab(mode: Mode) {
         String::from_utf8_lossy(&lab.run("lb", &["ip", "link", "show", "eth0"]).stdout)
             .contains("xdp")
     });
+    // Relays start down and come up after `rise` probes each, not all at
+    // once: sessions sent before the last one is up would go to the others
+    // and skew the spread this test measures.
+    let token = work.join("state").join("admin.token");
+    let up = || {
+        let out = lab.try_run(
+            "lb",
+            &[
+                env::smtp_lb_bin().to_str().unwrap(),
+                "ctl",
+                "--json",
+                "--token-file",
+                token.to_str().unwrap(),
+                "backends",
+            ],
+        );
+        let json: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        json.as_array()
+            .map_or(0, |b| b.iter().filter(|b| b["health"] == "up").count())
+    };
+    wait_for("every relay up", Duration::from_secs(30), || {
+        up() == 2 * relays.len()
+    });
 
     for (fam, target, client_addr) in [
         ("v4", format!("{VIP4}:25"), "198.51.100.1"),

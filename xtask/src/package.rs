@@ -164,7 +164,7 @@ Architecture: {arch}
 Maintainer: smtp-lb developers <smtp-lb@localhost>
 Installed-Size: {kib}
 Depends: libc6 (>= {glibc}), adduser
-Recommends: logrotate
+Recommends: logrotate, bird2
 Suggests: prometheus
 Section: net
 Priority: optional

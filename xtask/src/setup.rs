@@ -42,8 +42,10 @@ const BPF_LINKER_VERSION: &str = "0.10.0";
 /// cargo-fuzz, which builds and runs the libFuzzer targets of `cargo xtask fuzz`.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
-/// (command that must exist, Debian package that provides it) on every node.
-const PRODUCTION_PACKAGES: &[(&str, &str)] = &[("bpftool", "bpftool")];
+/// (command that must exist, Debian package that provides it) on every node:
+/// `bpftool` to inspect the pinned maps, bird2 for `[announce]` (the balancer
+/// runs `bird` to announce the VIP over BGP to an ECMP router; docs/lb.md).
+const PRODUCTION_PACKAGES: &[(&str, &str)] = &[("bpftool", "bpftool"), ("bird", "bird2")];
 
 /// (command that must exist, Debian package that provides it): the lab's
 /// plumbing and the real peers of the lab, the tests and the benchmarks.
@@ -345,6 +347,13 @@ fn packages(role: Role, verbose: bool) -> anyhow::Result<()> {
     // Installing postfix starts it on port 25 of the host; nothing here uses
     // that instance, and a host MTA is not ours to run.
     let _ = Command::new("postfix").arg("stop").output();
+    // Likewise Debian's own bird.service: the balancer runs its own `bird`
+    // with its own config and control socket (`[announce]`).
+    if missing.contains(&"bird2") {
+        let _ = Command::new("systemctl")
+            .args(["disable", "--now", "bird.service"])
+            .output();
+    }
     Ok(())
 }
 
@@ -373,9 +382,9 @@ mod tests {
     }
 
     #[test]
-    fn the_production_set_holds_bpftool_and_no_test_peer() {
+    fn the_production_set_holds_bpftool_bird2_and_no_test_peer() {
         let production = set(Role::Production);
-        assert_eq!(production, ["bpftool"]);
+        assert_eq!(production, ["bpftool", "bird2"]);
         for peer in TEST_PEERS {
             assert!(!production.contains(peer), "{peer} in the production set");
         }

@@ -10,7 +10,7 @@ use std::{
 
 use smtp_lb_common::{
     AF_INET, AF_INET6, BACKEND_VALID, Backend, FlowKey, MAX_BACKENDS, MAX_SERVICES, MODE_IPIP,
-    MODE_L2, PROTO_TCP, SERVICE_STICKY, ServiceKey,
+    MODE_L2, PROTO_TCP, SERVICE_P2C, SERVICE_STICKY, ServiceKey,
 };
 use thiserror::Error;
 
@@ -286,7 +286,8 @@ pub fn plan(cfg: &LbConfig, existing: &Existing) -> Result<Plan, PlanError> {
                 vip: svc.vip,
                 port,
                 ring_size: svc.table_size,
-                flags: if svc.sticky { SERVICE_STICKY } else { 0 },
+                flags: if svc.sticky { SERVICE_STICKY } else { 0 }
+                    | if svc.p2c { SERVICE_P2C } else { 0 },
                 ring: ring.clone(),
             });
         }

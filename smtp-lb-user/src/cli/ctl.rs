@@ -1,7 +1,16 @@
 //! `smtp-lb ctl`: the operator's view. Balancer commands talk to the
 //! daemon's admin API (loopback, bearer token); `stats` reads the pinned
 //! maps directly and works without the daemon.
-use std::{net::SocketAddr, path::PathBuf};
+//!
+//! `--admin` may be given several times (or comma-separated): the command
+//! then runs on each balancer in turn — one drain, weight or reload for
+//! every LB node behind the same ECMP router (their admin APIs listen on
+//! loopback; reach them through SSH forwards) — and fails if any failed.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
 
 use anyhow::bail;
 use serde_json::Value;
@@ -12,9 +21,15 @@ use crate::{admin::client::Client, dataplane::read_stats};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
-    /// The balancer's admin API.
-    #[arg(long, global = true, default_value = "127.0.0.1:9700")]
-    pub admin: SocketAddr,
+    /// The balancer's admin API; repeat (or separate with commas) to run
+    /// the command on several balancers in turn.
+    #[arg(
+        long,
+        global = true,
+        default_value = "127.0.0.1:9700",
+        value_delimiter = ','
+    )]
+    pub admin: Vec<SocketAddr>,
     /// File with the admin bearer token (the daemon creates it).
     #[arg(long, global = true, default_value = "/var/lib/smtp-lb/admin.token")]
     pub token_file: PathBuf,
@@ -56,8 +71,24 @@ pub enum Command {
     },
     /// Re-read and apply the configuration file.
     Reload,
+    /// This LB node as the ECMP routers see it (`[announce]`).
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// The relay: queues by destination, show, retry, bounce, delete (via the relay's admin listener).
     Relay(super::relay::CtlOptions),
+    /// Follow one client connection (`CLIENT_IP:PORT`) or message id: its
+    /// relay, the messages the session submitted, each one's provider
+    /// queue, egress source and delivery replies.
+    Trace(super::trace::Options),
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum NodeCommand {
+    /// Withdraw the VIPs from the routers: new sessions go to the other
+    /// nodes, sessions already here complete.
+    Drain,
+    /// Announce the VIPs again (while the node is healthy).
+    Undrain,
 }
 
 #[expect(
@@ -65,17 +96,55 @@ pub enum Command {
     reason = "main hands over the parsed options"
 )]
 pub fn run(opts: Options) -> anyhow::Result<()> {
-    let post = |segments: &[&str], query: &[(&str, &str)]| -> anyhow::Result<Value> {
-        call(&opts, "POST", segments, query)
-    };
     match &opts.command {
-        Command::Stats { pin_dir } => stats(pin_dir, opts.json),
-        Command::Status => show(&opts, &call(&opts, "GET", &["status"], &[])?),
-        Command::Backends => backends(&opts, &call(&opts, "GET", &["backends"], &[])?),
-        Command::Drain { name } => ok(&opts, &post(&["backends", name, "drain"], &[])?),
-        Command::Undrain { name } => ok(&opts, &post(&["backends", name, "undrain"], &[])?),
+        Command::Stats { pin_dir } => return stats(pin_dir, opts.json),
+        Command::Relay(relay) => return super::relay::ctl(relay, opts.json),
+        Command::Trace(trace) => {
+            return super::trace::run(trace, &relay_names(&opts), opts.json);
+        }
+        _ => {}
+    }
+    let many = opts.admin.len() > 1;
+    let mut failed = Vec::new();
+    for admin in &opts.admin {
+        if many && !opts.json {
+            println!("== {admin}");
+        }
+        if let Err(e) = run_on(&opts, *admin) {
+            if !many {
+                return Err(e);
+            }
+            eprintln!("smtp-lb: {admin}: {e:#}");
+            failed.push(admin.to_string());
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "failed on {} of {} balancers: {}",
+            failed.len(),
+            opts.admin.len(),
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Runs the command on the balancer whose admin API is `admin`.
+fn run_on(opts: &Options, admin: SocketAddr) -> anyhow::Result<()> {
+    let call = |method: &str, segments: &[&str], query: &[(&str, &str)]| {
+        call(opts, admin, method, segments, query)
+    };
+    let post = |segments: &[&str], query: &[(&str, &str)]| call("POST", segments, query);
+    match &opts.command {
+        Command::Stats { .. } | Command::Relay(_) | Command::Trace(_) => {
+            unreachable!("handled by run")
+        }
+        Command::Status => show(opts, &call("GET", &["status"], &[])?),
+        Command::Backends => backends(opts, &call("GET", &["backends"], &[])?),
+        Command::Drain { name } => ok(opts, &post(&["backends", name, "drain"], &[])?),
+        Command::Undrain { name } => ok(opts, &post(&["backends", name, "undrain"], &[])?),
         Command::Weight { name, weight } => ok(
-            &opts,
+            opts,
             &post(&["backends", name, "weight"], &[("value", weight)])?,
         ),
         Command::Where { service, client } => {
@@ -91,31 +160,47 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                 ("client", &values[2]),
                 ("cport", &values[3]),
             ];
-            show(&opts, &call(&opts, "GET", &["where"], &query)?)
+            show(opts, &call("GET", &["where"], &query)?)
         }
-        Command::Reload => ok(&opts, &post(&["reload"], &[])?),
-        Command::Relay(relay) => super::relay::ctl(relay, opts.json),
+        Command::Reload => ok(opts, &post(&["reload"], &[])?),
+        Command::Node(NodeCommand::Drain) => ok(opts, &post(&["node", "drain"], &[])?),
+        Command::Node(NodeCommand::Undrain) => ok(opts, &post(&["node", "undrain"], &[])?),
     }
+}
+
+/// The relays' names by address, from the daemon (empty when it does not
+/// answer: `ctl trace` works from the pinned maps alone, naming addresses).
+fn relay_names(opts: &Options) -> BTreeMap<IpAddr, String> {
+    let Some(&admin) = opts.admin.first() else {
+        return BTreeMap::new();
+    };
+    let Ok(v) = call(opts, admin, "GET", &["backends"], &[]) else {
+        return BTreeMap::new();
+    };
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| {
+            let addr = b["address"].as_str()?.parse().ok()?;
+            Some((addr, b["names"][0].as_str()?.to_owned()))
+        })
+        .collect()
 }
 
 /// Calls the admin API; a non-2xx answer becomes an error with its message.
 fn call(
     opts: &Options,
+    admin: SocketAddr,
     method: &str,
     segments: &[&str],
     query: &[(&str, &str)],
 ) -> anyhow::Result<Value> {
-    let client = Client::with_token_file(opts.admin, &opts.token_file)?;
+    let client = Client::with_token_file(admin, &opts.token_file)?;
     let answer = match method {
         "POST" => client.post(segments, query),
         _ => client.get(segments, query),
     }
-    .map_err(|e| {
-        e.context(format!(
-            "admin API at {} (is `smtp-lb lb` running?)",
-            opts.admin
-        ))
-    })?;
+    .map_err(|e| e.context(format!("admin API at {admin} (is `smtp-lb lb` running?)")))?;
     if !answer.ok() {
         bail!("{} (HTTP {})", answer.message(), answer.status);
     }

@@ -7,6 +7,7 @@ pub mod identity;
 pub mod lb;
 pub mod relay;
 mod table;
+pub mod trace;
 
 use clap::{Parser, Subcommand};
 

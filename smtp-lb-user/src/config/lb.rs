@@ -15,6 +15,7 @@
 //! ports = [25, 587, 465]       # one table per port
 //! table_size = 65537           # Maglev M: prime, > 100 × backends (default 65537)
 //! sticky = false               # true: hash the client address only
+//! p2c = false                  # true: a SYN goes to the less loaded of two table entries
 //!
 //! [services.checks.587]        # how relays are checked on one balanced port
 //! tls = "starttls"             # "none", "starttls" or "implicit" (default: implicit on 465)
@@ -200,6 +201,9 @@ pub struct LbConfig {
     /// operator weights, the admin token.
     #[serde(default = "LbConfig::default_state_dir")]
     pub state_dir: PathBuf,
+    /// The VIPs announced over BGP to ECMP routers (`[announce]`; off by default).
+    #[serde(default)]
+    pub announce: crate::announce::AnnounceConfig,
 }
 
 /// `[admin]`: the HTTP admin API and metrics endpoint.
@@ -270,6 +274,14 @@ impl LbConfig {
         PathBuf::from("/var/lib/smtp-lb")
     }
 
+    /// Every VIP of the services, once each, in order.
+    pub fn vips(&self) -> Vec<IpAddr> {
+        let mut vips: Vec<IpAddr> = self.services.iter().map(|s| s.vip).collect();
+        vips.sort();
+        vips.dedup();
+        vips
+    }
+
     /// The admin token file.
     pub fn token_file(&self) -> PathBuf {
         self.admin
@@ -306,6 +318,12 @@ pub struct ServiceConfig {
     /// Hash the client address only, so a client always reaches the same relay.
     #[serde(default)]
     pub sticky: bool,
+    /// Power of two choices for new flows: a SYN goes to whichever of two
+    /// table entries (Maglev's and one at a second hash of the flow) has
+    /// fewer live flows. Least-connections behaviour for bursty load, at
+    /// the cost of two per-CPU sums per SYN; tracked flows never move.
+    #[serde(default)]
+    pub p2c: bool,
     /// Per balanced port, how its relays are checked there
     /// (`[services.checks.465]`). A port not listed gets the default for
     /// its number: implicit TLS on 465, else plain SMTP, with `STARTTLS`
@@ -501,6 +519,10 @@ impl LbConfig {
                 ),
             ));
         }
+        let vips: Vec<IpAddr> = self.vips();
+        self.announce
+            .validate(&vips)
+            .map_err(|(field, problem)| invalid(field, problem))?;
         let mut seen_services = BTreeSet::new();
         let mut backends_by_addr: BTreeMap<IpAddr, (String, &BackendConfig)> = BTreeMap::new();
         let mut count = 0u32;
@@ -532,6 +554,12 @@ impl LbConfig {
                         ),
                     ));
                 }
+            }
+            if svc.p2c && svc.sticky {
+                return Err(invalid(
+                    format!("{at}.p2c"),
+                    "cannot be combined with sticky = true: a sticky client must always reach the same relay",
+                ));
             }
             for (key, check) in &svc.checks {
                 let field = format!("{at}.checks.{key}");
@@ -739,6 +767,19 @@ mod tests {
         assert_eq!(
             cfg.services[0].backends[0].mac.unwrap().to_string(),
             "02:00:00:00:00:03"
+        );
+    }
+
+    #[test]
+    fn p2c_is_off_by_default_and_refused_with_sticky() {
+        let cfg = LbConfig::parse(GOOD).unwrap();
+        assert!(cfg.services.iter().all(|s| !s.p2c));
+        let on = GOOD.replacen("ports = [25]", "ports = [25]\np2c = true", 1);
+        assert!(LbConfig::parse(&on).unwrap().services.iter().any(|s| s.p2c));
+        let e = err(&on.replacen("p2c = true", "p2c = true\nsticky = true", 1));
+        assert!(
+            e.contains(".p2c") && e.contains("sticky"),
+            "p2c with sticky is refused by field: {e}"
         );
     }
 

@@ -2,16 +2,20 @@
 //! go, is a flow tracked, how many flows does each backend hold. Uses the
 //! same hash as the XDP program (`smtp_lb_common::flow_hash`), so the answer
 //! is the program's, not an approximation.
-use std::{collections::BTreeMap, net::IpAddr, path::Path};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
 
 use aya::maps::{Array, HashMap, Map, MapData};
 use serde::Serialize;
 use smtp_lb_common::{
-    BACKEND_VALID, Backend, FLOW_CLOSING, Flow, FlowKey, NO_BACKEND, PROTO_TCP, SERVICE_STICKY,
-    Service, ServiceKey, flow_hash, maps,
+    BACKEND_VALID, Backend, CONNTRACK_SIZE, FLOW_CLOSING, Flow, FlowKey, MOVED_FLOWS_SIZE,
+    NO_BACKEND, PROTO_TCP, SERVICE_STICKY, Service, ServiceKey, flow_hash, maps,
 };
 
-use super::LoadError;
+use super::{LoadError, walk};
 use crate::balance::plan::{addr_words, flow_key, words_addr};
 
 fn open(pin_dir: &Path, name: &'static str) -> Result<MapData, LoadError> {
@@ -121,4 +125,60 @@ pub fn tracked_flows(pin_dir: &Path) -> Result<BTreeMap<u32, (u64, u64)>, LoadEr
         c.1 += 1;
     }
     Ok(counts)
+}
+
+/// A tracked flow of one client connection (`ctl trace`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ClientFlow {
+    /// The VIP and port it was sent to.
+    pub vip: SocketAddr,
+    /// The backend it is pinned to, and its address.
+    pub backend: u32,
+    pub address: IpAddr,
+    /// The backend is still configured.
+    pub valid: bool,
+    /// The client sent FIN or RST.
+    pub closing: bool,
+    /// Found only in `MOVED_FLOWS` (its `CONNTRACK` entry was evicted).
+    pub moved: bool,
+}
+
+/// The tracked flows from `client` (address and port) to any VIP: its
+/// `CONNTRACK` entries, and the `MOVED_FLOWS` copies of those evicted.
+/// One walk of each map (the kernel has no lookup by part of a key).
+pub fn client_flows(pin_dir: &Path, client: SocketAddr) -> Result<Vec<ClientFlow>, LoadError> {
+    let (src, family) = addr_words(client.ip());
+    let sport = client.port().to_be();
+    let backends: Array<_, Backend> =
+        Array::try_from(Map::Array(open(pin_dir, maps::BACKENDS)?)).map_err(err(maps::BACKENDS))?;
+    let mut out: Vec<ClientFlow> = Vec::new();
+    for (name, size, moved) in [
+        (maps::CONNTRACK, CONNTRACK_SIZE, false),
+        (maps::MOVED_FLOWS, MOVED_FLOWS_SIZE, true),
+    ] {
+        let map = Map::LruHashMap(open(pin_dir, name)?);
+        let entries: Vec<(FlowKey, Flow)> =
+            walk::entries(&map, 2 * size as usize).map_err(err(name))?;
+        for (key, flow) in entries {
+            if key.src != src || key.sport != sport || key.family != family {
+                continue;
+            }
+            let vip = SocketAddr::new(words_addr(key.dst, key.family), u16::from_be(key.dport));
+            if out.iter().any(|f| f.vip == vip) {
+                continue;
+            }
+            let b = backends
+                .get(&flow.backend, 0)
+                .map_err(err(maps::BACKENDS))?;
+            out.push(ClientFlow {
+                vip,
+                backend: flow.backend,
+                address: words_addr(b.addr, b.family),
+                valid: b.flags & BACKEND_VALID != 0,
+                closing: flow.flags & FLOW_CLOSING != 0,
+                moved,
+            });
+        }
+    }
+    Ok(out)
 }

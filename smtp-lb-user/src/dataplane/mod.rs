@@ -26,7 +26,7 @@ use std::{
 
 pub use decap::{Decap, DecapAllow, write_decap_allow};
 pub use loader::{AttachMode, Dataplane as XdpDataplane, LoadError, LoadOptions, check_interface};
-pub use lookup::{Where, tracked_flows, where_to};
+pub use lookup::{ClientFlow, Where, client_flows, tracked_flows, where_to};
 pub use pins::ensure_bpffs;
 pub use program::{Applied, ApplyError, MovedFlows, apply, apply_config, read_existing};
 use smtp_lb_common::ServiceKey;
@@ -63,7 +63,8 @@ pub trait MapWriter {
     fn retire_backend(&mut self, id: u32) -> Result<(), ApplyError>;
     /// After a change, with `plan` what the maps now hold: copies the
     /// tracked flows its tables send elsewhere into `MOVED_FLOWS` (where no
-    /// flood can evict them) and prunes copies no longer needed.
+    /// flood can evict them) and prunes copies no longer needed. From the
+    /// same walk, resets each backend's `FLOW_COUNTS` to its live flows.
     fn keep_moved_flows(&mut self, plan: &Plan) -> Result<MovedFlows, ApplyError>;
     /// Refuses (`true`) or admits new connections to service `id`
     /// (admission under back-pressure; established flows are untouched).

@@ -309,7 +309,13 @@ impl MapWriter for Ebpf {
             .map_err(map_err(maps::BACKENDS))?;
         if old.family != 0 && (old.addr, old.family) != (value.addr, value.family) {
             // A recycled id: its counters belonged to the previous relay.
-            zero_per_cpu::<BackendStats>(self, maps::BACKEND_STATS, planned.id)?;
+            set_per_cpu(
+                self,
+                maps::BACKEND_STATS,
+                planned.id,
+                BackendStats::default(),
+            )?;
+            set_per_cpu(self, maps::FLOW_COUNTS, planned.id, 0i64)?;
         }
         Ok(())
     }
@@ -333,7 +339,7 @@ impl MapWriter for Ebpf {
             });
         let half = live.map_or(0, |l| 1 - (l.active & 1));
         if current.get(&svc.key).is_none_or(|l| l.id != svc.id) {
-            zero_per_cpu::<ServiceStats>(self, maps::SERVICE_STATS, svc.id)?;
+            set_per_cpu(self, maps::SERVICE_STATS, svc.id, ServiceStats::default())?;
         }
         let base = Service::ring_base(svc.id, half);
         let mut rings: Array<&mut MapData, u32> =
@@ -449,6 +455,7 @@ impl MapWriter for Ebpf {
             walk::entries(map_ref(self, maps::CONNTRACK)?, 2 * CONNTRACK_SIZE as usize)
                 .map_err(map_err(maps::CONNTRACK))?;
         out.scanned = tracked.len() as u64;
+        set_flow_counts(self, &valid, &tracked)?;
         let copies: Vec<_> = tracked.into_iter().filter(|(k, f)| moved(k, f)).collect();
         let stale: Vec<FlowKey> = walk::entries::<FlowKey, Flow>(
             map_ref(self, maps::MOVED_FLOWS)?,
@@ -488,11 +495,39 @@ fn missing_map(name: &'static str) -> ApplyError {
     }
 }
 
-/// Resets entry `id` of a per-CPU counter map on every CPU.
-fn zero_per_cpu<T: aya::Pod + Default>(
+/// Resets `FLOW_COUNTS` of every backend in `valid` to its live flows in
+/// `tracked` (a `CONNTRACK` walk): CPU 0 gets the count, the others 0.
+/// This takes back what the packet path cannot see end (entries the LRU
+/// evicted silently, a client that vanished without FIN); a SYN or FIN
+/// counted between the walk and this write is lost, an error of the few
+/// flows of those milliseconds until the next walk.
+fn set_flow_counts(
+    ebpf: &mut Ebpf,
+    valid: &BTreeSet<u32>,
+    tracked: &[(FlowKey, Flow)],
+) -> Result<(), ApplyError> {
+    let name = maps::FLOW_COUNTS;
+    let mut live: BTreeMap<u32, i64> = valid.iter().map(|id| (*id, 0)).collect();
+    for (_, flow) in tracked {
+        if flow.flags & FLOW_CLOSING == 0
+            && let Some(n) = live.get_mut(&flow.backend)
+        {
+            *n += 1;
+        }
+    }
+    for (id, n) in live {
+        set_per_cpu(ebpf, name, id, n)?;
+    }
+    Ok(())
+}
+
+/// Sets entry `id` of a per-CPU map: `first` on CPU 0, the default on the
+/// others (so its sum over CPUs is `first`).
+fn set_per_cpu<T: aya::Pod + Default>(
     ebpf: &mut Ebpf,
     name: &'static str,
     id: u32,
+    first: T,
 ) -> Result<(), ApplyError> {
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| ApplyError::Map {
         name,
@@ -500,11 +535,13 @@ fn zero_per_cpu<T: aya::Pod + Default>(
     })?;
     let mut map: PerCpuArray<&mut MapData, T> =
         PerCpuArray::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
-    let zeros = PerCpuValues::try_from(vec![T::default(); cpus]).map_err(|e| ApplyError::Map {
+    let mut values = vec![T::default(); cpus];
+    values[0] = first;
+    let values = PerCpuValues::try_from(values).map_err(|e| ApplyError::Map {
         name,
         source: MapError::IoError(e),
     })?;
-    map.set(id, zeros, 0).map_err(map_err(name))
+    map.set(id, values, 0).map_err(map_err(name))
 }
 
 /// The slots of the packet path's direct-mapped service table that a

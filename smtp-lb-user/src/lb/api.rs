@@ -9,6 +9,7 @@
 //! | POST | `/backends/NAME/drain`, `/undrain` | drain: weight 0, flows continue |
 //! | POST | `/backends/NAME/weight?value=N` (`value=config` clears) | operator weight |
 //! | POST | `/reload` | re-read the config file; 422 with the reason if refused |
+//! | POST | `/node/drain`, `/node/undrain` | withdraw the VIPs from the routers (`[announce]`), or announce them again |
 use std::{
     collections::BTreeMap,
     net::IpAddr,
@@ -80,6 +81,14 @@ pub fn router<D: Dataplane + Send + 'static>(node: Shared<D>) -> Router {
             ),
         )
         .route(
+            "/node/drain",
+            post(|State(n): State<Shared<D>>| with(n, |n| done(n.set_node_drained(true)))),
+        )
+        .route(
+            "/node/undrain",
+            post(|State(n): State<Shared<D>>| with(n, |n| done(n.set_node_drained(false)))),
+        )
+        .route(
             "/reload",
             post(|State(n): State<Shared<D>>| {
                 with(n, |n| match n.reload() {
@@ -148,6 +157,7 @@ fn status<D: Dataplane>(node: &Node<D>) -> Value {
             "config": node.config_path,
             "started_unix": unix(node.started),
             "last_reload": node.last_reload,
+            "node": {"drained": node.node_drained, "announce": node.cfg.announce.enabled.then(|| node.announcement())},
             "services": node.cfg.services.iter().flat_map(|s| s.ports.iter().map(move |p| (s, *p))).map(|(s, port)| {
                 let fs = node.failsafe.get(&service_id(s.vip, port)).cloned().unwrap_or_default();
                 let admission = node.cfg.feedback.admission.filter(|_| node.cfg.feedback.enabled).map(|_| {

@@ -31,6 +31,8 @@ pub struct Metrics {
     feedback_polls: Family<BackendResult, Counter>,
     feedback_changes: Family<BackendDirection, Counter>,
     admission_closures: Family<Service, Counter>,
+    /// The VIP announcement's series (`[announce]`).
+    pub announce: crate::announce::Metrics,
     sample: Arc<Mutex<Sample>>,
     /// One render at a time, so two scrapes cannot mix their samples.
     rendering: Mutex<()>,
@@ -203,6 +205,7 @@ impl Metrics {
             "Times a service closed admission: every relay over its queue high-water mark",
             admission_closures.clone(),
         );
+        let announce = crate::announce::Metrics::register(&mut registry);
         let sample = Arc::new(Mutex::new(Sample::default()));
         registry.register_collector(Box::new(Sampler(sample.clone())));
         Self {
@@ -213,6 +216,7 @@ impl Metrics {
             feedback_polls,
             feedback_changes,
             admission_closures,
+            announce,
             sample,
             rendering: Mutex::new(()),
             registry,

@@ -36,10 +36,11 @@ use tokio::{
     sync::{mpsc, watch},
     task::JoinSet,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     admin::http,
+    announce::{self, Announcer},
     balance::{
         plan::Plan,
         weights::{self, Mode, Runtime},
@@ -53,6 +54,10 @@ use crate::{
 /// How often warmup ramps are re-evaluated (a table rebuild happens only
 /// when a ramp reaches its next step).
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// How often, with power of two choices on (`p2c`), the flows sent to their
+/// second candidate are copied where no flood can evict them and the live
+/// flow counts are reset from `CONNTRACK` (one walk of it).
+const FLOW_SYNC_EVERY: Duration = Duration::from_secs(5);
 
 /// One relay, by address (its identity across services).
 #[derive(Clone)]
@@ -141,6 +146,12 @@ pub struct Node<D = XdpDataplane> {
     admission_written: Option<BTreeMap<u32, bool>>,
     /// The wall clock (warmup ramps); a test sets its own.
     clock: Box<dyn Fn() -> SystemTime + Send>,
+    /// `ctl node drain`: the VIPs are withdrawn from the routers while the
+    /// relays keep serving the sessions already here.
+    pub node_drained: bool,
+    /// Where the node publishes whether its VIPs should be announced
+    /// (`[announce]`; `None` when off).
+    announce_tx: Option<watch::Sender<announce::Want>>,
 }
 
 impl<D: Dataplane> Node<D> {
@@ -173,6 +184,8 @@ impl<D: Dataplane> Node<D> {
             admission: BTreeMap::new(),
             admission_written: None,
             clock: Box::new(SystemTime::now),
+            node_drained: saved.node_drained,
+            announce_tx: None,
         };
         node.sync_relays(|addr| saved.backends.get(&addr).map(|s| s.runtime.clone()));
         node
@@ -320,6 +333,7 @@ impl<D: Dataplane> Node<D> {
     /// saves the state. A failed write forgets what the maps hold, so the
     /// next reconcile writes everything again.
     pub fn reconcile(&mut self) -> anyhow::Result<()> {
+        self.publish_announcement();
         let runtime: BTreeMap<IpAddr, Runtime> = self
             .relays
             .iter()
@@ -493,6 +507,31 @@ impl<D: Dataplane> Node<D> {
         });
     }
 
+    /// With `p2c` on some service: a flow a SYN sent to its second candidate
+    /// is one the table does not name, so it is kept in `MOVED_FLOWS` like a
+    /// flow a table change moved (a flood that evicts its `CONNTRACK` entry
+    /// cannot send it to Maglev's relay), and the live flow counts are reset
+    /// from the walk (which takes back silent LRU evictions).
+    pub fn sync_flows(&mut self) -> anyhow::Result<()> {
+        let Some((cfg, plan)) = &self.applied else {
+            return Ok(());
+        };
+        if !cfg.services.iter().any(|s| s.p2c) {
+            return Ok(());
+        }
+        let moved = self
+            .dp
+            .keep_moved_flows(plan)
+            .context("keep the flows power of two choices placed")?;
+        debug!(
+            scanned = moved.scanned,
+            copied = moved.copied,
+            pruned = moved.pruned,
+            "flows synced"
+        );
+        Ok(())
+    }
+
     /// Follows each service's fail-safe mode: logs and counts each change,
     /// and remembers the good relays of services not in panic. Returns
     /// whether a good set changed.
@@ -558,6 +597,7 @@ impl<D: Dataplane> Node<D> {
                 })
                 .collect(),
             last_good: self.last_good.clone(),
+            node_drained: self.node_drained,
         };
         if let Err(e) = state::save(&self.cfg.state_dir, &saved) {
             error!(dir = %self.cfg.state_dir.display(), error = %e, "cannot save state; warmup progress may be lost on restart");
@@ -699,6 +739,75 @@ impl<D: Dataplane> Node<D> {
         }
         info!(backend = name, drained, "drain state changed");
         self.reconcile().map_err(|e| format!("{e:#}"))
+    }
+
+    /// Whether the VIPs should be announced now, and why: the node runs
+    /// (its data plane attached), is not drained, and a relay is up on one
+    /// of its ports. A full relay (`421`) counts: it is alive and takes
+    /// sessions as its slots free (the fail-safe sends them there).
+    pub fn announcement(&self) -> announce::Want {
+        use announce::{Reason, Want};
+        let up = self
+            .relays
+            .values()
+            .filter(|r| r.trackers.values().any(|t| t.health() != Health::Down))
+            .count();
+        let detail = format!("{up} of {} relays up", self.relays.len());
+        if self.node_drained {
+            Want {
+                announce: false,
+                reason: Reason::NodeDrained,
+                detail: format!("drained by the operator (ctl node drain); {detail}"),
+            }
+        } else if up == 0 {
+            Want {
+                announce: false,
+                reason: Reason::NoRelayUp,
+                detail,
+            }
+        } else {
+            Want {
+                announce: true,
+                reason: Reason::Healthy,
+                detail,
+            }
+        }
+    }
+
+    /// Sends [`Node::announcement`] to the announcer when it changed.
+    fn publish_announcement(&self) {
+        if let Some(tx) = &self.announce_tx {
+            let want = self.announcement();
+            tx.send_if_modified(|w| {
+                let changed = !w.same(&want);
+                if changed {
+                    *w = want;
+                }
+                changed
+            });
+        }
+    }
+
+    /// Connects (or with `None` disconnects) the announcer.
+    pub fn set_announcer(&mut self, tx: Option<watch::Sender<announce::Want>>) {
+        self.announce_tx = tx;
+        self.publish_announcement();
+    }
+
+    /// `ctl node drain` (`true`) or `undrain`: withdraw the VIPs from the
+    /// routers (new sessions go to the other nodes; those here continue), or
+    /// announce them again. Kept across restarts.
+    pub fn set_node_drained(&mut self, drained: bool) -> Result<(), String> {
+        if drained && !self.cfg.announce.enabled {
+            return Err(
+                "[announce] is off in the config: this node announces nothing to drain".into(),
+            );
+        }
+        self.node_drained = drained;
+        info!(drained, "node drain state changed");
+        self.save();
+        self.publish_announcement();
+        Ok(())
     }
 
     /// Sets (or with `None` clears) an operator weight.
@@ -910,12 +1019,16 @@ pub async fn run<D: Dataplane + Send + 'static>(
         )),
     ];
 
+    let mut announcer = None;
+    sync_announcer(&node, &mut announcer).await?;
+
     let (tx, mut rx) = mpsc::channel(256);
     let mut generation = lock(&node).probe_generation;
     let mut probes = spawn_probes(&lock(&node), &tx);
     let (fb_tx, mut fb_rx) = mpsc::channel(4);
     let mut feedback = spawn_feedback(&lock(&node), &fb_tx);
     let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    let mut flow_sync = tokio::time::interval(FLOW_SYNC_EVERY);
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     tokio::pin!(shutdown);
     crate::systemd::ready();
@@ -943,10 +1056,18 @@ pub async fn run<D: Dataplane + Send + 'static>(
                     error!(error = %format!("{e:#}"), "cannot apply warmup progress");
                 }
             }
+            _ = flow_sync.tick() => {
+                if let Err(e) = lock(&node).sync_flows() {
+                    error!(error = %format!("{e:#}"), "cannot sync flow state");
+                }
+            }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the configuration");
                 let _ = lock(&node).reload();
             }
+        }
+        if let Err(e) = sync_announcer(&node, &mut announcer).await {
+            error!(error = %format!("{e:#}"), "cannot apply [announce] from the reloaded configuration");
         }
         let current = lock(&node).probe_generation;
         if current != generation {
@@ -960,6 +1081,12 @@ pub async fn run<D: Dataplane + Send + 'static>(
         }
     }
     crate::systemd::stopping();
+    // Withdraw first: routers move new sessions to the other nodes while
+    // this one still forwards what reaches it.
+    lock(&node).set_announcer(None);
+    if let Some(a) = announcer {
+        a.stop("the daemon is stopping").await;
+    }
     probes.abort_all();
     if let Some(f) = feedback.take() {
         f.abort();
@@ -973,6 +1100,42 @@ pub async fn run<D: Dataplane + Send + 'static>(
     }
     drop(tx);
     release(node).await
+}
+
+/// Starts, reconfigures or stops the announcer so it follows the running
+/// configuration's `[announce]` and VIPs (after a reload). Only the start
+/// fails the caller: a daemon told to announce must not run silently.
+async fn sync_announcer<D: Dataplane>(
+    node: &Arc<Mutex<Node<D>>>,
+    announcer: &mut Option<Announcer>,
+) -> anyhow::Result<()> {
+    let (cfg, vips, state_dir, metrics, want) = {
+        let n = lock(node);
+        (
+            n.cfg.announce.clone(),
+            n.cfg.vips(),
+            n.cfg.state_dir.clone(),
+            n.metrics.announce.clone(),
+            n.announcement(),
+        )
+    };
+    match announcer {
+        Some(_) if !cfg.enabled => {
+            lock(node).set_announcer(None);
+            if let Some(a) = announcer.take() {
+                a.stop("[announce] turned off by a reload").await;
+            }
+        }
+        Some(a) if !a.runs(&cfg, &vips) => a.reconfigure(&cfg, vips).await?,
+        None if cfg.enabled => {
+            let a = Announcer::start(&cfg, vips, &state_dir, &metrics, want)
+                .context("[announce]: start bird")?;
+            lock(node).set_announcer(Some(a.sender()));
+            *announcer = Some(a);
+        }
+        Some(_) | None => {}
+    }
+    Ok(())
 }
 
 /// How long shutdown waits for handlers still running on the blocking pool

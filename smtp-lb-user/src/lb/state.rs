@@ -33,6 +33,10 @@ pub struct State {
     /// it was not in panic: what a restart in panic keeps sending to.
     #[serde(default)]
     pub last_good: BTreeMap<String, BTreeSet<IpAddr>>,
+    /// `ctl node drain`: the node stays withdrawn from the routers across
+    /// restarts until `ctl node undrain`.
+    #[serde(default)]
+    pub node_drained: bool,
 }
 
 fn path(dir: &Path) -> PathBuf {

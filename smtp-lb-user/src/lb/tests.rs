@@ -849,3 +849,43 @@ fn a_bad_feedback_section_is_refused_with_its_line_and_field() {
         "{e}"
     );
 }
+
+#[test]
+fn the_node_is_announced_while_a_relay_is_alive_and_not_while_drained_or_all_down() {
+    use crate::announce::Reason;
+    let announce = "[announce]\nenabled = true\nlocal_as = 64513\n\
+                    [[announce.peers]]\naddress = \"198.51.100.254\"\nas = 64512\n";
+    let mut lab = lab_with("announce", &format!("{CFG}\n{announce}"), &[1, 2, 3]);
+    let (tx, rx) = tokio::sync::watch::channel(lab.node.announcement());
+    lab.node.set_announcer(Some(tx));
+    let want = || rx.borrow().clone();
+    assert!(want().announce, "{:?}", want());
+    assert_eq!(want().reason, Reason::Healthy);
+    let down = Outcome::Failed("connect: refused".into());
+    for i in [1, 2] {
+        lab.probe(i, &down, 2);
+    }
+    assert!(want().announce, "one relay left: {:?}", want());
+    lab.probe(3, &Outcome::Full("421 busy".into()), 2);
+    assert!(want().announce, "a full relay is alive: {:?}", want());
+    lab.probe(3, &down, 2);
+    assert!(!want().announce);
+    assert_eq!(want().reason, Reason::NoRelayUp);
+    lab.probe(1, &Outcome::Passed, 2);
+    assert!(want().announce);
+    lab.node.set_node_drained(true).unwrap();
+    assert_eq!(want().reason, Reason::NodeDrained);
+    assert!(!want().announce);
+    // The drain survives a restart (state file).
+    let saved = state::load(&lab.node.cfg.state_dir).unwrap();
+    assert!(saved.node_drained);
+    lab.node.set_node_drained(false).unwrap();
+    assert!(want().announce);
+}
+
+#[test]
+fn node_drain_is_refused_without_announce() {
+    let mut lab = lab("no-announce");
+    let e = lab.node.set_node_drained(true).unwrap_err();
+    assert!(e.contains("[announce] is off"), "{e}");
+}

@@ -7,19 +7,25 @@
 //! | GET    | `/queue`               | JSON: depth, oldest, per domain     |
 //! | GET    | `/sources`             | JSON: egress sources, warmup        |
 //! | GET    | `/queue/ID`            | JSON: one message                   |
+//! | GET    | `/trace?client=IP:PORT`| JSON: messages that session sent    |
+//! | GET    | `/trace?id=ID`         | JSON: one message, its client       |
 //! | POST   | `/queue/retry`         | all scheduled jobs ready now        |
 //! | POST   | `/queue/ID/retry`      | one message's jobs ready now        |
 //! | POST   | `/queue/ID/bounce`     | bounce its pending recipients (DSN) |
 //! | POST   | `/queue/ID/delete`     | drop it without a DSN               |
 //! | POST   | `/reload`              | re-read the shaping file            |
-use std::sync::{
-    Arc, OnceLock,
-    atomic::{AtomicU8, Ordering},
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU8, Ordering},
+    },
 };
 
 use axum::{
     Router,
-    extract::{Path, State},
+    extract::{Path, Query, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -55,6 +61,7 @@ pub fn router(queue: Shared) -> Router {
             ),
         )
         .route("/queue/{id}", get(show))
+        .route("/trace", get(trace))
         .route("/queue/{id}/{action}", post(act))
         .with_state(queue)
 }
@@ -84,6 +91,49 @@ async fn summary(State(q): State<Shared>) -> Response {
         "oldest_secs": oldest,
         "domains": q.summary(),
     }))
+}
+
+/// Messages one `/trace` answer lists at most (a client that sent more in
+/// one session gets the first ones and `"truncated": true`).
+const TRACE_LIMIT: usize = 100;
+
+/// `/trace?client=IP:PORT` (every kept message that SMTP session submitted)
+/// or `/trace?id=ID` (one message): who sent it, each attempt's provider,
+/// egress source and reply. From the delivery log's memory of recent
+/// messages, so it answers for delivered messages too.
+async fn trace(
+    State(q): State<Shared>,
+    Query(params): Query<BTreeMap<String, String>>,
+) -> Response {
+    let log = q.log();
+    let (messages, truncated) = match (params.get("client"), params.get("id")) {
+        (Some(c), None) => {
+            let Ok(client) = c.parse::<SocketAddr>() else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("`{c}` is not a client address and port, like 198.51.100.7:40312"),
+                );
+            };
+            let mut m = log.by_client(client, TRACE_LIMIT + 1);
+            let truncated = m.len() > TRACE_LIMIT;
+            m.truncate(TRACE_LIMIT);
+            (m, truncated)
+        }
+        (None, Some(i)) => {
+            let i = match id(i) {
+                Ok(i) => i,
+                Err(e) => return *e,
+            };
+            (log.by_id(&format!("{i:016x}")).into_iter().collect(), false)
+        }
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give one of client=IP:PORT or id=ID".to_owned(),
+            );
+        }
+    };
+    json(json!({ "messages": messages, "truncated": truncated }))
 }
 
 /// A message id as `ctl relay queue` prints it (16 hex digits).

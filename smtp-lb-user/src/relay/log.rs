@@ -1,11 +1,16 @@
 //! The delivery log: one JSON object per line for every attempt and
 //! recipient, written by a thread of its own so delivery never waits on it.
+//! It also keeps the recent messages in memory, each with the client
+//! address and port of the SMTP session that submitted it and its
+//! attempts, so one client connection can be followed to its replies
+//! (`/trace`, `smtp-lb ctl trace`) without reading the file back.
 use std::{
+    collections::{HashMap, VecDeque},
     fs::File,
     io::{BufWriter, Write},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::Path,
-    sync::mpsc,
+    sync::{Arc, Mutex, mpsc},
 };
 
 use anyhow::Context;
@@ -18,6 +23,10 @@ pub struct Attempt<'a> {
     pub id: &'a str,
     /// The queue (destination domain) the attempt came from.
     pub queue: &'a str,
+    /// The provider its MX hosts roll up to, once routed.
+    pub provider: Option<&'a str>,
+    /// The egress source's name, once routed.
+    pub source: Option<&'a str>,
     pub sender: &'a str,
     pub rcpt: &'a str,
     /// `delivered`, `deferred`, `bounced` or `expired`.
@@ -42,13 +51,66 @@ enum Entry {
 #[derive(Clone)]
 pub struct DeliveryLog {
     tx: Option<mpsc::Sender<Entry>>,
+    recent: Arc<Mutex<Recent>>,
+}
+
+/// Messages [`DeliveryLog`] keeps in memory, the oldest forgotten first:
+/// 10,000 messages of at most [`ATTEMPTS_KEPT`] lines is a few MiB.
+pub const MESSAGES_KEPT: usize = 10_000;
+/// Attempt lines (recipient × attempt) kept per message; later ones are
+/// counted in [`Traced::more_attempts`].
+pub const ATTEMPTS_KEPT: usize = 32;
+
+/// A message as `/trace` shows it: who submitted it, and what became of it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Traced {
+    pub id: String,
+    /// The SMTP client's address and port (DSR: the client's own).
+    pub client: SocketAddr,
+    /// Unix seconds the message was accepted.
+    pub received: f64,
+    pub attempts: Vec<TracedAttempt>,
+    /// Attempt lines past [`ATTEMPTS_KEPT`], not kept.
+    pub more_attempts: u32,
+}
+
+/// One [`Attempt`] of a [`Traced`] message.
+#[derive(Clone, Debug, Serialize)]
+pub struct TracedAttempt {
+    pub rcpt: String,
+    pub status: String,
+    pub queue: String,
+    pub provider: Option<String>,
+    pub source: Option<String>,
+    pub source_ip: Option<IpAddr>,
+    pub mx: Option<String>,
+    pub ip: Option<IpAddr>,
+    pub code: u16,
+    pub enhanced: Option<String>,
+    pub text: String,
+    pub attempt: u32,
+    pub ts: f64,
+}
+
+#[derive(Default)]
+struct Recent {
+    by_id: HashMap<String, Traced>,
+    order: VecDeque<String>,
+}
+
+fn now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 impl DeliveryLog {
     /// A log appending to `path`, or one that drops everything.
     pub fn open(path: Option<&Path>) -> anyhow::Result<Self> {
+        let recent = Arc::default();
         let Some(path) = path else {
-            return Ok(Self { tx: None });
+            return Ok(Self { tx: None, recent });
         };
         let path = path.to_owned();
         let mut w = BufWriter::new(append(&path)?);
@@ -71,7 +133,53 @@ impl DeliveryLog {
                     }
                 }
             })?;
-        Ok(Self { tx: Some(tx) })
+        Ok(Self {
+            tx: Some(tx),
+            recent,
+        })
+    }
+
+    /// Message `id` was accepted from the SMTP client at `client`.
+    pub fn received(&self, id: &str, client: SocketAddr) {
+        let mut r = self.recent.lock().expect("trace lock");
+        if r.order.len() >= MESSAGES_KEPT
+            && let Some(old) = r.order.pop_front()
+        {
+            r.by_id.remove(&old);
+        }
+        r.order.push_back(id.to_owned());
+        r.by_id.insert(
+            id.to_owned(),
+            Traced {
+                id: id.to_owned(),
+                client,
+                received: now_secs(),
+                attempts: Vec::new(),
+                more_attempts: 0,
+            },
+        );
+    }
+
+    /// The kept messages the client at `client` submitted, oldest first, at most `limit`.
+    pub fn by_client(&self, client: SocketAddr, limit: usize) -> Vec<Traced> {
+        let r = self.recent.lock().expect("trace lock");
+        r.order
+            .iter()
+            .filter_map(|id| r.by_id.get(id))
+            .filter(|t| t.client == client)
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// Message `id`, if it is still kept.
+    pub fn by_id(&self, id: &str) -> Option<Traced> {
+        self.recent
+            .lock()
+            .expect("trace lock")
+            .by_id
+            .get(id)
+            .cloned()
     }
 
     /// Lines written after this call go to a file opened anew at the
@@ -83,15 +191,41 @@ impl DeliveryLog {
     }
 
     pub fn write(&self, a: &Attempt<'_>) {
+        let ts = now_secs();
+        self.trace(a, ts);
         let Some(tx) = &self.tx else { return };
         let mut v = serde_json::to_value(a).unwrap_or_default();
         if let Some(o) = v.as_object_mut() {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            o.insert("ts".into(), serde_json::json!(now.as_secs_f64()));
+            o.insert("ts".into(), serde_json::json!(ts));
         }
         let _ = tx.send(Entry::Line(v.to_string() + "\n"));
+    }
+
+    /// Adds `a` to its message's trace, if the message is kept.
+    fn trace(&self, a: &Attempt<'_>, ts: f64) {
+        let mut r = self.recent.lock().expect("trace lock");
+        let Some(t) = r.by_id.get_mut(a.id) else {
+            return;
+        };
+        if t.attempts.len() >= ATTEMPTS_KEPT {
+            t.more_attempts += 1;
+            return;
+        }
+        t.attempts.push(TracedAttempt {
+            rcpt: a.rcpt.to_owned(),
+            status: a.status.to_owned(),
+            queue: a.queue.to_owned(),
+            provider: a.provider.map(str::to_owned),
+            source: a.source.map(str::to_owned),
+            source_ip: a.source_ip,
+            mx: a.mx.map(str::to_owned),
+            ip: a.ip,
+            code: a.code,
+            enhanced: a.enhanced.clone(),
+            text: a.text.to_owned(),
+            attempt: a.attempt,
+            ts,
+        });
     }
 }
 
@@ -117,5 +251,61 @@ fn reopen(w: &mut BufWriter<File>, path: &Path) {
         Err(e) => {
             warn!(error = %format!("{e:#}"), "delivery log not reopened; writing on to the old file");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempt<'a>(id: &'a str, rcpt: &'a str) -> Attempt<'a> {
+        Attempt {
+            id,
+            queue: "isp.example",
+            provider: Some("default"),
+            source: Some("out-a"),
+            sender: "app@lab.example",
+            rcpt,
+            status: "delivered",
+            mx: Some("mx.isp.example"),
+            ip: None,
+            source_ip: Some("192.0.2.5".parse().unwrap()),
+            code: 250,
+            enhanced: Some("2.0.0".into()),
+            text: "Ok",
+            duration_ms: 1,
+            attempt: 1,
+        }
+    }
+
+    #[test]
+    fn traces_are_kept_per_session_and_bounded() {
+        let log = DeliveryLog::open(None).unwrap();
+        let a: SocketAddr = "198.51.100.1:40000".parse().unwrap();
+        let b: SocketAddr = "198.51.100.1:40001".parse().unwrap();
+        log.received("01", a);
+        log.received("02", b);
+        log.received("03", a);
+        log.write(&attempt("01", "x@isp.example"));
+        log.write(&attempt("99", "unknown message, not kept"));
+        let ids: Vec<String> = log.by_client(a, 10).into_iter().map(|t| t.id).collect();
+        assert_eq!(ids, ["01", "03"], "the port tells sessions apart");
+        assert_eq!(log.by_client(a, 1).len(), 1, "the answer is bounded");
+        let t = log.by_id("01").unwrap();
+        assert_eq!(t.attempts.len(), 1);
+        assert_eq!(t.attempts[0].provider.as_deref(), Some("default"));
+        assert_eq!(t.attempts[0].source.as_deref(), Some("out-a"));
+
+        for _ in 0..ATTEMPTS_KEPT + 3 {
+            log.write(&attempt("02", "y@isp.example"));
+        }
+        let t = log.by_id("02").unwrap();
+        assert_eq!((t.attempts.len(), t.more_attempts), (ATTEMPTS_KEPT, 3));
+
+        for i in 0..MESSAGES_KEPT {
+            log.received(&format!("m{i}"), b);
+        }
+        assert!(log.by_id("01").is_none(), "the oldest is forgotten first");
+        assert!(log.by_id(&format!("m{}", MESSAGES_KEPT - 1)).is_some());
     }
 }

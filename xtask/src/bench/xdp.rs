@@ -4,6 +4,9 @@
 //!
 //! - `nonvip`: TCP to a port no service uses (the common case on an LB node).
 //! - `syn`: a SYN to the VIP: service lookup, Maglev slot, conntrack write, L2 rewrite.
+//! - `syn_p2c`: the same SYN to a service with `p2c = true` (its own
+//!   loaded copy): a second slot and both backends' live flows summed over
+//!   the CPUs before the conntrack write.
 //! - `established`: an ACK of a tracked flow: service lookup, conntrack hit, L2 rewrite.
 //! - `moved`: an ACK of a flow a table change moved whose `CONNTRACK` entry is
 //!   gone (a flood evicted it): conntrack miss, `MOVED_FLOWS` hit, L2 rewrite.
@@ -35,8 +38,9 @@ const REPEAT: u32 = 1_000_000;
 const ROUNDS: usize = 5;
 
 /// Three relays; `relay1_weight` 0 drains the first.
-fn config(relay1_weight: u32) -> anyhow::Result<LbConfig> {
-    let mut text = String::from("[[services]]\nvip = \"203.0.113.10\"\nports = [25, 587, 465]\n");
+fn config(relay1_weight: u32, p2c: bool) -> anyhow::Result<LbConfig> {
+    let mut text =
+        format!("[[services]]\nvip = \"203.0.113.10\"\nports = [25, 587, 465]\np2c = {p2c}\n");
     for (i, weight) in [relay1_weight, 1, 1].into_iter().enumerate() {
         text += &format!(
             "[[services.backends]]\nname = \"relay{n}\"\naddress = \"198.51.100.{a}\"\nmac = \"02:00:00:00:00:0{a}\"\nweight = {weight}\n",
@@ -74,7 +78,9 @@ pub fn run(ebpf_object: &Path, probes_object: &Path) -> anyhow::Result<Report> {
     // SAFETY: setting a variable before any thread reads the environment.
     unsafe { std::env::set_var("SMTP_LB_EBPF_OBJ", ebpf_object) };
     let mut xdp = XdpHarness::load();
-    apply_config(xdp.ebpf_mut(), &config(1)?)?;
+    apply_config(xdp.ebpf_mut(), &config(1, false)?)?;
+    let mut p2c = XdpHarness::load();
+    apply_config(p2c.ebpf_mut(), &config(1, true)?)?;
     let client = Ipv4Addr::new(198, 51, 100, 1);
     let vip = Ipv4Addr::new(203, 0, 113, 10);
     let nonvip =
@@ -86,6 +92,7 @@ pub fn run(ebpf_object: &Path, probes_object: &Path) -> anyhow::Result<Report> {
     anyhow::ensure!(xdp.run(programs::BALANCER, &track).verdict == Verdict::Tx);
     anyhow::ensure!(xdp.run(programs::BALANCER, &nonvip).verdict == Verdict::Pass);
     anyhow::ensure!(xdp.run(programs::BALANCER, &syn).verdict == Verdict::Tx);
+    anyhow::ensure!(p2c.run(programs::BALANCER, &syn).verdict == Verdict::Tx);
     anyhow::ensure!(xdp.run(programs::BALANCER, &ack).verdict == Verdict::Tx);
     let icmp = path_mtu_error(client.into(), 40002, vip.into(), 25);
     anyhow::ensure!(xdp.run(programs::BALANCER, &icmp).verdict == Verdict::Tx);
@@ -98,7 +105,7 @@ pub fn run(ebpf_object: &Path, probes_object: &Path) -> anyhow::Result<Report> {
             xdp.run(programs::BALANCER, &syn).output[0..6] == [2, 0, 0, 0, 0, 3]
         })
         .ok_or_else(|| anyhow::anyhow!("no flow on relay1"))?;
-    apply_config(xdp.ebpf_mut(), &config(0)?)?;
+    apply_config(xdp.ebpf_mut(), &config(0, false)?)?;
     let moved = PacketBuilder::tcp(client, moved_sport, vip, 25, tcp::ACK).build();
     let mut conntrack: HashMap<_, FlowKey, Flow> =
         HashMap::try_from(xdp.ebpf_mut().map_mut(maps::CONNTRACK).expect("CONNTRACK"))?;
@@ -112,7 +119,7 @@ pub fn run(ebpf_object: &Path, probes_object: &Path) -> anyhow::Result<Report> {
     anyhow::ensure!(out.verdict == Verdict::Tx && out.output[0..6] == [2, 0, 0, 0, 0, 3]);
 
     // Interleave floor and subject runs so drift hits both alike.
-    let mut rounds: Vec<[f64; 6]> = Vec::new();
+    let mut rounds: Vec<[f64; 7]> = Vec::new();
     for _ in 0..ROUNDS {
         rounds.push([
             ns(&mut xdp, programs::PASS, &nonvip),
@@ -121,17 +128,19 @@ pub fn run(ebpf_object: &Path, probes_object: &Path) -> anyhow::Result<Report> {
             ns(&mut xdp, programs::BALANCER, &ack),
             ns(&mut xdp, programs::BALANCER, &moved),
             ns(&mut xdp, programs::BALANCER, &icmp),
+            ns(&mut p2c, programs::BALANCER, &syn),
         ]);
     }
     let col = |i: usize| median(&mut rounds.iter().map(|r| r[i]).collect::<Vec<_>>());
     let probes = measure_probes(probes_object, &syn)?;
     let (floor_ns, nonvip_ns, syn_ns, established_ns) = (col(0), col(1), col(2), col(3));
-    let (moved_ns, icmp_ns) = (col(4), col(5));
+    let (moved_ns, icmp_ns, syn_p2c_ns) = (col(4), col(5), col(6));
     let mut report = Report::default();
     report
         .add("floor_ns", floor_ns, "ns")
         .add("nonvip_ns", nonvip_ns, "ns")
         .add("syn_ns", syn_ns, "ns")
+        .add("syn_p2c_ns", syn_p2c_ns, "ns")
         .add("established_ns", established_ns, "ns")
         .add("moved_ns", moved_ns, "ns")
         .add("icmp_ns", icmp_ns, "ns")
@@ -141,6 +150,8 @@ pub fn run(ebpf_object: &Path, probes_object: &Path) -> anyhow::Result<Report> {
             "x floor (target <= 1.2)",
         )
         .add("syn_ratio", syn_ns / floor_ns, "x floor (target <= 3.0)")
+        .add("syn_p2c_ratio", syn_p2c_ns / floor_ns, "x floor")
+        .add("syn_p2c_over_syn", syn_p2c_ns / syn_ns, "x syn (p2c off)")
         .add(
             "established_ratio",
             established_ns / floor_ns,

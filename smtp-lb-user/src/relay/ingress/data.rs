@@ -141,6 +141,7 @@ impl Session {
         {
             Ok(received_ms) => {
                 self.shared.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+                queue.log().received(&format!("{id:016x}"), self.peer);
                 queue.submit(QueuedMessage::new(
                     id,
                     sender,

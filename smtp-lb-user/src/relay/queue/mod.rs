@@ -165,6 +165,11 @@ impl Queue {
         &self.spool
     }
 
+    /// The delivery log, which also keeps recent messages for `/trace`.
+    pub fn log(&self) -> &DeliveryLog {
+        &self.log
+    }
+
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
     }

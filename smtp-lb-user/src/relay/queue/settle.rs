@@ -102,6 +102,8 @@ impl Queue {
             self.log.write(&Attempt {
                 id: &msg.hex_id(),
                 queue: &job.domain,
+                provider: ctx.provider.as_ref().map(|(p, _)| p.as_str()),
+                source: ctx.provider.as_ref().map(|(_, s)| s.as_str()),
                 sender: &msg.sender,
                 rcpt: &msg.rcpts[i as usize],
                 status,
