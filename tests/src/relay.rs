@@ -57,6 +57,9 @@ pub struct RelayConfig {
     /// TOML merged over the config (`[cluster]`, `[[dkim]]`, `[egress]`, …)
     /// for features without a field here.
     pub extra_toml: String,
+    /// `SMTP_LB_LOG` (none: `info` plus the relay's `debug` lines, which
+    /// tests read; a benchmark runs the production default, `info`).
+    pub log_filter: Option<String>,
 }
 
 impl Default for RelayConfig {
@@ -85,6 +88,7 @@ impl Default for RelayConfig {
             spool_dir: None,
             shaping: None,
             extra_toml: String::new(),
+            log_filter: None,
         }
     }
 }
@@ -103,6 +107,7 @@ pub struct Relay {
     spool: PathBuf,
     child: ChildGuard,
     starts: u32,
+    log_filter: String,
 }
 
 /// A duration in the relay config's own grammar (`"200ms"`, `"1h"`).
@@ -247,6 +252,10 @@ impl Relay {
             spool,
             child: ChildGuard(None),
             starts: 0,
+            log_filter: cfg
+                .log_filter
+                .clone()
+                .unwrap_or_else(|| "info,smtp_lb_user::relay=debug".to_owned()),
         };
         relay.spawn();
         relay
@@ -262,7 +271,7 @@ impl Relay {
         let child = Command::new(smtp_lb_bin())
             .args(["relay", "--config"])
             .arg(&self.config_path)
-            .env("SMTP_LB_LOG", "info,smtp_lb_user::relay=debug")
+            .env("SMTP_LB_LOG", &self.log_filter)
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()

@@ -9,7 +9,9 @@
 //! reported as the median of its rounds: on a shared machine one path's
 //! figure moves by half between runs. Also the relay's resident memory
 //! with 100k messages queued for an unreachable destination, and the spool
-//! disk's flush time, which bounds the relay path where CPU does not.
+//! disk's flush time, which bounds the relay path where CPU does not, and
+//! the relay's CPU time per message, which moves less with the machine's
+//! load than any rate.
 //!
 //! `SMTP_LB_BENCH_RELAY_MESSAGES` (default 10000) and
 //! `SMTP_LB_BENCH_RELAY_SESSIONS` (default 20) size each run,
@@ -119,6 +121,23 @@ fn rss_mib(pid: u32) -> anyhow::Result<f64> {
     Ok(kib / 1024.0)
 }
 
+/// CPU time (user + system) `pid` has used so far, in seconds.
+fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).context("read /proc/PID/stat")?;
+    // After "pid (comm) ": state is field 3, utime 14, stime 15 (proc(5)).
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        let t: u64 = fields.get(i).and_then(|v| v.parse().ok()).context("utime/stime in /proc/PID/stat")?;
+        Ok(t as f64)
+    };
+    // SAFETY: sysconf only reads a constant of the system.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ticks(11)? + ticks(12)?) / per_sec)
+}
+
 /// The ways a message goes from `smtp-source` to `smtp-sink`, in the order
 /// each round runs them.
 #[derive(Clone, Copy)]
@@ -141,28 +160,33 @@ impl Path {
         }
     }
 
-    /// One run against a fresh sink (and a fresh Postfix or relay): msg/s.
-    fn measure(self, n: usize, sessions: usize) -> anyhow::Result<f64> {
+    /// One run against a fresh sink (and a fresh Postfix or relay): msg/s,
+    /// and for the relay its CPU time per message in µs.
+    fn measure(self, n: usize, sessions: usize) -> anyhow::Result<(f64, Option<f64>)> {
         let sink = CountingSink::start();
         match self {
-            Self::Raw => measure(sink.addr, &sink, n, sessions),
+            Self::Raw => Ok((measure(sink.addr, &sink, n, sessions)?, None)),
             Self::Postfix => {
                 let postfix = Postfix::relay_to(sink.addr);
-                measure(postfix.addr, &sink, n, sessions)
+                Ok((measure(postfix.addr, &sink, n, sessions)?, None))
             }
             Self::Relay => {
                 let relay = Relay::start(&RelayConfig {
                     routes: vec![("*".into(), sink.addr.to_string())],
                     // Postfix's default_destination_concurrency_limit.
                     connections_per_destination: 20,
+                    // As it runs in production, not with the tests' debug lines.
+                    log_filter: Some("info".into()),
                     ..RelayConfig::default()
                 });
+                let cpu_before = cpu_secs(relay.pid())?;
                 let mps = measure(relay.smtp, &sink, n, sessions)?;
+                let cpu_us = (cpu_secs(relay.pid())? - cpu_before) * 1e6 / env_f64(n);
                 println!(
-                    "  relay RSS after the run: {:.1} MiB",
+                    "  relay RSS after the run: {:.1} MiB; CPU per message {cpu_us:.0} µs",
                     rss_mib(relay.pid())?
                 );
-                Ok(mps)
+                Ok((mps, Some(cpu_us)))
             }
         }
     }
@@ -177,12 +201,14 @@ pub fn run(artifacts: &Artifacts) -> anyhow::Result<Report> {
     let queued = env_usize("SMTP_LB_BENCH_RELAY_QUEUED", 100_000);
 
     let mut figures = [const { Vec::new() }; Path::ALL.len()];
+    let mut relay_cpu_us = Vec::new();
     for round in 1..=rounds {
         for (path, figures) in Path::ALL.iter().zip(&mut figures) {
             println!("round {round}/{rounds}, {}:", path.key());
-            let mps = path.measure(n, sessions)?;
+            let (mps, cpu_us) = path.measure(n, sessions)?;
             println!("  {mps:.1} msg/s");
             figures.push(mps);
+            relay_cpu_us.extend(cpu_us);
         }
     }
     let [raw_mps, postfix_mps, smtplb_mps] = figures.each_ref().map(|f| median(f));
@@ -245,6 +271,7 @@ pub fn run(artifacts: &Artifacts) -> anyhow::Result<Report> {
         .add("ratio_vs_postfix", smtplb_mps / postfix_mps, "x")
         .add("ratio_vs_raw", smtplb_mps / raw_mps, "x")
         .add("disk_flush_ms", flush_ms, "ms")
+        .add("relay_cpu_us_per_msg", median(&relay_cpu_us), "µs")
         .add("rss_mib_100k_queued", rss, "MiB");
     Ok(report)
 }
