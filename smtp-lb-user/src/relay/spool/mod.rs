@@ -456,7 +456,7 @@ mod tests {
     }
 
     #[test]
-    fn a_read_from_the_page_cache_only_succeeds_when_it_is_cached() {
+    fn a_read_from_the_page_cache_succeeds_when_cached_and_never_returns_wrong_bytes() {
         let dir = tmpdir("nowait");
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("f");
@@ -469,20 +469,19 @@ mod tests {
         assert_eq!(buf, data[5000..6000]);
         // Past the end: short, refused (the caller reads it the slow way and fails).
         assert!(!read_cached(&file, &mut buf, 64 * 1024 - 10));
-        // Written back and dropped from the cache: it would wait for the
-        // disk. (tmpfs has no disk behind its cache: nothing to drop.)
-        // SAFETY: statfs fills a zeroed struct for our own open file.
-        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-        assert_eq!(unsafe { libc::fstatfs(file.as_raw_fd(), &raw mut fs) }, 0);
-        if fs.f_type == libc::TMPFS_MAGIC {
-            return;
-        }
+        // Written back and dropped from the cache. A NOWAIT read never waits
+        // for the disk, but it may start readahead, and a fast disk can finish
+        // that before the read looks again: so it is refused, or it returns
+        // the right bytes.
         file.sync_all().unwrap();
         // SAFETY: advice on our own open file.
         let dropped =
             unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         assert_eq!(dropped, 0);
-        assert!(!read_cached(&file, &mut buf, 40_000));
+        buf.fill(0);
+        if read_cached(&file, &mut buf, 40_000) {
+            assert_eq!(buf, data[40_000..41_000]);
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
