@@ -56,11 +56,18 @@ pub mod maps {
     pub const RINGS: &str = "RINGS";
     /// `u32` backend id → [`crate::Backend`].
     pub const BACKENDS: &str = "BACKENDS";
-    /// [`crate::FlowKey`] → [`crate::Flow`]: LRU connection table.
+    /// The connection table of builds before the flow table; only named so
+    /// a daemon adopting an older one's pins can carry its flows over.
     pub const CONNTRACK: &str = "CONNTRACK";
+    /// set → [`crate::FlowSet`]: the connection table, set-associative in an
+    /// array (see [`crate::FlowSet`]).
+    pub const FLOW_TABLE: &str = "FLOW_TABLE";
+    /// `0` → `u32` seconds of the daemon's monotonic clock, written every
+    /// second: the time [`crate::FlowEntry::stamp`] is measured in.
+    pub const FLOW_CLOCK: &str = "FLOW_CLOCK";
     /// [`crate::FlowKey`] → [`crate::Flow`]: the tracked flows a table change
     /// moved (their backend is no longer the one the live table names),
-    /// copied out of [`CONNTRACK`] by user space at each table change. The
+    /// copied out of [`FLOW_TABLE`] by user space at each table change. The
     /// packet path never inserts here, so a flood cannot evict them.
     pub const MOVED_FLOWS: &str = "MOVED_FLOWS";
     /// `u32` service id → per-CPU [`crate::ServiceStats`].
@@ -93,7 +100,8 @@ pub mod maps {
         VIP_PORTS,
         RINGS,
         BACKENDS,
-        CONNTRACK,
+        FLOW_TABLE,
+        FLOW_CLOCK,
         MOVED_FLOWS,
         SERVICE_STATS,
         BACKEND_STATS,
@@ -117,11 +125,21 @@ pub const MAX_RING_SIZE: u32 = 65537;
 /// Slots in [`maps::RINGS`]: two tables per service (the live one and the one
 /// being written), so a table update is one atomic switch of [`Service::active`].
 pub const RING_SLOTS: u32 = MAX_SERVICES * 2 * MAX_RING_SIZE;
-/// Tracked flows. At 10k new SMTP sessions/s and sessions of up to ~20 s this
-/// is 1.3× the live set; an evicted flow is re-hashed (and counted), not lost.
-pub const CONNTRACK_SIZE: u32 = 262_144;
+/// Tracked flows: [`FLOW_SETS`] × [`FLOW_WAYS`]. At 10k new SMTP sessions/s
+/// and sessions of up to ~20 s this is 1.3× the live set; a flow that finds
+/// no way is forwarded by the table (and counted), not lost. 16 MiB.
+pub const CONNTRACK_SIZE: u32 = FLOW_SETS * FLOW_WAYS;
+/// Sets of [`maps::FLOW_TABLE`] (a power of two: the set is the flow hash's low bits).
+pub const FLOW_SETS: u32 = 65_536;
+/// Ways per set: a flow may sit in any of them, its key compared in full.
+pub const FLOW_WAYS: u32 = 4;
+/// Seconds a confirmed flow may stay silent before a new flow may take its
+/// way (only when its set has no free, unconfirmed or closing way): spoofed
+/// handshakes and flows that died without FIN/RST stop holding ways. Longer
+/// than any pause of a live SMTP client short of its own timeouts.
+pub const FLOW_IDLE_SECS: u32 = 120;
 /// Flows a table change moved ([`maps::MOVED_FLOWS`]). One change copies at
-/// most the flows [`maps::CONNTRACK`] holds that the new table sends
+/// most the flows [`maps::FLOW_TABLE`] holds that the new table sends
 /// elsewhere, so this many always fit the copies of one change; older copies
 /// (and flows of backends that came back) age out of the LRU or are pruned.
 pub const MOVED_FLOWS_SIZE: u32 = CONNTRACK_SIZE;
@@ -284,10 +302,118 @@ pub struct Flow {
 const _: () = assert!(size_of::<Flow>() == 12);
 
 /// Flow flag: the client sent FIN or RST. The entry stays (the last ACKs
-/// must still reach the relay) until the LRU recycles it, but the flow no
-/// longer counts as live (`ctl backends`: a drained relay's live flows fall
-/// to zero as its sessions end).
+/// must still reach the relay) until a new flow takes its way, but the flow
+/// no longer counts as live (`ctl backends`: a drained relay's live flows
+/// fall to zero as its sessions end).
 pub const FLOW_CLOSING: u32 = 1;
+/// Flow flag ([`FlowEntry`] only): a packet other than a SYN followed the
+/// entry (the client sent an ACK). A new flow never takes the way of a
+/// confirmed one until it has been idle [`FLOW_IDLE_SECS`] or is closing, so
+/// floods of SYNs (or of lone ACKs) cannot evict an established flow.
+pub const FLOW_CONFIRMED: u32 = 2;
+
+/// One way of a [`FlowSet`]: a tracked flow, 64 bytes (one cache line).
+/// Empty while `key.family == 0`. Ways are written by any CPU without locks,
+/// so a reader accepts an entry only when its whole key equals the packet's
+/// and `seal` equals [`flow_seal`] of the packet's [`table_hash`] and the
+/// `backend` it read: a torn or racing write reads as a miss (the packet
+/// then follows `MOVED_FLOWS` or the table), never as another flow's relay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct FlowEntry {
+    pub key: FlowKey,
+    /// The backend the flow started on.
+    pub backend: u32,
+    /// The service it belongs to.
+    pub service: u32,
+    /// [`FLOW_CLOSING`], [`FLOW_CONFIRMED`].
+    pub flags: u32,
+    /// [`maps::FLOW_CLOCK`] when a packet last followed the entry.
+    pub stamp: u32,
+    /// [`flow_seal`]`(table_hash(key), backend)`, written last.
+    pub seal: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<FlowEntry>() == 64);
+
+/// Value of [`maps::FLOW_TABLE`]: the [`FLOW_WAYS`] ways of one set. A flow
+/// lives in set [`flow_set`]`(`[`table_hash`]`(key))`; an array lookup is
+/// inlined by the verifier, where a hash-map lookup costs ~30–40 ns and an
+/// insert ~120–190 ns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct FlowSet {
+    pub ways: [FlowEntry; FLOW_WAYS as usize],
+}
+const _: () = assert!(size_of::<FlowSet>() == 256);
+
+/// The hash that places a flow in [`maps::FLOW_TABLE`] and seals its entry:
+/// multilinear (each word of the key times its own odd 64-bit constant,
+/// summed, the high bits taken). Its ten multiplies are independent, so the
+/// CPU runs them side by side: measured here, [`flow_hash`]'s chain of
+/// dependent mixes costs ~25 ns per packet, more than the whole lookup
+/// should. The table is local to one node, so this need not agree with
+/// anything but itself; [`flow_hash`] stays what picks the relay.
+#[inline(always)]
+pub const fn table_hash(key: &FlowKey) -> u64 {
+    const K: [u64; 10] = [
+        0x9e37_79b9_7f4a_7c15,
+        0xc2b2_ae3d_27d4_eb4f,
+        0x1656_67b1_9e37_79f9,
+        0x85eb_ca77_c2b2_ae63,
+        0x27d4_eb2f_1656_67c5,
+        0xff51_afd7_ed55_8ccd,
+        0xc4ce_b9fe_1a85_ec53,
+        0x8796_5a4b_3c2d_1e0f,
+        0xd6e8_feb8_6659_fd93,
+        0xa076_1d64_78bd_642f,
+    ];
+    let (s, d) = (key.src, key.dst);
+    let ports = ((key.sport as u64) << 16) | key.dport as u64;
+    let kind = ((key.proto as u64) << 8) | key.family as u64;
+    (s[0] as u64)
+        .wrapping_mul(K[0])
+        .wrapping_add((s[1] as u64).wrapping_mul(K[1]))
+        .wrapping_add((s[2] as u64).wrapping_mul(K[2]))
+        .wrapping_add((s[3] as u64).wrapping_mul(K[3]))
+        .wrapping_add((d[0] as u64).wrapping_mul(K[4]))
+        .wrapping_add((d[1] as u64).wrapping_mul(K[5]))
+        .wrapping_add((d[2] as u64).wrapping_mul(K[6]))
+        .wrapping_add((d[3] as u64).wrapping_mul(K[7]))
+        .wrapping_add(ports.wrapping_mul(K[8]))
+        .wrapping_add(kind.wrapping_mul(K[9]))
+}
+
+/// The set of [`maps::FLOW_TABLE`] for [`table_hash`] `hash`: its top bits.
+#[inline(always)]
+pub const fn flow_set(hash: u64) -> u32 {
+    (hash >> (64 - FLOW_SETS.trailing_zeros())) as u32
+}
+
+/// The check word of a [`FlowEntry`]: 32 bits of [`table_hash`] folded so
+/// they do not repeat the set's, mixed with the backend (injective in it for
+/// a given hash), bit 0 always set. A writer first zeroes it, then writes
+/// key, backend and service, then the seal, so a reader (key first, seal
+/// last) that sees the new key sees 0 or the new seal; an entry whose key,
+/// backend and seal come from two racing writes fails it (but for a 2⁻³¹
+/// chance).
+#[inline(always)]
+pub const fn flow_seal(hash: u64, backend: u32) -> u32 {
+    ((hash ^ (hash >> 32)) as u32 ^ backend.wrapping_mul(0x9e37_79b1)) | 1
+}
+
+impl FlowEntry {
+    /// The flow this way holds, if any: not empty and sealed (user-space
+    /// readers; the packet path compares the packet's own key).
+    pub fn flow(&self) -> Option<Flow> {
+        let sealed = self.seal == flow_seal(table_hash(&self.key), self.backend);
+        (self.key.family != 0 && sealed).then_some(Flow {
+            backend: self.backend,
+            service: self.service,
+            flags: self.flags & FLOW_CLOSING,
+        })
+    }
+}
 
 /// Value of [`maps::LB_CONFIG`]: node-wide settings the data plane needs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -372,13 +498,14 @@ counters! {
         /// "fragmentation needed" only for DF), an ICMP error itself (RFC 1122),
         /// or a route MTU below the family's minimum once the tunnel header is taken.
         drop_too_big,
-        /// Event: a non-SYN packet of a VIP flow in neither `CONNTRACK` nor
-        /// `MOVED_FLOWS` (evicted, or the LB restarted): hashed through the table.
+        /// Event: a non-SYN packet of a VIP flow in neither `FLOW_TABLE` nor
+        /// `MOVED_FLOWS` (its way taken, or the LB restarted): hashed through
+        /// the table (and tracked again, unconfirmed, if a way is free).
         lru_miss,
         /// Event: a tracked flow whose backend was removed, re-hashed.
         rehash,
-        /// Event: a non-SYN packet with no `CONNTRACK` entry (evicted, e.g.
-        /// by a flood) found in `MOVED_FLOWS`: sent to the backend it started
+        /// Event: a non-SYN packet with no `FLOW_TABLE` entry (its way
+        /// taken, e.g. under a flood) found in `MOVED_FLOWS`: sent to the backend it started
         /// on although the live table names another.
         moved_hit,
         /// Event: an ICMP destination unreachable / `ICMPv6` packet too big or
@@ -388,9 +515,13 @@ counters! {
         /// Dropped: a SYN to a service whose admission is closed (every
         /// relay over its queue high-water mark): the client retries it.
         drop_admission,
+        /// Event: a new flow found every way of its `FLOW_TABLE` set held by
+        /// a confirmed, recently active flow: forwarded by the table,
+        /// untracked (a later table change moves it).
+        flow_table_full,
     }
 }
-const _: () = assert!(size_of::<GlobalStats>() == 19 * 8);
+const _: () = assert!(size_of::<GlobalStats>() == 20 * 8);
 
 counters! {
     /// Per-service, per-CPU counters.
@@ -472,6 +603,8 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::FlowEntry {}
+    unsafe impl aya::Pod for super::FlowSet {}
     unsafe impl aya::Pod for super::LbConfig {}
     unsafe impl aya::Pod for super::DecapPrefix {}
 }
@@ -516,4 +649,65 @@ pub const fn flow_hash(key: &FlowKey, sticky: bool) -> u32 {
         h = mix(h, ((key.sport as u32) << 16) | key.dport as u32);
     }
     fmix32(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey {
+            src: [0x0164_33c6, 0, 0, 0],
+            dst: [0x0a71_00cb, 0, 0, 0],
+            sport: port.to_be(),
+            dport: 25u16.to_be(),
+            proto: PROTO_TCP,
+            family: AF_INET,
+            _pad: [0; 2],
+        }
+    }
+
+    fn entry(key: FlowKey, backend: u32) -> FlowEntry {
+        FlowEntry {
+            key,
+            backend,
+            service: 0,
+            flags: FLOW_CONFIRMED,
+            stamp: 0,
+            seal: flow_seal(table_hash(&key), backend),
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn a_sealed_entry_is_a_flow_and_any_mix_of_two_writes_is_not() {
+        let (a, b) = (entry(key(40000), 1), entry(key(40001), 2));
+        assert_eq!(a.flow().map(|f| f.backend), Some(1));
+        // Key of one, backend or seal of the other, as racing writers leave a way.
+        for torn in [
+            FlowEntry { backend: 2, ..a },
+            FlowEntry { seal: b.seal, ..a },
+            FlowEntry {
+                backend: 2,
+                seal: b.seal,
+                ..a
+            },
+            FlowEntry { seal: 0, ..a },
+            FlowEntry::default(),
+        ] {
+            assert_eq!(torn.flow(), None, "{torn:?}");
+        }
+    }
+
+    #[test]
+    fn no_seal_is_zero_and_ports_spread_over_the_sets() {
+        let mut sets = [0u32; 64];
+        for port in 0..=u16::MAX {
+            let h = table_hash(&key(port));
+            assert_ne!(flow_seal(h, 3), 0);
+            sets[(flow_set(h) % 64) as usize] += 1;
+        }
+        // 65,536 flows over 64 buckets: 1024 each, give or take.
+        assert!(sets.iter().all(|n| (850..1200).contains(n)), "{sets:?}");
+    }
 }

@@ -8,21 +8,14 @@
 //! immediate "connection refused" that MTAs treat as a failed MX and
 //! answer by hammering the next one, and would reflect a packet to any
 //! spoofed source. Established flows are untouched: only SYNs are asked.
-use smtp_lb_common::{FLOW_CLOSING, FlowKey, Service};
+use smtp_lb_common::{FlowKey, Service};
 
-use crate::maps::{ADMISSION, CONNTRACK};
+use crate::{maps::ADMISSION, select};
 
 /// Whether the SYN of `key` to `svc` is refused. A retransmitted SYN of a
 /// flow admitted before the flag was set (still tracked, not closing) goes
 /// through: its relay has it half open already.
 #[inline(always)]
 pub fn refuses(key: &FlowKey, svc: &Service) -> bool {
-    if !ADMISSION.get(svc.id).is_some_and(|v| *v != 0) {
-        return false;
-    }
-    // SAFETY: read once, copied.
-    let admitted = unsafe { CONNTRACK.get(key) }
-        .copied()
-        .is_some_and(|f| f.flags & FLOW_CLOSING == 0);
-    !admitted
+    ADMISSION.get(svc.id).is_some_and(|v| *v != 0) && !select::live(key)
 }

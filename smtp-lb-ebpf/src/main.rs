@@ -1,5 +1,6 @@
 //! smtp-lb kernel side. Entry points only; each concern has its own module:
-//! [`parse`] (headers), [`select`] (service, conntrack, Maglev table),
+//! [`parse`] (headers), [`select`] (service, tracked flow, Maglev table),
+//! [`flows`] (the flow table),
 //! [`forward`] (L2 DSR, IPIP / IP6IP6), [`too_big`] (ICMP for packets the
 //! tunnel cannot carry), [`csum`], [`balance`] (the packet
 //! path that ties them together), [`icmp`] (errors about balanced flows),
@@ -12,6 +13,7 @@ mod admission;
 mod balance;
 mod csum;
 mod decap;
+mod flows;
 mod forward;
 mod icmp;
 mod maps;

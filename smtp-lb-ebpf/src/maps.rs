@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use smtp_lb_common::{
-    Backend, BackendStats, CONNTRACK_SIZE, DecapPrefix, DecapStats, Flow, FlowKey, GlobalStats,
+    Backend, BackendStats, DecapPrefix, DecapStats, FLOW_SETS, Flow, FlowKey, FlowSet, GlobalStats,
     LbConfig, MAX_BACKENDS, MAX_DECAP_PREFIXES, MAX_SERVICES, MAX_TX_PORTS, MOVED_FLOWS_SIZE,
     RING_SLOTS, SERVICE_INDEX_SLOTS, Service, ServiceKey, ServiceSlot, ServiceStats,
 };
@@ -34,14 +34,19 @@ pub static RINGS: Array<u32, { RING_SLOTS as usize }> = Array::new();
 #[btf_map]
 pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 
-/// 5-tuple → backend the flow started on. One common LRU: measured here,
-/// `BPF_F_NO_COMMON_LRU` (per-CPU lists) made each SYN's insert ~60 ns
-/// slower, and splits the capacity per CPU.
+/// set → the ways of one set of tracked flows ([`crate::flows`]): an array,
+/// so a lookup is inlined and an insert is a plain write.
 #[btf_map]
-pub static CONNTRACK: LruHashMap<FlowKey, Flow, { CONNTRACK_SIZE as usize }> = LruHashMap::new();
+pub static FLOW_TABLE: Array<FlowSet, { FLOW_SETS as usize }> = Array::new();
+
+/// `0` → seconds, written by the daemon every second: the clock of
+/// [`smtp_lb_common::FlowEntry::stamp`] (it stands still while no daemon runs,
+/// and then nothing ages).
+#[btf_map]
+pub static FLOW_CLOCK: Array<u32, 1> = Array::new();
 
 /// 5-tuple → backend, for the tracked flows a table change moved (user space
-/// copies them out of `CONNTRACK` at each change). Only read here (and the
+/// copies them out of `FLOW_TABLE` at each change). Only read here (and the
 /// closing bit set): no packet can insert, so no flood can evict them.
 #[btf_map]
 pub static MOVED_FLOWS: LruHashMap<FlowKey, Flow, { MOVED_FLOWS_SIZE as usize }> =
@@ -69,8 +74,8 @@ pub static DECAP_STATS: PerCpuArray<DecapStats, 1> = PerCpuArray::new();
 
 /// backend id → live flows counted on this CPU (+1 per SYN tracked to it,
 /// −1 when its entry first sees FIN/RST; a flow may end on another CPU,
-/// hence signed). User space resets it to the `CONNTRACK` count at each
-/// walk, which takes back what silent LRU evictions leaked.
+/// hence signed). User space resets it to the `FLOW_TABLE` count at each
+/// walk, which takes back what flows that vanished without FIN/RST leaked.
 #[btf_map]
 pub static FLOW_COUNTS: PerCpuArray<i64, { MAX_BACKENDS as usize }> = PerCpuArray::new();
 

@@ -7,12 +7,19 @@ use aya_ebpf::{
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
-use smtp_lb_common::{CONNTRACK_SIZE, Flow, FlowKey};
+use smtp_lb_common::{
+    CONNTRACK_SIZE, Flow, FlowKey, ServiceKey, flow_hash, service_slot, table_hash,
+};
 
 use crate::{
-    maps::{CONNTRACK, GLOBAL_STATS, MOVED_FLOWS},
+    flows,
+    maps::{GLOBAL_STATS, MOVED_FLOWS},
     parse::{ETH_HLEN, read},
 };
+
+/// The LRU hash the balancer tracked flows in before [`flows`] (`CONNTRACK`).
+#[btf_map]
+static PROBE_CT: LruHashMap<FlowKey, Flow, { CONNTRACK_SIZE as usize }> = LruHashMap::new();
 
 /// An IPv4-only flow key: (src, dst, sport, dport), 12 bytes.
 #[repr(C)]
@@ -74,23 +81,23 @@ pub fn probe_stats(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// `CONNTRACK` lookup (a hit once `probe_ct_update` ran on the same packet).
+/// The old `CONNTRACK` lookup (a hit once `probe_ct_update` ran on the same packet).
 #[xdp]
 pub fn probe_ct_lookup(ctx: XdpContext) -> u32 {
     let Some(k) = key40(&ctx) else {
         return xdp_action::XDP_PASS;
     };
-    verdict(CONNTRACK.get_ptr(&k).is_some())
+    verdict(PROBE_CT.get_ptr(&k).is_some())
 }
 
-/// `CONNTRACK` update of an existing key (a new flow costs the same: a free
+/// The old `CONNTRACK` update of an existing key (a new flow costs the same: a free
 /// node popped, linked, the old one unlinked and pushed back).
 #[xdp]
 pub fn probe_ct_update(ctx: XdpContext) -> u32 {
     let Some(k) = key40(&ctx) else {
         return xdp_action::XDP_PASS;
     };
-    verdict(CONNTRACK.insert(&k, FLOW, 0).is_ok())
+    verdict(PROBE_CT.insert(&k, FLOW, 0).is_ok())
 }
 
 /// `MOVED_FLOWS` lookup of an absent key (what every conntrack miss adds).
@@ -154,4 +161,80 @@ pub fn probe_lru_pcpu_lists_update(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     };
     verdict(PROBE_LRU_PCPU_LISTS.insert(&k, FLOW, 0).is_ok())
+}
+
+/// Flow table hit, as an established packet takes it: the table hash, the
+/// set, the ways' keys compared, the seal checked, confirmed and stamped
+/// (a write only the first time). The first run, a miss, inserts the key.
+#[xdp]
+pub fn probe_table_lookup(ctx: XdpContext) -> u32 {
+    let Some(k) = key40(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    let hash = table_hash(&k);
+    let Some(t) = flows::find(&k, hash) else {
+        let _ = flows::insert(&k, hash, FLOW.backend, 0, 0);
+        return xdp_action::XDP_PASS;
+    };
+    verdict(!flows::touch(&t, false) && t.backend == FLOW.backend)
+}
+
+/// Flow table insert as a SYN does it, of a new flow each run (the key's
+/// last word is this CPU's run count, so each run hashes to another set of
+/// the 16 MiB table, as new flows do): the ways ranked, one written. Once
+/// the sets are full it takes unconfirmed ways, as under a SYN flood.
+#[xdp]
+pub fn probe_table_insert(ctx: XdpContext) -> u32 {
+    let Some(mut k) = key40(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    let Some(s) = GLOBAL_STATS.get_ptr_mut(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: this CPU's slot.
+    let n = unsafe {
+        (*s).tx += 1;
+        (*s).tx
+    };
+    k.dst[3] ^= n as u32;
+    let hash = table_hash(&k);
+    let took = matches!(
+        flows::insert(&k, hash, FLOW.backend, 0, 0),
+        flows::Inserted::Took(_)
+    );
+    verdict(took)
+}
+
+/// The Maglev flow hash (`flow_hash`, a chain of dependent mixes) of the key.
+#[xdp]
+pub fn probe_flow_hash(ctx: XdpContext) -> u32 {
+    let Some(k) = key40(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    verdict(flow_hash(&k, false) == 1)
+}
+
+/// The flow table's hash (`table_hash`, independent multiplies) of the key.
+#[xdp]
+pub fn probe_table_hash(ctx: XdpContext) -> u32 {
+    let Some(k) = key40(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    verdict(table_hash(&k) == 1)
+}
+
+/// The service table's slot hash (`service_slot`, the same kind of chain as
+/// `flow_hash`) of the key's destination.
+#[xdp]
+pub fn probe_service_slot(ctx: XdpContext) -> u32 {
+    let Some(k) = key40(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    let skey = ServiceKey {
+        addr: k.dst,
+        port: k.dport,
+        proto: k.proto,
+        family: k.family,
+    };
+    verdict(service_slot(&skey) == 1)
 }

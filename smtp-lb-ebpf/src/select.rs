@@ -4,11 +4,12 @@ use aya_ebpf::helpers::generated::bpf_map_lookup_percpu_elem;
 use smtp_lb_common::{
     BACKEND_VALID, Backend, FLOW_CLOSING, Flow, FlowKey, GlobalStats, NO_BACKEND, P2C_MAX_CPUS,
     PROTO_TCP, SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS, SERVICE_P2C, SERVICE_STICKY, Service,
-    ServiceKey, flow_hash, second_hash, service_slot,
+    ServiceKey, flow_hash, second_hash, service_slot, table_hash,
 };
 
-use crate::maps::{
-    BACKENDS, CONNTRACK, FLOW_COUNTS, MOVED_FLOWS, RINGS, SERVICE_INDEX, SERVICES, VIP_PORTS,
+use crate::{
+    flows::{self, Inserted},
+    maps::{BACKENDS, FLOW_COUNTS, MOVED_FLOWS, RINGS, SERVICE_INDEX, SERVICES, VIP_PORTS},
 };
 
 /// Whether some service uses destination port `dport` (network order): an
@@ -82,24 +83,25 @@ pub struct Choice {
     pub backend: &'static Backend,
 }
 
-/// The tracked flow of `key`: its `CONNTRACK` entry, else (evicted, e.g. by
-/// a flood) the copy user space made in `MOVED_FLOWS` when a table change
-/// sent it elsewhere. A FIN/RST marks the entry closing; the common path
-/// stays a read.
+/// The tracked flow of `key` (`hash`: its `table_hash`): its [`flows`] entry, else
+/// (its way taken, e.g. under a flood) the copy user space made in
+/// `MOVED_FLOWS` when a table change sent it elsewhere. `seen` is a packet
+/// of the flow (`Some(closing)`: it confirms the entry, a FIN/RST marks it
+/// closing); `None` looks without changing anything (ICMP errors).
 #[inline(always)]
-fn tracked(key: &FlowKey, closing: bool, stats: &mut GlobalStats) -> Option<u32> {
-    // SAFETY: read once, copied.
-    if let Some(flow) = unsafe { CONNTRACK.get(key) }.copied() {
-        if closing && flow.flags & FLOW_CLOSING == 0 {
-            mark_closing(CONNTRACK.get_ptr_mut(key));
-            count_flow(flow.backend, -1);
+fn tracked(key: &FlowKey, hash: u64, seen: Option<bool>, stats: &mut GlobalStats) -> Option<u32> {
+    if let Some(t) = flows::find(key, hash) {
+        if let Some(closing) = seen
+            && flows::touch(&t, closing)
+        {
+            count_flow(t.backend, -1);
         }
-        return Some(flow.backend);
+        return Some(t.backend);
     }
     // SAFETY: read once, copied.
     let flow = unsafe { MOVED_FLOWS.get(key) }.copied()?;
     stats.moved_hit += 1;
-    if closing && flow.flags & FLOW_CLOSING == 0 {
+    if seen == Some(true) && flow.flags & FLOW_CLOSING == 0 {
         mark_closing(MOVED_FLOWS.get_ptr_mut(key));
         count_flow(flow.backend, -1);
     }
@@ -147,7 +149,8 @@ fn live_flows(id: u32) -> i64 {
 /// through the live table (a new flow); any other packet follows its tracked
 /// entry ([`tracked`]) while that backend exists, else is hashed (and
 /// counted: `lru_miss` for no entry, `rehash` for a removed backend). Either
-/// way the `CONNTRACK` entry is (re)written, so later packets of the flow stick.
+/// way the flow is then (re)tracked in [`flows`] if its set has a way to
+/// give, so later packets of the flow stick.
 #[inline(always)]
 pub fn choose(
     key: &FlowKey,
@@ -156,8 +159,9 @@ pub fn choose(
     closing: bool,
     stats: &mut GlobalStats,
 ) -> Option<Choice> {
+    let hash = table_hash(key);
     if !syn {
-        match tracked(key, closing, stats) {
+        match tracked(key, hash, Some(closing), stats) {
             Some(id) => {
                 if let Some(backend) = backend(id) {
                     return Some(Choice { id, backend });
@@ -172,18 +176,19 @@ pub fn choose(
     } else {
         table(key, svc)?
     };
-    let flow = Flow {
-        backend: id,
-        service: svc.id,
-        flags: if closing { FLOW_CLOSING } else { 0 },
-    };
-    // A full LRU evicts; an insert can only fail on memory pressure, and the
-    // packet is still forwarded correctly (the next one re-hashes the same way).
-    let _ = CONNTRACK.insert(key, flow, 0);
-    // Only a SYN starts a flow; an untracked packet's flow was counted at
-    // its SYN (a silent eviction leaks that count until user space resets it).
-    if syn && !closing {
-        count_flow(id, 1);
+    let flags = if closing { FLOW_CLOSING } else { 0 };
+    // The live-flow counts follow the table's live entries: +1 for one
+    // tracked, −1 for a live one whose way was taken.
+    match flows::insert(key, hash, id, svc.id, flags) {
+        Inserted::Took(displaced) => {
+            if let Some(old) = displaced {
+                count_flow(old, -1);
+            }
+            if !closing {
+                count_flow(id, 1);
+            }
+        }
+        Inserted::Full => stats.flow_table_full += 1,
     }
     Some(Choice { id, backend })
 }
@@ -193,13 +198,20 @@ pub fn choose(
 /// (anyone can send those, so they must not insert).
 #[inline(always)]
 pub fn owner(key: &FlowKey, svc: &Service, stats: &mut GlobalStats) -> Option<Choice> {
-    if let Some(id) = tracked(key, false, stats) {
+    if let Some(id) = tracked(key, table_hash(key), None, stats) {
         if let Some(backend) = backend(id) {
             return Some(Choice { id, backend });
         }
     }
     let (id, backend) = table(key, svc)?;
     Some(Choice { id, backend })
+}
+
+/// Whether `key` is tracked and not closing (a retransmitted SYN of a flow
+/// admitted before admission closed).
+#[inline(always)]
+pub fn live(key: &FlowKey) -> bool {
+    flows::find(key, table_hash(key)).is_some_and(|t| t.flags & FLOW_CLOSING == 0)
 }
 
 /// The backend the live Maglev table names for `key`.

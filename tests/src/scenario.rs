@@ -599,7 +599,7 @@ pub fn run(plan: Plan, on: &mut dyn FnMut(Event)) -> Outcome {
             ns("client")
         ),
         format!(
-            "bpftool map dump pinned {}/CONNTRACK",
+            "bpftool map lookup pinned {}/FLOW_TABLE key 0 0 0 0     # one set of tracked flows (65,536 sets: `ctl where` names a flow's)",
             dsr.pin_dir.display()
         ),
     ];

@@ -16,8 +16,8 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap, PerCpuArray, PerCpuValues};
-use smtp_lb_common::{Flow, FlowKey, PROTO_TCP, maps, programs::BALANCER, second_hash};
+use aya::maps::{Array, PerCpuArray, PerCpuValues};
+use smtp_lb_common::{Flow, FlowKey, FlowSet, PROTO_TCP, maps, programs::BALANCER, second_hash};
 use smtp_lb_tests::{
     env,
     packet::{LB_MAC, PacketBuilder, tcp},
@@ -27,7 +27,7 @@ use smtp_lb_tests::{
 use smtp_lb_user::{
     balance::plan::{Plan, addr_words, service_key},
     config::lb::LbConfig,
-    dataplane::{MapWriter, apply_config},
+    dataplane::{MapWriter, apply_config, flows},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -126,9 +126,16 @@ impl Fixture {
     }
 
     fn tracked(&mut self, sport: u16) -> Option<Flow> {
-        let ct: HashMap<_, FlowKey, Flow> =
-            HashMap::try_from(self.h.ebpf_mut().map(maps::CONNTRACK).unwrap()).unwrap();
-        ct.get(&key(sport), 0).ok()
+        let table: Array<_, FlowSet> =
+            Array::try_from(self.h.ebpf_mut().map(maps::FLOW_TABLE).unwrap()).unwrap();
+        flows::find(&table, &key(sport)).unwrap()
+    }
+
+    /// Empties the flow's `FLOW_TABLE` way, as a new flow taking it would.
+    fn forget(&mut self, sport: u16) {
+        let mut table: Array<_, FlowSet> =
+            Array::try_from(self.h.ebpf_mut().map_mut(maps::FLOW_TABLE).unwrap()).unwrap();
+        assert!(flows::remove(&mut table, &key(sport)).unwrap(), "tracked");
     }
 }
 
@@ -259,17 +266,15 @@ fn a_flow_on_its_second_candidate_stays_there_also_after_an_eviction() {
     assert_eq!(f.send(c.sport, tcp::ACK), second_mac, "tracked");
 
     // The periodic sync: the flow the table does not name is copied where
-    // no packet can evict it, and the counts are reset from CONNTRACK.
+    // no packet can evict it, and the counts are reset from FLOW_TABLE.
     let plan = f.plan.clone();
     let moved = f.h.ebpf_mut().keep_moved_flows(&plan).expect("sync");
     assert_eq!(moved.copied, 1, "the flow on its second candidate is kept");
     assert_eq!(f.count(c.second), 1, "reset to the live flows tracked");
     assert_eq!(f.count(c.maglev), 0);
 
-    // A flood evicts its CONNTRACK entry: it still reaches its relay.
-    let mut ct: HashMap<_, FlowKey, Flow> =
-        HashMap::try_from(f.h.ebpf_mut().map_mut(maps::CONNTRACK).unwrap()).unwrap();
-    ct.remove(&key(c.sport)).unwrap();
+    // Its FLOW_TABLE way is taken: it still reaches its relay.
+    f.forget(c.sport);
     assert_eq!(f.send(c.sport, tcp::ACK), second_mac, "MOVED_FLOWS hit");
 
     // Without the copy, an untracked packet re-hashes to Maglev's candidate
@@ -278,9 +283,7 @@ fn a_flow_on_its_second_candidate_stays_there_also_after_an_eviction() {
     f.set_counts(d.maglev, &[10]);
     f.set_counts(d.second, &[0]);
     assert_eq!(f.send(d.sport, tcp::SYN), f.mac(d.second));
-    let mut ct: HashMap<_, FlowKey, Flow> =
-        HashMap::try_from(f.h.ebpf_mut().map_mut(maps::CONNTRACK).unwrap()).unwrap();
-    ct.remove(&key(d.sport)).unwrap();
+    f.forget(d.sport);
     let maglev_mac = f.mac(d.maglev);
     assert_eq!(f.send(d.sport, tcp::ACK), maglev_mac, "lru_miss re-hash");
 }

@@ -5,9 +5,10 @@
 //! prove the kernel and user space agree on where a flow goes.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use aya::maps::{PerCpuArray, PerCpuValues};
+use aya::maps::{Array, PerCpuArray, PerCpuValues};
 use smtp_lb_common::{
-    Flow, FlowKey, GlobalStats, NO_BACKEND, PROTO_TCP, SERVICE_STICKY, maps, programs::BALANCER,
+    FLOW_IDLE_SECS, Flow, FlowKey, FlowSet, GlobalStats, NO_BACKEND, PROTO_TCP, SERVICE_STICKY,
+    maps, programs::BALANCER,
 };
 use smtp_lb_tests::{
     packet::{CLIENT_MAC, LB_MAC, PacketBuilder, arp_request, path_mtu_error, tcp},
@@ -16,7 +17,7 @@ use smtp_lb_tests::{
 use smtp_lb_user::{
     balance::plan::{Plan, addr_words, service_key},
     config::lb::LbConfig,
-    dataplane::{MapWriter, apply_config},
+    dataplane::{MapWriter, apply_config, flows},
 };
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -457,7 +458,12 @@ fn vip_options_fragments_and_extension_headers_are_counted_drops() {
 fn terminal(s: &GlobalStats) -> u64 {
     s.fields()
         .iter()
-        .filter(|(n, _)| !matches!(*n, "lru_miss" | "rehash" | "moved_hit" | "icmp_to_flow"))
+        .filter(|(n, _)| {
+            !matches!(
+                *n,
+                "lru_miss" | "rehash" | "moved_hit" | "icmp_to_flow" | "flow_table_full"
+            )
+        })
         .map(|(_, v)| v)
         .sum()
 }
@@ -673,7 +679,7 @@ fn icmp_errors_quoting_a_flow_reach_the_relay_that_owns_it() {
         assert_eq!(out.output, rewritten(&err, mac), "{src}: untracked");
         assert_eq!(delta, vec![("tx", 1), ("icmp_to_flow", 1)], "{src}");
         let key = flow_key(src, 45678, dst, 25);
-        assert!(!tracked_in(&mut f, maps::CONNTRACK, &key));
+        assert!(!tracked_in(&mut f, maps::FLOW_TABLE, &key));
 
         // Errors about the node's own traffic, other ports, or other
         // messages pass untouched.
@@ -717,20 +723,21 @@ fn icmp_errors_quoting_a_flow_reach_the_relay_that_owns_it() {
     }
 }
 
-/// Spoofed tuples in each flood: over 10× `CONNTRACK_SIZE`.
+/// Spoofed tuples in each flood: over 10× `CONNTRACK_SIZE` (the flow table's ways).
 const FLOOD: u32 = 3_000_000;
 
 /// A tracked flow to relay1, then relay1 drained (weight 0: the table no
 /// longer names it), then [`FLOOD`] random spoofed tuples to the same VIP
 /// port — each a SYN followed by an ACK (`syn_first`), or an ACK alone. The
-/// flood must have evicted the flow from `CONNTRACK`, and its next packet
-/// must still reach relay1, through the copy the table change made.
+/// flow's next packet must still reach relay1.
 ///
-/// With SYN+ACK pairs the flow is established (it sent an ACK, so the LRU
-/// counts it as used): the pairs' own ACKs mark them used too, which is what
-/// evicts it. Lone ACKs never hit an entry, so they only evict entries
-/// nobody used: there the flow is one whose handshake is under way (only
-/// its SYN seen), the worst case for that flood.
+/// With SYN+ACK pairs the flow is established (it sent an ACK: confirmed),
+/// and no new flow may take a confirmed way, so it must still be in
+/// `FLOW_TABLE`; should it lose its way anyway (an LB restart without the
+/// pinned table), the copy the table change made must still hold it. Lone
+/// ACKs each take a free or unconfirmed way: there the flow is one whose
+/// handshake is under way (only its SYN seen), the worst case for that
+/// flood, and the flood must have taken its way: only the copy holds it.
 fn tracked_flow_survives_a_spoofed_flood(src: IpAddr, dst: IpAddr, syn_first: bool) {
     let mut f = Fixture::new(&config([1, 1, 1], false));
     let relay1 = [2, 0, 0, 0, 0, 3];
@@ -794,15 +801,26 @@ fn tracked_flow_survives_a_spoofed_flood(src: IpAddr, dst: IpAddr, syn_first: bo
     if !syn_first {
         assert_eq!(after.lru_miss - before.lru_miss, u64::from(FLOOD));
     }
-    assert!(
-        !tracked_in(&mut f, maps::CONNTRACK, &key),
-        "the flood evicted the flow from CONNTRACK"
-    );
-
-    // The flow's next packet: still relay1.
     let ack = PacketBuilder::tcp(src, sport, dst, 25, tcp::ACK)
         .payload(b"DATA\r\n")
         .build();
+    if syn_first {
+        assert!(
+            tracked_in(&mut f, maps::FLOW_TABLE, &key),
+            "the flood took the way of a confirmed flow"
+        );
+        let (out, delta) = f.run_counted(&ack);
+        assert_eq!(out.output, rewritten(&ack, relay1), "still on relay1");
+        assert_eq!(delta, vec![("tx", 1)]);
+        forget(&mut f, &key);
+    } else {
+        assert!(
+            !tracked_in(&mut f, maps::FLOW_TABLE, &key),
+            "the flood took the way of the flow that had only sent its SYN"
+        );
+    }
+
+    // The flow's next packet without its way: still relay1.
     let (out, delta) = f.run_counted(&ack);
     assert_eq!(out.verdict, Verdict::Tx);
     assert_eq!(out.output, rewritten(&ack, relay1), "still on relay1");
@@ -813,7 +831,7 @@ fn tracked_flow_survives_a_spoofed_flood(src: IpAddr, dst: IpAddr, syn_first: bo
     let walk = std::time::Instant::now();
     let restored = apply_config(f.h.ebpf_mut(), &config([1, 1, 1], false)).expect("restore");
     eprintln!(
-        "apply with a full CONNTRACK ({} entries walked): {:?}",
+        "apply with a full FLOW_TABLE ({} flows walked): {:?}",
         restored.moved.scanned,
         walk.elapsed()
     );
@@ -821,12 +839,24 @@ fn tracked_flow_survives_a_spoofed_flood(src: IpAddr, dst: IpAddr, syn_first: bo
     assert!(!tracked_in(&mut f, maps::MOVED_FLOWS, &key));
 }
 
-/// Whether map `name` (`CONNTRACK` or `MOVED_FLOWS`) holds `key`. A syscall
-/// lookup: it does not mark the entry as used, as a packet's would.
+/// Whether map `name` (`FLOW_TABLE` or `MOVED_FLOWS`) holds `key`. A
+/// syscall lookup: it changes nothing, as a packet's would.
 fn tracked_in(f: &mut Fixture, name: &str, key: &FlowKey) -> bool {
     let map = f.h.ebpf_mut().map(name).unwrap();
+    if name == maps::FLOW_TABLE {
+        let table: Array<_, FlowSet> = Array::try_from(map).unwrap();
+        return flows::find(&table, key).unwrap().is_some();
+    }
     let m: aya::maps::HashMap<_, FlowKey, Flow> = aya::maps::HashMap::try_from(map).unwrap();
     m.get(key, 0).is_ok()
+}
+
+/// Empties the way of `key`, as a new flow taking it (or a restart with an
+/// empty table) would.
+fn forget(f: &mut Fixture, key: &FlowKey) {
+    let map = f.h.ebpf_mut().map_mut(maps::FLOW_TABLE).unwrap();
+    let mut table: Array<_, FlowSet> = Array::try_from(map).unwrap();
+    assert!(flows::remove(&mut table, key).unwrap(), "tracked");
 }
 
 #[test]
@@ -847,4 +877,220 @@ fn tracked_flow_survives_a_flood_of_spoofed_acks_v4() {
 #[test]
 fn tracked_flow_survives_a_flood_of_spoofed_acks_v6() {
     tracked_flow_survives_a_spoofed_flood(CLIENT6.into(), VIP6.into(), false);
+}
+
+/// `n` flows to VIP4:25 (from clients 198.51.100.x) that share one
+/// `FLOW_TABLE` set: what a flood concentrated on one set looks like.
+fn one_set(n: usize) -> Vec<(IpAddr, u16)> {
+    let set = |c: IpAddr, p: u16| flows::set_of(&flow_key(c, p, VIP4.into(), 25));
+    let first: IpAddr = CLIENT4.into();
+    let target = set(first, 40000);
+    let mut out = vec![(first, 40000)];
+    'search: for x in 1..=254u8 {
+        let client = IpAddr::V4(Ipv4Addr::new(198, 51, 100, x));
+        for port in 1024..=65535u16 {
+            if out.len() == n {
+                break 'search;
+            }
+            if (client, port) != (first, 40000) && set(client, port) == target {
+                out.push((client, port));
+            }
+        }
+    }
+    assert_eq!(out.len(), n, "flows in one set");
+    out
+}
+
+impl Fixture {
+    /// Sends `flags` of flow `client:port → VIP4:25`, asserts it reached the
+    /// backend the table names and returns the counters that changed.
+    fn flow(&mut self, (client, port): (IpAddr, u16), flags: u8) -> Vec<(&'static str, u64)> {
+        let pkt = PacketBuilder::tcp(client, port, VIP4, 25, flags).build();
+        let mac = self.expected_mac(client, port, VIP4.into(), 25).unwrap();
+        let (out, delta) = self.run_counted(&pkt);
+        assert_eq!(out.verdict, Verdict::Tx, "{client}:{port} flags {flags:#x}");
+        assert_eq!(
+            out.output,
+            rewritten(&pkt, mac),
+            "{client}:{port}: its relay"
+        );
+        delta
+    }
+
+    fn tracks(&mut self, (client, port): (IpAddr, u16)) -> bool {
+        tracked_in(
+            self,
+            maps::FLOW_TABLE,
+            &flow_key(client, port, VIP4.into(), 25),
+        )
+    }
+}
+
+#[test]
+fn a_new_flow_never_takes_the_way_of_a_confirmed_flow() {
+    let mut f = Fixture::new(&config([1, 1, 1], false));
+    let flows = one_set(5);
+    // Four established flows (SYN, then ACK) fill the set's four ways.
+    for &flow in &flows[..4] {
+        assert_eq!(f.flow(flow, tcp::SYN), vec![("tx", 1)]);
+        assert_eq!(f.flow(flow, tcp::ACK), vec![("tx", 1)]);
+    }
+    // A fifth flow's SYN finds no way it may take: forwarded by the table,
+    // untracked, counted; and so is its ACK.
+    assert_eq!(
+        f.flow(flows[4], tcp::SYN),
+        vec![("tx", 1), ("flow_table_full", 1)]
+    );
+    assert!(!f.tracks(flows[4]));
+    assert_eq!(
+        f.flow(flows[4], tcp::ACK),
+        vec![("tx", 1), ("lru_miss", 1), ("flow_table_full", 1)]
+    );
+    for &flow in &flows[..4] {
+        assert!(f.tracks(flow), "{flow:?} keeps its way");
+    }
+}
+
+#[test]
+fn a_new_flow_takes_the_way_of_an_unconfirmed_or_closing_flow() {
+    let mut f = Fixture::new(&config([1, 1, 1], false));
+    let flows = one_set(6);
+    for &flow in &flows[..3] {
+        f.flow(flow, tcp::SYN);
+        f.flow(flow, tcp::ACK);
+    }
+    // The fourth only sent its SYN (a handshake under way, or spoofed).
+    f.flow(flows[3], tcp::SYN);
+    assert_eq!(f.flow(flows[4], tcp::SYN), vec![("tx", 1)]);
+    assert!(f.tracks(flows[4]), "took the unconfirmed way");
+    assert!(!f.tracks(flows[3]));
+    f.flow(flows[4], tcp::ACK);
+    // The client of the first sends FIN: its way may go to a new flow.
+    f.flow(flows[0], tcp::FIN | tcp::ACK);
+    assert_eq!(f.flow(flows[5], tcp::SYN), vec![("tx", 1)]);
+    assert!(f.tracks(flows[5]), "took the closing way");
+    assert!(!f.tracks(flows[0]));
+    for &flow in &[flows[1], flows[2], flows[4]] {
+        assert!(f.tracks(flow), "{flow:?} keeps its way");
+    }
+}
+
+#[test]
+fn a_confirmed_flow_silent_for_the_idle_time_gives_its_way_up() {
+    let mut f = Fixture::new(&config([1, 1, 1], false));
+    let flows = one_set(6);
+    let t0 = 1_000;
+    f.h.ebpf_mut().set_clock(t0).unwrap();
+    for &flow in &flows[..4] {
+        f.flow(flow, tcp::SYN);
+        f.flow(flow, tcp::ACK);
+    }
+    // Silent exactly the idle time: not yet.
+    f.h.ebpf_mut().set_clock(t0 + FLOW_IDLE_SECS).unwrap();
+    assert_eq!(
+        f.flow(flows[4], tcp::SYN),
+        vec![("tx", 1), ("flow_table_full", 1)]
+    );
+    // The second flow speaks; a second later the others have been silent
+    // longer than the idle time, and a new flow takes one of their ways.
+    f.flow(flows[1], tcp::ACK);
+    f.h.ebpf_mut().set_clock(t0 + FLOW_IDLE_SECS + 1).unwrap();
+    assert_eq!(f.flow(flows[5], tcp::SYN), vec![("tx", 1)]);
+    assert!(f.tracks(flows[5]), "took an idle way");
+    assert!(f.tracks(flows[1]), "the flow that spoke keeps its way");
+    let silent = [flows[0], flows[2], flows[3]];
+    assert_eq!(silent.iter().filter(|&&flow| !f.tracks(flow)).count(), 1);
+}
+
+#[test]
+fn a_torn_flow_entry_reads_as_a_miss_never_as_another_relay() {
+    let mut f = Fixture::new(&config([1, 1, 1], false));
+    let flow = (IpAddr::V4(CLIENT4), 40000);
+    f.flow(flow, tcp::SYN);
+    f.flow(flow, tcp::ACK);
+    // Half of another write: the way names another backend, its seal is
+    // still the old one.
+    let key = flow_key(flow.0, flow.1, VIP4.into(), 25);
+    let own = f.expected_mac(flow.0, flow.1, VIP4.into(), 25).unwrap();
+    let other = f
+        .plan
+        .backends
+        .iter()
+        .find(|b| b.value.mac != own && b.value.family == smtp_lb_common::AF_INET)
+        .unwrap()
+        .id;
+    let map = f.h.ebpf_mut().map_mut(maps::FLOW_TABLE).unwrap();
+    let mut table: Array<_, FlowSet> = Array::try_from(map).unwrap();
+    let index = flows::set_of(&key);
+    let mut set = table.get(&index, 0).unwrap();
+    let way = set.ways.iter_mut().find(|w| w.key == key).unwrap();
+    way.backend = other;
+    table.set(index, set, 0).unwrap();
+    // The packet misses and follows the table (its own relay), never `other`.
+    assert_eq!(f.flow(flow, tcp::ACK), vec![("tx", 1), ("lru_miss", 1)]);
+}
+
+/// A daemon of a build before the flow table left `CONNTRACK` (an LRU hash of
+/// `FlowKey` → `Flow`) pinned; the next daemon carries its flows into
+/// `FLOW_TABLE` and unpins it.
+#[test]
+fn a_previous_builds_conntrack_is_carried_into_the_flow_table() {
+    let lab = smtp_lb_tests::lab::Lab::new();
+    let pin_dir = lab.pin_dir();
+    let old = pin_dir.join(maps::CONNTRACK);
+    let bpftool = |args: &[&str]| {
+        let out = std::process::Command::new("bpftool")
+            .args(args)
+            .output()
+            .expect("bpftool");
+        assert!(out.status.success(), "bpftool {args:?}: {out:?}");
+    };
+    let old_path = old.to_str().unwrap();
+    bpftool(&[
+        "map",
+        "create",
+        old_path,
+        "type",
+        "lru_hash",
+        "key",
+        "40",
+        "value",
+        "12",
+        "entries",
+        "1024",
+        "name",
+        "CONNTRACK",
+    ]);
+    let key = flow_key(CLIENT4.into(), 40000, VIP4.into(), 25);
+    let flow = Flow {
+        backend: 7,
+        service: 1,
+        flags: 0,
+    };
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
+    // SAFETY: both are `repr(C)` with explicit padding (aya::Pod).
+    let (key_bytes, flow_bytes) = unsafe {
+        (
+            std::slice::from_raw_parts((&raw const key).cast::<u8>(), size_of::<FlowKey>()),
+            std::slice::from_raw_parts((&raw const flow).cast::<u8>(), size_of::<Flow>()),
+        )
+    };
+    let mut args = vec!["map", "update", "pinned", old_path, "key", "hex"];
+    let (k, v) = (hex(key_bytes), hex(flow_bytes));
+    args.extend(k.iter().map(String::as_str));
+    args.extend(["value", "hex"]);
+    args.extend(v.iter().map(String::as_str));
+    bpftool(&args);
+
+    let dp = smtp_lb_user::dataplane::XdpDataplane::load(&smtp_lb_user::dataplane::LoadOptions {
+        pin_dir: pin_dir.clone(),
+    })
+    .expect("load over the old pins");
+    assert!(!old.exists(), "the old CONNTRACK is unpinned");
+    assert_eq!(
+        smtp_lb_user::dataplane::tracked_flows(&pin_dir).unwrap(),
+        std::collections::BTreeMap::from([(7, (1, 1))]),
+        "its flow is in FLOW_TABLE"
+    );
+    drop(dp);
 }

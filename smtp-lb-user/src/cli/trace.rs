@@ -1,6 +1,6 @@
 //! `smtp-lb ctl trace`: one client connection followed from the balancer
 //! to its relay and on to the providers. The flow's relay comes from the
-//! pinned conntrack map (as `ctl where` reads it); the messages that session
+//! pinned flow table (as `ctl where` reads it); the messages that session
 //! submitted, with each attempt's provider queue, egress source and reply,
 //! from that relay's admin API (`GET /trace`). With a message id instead,
 //! every relay in the data plane is asked for it.
@@ -52,7 +52,7 @@ pub fn run(opts: &Options, names: &BTreeMap<IpAddr, String>, json_out: bool) -> 
             .with_context(|| format!("read the flows from {}", opts.pin_dir.display()))?;
         anyhow::ensure!(
             !flows.is_empty(),
-            "no tracked flow from {client} (never seen, or aged out of the conntrack LRU)"
+            "no tracked flow from {client} (never seen, or its flow table way went to a newer flow)"
         );
         let mut rows = Vec::new();
         for f in &flows {

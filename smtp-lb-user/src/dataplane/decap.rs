@@ -53,7 +53,7 @@ impl Decap {
         let mut loader = EbpfLoader::new();
         for name in [
             maps::RINGS,
-            maps::CONNTRACK,
+            maps::FLOW_TABLE,
             maps::MOVED_FLOWS,
             maps::VIP_PORTS,
             maps::BACKENDS,

@@ -206,6 +206,11 @@ impl MapWriter for Fake {
         Ok(())
     }
 
+    /// The fake tracks no flows, so nothing ages.
+    fn set_clock(&mut self, _: u32) -> Result<(), ApplyError> {
+        Ok(())
+    }
+
     /// The fake tracks no flows: the walk is recorded, nothing is copied.
     fn keep_moved_flows(&mut self, _: &Plan) -> Result<MovedFlows, ApplyError> {
         self.walks.push(self.writes.len());
@@ -276,6 +281,7 @@ impl Dataplane for Fake {
             tracked: None,
             hash,
             slot,
+            flow_set: super::flows::set_of(&key),
         }))
     }
 }

@@ -10,16 +10,18 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::MapInfo,
+    maps::{Array, Map, MapData, MapError, MapInfo},
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
     },
 };
-use smtp_lb_common::{BackendStats, GlobalStats, ServiceStats, maps, programs};
+use smtp_lb_common::{
+    BackendStats, CONNTRACK_SIZE, Flow, FlowKey, FlowSet, GlobalStats, ServiceStats, maps, programs,
+};
 use thiserror::Error;
 
-use super::{EBPF_OBJECT, pins::ensure_bpffs};
+use super::{EBPF_OBJECT, flows, pins::ensure_bpffs, walk};
 
 /// How the XDP program is attached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -69,7 +71,7 @@ pub enum LoadError {
     Map {
         name: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: MapError,
     },
     /// Pinning failed.
     #[error("pin {}: {source}", path.display())]
@@ -126,6 +128,52 @@ fn drop_outgrown_counters(pin_dir: &Path) {
     }
 }
 
+/// A balancer of an earlier build tracked flows in `CONNTRACK`, an LRU hash
+/// of [`FlowKey`] → [`Flow`]. On adopting its pins, its flows are written
+/// into the new `FLOW_TABLE` (unconfirmed, as after a SYN: their next
+/// packet confirms them; a set with no room keeps what it has and the flow
+/// follows `MOVED_FLOWS` or the table) and the old pin is removed. The old
+/// program holds its own reference to the old map until it is swapped out;
+/// flows it starts meanwhile are tracked again at their next packet.
+fn carry_over_conntrack(pin_dir: &Path, ebpf: &mut Ebpf) {
+    let path = pin_dir.join(maps::CONNTRACK);
+    if !path.exists() {
+        return;
+    }
+    let carried = (|| -> Result<(usize, usize), MapError> {
+        let old = Map::LruHashMap(MapData::from_pin(&path)?);
+        let tracked: Vec<(FlowKey, Flow)> = walk::entries(&old, 2 * CONNTRACK_SIZE as usize)?;
+        let map = ebpf
+            .map_mut(maps::FLOW_TABLE)
+            .ok_or_else(|| MapError::InvalidName {
+                name: maps::FLOW_TABLE.to_owned(),
+            })?;
+        let mut table: Array<_, FlowSet> = Array::try_from(map)?;
+        let now = flows::clock_now();
+        let mut kept = 0;
+        for (key, flow) in &tracked {
+            kept += usize::from(flows::insert(&mut table, key, flow, now)?);
+        }
+        Ok((tracked.len(), kept))
+    })();
+    match carried {
+        Ok((found, kept)) => {
+            tracing::info!(
+                found,
+                kept,
+                "flows of the previous build's CONNTRACK carried into FLOW_TABLE"
+            );
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(error = %e, "cannot unpin the previous build's CONNTRACK");
+            }
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot carry the previous build's CONNTRACK flows over; they are tracked again at their next packet"
+        ),
+    }
+}
+
 impl Dataplane {
     /// Loads the embedded object, re-using maps already pinned in `pin_dir`.
     pub fn load(opts: &LoadOptions) -> Result<Self, LoadError> {
@@ -149,7 +197,8 @@ impl Dataplane {
         for name in maps::ALL {
             loader.map_pin_path(name, Cow::Owned(opts.pin_dir.join(name)));
         }
-        let ebpf = loader.load(EBPF_OBJECT)?;
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        carry_over_conntrack(&opts.pin_dir, &mut ebpf);
         let mut dp = Self {
             ebpf,
             pin_dir: opts.pin_dir.clone(),
@@ -382,6 +431,9 @@ impl super::MapWriter for Dataplane {
         plan: &crate::balance::plan::Plan,
     ) -> Result<super::MovedFlows, super::ApplyError> {
         self.ebpf.keep_moved_flows(plan)
+    }
+    fn set_clock(&mut self, secs: u32) -> Result<(), super::ApplyError> {
+        self.ebpf.set_clock(secs)
     }
     fn set_admission(&mut self, id: u32, refuse: bool) -> Result<(), super::ApplyError> {
         self.ebpf.set_admission(id, refuse)

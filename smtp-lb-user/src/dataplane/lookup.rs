@@ -11,11 +11,11 @@ use std::{
 use aya::maps::{Array, HashMap, Map, MapData};
 use serde::Serialize;
 use smtp_lb_common::{
-    BACKEND_VALID, Backend, CONNTRACK_SIZE, FLOW_CLOSING, Flow, FlowKey, MOVED_FLOWS_SIZE,
-    NO_BACKEND, PROTO_TCP, SERVICE_STICKY, Service, ServiceKey, flow_hash, maps,
+    BACKEND_VALID, Backend, FLOW_CLOSING, Flow, FlowKey, FlowSet, MOVED_FLOWS_SIZE, NO_BACKEND,
+    PROTO_TCP, SERVICE_STICKY, Service, ServiceKey, flow_hash, maps,
 };
 
-use super::{LoadError, walk};
+use super::{LoadError, flows, walk};
 use crate::balance::plan::{addr_words, flow_key, words_addr};
 
 fn open(pin_dir: &Path, name: &'static str) -> Result<MapData, LoadError> {
@@ -37,6 +37,9 @@ pub struct Where {
     /// The flow hash and the slot it selects.
     pub hash: u32,
     pub slot: u32,
+    /// The `FLOW_TABLE` set that tracks this connection (`bpftool map
+    /// lookup pinned $P/FLOW_TABLE key` with its four bytes, little-endian).
+    pub flow_set: u32,
 }
 
 /// Where a connection from `client:cport` to `vip:port` goes. `None` when
@@ -91,35 +94,36 @@ pub fn where_to(
             .map_err(err(maps::RINGS))?;
         valid(id)?
     };
-    let conntrack: HashMap<_, FlowKey, Flow> =
-        HashMap::try_from(Map::LruHashMap(open(pin_dir, maps::CONNTRACK)?))
-            .map_err(err(maps::CONNTRACK))?;
+    let table: Array<_, FlowSet> = Array::try_from(Map::Array(open(pin_dir, maps::FLOW_TABLE)?))
+        .map_err(err(maps::FLOW_TABLE))?;
     let moved: HashMap<_, FlowKey, Flow> =
         HashMap::try_from(Map::LruHashMap(open(pin_dir, maps::MOVED_FLOWS)?))
             .map_err(err(maps::MOVED_FLOWS))?;
-    // As the packet path: `CONNTRACK`, then the copy a table change made.
-    let tracked = match conntrack.get(&key, 0).or_else(|_| moved.get(&key, 0)) {
-        Ok(flow) => valid(flow.backend)?,
-        Err(_) => None,
+    // As the packet path: `FLOW_TABLE`, then the copy a table change made.
+    let flow = match flows::find(&table, &key).map_err(err(maps::FLOW_TABLE))? {
+        Some(flow) => Some(flow),
+        None => moved.get(&key, 0).ok(),
+    };
+    let tracked = match flow {
+        Some(flow) => valid(flow.backend)?,
+        None => None,
     };
     Ok(Some(Where {
         new_flow,
         tracked,
         hash,
         slot,
+        flow_set: flows::set_of(&key),
     }))
 }
 
-/// Conntrack entries per backend id: `(live, tracked)`. Tracked entries age
-/// out of the LRU rather than at FIN; live ones are those whose client has
-/// not sent FIN or RST yet ([`smtp_lb_common::FLOW_CLOSING`]).
+/// `FLOW_TABLE` entries per backend id: `(live, tracked)`. Tracked entries
+/// stay after FIN until a new flow takes their way; live ones are those
+/// whose client has not sent FIN or RST yet ([`smtp_lb_common::FLOW_CLOSING`]).
 pub fn tracked_flows(pin_dir: &Path) -> Result<BTreeMap<u32, (u64, u64)>, LoadError> {
-    let conntrack: HashMap<_, FlowKey, Flow> =
-        HashMap::try_from(Map::LruHashMap(open(pin_dir, maps::CONNTRACK)?))
-            .map_err(err(maps::CONNTRACK))?;
+    let table = Map::Array(open(pin_dir, maps::FLOW_TABLE)?);
     let mut counts = BTreeMap::new();
-    for entry in &conntrack {
-        let (_, flow) = entry.map_err(err(maps::CONNTRACK))?;
+    for (_, flow) in walk::flow_table(&table).map_err(err(maps::FLOW_TABLE))? {
         let c = counts.entry(flow.backend).or_insert((0, 0));
         c.0 += u64::from(flow.flags & FLOW_CLOSING == 0);
         c.1 += 1;
@@ -139,26 +143,28 @@ pub struct ClientFlow {
     pub valid: bool,
     /// The client sent FIN or RST.
     pub closing: bool,
-    /// Found only in `MOVED_FLOWS` (its `CONNTRACK` entry was evicted).
+    /// Found only in `MOVED_FLOWS` (its `FLOW_TABLE` way was taken).
     pub moved: bool,
 }
 
 /// The tracked flows from `client` (address and port) to any VIP: its
-/// `CONNTRACK` entries, and the `MOVED_FLOWS` copies of those evicted.
-/// One walk of each map (the kernel has no lookup by part of a key).
+/// `FLOW_TABLE` entries, and the `MOVED_FLOWS` copies of those whose way was
+/// taken. One walk of each map (the kernel has no lookup by part of a key).
 pub fn client_flows(pin_dir: &Path, client: SocketAddr) -> Result<Vec<ClientFlow>, LoadError> {
     let (src, family) = addr_words(client.ip());
     let sport = client.port().to_be();
     let backends: Array<_, Backend> =
         Array::try_from(Map::Array(open(pin_dir, maps::BACKENDS)?)).map_err(err(maps::BACKENDS))?;
     let mut out: Vec<ClientFlow> = Vec::new();
-    for (name, size, moved) in [
-        (maps::CONNTRACK, CONNTRACK_SIZE, false),
-        (maps::MOVED_FLOWS, MOVED_FLOWS_SIZE, true),
-    ] {
-        let map = Map::LruHashMap(open(pin_dir, name)?);
-        let entries: Vec<(FlowKey, Flow)> =
-            walk::entries(&map, 2 * size as usize).map_err(err(name))?;
+    let table = Map::Array(open(pin_dir, maps::FLOW_TABLE)?);
+    let copies = Map::LruHashMap(open(pin_dir, maps::MOVED_FLOWS)?);
+    for (name, moved) in [(maps::FLOW_TABLE, false), (maps::MOVED_FLOWS, true)] {
+        let entries: Vec<(FlowKey, Flow)> = if moved {
+            walk::entries(&copies, 2 * MOVED_FLOWS_SIZE as usize)
+        } else {
+            walk::flow_table(&table)
+        }
+        .map_err(err(name))?;
         for (key, flow) in entries {
             if key.src != src || key.sport != sport || key.family != family {
                 continue;

@@ -12,6 +12,7 @@
 mod decap;
 #[cfg(test)]
 pub mod fake;
+pub mod flows;
 mod loader;
 mod lookup;
 mod pins;
@@ -66,6 +67,9 @@ pub trait MapWriter {
     /// flood can evict them) and prunes copies no longer needed. From the
     /// same walk, resets each backend's `FLOW_COUNTS` to its live flows.
     fn keep_moved_flows(&mut self, plan: &Plan) -> Result<MovedFlows, ApplyError>;
+    /// Sets the flow table's clock (`FLOW_CLOCK`, seconds): a confirmed flow
+    /// silent for `FLOW_IDLE_SECS` of it may give its way to a new one.
+    fn set_clock(&mut self, secs: u32) -> Result<(), ApplyError>;
     /// Refuses (`true`) or admits new connections to service `id`
     /// (admission under back-pressure; established flows are untouched).
     fn set_admission(&mut self, id: u32, refuse: bool) -> Result<(), ApplyError>;
@@ -76,7 +80,7 @@ pub trait MapWriter {
 pub trait Dataplane: MapWriter {
     /// Every counter, summed over CPUs.
     fn stats(&self) -> Result<Snapshot, LoadError>;
-    /// Conntrack entries per backend id: `(live, tracked)`.
+    /// Tracked flows per backend id: `(live, tracked)`.
     fn flows(&self) -> Result<BTreeMap<u32, (u64, u64)>, LoadError>;
     /// Where a connection from `client:cport` to `vip:port` goes; `None`
     /// when `vip:port` is not a service.

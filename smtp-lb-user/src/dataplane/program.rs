@@ -10,8 +10,9 @@
 //! 4. only then are removed backends marked invalid (no live table refers to
 //!    them any more; their tracked flows re-hash);
 //! 5. the tracked flows the new tables send elsewhere are copied into
-//!    `MOVED_FLOWS`, which no packet can insert into, so a later flood that
-//!    evicts them from `CONNTRACK` cannot move them (see [`MovedFlows`]).
+//!    `MOVED_FLOWS`, which no packet can insert into, so losing their
+//!    `FLOW_TABLE` way later (a full set, an LB restart) cannot move them
+//!    (see [`MovedFlows`]).
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -22,10 +23,10 @@ use aya::{
     maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use smtp_lb_common::{
-    BACKEND_VALID, Backend, BackendStats, CONNTRACK_SIZE, FLOW_CLOSING, Flow, FlowKey,
-    LbConfig as LbConfigMap, MAX_BACKENDS, MOVED_FLOWS_SIZE, PROTO_TCP, SERVICE_INDEX_PROBES,
-    SERVICE_INDEX_SLOTS, SERVICE_STICKY, SERVICE_VIP_MARKER, Service, ServiceKey, ServiceSlot,
-    ServiceStats, flow_hash, maps, service_slot,
+    BACKEND_VALID, Backend, BackendStats, FLOW_CLOSING, Flow, FlowKey, LbConfig as LbConfigMap,
+    MAX_BACKENDS, MOVED_FLOWS_SIZE, PROTO_TCP, SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS,
+    SERVICE_STICKY, SERVICE_VIP_MARKER, Service, ServiceKey, ServiceSlot, ServiceStats, flow_hash,
+    maps, service_slot,
 };
 use thiserror::Error;
 
@@ -105,12 +106,13 @@ pub struct Applied {
 /// The walk that keeps moved flows safe from floods. A tracked flow only
 /// needs its entry while the live table would send it elsewhere; every other
 /// flow re-hashes to the same backend without one. So after each change the
-/// flows the new tables moved are copied out of `CONNTRACK` (which every SYN
-/// inserts into, and a flood churns) into `MOVED_FLOWS` (which the packet
-/// path never inserts into), and copies the tables no longer move are pruned.
+/// flows the new tables moved are copied out of `FLOW_TABLE` (which every SYN
+/// writes into, and a flood churns where it can) into `MOVED_FLOWS` (which
+/// the packet path never inserts into), and copies the tables no longer move
+/// are pruned.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MovedFlows {
-    /// `CONNTRACK` entries looked at.
+    /// `FLOW_TABLE` entries (tracked flows) looked at.
     pub scanned: u64,
     /// Tracked flows copied into `MOVED_FLOWS` (live, backend valid, the new
     /// table names another backend).
@@ -419,6 +421,12 @@ impl MapWriter for Ebpf {
         backends.set(id, b, 0).map_err(map_err(maps::BACKENDS))
     }
 
+    fn set_clock(&mut self, secs: u32) -> Result<(), ApplyError> {
+        let mut clock: Array<&mut MapData, u32> =
+            Array::try_from(map_mut(self, maps::FLOW_CLOCK)?).map_err(map_err(maps::FLOW_CLOCK))?;
+        clock.set(0, secs, 0).map_err(map_err(maps::FLOW_CLOCK))
+    }
+
     fn set_admission(&mut self, id: u32, refuse: bool) -> Result<(), ApplyError> {
         let mut admission: Array<&mut MapData, u32> =
             Array::try_from(map_mut(self, maps::ADMISSION)?).map_err(map_err(maps::ADMISSION))?;
@@ -450,10 +458,8 @@ impl MapWriter for Ebpf {
             svc.ring.get((hash % svc.ring_size.max(1)) as usize) != Some(&flow.backend)
         };
         let mut out = MovedFlows::default();
-        // Bounded, in case the fallback iteration restarts (an entry evicted under its cursor).
-        let tracked: Vec<(FlowKey, Flow)> =
-            walk::entries(map_ref(self, maps::CONNTRACK)?, 2 * CONNTRACK_SIZE as usize)
-                .map_err(map_err(maps::CONNTRACK))?;
+        let tracked: Vec<(FlowKey, Flow)> = walk::flow_table(map_ref(self, maps::FLOW_TABLE)?)
+            .map_err(map_err(maps::FLOW_TABLE))?;
         out.scanned = tracked.len() as u64;
         set_flow_counts(self, &valid, &tracked)?;
         let copies: Vec<_> = tracked.into_iter().filter(|(k, f)| moved(k, f)).collect();
@@ -496,9 +502,9 @@ fn missing_map(name: &'static str) -> ApplyError {
 }
 
 /// Resets `FLOW_COUNTS` of every backend in `valid` to its live flows in
-/// `tracked` (a `CONNTRACK` walk): CPU 0 gets the count, the others 0.
-/// This takes back what the packet path cannot see end (entries the LRU
-/// evicted silently, a client that vanished without FIN); a SYN or FIN
+/// `tracked` (a `FLOW_TABLE` walk): CPU 0 gets the count, the others 0.
+/// This takes back what the packet path cannot see end (a client that
+/// vanished without FIN, racing writes to one way); a SYN or FIN
 /// counted between the walk and this write is lost, an error of the few
 /// flows of those milliseconds until the next walk.
 fn set_flow_counts(

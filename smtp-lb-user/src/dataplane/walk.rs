@@ -1,14 +1,39 @@
-//! Reading every entry of a hash map fast. `BPF_MAP_LOOKUP_BATCH` (Linux
-//! 5.6) copies thousands of entries per syscall where iterating costs two
-//! syscalls per entry (aya 0.14 has no batch API): walking a full
-//! `CONNTRACK` takes tens of milliseconds instead of seconds. Its cursor is
-//! a bucket index, so entries evicted meanwhile cannot restart the walk.
+//! Reading every entry of a map fast. `BPF_MAP_LOOKUP_BATCH` (Linux 5.6)
+//! copies thousands of entries per syscall where iterating costs two
+//! syscalls per entry (aya 0.14 has no batch API): walking the whole
+//! `FLOW_TABLE` (16 MiB) or a full `MOVED_FLOWS` takes milliseconds instead
+//! of seconds. Its cursor is a bucket (or array) index, so entries evicted
+//! meanwhile cannot restart the walk.
 use std::os::fd::{AsFd, AsRawFd};
 
 use aya::{
     Pod,
-    maps::{HashMap, Map, MapError},
+    maps::{Array, HashMap, Map, MapError},
 };
+use smtp_lb_common::{Flow, FlowKey, FlowSet};
+
+/// Every tracked flow of the `FLOW_TABLE` array `map`: the sealed, non-empty
+/// ways of every set.
+pub fn flow_table(map: &Map) -> Result<Vec<(FlowKey, Flow)>, MapError> {
+    let sets: Vec<FlowSet> = if let Map::Array(_) = map {
+        match entries::<u32, FlowSet>(map, usize::MAX) {
+            Ok(sets) => sets.into_iter().map(|(_, set)| set).collect(),
+            // No batch ops on arrays: one lookup per set.
+            Err(MapError::InvalidMapType { .. }) => {
+                let array: Array<&aya::maps::MapData, FlowSet> = Array::try_from(map)?;
+                array.iter().collect::<Result<_, _>>()?
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        return Err(MapError::InvalidMapType { map_type: 0 });
+    };
+    Ok(sets
+        .iter()
+        .flat_map(|set| set.ways.iter())
+        .filter_map(|way| Some((way.key, way.flow()?)))
+        .collect())
+}
 
 /// `BPF_MAP_LOOKUP_BATCH` (include/uapi/linux/bpf.h, `enum bpf_cmd`).
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
@@ -29,20 +54,23 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Every `(key, value)` of the hash map `map`, read in batches; falls back
-/// to iterating (at most `limit` entries) where the kernel has no batch ops.
+/// Every `(key, value)` of the hash map or array `map`, read in batches;
+/// falls back to iterating (at most `limit` entries) where the kernel has
+/// no batch ops.
 pub fn entries<K: Pod + Default, V: Pod + Default>(
     map: &Map,
     limit: usize,
 ) -> Result<Vec<(K, V)>, MapError> {
     let fd = match map {
-        Map::HashMap(data) | Map::LruHashMap(data) => data.fd().as_fd().as_raw_fd(),
+        Map::HashMap(data) | Map::LruHashMap(data) | Map::Array(data) => {
+            data.fd().as_fd().as_raw_fd()
+        }
         _ => return Err(MapError::InvalidMapType { map_type: 0 }),
     };
     let mut out = Vec::new();
     let mut keys = vec![K::default(); CHUNK as usize];
     let mut values = vec![V::default(); CHUNK as usize];
-    // Hash maps use a u32 bucket index as the cursor.
+    // Hash maps use a u32 bucket index as the cursor, arrays a u32 index.
     let (mut cursor_in, mut cursor_out) = (0u32, 0u32);
     let mut first = true;
     loop {

@@ -284,6 +284,7 @@ fn where_<D: Dataplane>(node: &Node<D>, query: &BTreeMap<String, String>) -> Res
                 "tracked": w.tracked.map(|(_, a)| json!({"backend": name(a), "address": a})),
                 "hash": w.hash,
                 "slot": w.slot,
+                "flow_set": w.flow_set,
         })),
         Ok(None) => error(
             StatusCode::NOT_FOUND,

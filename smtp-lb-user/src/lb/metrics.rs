@@ -478,7 +478,7 @@ impl Collector for Sampler {
             )?;
             out.counters(
                 "xdp_events",
-                "Events on the way: lru_miss (no conntrack entry for a non-SYN), rehash (backend removed).",
+                "Events on the way: lru_miss (no tracked entry for a non-SYN), rehash (backend removed), flow_table_full (a new flow found no way to take: untracked).",
                 None,
                 st.global
                     .iter()

@@ -56,7 +56,7 @@ use crate::{
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 /// How often, with power of two choices on (`p2c`), the flows sent to their
 /// second candidate are copied where no flood can evict them and the live
-/// flow counts are reset from `CONNTRACK` (one walk of it).
+/// flow counts are reset from `FLOW_TABLE` (one walk of it).
 const FLOW_SYNC_EVERY: Duration = Duration::from_secs(5);
 
 /// One relay, by address (its identity across services).
@@ -253,6 +253,15 @@ impl<D: Dataplane> Node<D> {
     /// The data plane.
     pub fn dataplane(&self) -> &D {
         &self.dp
+    }
+
+    /// Advances the flow table's clock (`FLOW_CLOCK`), by which confirmed
+    /// flows that went silent give their ways up.
+    pub fn tick_clock(&mut self) -> anyhow::Result<()> {
+        self.dp
+            .set_clock(dataplane::flows::clock_now())
+            .context("advance the flow table's clock")?;
+        Ok(())
     }
 
     /// The data plane, to attach it.
@@ -1052,8 +1061,12 @@ pub async fn run<D: Dataplane + Send + 'static>(
                 }
             }
             _ = tick.tick() => {
-                if let Err(e) = lock(&node).reconcile() {
+                let mut n = lock(&node);
+                if let Err(e) = n.reconcile() {
                     error!(error = %format!("{e:#}"), "cannot apply warmup progress");
+                }
+                if let Err(e) = n.tick_clock() {
+                    error!(error = %format!("{e:#}"), "cannot advance the flow table's clock");
                 }
             }
             _ = flow_sync.tick() => {

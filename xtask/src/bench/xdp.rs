@@ -3,31 +3,36 @@
 //! all in one run; every figure is also given as a ratio to the floor.
 //!
 //! - `nonvip`: TCP to a port no service uses (the common case on an LB node).
-//! - `syn`: a SYN to the VIP: service lookup, Maglev slot, conntrack write, L2 rewrite.
+//! - `syn`: a SYN to the VIP: service lookup, Maglev slot, flow table write, L2 rewrite.
 //! - `syn_p2c`: the same SYN to a service with `p2c = true` (its own
 //!   loaded copy): a second slot and both backends' live flows summed over
-//!   the CPUs before the conntrack write.
-//! - `established`: an ACK of a tracked flow: service lookup, conntrack hit, L2 rewrite.
-//! - `moved`: an ACK of a flow a table change moved whose `CONNTRACK` entry is
-//!   gone (a flood evicted it): conntrack miss, `MOVED_FLOWS` hit, L2 rewrite.
+//!   the CPUs before the flow table write.
+//! - `established`: an ACK of a tracked flow: service lookup, flow table hit, L2 rewrite.
+//! - `moved`: an ACK of a flow a table change moved whose `FLOW_TABLE` way is
+//!   gone (taken by another flow): flow table miss, `MOVED_FLOWS` hit, L2 rewrite.
 //! - `icmp`: "fragmentation needed" quoting a tracked flow, sent to its relay.
 //!
 //! Then where the nanoseconds go: the cost probes (`smtp-lb-ebpf` feature
 //! `probes`, an object of their own that never ships), each one map
 //! operation the balancer does (or could do instead) on a key read from the
 //! packet, as ns above reading that key alone. They bound what any packet
-//! path built on these maps can reach on this machine: a `CONNTRACK` hit,
-//! a miss in `MOVED_FLOWS`, an LRU insert, and the alternatives (a 12-byte
+//! path built on these maps can reach on this machine: a flow table hit and
+//! insert, a miss in `MOVED_FLOWS`, and the kernel maps measured before the
+//! flow table replaced the `CONNTRACK` LRU (its hit and insert, a 12-byte
 //! IPv4-only key, a plain or per-CPU hash, per-CPU LRU lists).
 use std::{net::Ipv4Addr, path::Path};
 
-use aya::maps::HashMap;
-use smtp_lb_common::{Flow, FlowKey, maps, programs};
+use aya::maps::Array;
+use smtp_lb_common::{FlowSet, maps, programs};
 use smtp_lb_tests::{
     packet::{PacketBuilder, path_mtu_error, tcp},
     xdp::{Verdict, XdpHarness},
 };
-use smtp_lb_user::{config::lb::LbConfig, dataplane::apply_config};
+use smtp_lb_user::{
+    balance::plan::flow_key,
+    config::lb::LbConfig,
+    dataplane::{apply_config, flows},
+};
 
 use super::Report;
 
@@ -61,6 +66,11 @@ fn ns(xdp: &mut XdpHarness, prog: &str, pkt: &[u8]) -> f64 {
 const PROBES: &[&str] = &[
     "probe_key40",
     "probe_stats",
+    "probe_table_lookup",
+    "probe_table_insert",
+    "probe_table_hash",
+    "probe_flow_hash",
+    "probe_service_slot",
     "probe_ct_lookup",
     "probe_ct_update",
     "probe_moved_miss",
@@ -98,7 +108,7 @@ pub fn run(ebpf_object: &Path, probes_object: &Path) -> anyhow::Result<Report> {
     anyhow::ensure!(xdp.run(programs::BALANCER, &icmp).verdict == Verdict::Tx);
 
     // A moved flow: tracked on the relay a drain then takes out of the
-    // table, its CONNTRACK entry gone as a flood would leave it.
+    // table, its FLOW_TABLE way taken as a full set under a flood can leave it.
     let moved_sport = (41000..42000)
         .find(|p| {
             let syn = PacketBuilder::tcp(client, *p, vip, 25, tcp::SYN).build();
@@ -107,14 +117,13 @@ pub fn run(ebpf_object: &Path, probes_object: &Path) -> anyhow::Result<Report> {
         .ok_or_else(|| anyhow::anyhow!("no flow on relay1"))?;
     apply_config(xdp.ebpf_mut(), &config(0, false)?)?;
     let moved = PacketBuilder::tcp(client, moved_sport, vip, 25, tcp::ACK).build();
-    let mut conntrack: HashMap<_, FlowKey, Flow> =
-        HashMap::try_from(xdp.ebpf_mut().map_mut(maps::CONNTRACK).expect("CONNTRACK"))?;
-    let key = conntrack
-        .keys()
-        .filter_map(Result::ok)
-        .find(|k| u16::from_be(k.sport) == moved_sport)
-        .ok_or_else(|| anyhow::anyhow!("moved flow not tracked"))?;
-    conntrack.remove(&key)?;
+    let mut table: Array<_, FlowSet> = Array::try_from(
+        xdp.ebpf_mut()
+            .map_mut(maps::FLOW_TABLE)
+            .expect("FLOW_TABLE"),
+    )?;
+    let key = flow_key(vip.into(), 25, client.into(), moved_sport);
+    anyhow::ensure!(flows::remove(&mut table, &key)?, "moved flow not tracked");
     let out = xdp.run(programs::BALANCER, &moved);
     anyhow::ensure!(out.verdict == Verdict::Tx && out.output[0..6] == [2, 0, 0, 0, 0, 3]);
 
@@ -175,6 +184,7 @@ fn measure_probes(probes_object: &Path, pkt: &[u8]) -> anyhow::Result<Vec<f64>> 
         xdp.run(probe, pkt);
     }
     anyhow::ensure!(xdp.run("probe_ct_lookup", pkt).verdict == Verdict::Tx);
+    anyhow::ensure!(xdp.run("probe_table_lookup", pkt).verdict == Verdict::Tx);
     let mut rounds: Vec<Vec<f64>> = Vec::new();
     for _ in 0..ROUNDS {
         rounds.push(PROBES.iter().map(|p| ns(&mut xdp, p, pkt)).collect());
