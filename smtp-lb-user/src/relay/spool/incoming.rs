@@ -50,21 +50,6 @@ impl Incoming {
         self.len() == 0
     }
 
-    /// The header section (through its empty line, or all there is) when
-    /// the whole body is still in memory: routing reads it from here
-    /// rather than from the spool.
-    pub fn header_section(&self) -> Option<&[u8]> {
-        if self.spilled > 0 {
-            return None;
-        }
-        let end = self
-            .buf
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map_or(self.buf.len(), |at| at + 4);
-        Some(&self.buf[..end])
-    }
-
     /// Appends to the body (in memory; [`Self::spill_if_full`] moves it out).
     pub fn extend(&mut self, data: &[u8]) {
         self.crc.update(data);

@@ -240,7 +240,6 @@ impl Spool {
             dir: dir.to_owned(),
             index: Mutex::new(index),
             current: AtomicU64::new(current),
-            lazy: Mutex::default(),
         });
         let writer = Writer::create(shared.clone(), current, compact_every)
             .context("create spool segment")?;
@@ -332,11 +331,9 @@ impl Spool {
     }
 
     /// Records that recipients (by index) are finished; `all` when the whole
-    /// message is, which also releases its place in the spool. Written with
-    /// the next batch, within 50 ms; lost in a crash, the
-    /// recipients get the message once more (never fewer times).
+    /// message is, which also releases its place in the spool.
     pub fn mark_done(&self, id: MsgId, rcpts: &[u32], all: bool) {
-        self.shared.push_lazy(Op::Done {
+        let _ = self.tx.send(Op::Done {
             id,
             rcpts: rcpts.to_vec(),
             all,
@@ -347,19 +344,10 @@ impl Spool {
     /// `next_ms` (Unix ms). Not synced on its own: lost in a power cut, it
     /// only makes the message's next attempt come sooner.
     pub fn record_retry(&self, id: MsgId, attempts: u32, next_ms: u64) {
-        self.shared.push_lazy(Op::Retry {
+        let _ = self.tx.send(Op::Retry {
             id,
             retry: RetryState { attempts, next_ms },
         });
-    }
-
-    /// Returns once every done and retry record made before it is written
-    /// (at shutdown: a restart must not deliver a finished message again).
-    pub async fn flush(&self) {
-        let (done, rx) = oneshot::channel();
-        if self.tx.send(Op::Flush(done)).is_ok() {
-            let _ = rx.await;
-        }
     }
 
     /// Compacts now (tests, operators) and returns once done.
@@ -494,25 +482,6 @@ mod tests {
         if read_cached(&file, &mut buf, 40_000) {
             assert_eq!(buf, data[40_000..41_000]);
         }
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[tokio::test]
-    async fn the_header_section_is_offered_only_while_the_body_is_all_in_memory() {
-        let dir = tmpdir("section");
-        let (spool, _, _) = Spool::open(&dir, HOUR).unwrap();
-        let mut body = spool.incoming();
-        body.extend(b"Subject: a\r\nReceived: x\r\n\r\nbody\r\n");
-        assert_eq!(
-            body.header_section(),
-            Some(&b"Subject: a\r\nReceived: x\r\n\r\n"[..])
-        );
-        let mut headers_only = spool.incoming();
-        headers_only.extend(b"Subject: a\r\n");
-        assert_eq!(headers_only.header_section(), Some(&b"Subject: a\r\n"[..]));
-        body.extend(&vec![b'y'; incoming::SPILL]);
-        body.spill_if_full().await.unwrap();
-        assert_eq!(body.header_section(), None, "spilled: read from the spool");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
