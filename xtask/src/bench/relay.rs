@@ -123,14 +123,18 @@ fn rss_mib(pid: u32) -> anyhow::Result<f64> {
 
 /// CPU time (user + system) `pid` has used so far, in seconds.
 fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).context("read /proc/PID/stat")?;
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).context("read /proc/PID/stat")?;
     // After "pid (comm) ": state is field 3, utime 14, stime 15 (proc(5)).
     let fields: Vec<&str> = stat
         .rsplit_once(") ")
         .map(|(_, rest)| rest.split_whitespace().collect())
         .unwrap_or_default();
     let ticks = |i: usize| -> anyhow::Result<f64> {
-        let t: u64 = fields.get(i).and_then(|v| v.parse().ok()).context("utime/stime in /proc/PID/stat")?;
+        let t: u64 = fields
+            .get(i)
+            .and_then(|v| v.parse().ok())
+            .context("utime/stime in /proc/PID/stat")?;
         Ok(t as f64)
     };
     // SAFETY: sysconf only reads a constant of the system.
