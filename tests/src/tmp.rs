@@ -2,10 +2,14 @@
 //! themselves, free loopback ports, child processes killed on drop, polling,
 //! and throwaway TLS certificates.
 use std::{
+    collections::BTreeSet,
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::Child,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -40,24 +44,39 @@ impl Drop for TempDir {
     }
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago, and that no earlier
+/// call in this process returned: the kernel may hand the same ephemeral port
+/// to two binds in a row once the first is closed, and a relay given one port
+/// for two listeners fails to start (seen in CI: metrics and SMTP on one port).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .expect("local addr")
-        .port()
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind 127.0.0.1:0")
+            .local_addr()
+            .expect("local addr")
+            .port();
+        if first_time(port) {
+            return port;
+        }
+    }
 }
 
-/// A UDP+TCP port on 127.0.0.1 that was free a moment ago (for DNS).
+/// A UDP+TCP port on 127.0.0.1 that was free a moment ago (for DNS), never
+/// returned before by this process.
 pub fn free_udp_port() -> u16 {
     loop {
         let u = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
         let port = u.local_addr().expect("local addr").port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() && first_time(port) {
             return port;
         }
     }
+}
+
+/// Records `port` as handed out; `false` when it already was.
+fn first_time(port: u16) -> bool {
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    HANDED_OUT.lock().expect("port set").insert(port)
 }
 
 /// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout` with `what`.
