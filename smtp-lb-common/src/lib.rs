@@ -275,8 +275,10 @@ pub struct Backend {
 const _: () = assert!(size_of::<Backend>() == 40);
 
 /// Key of [`maps::CONNTRACK`]: the 5-tuple, addresses and ports in network byte order.
+/// 8-aligned (the size is unchanged), so the packet path compares and copies
+/// it in 8-byte words (the verifier refuses misaligned stack loads).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-#[repr(C)]
+#[repr(C, align(8))]
 pub struct FlowKey {
     pub src: [u32; 4],
     pub dst: [u32; 4],
@@ -286,7 +288,7 @@ pub struct FlowKey {
     pub family: u8,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(size_of::<FlowKey>() == 40);
+const _: () = assert!(size_of::<FlowKey>() == 40 && align_of::<FlowKey>() == 8);
 
 /// Value of [`maps::CONNTRACK`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -332,7 +334,12 @@ pub struct FlowEntry {
     pub stamp: u32,
     /// [`flow_seal`]`(table_hash(key), backend)`, written last.
     pub seal: u32,
-    pub _pad: u32,
+    /// Where the flow's service sat in [`maps::SERVICE_INDEX`] when it was
+    /// tracked: its later packets read that slot (key compared in full)
+    /// instead of hashing their way to it. Only a hint: a slot that no
+    /// longer holds the flow's (VIP, port) — 0 from user space, a service
+    /// removed or moved — costs the full lookup.
+    pub service_slot: u32,
 }
 const _: () = assert!(size_of::<FlowEntry>() == 64);
 
@@ -675,7 +682,7 @@ mod tests {
             flags: FLOW_CONFIRMED,
             stamp: 0,
             seal: flow_seal(table_hash(&key), backend),
-            _pad: 0,
+            service_slot: 0,
         }
     }
 

@@ -15,9 +15,9 @@ use crate::{
     parse::{
         ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPV4_HLEN, IPV6_HLEN,
         Ipv4Hdr, Ipv6Hdr, TCP_ACK, TCP_FIN, TCP_HLEN, TCP_RST, TCP_SYN, TcpHdr, ethernet,
-        is_ipv6_ext, read,
+        is_ipv6_ext, ptr_at, read, tcp_dport,
     },
-    select::{self, Choice},
+    select::{self, Choice, Lookup},
     too_big,
 };
 
@@ -78,9 +78,9 @@ pub fn drop(stats: &mut GlobalStats, why: Refuse) -> u32 {
 
 /// A packet the fast path cannot take (no ports to look the service up by):
 /// dropped when its destination is a VIP address, passed otherwise.
-#[inline(never)]
-fn slow_path(dst: &[u32; 4], family: u8, why: Refuse, stats: &mut GlobalStats) -> u32 {
-    if select::is_vip_addr(dst, family) {
+#[inline(always)]
+fn slow_path(dst: [u32; 4], family: u8, why: Refuse, stats: &mut GlobalStats) -> u32 {
+    if select::is_vip_addr(&select::vip_marker(dst, family)) {
         drop(stats, why)
     } else {
         pass_non_vip(stats)
@@ -89,31 +89,35 @@ fn slow_path(dst: &[u32; 4], family: u8, why: Refuse, stats: &mut GlobalStats) -
 
 #[inline(always)]
 fn ipv4(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
-    let Some(ip) = read::<Ipv4Hdr>(ctx, l3) else {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
         return pass_truncated(stats);
     };
+    // SAFETY: bounds checked by ptr_at.
+    let (proto, ver_ihl, frag_off) = unsafe { ((*ip).proto, (*ip).ver_ihl, (*ip).frag_off) };
     // The common case first, tested on three fields: plain TCP (no options,
-    // not a fragment), whose port decides before anything else is built.
-    if ip.proto == IPPROTO_TCP && ip.ver_ihl == 0x45 && ip.frag_off & FRAGMENT_BITS == 0 {
-        return ipv4_tcp(ctx, l3, &ip, stats);
+    // not a fragment), whose port decides before anything else is read.
+    if proto == IPPROTO_TCP && ver_ihl == 0x45 && frag_off & FRAGMENT_BITS == 0 {
+        return ipv4_tcp(ctx, l3, stats);
     }
-    if ip.proto != IPPROTO_TCP {
-        if ip.proto == IPPROTO_ICMP && ip.ver_ihl == 0x45 && ip.frag_off & FRAGMENT_BITS == 0 {
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { ip.read() };
+    if proto != IPPROTO_TCP {
+        if proto == IPPROTO_ICMP && ver_ihl == 0x45 && frag_off & FRAGMENT_BITS == 0 {
             return icmp::v4(ctx, l3, &ip, stats);
         }
         return pass_non_vip(stats);
     }
     let dst = [ip.dst, 0, 0, 0];
-    let why = if ip.ver_ihl >> 4 != 4 || ip.ver_ihl & 0x0f < 5 {
+    let why = if ver_ihl >> 4 != 4 || ver_ihl & 0x0f < 5 {
         Refuse::Malformed
-    } else if ip.ver_ihl != 0x45 {
+    } else if ver_ihl != 0x45 {
         Refuse::Ipv4Options
     } else {
         // MF flag or a fragment offset: a fragment (the first one has ports
         // but the rest do not, so none of them can be balanced consistently).
         Refuse::Fragment
     };
-    slow_path(&dst, AF_INET, why, stats)
+    slow_path(dst, AF_INET, why, stats)
 }
 
 /// MF and the fragment offset of `frag_off`, as it sits in the packet
@@ -121,14 +125,19 @@ fn ipv4(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
 const FRAGMENT_BITS: u16 = 0x3fffu16.to_be();
 
 #[inline(always)]
-fn ipv4_tcp(ctx: &XdpContext, l3: usize, ip: &Ipv4Hdr, stats: &mut GlobalStats) -> u32 {
+fn ipv4_tcp(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
     let l4 = l3 + IPV4_HLEN;
-    let Some(tcp) = read::<TcpHdr>(ctx, l4) else {
+    let Some(dport) = tcp_dport(ctx, l4) else {
         return pass_truncated(stats);
     };
-    if !select::vip_port(tcp.dport) {
+    if !select::vip_port(dport) {
         return pass_non_vip(stats);
     }
+    // Read only now, past the port filter: what other traffic never needs
+    // (see `tcp_dport`). The bounds are the ones checked above.
+    let (Some(ip), Some(tcp)) = (read::<Ipv4Hdr>(ctx, l3), read::<TcpHdr>(ctx, l4)) else {
+        return pass_truncated(stats);
+    };
     let key = FlowKey {
         src: [ip.src, 0, 0, 0],
         dst: [ip.dst, 0, 0, 0],
@@ -138,7 +147,9 @@ fn ipv4_tcp(ctx: &XdpContext, l3: usize, ip: &Ipv4Hdr, stats: &mut GlobalStats) 
         family: AF_INET,
         _pad: [0; 2],
     };
-    let Some(svc) = select::service(&key) else {
+    // The flow's entry first: it names the service's slot.
+    let lookup = Lookup::new(&key, is_syn(&tcp));
+    let Some(svc) = select::service(&key, lookup.service_slot()) else {
         return pass_non_vip(stats);
     };
     let ip_len = u16::from_be(ip.tot_len);
@@ -152,7 +163,7 @@ fn ipv4_tcp(ctx: &XdpContext, l3: usize, ip: &Ipv4Hdr, stats: &mut GlobalStats) 
         tos: ip.tos,
         answer_too_big: u16::from_be(ip.frag_off) & too_big::IP_DF != 0,
     };
-    balance(ctx, &key, &svc, &tcp, &inner, stats)
+    balance(ctx, &key, lookup, svc, &tcp, &inner, stats)
 }
 
 #[inline(always)]
@@ -165,17 +176,20 @@ fn ipv6(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
             return icmp::v6(ctx, l3, &ip, stats);
         }
         if is_ipv6_ext(ip.next_header) {
-            return slow_path(&ip.dst, AF_INET6, Refuse::Ipv6Ext, stats);
+            return slow_path(ip.dst, AF_INET6, Refuse::Ipv6Ext, stats);
         }
         return pass_non_vip(stats);
     }
     let l4 = l3 + IPV6_HLEN;
+    let Some(dport) = tcp_dport(ctx, l4) else {
+        return pass_truncated(stats);
+    };
+    if !select::vip_port(dport) {
+        return pass_non_vip(stats);
+    }
     let Some(tcp) = read::<TcpHdr>(ctx, l4) else {
         return pass_truncated(stats);
     };
-    if !select::vip_port(tcp.dport) {
-        return pass_non_vip(stats);
-    }
     let key = FlowKey {
         src: ip.src,
         dst: ip.dst,
@@ -185,7 +199,9 @@ fn ipv6(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
         family: AF_INET6,
         _pad: [0; 2],
     };
-    let Some(svc) = select::service(&key) else {
+    // The flow's entry first: it names the service's slot.
+    let lookup = Lookup::new(&key, is_syn(&tcp));
+    let Some(svc) = select::service(&key, lookup.service_slot()) else {
         return pass_non_vip(stats);
     };
     let payload = u16::from_be(ip.payload_len);
@@ -203,7 +219,7 @@ fn ipv6(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
         tos: tc,
         answer_too_big: true,
     };
-    balance(ctx, &key, &svc, &tcp, &inner, stats)
+    balance(ctx, &key, lookup, svc, &tcp, &inner, stats)
 }
 
 /// The service is known: choose the backend, count, forward.
@@ -211,7 +227,8 @@ fn ipv6(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
 fn balance(
     ctx: &XdpContext,
     key: &FlowKey,
-    svc: &Service,
+    lookup: Lookup,
+    (svc, slot): (Service, u32),
     tcp: &TcpHdr,
     inner: &Inner,
     stats: &mut GlobalStats,
@@ -219,14 +236,20 @@ fn balance(
     if tcp.doff >> 4 < 5 {
         return drop(stats, Refuse::Malformed);
     }
-    let syn = tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if syn && admission::refuses(key, svc) {
+    let syn = is_syn(tcp);
+    if syn && admission::refuses(key, &svc) {
         stats.drop_admission += 1;
         return xdp_action::XDP_DROP;
     }
     let closing = tcp.flags & (TCP_FIN | TCP_RST) != 0;
-    let choice = select::choose(key, svc, syn, closing, stats);
-    send(ctx, choice, key, svc, inner, syn, stats)
+    let choice = select::choose(key, lookup, (&svc, slot), syn, closing, stats);
+    send(ctx, choice, key, &svc, inner, syn, stats)
+}
+
+/// A SYN without ACK: a new flow.
+#[inline(always)]
+fn is_syn(tcp: &TcpHdr) -> bool {
+    tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 /// Counts the packet for its service and backend and forwards it there

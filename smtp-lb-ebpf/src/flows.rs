@@ -30,24 +30,38 @@ use crate::maps::{FLOW_CLOCK, FLOW_TABLE};
 const WAYS: usize = FLOW_WAYS as usize;
 
 /// A tracked flow, as a packet found it.
+/// Only what every packet needs is read at once: the packet path holds it
+/// across the service lookup, and each field more is a stack slot more in
+/// a program whose stack is near the verifier's 512 bytes.
 pub struct Tracked {
     entry: *mut FlowEntry,
     pub backend: u32,
-    pub flags: u32,
-    stamp: u32,
+    /// Where its service was in `SERVICE_INDEX` (a hint, not sealed).
+    pub service_slot: u32,
 }
 
-/// The key of a way, 10 words, each read once (another CPU may be writing
-/// them) and compared in place: no copy on the 512-byte stack.
-const KEY_WORDS: usize = size_of::<FlowKey>() / 4;
+impl Tracked {
+    /// [`FLOW_CLOSING`], [`FLOW_CONFIRMED`], read now.
+    #[inline(always)]
+    pub fn flags(&self) -> u32 {
+        // SAFETY: a way of a live map value.
+        unsafe { read_volatile(&raw const (*self.entry).flags) }
+    }
+}
+
+/// The key of a way, 5 eight-byte words, each read once (another CPU may
+/// be writing them) and compared in place: no copy on the 512-byte stack.
+/// Words, not the key's 10 `u32`s: half the loads and compares on every
+/// packet (`FlowKey` is 8-aligned, and so is every way of an array value).
+const KEY_WORDS: usize = size_of::<FlowKey>() / 8;
 
 #[inline(always)]
 fn key_is(e: *const FlowEntry, key: &FlowKey) -> bool {
-    let way = e.cast::<u32>();
-    let want = core::ptr::from_ref(key).cast::<u32>();
+    let way = e.cast::<u64>();
+    let want = core::ptr::from_ref(key).cast::<u64>();
     let mut i = 0;
     while i < KEY_WORDS {
-        // SAFETY: both point at a `FlowKey` (40 bytes, 4-aligned) and `i < 10`.
+        // SAFETY: both point at a `FlowKey` (40 bytes, 8-aligned) and `i < 5`.
         if unsafe { read_volatile(way.add(i)) != *want.add(i) } {
             return false;
         }
@@ -58,11 +72,11 @@ fn key_is(e: *const FlowEntry, key: &FlowKey) -> bool {
 
 #[inline(always)]
 fn write_key(e: *mut FlowEntry, key: &FlowKey) {
-    let way = e.cast::<u32>();
-    let from = core::ptr::from_ref(key).cast::<u32>();
+    let way = e.cast::<u64>();
+    let from = core::ptr::from_ref(key).cast::<u64>();
     let mut i = 0;
     while i < KEY_WORDS {
-        // SAFETY: both point at a `FlowKey` (40 bytes, 4-aligned) and `i < 10`.
+        // SAFETY: both point at a `FlowKey` (40 bytes, 8-aligned) and `i < 5`.
         unsafe { write_volatile(way.add(i), *from.add(i)) };
         i += 1;
     }
@@ -98,8 +112,7 @@ pub fn find(key: &FlowKey, hash: u64) -> Option<Tracked> {
                 return Some(Tracked {
                     entry: e,
                     backend,
-                    flags: read_volatile(&raw const (*e).flags),
-                    stamp: read_volatile(&raw const (*e).stamp),
+                    service_slot: read_volatile(&raw const (*e).service_slot),
                 });
             }
         }
@@ -113,20 +126,21 @@ pub fn find(key: &FlowKey, hash: u64) -> Option<Tracked> {
 /// packets are reads. Returns whether the flow has just started closing.
 #[inline(always)]
 pub fn touch(t: &Tracked, closing: bool) -> bool {
-    let flags = t.flags | FLOW_CONFIRMED | if closing { FLOW_CLOSING } else { 0 };
+    let was = t.flags();
+    let flags = was | FLOW_CONFIRMED | if closing { FLOW_CLOSING } else { 0 };
     let now = now();
     // SAFETY: a way of a live map value. A way another CPU has just given to
     // a new flow gets this one's flags or stamp: at worst that flow is kept
     // a little longer, or counted closed early.
     unsafe {
-        if flags != t.flags {
+        if flags != was {
             write_volatile(&raw mut (*t.entry).flags, flags);
         }
-        if now != t.stamp {
+        if now != read_volatile(&raw const (*t.entry).stamp) {
             write_volatile(&raw mut (*t.entry).stamp, now);
         }
     }
-    closing && t.flags & FLOW_CLOSING == 0
+    closing && was & FLOW_CLOSING == 0
 }
 
 /// What [`insert`] did.
@@ -139,9 +153,10 @@ pub enum Inserted {
 }
 
 /// Tracks `key` (`hash`: its `table_hash`) on `backend`, in the best way
-/// its set can give (see the module docs); `flags` is [`FLOW_CLOSING`] or 0.
+/// its set can give (see the module docs), for `service` (its id and
+/// `SERVICE_INDEX` slot); `flags` is [`FLOW_CLOSING`] or 0.
 #[inline(always)]
-pub fn insert(key: &FlowKey, hash: u64, backend: u32, service: u32, flags: u32) -> Inserted {
+pub fn insert(key: &FlowKey, hash: u64, backend: u32, service: (u32, u32), flags: u32) -> Inserted {
     let Some(set) = set_of(hash) else {
         return Inserted::Full;
     };
@@ -192,7 +207,8 @@ pub fn insert(key: &FlowKey, hash: u64, backend: u32, service: u32, flags: u32) 
         write_volatile(&raw mut (*e).seal, 0);
         write_key(e, key);
         write_volatile(&raw mut (*e).backend, backend);
-        write_volatile(&raw mut (*e).service, service);
+        write_volatile(&raw mut (*e).service, service.0);
+        write_volatile(&raw mut (*e).service_slot, service.1);
         write_volatile(&raw mut (*e).flags, flags);
         write_volatile(&raw mut (*e).stamp, now);
         write_volatile(&raw mut (*e).seal, flow_seal(hash, backend));

@@ -105,7 +105,7 @@ fn to_owner(
     if !select::vip_port(key.dport) {
         return balance::pass_non_vip(stats);
     }
-    let Some(svc) = select::service(key) else {
+    let Some((svc, _)) = select::service(key, None) else {
         return balance::pass_non_vip(stats);
     };
     // The length the header claims: at least what was read, at most the frame.

@@ -142,6 +142,18 @@ pub fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
     ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read() })
 }
 
+/// The destination port (network order) of the TCP header at `l4`, whose
+/// first 16 bytes are checked to be in the packet. Only the port is read:
+/// the port filter decides for most traffic, and values read before its map
+/// lookup would be kept across it (spilled) on every packet. What a VIP
+/// port's packet needs is read after it.
+#[inline(always)]
+pub fn tcp_dport(ctx: &XdpContext, l4: usize) -> Option<u16> {
+    let tcp = ptr_at::<TcpHdr>(ctx, l4)?;
+    // SAFETY: bounds checked by ptr_at.
+    Some(unsafe { (*tcp).dport })
+}
+
 /// The Ethernet layer: where the network header starts and its ethertype
 /// (host order), after at most one 802.1Q / 802.1ad tag.
 #[inline(always)]

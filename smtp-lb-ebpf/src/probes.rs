@@ -173,7 +173,7 @@ pub fn probe_table_lookup(ctx: XdpContext) -> u32 {
     };
     let hash = table_hash(&k);
     let Some(t) = flows::find(&k, hash) else {
-        let _ = flows::insert(&k, hash, FLOW.backend, 0, 0);
+        let _ = flows::insert(&k, hash, FLOW.backend, (0, 0), 0);
         return xdp_action::XDP_PASS;
     };
     verdict(!flows::touch(&t, false) && t.backend == FLOW.backend)
@@ -199,7 +199,7 @@ pub fn probe_table_insert(ctx: XdpContext) -> u32 {
     k.dst[3] ^= n as u32;
     let hash = table_hash(&k);
     let took = matches!(
-        flows::insert(&k, hash, FLOW.backend, 0, 0),
+        flows::insert(&k, hash, FLOW.backend, (0, 0), 0),
         flows::Inserted::Took(_)
     );
     verdict(took)

@@ -8,7 +8,7 @@ use smtp_lb_common::{
 };
 
 use crate::{
-    flows::{self, Inserted},
+    flows::{self, Inserted, Tracked},
     maps::{BACKENDS, FLOW_COUNTS, MOVED_FLOWS, RINGS, SERVICE_INDEX, SERVICES, VIP_PORTS},
 };
 
@@ -22,51 +22,74 @@ pub fn vip_port(dport: u16) -> bool {
         .is_some_and(|v| *v != 0)
 }
 
-/// The service for (dst address, dst port) of `key`, if there is one
-/// ([`vip_port`] has already said the port is used).
+/// The service for (dst address, dst port) of `key` and its slot in
+/// `SERVICE_INDEX` ([`vip_port`] has already said the port is used).
+/// `hint`: the slot the flow's entry remembers, read first: a tracked flow's
+/// packet finds its service without [`service_slot`]'s chain of multiplies.
 #[inline(always)]
-pub fn service(key: &FlowKey) -> Option<Service> {
+pub fn service(key: &FlowKey, hint: Option<u32>) -> Option<(Service, u32)> {
     let skey = ServiceKey {
         addr: key.dst,
         port: key.dport,
         proto: PROTO_TCP,
         family: key.family,
     };
+    if let Some(at) = hint
+        && let Some(svc) = service_in(at, &skey)
+    {
+        return Some((svc, at));
+    }
     let first = service_slot(&skey);
     let mut i = 0;
     while i < SERVICE_INDEX_PROBES {
-        let Some(slot) = SERVICE_INDEX.get_ptr((first + i) & (SERVICE_INDEX_SLOTS - 1)) else {
-            return None;
-        };
-        // SAFETY: a valid map value; `active` is read once (user space
-        // flips it alone), the rest may change only while it is not used.
-        unsafe {
-            if (*slot).key == skey {
-                let active = core::ptr::read_volatile(&raw const (*slot).active) & 1;
-                return Some(Service {
-                    id: (*slot).id,
-                    ring_size: (*slot).ring_size[active as usize],
-                    active,
-                    flags: (*slot).flags,
-                });
-            }
+        let at = (first + i) & (SERVICE_INDEX_SLOTS - 1);
+        if let Some(svc) = service_in(at, &skey) {
+            return Some((svc, at));
         }
         i += 1;
     }
     None
 }
 
-/// Whether `dst` is a VIP address at all (its `port == 0` marker exists).
-/// Only the slow path (options, fragments, extension headers) asks.
-#[inline(never)]
-pub fn is_vip_addr(dst: &[u32; 4], family: u8) -> bool {
-    let skey = ServiceKey {
-        addr: *dst,
+/// The service in slot `at` of `SERVICE_INDEX`, if its key is `skey`. User
+/// space keeps each key in one slot, so a match is the service.
+#[inline(always)]
+fn service_in(at: u32, skey: &ServiceKey) -> Option<Service> {
+    let slot = SERVICE_INDEX.get_ptr(at & (SERVICE_INDEX_SLOTS - 1))?;
+    // SAFETY: a valid map value; `active` is read once (user space flips it
+    // alone), the rest may change only while it is not used.
+    unsafe {
+        if (*slot).key != *skey {
+            return None;
+        }
+        let active = core::ptr::read_volatile(&raw const (*slot).active) & 1;
+        Some(Service {
+            id: (*slot).id,
+            ring_size: (*slot).ring_size[active as usize],
+            active,
+            flags: (*slot).flags,
+        })
+    }
+}
+
+/// The key of `dst`'s VIP marker in `SERVICES` (`port == 0`).
+#[inline(always)]
+pub fn vip_marker(dst: [u32; 4], family: u8) -> ServiceKey {
+    ServiceKey {
+        addr: dst,
         port: 0,
         proto: PROTO_TCP,
         family,
-    };
-    SERVICES.get_ptr(&skey).is_some()
+    }
+}
+
+/// Whether `marker` ([`vip_marker`]) exists: its address is a VIP. Only
+/// the slow path (options, fragments, extension headers) asks. Out of line
+/// with no stack of its own (the caller's frame holds the key): the
+/// verifier counts every frame of a call chain against its 512 bytes.
+#[inline(never)]
+pub fn is_vip_addr(marker: &ServiceKey) -> bool {
+    SERVICES.get_ptr(marker).is_some()
 }
 
 /// A usable backend: present and not removed.
@@ -83,14 +106,44 @@ pub struct Choice {
     pub backend: &'static Backend,
 }
 
-/// The tracked flow of `key` (`hash`: its `table_hash`): its [`flows`] entry, else
-/// (its way taken, e.g. under a flood) the copy user space made in
-/// `MOVED_FLOWS` when a table change sent it elsewhere. `seen` is a packet
-/// of the flow (`Some(closing)`: it confirms the entry, a FIN/RST marks it
-/// closing); `None` looks without changing anything (ICMP errors).
+/// A packet's flow-table lookup, made before its service is known: the
+/// entry names the service's slot ([`service`]).
+pub struct Lookup {
+    /// Its entry; always `None` for a SYN, which starts a flow on the table.
+    pub found: Option<Tracked>,
+}
+
+impl Lookup {
+    #[inline(always)]
+    pub fn new(key: &FlowKey, syn: bool) -> Self {
+        let found = if syn {
+            None
+        } else {
+            flows::find(key, table_hash(key))
+        };
+        Self { found }
+    }
+
+    /// The `SERVICE_INDEX` slot the entry remembers.
+    #[inline(always)]
+    pub fn service_slot(&self) -> Option<u32> {
+        self.found.as_ref().map(|t| t.service_slot)
+    }
+}
+
+/// The tracked flow of `key`: its [`flows`] entry `found`, else (its way
+/// taken, e.g. under a flood) the copy user space made in `MOVED_FLOWS`
+/// when a table change sent it elsewhere. `seen` is a packet of the flow
+/// (`Some(closing)`: it confirms the entry, a FIN/RST marks it closing);
+/// `None` looks without changing anything (ICMP errors).
 #[inline(always)]
-fn tracked(key: &FlowKey, hash: u64, seen: Option<bool>, stats: &mut GlobalStats) -> Option<u32> {
-    if let Some(t) = flows::find(key, hash) {
+fn tracked(
+    key: &FlowKey,
+    found: Option<Tracked>,
+    seen: Option<bool>,
+    stats: &mut GlobalStats,
+) -> Option<u32> {
+    if let Some(t) = found {
         if let Some(closing) = seen
             && flows::touch(&t, closing)
         {
@@ -98,11 +151,16 @@ fn tracked(key: &FlowKey, hash: u64, seen: Option<bool>, stats: &mut GlobalStats
         }
         return Some(t.backend);
     }
+    // The helpers get a copy's address, never the packet's key: once that
+    // reaches a call, LLVM keeps the key on the stack and reloads it after
+    // every call, and an IPv4 key's zero words stop folding out of the
+    // hash and the way compares (≈ 170 more instructions in the program).
+    let key = *key;
     // SAFETY: read once, copied.
-    let flow = unsafe { MOVED_FLOWS.get(key) }.copied()?;
+    let flow = unsafe { MOVED_FLOWS.get(&key) }.copied()?;
     stats.moved_hit += 1;
     if seen == Some(true) && flow.flags & FLOW_CLOSING == 0 {
-        mark_closing(MOVED_FLOWS.get_ptr_mut(key));
+        mark_closing(MOVED_FLOWS.get_ptr_mut(&key));
         count_flow(flow.backend, -1);
     }
     Some(flow.backend)
@@ -154,14 +212,14 @@ fn live_flows(id: u32) -> i64 {
 #[inline(always)]
 pub fn choose(
     key: &FlowKey,
-    svc: &Service,
+    lookup: Lookup,
+    (svc, slot): (&Service, u32),
     syn: bool,
     closing: bool,
     stats: &mut GlobalStats,
 ) -> Option<Choice> {
-    let hash = table_hash(key);
     if !syn {
-        match tracked(key, hash, Some(closing), stats) {
+        match tracked(key, lookup.found, Some(closing), stats) {
             Some(id) => {
                 if let Some(backend) = backend(id) {
                     return Some(Choice { id, backend });
@@ -177,9 +235,12 @@ pub fn choose(
         table(key, svc)?
     };
     let flags = if closing { FLOW_CLOSING } else { 0 };
+    // Computed again rather than kept from the lookup: one stack slot less
+    // across the service lookup, and the established path never needs it.
+    let hash = table_hash(key);
     // The live-flow counts follow the table's live entries: +1 for one
     // tracked, −1 for a live one whose way was taken.
-    match flows::insert(key, hash, id, svc.id, flags) {
+    match flows::insert(key, hash, id, (svc.id, slot), flags) {
         Inserted::Took(displaced) => {
             if let Some(old) = displaced {
                 count_flow(old, -1);
@@ -198,7 +259,8 @@ pub fn choose(
 /// (anyone can send those, so they must not insert).
 #[inline(always)]
 pub fn owner(key: &FlowKey, svc: &Service, stats: &mut GlobalStats) -> Option<Choice> {
-    if let Some(id) = tracked(key, table_hash(key), None, stats) {
+    let found = flows::find(key, table_hash(key));
+    if let Some(id) = tracked(key, found, None, stats) {
         if let Some(backend) = backend(id) {
             return Some(Choice { id, backend });
         }
@@ -211,7 +273,7 @@ pub fn owner(key: &FlowKey, svc: &Service, stats: &mut GlobalStats) -> Option<Ch
 /// admitted before admission closed).
 #[inline(always)]
 pub fn live(key: &FlowKey) -> bool {
-    flows::find(key, table_hash(key)).is_some_and(|t| t.flags & FLOW_CLOSING == 0)
+    flows::find(key, table_hash(key)).is_some_and(|t| t.flags() & FLOW_CLOSING == 0)
 }
 
 /// The backend the live Maglev table names for `key`.

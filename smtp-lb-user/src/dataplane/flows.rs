@@ -70,7 +70,7 @@ pub fn insert<T: BorrowMut<MapData>>(
         flags: flow.flags & FLOW_CLOSING,
         stamp,
         seal: flow_seal(table_hash(key), flow.backend),
-        _pad: 0,
+        service_slot: 0,
     };
     table.set(index, set, 0)?;
     Ok(true)
