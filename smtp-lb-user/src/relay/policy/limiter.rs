@@ -95,7 +95,15 @@ pub struct ConnectionLimiter {
 #[derive(Debug)]
 pub struct ConnectionPermit {
     _local: OwnedSemaphorePermit,
-    _lease: Option<Lease>,
+    lease: Option<Lease>,
+}
+
+impl ConnectionPermit {
+    /// Whether the slot is the cluster's (a Redis lease), which another relay
+    /// may be waiting for.
+    pub fn is_shared(&self) -> bool {
+        self.lease.is_some()
+    }
 }
 
 impl ConnectionLimiter {
@@ -122,7 +130,7 @@ impl ConnectionLimiter {
         };
         ConnectionPermit {
             _local: local,
-            _lease: lease,
+            lease,
         }
     }
 }

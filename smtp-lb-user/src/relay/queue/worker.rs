@@ -14,9 +14,18 @@ use super::{
     settle::AttemptContext,
 };
 use crate::{
-    relay::{policy::shaping::PairShaper, route::Host},
+    relay::{
+        policy::{limiter::ConnectionPermit, shaping::PairShaper},
+        route::Host,
+    },
     smtp::{client::ClientError, reply::Reply},
 };
+
+/// An open session, and whether it may wait idle for more mail.
+struct Connection {
+    session: Box<dyn Session>,
+    may_park: bool,
+}
 
 /// How connecting to a destination ended.
 enum Connect {
@@ -49,7 +58,7 @@ impl Queue {
             // Held for the whole connection; dropped when the worker leaves it.
             let slots = shaper.connection();
             tokio::pin!(slots);
-            let _slots = tokio::select! {
+            let permits = tokio::select! {
                 biased;
                 slots = &mut slots => slots,
                 () = std::future::ready(()) => {
@@ -60,9 +69,14 @@ impl Queue {
             };
             self.ready.connecting_done(&key);
             self.metrics.throttled(&labels, started.elapsed());
+            // An idle connection would keep its cluster lease while another
+            // relay's mail waits for it (Redis cannot ask this relay to give
+            // way), so a connection holding one leaves when it runs dry.
+            let may_park = !permits.iter().flatten().any(ConnectionPermit::is_shared);
             match self.connect(&key, &hosts, first).await {
                 (Connect::Open(session), Some(first)) => {
-                    self.deliver(&key, &labels, &shaper, &hosts, session, first)
+                    let conn = Connection { session, may_park };
+                    self.deliver(&key, &labels, &shaper, &hosts, conn, first)
                         .await;
                 }
                 (Connect::Failed(err), Some(first)) => {
@@ -152,9 +166,13 @@ impl Queue {
         labels: &(String, String),
         shaper: &PairShaper,
         hosts: &Arc<Vec<Host>>,
-        mut session: Box<dyn Session>,
+        conn: Connection,
         mut job: Job,
     ) {
+        let Connection {
+            mut session,
+            may_park,
+        } = conn;
         let source = &self.egress.sources[key.0];
         let domain = job.domain.clone();
         let per_connection = shaper
@@ -230,7 +248,7 @@ impl Queue {
                 }
             }
             let next = if session.messages_sent() < per_connection {
-                self.next_job(key, &domain).await
+                self.next_job(key, &domain, may_park).await
             } else {
                 None
             };
@@ -245,12 +263,12 @@ impl Queue {
 
     /// The next job for an open connection to `domain`: one queued now,
     /// or one pushed while the connection waits parked for up to
-    /// `connection_idle` (Postfix's connection cache).
-    async fn next_job(&self, key: &PairKey, domain: &str) -> Option<ReadyJob> {
+    /// `connection_idle` (Postfix's connection cache) when `may_park`.
+    async fn next_job(&self, key: &PairKey, domain: &str, may_park: bool) -> Option<ReadyJob> {
         let next = self.ready.next_or_park(
             key,
             domain,
-            !self.connection_idle.is_zero(),
+            may_park && !self.connection_idle.is_zero(),
             self.destination_connections,
             self.pair_connections,
             self.stopping(),
