@@ -168,6 +168,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     for server in servers {
         let _ = server.await;
     }
+    queue.spool().flush().await;
+    queue.log().flush().await;
     Ok(())
 }
 

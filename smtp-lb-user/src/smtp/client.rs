@@ -599,15 +599,18 @@ async fn within<T>(
 /// RFC 5321 §4.5.2: a line starting with "." gets one more; the message ends
 /// with CRLF, then `.` CRLF.
 pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
-    let mut at_line_start = true;
-    for &b in body {
-        if at_line_start && b == b'.' {
+    let mut out = Vec::with_capacity(body.len() + 5);
+    // Copied a run at a time: only a line that starts with a dot needs one more.
+    let mut copied = 0;
+    let line_starts = std::iter::once(0).chain(memchr::memchr_iter(b'\n', body).map(|i| i + 1));
+    for at in line_starts {
+        if body.get(at) == Some(&b'.') {
+            out.extend_from_slice(&body[copied..at]);
             out.push(b'.');
+            copied = at;
         }
-        out.push(b);
-        at_line_start = b == b'\n';
     }
+    out.extend_from_slice(&body[copied..]);
     if !out.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
     }
@@ -626,5 +629,8 @@ mod tests {
             b"..a\r\nb\r\n...c\r\n.\r\n"
         );
         assert_eq!(dot_stuff(b"no newline"), b"no newline\r\n.\r\n");
+        assert_eq!(dot_stuff(b"."), b"..\r\n.\r\n");
+        assert_eq!(dot_stuff(b""), b"\r\n.\r\n");
+        assert_eq!(dot_stuff(b"a\n.\n.b"), b"a\n..\n..b\r\n.\r\n");
     }
 }

@@ -134,6 +134,10 @@ impl Session {
             head.splice(0..0, header.into_bytes());
         }
         let size = head.len() as u64 + data.body.len();
+        let section = data
+            .body
+            .header_section()
+            .map(|b| [head.as_slice(), b].concat());
         match queue
             .spool()
             .store_incoming(id, &sender, &rcpts, &head, data.body)
@@ -142,14 +146,12 @@ impl Session {
             Ok(received_ms) => {
                 self.shared.metrics.accepted.fetch_add(1, Ordering::Relaxed);
                 queue.log().received(&format!("{id:016x}"), self.peer);
-                queue.submit(QueuedMessage::new(
-                    id,
-                    sender,
-                    rcpts,
-                    received_ms,
-                    size,
-                    HashSet::default(),
-                ));
+                let mut msg =
+                    QueuedMessage::new(id, sender, rcpts, received_ms, size, HashSet::default());
+                if let Some(section) = &section {
+                    msg = msg.with_header_section(section, queue.tenant_header());
+                }
+                queue.submit(msg);
                 let r = format!("250 2.0.0 Ok: queued as {id:016x}");
                 self.reply(&r);
             }

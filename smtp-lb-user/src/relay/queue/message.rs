@@ -22,7 +22,8 @@ pub struct QueuedMessage {
     /// When a message recovered from the spool was due for its next attempt (Unix ms).
     pub(super) resume_at_ms: Option<u64>,
     pub(super) state: Mutex<MessageState>,
-    /// What routing needs from the header section, read from the spool on first need.
+    /// What routing needs from the header section: from ingress, or read
+    /// from the spool on first need.
     pub(super) headers: tokio::sync::OnceCell<HeaderFacts>,
 }
 
@@ -75,6 +76,13 @@ impl QueuedMessage {
             }),
             headers: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// A message just received, whose header section is `head`: routing
+    /// need not read it back from the spool.
+    pub fn with_header_section(self, head: &[u8], tenant_header: Option<&str>) -> Self {
+        let _ = self.headers.set(HeaderFacts::read(head, tenant_header));
+        self
     }
 
     /// A message recovered from the spool resumes its retry schedule:

@@ -165,6 +165,11 @@ impl Queue {
         &self.spool
     }
 
+    /// The header that names a message's tenant, if one is configured.
+    pub fn tenant_header(&self) -> Option<&str> {
+        self.egress.tenant_header.as_deref()
+    }
+
     /// The delivery log, which also keeps recent messages for `/trace`.
     pub fn log(&self) -> &DeliveryLog {
         &self.log

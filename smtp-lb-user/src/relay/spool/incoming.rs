@@ -7,7 +7,10 @@ use std::{
     io::{self, Write},
     os::unix::fs::FileExt,
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 /// Bytes of a message kept in memory before it goes to disk.
@@ -21,6 +24,24 @@ pub struct Incoming {
     /// Bytes after them, still in memory.
     buf: Vec<u8>,
     crc: crc32fast::Hasher,
+    _receiving: Receiving,
+}
+
+/// Counts a body being received until it is handed to the writer, which
+/// waits a moment for such bodies before an `fdatasync` (see `COMMIT_DELAY`).
+pub(super) struct Receiving(Arc<AtomicUsize>);
+
+impl Receiving {
+    pub(super) fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What the writer thread appends for an [`Incoming`]: the file's first
@@ -31,8 +52,9 @@ pub(super) struct Spilled {
 }
 
 impl Incoming {
-    pub(super) fn new(path: PathBuf) -> Self {
+    pub(super) fn new(path: PathBuf, receiving: Receiving) -> Self {
         Self {
+            _receiving: receiving,
             path,
             file: None,
             spilled: 0,
@@ -48,6 +70,21 @@ impl Incoming {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The header section (through its empty line, or all there is) when
+    /// the whole body is still in memory: routing reads it from here
+    /// rather than from the spool.
+    pub fn header_section(&self) -> Option<&[u8]> {
+        if self.spilled > 0 {
+            return None;
+        }
+        let end = self
+            .buf
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(self.buf.len(), |at| at + 4);
+        Some(&self.buf[..end])
     }
 
     /// Appends to the body (in memory; [`Self::spill_if_full`] moves it out).

@@ -240,6 +240,8 @@ impl Spool {
             dir: dir.to_owned(),
             index: Mutex::new(index),
             current: AtomicU64::new(current),
+            lazy: Mutex::default(),
+            receiving: Arc::default(),
         });
         let writer = Writer::create(shared.clone(), current, compact_every)
             .context("create spool segment")?;
@@ -298,6 +300,7 @@ impl Spool {
                 .dir
                 .join("incoming")
                 .join(format!("{:016x}", self.allocate_id())),
+            incoming::Receiving::new(&self.shared.receiving),
         )
     }
 
@@ -331,9 +334,11 @@ impl Spool {
     }
 
     /// Records that recipients (by index) are finished; `all` when the whole
-    /// message is, which also releases its place in the spool.
+    /// message is, which also releases its place in the spool. Written with
+    /// the next batch, within 50 ms; lost in a crash, the
+    /// recipients get the message once more (never fewer times).
     pub fn mark_done(&self, id: MsgId, rcpts: &[u32], all: bool) {
-        let _ = self.tx.send(Op::Done {
+        self.shared.push_lazy(Op::Done {
             id,
             rcpts: rcpts.to_vec(),
             all,
@@ -344,10 +349,19 @@ impl Spool {
     /// `next_ms` (Unix ms). Not synced on its own: lost in a power cut, it
     /// only makes the message's next attempt come sooner.
     pub fn record_retry(&self, id: MsgId, attempts: u32, next_ms: u64) {
-        let _ = self.tx.send(Op::Retry {
+        self.shared.push_lazy(Op::Retry {
             id,
             retry: RetryState { attempts, next_ms },
         });
+    }
+
+    /// Returns once every done and retry record made before it is written
+    /// (at shutdown: a restart must not deliver a finished message again).
+    pub async fn flush(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Op::Flush(done)).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Compacts now (tests, operators) and returns once done.

@@ -1,4 +1,4 @@
-use std::{collections::HashSet, path::PathBuf};
+use std::{collections::HashSet, path::PathBuf, sync::atomic::Ordering};
 
 use super::*;
 
@@ -235,5 +235,51 @@ async fn corrupt_record_is_skipped_reported_and_others_survive() {
     assert_eq!(corrupt.len(), 1);
     assert!(corrupt[0].truncated);
     assert!(corrupt[0].moved_to.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn the_header_section_is_offered_only_while_the_body_is_all_in_memory() {
+    let dir = tmpdir("section");
+    let (spool, _, _) = Spool::open(&dir, HOUR).unwrap();
+    let mut body = spool.incoming();
+    body.extend(b"Subject: a\r\nReceived: x\r\n\r\nbody\r\n");
+    assert_eq!(
+        body.header_section(),
+        Some(&b"Subject: a\r\nReceived: x\r\n\r\n"[..])
+    );
+    let mut headers_only = spool.incoming();
+    headers_only.extend(b"Subject: a\r\n");
+    assert_eq!(headers_only.header_section(), Some(&b"Subject: a\r\n"[..]));
+    body.extend(&vec![b'y'; incoming::SPILL]);
+    body.spill_if_full().await.unwrap();
+    assert_eq!(body.header_section(), None, "spilled: read from the spool");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The writer's commit delay waits only while a body is being received.
+#[tokio::test]
+async fn a_body_counts_as_being_received_until_it_is_stored_or_dropped() {
+    let dir = tmpdir("receiving");
+    let (spool, _, _) = Spool::open(&dir, HOUR).unwrap();
+    let receiving = || {
+        spool
+            .shared
+            .receiving
+            .load(Ordering::Relaxed)
+    };
+    let mut stored = spool.incoming();
+    let dropped = spool.incoming();
+    assert_eq!(receiving(), 2);
+    drop(dropped);
+    assert_eq!(receiving(), 1);
+    stored.extend(b"Subject: s\r\n\r\nbody\r\n");
+    let id = spool.allocate_id();
+    let rcpts = ["r@x.example".to_owned()];
+    spool
+        .store_incoming(id, "s@x.example", &rcpts, b"", stored)
+        .await
+        .unwrap();
+    assert_eq!(receiving(), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
