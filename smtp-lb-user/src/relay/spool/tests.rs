@@ -262,12 +262,7 @@ async fn the_header_section_is_offered_only_while_the_body_is_all_in_memory() {
 async fn a_body_counts_as_being_received_until_it_is_stored_or_dropped() {
     let dir = tmpdir("receiving");
     let (spool, _, _) = Spool::open(&dir, HOUR).unwrap();
-    let receiving = || {
-        spool
-            .shared
-            .receiving
-            .load(Ordering::Relaxed)
-    };
+    let receiving = || spool.shared.receiving.load(Ordering::Relaxed);
     let mut stored = spool.incoming();
     let dropped = spool.incoming();
     assert_eq!(receiving(), 2);
