@@ -274,7 +274,9 @@ pub struct Backend {
 }
 const _: () = assert!(size_of::<Backend>() == 40);
 
-/// Key of [`maps::CONNTRACK`]: the 5-tuple, addresses and ports in network byte order.
+/// A flow's 5-tuple, addresses and ports in network byte order: the key of a
+/// [`maps::FLOW_TABLE`] way, of [`maps::MOVED_FLOWS`] and of an older build's
+/// [`maps::CONNTRACK`].
 /// 8-aligned (the size is unchanged), so the packet path compares and copies
 /// it in 8-byte words (the verifier refuses misaligned stack loads).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -290,7 +292,7 @@ pub struct FlowKey {
 }
 const _: () = assert!(size_of::<FlowKey>() == 40 && align_of::<FlowKey>() == 8);
 
-/// Value of [`maps::CONNTRACK`].
+/// Value of [`maps::MOVED_FLOWS`] (and of an older build's [`maps::CONNTRACK`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct Flow {
