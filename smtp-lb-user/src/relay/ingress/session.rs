@@ -173,9 +173,7 @@ impl Session {
         };
         let n = match n {
             Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
-                return Err(End::Io(e));
-            }
+            Ok(Err(e)) => return Err(End::Io(e)),
             Err(_) => {
                 let (text, phase) = if t < left {
                     ("421 4.4.2 Error: timeout exceeded", phase)
