@@ -333,3 +333,47 @@ async fn a_torn_record_before_the_zeros_is_reported_and_the_zeros_are_not() {
     assert_eq!(std::fs::metadata(&seg).unwrap().len(), records);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn bytes_on_disk(dir: &Path) -> u64 {
+    seg_files(dir)
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum()
+}
+
+async fn store_done(spool: &Spool, n: usize) {
+    let r = vec!["a@x.example".to_owned()];
+    for _ in 0..n {
+        let id = store(spool, &r, &[b'x'; 1000]).await;
+        spool.mark_done(id, &[0], true);
+    }
+    spool.flush().await;
+}
+
+#[tokio::test]
+async fn zeros_ahead_are_cut_off_once_a_compaction_interval_passes_without_a_message() {
+    let dir = tmpdir("idle-zeros");
+    let (spool, _, _) = Spool::open(&dir, HOUR).unwrap();
+    store_done(&spool, 600).await;
+    let records = spool.usage().bytes;
+    assert!(bytes_on_disk(&dir) > records + writer::ZERO_AHEAD / 2);
+    spool.compact().await;
+    assert!(
+        bytes_on_disk(&dir) > records,
+        "messages came since the last compaction"
+    );
+    spool.compact().await;
+    assert_eq!(bytes_on_disk(&dir), records);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_finished_current_segment_is_removed_by_compaction() {
+    let dir = tmpdir("finished-current");
+    let (spool, _, _) = Spool::open(&dir, HOUR).unwrap();
+    store_done(&spool, 1100).await;
+    assert!(spool.usage().bytes > 1024 * 1024);
+    spool.compact().await;
+    assert_eq!(bytes_on_disk(&dir), 0, "only a new, empty segment is left");
+    let _ = std::fs::remove_dir_all(&dir);
+}

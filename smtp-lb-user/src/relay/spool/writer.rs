@@ -166,6 +166,8 @@ pub(super) struct Writer {
     pub(super) len: u64,
     /// The file's length: past `len` it holds zeros ([`ZERO_AHEAD`]).
     pub(super) file_len: u64,
+    /// A synced batch went in since the last compaction.
+    pub(super) appended: bool,
     pub(super) old: HashMap<u64, File>,
     pub(super) broken: bool,
     pub(super) compact_every: Duration,
@@ -200,6 +202,7 @@ impl Writer {
             file,
             len: 0,
             file_len: 0,
+            appended: false,
             old: HashMap::new(),
             broken: false,
             compact_every,
@@ -357,6 +360,7 @@ impl Writer {
             Err(e)
         } else {
             if !waiters.is_empty() {
+                self.appended = true;
                 let from = self.len + direct;
                 self.zero_ahead(from, from + buf.len() as u64);
             }
@@ -536,13 +540,21 @@ impl Writer {
     /// every mostly finished older segment has its live messages copied
     /// forward and is removed.
     pub(super) fn compact(&mut self) {
+        // Zeros are for the next batches; with none since the last
+        // compaction, the disk gets them back.
+        if !std::mem::take(&mut self.appended)
+            && let Err(e) = self.cut_zeros()
+        {
+            warn!(error = %e, "cannot cut the zeros off the spool segment");
+        }
         loop {
             let (current_worth, victims) = {
                 let index = self.shared.index();
+                // An all-finished current segment is closed (and so removed) too.
                 let current_worth = index
                     .segments
                     .get(&self.current)
-                    .is_some_and(|s| s.live > 0 && worth_compacting(self.len, s.live_bytes));
+                    .is_some_and(|s| worth_compacting(self.len, s.live_bytes));
                 let mut victims: Vec<u64> = index
                     .segments
                     .iter()
