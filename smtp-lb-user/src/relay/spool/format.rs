@@ -308,6 +308,10 @@ pub(super) fn recover_segment(
     segment: u64,
 ) -> io::Result<(Vec<Event>, Option<CorruptReport>)> {
     let data = std::fs::read(path)?;
+    // The writer keeps the segment ahead of its records in zeros (its
+    // `ZERO_AHEAD`): where a record fails to parse and only zeros follow,
+    // the segment ends.
+    let zeros_from = data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
     let mut events = Vec::new();
     let mut bad_bytes = 0u64;
     let mut good_end = 0;
@@ -345,10 +349,13 @@ pub(super) fn recover_segment(
             good_end = pos;
             continue;
         }
+        if pos >= zeros_from {
+            break;
+        }
         // Resynchronise: the next offset where a whole valid record starts.
         let start = pos;
         pos += 1;
-        while pos < data.len() && parse_record(&data, pos).is_none() {
+        while pos < zeros_from && parse_record(&data, pos).is_none() {
             pos += 1;
         }
         bad_bytes += (pos - start) as u64;
@@ -382,6 +389,12 @@ pub(super) fn recover_segment(
             bad_bytes,
             truncated,
         });
+    } else if good_end < data.len() {
+        // Only the zeros: done records may be appended to this segment.
+        OpenOptions::new()
+            .write(true)
+            .open(path)?
+            .set_len(good_end as u64)?;
     }
     Ok((events, report))
 }

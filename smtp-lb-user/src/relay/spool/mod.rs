@@ -25,7 +25,9 @@
 //! writes them with one `write` and makes them durable with one `fdatasync`
 //! (group commit: concurrent transactions share a sync), then answers all of
 //! them. Only then does ingress reply `250`. A new segment is `fsync`ed with
-//! its directory before the first record goes into it. Done records are not
+//! its directory before the first record goes into it. The current segment
+//! runs ahead of its records in zeros, so a sync flushes data, not the
+//! file's size (see `ZERO_AHEAD`); a closed segment has them cut off. Done records are not
 //! synced on their own: losing one after a crash means a duplicate delivery,
 //! never a lost message (at-least-once).
 //!
@@ -41,7 +43,8 @@
 //! At start-up every segment is parsed. A record whose header or CRC is
 //! wrong is never delivered, not even in part: the segment is copied to
 //! `corrupt/` and reported, parsing resumes at the next valid record, and a
-//! torn tail (a write cut by a crash, never acknowledged) is truncated.
+//! torn tail (a write cut by a crash, never acknowledged) is truncated. The
+//! zeros after the last record are no damage: they are cut off quietly.
 mod format;
 mod incoming;
 mod writer;

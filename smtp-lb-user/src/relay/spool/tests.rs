@@ -278,3 +278,58 @@ async fn a_body_counts_as_being_received_until_it_is_stored_or_dropped() {
     assert_eq!(receiving(), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn the_segment_runs_ahead_in_zeros_that_recovery_cuts_off_quietly() {
+    let dir = tmpdir("zeros");
+    let (spool, _, _) = Spool::open(&dir, HOUR).unwrap();
+    let r = vec!["a@x.example".to_owned()];
+    let ids = [
+        store(&spool, &r, b"one\r\n").await,
+        store(&spool, &r, b"two\r\n").await,
+    ];
+    spool.flush().await;
+    let seg = seg_files(&dir).pop().unwrap();
+    let records = spool.usage().bytes;
+    let on_disk = std::fs::metadata(&seg).unwrap().len();
+    assert!(
+        on_disk > records + writer::ZERO_AHEAD / 2,
+        "{on_disk} bytes for {records}"
+    );
+    drop(spool);
+    let (spool, rec, corrupt) = Spool::open(&dir, HOUR).unwrap();
+    assert!(corrupt.is_empty(), "{corrupt:?}");
+    assert_eq!(rec.iter().map(|m| m.id).collect::<Vec<_>>(), ids);
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), records);
+    // A done record now goes after the records, not after the zeros.
+    spool.mark_done(ids[0], &[0], true);
+    spool.flush().await;
+    drop(spool);
+    let (_spool, rec, corrupt) = Spool::open(&dir, HOUR).unwrap();
+    assert!(corrupt.is_empty(), "{corrupt:?}");
+    assert_eq!(rec.iter().map(|m| m.id).collect::<Vec<_>>(), [ids[1]]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_torn_record_before_the_zeros_is_reported_and_the_zeros_are_not() {
+    let dir = tmpdir("torn-zeros");
+    let (spool, _, _) = Spool::open(&dir, HOUR).unwrap();
+    let id = store(&spool, &["a@x.example".to_owned()], b"kept\r\n").await;
+    spool.flush().await;
+    let records = spool.usage().bytes;
+    drop(spool);
+    let seg = seg_files(&dir).pop().unwrap();
+    let mut data = std::fs::read(&seg).unwrap();
+    let torn = 20;
+    let copy = data[..torn].to_vec(); // a record's start, as a crash cuts it
+    data[usize::try_from(records).unwrap()..][..torn].copy_from_slice(&copy);
+    std::fs::write(&seg, &data).unwrap();
+    let (_spool, rec, corrupt) = Spool::open(&dir, HOUR).unwrap();
+    assert_eq!(rec.iter().map(|m| m.id).collect::<Vec<_>>(), [id]);
+    assert_eq!(corrupt.len(), 1);
+    assert_eq!(corrupt[0].bad_bytes, torn as u64);
+    assert!(corrupt[0].truncated);
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), records);
+    let _ = std::fs::remove_dir_all(&dir);
+}
