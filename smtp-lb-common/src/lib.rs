@@ -10,8 +10,8 @@
 //! - sizes ([`MAX_SERVICES`], [`MAX_BACKENDS`], [`MAX_RING_SIZE`], …), each with its rationale.
 //! - map keys and values: [`ServiceKey`] → [`Service`], [`Backend`], [`FlowKey`] → [`Flow`],
 //!   [`LbConfig`], and the counters [`GlobalStats`], [`ServiceStats`], [`BackendStats`].
-//! - [`flow_hash`]: the hash the kernel selects with, so user space can answer
-//!   "where does this flow go" with the very same function.
+//! - [`flow_hash`] and [`ring_slot`]: how the kernel picks a relay, so user
+//!   space can answer "where does this flow go" with the very same functions.
 #![no_std]
 #![expect(
     clippy::inline_always,
@@ -356,41 +356,54 @@ pub struct FlowSet {
 }
 const _: () = assert!(size_of::<FlowSet>() == 256);
 
-/// The hash that places a flow in [`maps::FLOW_TABLE`] and seals its entry:
+/// The odd 64-bit multipliers of [`table_hash`], one per word of the key
+/// (the first four are [`client_hash`]'s). Changing one moves every pinned
+/// flow to another set: a hitless restart would lose the table.
+const MULTIPLIERS: [u64; 10] = [
+    0x9e37_79b9_7f4a_7c15,
+    0xc2b2_ae3d_27d4_eb4f,
+    0x1656_67b1_9e37_79f9,
+    0x85eb_ca77_c2b2_ae63,
+    0x27d4_eb2f_1656_67c5,
+    0xff51_afd7_ed55_8ccd,
+    0xc4ce_b9fe_1a85_ec53,
+    0x8796_5a4b_3c2d_1e0f,
+    0xd6e8_feb8_6659_fd93,
+    0xa076_1d64_78bd_642f,
+];
+
+/// The hash that places a flow in [`maps::FLOW_TABLE`] and seals its entry,
+/// and (its middle bits, [`flow_hash`]) picks a new flow's relay:
 /// multilinear (each word of the key times its own odd 64-bit constant,
 /// summed, the high bits taken). Its ten multiplies are independent, so the
-/// CPU runs them side by side: measured here, [`flow_hash`]'s chain of
-/// dependent mixes costs ~25 ns per packet, more than the whole lookup
-/// should. The table is local to one node, so this need not agree with
-/// anything but itself; [`flow_hash`] stays what picks the relay.
+/// CPU runs them side by side, where a chain of dependent mixes measured
+/// ~12–25 ns per packet here. Its value is part of the pinned
+/// `FLOW_TABLE`'s layout (the set a flow sits in): it must not change.
 #[inline(always)]
 pub const fn table_hash(key: &FlowKey) -> u64 {
-    const K: [u64; 10] = [
-        0x9e37_79b9_7f4a_7c15,
-        0xc2b2_ae3d_27d4_eb4f,
-        0x1656_67b1_9e37_79f9,
-        0x85eb_ca77_c2b2_ae63,
-        0x27d4_eb2f_1656_67c5,
-        0xff51_afd7_ed55_8ccd,
-        0xc4ce_b9fe_1a85_ec53,
-        0x8796_5a4b_3c2d_1e0f,
-        0xd6e8_feb8_6659_fd93,
-        0xa076_1d64_78bd_642f,
-    ];
-    let (s, d) = (key.src, key.dst);
+    const K: [u64; 10] = MULTIPLIERS;
+    let d = key.dst;
     let ports = ((key.sport as u64) << 16) | key.dport as u64;
     let kind = ((key.proto as u64) << 8) | key.family as u64;
-    (s[0] as u64)
-        .wrapping_mul(K[0])
-        .wrapping_add((s[1] as u64).wrapping_mul(K[1]))
-        .wrapping_add((s[2] as u64).wrapping_mul(K[2]))
-        .wrapping_add((s[3] as u64).wrapping_mul(K[3]))
+    client_hash(&key.src)
         .wrapping_add((d[0] as u64).wrapping_mul(K[4]))
         .wrapping_add((d[1] as u64).wrapping_mul(K[5]))
         .wrapping_add((d[2] as u64).wrapping_mul(K[6]))
         .wrapping_add((d[3] as u64).wrapping_mul(K[7]))
         .wrapping_add(ports.wrapping_mul(K[8]))
         .wrapping_add(kind.wrapping_mul(K[9]))
+}
+
+/// The client-address part of [`table_hash`]: what a sticky service
+/// ([`SERVICE_STICKY`]) hashes, multilinear like the rest.
+#[inline(always)]
+pub const fn client_hash(src: &[u32; 4]) -> u64 {
+    const K: [u64; 10] = MULTIPLIERS;
+    (src[0] as u64)
+        .wrapping_mul(K[0])
+        .wrapping_add((src[1] as u64).wrapping_mul(K[1]))
+        .wrapping_add((src[2] as u64).wrapping_mul(K[2]))
+        .wrapping_add((src[3] as u64).wrapping_mul(K[3]))
 }
 
 /// The set of [`maps::FLOW_TABLE`] for [`table_hash`] `hash`: its top bits.
@@ -429,10 +442,10 @@ impl FlowEntry {
 #[repr(C)]
 pub struct LbConfig {
     /// Outer IPv4 source for IPIP, network byte order; its low 16 bits are
-    /// replaced by the flow hash so relays' NICs spread flows over queues (RSS).
+    /// replaced by [`encap_hash`] so relays' NICs spread flows over queues (RSS).
     pub encap_src_v4: u32,
     /// Outer IPv6 source for IP6IP6, network byte order; the low 32 bits
-    /// carry the flow hash (and the flow label does too).
+    /// carry [`encap_hash`] (and the flow label its low 20).
     pub encap_src_v6: [u32; 4],
 }
 const _: () = assert!(size_of::<LbConfig>() == 20);
@@ -644,20 +657,57 @@ pub const fn second_hash(flow_hash: u32) -> u32 {
     fmix32(flow_hash ^ 0x7032_6332)
 }
 
-/// The flow hash that picks a Maglev slot: the client address and port, the
-/// VIP address and port (all as stored in [`FlowKey`], network byte order).
-/// `sticky` hashes the client address only. Deterministic across nodes, so
-/// every LB node with the same config sends a flow to the same relay.
+/// The flow hash that picks a new flow's Maglev slot ([`ring_slot`]): the
+/// client address and port, the VIP address and port (all as stored in
+/// [`FlowKey`], network byte order). `sticky` hashes the client address
+/// only. Deterministic across nodes, so every LB node with the same config
+/// sends a flow to the same relay, and user space (`ctl where`) computes
+/// what the program does.
+///
+/// Bits 16..47 of [`table_hash`] ([`client_hash`] when sticky), which a
+/// SYN computes for the flow table anyway ([`flow_hash_of`]). Why those
+/// bits: in a sum of products mod 2⁶⁴, bit `k` depends only on bits `0..=k`
+/// of each product, so the low bits are weak and the high ones strong.
+/// [`ring_slot`] reads the top bits of this `u32` — bits ≈ 31..47 of the
+/// sum for a table of ≈ 2¹⁶ slots, where every bit of each 32-bit key word
+/// counts: multiply-shift hashing mod 2⁴⁸, a universal family
+/// (Dietzfelbinger et al., 1997). And they are not the top 16 bits, which
+/// pick the flow's set ([`flow_set`]): flows that share a set spread over
+/// the table like any others. The low bits stay weak: pick with
+/// [`ring_slot`] (never `% n`), or mix first ([`second_hash`],
+/// [`encap_hash`]).
 #[inline(always)]
 pub const fn flow_hash(key: &FlowKey, sticky: bool) -> u32 {
-    let s = key.src;
-    let mut h = mix(mix(mix(mix(0x736d_7470, s[0]), s[1]), s[2]), s[3]);
-    if !sticky {
-        let d = key.dst;
-        h = mix(mix(mix(mix(h, d[0]), d[1]), d[2]), d[3]);
-        h = mix(h, ((key.sport as u32) << 16) | key.dport as u32);
-    }
-    fmix32(h)
+    flow_hash_of(key, table_hash(key), sticky)
+}
+
+/// [`flow_hash`] of `key`, given its [`table_hash`] `hash`.
+#[inline(always)]
+pub const fn flow_hash_of(key: &FlowKey, hash: u64, sticky: bool) -> u32 {
+    let h = if sticky { client_hash(&key.src) } else { hash };
+    (h >> 16) as u32
+}
+
+/// The slot of a table of `ring_size` slots that `hash` picks:
+/// `⌊hash · ring_size / 2³²⌋`, Lemire's multiply-shift range reduction
+/// ("Fast Random Integer Generation in an Interval", 2019). A multiply and
+/// a shift where `hash % ring_size` is a division (tens of cycles), and it
+/// reads the hash's high bits, the good ones of [`flow_hash`]. Each slot
+/// gets ⌊2³²/M⌋ or ⌈2³²/M⌉ hash values, as with `%`. The one definition of
+/// a slot: the XDP program, `ctl where`, user space's moved-flow walk and
+/// the tests all pick with it.
+#[inline(always)]
+pub const fn ring_slot(hash: u32, ring_size: u32) -> u32 {
+    ((hash as u64 * ring_size as u64) >> 32) as u32
+}
+
+/// The entropy an IPIP / IP6IP6 outer header carries (the outer source's
+/// low bits, the flow label), so a relay's NIC spreads flows over its
+/// queues (RSS): the flow hash mixed, so its low bits are as good as its
+/// high ones (those of [`flow_hash`] are not).
+#[inline(always)]
+pub const fn encap_hash(flow_hash: u32) -> u32 {
+    fmix32(flow_hash)
 }
 
 #[cfg(test)]
@@ -705,6 +755,52 @@ mod tests {
             FlowEntry::default(),
         ] {
             assert_eq!(torn.flow(), None, "{torn:?}");
+        }
+    }
+
+    #[test]
+    fn table_hash_keeps_its_values_across_builds() {
+        // The pinned FLOW_TABLE keeps a flow in set `flow_set(table_hash)`:
+        // a new value would strand every tracked flow at a hitless restart.
+        assert_eq!(table_hash(&key(40000)), 0x070d_4dc8_7f2c_add3);
+        let mut v6 = key(40000);
+        v6.src[1..].copy_from_slice(&[0x11, 0x22, 0x33]);
+        v6.dst[1..].copy_from_slice(&[0x44, 0x55, 0x66]);
+        v6.family = AF_INET6;
+        assert_eq!(table_hash(&v6), 0xce4d_5722_8a5d_3852);
+    }
+
+    #[test]
+    fn the_flow_hash_is_the_middle_of_table_hash_and_sticky_ignores_all_but_the_client() {
+        let k = key(40000);
+        assert_eq!(flow_hash(&k, false), (table_hash(&k) >> 16) as u32);
+        let other = FlowKey {
+            sport: 1234u16.to_be(),
+            dst: [0x0b71_00cb, 0, 0, 0],
+            ..k
+        };
+        assert_ne!(flow_hash(&other, false), flow_hash(&k, false));
+        assert_eq!(flow_hash(&other, true), flow_hash(&k, true));
+        let client = FlowKey {
+            src: [0x0264_33c6, 0, 0, 0],
+            ..k
+        };
+        assert_ne!(flow_hash(&client, true), flow_hash(&k, true));
+    }
+
+    #[test]
+    fn ring_slot_maps_the_hash_range_onto_the_table_in_order() {
+        for m in [1, 2, 251, 65521, MAX_RING_SIZE] {
+            assert_eq!(ring_slot(0, m), 0);
+            assert_eq!(ring_slot(u32::MAX, m), m - 1);
+            // Slot s starts at the first hash h with h·m ≥ s·2³².
+            for s in [1, m / 2, m - 1].into_iter().filter(|s| *s < m) {
+                let first = ((u64::from(s) << 32).div_ceil(u64::from(m))) as u32;
+                assert_eq!(ring_slot(first, m), s, "m {m} slot {s}");
+                if s > 0 {
+                    assert_eq!(ring_slot(first - 1, m), s - 1, "m {m} slot {s}");
+                }
+            }
         }
     }
 

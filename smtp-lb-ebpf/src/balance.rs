@@ -4,7 +4,7 @@
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use smtp_lb_common::{
     AF_INET, AF_INET6, FlowKey, GlobalStats, MODE_IPIP, PROTO_TCP, SERVICE_STICKY, Service,
-    flow_hash,
+    encap_hash, flow_hash,
 };
 
 use crate::{
@@ -293,7 +293,7 @@ pub fn send(
     }
     if choice.backend.mode == MODE_IPIP {
         // The outer source carries the flow hash (RSS entropy at the relay).
-        let hash = flow_hash(key, svc.flags & SERVICE_STICKY != 0);
+        let hash = encap_hash(flow_hash(key, svc.flags & SERVICE_STICKY != 0));
         forward::encap(ctx, choice.backend, inner, hash, stats)
     } else {
         forward::l2(ctx, choice.backend, stats)

@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use smtp_lb_common::{
-    CONNTRACK_SIZE, Flow, FlowKey, ServiceKey, flow_hash, service_slot, table_hash,
+    CONNTRACK_SIZE, Flow, FlowKey, ServiceKey, flow_hash, ring_slot, service_slot, table_hash,
 };
 
 use crate::{
@@ -205,13 +205,23 @@ pub fn probe_table_insert(ctx: XdpContext) -> u32 {
     verdict(took)
 }
 
-/// The Maglev flow hash (`flow_hash`, a chain of dependent mixes) of the key.
+/// The Maglev flow hash (`flow_hash`: `table_hash`'s middle bits) of the key.
 #[xdp]
 pub fn probe_flow_hash(ctx: XdpContext) -> u32 {
     let Some(k) = key40(&ctx) else {
         return xdp_action::XDP_PASS;
     };
     verdict(flow_hash(&k, false) == 1)
+}
+
+/// A new flow's Maglev slot: `flow_hash`, then `ring_slot` over a table
+/// size the compiler cannot know (read from the packet).
+#[xdp]
+pub fn probe_maglev_slot(ctx: XdpContext) -> u32 {
+    let Some(k) = key40(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    verdict(ring_slot(flow_hash(&k, false), u32::from(k.dport) | 1) == 1)
 }
 
 /// The flow table's hash (`table_hash`, independent multiplies) of the key.

@@ -4,7 +4,7 @@ use aya_ebpf::helpers::generated::bpf_map_lookup_percpu_elem;
 use smtp_lb_common::{
     BACKEND_VALID, Backend, FLOW_CLOSING, Flow, FlowKey, GlobalStats, NO_BACKEND, P2C_MAX_CPUS,
     PROTO_TCP, SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS, SERVICE_P2C, SERVICE_STICKY, Service,
-    ServiceKey, flow_hash, second_hash, service_slot, table_hash,
+    ServiceKey, flow_hash_of, ring_slot, second_hash, service_slot, table_hash,
 };
 
 use crate::{
@@ -229,15 +229,16 @@ pub fn choose(
             None => stats.lru_miss += 1,
         }
     }
+    // Computed here rather than kept from the lookup: one stack slot less
+    // across the service lookup, and the established path never needs it.
+    // The Maglev flow hash is made of it too (`flow_hash_of`).
+    let hash = table_hash(key);
     let (id, backend) = if syn && svc.flags & SERVICE_P2C != 0 {
-        two_choices(key, svc)?
+        two_choices(key, hash, svc)?
     } else {
-        table(key, svc)?
+        table(key, hash, svc)?
     };
     let flags = if closing { FLOW_CLOSING } else { 0 };
-    // Computed again rather than kept from the lookup: one stack slot less
-    // across the service lookup, and the established path never needs it.
-    let hash = table_hash(key);
     // The live-flow counts follow the table's live entries: +1 for one
     // tracked, −1 for a live one whose way was taken.
     match flows::insert(key, hash, id, (svc.id, slot), flags) {
@@ -259,13 +260,14 @@ pub fn choose(
 /// (anyone can send those, so they must not insert).
 #[inline(always)]
 pub fn owner(key: &FlowKey, svc: &Service, stats: &mut GlobalStats) -> Option<Choice> {
-    let found = flows::find(key, table_hash(key));
+    let hash = table_hash(key);
+    let found = flows::find(key, hash);
     if let Some(id) = tracked(key, found, None, stats) {
         if let Some(backend) = backend(id) {
             return Some(Choice { id, backend });
         }
     }
-    let (id, backend) = table(key, svc)?;
+    let (id, backend) = table(key, hash, svc)?;
     Some(Choice { id, backend })
 }
 
@@ -276,14 +278,14 @@ pub fn live(key: &FlowKey) -> bool {
     flows::find(key, table_hash(key)).is_some_and(|t| t.flags() & FLOW_CLOSING == 0)
 }
 
-/// The backend the live Maglev table names for `key`.
+/// The backend the live Maglev table names for `key` (`hash`: its `table_hash`).
 #[inline(always)]
-fn table(key: &FlowKey, svc: &Service) -> Option<(u32, &'static Backend)> {
+fn table(key: &FlowKey, hash: u64, svc: &Service) -> Option<(u32, &'static Backend)> {
     if svc.ring_size == 0 {
         return None;
     }
-    let hash = flow_hash(key, svc.flags & SERVICE_STICKY != 0);
-    let slot = Service::ring_base(svc.id, svc.active) + hash % svc.ring_size;
+    let hash = flow_hash_of(key, hash, svc.flags & SERVICE_STICKY != 0);
+    let slot = Service::ring_base(svc.id, svc.active) + ring_slot(hash, svc.ring_size);
     let id = RINGS.get(slot).copied().unwrap_or(NO_BACKEND);
     if id == NO_BACKEND {
         return None;
@@ -298,19 +300,19 @@ fn table(key: &FlowKey, svc: &Service) -> Option<(u32, &'static Backend)> {
 /// backend's share is at most twice its table share (a warming relay with
 /// no flows yet gets no more than that).
 #[inline(always)]
-fn two_choices(key: &FlowKey, svc: &Service) -> Option<(u32, &'static Backend)> {
+fn two_choices(key: &FlowKey, hash: u64, svc: &Service) -> Option<(u32, &'static Backend)> {
     if svc.ring_size == 0 {
         return None;
     }
-    let hash = flow_hash(key, false);
+    let hash = flow_hash_of(key, hash, false);
     let base = Service::ring_base(svc.id, svc.active);
-    let first = RINGS.get(base + hash % svc.ring_size).copied()?;
+    let first = RINGS.get(base + ring_slot(hash, svc.ring_size)).copied()?;
     if first == NO_BACKEND {
         return None;
     }
     let maglev = backend(first)?;
     let second = RINGS
-        .get(base + second_hash(hash) % svc.ring_size)
+        .get(base + ring_slot(second_hash(hash), svc.ring_size))
         .copied()
         .unwrap_or(NO_BACKEND);
     if second == first || second == NO_BACKEND {

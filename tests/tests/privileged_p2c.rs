@@ -17,7 +17,9 @@ use std::{
 };
 
 use aya::maps::{Array, PerCpuArray, PerCpuValues};
-use smtp_lb_common::{Flow, FlowKey, FlowSet, PROTO_TCP, maps, programs::BALANCER, second_hash};
+use smtp_lb_common::{
+    Flow, FlowKey, FlowSet, PROTO_TCP, maps, programs::BALANCER, ring_slot, second_hash,
+};
 use smtp_lb_tests::{
     env,
     packet::{LB_MAC, PacketBuilder, tcp},
@@ -78,8 +80,8 @@ impl Fixture {
         (from..from + 1000)
             .find_map(|sport| {
                 let hash = smtp_lb_common::flow_hash(&key(sport), false);
-                let maglev = svc.ring[(hash % svc.ring_size) as usize];
-                let second = svc.ring[(second_hash(hash) % svc.ring_size) as usize];
+                let maglev = svc.ring[ring_slot(hash, svc.ring_size) as usize];
+                let second = svc.ring[ring_slot(second_hash(hash), svc.ring_size) as usize];
                 (maglev != second).then_some(Candidates {
                     sport,
                     maglev,

@@ -106,7 +106,7 @@ impl Fixture {
         let skey = service_key(dst, dport);
         let svc = self.plan.services.iter().find(|s| s.key == skey)?;
         let hash = smtp_lb_common::flow_hash(&key, svc.flags & SERVICE_STICKY != 0);
-        let id = svc.ring[(hash % svc.ring_size) as usize];
+        let id = svc.ring[smtp_lb_common::ring_slot(hash, svc.ring_size) as usize];
         if id == NO_BACKEND {
             return None;
         }

@@ -12,7 +12,9 @@ use std::{
 };
 
 use aya::maps::PerCpuArray;
-use smtp_lb_common::{DecapStats, FlowKey, GlobalStats, PROTO_TCP, flow_hash, maps, programs};
+use smtp_lb_common::{
+    DecapStats, FlowKey, GlobalStats, PROTO_TCP, encap_hash, flow_hash, maps, programs,
+};
 use smtp_lb_tests::{
     lab::Lab,
     packet::{
@@ -111,10 +113,11 @@ fn decap_stats(h: &mut XdpHarness) -> DecapStats {
         })
 }
 
+/// What the outer header carries of the flow `src:sport → dst:dport`.
 fn hash(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> u32 {
     let (s, family) = addr_words(src);
     let (d, _) = addr_words(dst);
-    flow_hash(
+    encap_hash(flow_hash(
         &FlowKey {
             src: s,
             dst: d,
@@ -125,7 +128,7 @@ fn hash(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> u32 {
             _pad: [0; 2],
         },
         false,
-    )
+    ))
 }
 
 #[test]

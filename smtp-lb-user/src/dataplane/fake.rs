@@ -8,7 +8,9 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use smtp_lb_common::{BACKEND_VALID, Backend, NO_BACKEND, SERVICE_STICKY, ServiceKey, flow_hash};
+use smtp_lb_common::{
+    BACKEND_VALID, Backend, NO_BACKEND, SERVICE_STICKY, ServiceKey, flow_hash, ring_slot,
+};
 
 use super::{
     ApplyError, BackendRow, Dataplane, LoadError, MapWriter, MovedFlows, ServiceRow, Snapshot,
@@ -270,7 +272,7 @@ impl Dataplane for Fake {
         };
         let key = flow_key(vip, port, client, cport);
         let hash = flow_hash(&key, s.flags & SERVICE_STICKY != 0);
-        let slot = hash % s.ring_size;
+        let slot = ring_slot(hash, s.ring_size);
         let new_flow = s.ring.get(slot as usize).and_then(|id| {
             self.backend(*id)
                 .filter(|(_, valid)| *valid)

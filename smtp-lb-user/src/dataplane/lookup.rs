@@ -1,6 +1,7 @@
 //! Questions answered from the pinned maps: where would a new connection
 //! go, is a flow tracked, how many flows does each backend hold. Uses the
-//! same hash as the XDP program (`smtp_lb_common::flow_hash`), so the answer
+//! same hash and slot as the XDP program (`smtp_lb_common::flow_hash`,
+//! `ring_slot`), so the answer
 //! is the program's, not an approximation.
 use std::{
     collections::BTreeMap,
@@ -12,7 +13,7 @@ use aya::maps::{Array, HashMap, Map, MapData};
 use serde::Serialize;
 use smtp_lb_common::{
     BACKEND_VALID, Backend, FLOW_CLOSING, Flow, FlowKey, FlowSet, MOVED_FLOWS_SIZE, NO_BACKEND,
-    PROTO_TCP, SERVICE_STICKY, Service, ServiceKey, flow_hash, maps,
+    PROTO_TCP, SERVICE_STICKY, Service, ServiceKey, flow_hash, maps, ring_slot,
 };
 
 use super::{LoadError, flows, walk};
@@ -70,11 +71,7 @@ pub fn where_to(
     };
     let key = flow_key(vip, port, client, cport);
     let hash = flow_hash(&key, svc.flags & SERVICE_STICKY != 0);
-    let slot = if svc.ring_size == 0 {
-        0
-    } else {
-        hash % svc.ring_size
-    };
+    let slot = ring_slot(hash, svc.ring_size);
     let rings: Array<_, u32> =
         Array::try_from(Map::Array(open(pin_dir, maps::RINGS)?)).map_err(err(maps::RINGS))?;
     let backends: Array<_, Backend> =

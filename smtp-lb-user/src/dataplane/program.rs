@@ -26,7 +26,7 @@ use smtp_lb_common::{
     BACKEND_VALID, Backend, BackendStats, FLOW_CLOSING, Flow, FlowKey, LbConfig as LbConfigMap,
     MAX_BACKENDS, MOVED_FLOWS_SIZE, PROTO_TCP, SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS,
     SERVICE_STICKY, SERVICE_VIP_MARKER, Service, ServiceKey, ServiceSlot, ServiceStats, flow_hash,
-    maps, service_slot,
+    maps, ring_slot, service_slot,
 };
 use thiserror::Error;
 
@@ -455,7 +455,7 @@ impl MapWriter for Ebpf {
                 return false;
             }
             let hash = flow_hash(key, svc.flags & SERVICE_STICKY != 0);
-            svc.ring.get((hash % svc.ring_size.max(1)) as usize) != Some(&flow.backend)
+            svc.ring.get(ring_slot(hash, svc.ring_size) as usize) != Some(&flow.backend)
         };
         let mut out = MovedFlows::default();
         let tracked: Vec<(FlowKey, Flow)> = walk::flow_table(map_ref(self, maps::FLOW_TABLE)?)

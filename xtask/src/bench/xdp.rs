@@ -4,9 +4,10 @@
 //!
 //! - `nonvip`: TCP to a port no service uses (the common case on an LB node).
 //! - `syn`: a SYN to the VIP: service lookup, Maglev slot, flow table write, L2 rewrite.
-//! - `syn_p2c`: the same SYN to a service with `p2c = true` (its own
-//!   loaded copy): a second slot and both backends' live flows summed over
-//!   the CPUs before the flow table write.
+//! - `syn_p2c`: a SYN to a service with `p2c = true` (its own loaded
+//!   copy) whose two candidate slots name different backends: a second
+//!   slot and both backends' live flows summed over the CPUs before the
+//!   flow table write (a flow whose candidates agree skips the sums).
 //! - `established`: an ACK of a tracked flow: service lookup, flow table hit, L2 rewrite.
 //! - `moved`: an ACK of a flow a table change moved whose `FLOW_TABLE` way is
 //!   gone (taken by another flow): flow table miss, `MOVED_FLOWS` hit, L2 rewrite.
@@ -23,7 +24,7 @@
 use std::{net::Ipv4Addr, path::Path};
 
 use aya::maps::Array;
-use smtp_lb_common::{FlowSet, maps, programs};
+use smtp_lb_common::{FlowSet, flow_hash, maps, programs, ring_slot, second_hash};
 use smtp_lb_tests::{
     packet::{PacketBuilder, path_mtu_error, tcp},
     xdp::{Verdict, XdpHarness},
@@ -70,6 +71,7 @@ const PROBES: &[&str] = &[
     "probe_table_insert",
     "probe_table_hash",
     "probe_flow_hash",
+    "probe_maglev_slot",
     "probe_service_slot",
     "probe_ct_lookup",
     "probe_ct_update",
@@ -90,19 +92,29 @@ pub fn run(ebpf_object: &Path, probes_object: &Path) -> anyhow::Result<Report> {
     let mut xdp = XdpHarness::load();
     apply_config(xdp.ebpf_mut(), &config(1, false)?)?;
     let mut p2c = XdpHarness::load();
-    apply_config(p2c.ebpf_mut(), &config(1, true)?)?;
+    let p2c_plan = apply_config(p2c.ebpf_mut(), &config(1, true)?)?.plan;
     let client = Ipv4Addr::new(198, 51, 100, 1);
     let vip = Ipv4Addr::new(203, 0, 113, 10);
     let nonvip =
         PacketBuilder::tcp(client, 40000, Ipv4Addr::new(198, 51, 100, 9), 80, tcp::ACK).build();
     let syn = PacketBuilder::tcp(client, 40001, vip, 25, tcp::SYN).build();
+    let svc = (p2c_plan.services.iter().find(|s| s.port == 25))
+        .ok_or_else(|| anyhow::anyhow!("no service on port 25"))?;
+    let p2c_sport = (40001..41000)
+        .find(|p| {
+            let hash = flow_hash(&flow_key(vip.into(), 25, client.into(), *p), false);
+            svc.ring[ring_slot(hash, svc.ring_size) as usize]
+                != svc.ring[ring_slot(second_hash(hash), svc.ring_size) as usize]
+        })
+        .ok_or_else(|| anyhow::anyhow!("no flow whose p2c candidates differ"))?;
+    let syn_p2c = PacketBuilder::tcp(client, p2c_sport, vip, 25, tcp::SYN).build();
     let ack = PacketBuilder::tcp(client, 40002, vip, 25, tcp::ACK).build();
     // Track the established flow first, and check every subject does what it should.
     let track = PacketBuilder::tcp(client, 40002, vip, 25, tcp::SYN).build();
     anyhow::ensure!(xdp.run(programs::BALANCER, &track).verdict == Verdict::Tx);
     anyhow::ensure!(xdp.run(programs::BALANCER, &nonvip).verdict == Verdict::Pass);
     anyhow::ensure!(xdp.run(programs::BALANCER, &syn).verdict == Verdict::Tx);
-    anyhow::ensure!(p2c.run(programs::BALANCER, &syn).verdict == Verdict::Tx);
+    anyhow::ensure!(p2c.run(programs::BALANCER, &syn_p2c).verdict == Verdict::Tx);
     anyhow::ensure!(xdp.run(programs::BALANCER, &ack).verdict == Verdict::Tx);
     let icmp = path_mtu_error(client.into(), 40002, vip.into(), 25);
     anyhow::ensure!(xdp.run(programs::BALANCER, &icmp).verdict == Verdict::Tx);
@@ -137,7 +149,7 @@ pub fn run(ebpf_object: &Path, probes_object: &Path) -> anyhow::Result<Report> {
             ns(&mut xdp, programs::BALANCER, &ack),
             ns(&mut xdp, programs::BALANCER, &moved),
             ns(&mut xdp, programs::BALANCER, &icmp),
-            ns(&mut p2c, programs::BALANCER, &syn),
+            ns(&mut p2c, programs::BALANCER, &syn_p2c),
         ]);
     }
     let col = |i: usize| median(&mut rounds.iter().map(|r| r[i]).collect::<Vec<_>>());
