@@ -169,11 +169,11 @@ pub struct LbConfig {
     /// bpffs directory for pinned maps; the `--pin-dir` flag overrides it.
     #[serde(default)]
     pub pin_dir: Option<PathBuf>,
-    /// Outer IPv4 source for IPIP; its low 16 bits carry the flow hash (RSS
+    /// Outer IPv4 source for IPIP; its low 16 bits carry a hash of the flow (RSS
     /// entropy at the relays). Pick a /16 the relays' network accepts.
     #[serde(default = "LbConfig::default_encap_source_v4")]
     pub encap_source_v4: Ipv4Addr,
-    /// Outer IPv6 source for IP6IP6; its low 32 bits carry the flow hash.
+    /// Outer IPv6 source for IP6IP6; its low 32 bits carry a hash of the flow.
     #[serde(default = "LbConfig::default_encap_source_v6")]
     pub encap_source_v6: Ipv6Addr,
     /// The balanced services.
