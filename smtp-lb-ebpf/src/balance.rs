@@ -292,7 +292,7 @@ pub fn send(
         }
     }
     if choice.backend.mode == MODE_IPIP {
-        // The outer source carries the flow hash (RSS entropy at the relay).
+        // The outer source carries a hash of the flow (RSS entropy at the relay).
         let hash = encap_hash(flow_hash(key, svc.flags & SERVICE_STICKY != 0));
         forward::encap(ctx, choice.backend, inner, hash, stats)
     } else {

@@ -360,6 +360,9 @@ pub(super) fn recover_segment(
         }
         bad_bytes += (pos - start) as u64;
     }
+    // A torn tail or the writer's zeros: cut off (after the copy below), as
+    // done records may be appended to this segment.
+    let truncated = good_end < data.len();
     let mut report = None;
     if bad_bytes > 0 {
         let corrupt = dir.join("corrupt");
@@ -372,13 +375,6 @@ pub(super) fn recover_segment(
         std::fs::write(&moved_to, &data)?;
         File::open(&moved_to)?.sync_all()?;
         sync_dir(&corrupt)?;
-        let truncated = good_end < data.len();
-        if truncated {
-            OpenOptions::new()
-                .write(true)
-                .open(path)?
-                .set_len(good_end as u64)?;
-        }
         error!(
             segment = %path.display(), moved_to = %moved_to.display(), bad_bytes, truncated,
             "corrupt spool data: copy moved aside, unreadable records skipped (never delivered)"
@@ -389,8 +385,8 @@ pub(super) fn recover_segment(
             bad_bytes,
             truncated,
         });
-    } else if good_end < data.len() {
-        // Only the zeros: done records may be appended to this segment.
+    }
+    if truncated {
         OpenOptions::new()
             .write(true)
             .open(path)?

@@ -27,9 +27,9 @@
 //! them. Only then does ingress reply `250`. A new segment is `fsync`ed with
 //! its directory before the first record goes into it. The current segment
 //! runs ahead of its records in zeros, so a sync flushes data, not the
-//! file's size (see `ZERO_AHEAD`); a closed segment has them cut off. Done records are not
-//! synced on their own: losing one after a crash means a duplicate delivery,
-//! never a lost message (at-least-once).
+//! file's size (see `ZERO_AHEAD`); a closed segment has them cut off. Done
+//! records are not synced on their own: losing one after a crash means a
+//! duplicate delivery, never a lost message (at-least-once).
 //!
 //! A done or retry record goes to the segment that holds its message; a
 //! segment none of whose messages is live is deleted. The writer thread owns

@@ -44,8 +44,8 @@ pub(super) const COMMIT_DELAY: Duration = Duration::from_micros(300);
 /// ext4 its extents) every time, and syncing that metadata meant a journal
 /// commit per batch, shared with every other writer on the filesystem
 /// (`PostgreSQL` pre-zeroes its WAL segments for the same reason). One
-/// commit per this many bytes remains; recovery and closing a segment cut
-/// the zeros off.
+/// commit per this many bytes remains; recovery, closing a segment and a
+/// compaction with no batch since the one before cut the zeros off.
 pub(super) const ZERO_AHEAD: u64 = 512 * 1024;
 /// Segments smaller than this are not worth compacting: they cost less
 /// disk than the copy would cost writes.
