@@ -45,6 +45,7 @@
 //! `corrupt/` and reported, parsing resumes at the next valid record, and a
 //! torn tail (a write cut by a crash, never acknowledged) is truncated. The
 //! zeros after the last record are no damage: they are cut off quietly.
+mod compaction;
 mod format;
 mod incoming;
 mod writer;

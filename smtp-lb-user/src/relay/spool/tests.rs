@@ -209,9 +209,9 @@ async fn compaction_moves_the_live_messages_forward_and_removes_the_segment() {
 
 #[test]
 fn only_large_mostly_finished_segments_are_compacted() {
-    assert!(writer::worth_compacting(4 << 20, 1 << 20));
-    assert!(!writer::worth_compacting(4 << 20, (1 << 20) + 1));
-    assert!(!writer::worth_compacting((1 << 20) - 1, 0));
+    assert!(compaction::worth_compacting(4 << 20, 1 << 20));
+    assert!(!compaction::worth_compacting(4 << 20, (1 << 20) + 1));
+    assert!(!compaction::worth_compacting((1 << 20) - 1, 0));
 }
 
 #[tokio::test]
