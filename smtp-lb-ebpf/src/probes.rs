@@ -248,3 +248,51 @@ pub fn probe_service_slot(ctx: XdpContext) -> u32 {
     };
     verdict(service_slot(&skey) == 1)
 }
+
+/// `probe_l2_dsr`: entry `i` is relay `i`'s MAC (bytes 0..6); entry
+/// [`DSR_RELAYS`] is the LB node's own. Written by `bench lb`.
+#[btf_map]
+static PROBE_DSR_MACS: aya_ebpf::btf_maps::Array<[u8; 8], { DSR_RELAYS as usize + 1 }> =
+    aya_ebpf::btf_maps::Array::new();
+const DSR_RELAYS: u32 = 3;
+
+/// The least an L2 DSR balancer can do (`bench lb`'s floor for the
+/// path): IPv4 TCP to port 25 goes back out (`XDP_TX`) to one of three
+/// relays by the client's source port, no state, no counters; everything
+/// else passes. Stateless, so it is only right while the relays stay put.
+#[xdp]
+pub fn probe_l2_dsr(ctx: XdpContext) -> u32 {
+    use crate::parse::{IPPROTO_TCP, IPV4_HLEN, Ipv4Hdr, TcpHdr, ptr_at_mut};
+    let Some(ethertype) = read::<u16>(&ctx, 12) else {
+        return xdp_action::XDP_PASS;
+    };
+    if ethertype != 0x0800u16.to_be() {
+        return xdp_action::XDP_PASS;
+    }
+    let Some(ip) = read::<Ipv4Hdr>(&ctx, ETH_HLEN) else {
+        return xdp_action::XDP_PASS;
+    };
+    if ip.ver_ihl != 0x45 || ip.proto != IPPROTO_TCP {
+        return xdp_action::XDP_PASS;
+    }
+    let Some(tcp) = read::<TcpHdr>(&ctx, ETH_HLEN + IPV4_HLEN) else {
+        return xdp_action::XDP_PASS;
+    };
+    if tcp.dport != 25u16.to_be() {
+        return xdp_action::XDP_PASS;
+    }
+    let relay = u32::from(u16::from_be(tcp.sport)) % DSR_RELAYS;
+    let (Some(dst), Some(src), Some(eth)) = (
+        PROBE_DSR_MACS.get(relay),
+        PROBE_DSR_MACS.get(DSR_RELAYS),
+        ptr_at_mut::<[u8; 12]>(&ctx, 0),
+    ) else {
+        return xdp_action::XDP_PASS;
+    };
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&dst[..6]);
+    macs[6..].copy_from_slice(&src[..6]);
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe { eth.write(macs) };
+    xdp_action::XDP_TX
+}

@@ -87,6 +87,17 @@ impl Lab {
         };
         ip(&["netns", "add", &lab.switch]);
         run_in(&lab.switch, &["ip", "link", "set", "lo", "up"]);
+        // A switch, not a firewall: with `br_netfilter` (built into many
+        // kernels) every bridged IP frame would also pass the namespace's
+        // netfilter hooks, at a cost per crossing that no real switch adds.
+        run_in(
+            &lab.switch,
+            &[
+                "sh",
+                "-c",
+                "for f in /proc/sys/net/bridge/bridge-nf-call-*; do [ -e \"$f\" ] && echo 0 > \"$f\"; done; true",
+            ],
+        );
         run_in(&lab.switch, &["ip", "link", "add", "br0", "type", "bridge"]);
         run_in(&lab.switch, &["ip", "link", "set", "br0", "up"]);
         lab

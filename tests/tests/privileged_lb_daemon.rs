@@ -158,6 +158,13 @@ fn a_drained_relay_gets_no_new_sessions_while_its_open_ones_finish() {
     // Long sessions: each holds 1 s after MAIL FROM.
     let load = Load::start(&client_netns(&dsr), target(), 12, Duration::from_secs(1));
     thread::sleep(Duration::from_millis(2500));
+    // 12 sessions from random ports over three relays: at a given instant
+    // relay1 may hold none (≈ 1 % of runs), and the drain must meet some.
+    wait_for(
+        "sessions live on relay1 before the drain",
+        Duration::from_secs(10),
+        || live_flows(&dsr, "relay1") > 0,
+    );
     let t_drain = load.now();
     dsr.ctl(&["drain", "relay1"]);
     let t_applied = load.now();

@@ -43,7 +43,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             xdp::run(&build::build_ebpf()?, &build::build_ebpf_probes()?)?,
         ),
         Name::Maglev => ("maglev", maglev::run()),
-        Name::Lb => ("lb", lb::run(&build::run(&build::Options {})?)?),
+        Name::Lb => (
+            "lb",
+            lb::run(
+                &build::run(&build::Options {})?,
+                &build::build_ebpf_probes()?,
+            )?,
+        ),
         Name::Relay => ("relay", relay::run(&build::run(&build::Options {})?)?),
         Name::Shaping => ("shaping", shaping::run(&build::run(&build::Options {})?)?),
     };
