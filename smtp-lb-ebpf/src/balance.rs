@@ -130,9 +130,9 @@ fn ipv4_tcp(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
     let Some(dport) = tcp_dport(ctx, l4) else {
         return pass_truncated(stats);
     };
-    if !select::vip_port(dport) {
+    let Some(port_hint) = select::vip_port(dport) else {
         return pass_non_vip(stats);
-    }
+    };
     // Read only now, past the port filter: what other traffic never needs
     // (see `tcp_dport`). The bounds are the ones checked above.
     let (Some(ip), Some(tcp)) = (read::<Ipv4Hdr>(ctx, l3), read::<TcpHdr>(ctx, l4)) else {
@@ -149,7 +149,8 @@ fn ipv4_tcp(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
     };
     // The flow's entry first: it names the service's slot.
     let lookup = Lookup::new(&key, is_syn(&tcp));
-    let Some(svc) = select::service(&key, lookup.service_slot()) else {
+    let hint = lookup.service_slot().unwrap_or(port_hint);
+    let Some(svc) = select::service(&key, hint) else {
         return pass_non_vip(stats);
     };
     let ip_len = u16::from_be(ip.tot_len);
@@ -184,9 +185,9 @@ fn ipv6(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
     let Some(dport) = tcp_dport(ctx, l4) else {
         return pass_truncated(stats);
     };
-    if !select::vip_port(dport) {
+    let Some(port_hint) = select::vip_port(dport) else {
         return pass_non_vip(stats);
-    }
+    };
     let Some(tcp) = read::<TcpHdr>(ctx, l4) else {
         return pass_truncated(stats);
     };
@@ -201,7 +202,8 @@ fn ipv6(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
     };
     // The flow's entry first: it names the service's slot.
     let lookup = Lookup::new(&key, is_syn(&tcp));
-    let Some(svc) = select::service(&key, lookup.service_slot()) else {
+    let hint = lookup.service_slot().unwrap_or(port_hint);
+    let Some(svc) = select::service(&key, hint) else {
         return pass_non_vip(stats);
     };
     let payload = u16::from_be(ip.payload_len);

@@ -102,10 +102,10 @@ fn to_owner(
     min_len: usize,
     stats: &mut GlobalStats,
 ) -> u32 {
-    if !select::vip_port(key.dport) {
+    let Some(port_hint) = select::vip_port(key.dport) else {
         return balance::pass_non_vip(stats);
-    }
-    let Some((svc, _)) = select::service(key, None) else {
+    };
+    let Some((svc, _)) = select::service(key, port_hint) else {
         return balance::pass_non_vip(stats);
     };
     // The length the header claims: at least what was read, at most the frame.

@@ -12,32 +12,33 @@ use crate::{
     maps::{BACKENDS, FLOW_COUNTS, MOVED_FLOWS, RINGS, SERVICE_INDEX, SERVICES, VIP_PORTS},
 };
 
-/// Whether some service uses destination port `dport` (network order): an
-/// inlined array access, checked before anything else is built, so traffic
-/// to other ports costs next to nothing.
+/// The port filter: `None` when no service uses destination port `dport`
+/// (network order), which ends the path for most traffic at the cost of an
+/// inlined array read; else the `SERVICE_INDEX` slot user space names for
+/// the port (its value is that slot + 1), [`service`]'s first guess for a
+/// packet whose flow entry names none, such as a SYN.
 #[inline(always)]
-pub fn vip_port(dport: u16) -> bool {
-    VIP_PORTS
-        .get(u32::from(u16::from_be(dport)))
-        .is_some_and(|v| *v != 0)
+pub fn vip_port(dport: u16) -> Option<u32> {
+    let v = *VIP_PORTS.get(u32::from(u16::from_be(dport)))?;
+    v.checked_sub(1)
 }
 
 /// The service for (dst address, dst port) of `key` and its slot in
 /// `SERVICE_INDEX` ([`vip_port`] has already said the port is used).
-/// `hint`: the slot the flow's entry remembers, read first: a tracked flow's
-/// packet finds its service without [`service_slot`]'s chain of multiplies.
+/// `hint`: the slot to read first, the one the flow's entry remembers, else
+/// the port's ([`vip_port`]). A right guess finds the service without
+/// [`service_slot`]'s chain of multiplies; a wrong one (several services on
+/// the port, or a value written by an older build, `1`) costs one compare.
 #[inline(always)]
-pub fn service(key: &FlowKey, hint: Option<u32>) -> Option<(Service, u32)> {
+pub fn service(key: &FlowKey, hint: u32) -> Option<(Service, u32)> {
     let skey = ServiceKey {
         addr: key.dst,
         port: key.dport,
         proto: PROTO_TCP,
         family: key.family,
     };
-    if let Some(at) = hint
-        && let Some(svc) = service_in(at, &skey)
-    {
-        return Some((svc, at));
+    if let Some(svc) = service_in(hint, &skey) {
+        return Some((svc, hint));
     }
     let first = service_slot(&skey);
     let mut i = 0;

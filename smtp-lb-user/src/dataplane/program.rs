@@ -369,6 +369,9 @@ impl MapWriter for Ebpf {
         index.write(self, at, slot)?;
         slot.active = half;
         index.write(self, at, slot)?;
+        // The port's guess for a new flow: this slot (one service per port,
+        // the common case, is then found without hashing).
+        write_port(self, u16::from_be(svc.key.port), at + 1)?;
         services_map(self)?
             .insert(
                 svc.key,
@@ -397,17 +400,23 @@ impl MapWriter for Ebpf {
     }
 
     fn set_port(&mut self, port: u16, balanced: bool) -> Result<(), ApplyError> {
-        let mut vip_ports: Array<&mut MapData, u32> =
-            Array::try_from(map_mut(self, maps::VIP_PORTS)?).map_err(map_err(maps::VIP_PORTS))?;
-        vip_ports
-            .set(u32::from(port), u32::from(balanced), 0)
-            .map_err(map_err(maps::VIP_PORTS))
+        // A used port keeps the slot its service wrote (`set_service`).
+        if balanced && read_port(self, port)? != 0 {
+            return Ok(());
+        }
+        write_port(self, port, u32::from(balanced))
     }
 
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), ApplyError> {
         let mut index = ServiceIndex::read(self, key)?;
         if let Some(at) = index.find(key) {
             index.write(self, at, ServiceSlot::default())?;
+            // The port stays used while another service has it (`set_port`
+            // says when not): only its guess goes.
+            let port = u16::from_be(key.port);
+            if key.port != 0 && read_port(self, port)? == at + 1 {
+                write_port(self, port, 1)?;
+            }
         }
         services_map(self)?
             .remove(key)
@@ -555,6 +564,22 @@ fn set_per_cpu<T: aya::Pod + Default>(
 struct ServiceIndex {
     /// `(slot index, value)` along the probe chain.
     chain: Vec<(u32, ServiceSlot)>,
+}
+
+/// `VIP_PORTS[port]`: 0 unused, else 1 + the `SERVICE_INDEX` slot of one of
+/// its services (`1`: used, no guess; what builds before the guess wrote).
+fn read_port(ebpf: &mut Ebpf, port: u16) -> Result<u32, ApplyError> {
+    let map: Array<&mut MapData, u32> =
+        Array::try_from(map_mut(ebpf, maps::VIP_PORTS)?).map_err(map_err(maps::VIP_PORTS))?;
+    map.get(&u32::from(port), 0)
+        .map_err(map_err(maps::VIP_PORTS))
+}
+
+fn write_port(ebpf: &mut Ebpf, port: u16, value: u32) -> Result<(), ApplyError> {
+    let mut map: Array<&mut MapData, u32> =
+        Array::try_from(map_mut(ebpf, maps::VIP_PORTS)?).map_err(map_err(maps::VIP_PORTS))?;
+    map.set(u32::from(port), value, 0)
+        .map_err(map_err(maps::VIP_PORTS))
 }
 
 impl ServiceIndex {
