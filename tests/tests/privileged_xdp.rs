@@ -1094,3 +1094,76 @@ fn a_previous_builds_conntrack_is_carried_into_the_flow_table() {
     );
     drop(dp);
 }
+
+/// `VIP_PORTS[port]`: 0 unused, else 1 + the `SERVICE_INDEX` slot of the
+/// service a new flow on the port is looked for first.
+fn port_value(f: &mut Fixture, port: u16) -> u32 {
+    let a: Array<_, u32> = Array::try_from(f.h.ebpf_mut().map(maps::VIP_PORTS).unwrap()).unwrap();
+    a.get(&u32::from(port), 0).unwrap()
+}
+
+fn set_port_value(f: &mut Fixture, port: u16, value: u32) {
+    let mut a: Array<_, u32> =
+        Array::try_from(f.h.ebpf_mut().map_mut(maps::VIP_PORTS).unwrap()).unwrap();
+    a.set(u32::from(port), value, 0).unwrap();
+}
+
+fn index_slot(f: &mut Fixture, at: u32) -> smtp_lb_common::ServiceSlot {
+    let a: Array<_, smtp_lb_common::ServiceSlot> =
+        Array::try_from(f.h.ebpf_mut().map(maps::SERVICE_INDEX).unwrap()).unwrap();
+    a.get(&at, 0).unwrap()
+}
+
+/// New flows to each VIP on port 25 (IPv4 and IPv6) go to their Maglev
+/// backend whatever the port's guess.
+fn assert_new_flows_balanced(f: &mut Fixture, vips: &[IpAddr], what: &str) {
+    for &dst in vips {
+        let src = if dst.is_ipv4() {
+            IpAddr::V4(CLIENT4)
+        } else {
+            CLIENT6.into()
+        };
+        for sport in 30000..30050 {
+            let pkt = PacketBuilder::tcp(src, sport, dst, 25, tcp::SYN).build();
+            let mac = f.expected_mac(src, sport, dst, 25).unwrap();
+            assert_tx_to(f, &pkt, mac, &format!("{what}: {dst} sport {sport}"));
+        }
+    }
+}
+
+#[test]
+fn a_ports_guess_names_one_of_its_services_and_a_wrong_guess_only_costs_the_lookup() {
+    let mut f = Fixture::new(&config([1, 1, 1], false));
+    let vips = [IpAddr::V4(VIP4), VIP6.into()];
+    // Two services on port 25 (one per VIP): the guess is one of them.
+    let guess = port_value(&mut f, 25);
+    assert!(guess > 1, "port 25's value names a slot: {guess}");
+    let slot = index_slot(&mut f, guess - 1);
+    assert_eq!(
+        u16::from_be(slot.key.port),
+        25,
+        "the guessed slot holds a port-25 service"
+    );
+    assert_new_flows_balanced(&mut f, &vips, "the daemon's guess");
+    // What a build before the guess wrote (1: used, no slot), and a guess
+    // naming another port's service: both still find the right service.
+    for (value, what) in [(1, "value 1"), (port_value(&mut f, 587), "587's guess")] {
+        set_port_value(&mut f, 25, value);
+        assert_new_flows_balanced(&mut f, &vips, what);
+    }
+    // A service leaving takes its slot out of the guess; the port stays used.
+    let mut f = Fixture::new(&config([1, 1, 1], false));
+    let guess = port_value(&mut f, 25);
+    let guessed = index_slot(&mut f, guess - 1).key;
+    let mut cfg = config([1, 1, 1], false);
+    cfg.services.retain(|s| service_key(s.vip, 25) != guessed);
+    assert_eq!(cfg.services.len(), 1, "one VIP left");
+    f.apply(&cfg);
+    let after = port_value(&mut f, 25);
+    assert!(
+        after >= 1 && after != guess,
+        "port 25 still used, not by the removed slot: {after}"
+    );
+    let left = [cfg.services[0].vip];
+    assert_new_flows_balanced(&mut f, &left, "after the removal");
+}
