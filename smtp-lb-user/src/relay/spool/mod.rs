@@ -48,6 +48,7 @@
 mod compaction;
 mod format;
 mod incoming;
+mod worker;
 mod writer;
 
 use std::{
@@ -252,7 +253,7 @@ impl Spool {
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer.run(&rx))?;
+            .spawn(move || worker::run(writer, &rx))?;
         let first_id = max_id.max(now_ms() * 1000) + 1;
         info!(dir = %dir.display(), messages = recovered.len(), corrupt = reports.len(), "spool opened");
         Ok((

@@ -1,9 +1,10 @@
 //! The writer thread: the only writer of segment files. It commits queued
 //! appends in groups (one `fdatasync` per batch) before acknowledging them,
-//! keeps the index of live messages and removes finished segments
-//! (compaction, in [`super::compaction`], runs on it too). Done and retry records wait (at most
-//! [`LAZY_DELAY`]) to go with the next batch: waking the thread and writing
-//! for each of them cost about as much as the rest of a delivery.
+//! keeps the index of live messages and removes finished segments. Its
+//! loop, which also runs compaction, is `worker`'s. Done and retry records
+//! wait (at most [`LAZY_DELAY`]) to go with the next batch: waking the
+//! thread and writing for each of them cost about as much as the rest of a
+//! delivery.
 use std::{
     collections::HashMap,
     fs::{File, OpenOptions},
@@ -13,9 +14,8 @@ use std::{
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
-        mpsc,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tokio::sync::oneshot;
@@ -47,16 +47,6 @@ pub(super) const COMMIT_DELAY: Duration = Duration::from_micros(300);
 /// commit per this many bytes remains; recovery, closing a segment and a
 /// compaction with no batch since the one before cut the zeros off.
 pub(super) const ZERO_AHEAD: u64 = 512 * 1024;
-/// Moves what is queued on `rx` into `batch`, up to [`BATCH_MAX`] ops.
-fn drain(rx: &mpsc::Receiver<Op>, batch: &mut Vec<Op>) {
-    while batch.len() < BATCH_MAX {
-        match rx.try_recv() {
-            Ok(op) => batch.push(op),
-            Err(_) => break,
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     #[error("spool write failed: {0}")]
@@ -134,7 +124,7 @@ impl Shared {
         self.lazy.lock().expect("spool lock").push(op);
     }
 
-    fn take_lazy(&self) -> Vec<Op> {
+    pub(super) fn take_lazy(&self) -> Vec<Op> {
         std::mem::take(&mut *self.lazy.lock().expect("spool lock"))
     }
 }
@@ -213,52 +203,6 @@ impl Writer {
         // The previous segment may already be finished.
         self.remove_if_finished(prev);
         Ok(())
-    }
-
-    pub(super) fn run(mut self, rx: &mpsc::Receiver<Op>) {
-        let mut last_compaction = Instant::now();
-        loop {
-            let wait = self.compact_every.saturating_sub(last_compaction.elapsed());
-            // The records that waited come first: each is about a message
-            // committed before it, and the batch's appends may be barriers.
-            let batch = match rx.recv_timeout(wait.min(LAZY_DELAY)) {
-                Ok(first) => {
-                    let mut batch = self.shared.take_lazy();
-                    batch.push(first);
-                    drain(rx, &mut batch);
-                    if self.shared.receiving.load(Ordering::Relaxed) > 0
-                        && batch.len() < BATCH_MAX
-                        && batch.iter().any(|op| matches!(op, Op::Append { .. }))
-                    {
-                        // One sleep, then take what came: waiting on the
-                        // channel instead woke this thread (and made its
-                        // sender pay a futex call) for every append.
-                        std::thread::sleep(COMMIT_DELAY);
-                        drain(rx, &mut batch);
-                    }
-                    batch
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => self.shared.take_lazy(),
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    self.commit(self.shared.take_lazy());
-                    return;
-                }
-            };
-            if !batch.is_empty() {
-                self.commit(batch);
-            }
-            if !self.asked.is_empty() {
-                self.compact();
-                last_compaction = Instant::now();
-                for done in self.asked.drain(..) {
-                    let _ = done.send(());
-                }
-            }
-            if last_compaction.elapsed() >= self.compact_every {
-                self.compact();
-                last_compaction = Instant::now();
-            }
-        }
     }
 
     pub(super) fn commit(&mut self, batch: Vec<Op>) {
