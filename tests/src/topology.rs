@@ -195,10 +195,16 @@ impl DsrLab {
     /// panics after `timeout` naming `what` listens there.
     pub fn wait_port(&self, i: usize, port: u16, what: &str, timeout: Duration) {
         let Relay { name, addr, .. } = &self.relays[i];
-        wait_for(&format!("{name}'s {what} on :{port}"), timeout, || {
+        self.wait_tcp(name, addr, port, &format!("{name}'s {what}"), timeout);
+    }
+
+    /// Waits until `addr:port` accepts connections from host `from`;
+    /// panics after `timeout` naming `what` listens there.
+    pub fn wait_tcp(&self, from: &str, addr: &str, port: u16, what: &str, timeout: Duration) {
+        wait_for(&format!("{what} on {addr}:{port}"), timeout, || {
             self.lab
                 .try_run(
-                    name,
+                    from,
                     &[
                         "timeout",
                         "1",

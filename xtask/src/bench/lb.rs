@@ -11,7 +11,7 @@
 use std::{path::Path, process::Stdio, time::Duration};
 
 use anyhow::{Context, bail};
-use smtp_lb_tests::topology::{DsrLab, VIP, pass_on_switch_port, wait_for};
+use smtp_lb_tests::topology::{DsrLab, VIP, pass_on_switch_port};
 
 use super::{Report, median};
 use crate::build::Artifacts;
@@ -186,21 +186,7 @@ fn start_haproxy(dsr: &mut DsrLab) -> anyhow::Result<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     dsr.lab.spawn("haproxy", cmd);
-    wait_for("HAProxy listening", Duration::from_secs(10), || {
-        dsr.lab
-            .try_run(
-                "client",
-                &[
-                    "timeout",
-                    "1",
-                    "bash",
-                    "-c",
-                    &format!("</dev/tcp/{HAPROXY}/25"),
-                ],
-            )
-            .status
-            .success()
-    });
+    dsr.wait_tcp("client", HAPROXY, 25, "HAProxy", Duration::from_secs(10));
     Ok(())
 }
 
