@@ -171,6 +171,8 @@ pub struct ServiceKey {
     pub family: u8,
 }
 const _: () = assert!(size_of::<ServiceKey>() == 20);
+// The packet path compares port, proto and family as one word at offset 16.
+const _: () = assert!(core::mem::offset_of!(ServiceKey, port) == 16);
 
 /// Service flag: hash the client address only (a client always lands on the same relay).
 pub const SERVICE_STICKY: u32 = 1;

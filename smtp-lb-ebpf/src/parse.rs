@@ -159,7 +159,10 @@ pub fn tcp_dport(ctx: &XdpContext, l4: usize) -> Option<u16> {
 #[inline(always)]
 pub fn ethernet(ctx: &XdpContext) -> Option<(usize, u16)> {
     let proto = u16::from_be(read::<u16>(ctx, 12)?);
-    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+    // Untagged IPv4, most of what an LB node sees, decides on one compare.
+    if proto == ETH_P_IP {
+        Some((ETH_HLEN, proto))
+    } else if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
         let inner = u16::from_be(read::<u16>(ctx, ETH_HLEN + 2)?);
         Some((ETH_HLEN + VLAN_HLEN, inner))
     } else {
