@@ -39,13 +39,15 @@ use smtp_lb_user::{
     dataplane::{apply_config, flows},
 };
 
-use super::Report;
+use super::{Report, median};
 
-/// Repeats per measurement: enough that the kernel's mean is stable.
+/// Repeats per measurement: enough that the mean is stable.
 const REPEAT: u32 = 1_000_000;
-/// Rounds; each subject is measured once per round, interleaved with the
-/// floor, and the median round is reported.
-const ROUNDS: usize = 5;
+/// Loads of the objects, each with its own maps (see [`run`]).
+const LOADS: usize = 3;
+/// Rounds per load; each subject is measured once per round, after the
+/// floor, its programs loaded again first (see [`run`]).
+const ROUNDS: usize = 7;
 
 /// Three relays; `relay1_weight` 0 drains the first.
 fn config(relay1_weight: u32, p2c: bool) -> anyhow::Result<LbConfig> {
@@ -62,7 +64,7 @@ fn config(relay1_weight: u32, p2c: bool) -> anyhow::Result<LbConfig> {
 }
 
 fn ns(xdp: &mut XdpHarness, prog: &str, pkt: &[u8]) -> f64 {
-    xdp.run_repeat(prog, pkt, REPEAT).mean.as_secs_f64() * 1e9
+    xdp.run_repeat(prog, pkt, REPEAT).cpu_ns
 }
 
 /// The least an L2 DSR balancer does (a probe; see `run`).
@@ -93,87 +95,35 @@ const PROBES: &[&str] = &[
 
 /// Measures the balancer in `ebpf_object` (only the object is needed, not
 /// the binary) and the probes in `probes_object`.
+///
+/// Each figure is a median over [`LOADS`] loads of the object (each with
+/// maps of its own) × [`ROUNDS`] rounds, the programs loaded again before
+/// every round: where the kernel puts a program's code (the JIT picks a
+/// random offset) and its maps moved one path by up to 2 ns between two
+/// loads of the same object, more than most changes worth measuring. A
+/// ratio is the median of the ratios within each round, whose floor and
+/// subject ran back to back: this VM's speed drifts by a fifth within
+/// minutes (the empty program: 22 or 27 ns), and a ratio of two medians
+/// would mix the two.
 pub fn run(ebpf_object: &Path, probes_object: &Path) -> anyhow::Result<Report> {
     // SAFETY: setting a variable before any thread reads the environment.
     unsafe { std::env::set_var("SMTP_LB_EBPF_OBJ", ebpf_object) };
-    let mut xdp = XdpHarness::load();
-    apply_config(xdp.ebpf_mut(), &config(1, false)?)?;
-    let mut p2c = XdpHarness::load();
-    let p2c_plan = apply_config(p2c.ebpf_mut(), &config(1, true)?)?.plan;
-    let client = Ipv4Addr::new(198, 51, 100, 1);
-    let vip = Ipv4Addr::new(203, 0, 113, 10);
-    let nonvip =
-        PacketBuilder::tcp(client, 40000, Ipv4Addr::new(198, 51, 100, 9), 80, tcp::ACK).build();
-    let syn = PacketBuilder::tcp(client, 40001, vip, 25, tcp::SYN).build();
-    let svc = (p2c_plan.services.iter().find(|s| s.port == 25))
-        .ok_or_else(|| anyhow::anyhow!("no service on port 25"))?;
-    let p2c_sport = (40001..41000)
-        .find(|p| {
-            let hash = flow_hash(&flow_key(vip.into(), 25, client.into(), *p), false);
-            svc.ring[ring_slot(hash, svc.ring_size) as usize]
-                != svc.ring[ring_slot(second_hash(hash), svc.ring_size) as usize]
-        })
-        .ok_or_else(|| anyhow::anyhow!("no flow whose p2c candidates differ"))?;
-    let syn_p2c = PacketBuilder::tcp(client, p2c_sport, vip, 25, tcp::SYN).build();
-    let ack = PacketBuilder::tcp(client, 40002, vip, 25, tcp::ACK).build();
-    // Track the established flow first, and check every subject does what it should.
-    let track = PacketBuilder::tcp(client, 40002, vip, 25, tcp::SYN).build();
-    anyhow::ensure!(xdp.run(programs::BALANCER, &track).verdict == Verdict::Tx);
-    anyhow::ensure!(xdp.run(programs::BALANCER, &nonvip).verdict == Verdict::Pass);
-    anyhow::ensure!(xdp.run(programs::BALANCER, &syn).verdict == Verdict::Tx);
-    anyhow::ensure!(p2c.run(programs::BALANCER, &syn_p2c).verdict == Verdict::Tx);
-    anyhow::ensure!(xdp.run(programs::BALANCER, &ack).verdict == Verdict::Tx);
-    let icmp = path_mtu_error(client.into(), 40002, vip.into(), 25);
-    anyhow::ensure!(xdp.run(programs::BALANCER, &icmp).verdict == Verdict::Tx);
-
-    // A moved flow: tracked on the relay a drain then takes out of the
-    // table, its FLOW_TABLE way taken as a full set under a flood can leave it.
-    let moved_sport = (41000..42000)
-        .find(|p| {
-            let syn = PacketBuilder::tcp(client, *p, vip, 25, tcp::SYN).build();
-            xdp.run(programs::BALANCER, &syn).output[0..6] == [2, 0, 0, 0, 0, 3]
-        })
-        .ok_or_else(|| anyhow::anyhow!("no flow on relay1"))?;
-    apply_config(xdp.ebpf_mut(), &config(0, false)?)?;
-    let moved = PacketBuilder::tcp(client, moved_sport, vip, 25, tcp::ACK).build();
-    let mut table: Array<_, FlowSet> = Array::try_from(
-        xdp.ebpf_mut()
-            .map_mut(maps::FLOW_TABLE)
-            .expect("FLOW_TABLE"),
-    )?;
-    let key = flow_key(vip.into(), 25, client.into(), moved_sport);
-    anyhow::ensure!(flows::remove(&mut table, &key)?, "moved flow not tracked");
-    let out = xdp.run(programs::BALANCER, &moved);
-    anyhow::ensure!(out.verdict == Verdict::Tx && out.output[0..6] == [2, 0, 0, 0, 0, 3]);
-
-    // The least any balancer does, from the probes object: `probe_l2_dsr`
-    // reads Ethernet, IPv4 and TCP and checks the port (non-VIP traffic ends
-    // there: the port filter's floor); to port 25 it rewrites both MACs and
-    // sends by the source port, stateless (the balancing path's floor).
-    let mut least = XdpHarness::load_from(probes_object);
-    anyhow::ensure!(least.run(L2DSR, &nonvip).verdict == Verdict::Pass);
-    anyhow::ensure!(least.run(L2DSR, &ack).verdict == Verdict::Tx);
-
-    // Interleave floor and subject runs so drift hits both alike.
+    let mut loads = (0..LOADS)
+        .map(|_| Loaded::new(probes_object))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut rounds: Vec<[f64; 9]> = Vec::new();
     for _ in 0..ROUNDS {
-        rounds.push([
-            ns(&mut xdp, programs::PASS, &nonvip),
-            ns(&mut xdp, programs::BALANCER, &nonvip),
-            ns(&mut xdp, programs::BALANCER, &syn),
-            ns(&mut xdp, programs::BALANCER, &ack),
-            ns(&mut xdp, programs::BALANCER, &moved),
-            ns(&mut xdp, programs::BALANCER, &icmp),
-            ns(&mut p2c, programs::BALANCER, &syn_p2c),
-            ns(&mut least, L2DSR, &nonvip),
-            ns(&mut least, L2DSR, &ack),
-        ]);
+        for load in &mut loads {
+            rounds.push(load.measure());
+        }
     }
-    let col = |i: usize| median(&mut rounds.iter().map(|r| r[i]).collect::<Vec<_>>());
+    let syn = loads[0].syn.clone();
+    drop(loads);
+    let col = |i: usize| median(&rounds.iter().map(|r| r[i]).collect::<Vec<_>>());
+    let ratio = |i: usize| median(&rounds.iter().map(|r| r[i] / r[0]).collect::<Vec<_>>());
     let probes = measure_probes(probes_object, &syn)?;
     let (floor_ns, nonvip_ns, syn_ns, established_ns) = (col(0), col(1), col(2), col(3));
     let (moved_ns, icmp_ns, syn_p2c_ns) = (col(4), col(5), col(6));
-    let (least_filter_ns, least_dsr_ns) = (col(7), col(8));
     let mut report = Report::default();
     report
         .add("floor_ns", floor_ns, "ns")
@@ -183,29 +133,21 @@ pub fn run(ebpf_object: &Path, probes_object: &Path) -> anyhow::Result<Report> {
         .add("established_ns", established_ns, "ns")
         .add("moved_ns", moved_ns, "ns")
         .add("icmp_ns", icmp_ns, "ns")
-        .add(
-            "nonvip_ratio",
-            nonvip_ns / floor_ns,
-            "x floor (target <= 1.2)",
-        )
-        .add("syn_ratio", syn_ns / floor_ns, "x floor (target <= 3.0)")
-        .add("syn_p2c_ratio", syn_p2c_ns / floor_ns, "x floor")
+        .add("nonvip_ratio", ratio(1), "x floor (target <= 1.2)")
+        .add("syn_ratio", ratio(2), "x floor (target <= 3.0)")
+        .add("syn_p2c_ratio", ratio(6), "x floor")
         .add("syn_p2c_over_syn", syn_p2c_ns / syn_ns, "x syn (p2c off)")
-        .add(
-            "established_ratio",
-            established_ns / floor_ns,
-            "x floor (target <= 2.0)",
-        )
-        .add("moved_ratio", moved_ns / floor_ns, "x floor")
-        .add("icmp_ratio", icmp_ns / floor_ns, "x floor")
+        .add("established_ratio", ratio(3), "x floor (target <= 2.0)")
+        .add("moved_ratio", ratio(4), "x floor")
+        .add("icmp_ratio", ratio(5), "x floor")
         .add(
             "least_port_filter_ratio",
-            least_filter_ns / floor_ns,
+            ratio(7),
             "x floor (probe_l2_dsr, non-VIP: parse, port)",
         )
         .add(
             "least_l2dsr_ratio",
-            least_dsr_ns / floor_ns,
+            ratio(8),
             "x floor (probe_l2_dsr, port 25: + MACs, stateless)",
         );
     let base = probes[0];
@@ -230,11 +172,112 @@ fn measure_probes(probes_object: &Path, pkt: &[u8]) -> anyhow::Result<Vec<f64>> 
         rounds.push(PROBES.iter().map(|p| ns(&mut xdp, p, pkt)).collect());
     }
     Ok((0..PROBES.len())
-        .map(|i| median(&mut rounds.iter().map(|r| r[i]).collect::<Vec<_>>()))
+        .map(|i| median(&rounds.iter().map(|r| r[i]).collect::<Vec<_>>()))
         .collect())
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+/// One load of the balancer (plain and with `p2c`) and of the stateless
+/// floor, its maps set up and every subject checked to do what it should.
+struct Loaded {
+    xdp: XdpHarness,
+    p2c: XdpHarness,
+    least: XdpHarness,
+    nonvip: Vec<u8>,
+    syn: Vec<u8>,
+    syn_p2c: Vec<u8>,
+    ack: Vec<u8>,
+    moved: Vec<u8>,
+    icmp: Vec<u8>,
+}
+
+impl Loaded {
+    fn new(probes_object: &Path) -> anyhow::Result<Self> {
+        let mut xdp = XdpHarness::load();
+        apply_config(xdp.ebpf_mut(), &config(1, false)?)?;
+        let mut p2c = XdpHarness::load();
+        let p2c_plan = apply_config(p2c.ebpf_mut(), &config(1, true)?)?.plan;
+        let client = Ipv4Addr::new(198, 51, 100, 1);
+        let vip = Ipv4Addr::new(203, 0, 113, 10);
+        let nonvip =
+            PacketBuilder::tcp(client, 40000, Ipv4Addr::new(198, 51, 100, 9), 80, tcp::ACK).build();
+        let syn = PacketBuilder::tcp(client, 40001, vip, 25, tcp::SYN).build();
+        let svc = (p2c_plan.services.iter().find(|s| s.port == 25))
+            .ok_or_else(|| anyhow::anyhow!("no service on port 25"))?;
+        let p2c_sport = (40001..41000)
+            .find(|p| {
+                let hash = flow_hash(&flow_key(vip.into(), 25, client.into(), *p), false);
+                svc.ring[ring_slot(hash, svc.ring_size) as usize]
+                    != svc.ring[ring_slot(second_hash(hash), svc.ring_size) as usize]
+            })
+            .ok_or_else(|| anyhow::anyhow!("no flow whose p2c candidates differ"))?;
+        let syn_p2c = PacketBuilder::tcp(client, p2c_sport, vip, 25, tcp::SYN).build();
+        let ack = PacketBuilder::tcp(client, 40002, vip, 25, tcp::ACK).build();
+        // Track the established flow first, and check every subject does what it should.
+        let track = PacketBuilder::tcp(client, 40002, vip, 25, tcp::SYN).build();
+        anyhow::ensure!(xdp.run(programs::BALANCER, &track).verdict == Verdict::Tx);
+        anyhow::ensure!(xdp.run(programs::BALANCER, &nonvip).verdict == Verdict::Pass);
+        anyhow::ensure!(xdp.run(programs::BALANCER, &syn).verdict == Verdict::Tx);
+        anyhow::ensure!(p2c.run(programs::BALANCER, &syn_p2c).verdict == Verdict::Tx);
+        anyhow::ensure!(xdp.run(programs::BALANCER, &ack).verdict == Verdict::Tx);
+        let icmp = path_mtu_error(client.into(), 40002, vip.into(), 25);
+        anyhow::ensure!(xdp.run(programs::BALANCER, &icmp).verdict == Verdict::Tx);
+
+        // A moved flow: tracked on the relay a drain then takes out of the
+        // table, its FLOW_TABLE way taken as a full set under a flood can leave it.
+        let moved_sport = (41000..42000)
+            .find(|p| {
+                let syn = PacketBuilder::tcp(client, *p, vip, 25, tcp::SYN).build();
+                xdp.run(programs::BALANCER, &syn).output[0..6] == [2, 0, 0, 0, 0, 3]
+            })
+            .ok_or_else(|| anyhow::anyhow!("no flow on relay1"))?;
+        apply_config(xdp.ebpf_mut(), &config(0, false)?)?;
+        let moved = PacketBuilder::tcp(client, moved_sport, vip, 25, tcp::ACK).build();
+        let mut table: Array<_, FlowSet> = Array::try_from(
+            xdp.ebpf_mut()
+                .map_mut(maps::FLOW_TABLE)
+                .expect("FLOW_TABLE"),
+        )?;
+        let key = flow_key(vip.into(), 25, client.into(), moved_sport);
+        anyhow::ensure!(flows::remove(&mut table, &key)?, "moved flow not tracked");
+        let out = xdp.run(programs::BALANCER, &moved);
+        anyhow::ensure!(out.verdict == Verdict::Tx && out.output[0..6] == [2, 0, 0, 0, 0, 3]);
+
+        // The least any balancer does, from the probes object: `probe_l2_dsr`
+        // reads Ethernet, IPv4 and TCP and checks the port (non-VIP traffic ends
+        // there: the port filter's floor); to port 25 it rewrites both MACs and
+        // sends by the source port, stateless (the balancing path's floor).
+        let mut least = XdpHarness::load_from(probes_object);
+        anyhow::ensure!(least.run(L2DSR, &nonvip).verdict == Verdict::Pass);
+        anyhow::ensure!(least.run(L2DSR, &ack).verdict == Verdict::Tx);
+        Ok(Self {
+            xdp,
+            p2c,
+            least,
+            nonvip,
+            syn,
+            syn_p2c,
+            ack,
+            moved,
+            icmp,
+        })
+    }
+
+    /// One round: the programs loaded again, then the floor and each subject.
+    fn measure(&mut self) -> [f64; 9] {
+        for h in [&mut self.xdp, &mut self.p2c, &mut self.least] {
+            h.reload_programs();
+        }
+        let xdp = &mut self.xdp;
+        [
+            ns(xdp, programs::PASS, &self.nonvip),
+            ns(xdp, programs::BALANCER, &self.nonvip),
+            ns(xdp, programs::BALANCER, &self.syn),
+            ns(xdp, programs::BALANCER, &self.ack),
+            ns(xdp, programs::BALANCER, &self.moved),
+            ns(xdp, programs::BALANCER, &self.icmp),
+            ns(&mut self.p2c, programs::BALANCER, &self.syn_p2c),
+            ns(&mut self.least, L2DSR, &self.nonvip),
+            ns(&mut self.least, L2DSR, &self.ack),
+        ]
+    }
 }
