@@ -158,7 +158,10 @@ fn thread_cpu_time() -> Duration {
     // SAFETY: a valid clock id and a timespec to write.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
     assert_eq!(rc, 0, "clock_gettime: {}", std::io::Error::last_os_error());
-    Duration::new(ts.tv_sec.unsigned_abs(), u32::try_from(ts.tv_nsec).unwrap_or(0))
+    Duration::new(
+        ts.tv_sec.unsigned_abs(),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
 }
 
 /// The counters that changed from `before` to `after` (both from a counter
