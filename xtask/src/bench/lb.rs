@@ -8,7 +8,7 @@
 //! with ratios. The last is the floor of the path itself (veth, bridge,
 //! native `XDP_TX` back through the bridge): what smtp-lb's own work costs
 //! is the gap between it and smtp-lb.
-use std::{path::Path, process::Stdio, time::Duration};
+use std::{fmt::Write as _, path::Path, process::Stdio, time::Duration};
 
 use anyhow::{Context, bail};
 use smtp_lb_tests::topology::{DsrLab, VIP, pass_on_switch_port};
@@ -17,7 +17,8 @@ use super::{Report, median};
 use crate::build::Artifacts;
 
 /// Sessions per measured run, and interleaved rounds per path (the median
-/// of each counts, so one noisy round on a shared machine does not).
+/// of each counts, so one noisy round on a shared machine does not; ratios
+/// are medians of the ratios within each round).
 const SESSIONS: usize = 6000;
 const ROUNDS: usize = 7;
 const PARALLEL: usize = 20;
@@ -109,20 +110,43 @@ pub fn run(artifacts: &Artifacts, probes_object: &Path) -> anyhow::Result<Report
     }
     let mut sps = [const { Vec::new() }; 4];
     let mut cpu = [const { Vec::new() }; 4];
-    for round in 1..=ROUNDS {
-        let mut line = format!("bench lb: round {round}:");
-        for (i, (name, t)) in targets.iter().enumerate() {
-            let (s, c) = measure(&dsr, t)?;
-            line += &format!(" {name} {s:.0}/s {c:.3} CPU s/1k;");
+    for round in 0..ROUNDS {
+        // Each round starts with another path, so none always runs first.
+        for k in 0..targets.len() {
+            let i = (k + round) % targets.len();
+            let (s, c) = measure(&dsr, &targets[i].1)?;
             sps[i].push(s);
             cpu[i].push(c);
         }
+        let mut line = format!("bench lb: round {}:", round + 1);
+        for (i, (name, _)) in targets.iter().enumerate() {
+            let (s, c) = (sps[i][round], cpu[i][round]);
+            write!(line, " {name} {s:.0}/s {c:.3} CPU s/1k;")?;
+        }
         eprintln!("{line}");
     }
-    let [direct, haproxy, smtplb, l2dsr] = sps.map(|v| median(&v));
-    let [cpu_direct, cpu_haproxy, cpu_smtplb, cpu_l2dsr] = cpu.map(|v| median(&v));
+    let [direct, haproxy, smtplb, l2dsr] = sps.each_ref().map(|v| median(v));
+    let [cpu_direct, cpu_haproxy, cpu_smtplb, cpu_l2dsr] = cpu.each_ref().map(|v| median(v));
     let (added_haproxy, added_smtplb) = (cpu_haproxy - cpu_direct, cpu_smtplb - cpu_direct);
     let added_l2dsr = cpu_l2dsr - cpu_direct;
+    // Ratios within each round (its paths ran seconds apart), then their
+    // median: this VM's speed drifts over minutes, and a ratio of two
+    // medians can pair rounds of different speeds.
+    let [direct_i, haproxy_i, smtplb_i, l2dsr_i] = [0, 1, 2, 3];
+    let sps_ratio = |a: usize, b: usize| {
+        median(
+            &(0..ROUNDS)
+                .map(|r| sps[a][r] / sps[b][r])
+                .collect::<Vec<_>>(),
+        )
+    };
+    let cpu_ratio = |a: usize| {
+        median(
+            &(0..ROUNDS)
+                .map(|r| (cpu[a][r] - cpu[direct_i][r]) / (cpu[haproxy_i][r] - cpu[direct_i][r]))
+                .collect::<Vec<_>>(),
+        )
+    };
     let mut r = Report::default();
     r.add("direct_sps", direct, "sessions/s")
         .add("haproxy_sps", haproxy, "sessions/s")
@@ -144,25 +168,25 @@ pub fn run(artifacts: &Artifacts, probes_object: &Path) -> anyhow::Result<Report
             added_l2dsr,
             "CPU s / 1000 sessions",
         )
-        .add("sps_ratio_vs_haproxy", smtplb / haproxy, "x")
-        .add(
-            "added_cpu_ratio_vs_haproxy",
-            added_smtplb / added_haproxy,
-            "x",
-        )
-        .add("sps_ratio_vs_direct", smtplb / direct, "x")
+        .add("sps_ratio_vs_haproxy", sps_ratio(smtplb_i, haproxy_i), "x")
+        .add("added_cpu_ratio_vs_haproxy", cpu_ratio(smtplb_i), "x")
+        .add("sps_ratio_vs_direct", sps_ratio(smtplb_i, direct_i), "x")
         .add(
             "sps_ratio_vs_l2dsr",
-            smtplb / l2dsr,
+            sps_ratio(smtplb_i, l2dsr_i),
             "x (1.0: no cost of its own)",
         )
-        .add("l2dsr_sps_ratio_vs_haproxy", l2dsr / haproxy, "x")
-        .add("l2dsr_sps_ratio_vs_direct", l2dsr / direct, "x")
         .add(
-            "l2dsr_added_cpu_ratio_vs_haproxy",
-            added_l2dsr / added_haproxy,
+            "l2dsr_sps_ratio_vs_haproxy",
+            sps_ratio(l2dsr_i, haproxy_i),
             "x",
-        );
+        )
+        .add(
+            "l2dsr_sps_ratio_vs_direct",
+            sps_ratio(l2dsr_i, direct_i),
+            "x",
+        )
+        .add("l2dsr_added_cpu_ratio_vs_haproxy", cpu_ratio(l2dsr_i), "x");
     Ok(r)
 }
 
