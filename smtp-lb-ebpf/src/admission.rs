@@ -8,14 +8,17 @@
 //! immediate "connection refused" that MTAs treat as a failed MX and
 //! answer by hammering the next one, and would reflect a packet to any
 //! spoofed source. Established flows are untouched: only SYNs are asked.
-use smtp_lb_common::{FlowKey, Service};
+use smtp_lb_common::FlowKey;
 
-use crate::{maps::ADMISSION, select};
+use crate::{
+    maps::ADMISSION,
+    select::{self, ServiceRef},
+};
 
 /// Whether the SYN of `key` to `svc` is refused. A retransmitted SYN of a
 /// flow admitted before the flag was set (still tracked, not closing) goes
 /// through: its relay has it half open already.
 #[inline(always)]
-pub fn refuses(key: &FlowKey, svc: &Service) -> bool {
+pub fn refuses(key: &FlowKey, svc: &ServiceRef) -> bool {
     ADMISSION.get(svc.id).is_some_and(|v| *v != 0) && !select::live(key)
 }

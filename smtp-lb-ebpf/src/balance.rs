@@ -3,8 +3,8 @@
 //! [`GlobalStats`] (a `pass_*`, a `drop_*`, `tx` or `redirect`).
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use smtp_lb_common::{
-    AF_INET, AF_INET6, FlowKey, GlobalStats, MODE_IPIP, PROTO_TCP, SERVICE_STICKY, Service,
-    encap_hash, flow_hash,
+    AF_INET, AF_INET6, FlowKey, GlobalStats, MODE_IPIP, PROTO_TCP, SERVICE_STICKY, encap_hash,
+    flow_hash,
 };
 
 use crate::{
@@ -17,7 +17,7 @@ use crate::{
         Ipv4Hdr, Ipv6Hdr, TCP_ACK, TCP_FIN, TCP_HLEN, TCP_RST, TCP_SYN, TcpHdr, ethernet,
         is_ipv6_ext, ptr_at, read, tcp_dport,
     },
-    select::{self, Choice, Lookup},
+    select::{self, Choice, Lookup, ServiceRef},
     too_big,
 };
 
@@ -230,7 +230,7 @@ fn balance(
     ctx: &XdpContext,
     key: &FlowKey,
     lookup: Lookup,
-    (svc, slot): (Service, u32),
+    (svc, slot): (ServiceRef, u32),
     tcp: &TcpHdr,
     inner: &Inner,
     stats: &mut GlobalStats,
@@ -261,7 +261,7 @@ pub fn send(
     ctx: &XdpContext,
     choice: Option<Choice>,
     key: &FlowKey,
-    svc: &Service,
+    svc: &ServiceRef,
     inner: &Inner,
     new_flow: bool,
     stats: &mut GlobalStats,

@@ -4,8 +4,8 @@ use aya_ebpf::helpers::generated::bpf_map_lookup_percpu_elem;
 use smtp_lb_common::{
     AF_INET, BACKEND_VALID, Backend, FLOW_CLOSING, Flow, FlowKey, GlobalStats, NO_BACKEND,
     P2C_MAX_CPUS, PROTO_TCP, SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS, SERVICE_P2C,
-    SERVICE_STICKY, Service, ServiceKey, flow_hash_of, ring_slot, second_hash, service_slot,
-    table_hash,
+    SERVICE_STICKY, Service, ServiceKey, ServiceSlot, flow_hash_of, ring_slot, second_hash,
+    service_slot, table_hash,
 };
 
 use crate::{
@@ -31,7 +31,7 @@ pub fn vip_port(dport: u16) -> Option<u32> {
 /// [`service_slot`]'s chain of multiplies; a wrong one (several services on
 /// the port, or a value written by an older build, `1`) costs one compare.
 #[inline(always)]
-pub fn service(key: &FlowKey, hint: u32) -> Option<(Service, u32)> {
+pub fn service(key: &FlowKey, hint: u32) -> Option<(ServiceRef, u32)> {
     let skey = ServiceKey {
         addr: key.dst,
         port: key.dport,
@@ -53,23 +53,46 @@ pub fn service(key: &FlowKey, hint: u32) -> Option<(Service, u32)> {
     None
 }
 
+/// A service as a packet found it in `SERVICE_INDEX`: its id and flags,
+/// read at once, and its slot, from which [`ServiceRef::live_table`] reads
+/// the live Maglev table for a packet that hashes. An established packet
+/// never does, and so skips those loads.
+pub struct ServiceRef {
+    pub id: u32,
+    pub flags: u32,
+    slot: *const ServiceSlot,
+}
+
+impl ServiceRef {
+    /// The live table: where it starts in `RINGS`, and its size (0: no
+    /// backend). `active` is read once: user space flips it alone, after
+    /// the table it names is complete.
+    #[inline(always)]
+    fn live_table(&self) -> (u32, u32) {
+        // SAFETY: a live map value (array values live as long as the map).
+        unsafe {
+            let active = core::ptr::read_volatile(&raw const (*self.slot).active) & 1;
+            let size = (*self.slot).ring_size[active as usize];
+            (Service::ring_base(self.id, active), size)
+        }
+    }
+}
+
 /// The service in slot `at` of `SERVICE_INDEX`, if its key is `skey`. User
 /// space keeps each key in one slot, so a match is the service.
 #[inline(always)]
-fn service_in(at: u32, skey: &ServiceKey) -> Option<Service> {
+fn service_in(at: u32, skey: &ServiceKey) -> Option<ServiceRef> {
     let slot = SERVICE_INDEX.get_ptr(at & (SERVICE_INDEX_SLOTS - 1))?;
-    // SAFETY: a valid map value; `active` is read once (user space flips it
-    // alone), the rest may change only while it is not used.
+    // SAFETY: a valid map value; the key, id and flags change only while
+    // the slot is not used.
     unsafe {
         if !key_is(&raw const (*slot).key, skey) {
             return None;
         }
-        let active = core::ptr::read_volatile(&raw const (*slot).active) & 1;
-        Some(Service {
+        Some(ServiceRef {
             id: (*slot).id,
-            ring_size: (*slot).ring_size[active as usize],
-            active,
             flags: (*slot).flags,
+            slot,
         })
     }
 }
@@ -238,7 +261,7 @@ fn live_flows(id: u32) -> i64 {
 pub fn choose(
     key: &FlowKey,
     lookup: Lookup,
-    (svc, slot): (&Service, u32),
+    (svc, slot): (&ServiceRef, u32),
     syn: bool,
     closing: bool,
     stats: &mut GlobalStats,
@@ -284,7 +307,7 @@ pub fn choose(
 /// tracked entry, else the live table. For ICMP errors quoting the flow
 /// (anyone can send those, so they must not insert).
 #[inline(always)]
-pub fn owner(key: &FlowKey, svc: &Service, stats: &mut GlobalStats) -> Option<Choice> {
+pub fn owner(key: &FlowKey, svc: &ServiceRef, stats: &mut GlobalStats) -> Option<Choice> {
     let hash = table_hash(key);
     let found = flows::find(key, hash);
     if let Some(id) = tracked(key, found, None, stats) {
@@ -305,13 +328,16 @@ pub fn live(key: &FlowKey) -> bool {
 
 /// The backend the live Maglev table names for `key` (`hash`: its `table_hash`).
 #[inline(always)]
-fn table(key: &FlowKey, hash: u64, svc: &Service) -> Option<(u32, &'static Backend)> {
-    if svc.ring_size == 0 {
+fn table(key: &FlowKey, hash: u64, svc: &ServiceRef) -> Option<(u32, &'static Backend)> {
+    let (base, size) = svc.live_table();
+    if size == 0 {
         return None;
     }
     let hash = flow_hash_of(key, hash, svc.flags & SERVICE_STICKY != 0);
-    let slot = Service::ring_base(svc.id, svc.active) + ring_slot(hash, svc.ring_size);
-    let id = RINGS.get(slot).copied().unwrap_or(NO_BACKEND);
+    let id = RINGS
+        .get(base + ring_slot(hash, size))
+        .copied()
+        .unwrap_or(NO_BACKEND);
     if id == NO_BACKEND {
         return None;
     }
@@ -325,19 +351,19 @@ fn table(key: &FlowKey, hash: u64, svc: &Service) -> Option<(u32, &'static Backe
 /// backend's share is at most twice its table share (a warming relay with
 /// no flows yet gets no more than that).
 #[inline(always)]
-fn two_choices(key: &FlowKey, hash: u64, svc: &Service) -> Option<(u32, &'static Backend)> {
-    if svc.ring_size == 0 {
+fn two_choices(key: &FlowKey, hash: u64, svc: &ServiceRef) -> Option<(u32, &'static Backend)> {
+    let (base, size) = svc.live_table();
+    if size == 0 {
         return None;
     }
     let hash = flow_hash_of(key, hash, false);
-    let base = Service::ring_base(svc.id, svc.active);
-    let first = RINGS.get(base + ring_slot(hash, svc.ring_size)).copied()?;
+    let first = RINGS.get(base + ring_slot(hash, size)).copied()?;
     if first == NO_BACKEND {
         return None;
     }
     let maglev = backend(first)?;
     let second = RINGS
-        .get(base + ring_slot(second_hash(hash), svc.ring_size))
+        .get(base + ring_slot(second_hash(hash), size))
         .copied()
         .unwrap_or(NO_BACKEND);
     if second == first || second == NO_BACKEND {
