@@ -19,6 +19,11 @@ pub struct Options {
     /// Which benchmark to run.
     #[arg(value_enum)]
     name: Name,
+    /// `xdp` only: compare the balancer with this eBPF object (an earlier
+    /// build's `target/ebpf/bpfel-unknown-none/release/smtp-lb`, copied
+    /// aside), paired round by round; writes `xdp-against.json`.
+    #[arg(long, value_name = "OBJECT")]
+    against: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -37,21 +42,35 @@ enum Name {
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     setup::ensure(setup::Role::Lab, false)?;
-    let (name, report) = match opts.name {
-        Name::Xdp => (
+    if opts.against.is_some() && !matches!(opts.name, Name::Xdp) {
+        anyhow::bail!("--against applies to `bench xdp` only");
+    }
+    let (name, report) = match (opts.name, &opts.against) {
+        (Name::Xdp, Some(against)) => {
+            anyhow::ensure!(
+                against.is_file(),
+                "--against {}: no such file",
+                against.display()
+            );
+            (
+                "xdp-against",
+                xdp::run_against(&build::build_ebpf()?, against, &build::build_ebpf_probes()?)?,
+            )
+        }
+        (Name::Xdp, None) => (
             "xdp",
             xdp::run(&build::build_ebpf()?, &build::build_ebpf_probes()?)?,
         ),
-        Name::Maglev => ("maglev", maglev::run()),
-        Name::Lb => (
+        (Name::Maglev, _) => ("maglev", maglev::run()),
+        (Name::Lb, _) => (
             "lb",
             lb::run(
                 &build::run(&build::Options {})?,
                 &build::build_ebpf_probes()?,
             )?,
         ),
-        Name::Relay => ("relay", relay::run(&build::run(&build::Options {})?)?),
-        Name::Shaping => ("shaping", shaping::run(&build::run(&build::Options {})?)?),
+        (Name::Relay, _) => ("relay", relay::run(&build::run(&build::Options {})?)?),
+        (Name::Shaping, _) => ("shaping", shaping::run(&build::run(&build::Options {})?)?),
     };
     report.print(name);
     let dir = workspace_root().join("target/bench");

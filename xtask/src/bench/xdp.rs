@@ -106,10 +106,8 @@ const PROBES: &[&str] = &[
 /// minutes (the empty program: 22 or 27 ns), and a ratio of two medians
 /// would mix the two.
 pub fn run(ebpf_object: &Path, probes_object: &Path) -> anyhow::Result<Report> {
-    // SAFETY: setting a variable before any thread reads the environment.
-    unsafe { std::env::set_var("SMTP_LB_EBPF_OBJ", ebpf_object) };
     let mut loads = (0..LOADS)
-        .map(|_| Loaded::new(probes_object))
+        .map(|_| Loaded::new(ebpf_object, probes_object))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut rounds: Vec<[f64; 9]> = Vec::new();
     for _ in 0..ROUNDS {
@@ -158,6 +156,70 @@ pub fn run(ebpf_object: &Path, probes_object: &Path) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// The subjects an A/B compares: column in [`Loaded::measure`], name.
+const SUBJECTS: [(usize, &str); 6] = [
+    (1, "nonvip"),
+    (2, "syn"),
+    (6, "syn_p2c"),
+    (3, "established"),
+    (4, "moved"),
+    (5, "icmp"),
+];
+
+/// `bench xdp --against OBJECT`: the balancer in `ebpf_object` against an
+/// earlier build's object, paired. Both are loaded [`LOADS`] times; each
+/// round measures every load, in an order that rotates, the programs
+/// loaded again first; a difference is the median over the rounds of this
+/// build's figure less the other's in the same round, so the VM's drift
+/// and placement cancel as far as they can. Changes of 1-2 ns show only
+/// this way (see docs/dataplane.md): two runs of plain `bench xdp` differ
+/// by more.
+pub fn run_against(
+    ebpf_object: &Path,
+    against: &Path,
+    probes_object: &Path,
+) -> anyhow::Result<Report> {
+    let mut loads = Vec::new();
+    for _ in 0..LOADS {
+        loads.push((0, Loaded::new(ebpf_object, probes_object)?));
+        loads.push((1, Loaded::new(against, probes_object)?));
+    }
+    let mut rows: [Vec<[f64; 9]>; 2] = [Vec::new(), Vec::new()];
+    let n = loads.len();
+    for round in 0..ROUNDS * 2 {
+        for step in 0..n {
+            let (build, load) = &mut loads[(step + round) % n];
+            rows[*build].push(load.measure());
+        }
+    }
+    let mut report = Report::default();
+    for (i, name) in SUBJECTS {
+        let ratio = |r: &[[f64; 9]]| median(&r.iter().map(|m| m[i] / m[0]).collect::<Vec<_>>());
+        let diff: Vec<f64> = rows[0]
+            .iter()
+            .zip(&rows[1])
+            .map(|(a, b)| a[i] - b[i])
+            .collect();
+        report
+            .add(
+                &format!("{name}_ratio"),
+                ratio(&rows[0]),
+                "x floor (this build)",
+            )
+            .add(
+                &format!("{name}_ratio_against"),
+                ratio(&rows[1]),
+                "x floor (the other object)",
+            )
+            .add(
+                &format!("{name}_minus_against_ns"),
+                median(&diff),
+                "ns (paired median; < 0: this build is faster)",
+            );
+    }
+    Ok(report)
+}
+
 /// Median ns of each of [`PROBES`] over [`ROUNDS`] interleaved rounds. Each
 /// update probe runs before its lookup, so the lookups are hits.
 fn measure_probes(probes_object: &Path, pkt: &[u8]) -> anyhow::Result<Vec<f64>> {
@@ -191,10 +253,10 @@ struct Loaded {
 }
 
 impl Loaded {
-    fn new(probes_object: &Path) -> anyhow::Result<Self> {
-        let mut xdp = XdpHarness::load();
+    fn new(ebpf_object: &Path, probes_object: &Path) -> anyhow::Result<Self> {
+        let mut xdp = XdpHarness::load_from(ebpf_object);
         apply_config(xdp.ebpf_mut(), &config(1, false)?)?;
-        let mut p2c = XdpHarness::load();
+        let mut p2c = XdpHarness::load_from(ebpf_object);
         let p2c_plan = apply_config(p2c.ebpf_mut(), &config(1, true)?)?.plan;
         let client = Ipv4Addr::new(198, 51, 100, 1);
         let vip = Ipv4Addr::new(203, 0, 113, 10);
