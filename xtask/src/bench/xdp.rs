@@ -67,6 +67,20 @@ fn ns(xdp: &mut XdpHarness, prog: &str, pkt: &[u8]) -> f64 {
     xdp.run_repeat(prog, pkt, REPEAT).cpu_ns
 }
 
+/// One round's ns per packet, by column: the floor (the empty program),
+/// the balancer's subjects, then `probe_l2_dsr`'s two.
+type Round = [f64; COLUMNS];
+const FLOOR: usize = 0;
+const NONVIP: usize = 1;
+const SYN: usize = 2;
+const ESTABLISHED: usize = 3;
+const MOVED: usize = 4;
+const ICMP: usize = 5;
+const SYN_P2C: usize = 6;
+const LEAST_PORT_FILTER: usize = 7;
+const LEAST_L2DSR: usize = 8;
+const COLUMNS: usize = 9;
+
 /// The least an L2 DSR balancer does (a probe; see `run`).
 const L2DSR: &str = "probe_l2_dsr";
 
@@ -109,7 +123,7 @@ pub fn run(ebpf_object: &Path, probes_object: &Path) -> anyhow::Result<Report> {
     let mut loads = (0..LOADS)
         .map(|_| Loaded::new(ebpf_object, probes_object))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut rounds: Vec<[f64; 9]> = Vec::new();
+    let mut rounds: Vec<Round> = Vec::new();
     for _ in 0..ROUNDS {
         for load in &mut loads {
             rounds.push(load.measure());
@@ -118,10 +132,11 @@ pub fn run(ebpf_object: &Path, probes_object: &Path) -> anyhow::Result<Report> {
     let syn = loads[0].syn.clone();
     drop(loads);
     let col = |i: usize| median(&rounds.iter().map(|r| r[i]).collect::<Vec<_>>());
-    let ratio = |i: usize| median(&rounds.iter().map(|r| r[i] / r[0]).collect::<Vec<_>>());
+    let ratio = |i: usize| median(&rounds.iter().map(|r| r[i] / r[FLOOR]).collect::<Vec<_>>());
     let probes = measure_probes(probes_object, &syn)?;
-    let (floor_ns, nonvip_ns, syn_ns, established_ns) = (col(0), col(1), col(2), col(3));
-    let (moved_ns, icmp_ns, syn_p2c_ns) = (col(4), col(5), col(6));
+    let (floor_ns, nonvip_ns, syn_ns) = (col(FLOOR), col(NONVIP), col(SYN));
+    let (established_ns, moved_ns) = (col(ESTABLISHED), col(MOVED));
+    let (icmp_ns, syn_p2c_ns) = (col(ICMP), col(SYN_P2C));
     let mut report = Report::default();
     report
         .add("floor_ns", floor_ns, "ns")
@@ -131,21 +146,25 @@ pub fn run(ebpf_object: &Path, probes_object: &Path) -> anyhow::Result<Report> {
         .add("established_ns", established_ns, "ns")
         .add("moved_ns", moved_ns, "ns")
         .add("icmp_ns", icmp_ns, "ns")
-        .add("nonvip_ratio", ratio(1), "x floor (target <= 1.2)")
-        .add("syn_ratio", ratio(2), "x floor (target <= 3.0)")
-        .add("syn_p2c_ratio", ratio(6), "x floor")
+        .add("nonvip_ratio", ratio(NONVIP), "x floor (target <= 1.2)")
+        .add("syn_ratio", ratio(SYN), "x floor (target <= 3.0)")
+        .add("syn_p2c_ratio", ratio(SYN_P2C), "x floor")
         .add("syn_p2c_over_syn", syn_p2c_ns / syn_ns, "x syn (p2c off)")
-        .add("established_ratio", ratio(3), "x floor (target <= 2.0)")
-        .add("moved_ratio", ratio(4), "x floor")
-        .add("icmp_ratio", ratio(5), "x floor")
+        .add(
+            "established_ratio",
+            ratio(ESTABLISHED),
+            "x floor (target <= 2.0)",
+        )
+        .add("moved_ratio", ratio(MOVED), "x floor")
+        .add("icmp_ratio", ratio(ICMP), "x floor")
         .add(
             "least_port_filter_ratio",
-            ratio(7),
+            ratio(LEAST_PORT_FILTER),
             "x floor (probe_l2_dsr, non-VIP: parse, port)",
         )
         .add(
             "least_l2dsr_ratio",
-            ratio(8),
+            ratio(LEAST_L2DSR),
             "x floor (probe_l2_dsr, port 25: + MACs, stateless)",
         );
     let base = probes[0];
@@ -156,14 +175,14 @@ pub fn run(ebpf_object: &Path, probes_object: &Path) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// The subjects an A/B compares: column in [`Loaded::measure`], name.
+/// The balancer's subjects an A/B compares: column of a [`Round`], name.
 const SUBJECTS: [(usize, &str); 6] = [
-    (1, "nonvip"),
-    (2, "syn"),
-    (6, "syn_p2c"),
-    (3, "established"),
-    (4, "moved"),
-    (5, "icmp"),
+    (NONVIP, "nonvip"),
+    (SYN, "syn"),
+    (SYN_P2C, "syn_p2c"),
+    (ESTABLISHED, "established"),
+    (MOVED, "moved"),
+    (ICMP, "icmp"),
 ];
 
 /// `bench xdp --against OBJECT`: the balancer in `ebpf_object` against an
@@ -184,7 +203,7 @@ pub fn run_against(
         loads.push((0, Loaded::new(ebpf_object, probes_object)?));
         loads.push((1, Loaded::new(against, probes_object)?));
     }
-    let mut rows: [Vec<[f64; 9]>; 2] = [Vec::new(), Vec::new()];
+    let mut rows: [Vec<Round>; 2] = [Vec::new(), Vec::new()];
     let n = loads.len();
     for round in 0..ROUNDS * 2 {
         for step in 0..n {
@@ -194,7 +213,7 @@ pub fn run_against(
     }
     let mut report = Report::default();
     for (i, name) in SUBJECTS {
-        let ratio = |r: &[[f64; 9]]| median(&r.iter().map(|m| m[i] / m[0]).collect::<Vec<_>>());
+        let ratio = |r: &[Round]| median(&r.iter().map(|m| m[i] / m[FLOOR]).collect::<Vec<_>>());
         let diff: Vec<f64> = rows[0]
             .iter()
             .zip(&rows[1])
@@ -325,21 +344,21 @@ impl Loaded {
     }
 
     /// One round: the programs loaded again, then the floor and each subject.
-    fn measure(&mut self) -> [f64; 9] {
+    fn measure(&mut self) -> Round {
         for h in [&mut self.xdp, &mut self.p2c, &mut self.least] {
             h.reload_programs();
         }
         let xdp = &mut self.xdp;
-        [
-            ns(xdp, programs::PASS, &self.nonvip),
-            ns(xdp, programs::BALANCER, &self.nonvip),
-            ns(xdp, programs::BALANCER, &self.syn),
-            ns(xdp, programs::BALANCER, &self.ack),
-            ns(xdp, programs::BALANCER, &self.moved),
-            ns(xdp, programs::BALANCER, &self.icmp),
-            ns(&mut self.p2c, programs::BALANCER, &self.syn_p2c),
-            ns(&mut self.least, L2DSR, &self.nonvip),
-            ns(&mut self.least, L2DSR, &self.ack),
-        ]
+        let mut r = [0.0; COLUMNS];
+        r[FLOOR] = ns(xdp, programs::PASS, &self.nonvip);
+        r[NONVIP] = ns(xdp, programs::BALANCER, &self.nonvip);
+        r[SYN] = ns(xdp, programs::BALANCER, &self.syn);
+        r[ESTABLISHED] = ns(xdp, programs::BALANCER, &self.ack);
+        r[MOVED] = ns(xdp, programs::BALANCER, &self.moved);
+        r[ICMP] = ns(xdp, programs::BALANCER, &self.icmp);
+        r[SYN_P2C] = ns(&mut self.p2c, programs::BALANCER, &self.syn_p2c);
+        r[LEAST_PORT_FILTER] = ns(&mut self.least, L2DSR, &self.nonvip);
+        r[LEAST_L2DSR] = ns(&mut self.least, L2DSR, &self.ack);
+        r
     }
 }
