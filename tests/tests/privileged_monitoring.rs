@@ -155,30 +155,44 @@ fn prometheus_scrapes_both_daemons_and_its_queries_match_their_counters() {
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(deploy("grafana/smtp-lb.json")).unwrap())
             .unwrap();
-    let mut with_data = BTreeMap::new();
-    for panel in dashboard["panels"].as_array().unwrap() {
-        for target in panel["targets"].as_array().into_iter().flatten() {
-            let expr = target["expr"]
-                .as_str()
-                .unwrap()
-                .replace("$__rate_interval", "1m")
-                .replace("$lb", ".*")
-                .replace("$relay", ".*");
-            let result = lab
-                .query(&expr)
-                .unwrap_or_else(|e| panic!("panel {:?}: {e}", panel["title"]));
-            with_data.insert(
-                panel["title"].as_str().unwrap().to_owned(),
-                !result.is_empty(),
-            );
+    // Every panel's query, with whether it returned data.
+    let panels_with_data = |lab: &MonitoredLab| -> BTreeMap<String, bool> {
+        let mut with_data = BTreeMap::new();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                let expr = target["expr"]
+                    .as_str()
+                    .unwrap()
+                    .replace("$__rate_interval", "1m")
+                    .replace("$lb", ".*")
+                    .replace("$relay", ".*");
+                let result = lab
+                    .query(&expr)
+                    .unwrap_or_else(|e| panic!("panel {:?}: {e}", panel["title"]));
+                with_data.insert(
+                    panel["title"].as_str().unwrap().to_owned(),
+                    !result.is_empty(),
+                );
+            }
         }
-    }
-    for title in [
+        with_data
+    };
+    let throughput = [
         "Relays up",
         "Sessions/s per relay",
         "Deliveries/s per provider",
         "Queue",
-    ] {
+    ];
+    // A `rate` needs two samples of its series: one scrape after a series
+    // first appears, the panel is still empty (seen once in CI).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut with_data = panels_with_data(&lab);
+    while !throughput.iter().all(|t| with_data.get(*t) == Some(&true)) && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(500));
+        with_data = panels_with_data(&lab);
+    }
+    for title in throughput {
         assert_eq!(
             with_data.get(title),
             Some(&true),
