@@ -93,17 +93,28 @@ fn set_of(hash: u64) -> Option<*mut FlowSet> {
     FLOW_TABLE.get_ptr_mut(flow_set(hash))
 }
 
+/// The way a set is probed from, for `key`'s `hash`: the rotation spreads
+/// a flood's victims over the ways of a set, and [`find`] probes in the
+/// same order as [`insert`] takes.
+#[inline(always)]
+fn first_way(hash: u64) -> usize {
+    hash as usize >> 8
+}
+
 /// The entry of `key` (`hash`: its `table_hash`), if tracked and sealed.
 #[inline(always)]
 pub fn find(key: &FlowKey, hash: u64) -> Option<Tracked> {
     let set = set_of(hash)?;
+    // In `insert`'s order: a flow that found its set with a free way sits
+    // in the first way probed.
+    let start = first_way(hash);
     let mut i = 0;
     while i < WAYS {
         // SAFETY: a way of a live map value. Other CPUs may be writing it:
         // each field is read once, and the seal decides whether they belong
         // together.
         unsafe {
-            let e = &raw mut (*set).ways[i];
+            let e = &raw mut (*set).ways[(start + i) & (WAYS - 1)];
             if key_is(e, key) {
                 let backend = read_volatile(&raw const (*e).backend);
                 if read_volatile(&raw const (*e).seal) != flow_seal(hash, backend) {
@@ -161,8 +172,7 @@ pub fn insert(key: &FlowKey, hash: u64, backend: u32, service: (u32, u32), flags
         return Inserted::Full;
     };
     let now = now();
-    // The rotation spreads a flood's victims over the ways of a set.
-    let start = hash as usize >> 8;
+    let start = first_way(hash);
     let mut best = WAYS;
     let mut best_rank = 4;
     let mut i = 0;
