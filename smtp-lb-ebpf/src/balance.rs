@@ -1,17 +1,16 @@
 //! The balancer's packet path: parse, find the service, choose the backend,
 //! forward, count. Every packet ends in exactly one terminal counter of
-//! [`GlobalStats`] (a `pass_*`, a `drop_*`, `tx` or `redirect`).
+//! [`smtp_lb_common::GlobalStats`] (a `pass_*`, a `drop_*`, `tx` or `redirect`).
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use smtp_lb_common::{
-    AF_INET, AF_INET6, FlowKey, GlobalStats, MODE_IPIP, PROTO_TCP, SERVICE_STICKY, encap_hash,
-    flow_hash,
+    AF_INET, AF_INET6, FlowKey, MODE_IPIP, PROTO_TCP, SERVICE_STICKY, encap_hash, flow_hash,
 };
 
 use crate::{
     admission,
+    counters::Stats,
     forward::{self, Inner},
     icmp,
-    maps::{BACKEND_STATS, GLOBAL_STATS, SERVICE_STATS},
     parse::{
         ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPV4_HLEN, IPV6_HLEN,
         Ipv4Hdr, Ipv6Hdr, TCP_ACK, TCP_FIN, TCP_HLEN, TCP_RST, TCP_SYN, TcpHdr, ethernet,
@@ -24,11 +23,10 @@ use crate::{
 /// Runs the balancer on one packet.
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> u32 {
-    let Some(stats) = GLOBAL_STATS.get_ptr_mut(0) else {
+    let Some(mut stats) = Stats::this_cpu() else {
         return xdp_action::XDP_PASS;
     };
-    // SAFETY: this CPU's slot; nothing else runs on this CPU while we do.
-    let stats = unsafe { &mut *stats };
+    let stats = &mut stats;
     let Some((l3, ether_type)) = ethernet(ctx) else {
         stats.pass_truncated += 1;
         return xdp_action::XDP_PASS;
@@ -44,13 +42,13 @@ pub fn run(ctx: &XdpContext) -> u32 {
 }
 
 #[inline(always)]
-pub fn pass_truncated(stats: &mut GlobalStats) -> u32 {
+pub fn pass_truncated(stats: &mut Stats) -> u32 {
     stats.pass_truncated += 1;
     xdp_action::XDP_PASS
 }
 
 #[inline(always)]
-pub fn pass_non_vip(stats: &mut GlobalStats) -> u32 {
+pub fn pass_non_vip(stats: &mut Stats) -> u32 {
     stats.pass_non_vip += 1;
     xdp_action::XDP_PASS
 }
@@ -66,7 +64,7 @@ pub enum Refuse {
 
 /// Drops a packet the balancer refuses, counted by reason.
 #[inline(always)]
-pub fn drop(stats: &mut GlobalStats, why: Refuse) -> u32 {
+pub fn drop(stats: &mut Stats, why: Refuse) -> u32 {
     match why {
         Refuse::Ipv4Options => stats.drop_ipv4_options += 1,
         Refuse::Fragment => stats.drop_fragment += 1,
@@ -79,7 +77,7 @@ pub fn drop(stats: &mut GlobalStats, why: Refuse) -> u32 {
 /// A packet the fast path cannot take (no ports to look the service up by):
 /// dropped when its destination is a VIP address, passed otherwise.
 #[inline(always)]
-fn slow_path(dst: [u32; 4], family: u8, why: Refuse, stats: &mut GlobalStats) -> u32 {
+fn slow_path(dst: [u32; 4], family: u8, why: Refuse, stats: &mut Stats) -> u32 {
     if select::is_vip_addr(&select::vip_marker(dst, family)) {
         drop(stats, why)
     } else {
@@ -88,7 +86,7 @@ fn slow_path(dst: [u32; 4], family: u8, why: Refuse, stats: &mut GlobalStats) ->
 }
 
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
+fn ipv4(ctx: &XdpContext, l3: usize, stats: &mut Stats) -> u32 {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
         return pass_truncated(stats);
     };
@@ -125,7 +123,7 @@ fn ipv4(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
 const FRAGMENT_BITS: u16 = 0x3fffu16.to_be();
 
 #[inline(always)]
-fn ipv4_tcp(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
+fn ipv4_tcp(ctx: &XdpContext, l3: usize, stats: &mut Stats) -> u32 {
     let l4 = l3 + IPV4_HLEN;
     let Some(dport) = tcp_dport(ctx, l4) else {
         return pass_truncated(stats);
@@ -168,7 +166,7 @@ fn ipv4_tcp(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
 }
 
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, l3: usize, stats: &mut GlobalStats) -> u32 {
+fn ipv6(ctx: &XdpContext, l3: usize, stats: &mut Stats) -> u32 {
     let Some(ip) = read::<Ipv6Hdr>(ctx, l3) else {
         return pass_truncated(stats);
     };
@@ -233,7 +231,7 @@ fn balance(
     (svc, slot): (ServiceRef, u32),
     tcp: &TcpHdr,
     inner: &Inner,
-    stats: &mut GlobalStats,
+    stats: &mut Stats,
 ) -> u32 {
     if tcp.doff >> 4 < 5 {
         return drop(stats, Refuse::Malformed);
@@ -264,35 +262,23 @@ pub fn send(
     svc: &ServiceRef,
     inner: &Inner,
     new_flow: bool,
-    stats: &mut GlobalStats,
+    stats: &mut Stats,
 ) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let svc_stats = SERVICE_STATS.get_ptr_mut(svc.id);
     let Some(choice) = choice else {
         stats.drop_no_backend += 1;
-        if let Some(s) = svc_stats {
-            // SAFETY: this CPU's slot.
-            unsafe { (*s).no_backend += 1 };
-        }
+        stats.service(svc.id).no_backend += 1;
         return xdp_action::XDP_DROP;
     };
     let new_flow = u64::from(new_flow);
-    if let Some(s) = svc_stats {
-        // SAFETY: this CPU's slot.
-        unsafe {
-            (*s).packets += 1;
-            (*s).bytes += bytes;
-            (*s).new_flows += new_flow;
-        }
-    }
-    if let Some(s) = BACKEND_STATS.get_ptr_mut(choice.id) {
-        // SAFETY: this CPU's slot.
-        unsafe {
-            (*s).packets += 1;
-            (*s).bytes += bytes;
-            (*s).new_flows += new_flow;
-        }
-    }
+    let s = stats.service(svc.id);
+    s.packets += 1;
+    s.bytes += bytes;
+    s.new_flows += new_flow;
+    let b = stats.backend(choice.id);
+    b.packets += 1;
+    b.bytes += bytes;
+    b.new_flows += new_flow;
     if choice.backend.mode == MODE_IPIP {
         // The outer source carries a hash of the flow (RSS entropy at the relay).
         let hash = encap_hash(flow_hash(key, svc.flags & SERVICE_STICKY != 0));

@@ -5,9 +5,10 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
-use smtp_lb_common::{AF_INET, AF_INET6, Backend, GlobalStats, LbConfig};
+use smtp_lb_common::{AF_INET, AF_INET6, Backend, LbConfig};
 
 use crate::{
+    counters::Stats,
     maps::{LB_CONFIG, TX_PORTS},
     parse::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN,
@@ -26,7 +27,7 @@ const FIB_FRAG_NEEDED: i64 = 8;
 /// relay's and the source the LB's. Out the same interface with `XDP_TX`,
 /// or through the devmap when the backend sits behind another interface.
 #[inline(always)]
-pub fn l2(ctx: &XdpContext, b: &Backend, stats: &mut GlobalStats) -> u32 {
+pub fn l2(ctx: &XdpContext, b: &Backend, stats: &mut Stats) -> u32 {
     // The two MACs as six 16-bit words: word moves, not byte moves.
     let Some(eth) = ptr_at_mut::<[u16; 6]>(ctx, 0) else {
         stats.pass_truncated += 1;
@@ -95,13 +96,7 @@ pub struct Inner {
 /// that would exceed its MTU once encapsulated is answered with ICMP
 /// ([`too_big`]), as a router on the path would, instead of vanishing.
 #[inline(always)]
-pub fn encap(
-    ctx: &XdpContext,
-    b: &Backend,
-    inner: &Inner,
-    hash: u32,
-    stats: &mut GlobalStats,
-) -> u32 {
+pub fn encap(ctx: &XdpContext, b: &Backend, inner: &Inner, hash: u32, stats: &mut Stats) -> u32 {
     let cfg = LB_CONFIG.get(0).copied().unwrap_or_default();
     let outer = if b.family == AF_INET {
         outer_ipv4(b, inner, hash, &cfg)
@@ -264,7 +259,7 @@ fn fib_lookup(ctx: &XdpContext, outer: &Outer) -> Fib {
 /// Fills the MACs from the FIB result and sends: `XDP_TX` when the next hop
 /// is out the interface the packet came in on, else a redirect.
 #[inline(always)]
-fn next_hop(ctx: &XdpContext, p: &mut FibParams, stats: &mut GlobalStats) -> u32 {
+fn next_hop(ctx: &XdpContext, p: &mut FibParams, stats: &mut Stats) -> u32 {
     let Some(eth) = ptr_at_mut::<EthHdr>(ctx, 0) else {
         stats.drop_encap += 1;
         return xdp_action::XDP_DROP;

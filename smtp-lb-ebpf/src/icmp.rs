@@ -7,10 +7,11 @@
 //! flow, like the flow's own packets (L2 or IPIP). Path-MTU discovery then
 //! works through the balancer instead of black-holing large replies.
 use aya_ebpf::programs::XdpContext;
-use smtp_lb_common::{AF_INET, AF_INET6, FlowKey, GlobalStats, PROTO_TCP};
+use smtp_lb_common::{AF_INET, AF_INET6, FlowKey, PROTO_TCP};
 
 use crate::{
     balance::{self, Refuse},
+    counters::Stats,
     forward::Inner,
     parse::{ICMP_HLEN, IPPROTO_TCP, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, read},
     select,
@@ -24,7 +25,7 @@ const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 
 /// An ICMPv4 packet (outer header without options, not a fragment).
 #[inline(always)]
-pub fn v4(ctx: &XdpContext, l3: usize, ip: &Ipv4Hdr, stats: &mut GlobalStats) -> u32 {
+pub fn v4(ctx: &XdpContext, l3: usize, ip: &Ipv4Hdr, stats: &mut Stats) -> u32 {
     let at = l3 + IPV4_HLEN;
     let Some(kind) = read::<u8>(ctx, at) else {
         return balance::pass_truncated(stats);
@@ -58,7 +59,7 @@ pub fn v4(ctx: &XdpContext, l3: usize, ip: &Ipv4Hdr, stats: &mut GlobalStats) ->
 
 /// An ICMPv6 packet.
 #[inline(always)]
-pub fn v6(ctx: &XdpContext, l3: usize, ip: &Ipv6Hdr, stats: &mut GlobalStats) -> u32 {
+pub fn v6(ctx: &XdpContext, l3: usize, ip: &Ipv6Hdr, stats: &mut Stats) -> u32 {
     let at = l3 + IPV6_HLEN;
     let Some(kind) = read::<u8>(ctx, at) else {
         return balance::pass_truncated(stats);
@@ -100,7 +101,7 @@ fn to_owner(
     ip_len: u16,
     tos: u8,
     min_len: usize,
-    stats: &mut GlobalStats,
+    stats: &mut Stats,
 ) -> u32 {
     let Some(port_hint) = select::vip_port(key.dport) else {
         return balance::pass_non_vip(stats);

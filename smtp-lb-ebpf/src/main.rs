@@ -5,12 +5,13 @@
 //! tunnel cannot carry), [`csum`], [`balance`] (the packet
 //! path that ties them together), [`icmp`] (errors about balanced flows),
 //! [`decap`] (the relay side), [`admission`] (new flows refused under
-//! back-pressure), [`maps`].
+//! back-pressure), [`counters`] (this CPU's), [`maps`].
 #![no_std]
 #![no_main]
 
 mod admission;
 mod balance;
+mod counters;
 mod csum;
 mod decap;
 mod flows;

@@ -5,14 +5,20 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use smtp_lb_common::{
-    Backend, BackendStats, DecapPrefix, DecapStats, FLOW_SETS, Flow, FlowKey, FlowSet, GlobalStats,
-    LbConfig, MAX_BACKENDS, MAX_DECAP_PREFIXES, MAX_SERVICES, MAX_TX_PORTS, MOVED_FLOWS_SIZE,
-    RING_SLOTS, SERVICE_INDEX_SLOTS, Service, ServiceKey, ServiceSlot, ServiceStats,
+    Backend, Counters, DecapPrefix, DecapStats, FLOW_SETS, Flow, FlowKey, FlowSet, LbConfig,
+    MAX_BACKENDS, MAX_DECAP_PREFIXES, MAX_SERVICES, MAX_TX_PORTS, MOVED_FLOWS_SIZE, RING_SLOTS,
+    SERVICE_INDEX_SLOTS, Service, ServiceKey, ServiceSlot,
 };
 
-/// `0` → per-CPU global counters (one per pass/drop reason).
+/// `0` → per-CPU counters: global (one per pass/drop reason), per service
+/// id and per backend id ([`crate::counters`]).
 #[btf_map]
-pub static GLOBAL_STATS: PerCpuArray<GlobalStats, 1> = PerCpuArray::new();
+pub static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
+
+/// `0` → the counters each id's current owner started from. Written and
+/// read by user space only; here so it is made and pinned with the rest.
+#[btf_map]
+pub static COUNTER_BASES: Array<Counters, 1> = Array::new();
 
 /// (VIP, port, proto) → service; `port == 0` entries mark VIP addresses.
 #[btf_map]
@@ -51,14 +57,6 @@ pub static FLOW_CLOCK: Array<u32, 1> = Array::new();
 #[btf_map]
 pub static MOVED_FLOWS: LruHashMap<FlowKey, Flow, { MOVED_FLOWS_SIZE as usize }> =
     LruHashMap::new();
-
-/// service id → per-CPU counters.
-#[btf_map]
-pub static SERVICE_STATS: PerCpuArray<ServiceStats, { MAX_SERVICES as usize }> = PerCpuArray::new();
-
-/// backend id → per-CPU counters.
-#[btf_map]
-pub static BACKEND_STATS: PerCpuArray<BackendStats, { MAX_BACKENDS as usize }> = PerCpuArray::new();
 
 /// `0` → node-wide settings (encapsulation source addresses).
 #[btf_map]

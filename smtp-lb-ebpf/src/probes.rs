@@ -12,8 +12,9 @@ use smtp_lb_common::{
 };
 
 use crate::{
+    counters::Stats,
     flows,
-    maps::{GLOBAL_STATS, MOVED_FLOWS},
+    maps::MOVED_FLOWS,
     parse::{ETH_HLEN, read},
 };
 
@@ -74,9 +75,8 @@ pub fn probe_key40(ctx: XdpContext) -> u32 {
 /// One per-CPU counter increment.
 #[xdp]
 pub fn probe_stats(_ctx: XdpContext) -> u32 {
-    if let Some(s) = GLOBAL_STATS.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot.
-        unsafe { (*s).tx += 1 };
+    if let Some(mut s) = Stats::this_cpu() {
+        s.tx += 1;
     }
     xdp_action::XDP_PASS
 }
@@ -188,14 +188,11 @@ pub fn probe_table_insert(ctx: XdpContext) -> u32 {
     let Some(mut k) = key40(&ctx) else {
         return xdp_action::XDP_PASS;
     };
-    let Some(s) = GLOBAL_STATS.get_ptr_mut(0) else {
+    let Some(mut s) = Stats::this_cpu() else {
         return xdp_action::XDP_PASS;
     };
-    // SAFETY: this CPU's slot.
-    let n = unsafe {
-        (*s).tx += 1;
-        (*s).tx
-    };
+    s.tx += 1;
+    let n = s.tx;
     k.dst[3] ^= n as u32;
     let hash = table_hash(&k);
     let took = matches!(

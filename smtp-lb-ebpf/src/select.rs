@@ -2,13 +2,13 @@
 //! and the Maglev table (built by user space, `balance::maglev`).
 use aya_ebpf::helpers::generated::bpf_map_lookup_percpu_elem;
 use smtp_lb_common::{
-    AF_INET, BACKEND_VALID, Backend, FLOW_CLOSING, Flow, FlowKey, GlobalStats, NO_BACKEND,
-    P2C_MAX_CPUS, PROTO_TCP, SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS, SERVICE_P2C,
-    SERVICE_STICKY, Service, ServiceKey, ServiceSlot, flow_hash_of, ring_slot, second_hash,
-    service_slot, table_hash,
+    AF_INET, BACKEND_VALID, Backend, FLOW_CLOSING, Flow, FlowKey, NO_BACKEND, P2C_MAX_CPUS,
+    PROTO_TCP, SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS, SERVICE_P2C, SERVICE_STICKY, Service,
+    ServiceKey, ServiceSlot, flow_hash_of, ring_slot, second_hash, service_slot, table_hash,
 };
 
 use crate::{
+    counters::Stats,
     flows::{self, Inserted, Tracked},
     maps::{BACKENDS, FLOW_COUNTS, MOVED_FLOWS, RINGS, SERVICE_INDEX, SERVICES, VIP_PORTS},
 };
@@ -189,7 +189,7 @@ fn tracked(
     key: &FlowKey,
     found: Option<Tracked>,
     seen: Option<bool>,
-    stats: &mut GlobalStats,
+    stats: &mut Stats,
 ) -> Option<u32> {
     if let Some(t) = found {
         if let Some(closing) = seen
@@ -264,7 +264,7 @@ pub fn choose(
     (svc, slot): (&ServiceRef, u32),
     syn: bool,
     closing: bool,
-    stats: &mut GlobalStats,
+    stats: &mut Stats,
 ) -> Option<Choice> {
     if !syn {
         match tracked(key, lookup.found, Some(closing), stats) {
@@ -307,7 +307,7 @@ pub fn choose(
 /// tracked entry, else the live table. For ICMP errors quoting the flow
 /// (anyone can send those, so they must not insert).
 #[inline(always)]
-pub fn owner(key: &FlowKey, svc: &ServiceRef, stats: &mut GlobalStats) -> Option<Choice> {
+pub fn owner(key: &FlowKey, svc: &ServiceRef, stats: &mut Stats) -> Option<Choice> {
     let hash = table_hash(key);
     let found = flows::find(key, hash);
     if let Some(id) = tracked(key, found, None, stats) {

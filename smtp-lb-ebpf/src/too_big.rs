@@ -22,9 +22,9 @@ use aya_ebpf::{
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use smtp_lb_common::GlobalStats;
 
 use crate::{
+    counters::Stats,
     csum,
     forward::Inner,
     parse::{
@@ -55,7 +55,7 @@ const TOS_INTERNETWORK_CONTROL: u8 = 0xc0;
 /// Answers the packet described by `inner`, which would exceed the route's
 /// MTU once encapsulated; `mtu` is what the route leaves inside the tunnel.
 #[inline(always)]
-pub fn answer(ctx: &XdpContext, inner: &Inner, mtu: u16, stats: &mut GlobalStats) -> u32 {
+pub fn answer(ctx: &XdpContext, inner: &Inner, mtu: u16, stats: &mut Stats) -> u32 {
     let ipv6 = read::<u16>(ctx, inner.l3 - 2) == Some(ETH_P_IPV6.to_be());
     let built = if !inner.answer_too_big {
         None

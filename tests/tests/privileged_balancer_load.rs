@@ -31,7 +31,7 @@ fn loads_pins_with_btf_and_cleans_up_on_sigterm() {
     cmd.args(["lb", "--iface", "eth0", "--mode", "native", "--pin-dir"])
         .arg(&pin_dir);
     let pid = lab.spawn("lb", cmd);
-    let stats = pin_dir.join("GLOBAL_STATS");
+    let stats = pin_dir.join("COUNTERS");
     wait_for("the pinned stats map", Duration::from_secs(10), || {
         stats.exists()
     });
@@ -55,6 +55,9 @@ fn loads_pins_with_btf_and_cleans_up_on_sigterm() {
         "\"pass_non_vip\"",
         "\"drop_no_backend\"",
         "\"lru_miss\"",
+        "\"services\"",
+        "\"backends\"",
+        "\"new_flows\"",
     ] {
         assert!(
             text.contains(field),
@@ -83,19 +86,22 @@ fn counters_pinned_with_an_older_layout_are_replaced_not_refused() {
     lab.host("lb", &["198.51.100.2/24"]);
     let pin_dir = lab.pin_dir();
     std::fs::create_dir_all(&pin_dir).unwrap();
-    // What a build with two counters fewer left pinned (16 × 8 bytes).
-    let old = Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(pin_dir.join("GLOBAL_STATS"))
-        .args(["type", "percpu_array", "key", "4", "value", "128"])
-        .args(["entries", "1", "name", "GLOBAL_STATS"])
-        .output()
-        .unwrap();
-    assert!(
-        old.status.success(),
-        "{}",
-        String::from_utf8_lossy(&old.stderr)
-    );
+    // What older builds left pinned: counters of another layout (16 × 8
+    // bytes), and the global counters of the builds before `COUNTERS`.
+    for name in ["COUNTERS", "GLOBAL_STATS"] {
+        let old = Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(pin_dir.join(name))
+            .args(["type", "percpu_array", "key", "4", "value", "128"])
+            .args(["entries", "1", "name", name])
+            .output()
+            .unwrap();
+        assert!(
+            old.status.success(),
+            "{}",
+            String::from_utf8_lossy(&old.stderr)
+        );
+    }
     let value_size = |name: &str| {
         let out = Command::new("bpftool")
             .args(["map", "show", "pinned"])
@@ -108,7 +114,7 @@ fn counters_pinned_with_an_older_layout_are_replaced_not_refused() {
             .trim_end_matches('B')
             .to_owned()
     };
-    assert_eq!(value_size("GLOBAL_STATS"), "128");
+    assert_eq!(value_size("COUNTERS"), "128");
     let mut cmd = lab.command("lb", smtp_lb_bin());
     cmd.args(["lb", "--iface", "eth0", "--mode", "skb", "--pin-dir"])
         .arg(&pin_dir);
@@ -117,9 +123,13 @@ fn counters_pinned_with_an_older_layout_are_replaced_not_refused() {
         xdp_attached(&lab, "lb")
     });
     assert_eq!(
-        value_size("GLOBAL_STATS"),
-        size_of::<smtp_lb_common::GlobalStats>().to_string(),
+        value_size("COUNTERS"),
+        size_of::<smtp_lb_common::Counters>().to_string(),
         "replaced by the current layout"
+    );
+    assert!(
+        !pin_dir.join("GLOBAL_STATS").exists(),
+        "an older build's counters are unpinned"
     );
     assert!(lab.stop(pid, Duration::from_secs(5)));
 }
@@ -149,7 +159,7 @@ fn keep_pinned_leaves_the_program_attached() {
         xdp_attached(&lab, "lb"),
         "--keep-pinned must leave the program attached"
     );
-    assert!(pin_dir.join("link").exists() && pin_dir.join("GLOBAL_STATS").exists());
+    assert!(pin_dir.join("link").exists() && pin_dir.join("COUNTERS").exists());
     // Removing the link pin is how an operator detaches it for good.
     std::fs::remove_file(pin_dir.join("link")).unwrap();
     wait_for(

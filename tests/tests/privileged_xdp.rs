@@ -7,8 +7,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::{Array, PerCpuArray, PerCpuValues};
 use smtp_lb_common::{
-    FLOW_IDLE_SECS, Flow, FlowKey, FlowSet, GlobalStats, NO_BACKEND, PROTO_TCP, SERVICE_STICKY,
-    maps, programs::BALANCER,
+    Counters, FLOW_IDLE_SECS, Flow, FlowKey, FlowSet, GlobalStats, NO_BACKEND, PROTO_TCP,
+    SERVICE_STICKY, maps, programs::BALANCER,
 };
 use smtp_lb_tests::{
     packet::{CLIENT_MAC, LB_MAC, PacketBuilder, arp_request, path_mtu_error, tcp},
@@ -83,11 +83,11 @@ impl Fixture {
     }
 
     fn stats(&mut self) -> GlobalStats {
-        let map = self.h.ebpf_mut().map(maps::GLOBAL_STATS).unwrap();
-        let a: PerCpuArray<_, GlobalStats> = PerCpuArray::try_from(map).unwrap();
-        let v: PerCpuValues<GlobalStats> = a.get(&0, 0).unwrap();
+        let map = self.h.ebpf_mut().map(maps::COUNTERS).unwrap();
+        let a: PerCpuArray<_, Counters> = PerCpuArray::try_from(map).unwrap();
+        let v: PerCpuValues<Counters> = a.get(&0, 0).unwrap();
         v.iter().fold(GlobalStats::default(), |mut s, x| {
-            s.add(x);
+            s.add(&x.global);
             s
         })
     }
@@ -1166,4 +1166,115 @@ fn a_ports_guess_names_one_of_its_services_and_a_wrong_guess_only_costs_the_look
     );
     let left = [cfg.services[0].vip];
     assert_new_flows_balanced(&mut f, &left, "after the removal");
+}
+
+/// The fixture's counter, service and backend maps pinned where `ctl
+/// stats` reads them (a bpffs directory of this test's own, removed on drop).
+struct Pinned(std::path::PathBuf);
+
+impl Pinned {
+    fn new(f: &mut Fixture) -> Self {
+        let dir = std::path::Path::new("/sys/fs/bpf")
+            .join(format!("smtp-lb-test-counters-{}", std::process::id()));
+        smtp_lb_user::dataplane::ensure_bpffs(&dir).expect("bpffs");
+        std::fs::create_dir_all(&dir).expect("pin dir");
+        let pinned = Self(dir);
+        for name in [
+            maps::COUNTERS,
+            maps::COUNTER_BASES,
+            maps::SERVICES,
+            maps::BACKENDS,
+        ] {
+            let map = f.h.ebpf_mut().map(name).expect(name);
+            map.pin(pinned.0.join(name)).expect("pin");
+        }
+        pinned
+    }
+
+    fn stats(&self) -> smtp_lb_user::dataplane::Snapshot {
+        smtp_lb_user::dataplane::read_stats(&self.0).expect("read the pinned counters")
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One service, `203.0.113.<vip>:25`, with one relay.
+fn one_service(vip: u8) -> LbConfig {
+    LbConfig::parse(&format!(
+        "[[services]]\nvip = \"203.0.113.{vip}\"\nports = [25]\ntable_size = 1009\n\
+         [[services.backends]]\nname = \"relay1\"\naddress = \"198.51.100.3\"\nmac = \"02:00:00:00:00:03\"\n"
+    ))
+    .unwrap_or_else(|e| panic!("fixture config: {e}"))
+}
+
+#[test]
+fn a_recycled_service_id_counts_from_zero_and_other_counters_keep_theirs() {
+    let mut f = Fixture::new(&one_service(1));
+    let pinned = Pinned::new(&mut f);
+    let send = |f: &mut Fixture, vip: u8, n: u16| {
+        let dst = IpAddr::V4(Ipv4Addr::new(203, 0, 113, vip));
+        for sport in 30000..30000 + n {
+            let pkt = PacketBuilder::tcp(IpAddr::V4(CLIENT4), sport, dst, 25, tcp::SYN).build();
+            assert_eq!(f.run(&pkt).verdict, Verdict::Tx, "vip .{vip} sport {sport}");
+        }
+    };
+    let raw_packets = |f: &mut Fixture, id: u32| {
+        let map = f.h.ebpf_mut().map(maps::COUNTERS).unwrap();
+        let a: PerCpuArray<_, Counters> = PerCpuArray::try_from(map).unwrap();
+        let per_cpu = a.get(&0, 0).unwrap();
+        per_cpu
+            .iter()
+            .map(|c| c.services[id as usize].packets)
+            .sum::<u64>()
+    };
+    // Each config replaces the last service with a new one, until a new
+    // service gets an id that has counted packets (there are 32 ids).
+    send(&mut f, 1, 5);
+    let mut forwarded = 5;
+    let mut vip = 1;
+    let (id, raw) = loop {
+        vip += 1;
+        f.apply(&one_service(vip));
+        let id = f.plan.services[0].id;
+        let raw = raw_packets(&mut f, id);
+        if raw > 0 || u32::from(vip) > smtp_lb_common::MAX_SERVICES {
+            break (id, raw);
+        }
+        send(&mut f, vip, 5);
+        forwarded += 5;
+    };
+    assert!(raw > 0, "no service id was recycled in {vip} services");
+
+    let snap = pinned.stats();
+    assert_eq!(snap.services.len(), 1);
+    let svc = &snap.services[0];
+    assert_eq!(
+        (svc.packets, svc.bytes, svc.new_flows),
+        (0, 0, 0),
+        "service .{vip} on recycled id {id} ({raw} packets before it) starts at 0: {svc:?}"
+    );
+    send(&mut f, vip, 3);
+    forwarded += 3;
+    let snap = pinned.stats();
+    let svc = &snap.services[0];
+    let syn_len = PacketBuilder::tcp(IpAddr::V4(CLIENT4), 1, IpAddr::V4(VIP4), 25, tcp::SYN)
+        .build()
+        .len() as u64;
+    assert_eq!(
+        (svc.packets, svc.bytes, svc.new_flows),
+        (3, 3 * syn_len, 3),
+        "{svc:?}"
+    );
+    // The relay was never recycled: it counts every service's packets.
+    let relay = &snap.backends[0];
+    assert_eq!(
+        (relay.packets, relay.new_flows),
+        (forwarded, forwarded),
+        "{relay:?}"
+    );
+    assert_eq!(snap.global["tx"], forwarded);
 }

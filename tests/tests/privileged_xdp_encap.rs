@@ -13,7 +13,7 @@ use std::{
 
 use aya::maps::PerCpuArray;
 use smtp_lb_common::{
-    DecapStats, FlowKey, GlobalStats, PROTO_TCP, encap_hash, flow_hash, maps, programs,
+    Counters, DecapStats, FlowKey, GlobalStats, PROTO_TCP, encap_hash, flow_hash, maps, programs,
 };
 use smtp_lb_tests::{
     lab::Lab,
@@ -453,13 +453,13 @@ fn icmp_errors_quoting_a_flow_are_encapsulated_to_its_relay() {
 }
 
 fn global_stats(h: &mut XdpHarness) -> GlobalStats {
-    let map = h.ebpf_mut().map(maps::GLOBAL_STATS).unwrap();
-    let a: PerCpuArray<_, GlobalStats> = PerCpuArray::try_from(map).unwrap();
+    let map = h.ebpf_mut().map(maps::COUNTERS).unwrap();
+    let a: PerCpuArray<_, Counters> = PerCpuArray::try_from(map).unwrap();
     a.get(&0, 0)
         .unwrap()
         .iter()
         .fold(GlobalStats::default(), |mut s, x| {
-            s.add(x);
+            s.add(&x.global);
             s
         })
 }

@@ -57,8 +57,6 @@ impl Decap {
             maps::MOVED_FLOWS,
             maps::VIP_PORTS,
             maps::BACKENDS,
-            maps::BACKEND_STATS,
-            maps::SERVICE_STATS,
         ] {
             loader.map_max_entries(name, 1);
         }

@@ -16,9 +16,7 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use smtp_lb_common::{
-    BackendStats, CONNTRACK_SIZE, Flow, FlowKey, FlowSet, GlobalStats, ServiceStats, maps, programs,
-};
+use smtp_lb_common::{CONNTRACK_SIZE, Counters, Flow, FlowKey, FlowSet, maps, programs};
 use thiserror::Error;
 
 use super::{EBPF_OBJECT, flows, pins::ensure_bpffs, walk};
@@ -99,31 +97,42 @@ pub struct Dataplane {
     took_over: bool,
 }
 
-/// Counter maps pinned by a build whose counters had another layout (a
-/// release that added one) cannot be re-used: the program would not load.
-/// They are unpinned so fresh ones are made; the counters restart, the flow
-/// maps (and the flows they hold) are kept.
+/// Counter maps pinned by an older build that this one cannot share: a
+/// `COUNTERS` of another layout (a release that added a counter), or the
+/// three maps of the builds before it. They are unpinned so fresh ones are
+/// made: the counters restart, the flow maps (and the flows they hold) are
+/// kept. The bases go with the counters they were taken from.
 fn drop_outgrown_counters(pin_dir: &Path) {
-    let counters = [
-        (maps::GLOBAL_STATS, size_of::<GlobalStats>()),
-        (maps::SERVICE_STATS, size_of::<ServiceStats>()),
-        (maps::BACKEND_STATS, size_of::<BackendStats>()),
-    ];
-    for (name, size) in counters {
+    let unpin = |name: &str| {
         let path = pin_dir.join(name);
-        let Ok(info) = MapInfo::from_pin(&path) else {
-            continue;
-        };
-        if info.value_size() as usize != size {
+        if path.exists()
+            && let Err(e) = std::fs::remove_file(&path)
+        {
+            tracing::warn!(map = name, error = %e, "cannot unpin outgrown counters");
+        }
+    };
+    match MapInfo::from_pin(pin_dir.join(maps::COUNTERS)) {
+        Ok(info) if info.value_size() as usize == size_of::<Counters>() => {}
+        Ok(info) => {
             tracing::warn!(
-                map = name,
+                map = maps::COUNTERS,
                 pinned = info.value_size(),
-                now = size,
+                now = size_of::<Counters>(),
                 "pinned counters have another layout; replaced, they restart from 0"
             );
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(map = name, error = %e, "cannot unpin outgrown counters");
-            }
+            unpin(maps::COUNTERS);
+            unpin(maps::COUNTER_BASES);
+        }
+        Err(_) => unpin(maps::COUNTER_BASES),
+    }
+    for name in maps::OBSOLETE_COUNTERS {
+        if pin_dir.join(name).exists() {
+            tracing::info!(
+                map = name,
+                now = maps::COUNTERS,
+                "an older build's counters unpinned; the counters restart from 0"
+            );
+            unpin(name);
         }
     }
 }

@@ -23,10 +23,10 @@ use aya::{
     maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use smtp_lb_common::{
-    BACKEND_VALID, Backend, BackendStats, FLOW_CLOSING, Flow, FlowKey, LbConfig as LbConfigMap,
+    BACKEND_VALID, Backend, Counters, FLOW_CLOSING, Flow, FlowKey, LbConfig as LbConfigMap,
     MAX_BACKENDS, MOVED_FLOWS_SIZE, PROTO_TCP, SERVICE_INDEX_PROBES, SERVICE_INDEX_SLOTS,
-    SERVICE_STICKY, SERVICE_VIP_MARKER, Service, ServiceKey, ServiceSlot, ServiceStats, flow_hash,
-    maps, ring_slot, service_slot,
+    SERVICE_STICKY, SERVICE_VIP_MARKER, Service, ServiceKey, ServiceSlot, flow_hash, maps,
+    ring_slot, service_slot,
 };
 use thiserror::Error;
 
@@ -311,12 +311,7 @@ impl MapWriter for Ebpf {
             .map_err(map_err(maps::BACKENDS))?;
         if old.family != 0 && (old.addr, old.family) != (value.addr, value.family) {
             // A recycled id: its counters belonged to the previous relay.
-            set_per_cpu(
-                self,
-                maps::BACKEND_STATS,
-                planned.id,
-                BackendStats::default(),
-            )?;
+            rebase(self, Owner::Backend(planned.id))?;
             set_per_cpu(self, maps::FLOW_COUNTS, planned.id, 0i64)?;
         }
         Ok(())
@@ -341,7 +336,7 @@ impl MapWriter for Ebpf {
             });
         let half = live.map_or(0, |l| 1 - (l.active & 1));
         if current.get(&svc.key).is_none_or(|l| l.id != svc.id) {
-            set_per_cpu(self, maps::SERVICE_STATS, svc.id, ServiceStats::default())?;
+            rebase(self, Owner::Service(svc.id))?;
         }
         let base = Service::ring_base(svc.id, half);
         let mut rings: Array<&mut MapData, u32> =
@@ -534,6 +529,46 @@ fn set_flow_counts(
         set_per_cpu(ebpf, name, id, n)?;
     }
     Ok(())
+}
+
+/// An id whose counters [`rebase`] restarts.
+#[derive(Clone, Copy)]
+enum Owner {
+    Service(u32),
+    Backend(u32),
+}
+
+/// Records what `owner`'s id has counted so far (summed over CPUs) as its
+/// base in `COUNTER_BASES`: the id's new owner is read from there. The
+/// packet path's counters are never written here: that would replace each
+/// CPU's whole block and lose what other packets counted meanwhile.
+fn rebase(ebpf: &mut Ebpf, owner: Owner) -> Result<(), ApplyError> {
+    let counters: PerCpuArray<&MapData, Counters> =
+        PerCpuArray::try_from(map_ref(ebpf, maps::COUNTERS)?).map_err(map_err(maps::COUNTERS))?;
+    let now = super::stats::summed(&counters).map_err(map_err(maps::COUNTERS))?;
+    let mut bases: Array<&mut MapData, Counters> =
+        Array::try_from(map_mut(ebpf, maps::COUNTER_BASES)?)
+            .map_err(map_err(maps::COUNTER_BASES))?;
+    let mut base = bases.get(&0, 0).map_err(map_err(maps::COUNTER_BASES))?;
+    match owner {
+        Owner::Service(id) => {
+            if let (Some(b), Some(n)) = (
+                base.services.get_mut(id as usize),
+                now.services.get(id as usize),
+            ) {
+                *b = *n;
+            }
+        }
+        Owner::Backend(id) => {
+            if let (Some(b), Some(n)) = (
+                base.backends.get_mut(id as usize),
+                now.backends.get(id as usize),
+            ) {
+                *b = *n;
+            }
+        }
+    }
+    bases.set(0, base, 0).map_err(map_err(maps::COUNTER_BASES))
 }
 
 /// Sets entry `id` of a per-CPU map: `first` on CPU 0, the default on the

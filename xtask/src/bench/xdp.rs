@@ -25,6 +25,7 @@
 //! insert, a miss in `MOVED_FLOWS`, and the kernel maps measured before the
 //! flow table replaced the `CONNTRACK` LRU (its hit and insert, a 12-byte
 //! IPv4-only key, a plain or per-CPU hash, per-CPU LRU lists).
+use anyhow::Context as _;
 use std::{net::Ipv4Addr, path::Path};
 
 use aya::maps::Array;
@@ -201,7 +202,17 @@ pub fn run_against(
     let mut loads = Vec::new();
     for _ in 0..LOADS {
         loads.push((0, Loaded::new(ebpf_object, probes_object)?));
-        loads.push((1, Loaded::new(against, probes_object)?));
+        loads.push((
+            1,
+            Loaded::new(against, probes_object).with_context(|| {
+                format!(
+                    "load and configure {}: this build's user space writes its maps, so it \
+                     must have this build's maps (an object from before a map change cannot \
+                     be compared this way)",
+                    against.display()
+                )
+            })?,
+        ));
     }
     let mut rows: [Vec<Round>; 2] = [Vec::new(), Vec::new()];
     let n = loads.len();
