@@ -302,19 +302,18 @@ impl MapWriter for Ebpf {
                     message: e.to_string(),
                 })?;
         }
-        let mut backends = backends_map(self)?;
-        let old = backends
+        let old = backends_map(self)?
             .get(&planned.id, 0)
             .map_err(map_err(maps::BACKENDS))?;
-        backends
-            .set(planned.id, value, 0)
-            .map_err(map_err(maps::BACKENDS))?;
         if old.family != 0 && (old.addr, old.family) != (value.addr, value.family) {
-            // A recycled id: its counters belonged to the previous relay.
+            // A recycled id: its counters belonged to the previous relay
+            // (rebased first, so no reader sees this relay with them).
             rebase(self, Owner::Backend(planned.id))?;
             set_per_cpu(self, maps::FLOW_COUNTS, planned.id, 0i64)?;
         }
-        Ok(())
+        backends_map(self)?
+            .set(planned.id, value, 0)
+            .map_err(map_err(maps::BACKENDS))
     }
 
     fn set_service(&mut self, svc: &PlannedService) -> Result<(), ApplyError> {
