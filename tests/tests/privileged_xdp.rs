@@ -5,10 +5,10 @@
 //! prove the kernel and user space agree on where a flow goes.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use aya::maps::{Array, PerCpuArray, PerCpuValues};
+use aya::maps::Array;
 use smtp_lb_common::{
-    Counters, FLOW_IDLE_SECS, Flow, FlowKey, FlowSet, GlobalStats, NO_BACKEND, PROTO_TCP,
-    SERVICE_STICKY, maps, programs::BALANCER,
+    FLOW_IDLE_SECS, Flow, FlowKey, FlowSet, GlobalStats, NO_BACKEND, PROTO_TCP, SERVICE_STICKY,
+    maps, programs::BALANCER,
 };
 use smtp_lb_tests::{
     packet::{CLIENT_MAC, LB_MAC, PacketBuilder, arp_request, path_mtu_error, tcp},
@@ -17,7 +17,7 @@ use smtp_lb_tests::{
 use smtp_lb_user::{
     balance::plan::{Plan, addr_words, service_key},
     config::lb::LbConfig,
-    dataplane::{MapWriter, apply_config, flows},
+    dataplane::{MapWriter, apply_config, counters, flows},
 };
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -83,13 +83,7 @@ impl Fixture {
     }
 
     fn stats(&mut self) -> GlobalStats {
-        let map = self.h.ebpf_mut().map(maps::COUNTERS).unwrap();
-        let a: PerCpuArray<_, Counters> = PerCpuArray::try_from(map).unwrap();
-        let v: PerCpuValues<Counters> = a.get(&0, 0).unwrap();
-        v.iter().fold(GlobalStats::default(), |mut s, x| {
-            s.add(&x.global);
-            s
-        })
+        counters(self.h.ebpf_mut()).expect("counters").global
     }
 
     /// Runs `pkt` and returns the outcome and which counters changed.
@@ -1223,13 +1217,7 @@ fn a_recycled_service_id_counts_from_zero_and_other_counters_keep_theirs() {
         }
     };
     let raw_packets = |f: &mut Fixture, id: u32| {
-        let map = f.h.ebpf_mut().map(maps::COUNTERS).unwrap();
-        let a: PerCpuArray<_, Counters> = PerCpuArray::try_from(map).unwrap();
-        let per_cpu = a.get(&0, 0).unwrap();
-        per_cpu
-            .iter()
-            .map(|c| c.services[id as usize].packets)
-            .sum::<u64>()
+        counters(f.h.ebpf_mut()).expect("counters").services[id as usize].packets
     };
     // Each config replaces the last service with a new one, until a new
     // service gets an id that has counted packets (there are 32 ids).

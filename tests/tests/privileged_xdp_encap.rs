@@ -13,7 +13,7 @@ use std::{
 
 use aya::maps::PerCpuArray;
 use smtp_lb_common::{
-    Counters, DecapStats, FlowKey, GlobalStats, PROTO_TCP, encap_hash, flow_hash, maps, programs,
+    DecapStats, FlowKey, GlobalStats, PROTO_TCP, encap_hash, flow_hash, maps, programs,
 };
 use smtp_lb_tests::{
     lab::Lab,
@@ -453,15 +453,9 @@ fn icmp_errors_quoting_a_flow_are_encapsulated_to_its_relay() {
 }
 
 fn global_stats(h: &mut XdpHarness) -> GlobalStats {
-    let map = h.ebpf_mut().map(maps::COUNTERS).unwrap();
-    let a: PerCpuArray<_, Counters> = PerCpuArray::try_from(map).unwrap();
-    a.get(&0, 0)
-        .unwrap()
-        .iter()
-        .fold(GlobalStats::default(), |mut s, x| {
-            s.add(&x.global);
-            s
-        })
+    smtp_lb_user::dataplane::counters(h.ebpf_mut())
+        .expect("counters")
+        .global
 }
 
 /// Runs the balancer on `pkt`, with the counters it changed.

@@ -29,7 +29,7 @@ pub use decap::{Decap, DecapAllow, write_decap_allow};
 pub use loader::{AttachMode, Dataplane as XdpDataplane, LoadError, LoadOptions, check_interface};
 pub use lookup::{ClientFlow, Where, client_flows, tracked_flows, where_to};
 pub use pins::ensure_bpffs;
-pub use program::{Applied, ApplyError, MovedFlows, apply, apply_config, read_existing};
+pub use program::{Applied, ApplyError, MovedFlows, apply, apply_config, counters, read_existing};
 use smtp_lb_common::ServiceKey;
 pub use stats::{BackendRow, ServiceRow, Snapshot, read_global_stats, read_stats};
 

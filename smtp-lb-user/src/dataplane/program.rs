@@ -537,37 +537,35 @@ enum Owner {
     Backend(u32),
 }
 
+/// Every counter of the loaded balancer, summed over the CPUs.
+pub fn counters(ebpf: &Ebpf) -> Result<Counters, ApplyError> {
+    let counters: PerCpuArray<&MapData, Counters> =
+        PerCpuArray::try_from(map_ref(ebpf, maps::COUNTERS)?).map_err(map_err(maps::COUNTERS))?;
+    super::stats::summed(&counters).map_err(map_err(maps::COUNTERS))
+}
+
 /// Records what `owner`'s id has counted so far (summed over CPUs) as its
 /// base in `COUNTER_BASES`: the id's new owner is read from there. The
 /// packet path's counters are never written here: that would replace each
 /// CPU's whole block and lose what other packets counted meanwhile.
 fn rebase(ebpf: &mut Ebpf, owner: Owner) -> Result<(), ApplyError> {
-    let counters: PerCpuArray<&MapData, Counters> =
-        PerCpuArray::try_from(map_ref(ebpf, maps::COUNTERS)?).map_err(map_err(maps::COUNTERS))?;
-    let now = super::stats::summed(&counters).map_err(map_err(maps::COUNTERS))?;
+    let now = counters(ebpf)?;
     let mut bases: Array<&mut MapData, Counters> =
         Array::try_from(map_mut(ebpf, maps::COUNTER_BASES)?)
             .map_err(map_err(maps::COUNTER_BASES))?;
     let mut base = bases.get(&0, 0).map_err(map_err(maps::COUNTER_BASES))?;
     match owner {
-        Owner::Service(id) => {
-            if let (Some(b), Some(n)) = (
-                base.services.get_mut(id as usize),
-                now.services.get(id as usize),
-            ) {
-                *b = *n;
-            }
-        }
-        Owner::Backend(id) => {
-            if let (Some(b), Some(n)) = (
-                base.backends.get_mut(id as usize),
-                now.backends.get(id as usize),
-            ) {
-                *b = *n;
-            }
-        }
+        Owner::Service(id) => take(&mut base.services, &now.services, id),
+        Owner::Backend(id) => take(&mut base.backends, &now.backends, id),
     }
     bases.set(0, base, 0).map_err(map_err(maps::COUNTER_BASES))
+}
+
+/// `base[id] = now[id]`, for an id in range.
+fn take<T: Copy>(base: &mut [T], now: &[T], id: u32) {
+    if let (Some(b), Some(n)) = (base.get_mut(id as usize), now.get(id as usize)) {
+        *b = *n;
+    }
 }
 
 /// Sets entry `id` of a per-CPU map: `first` on CPU 0, the default on the
